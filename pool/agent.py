@@ -1,0 +1,311 @@
+"""warmpod's in-container agent: runs exactly one job in a fresh interpreter and reports the result.
+
+Started as the container's command (PID 1, container root with only the capabilities needed to
+drop privileges and kill). Before the server connects, it pre-spawns the user's interpreter as an
+unprivileged user, blocked on a private pipe, so a job costs no interpreter start-up. It then
+listens on /run/warmpod/agent.sock for one connection, says hello, waits for one job, feeds the
+job to the interpreter, collects stdout and stderr separately up to a cap, and sends one result.
+
+Frames on the socket are a 4-byte big-endian length followed by a JSON object with a "type"
+field. Stdlib only: the runner image carries nothing warmpod-specific besides this file.
+"""
+
+import base64
+import fcntl
+import json
+import os
+import resource
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+SOCKET_PATH = os.environ.get("WARMPOD_AGENT_SOCKET", "/run/warmpod/agent.sock")
+WORKDIR = "/work"
+RUN_UID = 65534
+RUN_GID = 65534
+MAX_JOB_FRAME = 16 * 1024 * 1024
+CHUNK = 65536
+JOB_FD = 3
+READY_FD = 4
+PROTOCOL_VERSION = 1
+
+# The interpreter the user's program runs in. It waits for the job on fd 3, writes main.py into
+# its working directory and runs it as __main__ the way `python3 -I main.py` would: a fresh module,
+# __file__ set, sys.argv == ["main.py"], tracebacks without this bootstrap's frame.
+BOOTSTRAP = r"""
+def _warmpod_boot():
+    import sys, os, builtins
+    os.write(4, b"r")
+    os.close(4)
+    parts = []
+    while True:
+        chunk = os.read(3, 1048576)
+        if not chunk:
+            break
+        parts.append(chunk)
+    os.close(3)
+    source = b"".join(parts)
+    path = os.path.join(os.getcwd(), "main.py")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    view = memoryview(source)
+    while view:
+        view = view[os.write(fd, view):]
+    os.close(fd)
+    module = type(sys)("__main__")
+    module.__dict__.update(__file__=path, __builtins__=builtins, __cached__=None,
+                           __loader__=None, __spec__=None, __package__=None)
+    sys.modules["__main__"] = module
+    sys.argv[:] = ["main.py"]
+    sys.orig_argv[:] = [sys.executable, "-I", "main.py"]
+    try:
+        code = compile(source, path, "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        sys.excepthook(type(exc), exc, None)
+        sys.exit(1)
+    try:
+        exec(code, module.__dict__)
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if exc.__traceback__ is not None:
+            exc.__traceback__ = exc.__traceback__.tb_next
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 1)
+_warmpod_boot()
+del _warmpod_boot
+"""
+
+
+def send_frame(conn, message):
+    body = json.dumps(message, separators=(",", ":")).encode()
+    conn.sendall(struct.pack(">I", len(body)) + body)
+
+
+def recv_exactly(conn, size):
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = conn.recv(min(size - len(buf), CHUNK))
+        if not chunk:
+            raise EOFError("server closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_frame(conn):
+    (size,) = struct.unpack(">I", recv_exactly(conn, 4))
+    if size > MAX_JOB_FRAME:
+        raise ValueError(f"frame of {size} bytes exceeds {MAX_JOB_FRAME}")
+    return json.loads(recv_exactly(conn, size))
+
+
+def pipe_above(low):
+    """A pipe whose ends are numbered above ``low``, so fds 3 and 4 stay free to place."""
+    r, w = os.pipe()
+    high = (fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, low), fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, low))
+    os.close(r)
+    os.close(w)
+    return high
+
+
+def spawn_interpreter():
+    """Start the user's interpreter now, so a job does not wait for its start-up."""
+    job_r, job_w = pipe_above(10)
+    ready_r, ready_w = pipe_above(10)
+    # pass_fds keeps descriptors by number: the bootstrap expects the job on 3, readiness on 4.
+    os.dup2(job_r, JOB_FD)
+    os.dup2(ready_w, READY_FD)
+    os.close(job_r)
+    os.close(ready_w)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "HOME": WORKDIR,
+        "TMPDIR": "/tmp",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-c", BOOTSTRAP],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=WORKDIR,
+        env=env,
+        pass_fds=(JOB_FD, READY_FD),
+        user=RUN_UID,
+        group=RUN_GID,
+        extra_groups=[],
+        start_new_session=True,
+    )
+    os.close(JOB_FD)
+    os.close(READY_FD)
+    return proc, job_w, ready_r
+
+
+def wait_ready(ready_r, proc):
+    """Block until the interpreter is initialised (or has died trying)."""
+    os.read(ready_r, 1)
+    os.close(ready_r)
+    if proc.poll() is not None:
+        raise RuntimeError(f"interpreter exited during start-up with {proc.returncode}")
+
+
+def kill_everything():
+    # PID 1 survives kill(-1); every process of the run, double-forked or not, does not.
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def run_job(proc, job_w, job):
+    code = base64.b64decode(job["code"])
+    stdin = base64.b64decode(job["stdin"])
+    timeout = float(job["timeout"])
+    cap = int(job["max_output_bytes"])
+    started = time.monotonic()
+    deadline = started + timeout
+
+    view = memoryview(code)
+    while view:
+        view = view[os.write(job_w, view) :]
+    os.close(job_w)
+
+    outputs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    names = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+    truncated = {"stdout": False, "stderr": False}
+    limits_hit = []
+    poller = select.poll()
+    for fd in outputs:
+        os.set_blocking(fd, False)
+        poller.register(fd, select.POLLIN)
+    stdin_fd = proc.stdin.fileno()
+    stdin_view = memoryview(stdin)
+    if stdin_view:
+        os.set_blocking(stdin_fd, False)
+        poller.register(stdin_fd, select.POLLOUT)
+    else:
+        proc.stdin.close()
+        stdin_fd = -1
+    pidfd = os.pidfd_open(proc.pid)
+    poller.register(pidfd, select.POLLIN)
+    exited = False
+    open_streams = set(outputs)
+
+    def close_stdin():
+        nonlocal stdin_fd
+        if stdin_fd >= 0:
+            poller.unregister(stdin_fd)
+            proc.stdin.close()
+            stdin_fd = -1
+
+    while open_streams or not exited:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            if not exited:
+                limits_hit.append("wall_time")
+                kill_everything()
+                deadline = time.monotonic() + 0.5
+                exited = True
+                continue
+            break
+        for fd, _event in poller.poll(remaining * 1000):
+            if fd == pidfd:
+                poller.unregister(pidfd)
+                exited = True
+                # Orphans (double forks, setsid) would hold the pipes open: end them now.
+                kill_everything()
+                deadline = min(deadline, time.monotonic() + 0.5)
+            elif fd == stdin_fd:
+                try:
+                    written = os.write(stdin_fd, stdin_view[:CHUNK])
+                except BlockingIOError:
+                    continue
+                except OSError:  # the program closed its stdin early
+                    close_stdin()
+                    continue
+                stdin_view = stdin_view[written:]
+                if not stdin_view:
+                    close_stdin()
+            elif fd in open_streams:
+                try:
+                    data = os.read(fd, CHUNK)
+                except BlockingIOError:
+                    continue
+                if not data:
+                    poller.unregister(fd)
+                    open_streams.discard(fd)
+                    continue
+                buf = outputs[fd]
+                room = cap - len(buf)
+                buf += data[:room]
+                if len(data) > room:
+                    truncated[names[fd]] = True
+                    if "output" not in limits_hit:
+                        limits_hit.append("output")
+                        kill_everything()
+                        deadline = min(deadline, time.monotonic() + 0.5)
+    duration_ms = (time.monotonic() - started) * 1000
+    close_stdin()
+    proc.wait()
+    os.close(pidfd)
+    returncode = proc.returncode
+    return {
+        "type": "result",
+        "exit_code": returncode,
+        "stdout": base64.b64encode(outputs[proc.stdout.fileno()]).decode(),
+        "stderr": base64.b64encode(outputs[proc.stderr.fileno()]).decode(),
+        "stdout_truncated": truncated["stdout"],
+        "stderr_truncated": truncated["stderr"],
+        "limits_hit": limits_hit,
+        "duration_ms": duration_ms,
+        "error": None,
+    }
+
+
+def listen():
+    try:
+        os.unlink(SOCKET_PATH)
+    except FileNotFoundError:
+        pass
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(SOCKET_PATH)
+    os.chmod(SOCKET_PATH, 0o600)
+    server.listen(1)
+    conn, _ = server.accept()
+    # One connection ever: nobody else may reach this agent once the server has it.
+    server.close()
+    os.unlink(SOCKET_PATH)
+    return conn
+
+
+def main():
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Inherited by the interpreter: a crash must not leave a core file in the small tmpfs.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    proc, job_w, ready_r = spawn_interpreter()
+    wait_ready(ready_r, proc)
+    conn = listen()
+    send_frame(conn, {"type": "hello", "version": PROTOCOL_VERSION, "pid": proc.pid})
+    job = recv_frame(conn)
+    if job.get("type") != "job":
+        raise ValueError(f"expected a job frame, got {job.get('type')!r}")
+    try:
+        result = run_job(proc, job_w, job)
+    except Exception as exc:
+        kill_everything()
+        result = {"type": "error", "message": f"agent failed: {exc!r}"}
+    send_frame(conn, result)
+    # Stay until the server hangs up; it destroys the container anyway.
+    try:
+        while conn.recv(CHUNK):
+            pass
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

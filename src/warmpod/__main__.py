@@ -1,0 +1,7 @@
+"""``python -m warmpod``."""
+
+import sys
+
+from warmpod.cli import main
+
+sys.exit(main())

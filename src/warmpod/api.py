@@ -1,0 +1,95 @@
+"""HTTP handlers: thin translations between requests and the runner."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, get, post
+from litestar.datastructures import UploadFile
+from litestar.enums import RequestEncodingType
+from litestar.exceptions import ServiceUnavailableException, ValidationException
+from litestar.params import Body
+
+from warmpod.models import Health, RunRequest, RunResult
+from warmpod.service import Service
+
+_FORM_FIELDS = frozenset({"file", "stdin", "timeout"})
+
+
+def get_service(request: Request[Any, Any, Any]) -> Service:
+    """The running service, or 503 while it starts."""
+    service: Service | None = request.app.state.get("service")
+    if service is None:
+        raise ServiceUnavailableException("warmpod is starting", headers={"Retry-After": "1"})
+    return service
+
+
+class RunController(Controller):
+    """Running programs."""
+
+    tags = ["runs"]  # noqa: RUF012  (Litestar reads it as a class attribute)
+
+    @post("/run-json/", status_code=200, summary="Run Python source sent as JSON")
+    async def run_json(self, data: RunRequest, service: Service) -> RunResult:
+        """Run ``code`` once in a fresh sandbox and return how it ended."""
+        code = data.code.encode("utf-8", "surrogatepass")
+        stdin = data.stdin.encode("utf-8", "surrogatepass")
+        return await service.runner.run(code, stdin, data.timeout)
+
+    @post("/run-file/", status_code=200, summary="Run an uploaded Python file")
+    async def run_file(
+        self,
+        data: Annotated[
+            dict[str, Any],
+            Body(
+                media_type=RequestEncodingType.MULTI_PART,
+                description="`file`: the script (required); `stdin`, `timeout`: optional fields.",
+            ),
+        ],
+        service: Service,
+    ) -> RunResult:
+        """Run the uploaded script once in a fresh sandbox and return how it ended."""
+        unknown = sorted(set(data) - _FORM_FIELDS)
+        if unknown:
+            raise ValidationException(f"unknown form fields {unknown}: allowed are file, stdin, timeout")
+        upload = data.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ValidationException("the script must be sent as a file in the form field 'file'")
+        code = await upload.read()
+        stdin = await _text_field(data.get("stdin"), "stdin")
+        timeout = _timeout_field(await _text_field(data.get("timeout"), "timeout"))
+        return await service.runner.run(code, stdin, timeout)
+
+
+async def _text_field(value: object, name: str) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, UploadFile):
+        return await value.read()
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    raise ValidationException(f"form field {name!r} must be given once")
+
+
+def _timeout_field(raw: bytes) -> float | None:
+    if not raw.strip():
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValidationException("form field 'timeout' must be a number of seconds") from None
+    if not value > 0:
+        raise ValidationException("form field 'timeout' must be greater than 0")
+    return value
+
+
+@get("/health", summary="Service health", sync_to_thread=False)
+def health(request: Request[Any, Any, Any]) -> Response[Health]:
+    """200 with the pool's counts once runs can be taken; 503 before that."""
+    service: Service | None = request.app.state.get("service")
+    if service is None:
+        raise ServiceUnavailableException("warmpod is starting", headers={"Retry-After": "1"})
+    body = service.health()
+    if body.status == "ok":
+        return Response(body)
+    return Response(body, status_code=503, headers={"Retry-After": "1"})

@@ -1,0 +1,107 @@
+"""Assembly of the Litestar app: lifespan, dependencies, problem details and OpenAPI."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.problem_details import (
+    ProblemDetailsConfig,
+    ProblemDetailsException,
+    ProblemDetailsPlugin,
+)
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from warmpod import __version__
+from warmpod.api import RunController, get_service, health
+from warmpod.errors import InvalidRun, PoolUnavailable, WarmpodError
+from warmpod.service import Service, run_service
+from warmpod.settings import Settings
+
+log = logging.getLogger(__name__)
+ServiceFactory = Callable[[Settings], AbstractAsyncContextManager[Service]]
+_PROBLEM = "https://warmpod.dev/problems/"
+
+
+def _validation_problem(exc: ValidationException) -> ProblemDetailsException:
+    messages = [
+        f"{item['key']}: {item.get('message', '')}" if item.get("key") else str(item.get("message", ""))
+        for item in (exc.extra if isinstance(exc.extra, list) else [])
+        if isinstance(item, dict)
+    ]
+    detail = "; ".join(messages) if messages else exc.detail
+    return ProblemDetailsException(
+        status_code=exc.status_code,
+        title="Invalid request",
+        detail=detail,
+        type_=_PROBLEM + "invalid-request",
+    )
+
+
+def _http_problem(exc: HTTPException) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=exc.status_code, title=exc.detail, detail=exc.detail, headers=exc.headers
+    )
+
+
+def _invalid_run(exc: InvalidRun) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=422, title="Limit out of range", detail=str(exc), type_=_PROBLEM + "limit"
+    )
+
+
+def _unavailable(exc: PoolUnavailable) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=503,
+        title="No sandbox available",
+        detail=str(exc),
+        headers={"Retry-After": str(exc.retry_after)},
+        type_=_PROBLEM + "unavailable",
+    )
+
+
+def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    detail = str(exc) if isinstance(exc, WarmpodError) else "internal error; see the server log"
+    return ProblemDetailsException(
+        status_code=HTTP_500_INTERNAL_SERVER_ERROR, title="Internal error", detail=detail
+    ).to_response(request)
+
+
+def create_app(settings: Settings, service_factory: ServiceFactory = run_service) -> Litestar:
+    """The warmpod app; its lifespan starts the service and removes every container on exit."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        async with service_factory(settings) as service:
+            app.state.service = service
+            try:
+                yield
+            finally:
+                app.state.service = None
+
+    problems = ProblemDetailsConfig(
+        exception_to_problem_detail_map={
+            ValidationException: _validation_problem,
+            HTTPException: _http_problem,
+            InvalidRun: _invalid_run,
+            PoolUnavailable: _unavailable,
+        }
+    )
+    return Litestar(
+        route_handlers=[RunController, health],
+        dependencies={"service": Provide(get_service, sync_to_thread=False)},
+        lifespan=[lifespan],
+        plugins=[ProblemDetailsPlugin(problems)],
+        exception_handlers={Exception: _internal},
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=OpenAPIConfig(title="warmpod", version=__version__),
+        state=None,
+    )

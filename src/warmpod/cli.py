@@ -1,0 +1,116 @@
+"""The ``warmpod`` command: serve, image build, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import Sequence
+
+from warmpod import __version__, engine, image
+from warmpod.errors import WarmpodError
+from warmpod.settings import Settings, from_env
+
+
+def _progress(message: str) -> None:
+    print(f"warmpod: {message}", file=sys.stderr, flush=True)
+
+
+def serve(settings: Settings) -> int:
+    """Build the runner image if missing, then serve the API until SIGTERM or Ctrl-C."""
+    import uvicorn
+
+    from warmpod.app import create_app
+
+    image.build_image(settings, _progress)
+    _progress(f"serving on http://{settings.server.host}:{settings.server.port}")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.server.host,
+        port=settings.server.port,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+    )
+    return 0
+
+
+def doctor(settings: Settings) -> int:
+    """Say what this host offers and which limits it can enforce, in plain words."""
+    facts = engine.HostFacts.read()
+    argv, env = engine.podman_command(settings.engine, "info", "--format", "json")
+    try:
+        out = subprocess.run(argv, env=env, capture_output=True, check=True, timeout=60).stdout
+        info = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        print(f"Podman: not usable ({exc}). Install it: apt-get install podman")
+        return 1
+    host = info.get("host", {})
+    rootless = bool(host.get("security", {}).get("rootless"))
+    cgroup = host.get("cgroupVersion", "v1")
+    runtime = host.get("ociRuntime", {})
+    mode = "rootless" if rootless else "rootful"
+    hybrid = " (hybrid: v1 controllers with a v2 mount)" if facts.hybrid else ""
+    can_limit = not (rootless and cgroup == "v1")
+    print(f"Podman {info.get('version', {}).get('Version', '?')}, {mode}")
+    print(f"cgroups: {cgroup}{hybrid}, manager {host.get('cgroupManager', '?')}")
+    print(f"OCI runtime: {runtime.get('name', '?')} {runtime.get('version', '').splitlines()[0:1]}")
+    print(f"Runner image: {image.image_ref(settings)}")
+    layer = "cgroup" if can_limit else "rlimit (cgroups unavailable)"
+    print("Limits:")
+    print("  wall time: enforced by the agent and the server (container killed)")
+    print(f"  memory: {'cgroup, swap capped at the same value' if can_limit else 'NOT enforced'}")
+    print(f"  processes/threads: {layer}")
+    print(f"  CPU share: {'cgroup cpu quota' if can_limit else 'NOT enforced'}")
+    print("  output size: agent (stops the program at the cap)")
+    print("  disk: tmpfs size")
+    print("  open files: rlimit")
+    print(f"Pause idle containers: {'yes' if can_limit else 'no: rootless Podman on cgroup v1'}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="warmpod", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"warmpod {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve_cmd = commands.add_parser("serve", help="serve the HTTP API")
+    serve_cmd.add_argument("--host", help="address to listen on (WARMPOD_SERVER__HOST)")
+    serve_cmd.add_argument("--port", type=int, help="port to listen on (WARMPOD_SERVER__PORT)")
+    image_cmd = commands.add_parser("image", help="manage the runner image")
+    image_cmds = image_cmd.add_subparsers(dest="image_command", required=True)
+    image_cmds.add_parser("build", help="build the runner image (skips when built)")
+    image_cmds.add_parser("ref", help="print the runner image reference")
+    commands.add_parser("doctor", help="say what this host can enforce")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``warmpod`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        server: dict[str, object] = {}
+        if getattr(args, "host", None):
+            server["host"] = args.host
+        if getattr(args, "port", None) is not None:
+            server["port"] = args.port
+        settings = from_env(server=server) if server else from_env()
+        if args.command == "serve":
+            return serve(settings)
+        if args.command == "image":
+            if args.image_command == "ref":
+                print(image.image_ref(settings))
+                return 0
+            image.build_image(settings, _progress)
+            return 0
+        return doctor(settings)
+    except WarmpodError as exc:
+        print(f"warmpod: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

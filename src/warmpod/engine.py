@@ -1,0 +1,132 @@
+"""Finding Podman: the host's cgroup layout, the podman CLI, and a private ``podman system service``."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmpod.errors import EngineError
+from warmpod.settings import EngineSettings
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What this host offers containers, read from the kernel and the environment."""
+
+    cgroup_version: int
+    hybrid: bool
+    rootless: bool
+
+    @classmethod
+    def read(cls) -> HostFacts:
+        """Read the facts of the host this process runs on."""
+        unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()
+        hybrid = not unified and Path("/sys/fs/cgroup/unified").is_dir()
+        return cls(cgroup_version=2 if unified else 1, hybrid=hybrid, rootless=os.geteuid() != 0)
+
+
+def containers_conf() -> Path:
+    """The containers.conf warmpod owns (bundled in the wheel, or ``deploy/`` in a checkout)."""
+    bundled = Path(__file__).with_name("containers.conf")
+    if bundled.exists():
+        return bundled
+    return Path(__file__).resolve().parents[2] / "deploy" / "containers.conf"
+
+
+def pick_runtime(settings: EngineSettings, facts: HostFacts) -> str:
+    """The OCI runtime to ask for, or '' for Podman's default.
+
+    crun refuses cgroup v1 hybrid hosts ("cgroups in hybrid mode not supported") while runc works.
+    """
+    if settings.runtime:
+        return settings.runtime
+    if facts.cgroup_version == 1 and shutil.which("runc"):
+        return "runc"
+    return ""
+
+
+def podman_command(settings: EngineSettings, *args: str) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment to run the podman CLI with warmpod's configuration."""
+    env = dict(os.environ)
+    env.setdefault("CONTAINERS_CONF", str(containers_conf()))
+    argv = [settings.podman]
+    runtime = pick_runtime(settings, HostFacts.read())
+    if runtime:
+        argv += ["--runtime", runtime]
+    return [*argv, *args], env
+
+
+def state_dir(settings: EngineSettings) -> Path:
+    """A private directory for sockets, made fresh unless the settings name one."""
+    if settings.state_dir:
+        path = Path(settings.state_dir)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    base = runtime_dir if runtime_dir and os.access(runtime_dir, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="warmpod-", dir=base))
+
+
+def _die_with_parent() -> None:
+    # The private service must not outlive a server killed with SIGKILL.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def podman_service(settings: EngineSettings, directory: Path, timeout: float = 30.0) -> Iterator[str]:
+    """Run ``podman system service`` on a private socket for the duration of the block.
+
+    Yields the service URL. Uses ``settings.url`` instead when one is configured.
+
+    Raises:
+        EngineError: podman is missing or the service did not come up in time.
+    """
+    if settings.url:
+        yield settings.url
+        return
+    if shutil.which(settings.podman) is None:
+        raise EngineError(f"{settings.podman!r} not found: install Podman (apt-get install podman)")
+    sock = directory / "podman.sock"
+    argv, env = podman_command(settings, "system", "service", "--time=0", f"unix://{sock}")
+    log = (directory / "podman-service.log").open("wb")
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+        preexec_fn=_die_with_parent,
+        # Its own session: a Ctrl-C to the terminal must not kill it before the pool is removed.
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not sock.exists():
+            if proc.poll() is not None:
+                text = (directory / "podman-service.log").read_text(errors="replace")[-2000:]
+                raise EngineError(f"podman system service exited with {proc.returncode}: {text}")
+            if time.monotonic() > deadline:
+                raise EngineError(f"podman system service did not create {sock} in {timeout:.0f} s")
+            time.sleep(0.02)
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        sock.unlink(missing_ok=True)

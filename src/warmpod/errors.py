@@ -1,0 +1,42 @@
+"""warmpod's exception tree; no framework imports, ``app`` maps these to problem details.
+
+WarmpodError
+├── SettingsError      configuration cannot be parsed or is inconsistent
+├── EngineError        Podman could not be reached or refused a call
+├── ImageError         the runner image cannot be found or built
+├── PoolUnavailable    no container became free within the acquire timeout (503)
+├── ProtocolError      a frame from a container broke the agent protocol
+└── InvalidRun         a run request is well formed but asks for something not allowed (422)
+"""
+
+from __future__ import annotations
+
+
+class WarmpodError(Exception):
+    """Base of every error warmpod raises on purpose."""
+
+
+class SettingsError(WarmpodError):
+    """Raised when the configuration cannot be parsed or is inconsistent."""
+
+
+class EngineError(WarmpodError):
+    """Raised when Podman cannot be reached or refuses a call."""
+
+
+class ImageError(WarmpodError):
+    """Raised when the runner image is missing and cannot be built."""
+
+
+class PoolUnavailable(WarmpodError):
+    """Raised when no container became free within the acquire timeout."""
+
+    retry_after: int = 1
+
+
+class ProtocolError(WarmpodError):
+    """Raised when a container sends a frame that breaks the agent protocol."""
+
+
+class InvalidRun(WarmpodError):
+    """Raised when a run request asks for something the server does not allow."""

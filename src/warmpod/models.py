@@ -1,0 +1,65 @@
+"""The API's request and response bodies."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+RunStatus = Literal["succeeded", "failed", "timeout", "error"]
+
+
+class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A program to run, posted as JSON to ``/run-json/``."""
+
+    code: str
+    """The Python source, run as ``main.py`` (``__main__``) in a fresh interpreter."""
+    stdin: str = ""
+    """What the program reads from standard input."""
+    timeout: Annotated[float, Meta(gt=0)] | None = None
+    """Wall-time limit in seconds; the server's default when absent, at most its maximum."""
+
+
+class RunResult(msgspec.Struct, kw_only=True):
+    """How a run ended and what it printed."""
+
+    id: str
+    status: RunStatus
+    """``succeeded`` (exit 0), ``failed`` (non-zero exit or killed by a signal), ``timeout`` (wall
+    time exceeded) or ``error`` (warmpod could not run it)."""
+    exit_code: int | None
+    """The exit status; ``-N`` when killed by signal N; null when it never ran to an end."""
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    limits_hit: list[str]
+    """Which limits stopped the run: ``wall_time``, ``cpu_time``, ``memory``, ``pids``, ``output``,
+    ``disk``."""
+    duration_ms: float
+    """Wall time of the program itself."""
+    error: str | None = None
+    """What went wrong, when ``status`` is ``error``."""
+
+
+class PoolCounts(msgspec.Struct, kw_only=True):
+    """How many pool containers are in each state."""
+
+    ready: int
+    busy: int
+    starting: int
+    target: int
+
+
+class Health(msgspec.Struct, kw_only=True):
+    """The service's state, from ``GET /health``."""
+
+    status: Literal["ok", "starting", "unavailable"]
+    image: str
+    podman_version: str
+    pool: PoolCounts
+    rootless: bool
+    cgroup_version: int
+    paused_idle: bool
+    last_error: str | None = None

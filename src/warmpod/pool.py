@@ -1,0 +1,318 @@
+"""The warm pool: single-use containers created ahead of demand, paused, leased once, destroyed."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import socket
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+
+from warmpod import protocol
+from warmpod.errors import PoolUnavailable, ProtocolError, WarmpodError
+from warmpod.protocol import Channel, Hello
+from warmpod.sandbox import SOCKET_NAME, container_spec
+from warmpod.settings import Settings
+
+log = logging.getLogger(__name__)
+
+LABEL_INSTANCE = "io.warmpod.instance"
+LABEL_HOST = "io.warmpod.host"
+LABEL_PID = "io.warmpod.pid"
+DESTROY_TIMEOUT = 30.0
+SOCKET_POLL = 0.005
+
+
+class Engine(Protocol):
+    """The container calls the pool needs (``runtime.Runtime`` in production, fakes in tests)."""
+
+    async def create(self, spec: dict[str, object]) -> str: ...
+    async def start(self, container_id: str) -> None: ...
+    async def pause(self, container_id: str) -> None: ...
+    async def unpause(self, container_id: str) -> None: ...
+    async def destroy(self, container_id: str) -> None: ...
+    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]: ...
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """One pool container and the server's end of its agent connection."""
+
+    container_id: str
+    name: str
+    directory: Path
+    channel: Channel
+    paused: bool
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    async def thaw(self, engine: Engine) -> None:
+        """Unpause, once, however many tasks ask."""
+        async with self.lock:
+            if self.paused:
+                await engine.unpause(self.container_id)
+                self.paused = False
+
+
+@dataclass
+class PoolStats:
+    """Counts for /health."""
+
+    ready: int
+    busy: int
+    starting: int
+    target: int
+    created: int
+    failures: int
+    last_error: str | None
+
+
+class Pool:
+    """Keeps ``settings.pool.size`` containers ready; each is leased for one run, then destroyed."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        *,
+        image: str,
+        state_dir: Path,
+        instance: str,
+        can_pause: bool,
+        can_limit: bool,
+    ) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._image = image
+        self._state_dir = state_dir
+        self.instance = instance
+        self.can_pause = can_pause and settings.pool.pause
+        self._can_limit = can_limit
+        self._max_frame = protocol.max_frame_size(settings.limits.max_output_bytes)
+        self._ready: deque[Sandbox] = deque()
+        self._busy: set[Sandbox] = set()
+        self._starting = 0
+        self._created = 0
+        self._failures = 0
+        self._consecutive_failures = 0
+        self._last_error: str | None = None
+        self._serial = itertools.count(1)
+        self._changed = anyio.Condition()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.serving = False
+
+    @property
+    def target(self) -> int:
+        """How many containers the pool keeps ready."""
+        return self._settings.pool.size
+
+    def stats(self) -> PoolStats:
+        """The pool's counts now."""
+        return PoolStats(
+            ready=len(self._ready),
+            busy=len(self._busy),
+            starting=self._starting,
+            target=self.target,
+            created=self._created,
+            failures=self._failures,
+            last_error=self._last_error,
+        )
+
+    def labels(self) -> dict[str, str]:
+        """The labels that mark a container as this server instance's."""
+        return {
+            LABEL_INSTANCE: self.instance,
+            LABEL_HOST: socket.gethostname(),
+            LABEL_PID: str(os.getpid()),
+        }
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Remove leftovers of dead instances, then keep the pool full until cancelled."""
+        await self.remove_leftovers()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started()
+                await self._maintain(tg)
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT):
+                await self._destroy_all()
+
+    async def remove_leftovers(self) -> int:
+        """Destroy containers whose server on this host is no longer alive; return how many."""
+        host = socket.gethostname()
+        removed = 0
+        for container_id, labels in await self._engine.list_labelled(LABEL_INSTANCE):
+            if labels.get(LABEL_INSTANCE) == self.instance or labels.get(LABEL_HOST) != host:
+                continue
+            if _alive(labels.get(LABEL_PID, "")):
+                continue
+            log.warning("removing container %s left by a dead warmpod", container_id[:12])
+            await self._engine.destroy(container_id)
+            removed += 1
+        return removed
+
+    async def _maintain(self, tg: anyio.abc.TaskGroup) -> None:
+        limit = self._settings.pool.refill_concurrency
+        while True:
+            async with self._changed:
+                while len(self._ready) + self._starting < self.target and self._starting < limit:
+                    self._starting += 1
+                    tg.start_soon(self._fill_one)
+                await self._changed.wait()
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _fill_one(self) -> None:
+        try:
+            sandbox = await self._make()
+        except WarmpodError as exc:
+            self._failures += 1
+            self._consecutive_failures += 1
+            self._last_error = str(exc)
+            delay = min(0.5 * 2 ** (self._consecutive_failures - 1), self._settings.pool.backoff_max)
+            log.error("could not make a pool container (retrying in %.1f s): %s", delay, exc)
+            # The slot stays taken while backing off, so failures never loop hot.
+            await anyio.sleep(delay)
+            self._starting -= 1
+            await self._notify()
+            return
+        self._consecutive_failures = 0
+        self._created += 1
+        self._starting -= 1
+        self._ready.append(sandbox)
+        self.serving = True
+        await self._notify()
+        self._warm_next()
+
+    async def _make(self) -> Sandbox:
+        name = f"warmpod-{self.instance[:8]}-{next(self._serial)}"
+        directory = self._state_dir / name
+        directory.mkdir(mode=0o700)
+        spec = container_spec(
+            image=self._image,
+            name=name,
+            labels=self.labels(),
+            agent_dir=directory,
+            limits=self._settings.limits,
+            cgroup_limits=self._can_limit,
+        )
+        container_id = ""
+        try:
+            container_id = await self._engine.create(spec)
+            await self._engine.start(container_id)
+            with anyio.fail_after(self._settings.pool.start_timeout):
+                channel = await _connect(directory / SOCKET_NAME, self._max_frame)
+            try:
+                with anyio.fail_after(self._settings.pool.start_timeout):
+                    hello = await channel.receive()
+                if not isinstance(hello, Hello) or hello.version != protocol.PROTOCOL_VERSION:
+                    raise ProtocolError(f"agent greeted with {hello!r}")
+                if self.can_pause:
+                    await self._engine.pause(container_id)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await channel.aclose()
+                raise
+        except TimeoutError as exc:
+            await self._discard(container_id, directory)
+            raise ProtocolError(f"agent of {name} did not answer in time") from exc
+        except BaseException:
+            await self._discard(container_id, directory)
+            raise
+        return Sandbox(container_id, name, directory, channel, paused=self.can_pause)
+
+    def _warm_next(self) -> None:
+        # Thaw the container the next run will take, off that run's critical path.
+        if self._tg is not None and self._ready and self._ready[0].paused:
+            self._tg.start_soon(self._thaw_quietly, self._ready[0])
+
+    async def _thaw_quietly(self, sandbox: Sandbox) -> None:
+        try:
+            await sandbox.thaw(self._engine)
+        except WarmpodError as exc:
+            log.warning("could not unpause %s ahead of demand: %s", sandbox.name, exc)
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[Sandbox]:
+        """Take a ready container for one run; it is destroyed when the block exits.
+
+        Raises:
+            PoolUnavailable: none became ready within the acquire timeout.
+        """
+        try:
+            with anyio.fail_after(self._settings.pool.acquire_timeout):
+                async with self._changed:
+                    while not self._ready:
+                        await self._changed.wait()
+                    sandbox = self._ready.popleft()
+                    self._busy.add(sandbox)
+                    self._changed.notify_all()
+        except TimeoutError as exc:
+            raise PoolUnavailable(
+                f"no sandbox became free within {self._settings.pool.acquire_timeout:.0f} s"
+            ) from exc
+        try:
+            self._warm_next()
+            await sandbox.thaw(self._engine)
+            yield sandbox
+        finally:
+            self._busy.discard(sandbox)
+            with anyio.CancelScope(shield=True):
+                await sandbox.channel.aclose()
+                if self._tg is not None:
+                    self._tg.start_soon(self._discard, sandbox.container_id, sandbox.directory)
+                else:
+                    await self._discard(sandbox.container_id, sandbox.directory)
+
+    async def _discard(self, container_id: str, directory: Path) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT):
+            if container_id:
+                try:
+                    await self._engine.destroy(container_id)
+                except WarmpodError as exc:
+                    log.error("could not remove container %s: %s", container_id[:12], exc)
+            shutil.rmtree(directory, ignore_errors=True)
+
+    async def _destroy_all(self) -> None:
+        sandboxes = [*self._ready, *self._busy]
+        self._ready.clear()
+        async with anyio.create_task_group() as tg:
+            for sandbox in sandboxes:
+                await sandbox.channel.aclose()
+                tg.start_soon(self._discard, sandbox.container_id, sandbox.directory)
+        # Containers still being created when cancelled carry our label: sweep them too.
+        for container_id, labels in await self._engine.list_labelled(LABEL_INSTANCE):
+            if labels.get(LABEL_INSTANCE) == self.instance:
+                await self._engine.destroy(container_id)
+
+
+async def _connect(path: Path, max_frame: int) -> Channel:
+    # Polling a stat is cheaper than a thread hop, and runs off any request's critical path.
+    while not os.path.exists(path):  # noqa: ASYNC110, ASYNC240
+        await anyio.sleep(SOCKET_POLL)
+    stream = await anyio.connect_unix(path)
+    return Channel(stream, max_frame=max_frame)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

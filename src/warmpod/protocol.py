@@ -1,0 +1,122 @@
+"""The agent protocol: length-prefixed JSON frames, typed and bounded on the server's side.
+
+A frame is a 4-byte big-endian length followed by one JSON object whose ``type`` field names the
+message. The agent in ``pool/agent.py`` is stdlib-only and speaks the same format by hand. Every
+byte from a container is hostile: frames are size-checked before they are read and decoded
+into strict types before they are used.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Literal
+
+import anyio
+import msgspec
+from anyio.abc import ByteStream
+from anyio.streams.buffered import BufferedByteReceiveStream
+from msgspec import Meta
+
+from warmpod.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct(">I")
+LimitName = Literal["wall_time", "cpu_time", "memory", "pids", "output", "disk"]
+
+
+class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
+    """Agent -> server: the interpreter is ready and the agent waits for its job."""
+
+    version: int
+    pid: int
+
+
+class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):
+    """Server -> agent: the one program this container will ever run."""
+
+    code: bytes
+    stdin: bytes
+    timeout: float
+    max_output_bytes: int
+
+
+class Result(msgspec.Struct, tag="result", forbid_unknown_fields=True):
+    """Agent -> server: how the program ended and what it printed."""
+
+    exit_code: Annotated[int, Meta(ge=-64, le=255)] | None
+    stdout: bytes
+    stderr: bytes
+    stdout_truncated: bool
+    stderr_truncated: bool
+    limits_hit: Annotated[list[LimitName], Meta(max_length=6)]
+    duration_ms: Annotated[float, Meta(ge=0)]
+    error: str | None = None
+
+
+class AgentError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
+    """Agent -> server: the agent itself failed; the program's outcome is unknown."""
+
+    message: Annotated[str, Meta(max_length=4096)]
+
+
+AgentMessage = Hello | Result | AgentError
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(AgentMessage)
+
+
+def encode(message: Job) -> bytes:
+    """One frame carrying ``message``."""
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes) -> AgentMessage:
+    """The message in one frame's body.
+
+    Raises:
+        ProtocolError: the body is not a valid agent message.
+    """
+    try:
+        message: AgentMessage = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"invalid frame from agent: {exc}") from exc
+    return message
+
+
+def max_frame_size(max_output_bytes: int) -> int:
+    """Largest frame a well-behaved agent sends for a run capped at ``max_output_bytes`` per stream."""
+    base64_len = 4 * ((max_output_bytes + 2) // 3)
+    return 2 * base64_len + 64 * 1024
+
+
+class Channel:
+    """The server's end of one agent connection."""
+
+    def __init__(self, stream: ByteStream, max_frame: int) -> None:
+        self._stream = stream
+        self._reader = BufferedByteReceiveStream(stream)
+        self._max_frame = max_frame
+
+    async def send(self, message: Job) -> None:
+        """Send one frame."""
+        await self._stream.send(encode(message))
+
+    async def receive(self) -> AgentMessage:
+        """Receive one frame, refusing anything over the maximum size.
+
+        Raises:
+            ProtocolError: the agent hung up, or sent an oversized or invalid frame.
+        """
+        try:
+            (size,) = HEADER.unpack(await self._reader.receive_exactly(HEADER.size))
+            if size > self._max_frame:
+                raise ProtocolError(f"frame of {size} bytes exceeds the {self._max_frame} limit")
+            body = await self._reader.receive_exactly(size)
+        except (OSError, anyio.IncompleteRead, anyio.BrokenResourceError) as exc:
+            raise ProtocolError(f"agent connection lost: {exc!r}") from exc
+        return decode(body)
+
+    async def aclose(self) -> None:
+        """Hang up."""
+        await self._stream.aclose()

@@ -1,0 +1,132 @@
+"""One run: lease a sandbox, hand its agent the job, and turn the agent's answer into a RunResult."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+import anyio
+
+from warmpod import protocol
+from warmpod.errors import EngineError, InvalidRun, ProtocolError
+from warmpod.models import RunResult, RunStatus
+from warmpod.pool import Sandbox
+from warmpod.protocol import AgentError, Job, Result
+from warmpod.settings import LimitSettings
+
+# The agent stops the program at its timeout and then drains pipes for up to 0.5 s; past this
+# extra margin the server stops waiting and the container is killed with whatever it held.
+SERVER_GRACE = 0.8
+
+
+class Leaser(Protocol):
+    """Where sandboxes come from (``pool.Pool``)."""
+
+    def lease(self) -> AbstractAsyncContextManager[Sandbox]: ...
+
+
+def resolve_timeout(requested: float | None, limits: LimitSettings) -> float:
+    """The wall-time limit of a run.
+
+    Raises:
+        InvalidRun: the request asks for more than the server allows.
+    """
+    if requested is None:
+        return limits.timeout
+    if not 0 < requested <= limits.max_timeout:
+        raise InvalidRun(
+            f"timeout must be greater than 0 and at most {limits.max_timeout:g} seconds, got {requested:g}"
+        )
+    return requested
+
+
+class Runner:
+    """Runs programs in single-use sandboxes."""
+
+    def __init__(self, leaser: Leaser, limits: LimitSettings) -> None:
+        self._leaser = leaser
+        self._limits = limits
+
+    async def run(self, code: bytes, stdin: bytes, timeout: float | None) -> RunResult:
+        """Run ``code`` once and report how it ended.
+
+        Raises:
+            InvalidRun: the limits asked for are out of range.
+            PoolUnavailable: no sandbox became free in time.
+        """
+        wall = resolve_timeout(timeout, self._limits)
+        run_id = uuid.uuid4().hex
+        cap = self._limits.max_output_bytes
+        job = Job(code=code, stdin=stdin, timeout=wall, max_output_bytes=cap)
+        async with self._leaser.lease() as sandbox:
+            started = time.perf_counter()
+            try:
+                await sandbox.channel.send(job)
+                with anyio.move_on_after(wall + SERVER_GRACE):
+                    message = await sandbox.channel.receive()
+                    return _from_agent(run_id, message, cap, _elapsed_ms(started))
+            except (ProtocolError, EngineError, OSError, anyio.BrokenResourceError) as exc:
+                return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
+            return RunResult(
+                id=run_id,
+                status="timeout",
+                exit_code=None,
+                stdout="",
+                stderr="",
+                stdout_truncated=False,
+                stderr_truncated=False,
+                limits_hit=["wall_time"],
+                duration_ms=_elapsed_ms(started),
+            )
+
+
+def _elapsed_ms(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+def _error(run_id: str, message: str, duration_ms: float) -> RunResult:
+    return RunResult(
+        id=run_id,
+        status="error",
+        exit_code=None,
+        stdout="",
+        stderr="",
+        stdout_truncated=False,
+        stderr_truncated=False,
+        limits_hit=[],
+        duration_ms=duration_ms,
+        error=message,
+    )
+
+
+def _from_agent(run_id: str, message: protocol.AgentMessage, cap: int, server_ms: float) -> RunResult:
+    """Check the agent's claims against what the server asked for, then build the result."""
+    if isinstance(message, AgentError):
+        return _error(run_id, message.message, server_ms)
+    if not isinstance(message, Result):
+        return _error(run_id, f"unexpected {type(message).__name__} from the agent", server_ms)
+    if len(message.stdout) > cap or len(message.stderr) > cap:
+        return _error(run_id, "the agent sent more output than the cap allows", server_ms)
+    limits: list[str] = list(dict.fromkeys(message.limits_hit))
+    status: RunStatus
+    if "wall_time" in limits:
+        status = "timeout"
+    elif message.exit_code == 0:
+        status = "succeeded"
+    elif message.exit_code is None:
+        return _error(run_id, message.error or "the program's exit status is unknown", server_ms)
+    else:
+        status = "failed"
+    return RunResult(
+        id=run_id,
+        status=status,
+        exit_code=message.exit_code,
+        stdout=message.stdout.decode("utf-8", "replace"),
+        stderr=message.stderr.decode("utf-8", "replace"),
+        stdout_truncated=message.stdout_truncated,
+        stderr_truncated=message.stderr_truncated,
+        limits_hit=limits,
+        duration_ms=min(message.duration_ms, server_ms),
+    )

@@ -1,0 +1,97 @@
+"""The locked-down container spec every pool container is created from (a libpod SpecGenerator)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from warmpod.settings import LimitSettings
+
+AGENT_COMMAND = ["python3", "-I", "/opt/warmpod/agent.py"]
+AGENT_DIR = "/run/warmpod"
+SOCKET_NAME = "agent.sock"
+CPU_PERIOD = 100_000
+NPROC_WITH_CGROUPS = 4096
+# The agent needs exactly these to start the program as an unprivileged user and to kill it.
+AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL"]
+# notmpcopyup: otherwise Podman copies the image directory's (root-owned 0755) mode onto the tmpfs.
+_TMPFS_OPTS = ["rw", "nosuid", "nodev", "noexec", "notmpcopyup", "mode=1777"]
+
+
+def container_spec(
+    *,
+    image: str,
+    name: str,
+    labels: dict[str, str],
+    agent_dir: Path,
+    limits: LimitSettings,
+    cgroup_limits: bool,
+) -> dict[str, Any]:
+    """The spec of one pool container.
+
+    Args:
+        image: runner image reference.
+        name: container name, also its hostname.
+        labels: labels that tie the container to its server instance.
+        agent_dir: host directory bind-mounted at /run/warmpod for the agent's socket.
+        limits: the server's limits.
+        cgroup_limits: whether the engine can apply cgroup limits (it cannot rootless on v1).
+    """
+    tmpfs_size = f"size={limits.tmpfs_mb}m"
+    spec: dict[str, Any] = {
+        "image": image,
+        "name": name,
+        "hostname": name,
+        "labels": labels,
+        "command": AGENT_COMMAND,
+        "user": "0:0",
+        "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+        "env_host": False,
+        "httpproxy": False,
+        "netns": {"nsmode": "none"},
+        "ipcns": {"nsmode": "private"},
+        "read_only_filesystem": True,
+        "read_write_tmpfs": False,
+        "cap_drop": ["ALL"],
+        "cap_add": AGENT_CAPS,
+        "no_new_privileges": True,
+        "stop_timeout": 0,
+        "shm_size": 16 * 1024 * 1024,
+        "mounts": [
+            {
+                "destination": AGENT_DIR,
+                "source": str(agent_dir),
+                "type": "bind",
+                "options": ["rw", "nosuid", "nodev", "noexec"],
+            },
+            {
+                "destination": "/work",
+                "source": "tmpfs",
+                "type": "tmpfs",
+                "options": [*_TMPFS_OPTS, tmpfs_size],
+            },
+            {
+                "destination": "/tmp",  # noqa: S108  (inside the container)
+                "source": "tmpfs",
+                "type": "tmpfs",
+                "options": [*_TMPFS_OPTS, tmpfs_size],
+            },
+        ],
+        "r_limits": [
+            {"type": "nofile", "soft": limits.open_files, "hard": limits.open_files},
+            {"type": "core", "soft": 0, "hard": 0},
+        ],
+    }
+    # RLIMIT_NPROC counts per uid across every container sharing a user namespace, so it is
+    # only the tight fallback where the pids cgroup is missing; it must be set either way, since
+    # Podman's default copies a host limit the runtime may not be allowed to apply.
+    nproc = limits.pids if not cgroup_limits else NPROC_WITH_CGROUPS
+    spec["r_limits"].append({"type": "nproc", "soft": nproc, "hard": nproc})
+    if cgroup_limits:
+        memory = limits.memory_mb * 1024 * 1024
+        spec["resource_limits"] = {
+            "memory": {"limit": memory, "swap": memory},
+            "pids": {"limit": limits.pids},
+            "cpu": {"quota": int(limits.cpus * CPU_PERIOD), "period": CPU_PERIOD},
+        }
+    return spec

@@ -1,0 +1,102 @@
+"""The running service: Podman service, engine client, runner image and pool, started and stopped together."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import anyio
+
+from warmpod import engine, image
+from warmpod.errors import ImageError
+from warmpod.models import Health, PoolCounts
+from warmpod.pool import Pool
+from warmpod.runner import Runner
+from warmpod.runtime import EngineInfo, Runtime
+from warmpod.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """What the API needs while the service runs."""
+
+    settings: Settings
+    image: str
+    info: EngineInfo
+    pool: Pool
+    runner: Runner
+
+    def health(self) -> Health:
+        """The service's state for ``GET /health``."""
+        stats = self.pool.stats()
+        status: Literal["ok", "starting", "unavailable"] = "ok" if self.pool.serving else "starting"
+        if self.pool.serving and stats.ready == 0 and stats.busy == 0 and stats.failures:
+            status = "unavailable"
+        return Health(
+            status=status,
+            image=self.image,
+            podman_version=self.info.version,
+            pool=PoolCounts(ready=stats.ready, busy=stats.busy, starting=stats.starting, target=stats.target),
+            rootless=self.info.rootless,
+            cgroup_version=self.info.cgroup_version,
+            paused_idle=self.pool.can_pause,
+            last_error=stats.last_error,
+        )
+
+
+@contextlib.asynccontextmanager
+async def run_service(settings: Settings) -> AsyncIterator[Service]:
+    """Start everything the service needs, yield it, and remove all of it on exit.
+
+    Raises:
+        EngineError: Podman cannot be reached.
+        ImageError: the runner image has not been built.
+    """
+    state = engine.state_dir(settings.engine)
+    try:
+        async with _podman_service(settings, state) as url:
+            runtime = Runtime(url, settings.engine.api_concurrency)
+            try:
+                info = await runtime.info()
+                ref = image.image_ref(settings)
+                if not await runtime.image_exists(ref):
+                    raise ImageError(f"runner image {ref} is missing: run `warmpod image build`")
+                if not info.can_pause:
+                    log.warning("idle containers stay running: rootless Podman on cgroup v1 cannot pause")
+                pool = Pool(
+                    settings,
+                    runtime,
+                    image=ref,
+                    state_dir=state,
+                    instance=uuid.uuid4().hex,
+                    can_pause=info.can_pause,
+                    can_limit=info.can_limit,
+                )
+                async with anyio.create_task_group() as tg:
+                    await tg.start(pool.run)
+                    yield Service(settings, ref, info, pool, Runner(pool, settings.limits))
+                    tg.cancel_scope.cancel()
+            finally:
+                runtime.close()
+    finally:
+        if not settings.engine.state_dir:
+            shutil.rmtree(state, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def _podman_service(settings: Settings, state: Path) -> AsyncIterator[str]:
+    manager = engine.podman_service(settings.engine, state)
+    url = await anyio.to_thread.run_sync(manager.__enter__)
+    try:
+        yield url
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(manager.__exit__, None, None, None)

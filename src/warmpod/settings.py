@@ -1,0 +1,142 @@
+"""Frozen configuration, read once from ``WARMPOD_SECTION__FIELD`` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
+
+from warmpod.errors import SettingsError
+
+ENV_PREFIX = "WARMPOD_"
+
+Port = Annotated[int, Meta(ge=0, le=65535)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(gt=0)]
+
+
+class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The HTTP side."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on (``WARMPOD_SERVER__HOST``)."""
+    port: Port = 8000
+    """TCP port to listen on (``WARMPOD_SERVER__PORT``)."""
+    max_body_bytes: PositiveInt = 1024 * 1024
+    """Largest accepted request body; larger ones get 413 (``WARMPOD_SERVER__MAX_BODY_BYTES``)."""
+
+
+class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """How warmpod reaches Podman."""
+
+    url: str = ""
+    """Podman API socket, e.g. ``unix:///run/user/1000/podman/podman.sock``; empty starts a private
+    ``podman system service`` (``WARMPOD_ENGINE__URL``)."""
+    podman: str = "podman"
+    """The podman binary, for the private service and image builds (``WARMPOD_ENGINE__PODMAN``)."""
+    runtime: str = ""
+    """OCI runtime for the private service; empty picks one that works on this host
+    (``WARMPOD_ENGINE__RUNTIME``)."""
+    state_dir: str = ""
+    """Where sockets and per-container directories live; empty means a fresh private directory
+    under ``$XDG_RUNTIME_DIR`` or ``/tmp`` (``WARMPOD_ENGINE__STATE_DIR``)."""
+    api_concurrency: PositiveInt = 8
+    """Podman API calls in flight at once (``WARMPOD_ENGINE__API_CONCURRENCY``)."""
+
+
+class ImageSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The runner image the pool containers use."""
+
+    name: str = "localhost/warmpod-runner"
+    """Repository of the runner image; the tag is a hash of its inputs (``WARMPOD_IMAGE__NAME``)."""
+    base: str = ""
+    """Base image to build on; empty builds one from Debian packages with debootstrap
+    (``WARMPOD_IMAGE__BASE``)."""
+    suite: str = "trixie"
+    """Debian suite for the locally built base (``WARMPOD_IMAGE__SUITE``)."""
+    mirror: str = "http://deb.debian.org/debian"
+    """Debian mirror for the locally built base (``WARMPOD_IMAGE__MIRROR``)."""
+    context: str = ""
+    """Directory holding the runner image's Containerfile; empty uses the bundled one
+    (``WARMPOD_IMAGE__CONTEXT``)."""
+    cache_dir: str = ""
+    """Where downloaded wheels are kept between builds; empty means ``~/.cache/warmpod``
+    (``WARMPOD_IMAGE__CACHE_DIR``)."""
+
+
+class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The warm pool of single-use containers."""
+
+    size: Annotated[int, Meta(ge=1, le=256)] = 4
+    """Containers kept ready (``WARMPOD_POOL__SIZE``)."""
+    acquire_timeout: Seconds = 30.0
+    """How long a run waits for a free container before it is answered 503
+    (``WARMPOD_POOL__ACQUIRE_TIMEOUT``)."""
+    start_timeout: Seconds = 30.0
+    """How long a new container may take to report ready (``WARMPOD_POOL__START_TIMEOUT``)."""
+    refill_concurrency: PositiveInt = 2
+    """Containers created at once (``WARMPOD_POOL__REFILL_CONCURRENCY``)."""
+    backoff_max: Seconds = 30.0
+    """Longest wait between failed refills (``WARMPOD_POOL__BACKOFF_MAX``)."""
+    pause: bool = True
+    """Pause idle containers where the engine can (``WARMPOD_POOL__PAUSE``)."""
+
+
+class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Resource limits of one run."""
+
+    timeout: Seconds = 10.0
+    """Default wall-time limit of a run in seconds (``WARMPOD_LIMITS__TIMEOUT``)."""
+    max_timeout: Seconds = 60.0
+    """Largest wall-time limit a request may ask for (``WARMPOD_LIMITS__MAX_TIMEOUT``)."""
+    max_output_bytes: PositiveInt = 1024 * 1024
+    """Output kept per stream; past it the program is stopped (``WARMPOD_LIMITS__MAX_OUTPUT_BYTES``)."""
+    memory_mb: PositiveInt = 512
+    """Memory of one container, swap included (``WARMPOD_LIMITS__MEMORY_MB``)."""
+    pids: PositiveInt = 128
+    """Processes and threads of one container (``WARMPOD_LIMITS__PIDS``)."""
+    cpus: Annotated[float, Meta(gt=0)] = 1.0
+    """CPU share of one container, in cores (``WARMPOD_LIMITS__CPUS``)."""
+    tmpfs_mb: PositiveInt = 64
+    """Size of each writable tmpfs (``/tmp`` and the working directory) (``WARMPOD_LIMITS__TMPFS_MB``)."""
+    open_files: PositiveInt = 256
+    """Open files per process (``WARMPOD_LIMITS__OPEN_FILES``)."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """All of warmpod's configuration."""
+
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
+    image: ImageSettings = msgspec.field(default_factory=ImageSettings)
+    pool: PoolSettings = msgspec.field(default_factory=PoolSettings)
+    limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from ``WARMPOD_SECTION__FIELD`` variables, then apply ``section={...}`` overrides.
+
+    Raises:
+        SettingsError: a variable names an unknown setting or holds a value of the wrong type.
+    """
+    environ = os.environ if environ is None else environ
+    tree: dict[str, dict[str, Any]] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        section, sep, field = key[len(ENV_PREFIX) :].lower().partition("__")
+        if not sep or not field:
+            continue
+        tree.setdefault(section, {})[field] = value
+    for section, values in overrides.items():
+        tree.setdefault(section, {}).update(values)
+    try:
+        settings = msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid setting: {exc} (environment variables {ENV_PREFIX}*)") from exc
+    if settings.limits.timeout > settings.limits.max_timeout:
+        raise SettingsError("limits.timeout must not exceed limits.max_timeout")
+    return settings
