@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -24,7 +25,11 @@ def serve(settings: Settings) -> int:
 
     from warmpod.app import create_app
 
-    image.build_image(settings, _progress)
+    if settings.engine.url and shutil.which(settings.engine.podman) is None:
+        # In the server's own container: the image must already be in the engine's storage.
+        _progress("no podman CLI here: expecting the runner image to be built already")
+    else:
+        image.build_image(settings, _progress)
     _progress(f"serving on http://{settings.server.host}:{settings.server.port}")
     uvicorn.run(
         create_app(settings),

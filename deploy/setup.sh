@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Prepares a fresh Debian/Ubuntu machine for warmpod: Podman and the tools that build the runner
+# image without a registry, uv, and the project's virtual environment at .venv/.
+# Idempotent: it installs only what is missing. Run as root, or as a user with sudo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(podman runc conmon uidmap slirp4netns fuse-overlayfs catatonit debootstrap mmdebstrap)
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    sudo=""
+    [[ $(id -u) -eq 0 ]] || sudo="sudo"
+    echo "setup: installing ${missing[*]}" >&2
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if command -v uv >/dev/null 2>&1; then
+    uv=(uv)
+else
+    python3 -m uv --version >/dev/null 2>&1 || {
+        echo "setup: installing uv" >&2
+        python3 -m pip install -q uv || python3 -m pip install -q --user uv
+    }
+    uv=(python3 -m uv)
+fi
+"${uv[@]}" sync --frozen --quiet
+echo "setup: ready (.venv/bin/warmpod)" >&2
