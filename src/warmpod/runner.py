@@ -60,26 +60,28 @@ class Runner:
         run_id = uuid.uuid4().hex
         cap = self._limits.max_output_bytes
         job = Job(code=code, stdin=stdin, timeout=wall, max_output_bytes=cap)
-        async with self._leaser.lease() as sandbox:
-            started = time.perf_counter()
-            try:
+        started = time.perf_counter()
+        try:
+            async with self._leaser.lease() as sandbox:
+                started = time.perf_counter()
                 await sandbox.channel.send(job)
                 with anyio.move_on_after(wall + SERVER_GRACE):
                     message = await sandbox.channel.receive()
                     return _from_agent(run_id, message, cap, _elapsed_ms(started))
-            except (ProtocolError, EngineError, OSError, anyio.BrokenResourceError) as exc:
-                return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
-            return RunResult(
-                id=run_id,
-                status="timeout",
-                exit_code=None,
-                stdout="",
-                stderr="",
-                stdout_truncated=False,
-                stderr_truncated=False,
-                limits_hit=["wall_time"],
-                duration_ms=_elapsed_ms(started),
-            )
+        except (ProtocolError, EngineError, OSError, anyio.BrokenResourceError) as exc:
+            return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
+        # The agent did not answer within the timeout and its grace: the container is gone now.
+        return RunResult(
+            id=run_id,
+            status="timeout",
+            exit_code=None,
+            stdout="",
+            stderr="",
+            stdout_truncated=False,
+            stderr_truncated=False,
+            limits_hit=["wall_time"],
+            duration_ms=_elapsed_ms(started),
+        )
 
 
 def _elapsed_ms(started: float) -> float:

@@ -25,8 +25,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Address to listen on (``WARMPOD_SERVER__HOST``)."""
     port: Port = 8000
     """TCP port to listen on (``WARMPOD_SERVER__PORT``)."""
-    max_body_bytes: PositiveInt = 1024 * 1024
-    """Largest accepted request body; larger ones get 413 (``WARMPOD_SERVER__MAX_BODY_BYTES``)."""
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=8 * 1024 * 1024)] = 1024 * 1024
+    """Largest accepted request body, at most 8 MiB (the agent's job frame limit is 16 MiB
+    after base64); larger ones get 413 (``WARMPOD_SERVER__MAX_BODY_BYTES``)."""
 
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
