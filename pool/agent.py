@@ -267,14 +267,19 @@ def run_job(proc, job_w, job):
 
 
 def listen():
-    try:
-        os.unlink(SOCKET_PATH)
-    except FileNotFoundError:
-        pass
+    # Bind and listen under a temporary name, then rename: the server connects as soon as the
+    # path exists, so it must never see a socket that is not listening yet.
+    staging = SOCKET_PATH + ".new"
+    for path in (staging, SOCKET_PATH):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(SOCKET_PATH)
-    os.chmod(SOCKET_PATH, 0o600)
+    server.bind(staging)
+    os.chmod(staging, 0o600)
     server.listen(1)
+    os.rename(staging, SOCKET_PATH)
     conn, _ = server.accept()
     # One connection ever: nobody else may reach this agent once the server has it.
     server.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.datastructures import UploadFile
+from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ServiceUnavailableException, ValidationException
-from litestar.params import Body
+from litestar.params import Body, JSONBody
 
 from warmpod.models import Health, RunRequest, RunResult
 from warmpod.service import Service
@@ -24,13 +26,32 @@ def get_service(request: Request[Any, Any, Any]) -> Service:
     return service
 
 
+async def check_json_body(request: Request[Any, Any, Any]) -> None:
+    """Decode the body strictly before Litestar does, so every mistake gets a message that says
+    what to fix (Litestar's own is terse for broken JSON and lenient about types)."""
+    body = await request.body()
+    try:
+        msgspec.json.decode(body, type=RunRequest)
+    except msgspec.DecodeError as exc:
+        raise ValidationException(
+            f'the body must be a JSON object like {{"code": "print(1)", "stdin": "", "timeout": 5}}: {exc}'
+            if body.strip()
+            else 'the body is empty: send a JSON object like {"code": "print(1)"}'
+        ) from None
+
+
 class RunController(Controller):
     """Running programs."""
 
     tags = ["runs"]  # noqa: RUF012  (Litestar reads it as a class attribute)
 
-    @post("/run-json/", status_code=200, summary="Run Python source sent as JSON")
-    async def run_json(self, data: RunRequest, service: Service) -> RunResult:
+    @post(
+        "/run-json/",
+        status_code=200,
+        summary="Run Python source sent as JSON",
+        before_request=check_json_body,
+    )
+    async def run_json(self, data: JSONBody[RunRequest], service: NamedDependency[Service]) -> RunResult:
         """Run ``code`` once in a fresh sandbox and return how it ended."""
         code = data.code.encode("utf-8", "surrogatepass")
         stdin = data.stdin.encode("utf-8", "surrogatepass")
@@ -46,7 +67,7 @@ class RunController(Controller):
                 description="`file`: the script (required); `stdin`, `timeout`: optional fields.",
             ),
         ],
-        service: Service,
+        service: NamedDependency[Service],
     ) -> RunResult:
         """Run the uploaded script once in a fresh sandbox and return how it ended."""
         unknown = sorted(set(data) - _FORM_FIELDS)

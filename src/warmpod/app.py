@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -17,7 +18,7 @@ from litestar.plugins.problem_details import (
     ProblemDetailsException,
     ProblemDetailsPlugin,
 )
-from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
 from warmpod import __version__
 from warmpod.api import RunController, get_service, health
@@ -45,9 +46,12 @@ def _validation_problem(exc: ValidationException) -> ProblemDetailsException:
     )
 
 
-def _http_problem(exc: HTTPException) -> ProblemDetailsException:
+def _http_problem(max_body: int, exc: HTTPException) -> ProblemDetailsException:
+    detail = exc.detail
+    if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
+        detail = f"the request body exceeds the limit of {max_body} bytes (WARMPOD_SERVER__MAX_BODY_BYTES)"
     return ProblemDetailsException(
-        status_code=exc.status_code, title=exc.detail, detail=exc.detail, headers=exc.headers
+        status_code=exc.status_code, title=exc.detail, detail=detail, headers=exc.headers
     )
 
 
@@ -90,7 +94,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
     problems = ProblemDetailsConfig(
         exception_to_problem_detail_map={
             ValidationException: _validation_problem,
-            HTTPException: _http_problem,
+            HTTPException: functools.partial(_http_problem, settings.server.max_body_bytes),
             InvalidRun: _invalid_run,
             PoolUnavailable: _unavailable,
         }

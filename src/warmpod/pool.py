@@ -157,7 +157,11 @@ class Pool:
             if _alive(labels.get(LABEL_PID, "")):
                 continue
             log.warning("removing container %s left by a dead warmpod", container_id[:12])
-            await self._engine.destroy(container_id)
+            try:
+                await self._engine.destroy(container_id)
+            except WarmpodError as exc:
+                log.error("could not remove leftover %s: %s", container_id[:12], exc)
+                continue
             removed += 1
         return removed
 
@@ -177,7 +181,7 @@ class Pool:
     async def _fill_one(self) -> None:
         try:
             sandbox = await self._make()
-        except WarmpodError as exc:
+        except (WarmpodError, OSError) as exc:
             self._failures += 1
             self._consecutive_failures += 1
             self._last_error = str(exc)
@@ -300,10 +304,15 @@ class Pool:
 
 async def _connect(path: Path, max_frame: int) -> Channel:
     # Polling a stat is cheaper than a thread hop, and runs off any request's critical path.
-    while not os.path.exists(path):  # noqa: ASYNC110, ASYNC240
+    while True:
+        if os.path.exists(path):  # noqa: ASYNC240
+            try:
+                stream = await anyio.connect_unix(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                pass  # an older agent may still be between bind and listen
+            else:
+                return Channel(stream, max_frame=max_frame)
         await anyio.sleep(SOCKET_POLL)
-    stream = await anyio.connect_unix(path)
-    return Channel(stream, max_frame=max_frame)
 
 
 def _alive(pid: str) -> bool:

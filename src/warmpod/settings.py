@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, get_type_hints
 
 import msgspec
 from msgspec import Meta
@@ -121,23 +122,39 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
     """Build settings from ``WARMPOD_SECTION__FIELD`` variables, then apply ``section={...}`` overrides.
 
     Raises:
-        SettingsError: a variable names an unknown setting or holds a value of the wrong type.
+        SettingsError: a variable names an unknown setting or holds a value of the wrong type;
+            the message names the variable to fix.
     """
     environ = os.environ if environ is None else environ
     tree: dict[str, dict[str, Any]] = {}
+    origin: dict[tuple[str, str], str] = {}
+    sections = _section_types()
     for key, value in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
         section, sep, field = key[len(ENV_PREFIX) :].lower().partition("__")
         if not sep or not field:
             continue
+        if section not in sections or field not in sections[section].__struct_fields__:
+            raise SettingsError(f"{key} is not a warmpod setting (see src/warmpod/settings.py)")
         tree.setdefault(section, {})[field] = value
+        origin[(section, field)] = key
     for section, values in overrides.items():
         tree.setdefault(section, {}).update(values)
     try:
         settings = msgspec.convert(tree, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise SettingsError(f"invalid setting: {exc} (environment variables {ENV_PREFIX}*)") from exc
+        path = re.search(r"\$\.(\w+)\.(\w+)", str(exc))
+        name = origin.get((path[1], path[2]), f"{path[1]}.{path[2]}") if path else "a setting"
+        raise SettingsError(f"{name} is invalid: {exc}") from exc
     if settings.limits.timeout > settings.limits.max_timeout:
-        raise SettingsError("limits.timeout must not exceed limits.max_timeout")
+        raise SettingsError(
+            "WARMPOD_LIMITS__TIMEOUT (limits.timeout) must not exceed WARMPOD_LIMITS__MAX_TIMEOUT "
+            "(limits.max_timeout)"
+        )
     return settings
+
+
+def _section_types() -> dict[str, type[msgspec.Struct]]:
+    hints = get_type_hints(Settings)
+    return {name: hints[name] for name in Settings.__struct_fields__}

@@ -1,0 +1,697 @@
+"""Unit tests of the warm pool against a fake engine whose containers are in-process fake agents."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import ByteStream, SocketListener, TaskGroup, TaskStatus
+
+from warmpod import protocol
+from warmpod.errors import EngineError, PoolUnavailable
+from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool
+from warmpod.protocol import Job, Result
+from warmpod.runner import Runner
+from warmpod.sandbox import AGENT_DIR, SOCKET_NAME
+from warmpod.settings import Settings, from_env
+
+INSTANCE = "feedface0000"
+WAIT = 3.0
+
+
+# The fake agent -------------------------------------------------------------------------------
+
+
+async def send_frame(stream: ByteStream, message: dict[str, Any]) -> None:
+    """Write one frame the way pool/agent.py does."""
+    body = json.dumps(message, separators=(",", ":")).encode()
+    await stream.send(struct.pack(">I", len(body)) + body)
+
+
+async def receive_frame(stream: ByteStream) -> dict[str, Any]:
+    """Read one frame the way pool/agent.py does."""
+    data = b""
+    while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
+        data += await stream.receive()
+    message: dict[str, Any] = json.loads(data[4:])
+    return message
+
+
+class FakeEngine:
+    """A ``pool.Engine`` whose containers are fake agents on unix sockets, run in the test's task group."""
+
+    def __init__(self, tg: TaskGroup) -> None:
+        self._tg = tg
+        self.calls: list[tuple[str, str]] = []
+        self.create_times: list[float] = []
+        self.created: list[str] = []
+        self.destroyed: list[str] = []
+        self.containers: dict[str, dict[str, str]] = {}
+        self._sockets: dict[str, Path] = {}
+        self._kills: dict[str, tuple[anyio.Event, list[SocketListener | ByteStream]]] = {}
+        self.failing_creates = 0
+        self.hello: dict[str, Any] = {"type": "hello", "version": protocol.PROTOCOL_VERSION, "pid": 99}
+        self.listen_delay = 0.0
+        self.silent = False
+        self.failing_unpause = False
+        # Starts wait for this gate; set it to let them through.
+        self.gate = anyio.Event()
+        self.gate.set()
+
+    def count(self, op: str, container_id: str | None = None) -> int:
+        """How many times ``op`` was called (on ``container_id``, if given)."""
+        return sum(1 for o, c in self.calls if o == op and container_id in (None, c))
+
+    async def create(self, spec: dict[str, object]) -> str:
+        """Record the spec; fail while ``failing_creates`` is positive (negative: fail forever)."""
+        self.create_times.append(anyio.current_time())
+        if self.failing_creates:
+            self.failing_creates -= 1
+            self.calls.append(("create-failed", ""))
+            raise EngineError("podman create failed: no space left on device")
+        container_id = f"c{len(self.created) + 1:03d}"
+        self.calls.append(("create", container_id))
+        self.created.append(container_id)
+        labels = spec["labels"]
+        mounts = spec["mounts"]
+        assert isinstance(labels, dict)
+        assert isinstance(mounts, list)
+        self.containers[container_id] = dict(labels)
+        agent_dir = next(m["source"] for m in mounts if m["destination"] == AGENT_DIR)
+        self._sockets[container_id] = Path(agent_dir) / SOCKET_NAME
+        return container_id
+
+    async def start(self, container_id: str) -> None:
+        """Wait for the gate, then start the container's fake agent."""
+        self.calls.append(("start", container_id))
+        await self.gate.wait()
+        await self._tg.start(self._agent, container_id, self._sockets[container_id])
+
+    async def pause(self, container_id: str) -> None:
+        """Record the pause."""
+        self.calls.append(("pause", container_id))
+
+    async def unpause(self, container_id: str) -> None:
+        """Record the unpause; fail it if ``failing_unpause`` is set."""
+        self.calls.append(("unpause", container_id))
+        if self.failing_unpause:
+            raise EngineError("podman unpause failed: container state improper")
+
+    async def destroy(self, container_id: str) -> None:
+        """Record the removal and stop the container's agent; removing twice is harmless, as in Podman."""
+        self.calls.append(("destroy", container_id))
+        if container_id in self.containers:
+            self.destroyed.append(container_id)
+        self.containers.pop(container_id, None)
+        killed, closables = self._kills.pop(container_id, (None, []))
+        if killed is not None:
+            killed.set()
+        for closable in closables:
+            await closable.aclose()
+
+    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
+        """Every live container carrying ``label``."""
+        return [(cid, dict(labels)) for cid, labels in self.containers.items() if label in labels]
+
+    async def _agent(self, container_id: str, path: Path, *, task_status: TaskStatus[None]) -> None:
+        # Like pool/agent.py: listen, accept one connection, say hello, answer one job, wait for hang-up.
+        # destroy() ends it by closing its sockets rather than cancelling it: cancelling a socket wait
+        # just as the peer hangs up trips an asyncio "invalid state" race inside anyio.
+        killed = anyio.Event()
+        closables: list[SocketListener | ByteStream] = []
+        self._kills[container_id] = (killed, closables)
+        listener: SocketListener
+        if self.listen_delay:
+            # The socket file exists before anyone listens on it: bind now, listen a little later.
+            early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            early.bind(str(path))
+            task_status.started()
+            with anyio.move_on_after(self.listen_delay):
+                await killed.wait()
+            early.listen(1)
+            listener = await SocketListener.from_socket(early)
+        else:
+            listener = await anyio.create_unix_listener(path)
+            task_status.started()
+        closables.append(listener)
+        try:
+            if killed.is_set():
+                return
+            async with listener:
+                stream = await listener.accept()
+            closables.append(stream)
+            async with stream:
+                if self.silent:
+                    await killed.wait()
+                    return
+                await send_frame(stream, self.hello)
+                job = await receive_frame(stream)
+                await send_frame(stream, answer(job))
+                while True:
+                    await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+
+
+def answer(job: dict[str, Any]) -> dict[str, Any]:
+    """The fake agent's result for ``job``: exit 0, the code echoed on stdout and stdin on stderr."""
+    return {
+        "type": "result",
+        "exit_code": 0,
+        "stdout": base64.b64encode(base64.b64decode(job["code"])).decode(),
+        "stderr": base64.b64encode(base64.b64decode(job["stdin"])).decode(),
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "limits_hit": [],
+        "duration_ms": 1.0,
+        "error": None,
+    }
+
+
+# Fixtures and helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    """A short private directory (unix socket paths are limited to 108 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="wp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def settings(**pool: Any) -> Settings:
+    """Settings with small timeouts so the pool reacts within a test's time."""
+    values: dict[str, Any] = {
+        "size": 2,
+        "acquire_timeout": 1.0,
+        "start_timeout": 1.0,
+        "refill_concurrency": 2,
+        "backoff_max": 0.1,
+    }
+    values.update(pool)
+    return from_env({}, pool=values)
+
+
+def make_pool(engine: FakeEngine, state_dir: Path, *, can_pause: bool = False, **pool: Any) -> Pool:
+    """A pool over ``engine`` with ``pool`` settings."""
+    return Pool(
+        settings(**pool),
+        engine,
+        image="localhost/warmpod-runner:test",
+        state_dir=state_dir,
+        instance=INSTANCE,
+        can_pause=can_pause,
+        can_limit=True,
+    )
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
+    """Wait until ``predicate()`` holds, failing the test after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.005)
+
+
+@pytest.fixture
+async def agents() -> AsyncIterator[TaskGroup]:
+    """The task group the fake agents run in; cancelled after the test."""
+    async with anyio.create_task_group() as tg:
+        yield tg
+        tg.cancel_scope.cancel()
+
+
+async def with_pool(pool: Pool, body: Callable[[], Awaitable[None]]) -> None:
+    """Run the pool while ``body`` runs, then cancel it as the app's lifespan does."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        await body()
+        tg.cancel_scope.cancel()
+
+
+async def dead_pid() -> str:
+    """The pid of a process that has exited."""
+    devnull = subprocess.DEVNULL
+    async with await anyio.open_process(
+        [sys.executable, "-c", "pass"], stdin=devnull, stdout=devnull, stderr=devnull
+    ) as process:
+        await process.wait()
+    return str(process.pid)
+
+
+# Filling --------------------------------------------------------------------------------------
+
+
+async def test_pool_fills_to_target_and_no_further(agents: TaskGroup, state_dir: Path) -> None:
+    """The pool creates exactly ``size`` containers, each greeted, and reports them ready."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=3)
+    assert not pool.serving
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 3)
+        await anyio.sleep(0.05)
+        stats = pool.stats()
+        assert (stats.ready, stats.busy, stats.starting, stats.target) == (3, 0, 0, 3)
+        assert stats.created == 3
+        assert stats.failures == 0
+        assert stats.last_error is None
+        assert len(engine.created) == 3
+        assert pool.serving
+
+    await with_pool(pool, body)
+
+
+async def test_containers_carry_the_instance_labels(agents: TaskGroup, state_dir: Path) -> None:
+    """Every container is labelled with this instance, this host and this process."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        (labels,) = engine.containers.values()
+        assert labels == {
+            LABEL_INSTANCE: INSTANCE,
+            LABEL_HOST: socket.gethostname(),
+            LABEL_PID: str(os.getpid()),
+        }
+
+    await with_pool(pool, body)
+
+
+# Leasing --------------------------------------------------------------------------------------
+
+
+async def test_lease_hands_out_each_container_once_and_destroys_it(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """Each lease gets a container no other lease got, and that container is destroyed after the block."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=2)
+    leased: list[str] = []
+
+    async def body() -> None:
+        for _ in range(5):
+            async with pool.lease() as sandbox:
+                assert sandbox.container_id not in engine.destroyed
+                assert pool.stats().busy == 1
+                leased.append(sandbox.container_id)
+            await eventually(lambda: sandbox.container_id in engine.destroyed)
+            await eventually(lambda: not sandbox.directory.exists())
+            assert pool.stats().busy == 0
+
+    await with_pool(pool, body)
+    assert len(set(leased)) == 5
+    assert all(engine.count("destroy", cid) >= 1 for cid in leased)
+
+
+async def test_concurrent_leases_never_share_a_container(agents: TaskGroup, state_dir: Path) -> None:
+    """Leases taken at the same time each hold a different container."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=3)
+    held: list[str] = []
+    all_in = anyio.Event()
+
+    async def take() -> None:
+        async with pool.lease() as sandbox:
+            held.append(sandbox.container_id)
+            if len(held) == 6:
+                all_in.set()
+            await all_in.wait()
+
+    async def body() -> None:
+        async with anyio.create_task_group() as tg:
+            for _ in range(6):
+                tg.start_soon(take)
+
+    await with_pool(pool, body)
+    assert len(held) == 6
+    assert len(set(held)) == 6
+
+
+async def test_leased_container_runs_a_job(agents: TaskGroup, state_dir: Path) -> None:
+    """The leased sandbox's channel carries a Job to the agent and its Result back."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        async with pool.lease() as sandbox:
+            await sandbox.channel.send(Job(code=b"print(1)", stdin=b"in", timeout=1.0, max_output_bytes=100))
+            with anyio.fail_after(WAIT):
+                message = await sandbox.channel.receive()
+        assert isinstance(message, Result)
+        assert (message.exit_code, message.stdout, message.stderr) == (0, b"print(1)", b"in")
+
+    await with_pool(pool, body)
+
+
+async def test_runner_runs_a_program_through_the_pool(agents: TaskGroup, state_dir: Path) -> None:
+    """Runner.run over a real pool and a fake agent returns the agent's answer as a succeeded run."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1)
+    run_results = []
+
+    async def body() -> None:
+        run_results.append(await Runner(pool, settings().limits).run(b"print(2)", b"", 1.0))
+
+    await with_pool(pool, body)
+    (run,) = run_results
+    assert (run.status, run.exit_code, run.stdout) == ("succeeded", 0, "print(2)")
+    assert len(engine.destroyed) == len(engine.created)
+
+
+async def test_replacement_is_made_while_the_lease_is_held(agents: TaskGroup, state_dir: Path) -> None:
+    """Taking a container starts a new one at once, so the pool is back at its target before the run ends."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        async with pool.lease() as sandbox:
+            await eventually(lambda: pool.stats().ready == 1)
+            assert len(engine.created) == 2
+            assert pool._ready[0].container_id != sandbox.container_id
+
+    await with_pool(pool, body)
+
+
+async def test_lease_waits_for_a_container_when_none_is_ready(agents: TaskGroup, state_dir: Path) -> None:
+    """A lease on an empty pool waits and gets the next container that becomes ready."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1)
+    got: list[str] = []
+
+    async def second() -> None:
+        async with pool.lease() as sandbox:
+            got.append(sandbox.container_id)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        engine.gate = anyio.Event()  # the replacement cannot start yet
+        async with pool.lease() as first, anyio.create_task_group() as tg:
+            tg.start_soon(second)
+            await anyio.sleep(0.1)
+            assert got == []
+            assert pool.stats().starting == 1
+            engine.gate.set()
+            await eventually(lambda: len(got) == 1)
+            assert got[0] != first.container_id
+
+    await with_pool(pool, body)
+
+
+async def test_lease_raises_pool_unavailable_after_acquire_timeout(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """With no container ready within acquire_timeout, the lease raises PoolUnavailable, and not sooner."""
+    engine = FakeEngine(agents)
+    engine.gate = anyio.Event()  # nothing ever starts
+    pool = make_pool(engine, state_dir, size=1, acquire_timeout=0.2)
+
+    async def body() -> None:
+        started = anyio.current_time()
+        with anyio.fail_after(WAIT), pytest.raises(PoolUnavailable):
+            async with pool.lease():
+                raise AssertionError("leased a container that never started")
+        assert anyio.current_time() - started >= 0.19
+
+    await with_pool(pool, body)
+
+
+async def test_lease_on_a_pool_that_is_not_running_times_out(state_dir: Path) -> None:
+    """A pool that was never run has nothing to lease and says so after acquire_timeout."""
+    async with anyio.create_task_group() as tg:
+        pool = make_pool(FakeEngine(tg), state_dir, acquire_timeout=0.05)
+        with anyio.fail_after(WAIT), pytest.raises(PoolUnavailable, match="no sandbox"):
+            async with pool.lease():
+                pass
+
+
+# Failures -------------------------------------------------------------------------------------
+
+
+async def test_failed_creates_back_off_instead_of_looping(agents: TaskGroup, state_dir: Path) -> None:
+    """A create that always fails is retried at a bounded rate, and the failure is reported in stats."""
+    engine = FakeEngine(agents)
+    engine.failing_creates = -1
+    pool = make_pool(engine, state_dir, size=2, refill_concurrency=2, backoff_max=0.1)
+
+    async def body() -> None:
+        await anyio.sleep(0.5)
+
+    await with_pool(pool, body)
+    # Two slots, each retrying at most every 0.1 s for 0.5 s: about 12 creates; a hot loop makes thousands.
+    attempts = len(engine.create_times)
+    assert 4 <= attempts <= 16
+    stats = pool.stats()
+    assert stats.failures == attempts
+    assert stats.last_error is not None
+    assert "no space left on device" in stats.last_error
+    assert stats.ready == 0
+    assert not pool.serving
+
+
+async def test_backoff_grows_between_consecutive_failures(agents: TaskGroup, state_dir: Path) -> None:
+    """Consecutive failures wait longer each time: a retry after about 0.5 s, the next not within 1 s."""
+    engine = FakeEngine(agents)
+    engine.failing_creates = -1
+    pool = make_pool(engine, state_dir, size=1, refill_concurrency=1, backoff_max=30)
+
+    async def body() -> None:
+        await anyio.sleep(0.9)
+
+    await with_pool(pool, body)
+    assert len(engine.create_times) == 2
+    assert engine.create_times[1] - engine.create_times[0] >= 0.45
+
+
+async def test_pool_recovers_after_failed_creates(agents: TaskGroup, state_dir: Path) -> None:
+    """After a few failed creates the pool still fills, and the last error stays visible."""
+    engine = FakeEngine(agents)
+    engine.failing_creates = 3
+    pool = make_pool(engine, state_dir, size=2, backoff_max=0.05)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 2)
+        stats = pool.stats()
+        assert stats.failures == 3
+        assert stats.last_error is not None
+
+    await with_pool(pool, body)
+
+
+@pytest.mark.parametrize(
+    "hello",
+    [
+        pytest.param(
+            {"type": "hello", "version": protocol.PROTOCOL_VERSION + 1, "pid": 1}, id="wrong-version"
+        ),
+        pytest.param({"type": "error", "message": "no interpreter"}, id="error"),
+        pytest.param({"type": "hello"}, id="invalid"),
+    ],
+)
+async def test_container_with_a_bad_greeting_is_destroyed(
+    agents: TaskGroup, state_dir: Path, hello: dict[str, Any]
+) -> None:
+    """A container whose agent greets wrongly counts as a failure, is destroyed and never leased."""
+    engine = FakeEngine(agents)
+    engine.hello = hello
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().failures >= 1)
+        await eventually(lambda: engine.created[0] in engine.destroyed)
+        assert pool.stats().ready == 0
+        assert pool.stats().last_error
+
+    await with_pool(pool, body)
+
+
+async def test_silent_agent_times_out_and_is_destroyed(agents: TaskGroup, state_dir: Path) -> None:
+    """An agent that accepts but never says hello fails the start after start_timeout and is destroyed."""
+    engine = FakeEngine(agents)
+    engine.silent = True
+    pool = make_pool(engine, state_dir, size=1, start_timeout=0.1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().failures >= 1)
+        await eventually(lambda: engine.created[0] in engine.destroyed)
+        last_error = pool.stats().last_error
+        assert last_error is not None
+        assert "in time" in last_error
+
+    await with_pool(pool, body)
+
+
+async def test_socket_that_exists_before_it_listens_is_not_fatal(agents: TaskGroup, state_dir: Path) -> None:
+    """An agent socket file that appears before listen() (the agent binds, chmods, then listens) is retried,
+    not allowed to crash the pool with ConnectionRefusedError."""
+    engine = FakeEngine(agents)
+    engine.listen_delay = 0.05
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+
+    await with_pool(pool, body)
+
+
+async def test_vanished_state_directory_is_a_failure_not_a_crash(agents: TaskGroup, state_dir: Path) -> None:
+    """A missing state directory (say, a tmp cleaner ran) makes fills fail and retry; the pool runs on."""
+    engine = FakeEngine(agents)
+    gone = state_dir / "gone"
+    pool = make_pool(engine, gone, size=1, backoff_max=0.05)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().failures >= 1)
+        gone.mkdir()
+        await eventually(lambda: pool.stats().ready == 1)
+
+    await with_pool(pool, body)
+
+
+# Pausing --------------------------------------------------------------------------------------
+
+
+async def test_idle_containers_are_paused_and_unpaused_on_lease(agents: TaskGroup, state_dir: Path) -> None:
+    """Where the engine can pause, each container is paused once ready and unpaused before its run."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=2, can_pause=True)
+    assert pool.can_pause
+
+    leased: list[str] = []
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 2)
+        for container_id in engine.created:
+            assert engine.count("pause", container_id) == 1
+        async with pool.lease() as sandbox:
+            assert not sandbox.paused
+            cid = sandbox.container_id
+            assert engine.count("unpause", cid) == 1
+            assert engine.calls.index(("pause", cid)) < engine.calls.index(("unpause", cid))
+            leased.append(cid)
+
+    await with_pool(pool, body)
+    (cid,) = leased
+    assert engine.calls.index(("unpause", cid)) < engine.calls.index(("destroy", cid))
+
+
+async def test_container_that_cannot_be_unpaused_is_destroyed_not_leased(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """A lease whose container fails to unpause raises EngineError, and that container is destroyed."""
+    engine = FakeEngine(agents)
+    engine.failing_unpause = True  # the early thaw after the fill fails too
+    pool = make_pool(engine, state_dir, size=1, can_pause=True)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        with pytest.raises(EngineError):
+            async with pool.lease():
+                raise AssertionError("leased a container that is still paused")
+        await eventually(lambda: engine.created[0] in engine.destroyed)
+        assert pool.stats().busy == 0
+
+    await with_pool(pool, body)
+
+
+@pytest.mark.parametrize(("can_pause", "pause_setting"), [(False, True), (True, False)])
+async def test_no_pausing_when_the_engine_cannot_or_settings_forbid(
+    agents: TaskGroup, state_dir: Path, can_pause: bool, pause_setting: bool
+) -> None:
+    """Without engine support, or with pool.pause off, no container is ever paused or unpaused."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=2, can_pause=can_pause, pause=pause_setting)
+    assert not pool.can_pause
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 2)
+        async with pool.lease() as sandbox:
+            assert not sandbox.paused
+
+    await with_pool(pool, body)
+    assert engine.count("pause") == 0
+    assert engine.count("unpause") == 0
+
+
+# Leftovers and shutdown -------------------------------------------------------------------------
+
+
+async def test_remove_leftovers_only_removes_dead_servers_on_this_host(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """Containers of a dead warmpod on this host are removed; live, other-host and own ones are kept."""
+    engine = FakeEngine(agents)
+    host = socket.gethostname()
+    dead = await dead_pid()
+    engine.containers = {
+        "dead-here": {LABEL_INSTANCE: "old", LABEL_HOST: host, LABEL_PID: dead},
+        "dead-here-2": {LABEL_INSTANCE: "older", LABEL_HOST: host, LABEL_PID: dead},
+        "live-here": {LABEL_INSTANCE: "other", LABEL_HOST: host, LABEL_PID: str(os.getpid())},
+        "parent-here": {LABEL_INSTANCE: "parent", LABEL_HOST: host, LABEL_PID: str(os.getppid())},
+        "dead-elsewhere": {LABEL_INSTANCE: "remote", LABEL_HOST: host + "-other", LABEL_PID: dead},
+        "no-host": {LABEL_INSTANCE: "remote2", LABEL_PID: dead},
+        "mine": {LABEL_INSTANCE: INSTANCE, LABEL_HOST: host, LABEL_PID: dead},
+    }
+    pool = make_pool(engine, state_dir)
+    assert await pool.remove_leftovers() == 2
+    assert sorted(engine.destroyed) == ["dead-here", "dead-here-2"]
+    assert sorted(engine.containers) == ["dead-elsewhere", "live-here", "mine", "no-host", "parent-here"]
+
+
+async def test_run_removes_leftovers_before_filling(agents: TaskGroup, state_dir: Path) -> None:
+    """Starting the pool removes a dead server's containers before its own first create."""
+    engine = FakeEngine(agents)
+    dead = await dead_pid()
+    engine.containers = {"stale": {LABEL_INSTANCE: "old", LABEL_HOST: socket.gethostname(), LABEL_PID: dead}}
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+
+    await with_pool(pool, body)
+    assert engine.calls.index(("destroy", "stale")) < engine.calls.index(("create", "c001"))
+
+
+async def test_cancelling_the_pool_destroys_every_container(agents: TaskGroup, state_dir: Path) -> None:
+    """On cancellation ready, leased and still-starting containers are all destroyed, directories too."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=3)
+    leased = anyio.Event()
+
+    async def hold() -> None:
+        async with pool.lease():
+            leased.set()
+            await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.run)
+        await eventually(lambda: pool.stats().ready == 3)
+        engine.gate = anyio.Event()  # the replacement for the leased one hangs in start
+        tg.start_soon(hold)
+        await leased.wait()
+        await eventually(lambda: engine.count("start") == 4)
+        stats = pool.stats()
+        assert (stats.ready, stats.busy, stats.starting) == (2, 1, 1)
+        tg.cancel_scope.cancel()
+
+    assert len(engine.created) == 4
+    assert sorted(engine.destroyed) == sorted(engine.created)
+    assert engine.containers == {}
+    assert list(state_dir.iterdir()) == []
+    assert pool.stats().ready == 0

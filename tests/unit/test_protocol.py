@@ -1,0 +1,378 @@
+"""Unit tests of the agent protocol: every message both ways, and every way a frame can be hostile."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import json
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from anyio.abc import SocketStream, UNIXSocketStream
+
+from warmpod import protocol
+from warmpod.errors import ProtocolError
+from warmpod.protocol import AgentError, Channel, Hello, Job, Result
+
+AGENT_PATH = Path(__file__).resolve().parents[2] / "pool" / "agent.py"
+MAX_FRAME = 1024
+
+
+@pytest.fixture(scope="module")
+def agent() -> ModuleType:
+    """The real in-container agent, imported as a module so its own framing functions can be used."""
+    spec = importlib.util.spec_from_file_location("warmpod_agent_under_test", AGENT_PATH)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
+    """Two connected unix sockets: the server's end and the agent's end."""
+    server_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with server_end, agent_end:
+        yield server_end, agent_end
+
+
+@pytest.fixture
+async def wired(
+    socket_pair: tuple[socket.socket, socket.socket],
+) -> AsyncIterator[tuple[Channel, SocketStream, socket.socket]]:
+    """A Channel on the server's end, that end's raw anyio stream, and the agent's blocking socket."""
+    server_end, agent_end = socket_pair
+    stream = await UNIXSocketStream.from_socket(server_end.dup())
+    async with stream:
+        yield Channel(stream, max_frame=MAX_FRAME), stream, agent_end
+
+
+def frame(body: bytes) -> bytes:
+    """A frame as the agent writes it: 4-byte big-endian length, then the body."""
+    return struct.pack(">I", len(body)) + body
+
+
+def result_body(**changes: Any) -> dict[str, Any]:
+    """A result message built the way ``agent.run_job`` builds it, with ``changes`` applied."""
+    body: dict[str, Any] = {
+        "type": "result",
+        "exit_code": 0,
+        "stdout": base64.b64encode(b"out\n").decode(),
+        "stderr": base64.b64encode(b"").decode(),
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "limits_hit": [],
+        "duration_ms": 12.5,
+        "error": None,
+    }
+    body.update(changes)
+    return body
+
+
+def encoded(message: dict[str, Any]) -> bytes:
+    """A message body serialised exactly like ``agent.send_frame`` does."""
+    return json.dumps(message, separators=(",", ":")).encode()
+
+
+async def receive_soon(channel: Channel) -> protocol.AgentMessage:
+    """Receive one frame, failing the test instead of hanging if the channel waits for more bytes."""
+    with anyio.fail_after(2):
+        return await channel.receive()
+
+
+# Round trips ------------------------------------------------------------------------------------
+
+
+def test_job_frame_decodes_as_the_agent_reads_it() -> None:
+    """A Job frame is length-prefixed JSON tagged "job" whose code and stdin are base64 of the bytes sent."""
+    code = "print('héllo')\n".encode() + b"\x00\xff\xfe raw bytes"
+    job = Job(code=code, stdin=b"line 1\nline 2\n\x00", timeout=2.5, max_output_bytes=4096)
+    data = protocol.encode(job)
+    (size,) = struct.unpack(">I", data[:4])
+    assert size == len(data) - 4
+    message = json.loads(data[4:])
+    assert message == {
+        "type": "job",
+        "code": base64.b64encode(job.code).decode(),
+        "stdin": base64.b64encode(job.stdin).decode(),
+        "timeout": 2.5,
+        "max_output_bytes": 4096,
+    }
+    assert base64.b64decode(message["code"]) == code
+    assert base64.b64decode(message["stdin"]) == job.stdin
+
+
+async def test_job_reaches_the_real_agent_intact(
+    wired: tuple[Channel, SocketStream, socket.socket], agent: ModuleType
+) -> None:
+    """A Job sent over a Channel is read back by the agent's own recv_frame with every field intact."""
+    channel, _, agent_end = wired
+    job = Job(code=bytes(range(256)) * 3, stdin=b"", timeout=0.25, max_output_bytes=1)
+    await channel.send(job)
+    message = await anyio.to_thread.run_sync(agent.recv_frame, agent_end)
+    assert message["type"] == "job"
+    assert base64.b64decode(message["code"]) == job.code
+    assert base64.b64decode(message["stdin"]) == b""
+    assert float(message["timeout"]) == 0.25
+    assert int(message["max_output_bytes"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("sent", "expected"),
+    [
+        pytest.param(
+            {"type": "hello", "version": protocol.PROTOCOL_VERSION, "pid": 42},
+            Hello(version=protocol.PROTOCOL_VERSION, pid=42),
+            id="hello",
+        ),
+        pytest.param(
+            result_body(
+                exit_code=-9,
+                stdout=base64.b64encode(b"\xff\x00partial").decode(),
+                stderr=base64.b64encode(b"Killed\n").decode(),
+                stdout_truncated=True,
+                limits_hit=["output", "memory"],
+                duration_ms=0,
+            ),
+            Result(
+                exit_code=-9,
+                stdout=b"\xff\x00partial",
+                stderr=b"Killed\n",
+                stdout_truncated=True,
+                stderr_truncated=False,
+                limits_hit=["output", "memory"],
+                duration_ms=0.0,
+                error=None,
+            ),
+            id="result",
+        ),
+        pytest.param(
+            result_body(exit_code=None, error="lost track of the program"),
+            Result(
+                exit_code=None,
+                stdout=b"out\n",
+                stderr=b"",
+                stdout_truncated=False,
+                stderr_truncated=False,
+                limits_hit=[],
+                duration_ms=12.5,
+                error="lost track of the program",
+            ),
+            id="result-without-exit-code",
+        ),
+        pytest.param(
+            {"type": "error", "message": "agent failed: OSError(28, 'No space left on device')"},
+            AgentError(message="agent failed: OSError(28, 'No space left on device')"),
+            id="error",
+        ),
+    ],
+)
+async def test_agent_messages_round_trip(
+    wired: tuple[Channel, SocketStream, socket.socket],
+    agent: ModuleType,
+    sent: dict[str, Any],
+    expected: protocol.AgentMessage,
+) -> None:
+    """Each agent message, sent by the agent's own send_frame, is received as the matching typed struct."""
+    channel, _, agent_end = wired
+    await anyio.to_thread.run_sync(agent.send_frame, agent_end, sent)
+    assert await receive_soon(channel) == expected
+    assert protocol.decode(encoded(sent)) == expected
+
+
+def test_result_without_error_field_defaults_to_none() -> None:
+    """A result that omits the optional ``error`` field decodes with ``error`` None."""
+    body = result_body()
+    del body["error"]
+    message = protocol.decode(encoded(body))
+    assert isinstance(message, Result)
+    assert message.error is None
+
+
+@pytest.mark.parametrize("exit_code", [-64, 0, 1, 255])
+def test_exit_code_in_range_is_accepted(exit_code: int) -> None:
+    """Exit codes from -64 (killed by signal 64) to 255 decode unchanged."""
+    message = protocol.decode(encoded(result_body(exit_code=exit_code)))
+    assert isinstance(message, Result)
+    assert message.exit_code == exit_code
+
+
+def test_every_known_limit_name_is_accepted() -> None:
+    """A result may name all six limits at once."""
+    names = ["wall_time", "cpu_time", "memory", "pids", "output", "disk"]
+    message = protocol.decode(encoded(result_body(limits_hit=names)))
+    assert isinstance(message, Result)
+    assert message.limits_hit == names
+
+
+# Hostile bodies ---------------------------------------------------------------------------------
+
+
+BAD_BODIES = [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"not json at all", id="garbage"),
+    pytest.param(b"\xff\xfe\x00\x01", id="binary"),
+    pytest.param(b'{"type":"hello","version":1', id="truncated-json"),
+    pytest.param(b'{"type":"hello","version":1,"pid":1}{"type":"hello"}', id="trailing-data"),
+    pytest.param(b"null", id="null"),
+    pytest.param(b"[]", id="array"),
+    pytest.param(b"{}", id="untagged"),
+    pytest.param(b'{"type":"bogus"}', id="unknown-tag"),
+    pytest.param(
+        encoded({"type": "job", "code": "", "stdin": "", "timeout": 1, "max_output_bytes": 1}), id="job"
+    ),
+    pytest.param(encoded({"type": "hello", "version": "1", "pid": 1}), id="hello-version-str"),
+    pytest.param(encoded({"type": "hello", "version": True, "pid": 1}), id="hello-version-bool"),
+    pytest.param(encoded({"type": "hello", "version": 1}), id="hello-missing-pid"),
+    pytest.param(encoded({"type": "hello", "version": 1, "pid": 1, "extra": 0}), id="hello-unknown-field"),
+    pytest.param(encoded(result_body(surprise=True)), id="result-unknown-field"),
+    pytest.param(encoded(result_body(stdout="not base64!")), id="result-stdout-not-base64"),
+    pytest.param(encoded(result_body(stdout=None)), id="result-stdout-null"),
+    pytest.param(encoded(result_body(exit_code=0.5)), id="result-exit-code-float"),
+    pytest.param(encoded(result_body(exit_code="0")), id="result-exit-code-str"),
+    pytest.param(encoded(result_body(stdout_truncated="no")), id="result-truncated-str"),
+    pytest.param(encoded(result_body(duration_ms=-1)), id="result-negative-duration"),
+    pytest.param(encoded(result_body(limits_hit="wall_time")), id="result-limits-not-list"),
+    pytest.param(b'{"type":"result","duration_ms":NaN}', id="result-nan"),
+    pytest.param(encoded({"type": "error", "message": 7}), id="error-message-int"),
+    pytest.param(encoded({"type": "error", "message": "x" * 4097}), id="error-message-too-long"),
+    pytest.param(encoded({"type": "error"}), id="error-missing-message"),
+]
+
+
+@pytest.mark.parametrize("body", BAD_BODIES)
+def test_invalid_body_is_a_protocol_error(body: bytes) -> None:
+    """Garbage, truncated, wrongly typed, unknown-field and unknown-tag bodies raise ProtocolError."""
+    with pytest.raises(ProtocolError, match="invalid frame from agent"):
+        protocol.decode(body)
+
+
+@pytest.mark.parametrize("body", BAD_BODIES[:4])
+async def test_invalid_frame_over_a_channel_is_a_protocol_error(
+    wired: tuple[Channel, SocketStream, socket.socket], body: bytes
+) -> None:
+    """A well-sized frame with a bad body, received over a Channel, raises ProtocolError."""
+    channel, _, agent_end = wired
+    agent_end.sendall(frame(body))
+    with pytest.raises(ProtocolError):
+        await receive_soon(channel)
+
+
+@pytest.mark.parametrize(
+    "limits_hit",
+    [["timeout"], ["wall_time", "WALL_TIME"], ["memory", ""], [None], [1], ["wall_time"] * 7],
+    ids=["unknown", "wrong-case", "empty", "null", "int", "too-many"],
+)
+def test_limits_hit_with_unknown_names_is_rejected(limits_hit: list[object]) -> None:
+    """limits_hit may only hold the six known limit names (at most six entries)."""
+    with pytest.raises(ProtocolError):
+        protocol.decode(encoded(result_body(limits_hit=limits_hit)))
+
+
+@pytest.mark.parametrize("exit_code", [-65, 256, 2**31, -(2**31), 2**64])
+def test_exit_code_out_of_range_is_rejected(exit_code: int) -> None:
+    """An exit code below -64 or above 255 cannot come from a real process and is refused."""
+    with pytest.raises(ProtocolError):
+        protocol.decode(encoded(result_body(exit_code=exit_code)))
+
+
+# Framing ----------------------------------------------------------------------------------------
+
+
+async def test_frame_of_exactly_the_maximum_size_is_accepted(
+    wired: tuple[Channel, SocketStream, socket.socket],
+) -> None:
+    """A frame whose body is exactly max_frame bytes long is read and decoded."""
+    channel, _, agent_end = wired
+    body = encoded({"type": "error", "message": ""})
+    padded = body[:-1] + b" " * (MAX_FRAME - len(body)) + b"}"
+    assert len(padded) == MAX_FRAME
+    agent_end.sendall(frame(padded))
+    assert await receive_soon(channel) == AgentError(message="")
+
+
+async def test_oversized_header_is_refused_before_the_body_is_read(
+    wired: tuple[Channel, SocketStream, socket.socket],
+) -> None:
+    """A header announcing more than max_frame bytes raises ProtocolError without consuming the body."""
+    channel, stream, agent_end = wired
+    body = b"x" * (MAX_FRAME + 1)
+    agent_end.sendall(frame(body))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        await receive_soon(channel)
+    # Every byte of the body is still waiting in the socket: the channel stopped after the header.
+    left = b""
+    with anyio.fail_after(2):
+        while len(left) < len(body):
+            left += await stream.receive()
+    assert left == body
+
+
+async def test_oversized_header_is_refused_even_if_the_body_never_comes(
+    wired: tuple[Channel, SocketStream, socket.socket],
+) -> None:
+    """A 4 GiB header with no body after it is refused at once instead of waiting for the body."""
+    channel, _, agent_end = wired
+    agent_end.sendall(struct.pack(">I", 2**32 - 1))
+    with pytest.raises(ProtocolError, match="exceeds"):
+        await receive_soon(channel)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(b"\x00\x00", id="half-header"),
+        pytest.param(struct.pack(">I", 100) + b'{"type":"hello"', id="half-body"),
+    ],
+)
+async def test_truncated_frame_then_hang_up_is_a_protocol_error(
+    wired: tuple[Channel, SocketStream, socket.socket], data: bytes
+) -> None:
+    """An agent that hangs up before a whole frame arrived raises ProtocolError, not EOF or IncompleteRead."""
+    channel, _, agent_end = wired
+    agent_end.sendall(data)
+    agent_end.shutdown(socket.SHUT_WR)
+    with pytest.raises(ProtocolError, match="connection lost"):
+        await receive_soon(channel)
+
+
+async def test_frames_are_read_one_at_a_time(
+    wired: tuple[Channel, SocketStream, socket.socket],
+) -> None:
+    """Two frames arriving in one write are received as two messages, in order."""
+    channel, _, agent_end = wired
+    hello = {"type": "hello", "version": 1, "pid": 7}
+    error = {"type": "error", "message": "second"}
+    agent_end.sendall(frame(encoded(hello)) + frame(encoded(error)))
+    assert await receive_soon(channel) == Hello(version=1, pid=7)
+    assert await receive_soon(channel) == AgentError(message="second")
+
+
+def test_max_frame_size_fits_a_full_result() -> None:
+    """The frame limit for a cap admits a result carrying both streams full, and is not unbounded."""
+    cap = 1000
+    full = result_body(
+        stdout=base64.b64encode(b"\xff" * cap).decode(),
+        stderr=base64.b64encode(b"\xff" * cap).decode(),
+        limits_hit=["wall_time", "cpu_time", "memory", "pids", "output", "disk"],
+        duration_ms=1e300,
+        error="e" * 4096,
+    )
+    limit = protocol.max_frame_size(cap)
+    assert len(encoded(full)) <= limit
+    assert limit < 2 * cap * 2 + 128 * 1024
+
+
+def test_job_encoding_matches_msgspec_schema() -> None:
+    """The job frame body decodes back into an identical Job with msgspec (no field is lost)."""
+    job = Job(code=b"1", stdin=b"2", timeout=3.0, max_output_bytes=4)
+    assert msgspec.json.decode(protocol.encode(job)[4:], type=Job) == job

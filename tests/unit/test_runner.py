@@ -1,0 +1,163 @@
+"""Unit tests of the runner's rules: timeouts a request may ask for, and how an agent's answer is judged."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from warmpod import runner
+from warmpod.errors import InvalidRun
+from warmpod.protocol import AgentError, Hello, LimitName, Result
+from warmpod.settings import LimitSettings
+
+CAP = 100
+LIMITS = LimitSettings(timeout=10.0, max_timeout=60.0, max_output_bytes=CAP)
+
+
+def result(**changes: Any) -> Result:
+    """A successful agent result with ``changes`` applied."""
+    fields: dict[str, Any] = {
+        "exit_code": 0,
+        "stdout": b"hello\n",
+        "stderr": b"",
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+        "limits_hit": [],
+        "duration_ms": 5.0,
+        "error": None,
+    }
+    fields.update(changes)
+    return Result(**fields)
+
+
+# resolve_timeout --------------------------------------------------------------------------------
+
+
+def test_absent_timeout_is_the_default() -> None:
+    """A request without a timeout gets the server's default."""
+    assert runner.resolve_timeout(None, LIMITS) == 10.0
+
+
+@pytest.mark.parametrize("requested", [0.001, 1.0, 59.99, 60.0])
+def test_timeout_within_range_is_kept(requested: float) -> None:
+    """A timeout above 0 and up to the maximum is used as asked."""
+    assert runner.resolve_timeout(requested, LIMITS) == requested
+
+
+@pytest.mark.parametrize("requested", [0.0, -1.0, 60.0001, 3600.0, float("inf"), float("nan")])
+def test_timeout_out_of_range_is_refused_naming_the_maximum(requested: float) -> None:
+    """A timeout of 0 or less, above the maximum, or not a number raises InvalidRun naming the maximum."""
+    with pytest.raises(InvalidRun, match="at most 60 seconds"):
+        runner.resolve_timeout(requested, LIMITS)
+
+
+# _from_agent: status --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "limits_hit", "status"),
+    [
+        (0, [], "succeeded"),
+        (1, [], "failed"),
+        (255, [], "failed"),
+        (-9, ["memory"], "failed"),
+        (-9, ["output"], "failed"),
+        (-9, ["wall_time"], "timeout"),
+        (0, ["wall_time"], "timeout"),
+        (None, ["wall_time"], "timeout"),
+    ],
+)
+def test_status_follows_exit_code_and_wall_time(
+    exit_code: int | None, limits_hit: list[LimitName], status: str
+) -> None:
+    """Exit 0 succeeds, non-zero (signals too) fails, and a wall-time hit is a timeout whatever the code."""
+    run = runner._from_agent("id", result(exit_code=exit_code, limits_hit=limits_hit), CAP, 50.0)
+    assert run.status == status
+    assert run.exit_code == exit_code
+    assert run.limits_hit == limits_hit
+    assert run.error is None
+
+
+def test_unknown_exit_status_is_an_error() -> None:
+    """A result without an exit code and without a wall-time hit is an error carrying the agent's reason."""
+    run = runner._from_agent("id", result(exit_code=None, error="wait() failed"), CAP, 50.0)
+    assert run.status == "error"
+    assert run.exit_code is None
+    assert run.error == "wait() failed"
+
+
+def test_unknown_exit_status_without_reason_is_still_explained() -> None:
+    """An error result always says something, even when the agent gave no reason."""
+    run = runner._from_agent("id", result(exit_code=None), CAP, 50.0)
+    assert run.status == "error"
+    assert run.error
+
+
+def test_agent_error_is_an_error_result() -> None:
+    """An AgentError becomes status error with the agent's message and no output."""
+    run = runner._from_agent("id", AgentError(message="agent failed: boom"), CAP, 7.0)
+    assert run.status == "error"
+    assert run.error == "agent failed: boom"
+    assert (run.stdout, run.stderr, run.exit_code) == ("", "", None)
+    assert run.duration_ms == 7.0
+
+
+def test_second_hello_is_an_error_result() -> None:
+    """A Hello where a result is due is reported as an error, not trusted."""
+    run = runner._from_agent("id", Hello(version=1, pid=2), CAP, 7.0)
+    assert run.status == "error"
+    assert run.error is not None
+    assert "Hello" in run.error
+
+
+# _from_agent: what the agent claims -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_output_above_the_cap_is_an_error(stream: str) -> None:
+    """An agent sending more than the cap on a stream is not believed: the run is an error, output dropped."""
+    run = runner._from_agent("id", result(**{stream: b"x" * (CAP + 1)}), CAP, 50.0)
+    assert run.status == "error"
+    assert (run.stdout, run.stderr) == ("", "")
+    assert run.error is not None
+    assert "cap" in run.error
+
+
+def test_output_exactly_at_the_cap_is_kept() -> None:
+    """Output of exactly the cap on both streams is kept, with the truncation flags passed through."""
+    message = result(stdout=b"o" * CAP, stderr=b"e" * CAP, stdout_truncated=True, limits_hit=["output"])
+    run = runner._from_agent("id", message, CAP, 50.0)
+    assert run.stdout == "o" * CAP
+    assert run.stderr == "e" * CAP
+    assert run.stdout_truncated is True
+    assert run.stderr_truncated is False
+
+
+def test_duplicate_limits_are_reported_once_in_order() -> None:
+    """Repeated limit names are deduplicated, keeping the order of first appearance."""
+    message = result(exit_code=-9, limits_hit=["output", "memory", "output", "memory", "pids"])
+    run = runner._from_agent("id", message, CAP, 50.0)
+    assert run.limits_hit == ["output", "memory", "pids"]
+
+
+@pytest.mark.parametrize(("agent_ms", "server_ms", "expected"), [(5.0, 50.0, 5.0), (1e12, 50.0, 50.0)])
+def test_duration_is_the_smaller_of_agent_and_server(
+    agent_ms: float, server_ms: float, expected: float
+) -> None:
+    """The reported duration never exceeds what the server itself measured."""
+    run = runner._from_agent("id", result(duration_ms=agent_ms), CAP, server_ms)
+    assert run.duration_ms == expected
+
+
+def test_output_bytes_are_decoded_leniently() -> None:
+    """Invalid UTF-8 in the program's output is replaced, not an error."""
+    run = runner._from_agent("id", result(stdout=b"ok \xff\xfe", stderr="é".encode()), CAP, 50.0)
+    assert run.status == "succeeded"
+    assert run.stdout == "ok \ufffd\ufffd"
+    assert run.stderr == "é"
+
+
+def test_run_id_is_passed_through() -> None:
+    """The result carries the run id it was built for."""
+    assert runner._from_agent("abc123", result(), CAP, 1.0).id == "abc123"
