@@ -111,6 +111,68 @@ def pipe_above(low):
     return high
 
 
+def env_int(name):
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def prepare_program():
+    """Runs in the child before exec: OOM preference, then the unprivileged user, then limits."""
+    # The program, not the agent, is what the OOM killer should pick. Raising the score needs no
+    # privilege, but only root may write it: after setuid the /proc entry belongs to root.
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write("1000")
+    os.setgroups([])
+    os.setgid(RUN_GID)
+    os.setuid(RUN_UID)
+    cpu = env_int("WARMPOD_CPU_SECONDS")
+    if cpu:
+        # SIGXCPU at the soft limit; SIGKILL a second later for a program that ignores it.
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+    fsize = env_int("WARMPOD_FSIZE_BYTES")
+    if fsize:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    address_space = env_int("WARMPOD_AS_BYTES")
+    if address_space:
+        # Only where no memory cgroup applies: a coarse fallback.
+        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    nofile = env_int("WARMPOD_NOFILE")
+    if nofile:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+
+def cgroup_counter(key, *paths):
+    """A counter from a cgroup events file (v2 path first, then v1), or None if there is none."""
+    for path in paths:
+        try:
+            with open(path) as f:
+                for line in f:
+                    name, _, value = line.partition(" ")
+                    if name == key and value.strip().isdigit():
+                        return int(value)
+        except OSError:
+            continue
+    return None
+
+
+def oom_kills():
+    return cgroup_counter(
+        "oom_kill", "/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"
+    )
+
+
+def pids_max_hits():
+    return cgroup_counter("max", "/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")
+
+
+def filesystem_full(path):
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
+
+
 def spawn_interpreter():
     """Start the user's interpreter now, so a job does not wait for its start-up."""
     job_r, job_w = pipe_above(10)
@@ -135,10 +197,8 @@ def spawn_interpreter():
         cwd=WORKDIR,
         env=env,
         pass_fds=(JOB_FD, READY_FD),
-        user=RUN_UID,
-        group=RUN_GID,
-        extra_groups=[],
         start_new_session=True,
+        preexec_fn=prepare_program,
     )
     os.close(JOB_FD)
     os.close(READY_FD)
@@ -166,6 +226,7 @@ def run_job(proc, job_w, job):
     stdin = base64.b64decode(job["stdin"])
     timeout = float(job["timeout"])
     cap = int(job["max_output_bytes"])
+    oom_before, pids_before = oom_kills(), pids_max_hits()
     started = time.monotonic()
     deadline = started + timeout
 
@@ -253,6 +314,19 @@ def run_job(proc, job_w, job):
     proc.wait()
     os.close(pidfd)
     returncode = proc.returncode
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_limit = env_int("WARMPOD_CPU_SECONDS")
+    if returncode == -signal.SIGXCPU or (
+        returncode == -signal.SIGKILL and cpu_limit and usage.ru_utime + usage.ru_stime >= cpu_limit
+    ):
+        limits_hit.append("cpu_time")
+    oom_after, pids_after = oom_kills(), pids_max_hits()
+    if oom_after is not None and oom_before is not None and oom_after > oom_before:
+        limits_hit.append("memory")
+    if pids_after is not None and pids_before is not None and pids_after > pids_before:
+        limits_hit.append("pids")
+    if returncode == -signal.SIGXFSZ or filesystem_full(WORKDIR) or filesystem_full("/tmp"):
+        limits_hit.append("disk")
     return {
         "type": "result",
         "exit_code": returncode,

@@ -9,10 +9,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import anyio
 
 from warmpod.errors import EngineError
 from warmpod.settings import EngineSettings
@@ -79,16 +80,21 @@ def state_dir(settings: EngineSettings) -> Path:
 
 
 def _die_with_parent() -> None:
-    # The private service must not outlive a server killed with SIGKILL.
+    # The private service must not outlive a server killed with SIGKILL. The signal fires when
+    # the *thread* that forked it ends, hence podman_service must run on the event loop's thread.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-@contextlib.contextmanager
-def podman_service(settings: EngineSettings, directory: Path, timeout: float = 30.0) -> Iterator[str]:
+@contextlib.asynccontextmanager
+async def podman_service(
+    settings: EngineSettings, directory: Path, timeout: float = 30.0
+) -> AsyncIterator[str]:
     """Run ``podman system service`` on a private socket for the duration of the block.
 
-    Yields the service URL. Uses ``settings.url`` instead when one is configured.
+    Yields the service URL. Uses ``settings.url`` instead when one is configured. Call it from
+    the thread that lives as long as the service (the event loop's): the service is told to
+    die with the thread that started it, so it never outlives a killed server.
 
     Raises:
         EngineError: podman is missing or the service did not come up in time.
@@ -99,34 +105,35 @@ def podman_service(settings: EngineSettings, directory: Path, timeout: float = 3
     if shutil.which(settings.podman) is None:
         raise EngineError(f"{settings.podman!r} not found: install Podman (apt-get install podman)")
     sock = directory / "podman.sock"
+    log_path = directory / "podman-service.log"
     argv, env = podman_command(settings, "system", "service", "--time=0", f"unix://{sock}")
-    log = (directory / "podman-service.log").open("wb")
-    proc = subprocess.Popen(
-        argv,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-        preexec_fn=_die_with_parent,
-        # Its own session: a Ctrl-C to the terminal must not kill it before the pool is removed.
-        start_new_session=True,
-    )
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(  # noqa: ASYNC220  (on this thread, for PDEATHSIG)
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            preexec_fn=_die_with_parent,
+            # Its own session: a Ctrl-C to the terminal must not kill it before the pool is removed.
+            start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + timeout
-        while not sock.exists():
-            if proc.poll() is not None:
-                text = (directory / "podman-service.log").read_text(errors="replace")[-2000:]
-                raise EngineError(f"podman system service exited with {proc.returncode}: {text}")
-            if time.monotonic() > deadline:
-                raise EngineError(f"podman system service did not create {sock} in {timeout:.0f} s")
-            time.sleep(0.02)
+        with anyio.fail_after(timeout):
+            while not sock.exists():
+                if proc.poll() is not None:
+                    text = log_path.read_text(errors="replace")[-2000:]
+                    raise EngineError(f"podman system service exited with {proc.returncode}: {text}")
+                await anyio.sleep(0.02)
         yield f"unix://{sock}"
+    except TimeoutError:
+        raise EngineError(f"podman system service did not create {sock} in {timeout:.0f} s") from None
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-        sock.unlink(missing_ok=True)
+        with anyio.CancelScope(shield=True):
+            proc.terminate()
+            try:
+                await anyio.to_thread.run_sync(proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                await anyio.to_thread.run_sync(proc.wait)
+            sock.unlink(missing_ok=True)

@@ -19,6 +19,7 @@ from anyio.abc import TaskStatus
 
 from warmpod import protocol
 from warmpod.errors import PoolUnavailable, ProtocolError, WarmpodError
+from warmpod.image import context_dir
 from warmpod.protocol import Channel, Hello
 from warmpod.sandbox import SOCKET_NAME, container_spec
 from warmpod.settings import Settings
@@ -97,6 +98,7 @@ class Pool:
         self.can_pause = can_pause and settings.pool.pause
         self._can_limit = can_limit
         self._max_frame = protocol.max_frame_size(settings.limits.max_output_bytes)
+        self._seccomp_profile = (context_dir(settings) / "seccomp.json").resolve()
         self._ready: deque[Sandbox] = deque()
         self._busy: set[Sandbox] = set()
         self._starting = 0
@@ -206,6 +208,7 @@ class Pool:
         directory.mkdir(mode=0o700)
         spec = container_spec(
             image=self._image,
+            seccomp_profile=self._seccomp_profile,
             name=name,
             labels=self.labels(),
             agent_dir=directory,

@@ -21,6 +21,7 @@ _TMPFS_OPTS = ["rw", "nosuid", "nodev", "noexec", "notmpcopyup", "mode=1777"]
 def container_spec(
     *,
     image: str,
+    seccomp_profile: Path,
     name: str,
     labels: dict[str, str],
     agent_dir: Path,
@@ -33,6 +34,7 @@ def container_spec(
         image: runner image reference.
         name: container name, also its hostname.
         labels: labels that tie the container to its server instance.
+        seccomp_profile: absolute host path of the seccomp profile (``pool/seccomp.json``).
         agent_dir: host directory bind-mounted at /run/warmpod for the agent's socket.
         limits: the server's limits.
         cgroup_limits: whether the engine can apply cgroup limits (it cannot rootless on v1).
@@ -45,7 +47,14 @@ def container_spec(
         "labels": labels,
         "command": AGENT_COMMAND,
         "user": "0:0",
-        "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+        # The agent reads these and applies them to the program only; the program's own
+        # environment is a fixed minimal list built by the agent.
+        "env": {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "WARMPOD_CPU_SECONDS": str(limits.cpu_time),
+            "WARMPOD_FSIZE_BYTES": str(limits.tmpfs_mb * 1024 * 1024),
+        },
         "env_host": False,
         "httpproxy": False,
         "netns": {"nsmode": "none"},
@@ -55,6 +64,7 @@ def container_spec(
         "cap_drop": ["ALL"],
         "cap_add": AGENT_CAPS,
         "no_new_privileges": True,
+        "seccomp_profile_path": str(seccomp_profile),
         "stop_timeout": 0,
         "shm_size": 16 * 1024 * 1024,
         "mounts": [
@@ -87,8 +97,10 @@ def container_spec(
     # Podman's default copies a host limit the runtime may not be allowed to apply.
     nproc = limits.pids if not cgroup_limits else NPROC_WITH_CGROUPS
     spec["r_limits"].append({"type": "nproc", "soft": nproc, "hard": nproc})
-    if cgroup_limits:
-        memory = limits.memory_mb * 1024 * 1024
+    memory = limits.memory_mb * 1024 * 1024
+    if not cgroup_limits:
+        spec["env"]["WARMPOD_AS_BYTES"] = str(memory)
+    else:
         spec["resource_limits"] = {
             "memory": {"limit": memory, "swap": memory},
             "pids": {"limit": limits.pids},

@@ -8,7 +8,6 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -62,7 +61,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
     """
     state = engine.state_dir(settings.engine)
     try:
-        async with _podman_service(settings, state) as url:
+        async with engine.podman_service(settings.engine, state) as url:
             runtime = Runtime(url, settings.engine.api_concurrency)
             try:
                 info = await runtime.info()
@@ -89,14 +88,3 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
     finally:
         if not settings.engine.state_dir:
             shutil.rmtree(state, ignore_errors=True)
-
-
-@contextlib.asynccontextmanager
-async def _podman_service(settings: Settings, state: Path) -> AsyncIterator[str]:
-    manager = engine.podman_service(settings.engine, state)
-    url = await anyio.to_thread.run_sync(manager.__enter__)
-    try:
-        yield url
-    finally:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(manager.__exit__, None, None, None)

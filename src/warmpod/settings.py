@@ -96,6 +96,8 @@ class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Largest wall-time limit a request may ask for (``WARMPOD_LIMITS__MAX_TIMEOUT``)."""
     max_output_bytes: PositiveInt = 1024 * 1024
     """Output kept per stream; past it the program is stopped (``WARMPOD_LIMITS__MAX_OUTPUT_BYTES``)."""
+    cpu_time: PositiveInt = 30
+    """CPU seconds of the program, by RLIMIT_CPU (``WARMPOD_LIMITS__CPU_TIME``)."""
     memory_mb: PositiveInt = 512
     """Memory of one container, swap included (``WARMPOD_LIMITS__MEMORY_MB``)."""
     pids: PositiveInt = 128
