@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from warmpod import __version__, engine, image
+from warmpod.enforcement import check, enforcement
 from warmpod.errors import WarmpodError
 from warmpod.settings import Settings, from_env
 
@@ -60,18 +61,20 @@ def doctor(settings: Settings) -> int:
     can_limit = not (rootless and cgroup == "v1")
     print(f"Podman {info.get('version', {}).get('Version', '?')}, {mode}")
     print(f"cgroups: {cgroup}{hybrid}, manager {host.get('cgroupManager', '?')}")
-    print(f"OCI runtime: {runtime.get('name', '?')} {runtime.get('version', '').splitlines()[0:1]}")
+    version = (runtime.get("version") or "").splitlines()
+    print(f"OCI runtime: {runtime.get('name', '?')} ({version[0] if version else 'version unknown'})")
     print(f"Runner image: {image.image_ref(settings)}")
-    layer = "cgroup" if can_limit else "rlimit (cgroups unavailable)"
-    print("Limits:")
-    print("  wall time: enforced by the agent and the server (container killed)")
-    print(f"  memory: {'cgroup, swap capped at the same value' if can_limit else 'NOT enforced'}")
-    print(f"  processes/threads: {layer}")
-    print(f"  CPU share: {'cgroup cpu quota' if can_limit else 'NOT enforced'}")
-    print("  output size: agent (stops the program at the cap)")
-    print("  disk: tmpfs size")
-    print("  open files: rlimit")
-    print(f"Pause idle containers: {'yes' if can_limit else 'no: rootless Podman on cgroup v1'}")
+    print("Limits (limit: layer, mechanism):")
+    rows = enforcement(cgroups=can_limit)
+    for row in rows:
+        print(f"  {row.limit}: {row.layer or 'NOT ENFORCED'}, {row.mechanism}")
+    print(f"Pause idle containers: {'yes' if can_limit else 'no: rootless Podman on cgroup v1 cannot pause'}")
+    print(f"Seccomp profile: {(image.context_dir(settings) / 'seccomp.json').resolve()}")
+    try:
+        check(rows, allow_unenforced=settings.limits.allow_unenforced)
+    except WarmpodError as exc:
+        print(f"warmpod serve would refuse to start: {exc}")
+        return 1
     return 0
 
 

@@ -52,6 +52,14 @@ class PoolCounts(msgspec.Struct, kw_only=True):
     target: int
 
 
+class LimitEnforcement(msgspec.Struct, kw_only=True):
+    """Which layer enforces one limit on this host; ``layer`` is null when nothing does."""
+
+    limit: str
+    layer: str | None
+    mechanism: str
+
+
 class Health(msgspec.Struct, kw_only=True):
     """The service's state, from ``GET /health``."""
 
@@ -62,4 +70,5 @@ class Health(msgspec.Struct, kw_only=True):
     rootless: bool
     cgroup_version: int
     paused_idle: bool
+    limits: list[LimitEnforcement]
     last_error: str | None = None

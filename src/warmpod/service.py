@@ -13,8 +13,9 @@ from typing import Literal
 import anyio
 
 from warmpod import engine, image
+from warmpod.enforcement import check, enforcement
 from warmpod.errors import ImageError
-from warmpod.models import Health, PoolCounts
+from warmpod.models import Health, LimitEnforcement, PoolCounts
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.runtime import EngineInfo, Runtime
@@ -47,6 +48,10 @@ class Service:
             rootless=self.info.rootless,
             cgroup_version=self.info.cgroup_version,
             paused_idle=self.pool.can_pause,
+            limits=[
+                LimitEnforcement(limit=row.limit, layer=row.layer, mechanism=row.mechanism)
+                for row in enforcement(cgroups=self.info.can_limit)
+            ],
             last_error=stats.last_error,
         )
 
@@ -65,6 +70,11 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
             runtime = Runtime(url, settings.engine.api_concurrency)
             try:
                 info = await runtime.info()
+                unenforced = check(
+                    enforcement(cgroups=info.can_limit), allow_unenforced=settings.limits.allow_unenforced
+                )
+                if unenforced:
+                    log.warning("starting with limits nothing enforces: %s", ", ".join(unenforced))
                 ref = image.image_ref(settings)
                 if not await runtime.image_exists(ref):
                     raise ImageError(f"runner image {ref} is missing: run `warmpod image build`")

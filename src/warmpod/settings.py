@@ -106,6 +106,9 @@ class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """CPU share of one container, in cores (``WARMPOD_LIMITS__CPUS``)."""
     tmpfs_mb: PositiveInt = 64
     """Size of each writable tmpfs (``/tmp`` and the working directory) (``WARMPOD_LIMITS__TMPFS_MB``)."""
+    allow_unenforced: bool = False
+    """Start even when this host cannot enforce some limit (rootless on cgroup v1); the weaker
+    limits are reported by ``warmpod doctor`` and ``/health`` (``WARMPOD_LIMITS__ALLOW_UNENFORCED``)."""
     open_files: PositiveInt = 256
     """Open files per process (``WARMPOD_LIMITS__OPEN_FILES``)."""
 
