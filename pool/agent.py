@@ -57,14 +57,16 @@ def _warmpod_boot():
     os.close(fd)
     module = type(sys)("__main__")
     module.__dict__.update(__file__=path, __builtins__=builtins, __cached__=None,
-                           __loader__=None, __spec__=None, __package__=None)
+                           __annotations__={}, __loader__=None, __spec__=None,
+                           __package__=None)
     sys.modules["__main__"] = module
     sys.argv[:] = ["main.py"]
     sys.orig_argv[:] = [sys.executable, "-I", "main.py"]
     try:
         code = compile(source, path, "exec", dont_inherit=True)
     except SyntaxError as exc:
-        sys.excepthook(type(exc), exc, None)
+        # Python 3.12+ prints exc.__traceback__ whatever tb is passed: drop this frame from it.
+        sys.excepthook(type(exc), exc.with_traceback(None), None)
         sys.exit(1)
     try:
         exec(code, module.__dict__)

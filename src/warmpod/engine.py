@@ -19,6 +19,8 @@ from warmpod.errors import EngineError
 from warmpod.settings import EngineSettings
 
 _PR_SET_PDEATHSIG = 1
+STATE_PREFIX = "warmpod-"
+OWNER_FILE = "owner.pid"
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,23 @@ def state_dir(settings: EngineSettings) -> Path:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
         return path
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    base = runtime_dir if runtime_dir and os.access(runtime_dir, os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="warmpod-", dir=base))
+    base = runtime_dir if runtime_dir and os.access(runtime_dir, os.W_OK) else tempfile.gettempdir()
+    _remove_dead_state_dirs(Path(base))
+    path = Path(tempfile.mkdtemp(prefix=STATE_PREFIX, dir=base))
+    (path / OWNER_FILE).write_text(str(os.getpid()))
+    return path
+
+
+def _remove_dead_state_dirs(base: Path) -> None:
+    # A server killed with SIGKILL cannot remove its directory; the next one does.
+    for path in base.glob(f"{STATE_PREFIX}*"):
+        try:
+            pid = int((path / OWNER_FILE).read_text())
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (OSError, ValueError):
+            continue
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,141 @@
+"""Servers of their own: clean stops, crashes and their leftovers, dead containers and idle periods."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from warmpod_live import (
+    GRACEFUL_EXIT,
+    ServerFactory,
+    WarmpodServer,
+    containers,
+    podman,
+    process_alive,
+    run_json,
+    wait_until,
+)
+
+from warmpod.pool import LABEL_INSTANCE
+
+pytestmark = pytest.mark.integration
+
+# anyio ends a worker thread idle for 10 s when the next thread call comes (WorkerThread.MAX_IDLE_TIME).
+ANYIO_THREAD_IDLE = 10.0
+
+
+def instance_containers(instance: str) -> list[str]:
+    """Names of every container, running or not, of one server instance."""
+    return [name for c in containers(f"{LABEL_INSTANCE}={instance}") for name in c["Names"]]
+
+
+def burst(server: WarmpodServer, runs: int) -> list[str]:
+    """Run ``runs`` trivial programs at once; return each one's status, or its HTTP error."""
+
+    def one(index: int) -> str:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            response = http.post("/run-json/", json={"code": f"print({index})"})
+        if response.status_code != 200:
+            return f"HTTP {response.status_code}: {response.text}"
+        status: str = response.json()["status"]
+        return status
+
+    with ThreadPoolExecutor(max_workers=runs) as executor:
+        return list(executor.map(one, range(runs)))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_graceful_stop_leaves_nothing(start_server: ServerFactory, sig: signal.Signals) -> None:
+    """On SIGTERM or Ctrl-C the server exits, removing its containers, its Podman service and its state."""
+    server = start_server()
+    server.wait_healthy()
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        assert run_json(http, "print(1)")["status"] == "succeeded"
+    server.wait_pool_full()
+    instance = server.instance()
+    service_pid, state_dir = server.podman_service()
+    assert instance_containers(instance)
+
+    status = server.stop(sig, timeout=30)
+
+    assert status in GRACEFUL_EXIT[sig], f"exit status {status}:\n{server.log_tail()}"
+    assert instance_containers(instance) == [], server.log_tail()
+    assert not process_alive(service_pid, "service")
+    assert not state_dir.exists()
+
+
+def test_crash_leftovers_are_removed_by_the_next_server(start_server: ServerFactory) -> None:
+    """A SIGKILLed server's Podman service dies with it, and the next server removes its containers."""
+    first = start_server()
+    first.wait_healthy()
+    first.wait_pool_full()
+    first_instance = first.instance()
+    service_pid, _ = first.podman_service()
+
+    first.proc.kill()
+    first.proc.wait(timeout=10)
+
+    assert wait_until(lambda: not process_alive(service_pid, "service"), timeout=15), (
+        "the private podman service outlived its SIGKILLed server"
+    )
+    assert instance_containers(first_instance), "the crashed server's containers vanished on their own"
+
+    second = start_server()
+    second.wait_healthy()
+    assert instance_containers(first_instance) == [], second.log_tail()
+    second_instance = second.instance()
+    status = second.stop(signal.SIGTERM)
+    assert status in GRACEFUL_EXIT[signal.SIGTERM], second.log_tail()
+    assert instance_containers(second_instance) == [], second.log_tail()
+    assert instance_containers(first_instance) == []
+
+
+def test_dead_warm_container_gives_an_error_result(start_server: ServerFactory) -> None:
+    """A run handed a container that died while warm is an error result, not a 500, and the pool recovers."""
+    server = start_server()
+    server.wait_healthy()
+    server.wait_pool_full()
+    (name,) = instance_containers(server.instance())
+    # The pool unpauses the container the next run will take; kill it once it runs.
+    assert wait_until(
+        lambda: podman("inspect", "--format", "{{.State.Status}}", name).strip() == "running", 10
+    )
+    podman("kill", "--signal", "KILL", name)
+
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        result = run_json(http, "print(1)")
+        assert result["status"] == "error"
+        assert result["exit_code"] is None
+        assert result["stdout"] == ""
+        assert result["stderr"] == ""
+        assert result["stdout_truncated"] is False
+        assert result["stderr_truncated"] is False
+        assert result["limits_hit"] == []
+        assert isinstance(result["error"], str)
+        assert result["error"]
+        assert result["duration_ms"] >= 0
+
+        after = run_json(http, "print(2)")
+    assert after["status"] == "succeeded", after
+    assert after["stdout"] == "2\n"
+
+
+def test_podman_service_outlives_idle_threads(start_server: ServerFactory) -> None:
+    """After idling past anyio's worker-thread expiry the server still runs programs and refills its pool."""
+    server = start_server(WARMPOD_POOL__SIZE="2", WARMPOD_POOL__ACQUIRE_TIMEOUT="10")
+    server.wait_healthy()
+    service_pid, _ = server.podman_service()
+    # Several runs at once spread the Podman calls over several worker threads.
+    assert burst(server, 4) == ["succeeded"] * 4
+    server.wait_pool_full()
+
+    time.sleep(ANYIO_THREAD_IDLE + 1.5)
+    statuses = burst(server, 4)
+
+    assert process_alive(service_pid, "service"), f"the private podman service died:\n{server.log_tail()}"
+    assert statuses == ["succeeded"] * 4
+    health = server.wait_pool_full(timeout=20)
+    assert health["last_error"] is None, health
