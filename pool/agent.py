@@ -29,6 +29,7 @@ RUN_UID = 65534
 RUN_GID = 65534
 MAX_JOB_FRAME = 16 * 1024 * 1024
 CHUNK = 65536
+CPU_CHECK_INTERVAL = 0.1
 JOB_FD = 3
 READY_FD = 4
 PROTOCOL_VERSION = 1
@@ -120,8 +121,8 @@ def env_int(name):
 
 def prepare_program():
     """Runs in the child before exec: OOM preference, then the unprivileged user, then limits."""
-    # The program, not the agent, is what the OOM killer should pick. Raising the score needs no
-    # privilege, but only root may write it: after setuid the /proc entry belongs to root.
+    # The program, not the agent, is what the OOM killer should pick. Written while the process
+    # still holds CAP_SYS_RESOURCE, which also makes 1000 the floor the program cannot lower.
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
     os.setgroups([])
@@ -165,6 +166,18 @@ def oom_kills():
 
 def pids_max_hits():
     return cgroup_counter("max", "/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")
+
+
+def container_cpu_seconds():
+    """CPU time of every process in the container so far (cgroup v2, then v1), or None."""
+    usec = cgroup_counter("usage_usec", "/sys/fs/cgroup/cpu.stat")
+    if usec is not None:
+        return usec / 1e6
+    try:
+        with open("/sys/fs/cgroup/cpuacct/cpuacct.usage") as f:
+            return int(f.read()) / 1e9
+    except (OSError, ValueError):
+        return None
 
 
 def filesystem_full(path):
@@ -223,12 +236,18 @@ def kill_everything():
         pass
 
 
-def run_job(proc, job_w, job):
+def b64(data):
+    return base64.b64encode(data).decode()
+
+
+def run_job(conn, proc, job_w, job):
     code = base64.b64decode(job["code"])
     stdin = base64.b64decode(job["stdin"])
     timeout = float(job["timeout"])
     cap = int(job["max_output_bytes"])
     oom_before, pids_before = oom_kills(), pids_max_hits()
+    cpu_before = container_cpu_seconds()
+    cpu_budget = env_int("WARMPOD_CPU_SECONDS") if cpu_before is not None else None
     started = time.monotonic()
     deadline = started + timeout
 
@@ -237,7 +256,8 @@ def run_job(proc, job_w, job):
         view = view[os.write(job_w, view) :]
     os.close(job_w)
 
-    outputs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    outputs = (proc.stdout.fileno(), proc.stderr.fileno())
+    sent = {"stdout": 0, "stderr": 0}
     names = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
     truncated = {"stdout": False, "stderr": False}
     limits_hit = []
@@ -275,6 +295,15 @@ def run_job(proc, job_w, job):
                 exited = True
                 continue
             break
+        if cpu_budget is not None and not exited:
+            used = container_cpu_seconds()
+            if used is not None and used - cpu_before >= cpu_budget:
+                # RLIMIT_CPU counts per process; forking would multiply it. The cgroup counts all.
+                limits_hit.append("cpu_time")
+                kill_everything()
+                deadline = min(deadline, time.monotonic() + 0.5)
+                cpu_budget = None
+            remaining = min(remaining, CPU_CHECK_INTERVAL)
         for fd, _event in poller.poll(remaining * 1000):
             if fd == pidfd:
                 poller.unregister(pidfd)
@@ -302,9 +331,14 @@ def run_job(proc, job_w, job):
                     poller.unregister(fd)
                     open_streams.discard(fd)
                     continue
-                buf = outputs[fd]
-                room = cap - len(buf)
-                buf += data[:room]
+                stream = names[fd]
+                room = cap - sent[stream]
+                if room > 0 and data:
+                    # Streamed as read: what the program printed survives even if the agent
+                    # does not (an OOM kill of the agent ends the container).
+                    chunk = data[:room]
+                    sent[stream] += len(chunk)
+                    send_frame(conn, {"type": "output", "stream": stream, "data": b64(chunk)})
                 if len(data) > room:
                     truncated[names[fd]] = True
                     if "output" not in limits_hit:
@@ -318,8 +352,9 @@ def run_job(proc, job_w, job):
     returncode = proc.returncode
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_limit = env_int("WARMPOD_CPU_SECONDS")
-    if returncode == -signal.SIGXCPU or (
-        returncode == -signal.SIGKILL and cpu_limit and usage.ru_utime + usage.ru_stime >= cpu_limit
+    if "cpu_time" not in limits_hit and (
+        returncode == -signal.SIGXCPU
+        or (returncode == -signal.SIGKILL and cpu_limit and usage.ru_utime + usage.ru_stime >= cpu_limit)
     ):
         limits_hit.append("cpu_time")
     oom_after, pids_after = oom_kills(), pids_max_hits()
@@ -327,13 +362,11 @@ def run_job(proc, job_w, job):
         limits_hit.append("memory")
     if pids_after is not None and pids_before is not None and pids_after > pids_before:
         limits_hit.append("pids")
-    if returncode == -signal.SIGXFSZ or filesystem_full(WORKDIR) or filesystem_full("/tmp"):
+    if returncode == -signal.SIGXFSZ or any(map(filesystem_full, (WORKDIR, "/tmp", "/dev/shm"))):
         limits_hit.append("disk")
     return {
         "type": "result",
         "exit_code": returncode,
-        "stdout": base64.b64encode(outputs[proc.stdout.fileno()]).decode(),
-        "stderr": base64.b64encode(outputs[proc.stderr.fileno()]).decode(),
         "stdout_truncated": truncated["stdout"],
         "stderr_truncated": truncated["stderr"],
         "limits_hit": limits_hit,
@@ -367,6 +400,13 @@ def main():
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # Inherited by the interpreter: a crash must not leave a core file in the small tmpfs.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # The OOM killer must never pick the agent: its death would turn a memory kill into a lost
+    # result. Needs CAP_SYS_RESOURCE in the initial user namespace, so rootless it is best effort.
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError:
+        pass
     proc, job_w, ready_r = spawn_interpreter()
     wait_ready(ready_r, proc)
     conn = listen()
@@ -375,7 +415,7 @@ def main():
     if job.get("type") != "job":
         raise ValueError(f"expected a job frame, got {job.get('type')!r}")
     try:
-        result = run_job(proc, job_w, job)
+        result = run_job(conn, proc, job_w, job)
     except Exception as exc:
         kill_everything()
         result = {"type": "error", "message": f"agent failed: {exc!r}"}

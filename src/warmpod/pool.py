@@ -41,6 +41,7 @@ class Engine(Protocol):
     async def pause(self, container_id: str) -> None: ...
     async def unpause(self, container_id: str) -> None: ...
     async def destroy(self, container_id: str) -> None: ...
+    async def oom_killed(self, container_id: str) -> bool: ...
     async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]: ...
 
 
@@ -282,6 +283,14 @@ class Pool:
                     self._tg.start_soon(self._discard, sandbox.container_id, sandbox.directory)
                 else:
                     await self._discard(sandbox.container_id, sandbox.directory)
+
+    async def oom_killed(self, sandbox: Sandbox) -> bool:
+        """Whether the OOM killer ended ``sandbox``'s container (its agent, PID 1)."""
+        try:
+            return await self._engine.oom_killed(sandbox.container_id)
+        except WarmpodError as exc:
+            log.warning("could not inspect %s: %s", sandbox.name, exc)
+            return False
 
     async def _discard(self, container_id: str, directory: Path) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT):

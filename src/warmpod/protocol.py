@@ -40,17 +40,24 @@ class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):
     max_output_bytes: int
 
 
+class Output(msgspec.Struct, tag="output", forbid_unknown_fields=True):
+    """Agent -> server: a chunk of the program's output, sent as soon as it was read."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
 class Result(msgspec.Struct, tag="result", forbid_unknown_fields=True):
-    """Agent -> server: how the program ended and what it printed."""
+    """Agent -> server: how the program ended (its output came before, in Output frames)."""
 
     exit_code: Annotated[int, Meta(ge=-64, le=255)] | None
-    stdout: bytes
-    stderr: bytes
     stdout_truncated: bool
     stderr_truncated: bool
     limits_hit: Annotated[list[LimitName], Meta(max_length=6)]
     duration_ms: Annotated[float, Meta(ge=0)]
     error: str | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
 
 
 class AgentError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
@@ -59,7 +66,7 @@ class AgentError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
     message: Annotated[str, Meta(max_length=4096)]
 
 
-AgentMessage = Hello | Result | AgentError
+AgentMessage = Hello | Output | Result | AgentError
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AgentMessage)
@@ -86,6 +93,7 @@ def decode(body: bytes) -> AgentMessage:
 
 def max_frame_size(max_output_bytes: int) -> int:
     """Largest frame a well-behaved agent sends for a run capped at ``max_output_bytes`` per stream."""
+    # Output frames carry at most one 64 KiB read each, but a result may still carry both streams.
     base64_len = 4 * ((max_output_bytes + 2) // 3)
     return 2 * base64_len + 64 * 1024
 

@@ -13,7 +13,7 @@ from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, ProtocolError
 from warmpod.models import RunResult, RunStatus
 from warmpod.pool import Sandbox
-from warmpod.protocol import AgentError, Job, Result
+from warmpod.protocol import AgentError, Job, Output, Result
 from warmpod.settings import LimitSettings
 
 # The agent stops the program at its timeout and then drains pipes for up to 0.5 s; past this
@@ -25,6 +25,7 @@ class Leaser(Protocol):
     """Where sandboxes come from (``pool.Pool``)."""
 
     def lease(self) -> AbstractAsyncContextManager[Sandbox]: ...
+    async def oom_killed(self, sandbox: Sandbox) -> bool: ...
 
 
 def resolve_timeout(requested: float | None, limits: LimitSettings) -> float:
@@ -61,13 +62,26 @@ class Runner:
         cap = self._limits.max_output_bytes
         job = Job(code=code, stdin=stdin, timeout=wall, max_output_bytes=cap)
         started = time.perf_counter()
+        output = {"stdout": bytearray(), "stderr": bytearray()}
         try:
             async with self._leaser.lease() as sandbox:
                 started = time.perf_counter()
                 await sandbox.channel.send(job)
                 with anyio.move_on_after(wall + SERVER_GRACE):
-                    message = await sandbox.channel.receive()
-                    return _from_agent(run_id, message, cap, _elapsed_ms(started))
+                    try:
+                        while True:
+                            message = await sandbox.channel.receive()
+                            if not isinstance(message, Output):
+                                return _from_agent(run_id, message, cap, _elapsed_ms(started), output)
+                            buffer = output[message.stream]
+                            if len(buffer) + len(message.data) > cap:
+                                return _error(run_id, "the agent sent more output than the cap allows", 0)
+                            buffer += message.data
+                    except ProtocolError as exc:
+                        # The agent is PID 1: if the OOM killer took it, the container ended with it.
+                        if await self._leaser.oom_killed(sandbox):
+                            return _memory_kill(run_id, output, _elapsed_ms(started))
+                        return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
         except (ProtocolError, EngineError, OSError, anyio.BrokenResourceError) as exc:
             return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
         # The agent did not answer within the timeout and its grace: the container is gone now.
@@ -75,13 +89,31 @@ class Runner:
             id=run_id,
             status="timeout",
             exit_code=None,
-            stdout="",
-            stderr="",
+            stdout=_text(output["stdout"]),
+            stderr=_text(output["stderr"]),
             stdout_truncated=False,
             stderr_truncated=False,
             limits_hit=["wall_time"],
             duration_ms=_elapsed_ms(started),
         )
+
+
+def _text(data: bytes | bytearray) -> str:
+    return data.decode("utf-8", "replace")
+
+
+def _memory_kill(run_id: str, output: dict[str, bytearray], duration_ms: float) -> RunResult:
+    return RunResult(
+        id=run_id,
+        status="failed",
+        exit_code=-9,
+        stdout=_text(output["stdout"]),
+        stderr=_text(output["stderr"]),
+        stdout_truncated=False,
+        stderr_truncated=False,
+        limits_hit=["memory"],
+        duration_ms=duration_ms,
+    )
 
 
 def _elapsed_ms(started: float) -> float:
@@ -103,13 +135,21 @@ def _error(run_id: str, message: str, duration_ms: float) -> RunResult:
     )
 
 
-def _from_agent(run_id: str, message: protocol.AgentMessage, cap: int, server_ms: float) -> RunResult:
+def _from_agent(
+    run_id: str,
+    message: protocol.AgentMessage,
+    cap: int,
+    server_ms: float,
+    streamed: dict[str, bytearray] | None = None,
+) -> RunResult:
     """Check the agent's claims against what the server asked for, then build the result."""
     if isinstance(message, AgentError):
         return _error(run_id, message.message, server_ms)
     if not isinstance(message, Result):
         return _error(run_id, f"unexpected {type(message).__name__} from the agent", server_ms)
-    if len(message.stdout) > cap or len(message.stderr) > cap:
+    stdout = bytes((streamed or {}).get("stdout", b"")) + message.stdout
+    stderr = bytes((streamed or {}).get("stderr", b"")) + message.stderr
+    if len(stdout) > cap or len(stderr) > cap:
         return _error(run_id, "the agent sent more output than the cap allows", server_ms)
     limits: list[str] = list(dict.fromkeys(message.limits_hit))
     status: RunStatus
@@ -125,8 +165,8 @@ def _from_agent(run_id: str, message: protocol.AgentMessage, cap: int, server_ms
         id=run_id,
         status=status,
         exit_code=message.exit_code,
-        stdout=message.stdout.decode("utf-8", "replace"),
-        stderr=message.stderr.decode("utf-8", "replace"),
+        stdout=_text(stdout),
+        stderr=_text(stderr),
         stdout_truncated=message.stdout_truncated,
         stderr_truncated=message.stderr_truncated,
         limits_hit=limits,

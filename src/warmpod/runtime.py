@@ -17,6 +17,7 @@ from podman.errors import APIError, NotFound, PodmanError
 from warmpod.errors import EngineError
 
 T = TypeVar("T")
+SIGKILL_EXIT = 137
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,28 @@ class Runtime:
                     time.sleep(0.05)
 
         await self._call(destroy, "remove")
+
+    async def oom_killed(self, container_id: str, wait: float = 2.0) -> bool:
+        """Whether the container's init was OOM-killed, once it has stopped (within ``wait`` s)."""
+
+        def inspect(client: PodmanClient) -> bool:
+            deadline = time.monotonic() + wait
+            while True:
+                response = client.api.get(f"/containers/{container_id}/json")
+                response.raise_for_status()
+                state = response.json().get("State", {})
+                if state.get("OOMKilled"):
+                    return True
+                if state.get("Status") != "running":
+                    # Podman 4.3 with runc on cgroup v1 never sets OOMKilled. Nothing in the
+                    # container may signal the agent (PID 1, another uid, no CAP_KILL for the
+                    # program) and warmpod has not killed it yet, so a SIGKILL is the OOM killer's.
+                    return bool(state.get("ExitCode") == SIGKILL_EXIT)
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.05)
+
+        return await self._call(inspect, "inspect")
 
     async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """Ids and labels of every container, running or not, that carries ``label``."""

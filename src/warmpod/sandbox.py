@@ -13,7 +13,10 @@ SOCKET_NAME = "agent.sock"
 CPU_PERIOD = 100_000
 NPROC_WITH_CGROUPS = 4096
 # The agent needs exactly these to start the program as an unprivileged user and to kill it.
-AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL"]
+# CAP_SYS_RESOURCE lets it pin its own OOM score and the program's (the program loses every
+# capability when it changes uid).
+AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_RESOURCE"]
+# Podman 4.3 refuses tmpfs nr_inodes: inode exhaustion is bounded by the memory cgroup instead.
 # notmpcopyup: otherwise Podman copies the image directory's (root-owned 0755) mode onto the tmpfs.
 _TMPFS_OPTS = ["rw", "nosuid", "nodev", "noexec", "notmpcopyup", "mode=1777"]
 
@@ -57,6 +60,10 @@ def container_spec(
         },
         "env_host": False,
         "httpproxy": False,
+        # The image's own minimal /etc/hosts and empty resolv.conf: Podman's would copy the
+        # host's entries in.
+        "use_image_hosts": True,
+        "use_image_resolve_conf": True,
         "netns": {"nsmode": "none"},
         "ipcns": {"nsmode": "private"},
         "read_only_filesystem": True,

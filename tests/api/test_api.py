@@ -72,6 +72,10 @@ class NoEngine:
         """Never called."""
         raise AssertionError("the API tests never run the pool")
 
+    async def oom_killed(self, container_id: str) -> bool:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
     async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """Never called."""
         raise AssertionError("the API tests never run the pool")

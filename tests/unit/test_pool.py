@@ -109,6 +109,11 @@ class FakeEngine:
         if self.failing_unpause:
             raise EngineError("podman unpause failed: container state improper")
 
+    async def oom_killed(self, container_id: str) -> bool:
+        """Fake containers are never OOM-killed."""
+        self.calls.append(("oom_killed", container_id))
+        return False
+
     async def destroy(self, container_id: str) -> None:
         """Record the removal and stop the container's agent; removing twice is harmless, as in Podman."""
         self.calls.append(("destroy", container_id))

@@ -1,0 +1,107 @@
+#!/bin/bash
+# tests/cgv2/job.sh - the guest side of tests/cgv2/run.sh; runs INSIDE the cgv2vm guest as `runner`
+# (rootless Podman 5.4, cgroup v2, systemd cgroup manager, no network), cwd /mnt/host = the share.
+#
+# Installs warmpod and its dev dependencies offline into ~/venv from the share's wheels, copies the
+# snapshot's tests to ~/warmpod (the share is writable for runner only in out/), loads the runner
+# image into runner's own storage, then writes to $CGV2VM_OUT: doctor.txt (`warmpod doctor`),
+# junit.xml and pytest.txt (tests/unit tests/api tests/integration tests/security, or
+# $WARMPOD_CGV2_PYTEST_ARGS split on \x1f), latency.json/latency.txt (bench/latency.py, unless
+# WARMPOD_CGV2_BENCH=0), podman-info.json and steps.txt (what each step took). Exits with pytest's
+# status, or the first failing setup step's.
+set -euo pipefail
+SHARE=${CGV2VM_SHARE:-/mnt/host}
+OUT=${CGV2VM_OUT:-$SHARE/out}
+SRC=$HOME/warmpod
+VENV=$HOME/venv
+export PYTHONDONTWRITEBYTECODE=1
+STEPS=$OUT/steps.txt
+: > "$STEPS"
+ms() { date +%s%3N; }
+say() { printf '\n=== [%s +%ss] %s\n' "$(date +%T)" "$(cut -d' ' -f1 /proc/uptime)" "$*"; }
+step_t=0 step_name=""
+begin() { step_name=$1; step_t=$(ms); say "$1"; }
+end() {
+    local took=$(( $(ms) - step_t ))
+    printf '%-28s %6d.%01d s  %s\n' "$step_name" $((took / 1000)) $((took % 1000 / 100)) "${1:-}" >> "$STEPS"
+}
+
+begin "environment"
+echo "user: $(id)   kernel: $(uname -r)   nproc: $(nproc)"
+echo "cgroup: $(cat /proc/self/cgroup)"
+echo "XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-unset}"
+echo "versions: $(podman --version); $(crun --version | head -1); $(python3 --version)"
+cat "$SHARE/repo-state.txt"
+end
+
+begin "venv + offline install"
+python3 -m venv "$VENV"
+"$VENV/bin/pip" install --quiet --disable-pip-version-check --no-index --find-links "$SHARE/wheels" \
+    --requirement "$SHARE/requirements.txt" "$SHARE"/wheels/warmpod-*.whl
+"$VENV/bin/python" -c 'import warmpod, sys; print("warmpod from", warmpod.__file__, "on", sys.version.split()[0])'
+end
+
+begin "copy the snapshot to ~"
+rm -rf "$SRC"
+cp -r "$SHARE/repo" "$SRC"
+end
+
+begin "podman info"
+podman info --format json > "$OUT/podman-info.json"
+podman info --format 'rootless={{.Host.Security.Rootless}} cgroup={{.Host.CgroupsVersion}} manager={{.Host.CgroupManager}} runtime={{.Host.OCIRuntime.Name}} driver={{.Store.GraphDriverName}} logdriver={{.Host.LogDriver}} events={{.Host.EventLogger}}'
+end
+
+REF=$(cat "$SHARE/image.ref")
+begin "podman load the runner image"
+podman load --quiet --input "$SHARE/runner.tar"
+podman images
+GUEST_REF=$("$VENV/bin/warmpod" image ref)
+echo "host built: $REF   guest computes: $GUEST_REF"
+if [ "$GUEST_REF" != "$REF" ]; then
+    echo "FATAL: the guest's warmpod names $GUEST_REF, the host saved $REF" >&2
+    end "ref mismatch"; exit 3
+fi
+podman image exists "$REF" || { echo "FATAL: $REF not in runner's storage after podman load" >&2; end "not loaded"; exit 3; }
+end "$REF"
+
+# The user's socket-activated Podman service: what a rootless deployment points warmpod at. (The
+# live-server tests override it and start a private `podman system service`, see warmpod_live.py.)
+export WARMPOD_ENGINE__URL="unix://$XDG_RUNTIME_DIR/podman/podman.sock"
+
+begin "warmpod doctor"
+set +e
+(cd "$SRC" && "$VENV/bin/warmpod" doctor) > "$OUT/doctor.txt" 2>&1
+rc=$?
+set -e
+cat "$OUT/doctor.txt"
+end "exit $rc"
+
+begin "pytest"
+if [ -n "${WARMPOD_CGV2_PYTEST_ARGS:-}" ]; then
+    IFS=$'\x1f' read -r -a targets <<< "$WARMPOD_CGV2_PYTEST_ARGS"
+else
+    targets=(tests/unit tests/api tests/integration tests/security)
+fi
+set +e
+(cd "$SRC" && "$VENV/bin/python" -m pytest -p no:cacheprovider --junitxml "$OUT/junit.xml" \
+    -o junit_family=xunit2 --durations=25 "${targets[@]}") 2>&1 | tee "$OUT/pytest.txt"
+pytest_rc=${PIPESTATUS[0]}
+set -e
+end "exit $pytest_rc"
+# Anything a test server left behind would also skew the benchmark.
+podman ps -a --format '{{.Names}} {{.Status}}' > "$OUT/containers-after-tests.txt"
+
+if [ "${WARMPOD_CGV2_BENCH:-1}" = 1 ]; then
+    begin "bench/latency.py"
+    set +e
+    (cd "$SRC" && "$VENV/bin/python" bench/latency.py --runs 20 --naive-runs 10 --floor-runs 20 \
+        --output "$OUT/latency.json") > "$OUT/latency.txt" 2>&1
+    rc=$?
+    set -e
+    cat "$OUT/latency.txt"
+    end "exit $rc"
+fi
+
+say "steps"
+cat "$STEPS"
+exit "$pytest_rc"

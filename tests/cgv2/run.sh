@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# tests/cgv2/run.sh [--timeout SECONDS] [--mem SIZE] [--no-bench] [--keep] [-- PYTEST_ARGS...]
+#
+# Runs warmpod's unit, API, integration and security suites inside the cgv2vm guest
+# (/work/shared/cgv2vm: User-Mode Linux, pure cgroup v2, systemd, rootless Podman 5.4 as user
+# `runner`, no network), then prints the pytest summary and `warmpod doctor` as the guest saw them.
+# Exits non-zero when a test failed or the guest job failed. Run as root on the host.
+#
+# What it prepares under /var/tmp/warmpod-cgv2 (WARMPOD_CGV2_DIR), all readable by uid 1000:
+#   cache/wheels-<hash>/  wheels of every locked runtime and dev dependency for CPython 3.13,
+#                         x86_64 manylinux (the guest's Python), keyed by the lock and the tags
+#   cache/runner-<tag>.tar  the runner image, `podman save`d (docker-archive) from the host's
+#                         rootful storage after `warmpod image build`
+#   share/                the guest's /mnt/host: repo/ (a snapshot of the working tree: src, pool,
+#                         tests, bench, deploy, pyproject.toml, uv.lock), wheels/ (the dependencies
+#                         plus the warmpod wheel built from the snapshot), runner.tar, image.ref,
+#                         and out/ (results: job.log, junit.xml, doctor.txt, latency.json, ...)
+# One snapshot feeds everything: the host builds the image from the snapshot's pool/ and the wheel
+# from the snapshot's sources, so the image tag the guest computes is the one that was loaded even
+# while the working tree keeps changing.
+#
+# Env: WARMPOD_CGV2_DIR, CGV2VM (the cgv2vm checkout, default /work/shared/cgv2vm).
+set -euo pipefail
+umask 022
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+CGV2VM=${CGV2VM:-/work/shared/cgv2vm}
+W=${WARMPOD_CGV2_DIR:-/var/tmp/warmpod-cgv2}
+TIMEOUT=2400 MEM=4G BENCH=1 KEEP=()
+PYTEST_ARGS=()
+usage() { sed -n '2,2p' "$0" | sed 's/^# //' >&2; exit 2; }
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --timeout) TIMEOUT=$2; shift 2 ;;
+        --mem) MEM=$2; shift 2 ;;
+        --no-bench) BENCH=0; shift ;;
+        --keep) KEEP=(--keep); shift ;;
+        --) shift; PYTEST_ARGS=("$@"); break ;;
+        -h|--help) usage ;;
+        *) echo "run.sh: unknown argument $1" >&2; usage ;;
+    esac
+done
+log() { printf '[warmpod-cgv2 %s] %s\n' "$(date +%T)" "$*" >&2; }
+die() { log "ERROR: $*"; exit 125; }
+now() { date +%s%3N; }
+secs() { printf '%d.%d' $(($1 / 1000)) $(($1 % 1000 / 100)); }
+[ "$(id -u)" = 0 ] || die "run as root (cgv2vm's build.sh and the host's rootful Podman need it)"
+case "$W" in *[,[:space:]]*) die "$W must not contain commas or white space (hostfs)" ;; esac
+PY=$ROOT/.venv/bin/python
+[ -x "$PY" ] || die "no $PY: run deploy/setup.sh first"
+command -v uv >/dev/null || die "uv not found: run deploy/setup.sh first"
+for arg in "${PYTEST_ARGS[@]}"; do [[ "$arg" != *$'\n'* && "$arg" != *$'\x1f'* ]] || die "bad pytest argument"; done
+
+T0=$(now)
+declare -A TIMES
+mark() { TIMES[$1]=$(secs $(( $(now) - $2 ))); }
+
+# --- 1. the guest -------------------------------------------------------------------------------
+t=$(now)
+log "cgv2vm build.sh (idempotent)"
+"$CGV2VM/build.sh"
+mark guest_build "$t"
+
+# --- 2. a snapshot of the working tree ----------------------------------------------------------
+t=$(now)
+S=$W/share
+C=$W/cache
+mkdir -p "$W" "$C"
+chmod 755 "$W" "$C"
+rm -rf "$S.new"
+mkdir -p "$S.new/repo"
+# tar of the listed paths: what is tracked or not, as it is on disk now (git ignores are honoured
+# for caches only).
+(cd "$ROOT" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude=.pytest_cache \
+    --exclude=.mypy_cache --exclude=.ruff_cache --exclude=bench/results \
+    src pool tests bench deploy pyproject.toml uv.lock README.md $(ls SECURITY.md LICENSE* 2>/dev/null)) |
+    tar -xf - -C "$S.new/repo"
+{
+    echo "commit $(git -C "$ROOT" rev-parse HEAD)"
+    git -C "$ROOT" status --short
+} > "$S.new/repo-state.txt"
+git -C "$ROOT" diff HEAD > "$S.new/repo-diff.patch" || true
+REPO=$S.new/repo
+mark snapshot "$t"
+log "snapshot of $ROOT ($(head -1 "$S.new/repo-state.txt"), $(($(wc -l < "$S.new/repo-state.txt") - 1)) paths changed or untracked)"
+
+# --- 3. wheels for the guest's CPython 3.13 -----------------------------------------------------
+t=$(now)
+PLATFORMS=()
+for minor in $(seq 39 -1 5); do                 # as warmpod.image._platform_tags: pip matches tags literally
+    PLATFORMS+=("--platform=manylinux_2_${minor}_x86_64")
+    case $minor in 17) PLATFORMS+=(--platform=manylinux2014_x86_64) ;;
+                   12) PLATFORMS+=(--platform=manylinux2010_x86_64) ;;
+                   5) PLATFORMS+=(--platform=manylinux1_x86_64) ;; esac
+done
+PLATFORMS+=(--platform=any)
+(cd "$REPO" && uv export --quiet --frozen --all-groups --no-hashes --no-emit-project \
+    --output-file "$S.new/requirements.txt")
+key=$( { cat "$S.new/requirements.txt"; printf '%s\n' "${PLATFORMS[@]}"; } | sha256sum | cut -c1-12)
+DEPS=$C/wheels-$key
+if [ ! -d "$DEPS" ]; then
+    log "downloading dependency wheels for CPython 3.13 x86_64 into $DEPS"
+    rm -rf "$DEPS.tmp"
+    # pip.conf's file:// extra indexes make pip warn once per package: not worth showing
+    "$PY" -m pip download --quiet --disable-pip-version-check --no-input --progress-bar=off \
+        --only-binary=:all: --no-deps --python-version 3.13 --implementation cp --abi cp313 \
+        "${PLATFORMS[@]}" --requirement "$S.new/requirements.txt" --dest "$DEPS.tmp" \
+        2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
+    mv "$DEPS.tmp" "$DEPS"
+else
+    log "dependency wheels cached in $DEPS"
+fi
+mkdir -p "$S.new/wheels"
+ln "$DEPS"/*.whl "$S.new/wheels/"
+(cd "$REPO" && uv build --quiet --wheel --out-dir "$S.new/wheels" 2>&1 | grep -v '^Building\|^Successfully' >&2 || true)
+ls "$S.new"/wheels/warmpod-*.whl >/dev/null 2>&1 || die "uv build --wheel made no warmpod wheel"
+rm -f "$S.new/wheels/.gitignore"
+mark wheels "$t"
+
+# --- 4. the runner image, from the snapshot's pool/ ---------------------------------------------
+t=$(now)
+# The snapshot's own code and pool/ (PYTHONPATH wins over the editable install of the checkout).
+warmpod() { PYTHONPATH="$REPO/src" "$ROOT/.venv/bin/warmpod" "$@"; }
+warmpod image build
+REF=$(warmpod image ref)
+echo "$REF" > "$S.new/image.ref"
+ID=$(podman image inspect --format '{{.Id}}' "$REF")
+TAR=$C/runner-${REF##*:}-${ID:0:12}.tar
+if [ ! -f "$TAR" ]; then
+    log "podman save $REF -> $TAR"
+    rm -f "$C"/runner-*.tar "$TAR.tmp"                   # one image at a time: they are 200 MB each
+    podman save --quiet --format docker-archive --output "$TAR.tmp" "$REF"
+    mv "$TAR.tmp" "$TAR"
+else
+    log "runner image $REF already saved in $TAR"
+fi
+ln "$TAR" "$S.new/runner.tar"
+mark image "$t"
+
+# --- 5. the share, swapped in whole -------------------------------------------------------------
+rm -rf "$S"
+mv "$S.new" "$S"
+chmod -R a+rX "$S"
+ENVS=(--env "WARMPOD_CGV2_BENCH=$BENCH")
+if [ ${#PYTEST_ARGS[@]} -gt 0 ]; then
+    ENVS+=(--env "WARMPOD_CGV2_PYTEST_ARGS=$(IFS=$'\x1f'; echo "${PYTEST_ARGS[*]}")")
+fi
+PREP=$(secs $(( $(now) - T0 )))
+log "prepared in ${PREP}s (guest build ${TIMES[guest_build]}s, snapshot ${TIMES[snapshot]}s, wheels ${TIMES[wheels]}s, image ${TIMES[image]}s); booting the guest"
+
+# --- 6. the guest -------------------------------------------------------------------------------
+t=$(now)
+set +e
+"$CGV2VM/run.sh" "$S" "$HERE/job.sh" --mem "$MEM" --timeout "$TIMEOUT" "${ENVS[@]}" "${KEEP[@]}" -q
+RC=$?
+set -e
+mark guest "$t"
+
+# --- 7. what came back --------------------------------------------------------------------------
+OUT=$S/out
+echo
+echo "==== warmpod doctor (in the guest) ===="
+cat "$OUT/doctor.txt" 2>/dev/null || echo "(no doctor.txt)"
+echo
+echo "==== guest job steps ===="
+cat "$OUT/steps.txt" 2>/dev/null || echo "(no steps.txt)"
+if [ -f "$OUT/latency.txt" ]; then
+    echo
+    echo "==== bench/latency.py (in the guest) ===="
+    cat "$OUT/latency.txt"
+fi
+echo
+echo "==== pytest (in the guest; full log $OUT/job.log) ===="
+TESTS_OK=1
+if [ -f "$OUT/junit.xml" ]; then
+    python3 - "$OUT/junit.xml" <<'EOF' || TESTS_OK=0
+import sys
+import xml.etree.ElementTree as ET
+
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
+seconds = sum(float(s.get("time", 0)) for s in suites)
+for case in root.iter("testcase"):
+    for kind in ("failure", "error"):
+        for node in case.findall(kind):
+            print(f"{kind.upper():7} {case.get('classname')}::{case.get('name')}: {(node.get('message') or '')[:300]}")
+print(f"{passed} passed, {total['failures'] + total['errors']} failed, {total['skipped']} skipped "
+      f"({total['errors']} of the failed are errors) in {seconds:.0f} s")
+sys.exit(1 if total["failures"] + total["errors"] else 0)
+EOF
+else
+    echo "(no junit.xml: pytest did not run; see $OUT/job.log)"
+    TESTS_OK=0
+fi
+grep -E '^=+ .*(passed|failed|error).* =+$' "$OUT/job.log" | tail -1 || true
+echo
+log "total $(secs $(( $(now) - T0 )))s: prepare ${PREP}s, guest (boot + job) ${TIMES[guest]}s; guest job exit code $RC"
+if [ "$RC" != 0 ] || [ "$TESTS_OK" != 1 ]; then exit $(( RC != 0 ? RC : 1 )); fi

@@ -1,0 +1,49 @@
+"""One real ``warmpod serve`` with tight limits for the whole security suite, checked healthy at the end."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from warmpod_live import GRACEFUL_EXIT, WarmpodServer, containers
+
+from warmpod.pool import LABEL_INSTANCE
+
+from .hostile import SETTINGS
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _podman_on_path() -> None:
+    """Skip the security suite on a machine without Podman."""
+    if shutil.which("podman") is None:
+        pytest.skip("podman is not on PATH: the security tests need a real Podman")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmpodServer]:
+    """The suite's server; after all the hostile programs it must be healthy, stop cleanly, leave nothing."""
+    live = WarmpodServer(tmp_path_factory.mktemp("warmpod-security"), SETTINGS)
+    try:
+        live.wait_healthy()
+        instance = live.instance()
+        yield live
+        health = live.health()
+        assert health.status_code == 200, f"{health.status_code} {health.text}\n{live.log_tail()}"
+        assert health.json()["status"] == "ok", health.text
+    except BaseException:
+        live.close()
+        raise
+    status = live.stop(signal.SIGTERM)
+    assert status in GRACEFUL_EXIT[signal.SIGTERM], f"exit status {status}:\n{live.log_tail()}"
+    left = containers(f"{LABEL_INSTANCE}={instance}")
+    assert not left, f"containers left behind: {[c['Names'] for c in left]}\n{live.log_tail()}"
+
+
+@pytest.fixture(scope="session")
+def client(server: WarmpodServer) -> Iterator[httpx.Client]:
+    """An HTTP client for the suite's server; a run may wait for a pool refill, hence the long timeout."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        yield http

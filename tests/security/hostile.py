@@ -1,0 +1,95 @@
+"""Running hostile programs against the security suite's server, and the check that ends every test."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from warmpod_live import run_json
+
+# The suite's limits: small, so that every limit is cheap to reach on a 2-core machine.
+POOL_SIZE = 2
+MEMORY_MB = 256
+PIDS = 64
+CPU_TIME = 3
+MAX_OUTPUT_BYTES = 65536
+TMPFS_MB = 32
+SHM_MB = 16  # sandbox.py's shm_size, not a setting
+MAX_TIMEOUT = 20
+OPEN_FILES = 256  # the default of WARMPOD_LIMITS__OPEN_FILES
+
+# In the server's environment only: no sandbox may ever see either half of it.
+CANARY_NAME = "SECRET_CANARY"
+CANARY_VALUE = "warmpod-canary-7f3e9b2c51d84a06"
+
+SETTINGS = {
+    "WARMPOD_POOL__SIZE": str(POOL_SIZE),
+    "WARMPOD_LIMITS__MEMORY_MB": str(MEMORY_MB),
+    "WARMPOD_LIMITS__PIDS": str(PIDS),
+    "WARMPOD_LIMITS__CPU_TIME": str(CPU_TIME),
+    "WARMPOD_LIMITS__MAX_OUTPUT_BYTES": str(MAX_OUTPUT_BYTES),
+    "WARMPOD_LIMITS__TMPFS_MB": str(TMPFS_MB),
+    "WARMPOD_LIMITS__MAX_TIMEOUT": str(MAX_TIMEOUT),
+    CANARY_NAME: CANARY_VALUE,
+}
+
+# A trivial run takes well under a second; this leaves room for a pool refill on a busy host.
+TRIVIAL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """The result of one run and how long the HTTP request took."""
+
+    result: dict[str, Any]
+    seconds: float
+
+    @property
+    def status(self) -> str:
+        """succeeded, failed, timeout or error."""
+        return str(self.result["status"])
+
+    @property
+    def exit_code(self) -> int | None:
+        """The program's exit status, -N for signal N."""
+        code: int | None = self.result["exit_code"]
+        return code
+
+    @property
+    def stdout(self) -> str:
+        """What the program printed, decoded with replacement characters."""
+        return str(self.result["stdout"])
+
+    @property
+    def stderr(self) -> str:
+        """What the program wrote to stderr."""
+        return str(self.result["stderr"])
+
+    @property
+    def limits_hit(self) -> list[str]:
+        """The limits the service says stopped the run."""
+        return list(self.result["limits_hit"])
+
+    def report(self) -> Any:
+        """The JSON document the program printed as the last line of its stdout."""
+        assert self.stdout.strip(), f"the program printed nothing: {self.result}"
+        return json.loads(self.stdout.strip().splitlines()[-1])
+
+
+def run(client: httpx.Client, code: str, *, timeout: float = 10.0, stdin: str = "") -> Run:
+    """Run ``code`` through /run-json/ (which must answer 200) and time the request."""
+    started = time.monotonic()
+    result = run_json(client, code, timeout=timeout, stdin=stdin)
+    return Run(result=result, seconds=time.monotonic() - started)
+
+
+def assert_still_serves(client: httpx.Client) -> None:
+    """The service still runs a trivial program, promptly and successfully, after whatever came before."""
+    trivial = run(client, "print(1)", timeout=5)
+    assert trivial.status == "succeeded", trivial.result
+    assert trivial.stdout == "1\n", trivial.result
+    assert trivial.limits_hit == [], trivial.result
+    assert trivial.seconds < TRIVIAL_SECONDS, f"a trivial run took {trivial.seconds:.1f} s"

@@ -1,0 +1,153 @@
+"""CPU and wall time: spinning, sleeping and busy neighbours are stopped by their limits, promptly."""
+
+from __future__ import annotations
+
+import threading
+import time
+from textwrap import dedent
+
+import httpx
+import pytest
+from warmpod_live import WarmpodServer
+
+from .hostile import CPU_TIME, Run, assert_still_serves, run
+
+pytestmark = pytest.mark.security
+
+# RLIMIT_CPU sends SIGXCPU at CPU_TIME and SIGKILL one second later; allow a second more for the reply.
+CPU_REPLY_SECONDS = CPU_TIME + 3
+
+
+def test_cpu_spin_is_stopped_by_cpu_time(server: WarmpodServer, client: httpx.Client) -> None:
+    """A busy loop is killed by SIGXCPU at the CPU-time limit, long before its 10 s timeout."""
+    server.wait_pool_full()
+    spin = run(client, "while True:\n    pass\n", timeout=10)
+    assert spin.status == "failed", spin.result
+    assert spin.exit_code == -24, spin.result  # SIGXCPU
+    assert spin.limits_hit == ["cpu_time"], spin.result
+    assert spin.seconds < CPU_REPLY_SECONDS, f"the reply took {spin.seconds:.1f} s"
+    assert_still_serves(client)
+
+
+def test_cpu_spin_ignoring_sigxcpu_is_killed(server: WarmpodServer, client: httpx.Client) -> None:
+    """A busy loop that ignores SIGXCPU and cannot raise its hard limit is SIGKILLed a second later."""
+    code = dedent(
+        """
+        import resource, signal
+        signal.signal(signal.SIGXCPU, signal.SIG_IGN)
+        try:
+            resource.setrlimit(resource.RLIMIT_CPU, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        except ValueError as exc:
+            print("raise refused:", exc, flush=True)
+        while True:
+            pass
+        """
+    )
+    server.wait_pool_full()
+    spin = run(client, code, timeout=10)
+    assert spin.status == "failed", spin.result
+    assert spin.exit_code == -9, spin.result
+    assert spin.limits_hit == ["cpu_time"], spin.result
+    assert spin.stdout == "raise refused: not allowed to raise maximum limit\n", spin.result
+    assert spin.seconds < CPU_REPLY_SECONDS, f"the reply took {spin.seconds:.1f} s"
+    assert_still_serves(client)
+
+
+def test_cpu_time_is_not_multiplied_by_forking(server: WarmpodServer, client: httpx.Client) -> None:
+    """Four spinning processes share one CPU-time budget: the run is stopped by cpu_time, not the timeout."""
+    code = dedent(
+        """
+        import os
+        for _ in range(4):
+            if os.fork() == 0:
+                while True:
+                    pass
+        while True:
+            try:
+                os.wait()
+            except ChildProcessError:
+                break
+        """
+    )
+    server.wait_pool_full()
+    spin = run(client, code, timeout=10)
+    # RLIMIT_CPU is per process: each child starts with a fresh budget, so only a limit on the
+    # container's total CPU use (the cgroup's cpuacct) keeps the program to CPU_TIME seconds.
+    assert spin.seconds < CPU_REPLY_SECONDS, f"the reply took {spin.seconds:.1f} s: {spin.result}"
+    assert spin.status == "failed", spin.result
+    assert "cpu_time" in spin.limits_hit, spin.result
+    assert_still_serves(client)
+
+
+def test_sleep_forever_is_stopped_at_the_timeout(server: WarmpodServer, client: httpx.Client) -> None:
+    """A program sleeping forever is stopped at its 2 s timeout and answered within 3 s."""
+    server.wait_pool_full()
+    sleeper = run(client, "import time\ntime.sleep(10**6)\n", timeout=2)
+    assert sleeper.status == "timeout", sleeper.result
+    assert sleeper.limits_hit == ["wall_time"], sleeper.result
+    assert sleeper.exit_code == -9, sleeper.result
+    assert sleeper.seconds < 3.0, f"the reply took {sleeper.seconds:.1f} s"
+    assert_still_serves(client)
+
+
+def test_spinning_processes_do_not_starve_the_agent(server: WarmpodServer, client: httpx.Client) -> None:
+    """Sixty spinning processes sharing the agent's CPU quota still get an agent result at the timeout."""
+    code = dedent(
+        """
+        import os
+        print("start", flush=True)
+        for _ in range(60):
+            try:
+                if os.fork() == 0:
+                    while True:
+                        pass
+            except OSError:
+                break
+        while True:
+            pass
+        """
+    )
+    server.wait_pool_full()
+    # Under the 3 s CPU-time limit, which the container-wide CPU check would otherwise hit first.
+    spin = run(client, code, timeout=2)
+    # An agent too starved to answer would leave the server's backstop: exit_code null, output lost.
+    assert spin.status == "timeout", spin.result
+    assert spin.exit_code == -9, spin.result
+    assert spin.limits_hit == ["wall_time"], spin.result
+    assert spin.stdout == "start\n", spin.result
+    assert spin.seconds < 2 + 1.0, f"the reply took {spin.seconds:.1f} s"
+    assert_still_serves(client)
+
+
+def test_trivial_run_is_prompt_beside_hostile_neighbours(server: WarmpodServer, client: httpx.Client) -> None:
+    """A trivial run started while a CPU spin and a memory bomb run completes in under 2 s."""
+    memory_bomb = (
+        "import time\nheld = []\nwhile True:\n    held.append(bytearray(10**6))\n    time.sleep(0.002)\n"
+    )
+    hostile: dict[str, Run] = {}
+    finished: dict[str, float] = {}
+
+    def neighbour(name: str, code: str) -> None:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            hostile[name] = run(http, code, timeout=10)
+        finished[name] = time.monotonic()
+
+    server.wait_pool_full()
+    threads = [
+        threading.Thread(target=neighbour, args=("spin", "while True:\n    pass\n")),
+        threading.Thread(target=neighbour, args=("memory", memory_bomb)),
+    ]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # both neighbours hold their containers and run
+    trivial = run(client, "print(1)", timeout=5)
+    finished["trivial"] = time.monotonic()
+    for thread in threads:
+        thread.join()
+    assert trivial.status == "succeeded", trivial.result
+    assert trivial.stdout == "1\n"
+    assert trivial.seconds < 2.0, f"the trivial run took {trivial.seconds:.1f} s"
+    assert finished["trivial"] < finished["spin"], "the spin ended before the trivial run: no overlap"
+    assert hostile["spin"].limits_hit == ["cpu_time"], hostile["spin"].result
+    assert hostile["memory"].limits_hit == ["memory"], hostile["memory"].result
+    assert_still_serves(client)
