@@ -49,7 +49,16 @@ def _warmpod_boot():
             break
         parts.append(chunk)
     os.close(3)
-    source = b"".join(parts)
+    header, _, source = b"".join(parts).partition(b"\n")
+    cpu_seconds, address_space = (int(v) for v in header.split())
+    if cpu_seconds or address_space:
+        # A run may ask for less than the container's limits; only lowering is possible.
+        import resource
+        if cpu_seconds:
+            resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+        if address_space:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+        del sys.modules["resource"], resource
     path = os.path.join(os.getcwd(), "main.py")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     view = memoryview(source)
@@ -241,13 +250,18 @@ def b64(data):
 
 
 def run_job(conn, proc, job_w, job):
-    code = base64.b64decode(job["code"])
     stdin = base64.b64decode(job["stdin"])
     timeout = float(job["timeout"])
     cap = int(job["max_output_bytes"])
+    container_cpu = env_int("WARMPOD_CPU_SECONDS")
+    cpu_seconds = int(job.get("cpu_time") or 0)
+    cpu_seconds = cpu_seconds if cpu_seconds and (not container_cpu or cpu_seconds < container_cpu) else 0
+    address_space = int(job.get("address_space") or 0)
+    header = f"{cpu_seconds} {address_space}\n".encode()
+    code = header + base64.b64decode(job["code"])
     oom_before, pids_before = oom_kills(), pids_max_hits()
     cpu_before = container_cpu_seconds()
-    cpu_budget = env_int("WARMPOD_CPU_SECONDS") if cpu_before is not None else None
+    cpu_budget = (cpu_seconds or container_cpu) if cpu_before is not None else None
     started = time.monotonic()
     deadline = started + timeout
 
@@ -351,7 +365,7 @@ def run_job(conn, proc, job_w, job):
     os.close(pidfd)
     returncode = proc.returncode
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_limit = env_int("WARMPOD_CPU_SECONDS")
+    cpu_limit = cpu_seconds or container_cpu
     if "cpu_time" not in limits_hit and (
         returncode == -signal.SIGXCPU
         or (returncode == -signal.SIGKILL and cpu_limit and usage.ru_utime + usage.ru_stime >= cpu_limit)

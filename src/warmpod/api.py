@@ -13,9 +13,11 @@ from litestar.exceptions import ServiceUnavailableException, ValidationException
 from litestar.params import Body, JSONBody
 
 from warmpod.models import Health, RunRequest, RunResult
+from warmpod.runner import RunLimits
 from warmpod.service import Service
 
-_FORM_FIELDS = frozenset({"file", "stdin", "timeout"})
+_LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
+_FORM_FIELDS = frozenset({"file", "stdin", "timeout", *_LIMIT_FIELDS})
 
 
 def get_service(request: Request[Any, Any, Any]) -> Service:
@@ -55,7 +57,10 @@ class RunController(Controller):
         """Run ``code`` once in a fresh sandbox and return how it ended."""
         code = data.code.encode("utf-8", "surrogatepass")
         stdin = data.stdin.encode("utf-8", "surrogatepass")
-        return await service.runner.run(code, stdin, data.timeout)
+        limits = RunLimits(
+            cpu_time=data.cpu_time, memory_mb=data.memory_mb, max_output_bytes=data.max_output_bytes
+        )
+        return await service.runner.run(code, stdin, data.timeout, limits)
 
     @post("/run-file/", status_code=200, summary="Run an uploaded Python file")
     async def run_file(
@@ -64,7 +69,10 @@ class RunController(Controller):
             dict[str, Any],
             Body(
                 media_type=RequestEncodingType.MULTI_PART,
-                description="`file`: the script (required); `stdin`, `timeout`: optional fields.",
+                description=(
+                    "`file`: the script (required); optional fields `stdin`, `timeout`, "
+                    "`cpu_time`, `memory_mb`, `max_output_bytes`."
+                ),
             ),
         ],
         service: NamedDependency[Service],
@@ -72,14 +80,16 @@ class RunController(Controller):
         """Run the uploaded script once in a fresh sandbox and return how it ended."""
         unknown = sorted(set(data) - _FORM_FIELDS)
         if unknown:
-            raise ValidationException(f"unknown form fields {unknown}: allowed are file, stdin, timeout")
+            raise ValidationException(f"unknown form fields {unknown}: allowed are {sorted(_FORM_FIELDS)}")
         upload = data.get("file")
         if not isinstance(upload, UploadFile):
             raise ValidationException("the script must be sent as a file in the form field 'file'")
         code = await upload.read()
         stdin = await _text_field(data.get("stdin"), "stdin")
         timeout = _timeout_field(await _text_field(data.get("timeout"), "timeout"))
-        return await service.runner.run(code, stdin, timeout)
+        values = {name: _int_field(await _text_field(data.get(name), name), name) for name in _LIMIT_FIELDS}
+        limits = RunLimits(**values)
+        return await service.runner.run(code, stdin, timeout, limits)
 
 
 async def _text_field(value: object, name: str) -> bytes:
@@ -90,6 +100,18 @@ async def _text_field(value: object, name: str) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8", "surrogatepass")
     raise ValidationException(f"form field {name!r} must be given once")
+
+
+def _int_field(raw: bytes, name: str) -> int | None:
+    if not raw.strip():
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationException(f"form field {name!r} must be a whole number") from None
+    if value <= 0:
+        raise ValidationException(f"form field {name!r} must be greater than 0")
+    return value
 
 
 def _timeout_field(raw: bytes) -> float | None:

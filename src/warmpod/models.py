@@ -19,6 +19,12 @@ class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """What the program reads from standard input."""
     timeout: Annotated[float, Meta(gt=0)] | None = None
     """Wall-time limit in seconds; the server's default when absent, at most its maximum."""
+    cpu_time: Annotated[int, Meta(gt=0)] | None = None
+    """CPU seconds of the whole run; at most the server's ``limits.cpu_time``."""
+    memory_mb: Annotated[int, Meta(gt=0)] | None = None
+    """Memory in MiB, swap included; at most the server's ``limits.memory_mb``."""
+    max_output_bytes: Annotated[int, Meta(gt=0)] | None = None
+    """Output kept per stream; at most the server's ``limits.max_output_bytes``."""
 
 
 class RunResult(msgspec.Struct, kw_only=True):

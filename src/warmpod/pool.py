@@ -42,6 +42,7 @@ class Engine(Protocol):
     async def unpause(self, container_id: str) -> None: ...
     async def destroy(self, container_id: str) -> None: ...
     async def oom_killed(self, container_id: str) -> bool: ...
+    async def update_memory(self, container_id: str, limit_bytes: int) -> None: ...
     async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]: ...
 
 
@@ -291,6 +292,13 @@ class Pool:
         except WarmpodError as exc:
             log.warning("could not inspect %s: %s", sandbox.name, exc)
             return False
+
+    async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool:
+        """Lower ``sandbox``'s memory cgroup limit (swap included); False where there is none."""
+        if not self._can_limit:
+            return False
+        await self._engine.update_memory(sandbox.container_id, limit_bytes)
+        return True
 
     async def _discard(self, container_id: str, directory: Path) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT):

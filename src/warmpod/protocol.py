@@ -38,6 +38,10 @@ class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):
     stdin: bytes
     timeout: float
     max_output_bytes: int
+    cpu_time: int = 0
+    """CPU seconds, when lower than the container's; 0 keeps the container's."""
+    address_space: int = 0
+    """RLIMIT_AS in bytes where no memory cgroup applies; 0 for none."""
 
 
 class Output(msgspec.Struct, tag="output", forbid_unknown_fields=True):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
@@ -26,6 +27,39 @@ class Leaser(Protocol):
 
     def lease(self) -> AbstractAsyncContextManager[Sandbox]: ...
     async def oom_killed(self, sandbox: Sandbox) -> bool: ...
+    async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool: ...
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """Limits a request asks for, each at most the server's own; None keeps the server's."""
+
+    cpu_time: int | None = None
+    memory_mb: int | None = None
+    max_output_bytes: int | None = None
+
+
+def resolve_limits(limits: RunLimits, server: LimitSettings) -> RunLimits:
+    """The limits of a run, every field filled in from the server's where the request left it.
+
+    Raises:
+        InvalidRun: the request asks for more than the server allows; the message names the maximum.
+    """
+    return RunLimits(
+        cpu_time=_at_most("cpu_time", limits.cpu_time, server.cpu_time, "seconds"),
+        memory_mb=_at_most("memory_mb", limits.memory_mb, server.memory_mb, "MiB"),
+        max_output_bytes=_at_most(
+            "max_output_bytes", limits.max_output_bytes, server.max_output_bytes, "bytes"
+        ),
+    )
+
+
+def _at_most(name: str, requested: int | None, maximum: int, unit: str) -> int:
+    if requested is None:
+        return maximum
+    if not 0 < requested <= maximum:
+        raise InvalidRun(f"{name} must be greater than 0 and at most {maximum} {unit}, got {requested}")
+    return requested
 
 
 def resolve_timeout(requested: float | None, limits: LimitSettings) -> float:
@@ -50,7 +84,9 @@ class Runner:
         self._leaser = leaser
         self._limits = limits
 
-    async def run(self, code: bytes, stdin: bytes, timeout: float | None) -> RunResult:
+    async def run(
+        self, code: bytes, stdin: bytes, timeout: float | None, limits: RunLimits | None = None
+    ) -> RunResult:
         """Run ``code`` once and report how it ended.
 
         Raises:
@@ -58,13 +94,28 @@ class Runner:
             PoolUnavailable: no sandbox became free in time.
         """
         wall = resolve_timeout(timeout, self._limits)
+        server = self._limits
+        resolved = resolve_limits(limits or RunLimits(), server)
+        cap = resolved.max_output_bytes or server.max_output_bytes
+        cpu = resolved.cpu_time or server.cpu_time
+        memory_mb = resolved.memory_mb or server.memory_mb
         run_id = uuid.uuid4().hex
-        cap = self._limits.max_output_bytes
-        job = Job(code=code, stdin=stdin, timeout=wall, max_output_bytes=cap)
+        job = Job(
+            code=code,
+            stdin=stdin,
+            timeout=wall,
+            max_output_bytes=cap,
+            cpu_time=cpu if cpu < server.cpu_time else 0,
+        )
         started = time.perf_counter()
         output = {"stdout": bytearray(), "stderr": bytearray()}
         try:
             async with self._leaser.lease() as sandbox:
+                if memory_mb < server.memory_mb and not await self._leaser.limit_memory(
+                    sandbox, memory_mb * 1024 * 1024
+                ):
+                    # No memory cgroup to lower: the program's address space is the fallback.
+                    job.address_space = memory_mb * 1024 * 1024
                 started = time.perf_counter()
                 await sandbox.channel.send(job)
                 with anyio.move_on_after(wall + SERVER_GRACE):

@@ -148,6 +148,19 @@ class Runtime:
 
         await self._call(destroy, "remove")
 
+    async def update_memory(self, container_id: str, limit_bytes: int) -> None:
+        """Set a running container's memory limit, swap capped at the same value."""
+
+        def update(client: PodmanClient) -> None:
+            response = client.api.post(
+                f"/containers/{container_id}/update",
+                data=msgspec.json.encode({"memory": {"limit": limit_bytes, "swap": limit_bytes}}),
+                headers={"content-type": "application/json"},
+            )
+            response.raise_for_status()
+
+        await self._call(update, "update")
+
     async def oom_killed(self, container_id: str, wait: float = 2.0) -> bool:
         """Whether the container's init was OOM-killed, once it has stopped (within ``wait`` s)."""
 

@@ -18,7 +18,7 @@ from warmpod.app import create_app
 from warmpod.errors import PoolUnavailable
 from warmpod.models import RunResult
 from warmpod.pool import Pool
-from warmpod.runner import Leaser, Runner, resolve_timeout
+from warmpod.runner import Leaser, RunLimits, Runner, resolve_limits, resolve_timeout
 from warmpod.runtime import EngineInfo
 from warmpod.service import Service
 from warmpod.settings import LimitSettings, Settings, from_env
@@ -76,6 +76,10 @@ class NoEngine:
         """Never called."""
         raise AssertionError("the API tests never run the pool")
 
+    async def update_memory(self, container_id: str, limit_bytes: int) -> None:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
     async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """Never called."""
         raise AssertionError("the API tests never run the pool")
@@ -91,13 +95,18 @@ class RecordingRunner(Runner):
         super().__init__(leaser, limits)
         self.limits = limits
         self.calls: list[tuple[bytes, bytes, float | None]] = []
+        self.run_limits: list[RunLimits] = []
         self.result = CANNED
         self.error: Exception | None = None
 
-    async def run(self, code: bytes, stdin: bytes, timeout: float | None) -> RunResult:
+    async def run(
+        self, code: bytes, stdin: bytes, timeout: float | None, limits: RunLimits | None = None
+    ) -> RunResult:
         """Record the run and answer it with the canned result."""
         resolve_timeout(timeout, self.limits)
+        resolve_limits(limits or RunLimits(), self.limits)
         self.calls.append((code, stdin, timeout))
+        self.run_limits.append(limits or RunLimits())
         if self.error is not None:
             raise self.error
         return self.result
@@ -464,7 +473,14 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
     )
     components = schema["components"]["schemas"]
     assert components["RunRequest"]["required"] == ["code"]
-    assert set(components["RunRequest"]["properties"]) == {"code", "stdin", "timeout"}
+    assert set(components["RunRequest"]["properties"]) == {
+        "code",
+        "stdin",
+        "timeout",
+        "cpu_time",
+        "memory_mb",
+        "max_output_bytes",
+    }
     assert "status" in components["RunResult"]["properties"]
     assert json.dumps(schema)  # serialisable as a whole
 
@@ -478,3 +494,43 @@ def test_app_builds_without_deprecations(settings: Settings) -> None:
         warnings.simplefilter("always")
         create_app(settings)
     assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "maximum"),
+    [("cpu_time", 31, "30"), ("memory_mb", 513, "512"), ("max_output_bytes", 2**20 + 1, "1048576")],
+)
+async def test_limit_above_the_server_maximum_is_a_problem_naming_it(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, field: str, value: int, maximum: str
+) -> None:
+    """A per-request limit above the server's is refused with a 422 that names the maximum."""
+    response = await client.post("/run-json/", json={"code": "pass", field: value})
+    assert_problem(response, 422, field, maximum)
+    assert runner.calls == []
+
+
+@pytest.mark.parametrize("field", ["cpu_time", "memory_mb", "max_output_bytes"])
+async def test_limit_of_zero_is_a_problem(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, field: str
+) -> None:
+    """A per-request limit must be a positive whole number."""
+    response = await client.post("/run-json/", json={"code": "pass", field: 0})
+    assert_problem(response, 400, field)
+
+
+async def test_limits_reach_the_runner_from_json_and_form(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """Per-request limits from /run-json/ and /run-file/ are handed to the runner as asked."""
+    wanted = RunLimits(cpu_time=2, memory_mb=128, max_output_bytes=1000)
+    response = await client.post(
+        "/run-json/", json={"code": "pass", "cpu_time": 2, "memory_mb": 128, "max_output_bytes": 1000}
+    )
+    assert response.status_code == 200, response.text
+    response = await client.post(
+        "/run-file/",
+        files={"file": ("m.py", b"pass")},
+        data={"cpu_time": "2", "memory_mb": "128", "max_output_bytes": "1000"},
+    )
+    assert response.status_code == 200, response.text
+    assert runner.run_limits == [wanted, wanted]

@@ -109,6 +109,10 @@ class FakeEngine:
         if self.failing_unpause:
             raise EngineError("podman unpause failed: container state improper")
 
+    async def update_memory(self, container_id: str, limit_bytes: int) -> None:
+        """Record the memory update."""
+        self.calls.append(("update_memory", container_id))
+
     async def oom_killed(self, container_id: str) -> bool:
         """Fake containers are never OOM-killed."""
         self.calls.append(("oom_killed", container_id))

@@ -105,6 +105,8 @@ def test_job_frame_decodes_as_the_agent_reads_it() -> None:
         "stdin": base64.b64encode(job.stdin).decode(),
         "timeout": 2.5,
         "max_output_bytes": 4096,
+        "cpu_time": 0,
+        "address_space": 0,
     }
     assert base64.b64decode(message["code"]) == code
     assert base64.b64decode(message["stdin"]) == job.stdin
