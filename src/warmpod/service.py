@@ -19,6 +19,7 @@ from warmpod.models import Health, LimitEnforcement, PoolCounts
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.runtime import EngineInfo, Runtime
+from warmpod.selftest import self_test
 from warmpod.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,11 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                 )
                 async with anyio.create_task_group() as tg:
                     await tg.start(pool.run)
-                    yield Service(settings, ref, info, pool, Runner(pool, settings.limits))
+                    runner = Runner(pool, settings.limits)
+                    # /health stays 503 until a real sandbox has shown every layer on.
+                    await self_test(runner, settings.limits, cgroups=info.can_limit)
+                    log.info("self-test passed: no network, read-only root, non-root, limits on")
+                    yield Service(settings, ref, info, pool, runner)
                     tg.cancel_scope.cancel()
             finally:
                 runtime.close()

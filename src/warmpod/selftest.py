@@ -1,0 +1,86 @@
+"""The start-up self-test: a probe run in a real sandbox must find every layer on before serving."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from warmpod.errors import WarmpodError
+from warmpod.runner import Runner
+from warmpod.settings import LimitSettings
+
+PROBE = r"""
+import json, os, resource
+def read(*paths):
+    for path in paths:
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            pass
+    return None
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+try:
+    open("/usr/warmpod-probe", "w")
+    root_writable = True
+except OSError:
+    root_writable = False
+print(json.dumps({
+    "uid": os.getuid(),
+    "interfaces": sorted(os.listdir("/sys/class/net")),
+    "root_writable": root_writable,
+    "seccomp": status["Seccomp"].strip(),
+    "no_new_privs": status["NoNewPrivs"].strip(),
+    "cap_eff": status["CapEff"].strip(),
+    "rlimit_cpu": resource.getrlimit(resource.RLIMIT_CPU)[0],
+    "memory_max": read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+    "pids_max": read("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
+}))
+"""
+
+
+class SelfTestFailed(WarmpodError):
+    """Raised when the start-up probe finds a layer missing; warmpod then refuses to serve."""
+
+
+def failures(report: dict[str, Any], limits: LimitSettings, *, cgroups: bool) -> list[str]:
+    """What the probe's report shows to be missing, in words; empty when every layer is on."""
+    expected: list[tuple[str, object, str]] = [
+        ("interfaces", ["lo"], "the sandbox has a network interface besides lo"),
+        ("root_writable", False, "the root filesystem is writable"),
+        ("seccomp", "2", "no seccomp filter is active"),
+        ("no_new_privs", "1", "no_new_privileges is off"),
+        ("cap_eff", "0000000000000000", "the program holds capabilities"),
+        ("rlimit_cpu", limits.cpu_time, "RLIMIT_CPU is not applied"),
+    ]
+    if cgroups:
+        expected += [
+            ("memory_max", str(limits.memory_mb * 1024 * 1024), "the memory cgroup limit is not applied"),
+            ("pids_max", str(limits.pids), "the pids cgroup limit is not applied"),
+        ]
+    found = [
+        f"{message} (found {report.get(key)!r})" for key, want, message in expected if report.get(key) != want
+    ]
+    if report.get("uid") in (0, None):
+        found.append("the program runs as root")
+    return found
+
+
+async def self_test(runner: Runner, limits: LimitSettings, *, cgroups: bool) -> None:
+    """Run the probe in a sandbox from the pool.
+
+    Raises:
+        SelfTestFailed: the probe did not run, or found a layer missing.
+    """
+    result = await runner.run(PROBE.encode(), b"", timeout=min(30.0, limits.max_timeout))
+    if result.status != "succeeded":
+        raise SelfTestFailed(
+            f"the start-up probe did not run: {result.status} {result.error or result.stderr}"
+        )
+    try:
+        report = json.loads(result.stdout)
+    except ValueError as exc:
+        raise SelfTestFailed(f"the start-up probe printed no report: {result.stdout[:200]!r}") from exc
+    missing = failures(report, limits, cgroups=cgroups)
+    if missing:
+        raise SelfTestFailed("refusing to serve: " + "; ".join(missing))

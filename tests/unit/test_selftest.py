@@ -1,0 +1,55 @@
+"""Unit tests of the start-up self-test's judgement of a probe report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from warmpod.selftest import failures
+from warmpod.settings import LimitSettings
+
+LIMITS = LimitSettings(memory_mb=256, pids=64, cpu_time=5)
+GOOD: dict[str, Any] = {
+    "uid": 65534,
+    "interfaces": ["lo"],
+    "root_writable": False,
+    "seccomp": "2",
+    "no_new_privs": "1",
+    "cap_eff": "0000000000000000",
+    "rlimit_cpu": 5,
+    "memory_max": str(256 * 2**20),
+    "pids_max": "64",
+}
+
+
+def test_a_locked_sandbox_passes() -> None:
+    """A report with every layer on has no failures."""
+    assert failures(GOOD, LIMITS, cgroups=True) == []
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("uid", 0, "root"),
+        ("interfaces", ["eth0", "lo"], "network"),
+        ("root_writable", True, "writable"),
+        ("seccomp", "0", "seccomp"),
+        ("no_new_privs", "0", "no_new_privileges"),
+        ("cap_eff", "00000000000000e0", "capabilities"),
+        ("rlimit_cpu", -1, "RLIMIT_CPU"),
+        ("memory_max", "max", "memory"),
+        ("pids_max", "max", "pids"),
+    ],
+)
+def test_each_missing_layer_is_named(key: str, value: object, words: str) -> None:
+    """Each missing layer makes the self-test fail with words that name it."""
+    found = failures({**GOOD, key: value}, LIMITS, cgroups=True)
+    assert len(found) == 1
+    assert words in found[0]
+
+
+def test_cgroup_limits_are_not_required_without_cgroups() -> None:
+    """Where the engine applies no cgroup limits, their absence is not a self-test failure."""
+    report = {**GOOD, "memory_max": None, "pids_max": None}
+    assert failures(report, LIMITS, cgroups=False) == []
