@@ -33,6 +33,7 @@ CPU_CHECK_INTERVAL = 0.1
 JOB_FD = 3
 READY_FD = 4
 PROTOCOL_VERSION = 1
+LANDLOCK_ABI = 0
 
 # The interpreter the user's program runs in. It waits for the job on fd 3, writes main.py into
 # its working directory and runs it as __main__ the way `python3 -I main.py` would: a fresh module,
@@ -123,6 +124,70 @@ def pipe_above(low):
     return high
 
 
+# Landlock (Linux 5.13+): the program may write only beneath its working directory, /tmp and
+# /dev/shm, and to a few harmless devices, whatever the mounts and permissions would allow.
+LANDLOCK_WRITABLE_DIRS = (WORKDIR, "/tmp", "/dev/shm")
+LANDLOCK_WRITABLE_FILES = ("/dev/null", "/dev/zero", "/dev/full")
+_SYS_LANDLOCK_CREATE_RULESET, _SYS_LANDLOCK_ADD_RULE, _SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+_WRITE_FILE, _TRUNCATE = 1 << 1, 1 << 14
+# REMOVE_DIR, REMOVE_FILE and every MAKE_* right.
+_CHANGE_TREE = sum(1 << bit for bit in range(4, 13))
+_REFER = 1 << 13
+
+
+def landlock_abi():
+    """The kernel's Landlock ABI version, 0 where it has none or seccomp hides it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    version = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(1))
+    return max(int(version), 0)
+
+
+def restrict_writes(abi):
+    """Confine the calling process's writes with Landlock; a no-op where the ABI is 0."""
+    if abi <= 0:
+        return
+    import ctypes
+    import struct as st
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    handled = _WRITE_FILE | _CHANGE_TREE | (_REFER if abi >= 2 else 0) | (_TRUNCATE if abi >= 3 else 0)
+    attr = ctypes.create_string_buffer(st.pack("=Q", handled))
+    ruleset = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(8), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    try:
+        for path, access in [(p, handled) for p in LANDLOCK_WRITABLE_DIRS] + [
+            (p, handled & (_WRITE_FILE | _TRUNCATE)) for p in LANDLOCK_WRITABLE_FILES
+        ]:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                rule = ctypes.create_string_buffer(st.pack("=Qi", access, fd))
+                if (
+                    libc.syscall(
+                        _SYS_LANDLOCK_ADD_RULE,
+                        ctypes.c_int(ruleset),
+                        ctypes.c_int(1),
+                        rule,
+                        ctypes.c_uint32(0),
+                    )
+                    < 0
+                ):
+                    raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
+            finally:
+                os.close(fd)
+        if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+
+
 def env_int(name):
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() else None
@@ -148,6 +213,7 @@ def prepare_program():
     if address_space:
         # Only where no memory cgroup applies: a coarse fallback.
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+    restrict_writes(LANDLOCK_ABI)
     nofile = env_int("WARMPOD_NOFILE")
     if nofile:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
@@ -421,10 +487,14 @@ def main():
             f.write("-1000")
     except OSError:
         pass
+    global LANDLOCK_ABI
+    LANDLOCK_ABI = landlock_abi()
     proc, job_w, ready_r = spawn_interpreter()
     wait_ready(ready_r, proc)
     conn = listen()
-    send_frame(conn, {"type": "hello", "version": PROTOCOL_VERSION, "pid": proc.pid})
+    send_frame(
+        conn, {"type": "hello", "version": PROTOCOL_VERSION, "pid": proc.pid, "landlock": LANDLOCK_ABI}
+    )
     job = recv_frame(conn)
     if job.get("type") != "job":
         raise ValueError(f"expected a job frame, got {job.get('type')!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import shutil
@@ -69,13 +70,28 @@ def doctor(settings: Settings) -> int:
     for row in rows:
         print(f"  {row.limit}: {row.layer or 'NOT ENFORCED'}, {row.mechanism}")
     print(f"Pause idle containers: {'yes' if can_limit else 'no: rootless Podman on cgroup v1 cannot pause'}")
-    print(f"Seccomp profile: {(image.context_dir(settings) / 'seccomp.json').resolve()}")
+    profile = (image.context_dir(settings) / "seccomp.json").resolve()
+    print(f"Seccomp profile: {profile}")
+    abi = _landlock_abi()
+    allowed = "landlock_restrict_self" in profile.read_text()
+    if abi and allowed:
+        print(f"Landlock: active (ABI {abi}): the program may write only under /work, /tmp, /dev/shm")
+    else:
+        why = "the kernel has no Landlock" if not abi else "the seccomp profile blocks it"
+        print(f"Landlock: not active ({why}); the other layers still apply")
     try:
         check(rows, allow_unenforced=settings.limits.allow_unenforced)
     except WarmpodError as exc:
         print(f"warmpod serve would refuse to start: {exc}")
         return 1
     return 0
+
+
+def _landlock_abi() -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    version = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # create_ruleset
+    return max(int(version), 0)
 
 
 def _parser() -> argparse.ArgumentParser:

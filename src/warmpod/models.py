@@ -76,5 +76,7 @@ class Health(msgspec.Struct, kw_only=True):
     rootless: bool
     cgroup_version: int
     paused_idle: bool
+    landlock_abi: int
+    """Landlock ABI confining the program's writes (0: not available on this host)."""
     limits: list[LimitEnforcement]
     last_error: str | None = None

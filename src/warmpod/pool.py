@@ -112,6 +112,7 @@ class Pool:
         self._changed = anyio.Condition()
         self._tg: anyio.abc.TaskGroup | None = None
         self.serving = False
+        self.landlock_abi = 0
 
     @property
     def target(self) -> int:
@@ -228,6 +229,7 @@ class Pool:
                     hello = await channel.receive()
                 if not isinstance(hello, Hello) or hello.version != protocol.PROTOCOL_VERSION:
                     raise ProtocolError(f"agent greeted with {hello!r}")
+                self.landlock_abi = hello.landlock
                 if self.can_pause:
                     await self._engine.pause(container_id)
             except BaseException:

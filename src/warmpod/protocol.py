@@ -29,6 +29,8 @@ class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
 
     version: int
     pid: int
+    landlock: int = 0
+    """Landlock ABI confining the program's writes; 0 when the kernel or seccomp offers none."""
 
 
 class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):

@@ -49,6 +49,7 @@ class Service:
             rootless=self.info.rootless,
             cgroup_version=self.info.cgroup_version,
             paused_idle=self.pool.can_pause,
+            landlock_abi=self.pool.landlock_abi,
             limits=[
                 LimitEnforcement(limit=row.limit, layer=row.layer, mechanism=row.mechanism)
                 for row in enforcement(cgroups=self.info.can_limit)

@@ -290,3 +290,28 @@ def test_program_inherits_only_its_standard_streams(client: httpx.Client) -> Non
     assert sorted(fds) == ["0", "1", "2"], fds
     assert all(target.startswith("pipe:") for target in fds.values()), fds
     assert_still_serves(client)
+
+
+def test_landlock_confines_writes_to_the_work_directories(client: httpx.Client) -> None:
+    """Where Landlock is active, files the program owns outside /work, /tmp and /dev/shm refuse writes."""
+    health = client.get("/health").json()
+    if not health["landlock_abi"]:
+        pytest.skip("this kernel (or the seccomp profile) offers no Landlock")
+    code = dedent(
+        """
+        import errno
+        try:
+            with open("/proc/self/comm", "w") as f:  # owned by the program itself
+                f.write("renamed")
+            print("written")
+        except OSError as exc:
+            print(errno.errorcode[exc.errno])
+        with open("/tmp/ok", "w") as f, open("/dev/null", "w") as null:
+            f.write("fine")
+            null.write("fine")
+        print("allowed")
+        """
+    )
+    probe = run(client, code)
+    assert probe.stdout == "EACCES\nallowed\n", probe.result
+    assert_still_serves(client)
