@@ -231,3 +231,11 @@ def run_json(client: httpx.Client, code: str, **fields: object) -> dict[str, Any
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
+
+
+def stop_and_check_clean(live: WarmpodServer, instance: str) -> None:
+    """SIGTERM ``live``; it must exit gracefully and leave none of its containers behind."""
+    status = live.stop(signal.SIGTERM)
+    assert status in GRACEFUL_EXIT[signal.SIGTERM], f"exit status {status}:\n{live.log_tail()}"
+    left = containers(f"{LABEL_INSTANCE}={instance}")
+    assert not left, f"containers left behind: {[c['Names'] for c in left]}\n{live.log_tail()}"

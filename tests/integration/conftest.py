@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from warmpod_live import (
-    GRACEFUL_EXIT,
     MAX_BODY_BYTES,
     MAX_OUTPUT_BYTES,
     MAX_TIMEOUT,
     POOL_SIZE,
     ServerFactory,
     WarmpodServer,
-    containers,
+    stop_and_check_clean,
 )
-
-from warmpod.pool import LABEL_INSTANCE
 
 SESSION_SETTINGS = {
     "WARMPOD_POOL__SIZE": str(POOL_SIZE),
@@ -49,10 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmpodServer]:
     except BaseException:
         live.close()
         raise
-    status = live.stop(signal.SIGTERM)
-    assert status in GRACEFUL_EXIT[signal.SIGTERM], f"exit status {status}:\n{live.log_tail()}"
-    left = containers(f"{LABEL_INSTANCE}={instance}")
-    assert not left, f"containers left behind: {[c['Names'] for c in left]}\n{live.log_tail()}"
+    stop_and_check_clean(live, instance)
 
 
 @pytest.fixture(autouse=True)

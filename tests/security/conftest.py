@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import signal
 from collections.abc import Iterator
 
 import httpx
 import pytest
-from warmpod_live import GRACEFUL_EXIT, WarmpodServer, containers
-
-from warmpod.pool import LABEL_INSTANCE
+from warmpod_live import WarmpodServer, stop_and_check_clean
 
 from .hostile import SETTINGS
 
@@ -36,10 +33,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmpodServer]:
     except BaseException:
         live.close()
         raise
-    status = live.stop(signal.SIGTERM)
-    assert status in GRACEFUL_EXIT[signal.SIGTERM], f"exit status {status}:\n{live.log_tail()}"
-    left = containers(f"{LABEL_INSTANCE}={instance}")
-    assert not left, f"containers left behind: {[c['Names'] for c in left]}\n{live.log_tail()}"
+    stop_and_check_clean(live, instance)
 
 
 @pytest.fixture(scope="session")
