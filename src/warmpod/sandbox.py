@@ -11,6 +11,7 @@ AGENT_COMMAND = ["python3", "-I", "/opt/warmpod/agent.py"]
 AGENT_DIR = "/run/warmpod"
 SOCKET_NAME = "agent.sock"
 CPU_PERIOD = 100_000
+SHM_MB = 16
 NPROC_WITH_CGROUPS = 4096
 # The agent needs exactly these to start the program as an unprivileged user and to kill it.
 # CAP_SYS_RESOURCE lets it pin its own OOM score and the program's (the program loses every
@@ -73,7 +74,6 @@ def container_spec(
         "no_new_privileges": True,
         "seccomp_profile_path": str(seccomp_profile),
         "stop_timeout": 0,
-        "shm_size": 16 * 1024 * 1024,
         "mounts": [
             {
                 "destination": AGENT_DIR,
@@ -86,6 +86,14 @@ def container_spec(
                 "source": "tmpfs",
                 "type": "tmpfs",
                 "options": [*_TMPFS_OPTS, tmpfs_size],
+            },
+            {
+                # Explicit: Podman 5 mounts /dev/shm read-only in a read-only container, which
+                # breaks multiprocessing's semaphores; Podman 4 mounted it writable.
+                "destination": "/dev/shm",  # noqa: S108  (inside the container)
+                "source": "shm",
+                "type": "tmpfs",
+                "options": [*_TMPFS_OPTS, f"size={SHM_MB}m"],
             },
             {
                 "destination": "/tmp",  # noqa: S108  (inside the container)
