@@ -22,7 +22,12 @@
 # from the snapshot's sources, so the image tag the guest computes is the one that was loaded even
 # while the working tree keeps changing.
 #
-# Env: WARMPOD_CGV2_DIR, CGV2VM (the cgv2vm checkout, default /work/shared/cgv2vm).
+# Env: WARMPOD_CGV2_DIR, CGV2VM (the cgv2vm checkout, default ../shared/cgv2vm beside the checkout).
+# CGV2VM_DIR and CGV2VM_UML_SUITE pass through to cgv2vm: CGV2VM_DIR=/var/tmp/cgv2vm-61 with
+# CGV2VM_UML_SUITE=host picks the 6.1 UML kernel, 3-4x slower, which survives the fork bomb that
+# panics the default 6.12, e.g.
+#   CGV2VM_DIR=/var/tmp/cgv2vm-61 CGV2VM_UML_SUITE=host tests/cgv2/run.sh --no-bench \
+#       --deselect '' -- tests/security/test_processes.py
 set -euo pipefail
 umask 022
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
