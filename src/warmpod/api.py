@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import codecs
+import re
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ServiceUnavailableException, ValidationException
-from litestar.params import Body, JSONBody
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import Body, FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.response import ServerSentEvent, ServerSentEventMessage
 
-from warmpod.models import Health, RunRequest, RunResult
+from warmpod.errors import RunNotFound
+from warmpod.models import Accepted, Health, RunRequest, RunResult, RunSpec
 from warmpod.runner import RunLimits
+from warmpod.scheduler import Scheduler
 from warmpod.service import Service
 
 _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
-_FORM_FIELDS = frozenset({"file", "stdin", "timeout", *_LIMIT_FIELDS})
+_FORM_FIELDS = frozenset({"file", "stdin", "timeout", "wait", *_LIMIT_FIELDS})
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
+_WAIT_DOC = "false: answer 202 at once with the run's status URL (same as the body's `wait`)"
+_RUN_RESPONSES = {
+    200: ResponseSpec(RunResult, description="The run ended (`wait` true, the default)"),
+    202: ResponseSpec(
+        Accepted, description="Queued (`wait` false, or still not over after the wait timeout)"
+    ),
+}
 
 
 def get_service(request: Request[Any, Any, Any]) -> Service:
@@ -52,32 +67,42 @@ class RunController(Controller):
         status_code=200,
         summary="Run Python source sent as JSON",
         before_request=check_json_body,
+        responses=_RUN_RESPONSES,
     )
-    async def run_json(self, data: JSONBody[RunRequest], service: NamedDependency[Service]) -> RunResult:
-        """Run ``code`` once in a fresh sandbox and return how it ended."""
+    async def run_json(
+        self,
+        request: Request[Any, Any, Any],
+        data: JSONBody[RunRequest],
+        service: NamedDependency[Service],
+        wait: Annotated[bool | None, QueryParameter(name="wait", description=_WAIT_DOC)] = None,
+    ) -> Response[RunResult | Accepted]:
+        """Run ``code`` once in a fresh sandbox; with ``wait`` (default) answer how it ended, else 202."""
         code = data.code.encode("utf-8", "surrogatepass")
         stdin = data.stdin.encode("utf-8", "surrogatepass")
         limits = RunLimits(
             cpu_time=data.cpu_time, memory_mb=data.memory_mb, max_output_bytes=data.max_output_bytes
         )
-        return await service.runner.run(code, stdin, data.timeout, limits)
+        spec = service.runner.prepare(code, stdin, data.timeout, limits)
+        return await _submit(request, service, spec, _both_waits(wait, data.wait))
 
-    @post("/run-file/", status_code=200, summary="Run an uploaded Python file")
+    @post("/run-file/", status_code=200, summary="Run an uploaded Python file", responses=_RUN_RESPONSES)
     async def run_file(
         self,
+        request: Request[Any, Any, Any],
         data: Annotated[
             dict[str, Any],
             Body(
                 media_type=RequestEncodingType.MULTI_PART,
                 description=(
                     "`file`: the script (required); optional fields `stdin`, `timeout`, "
-                    "`cpu_time`, `memory_mb`, `max_output_bytes`."
+                    "`cpu_time`, `memory_mb`, `max_output_bytes`, `wait` (true/false)."
                 ),
             ),
         ],
         service: NamedDependency[Service],
-    ) -> RunResult:
-        """Run the uploaded script once in a fresh sandbox and return how it ended."""
+        wait: Annotated[bool | None, QueryParameter(name="wait", description=_WAIT_DOC)] = None,
+    ) -> Response[RunResult | Accepted]:
+        """Run the uploaded script once in a fresh sandbox; with ``wait`` (default) answer how it ended."""
         unknown = sorted(set(data) - _FORM_FIELDS)
         if unknown:
             raise ValidationException(f"unknown form fields {unknown}: allowed are {sorted(_FORM_FIELDS)}")
@@ -88,8 +113,92 @@ class RunController(Controller):
         stdin = await _text_field(data.get("stdin"), "stdin")
         timeout = _timeout_field(await _text_field(data.get("timeout"), "timeout"))
         values = {name: _int_field(await _text_field(data.get(name), name), name) for name in _LIMIT_FIELDS}
-        limits = RunLimits(**values)
-        return await service.runner.run(code, stdin, timeout, limits)
+        form_wait = _bool_field(await _text_field(data.get("wait"), "wait"), "wait")
+        spec = service.runner.prepare(code, stdin, timeout, RunLimits(**values))
+        return await _submit(request, service, spec, _both_waits(wait, form_wait))
+
+
+class StatusController(Controller):
+    """Runs taken into the queue: their state, live output, and cancelling them."""
+
+    path = "/status/{run_id:str}"
+    tags = ["runs"]  # noqa: RUF012  (Litestar reads it as a class attribute)
+
+    @get("/", summary="A run's state and result")
+    async def status(self, run_id: FromPath[str], service: NamedDependency[Service]) -> RunResult:
+        """The RunResult: ``queued`` or ``running`` (with the output so far) until the run ends."""
+        return await service.scheduler.status(_checked_id(run_id))
+
+    @delete("/", status_code=200, summary="Cancel a run")
+    async def cancel(self, run_id: FromPath[str], service: NamedDependency[Service]) -> RunResult:
+        """Stop a queued or running run (its container is killed); it ends ``cancelled``."""
+        return await service.scheduler.cancel(_checked_id(run_id))
+
+    @get("/stream", summary="A run's output as Server-Sent Events")
+    async def stream(
+        self,
+        run_id: FromPath[str],
+        service: NamedDependency[Service],
+        last_event_id: Annotated[int | None, HeaderParameter(name="Last-Event-ID", ge=-1)] = None,
+    ) -> ServerSentEvent:
+        """``status`` events while it waits and starts, ``stdout``/``stderr`` events (``{"text"}``, in
+        print order, ``id`` their sequence number) as the program prints, then one ``result`` event
+        with the RunResult. A finished run replays what was kept."""
+        scheduler = service.scheduler
+        await scheduler.status(_checked_id(run_id))
+        return ServerSentEvent(_events(scheduler, run_id, -1 if last_event_id is None else last_event_id))
+
+
+async def _events(scheduler: Scheduler, run_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
+    decoders = {stream: codecs.getincrementaldecoder("utf-8")("replace") for stream in ("stdout", "stderr")}
+    async for update in scheduler.follow(run_id, after):
+        if update.chunk is not None:
+            text = decoders[update.chunk.stream].decode(update.chunk.data)
+            data = msgspec.json.encode({"text": text}).decode()
+            yield ServerSentEventMessage(data=data, event=update.chunk.stream, id=str(update.chunk.seq))
+        elif update.result is not None:
+            yield ServerSentEventMessage(data=msgspec.json.encode(update.result).decode(), event="result")
+        elif update.kind == "status":
+            yield ServerSentEventMessage(
+                data=msgspec.json.encode({"status": update.status}).decode(), event="status"
+            )
+        else:
+            yield ServerSentEventMessage(comment="keepalive")
+
+
+def _checked_id(run_id: str) -> str:
+    if not _RUN_ID.fullmatch(run_id):
+        raise RunNotFound(f"no run has the id {run_id[:64]!r}: ids are 32 hexadecimal digits")
+    return run_id
+
+
+async def _submit(
+    request: Request[Any, Any, Any], service: Service, spec: RunSpec, wait: bool
+) -> Response[RunResult | Accepted]:
+    scheduler = service.scheduler
+    run_id = await scheduler.submit(spec)
+    if wait:
+        result = await scheduler.wait(run_id, service.settings.queue.wait_timeout)
+        if result is not None:
+            return Response(result)
+    status_url = f"{str(request.base_url).rstrip('/')}/status/{run_id}"
+    accepted = Accepted(id=run_id, status="queued", status_url=status_url, stream_url=f"{status_url}/stream")
+    return Response(accepted, status_code=202, headers={"Location": status_url})
+
+
+def _both_waits(query: bool | None, body: bool) -> bool:
+    if query is not None and query != body and body is not True:
+        raise ValidationException("'wait' is given twice, in the query and the body, with different values")
+    return body if query is None else query
+
+
+def _bool_field(raw: bytes, name: str) -> bool:
+    value = raw.strip().lower()
+    if value in (b"", b"true", b"1", b"yes"):
+        return True
+    if value in (b"false", b"0", b"no"):
+        return False
+    raise ValidationException(f"form field {name!r} must be true or false")
 
 
 async def _text_field(value: object, name: str) -> bytes:

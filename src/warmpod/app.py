@@ -21,8 +21,16 @@ from litestar.plugins.problem_details import (
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
 from warmpod import __version__
-from warmpod.api import RunController, get_service, health
-from warmpod.errors import InvalidRun, PoolUnavailable, WarmpodError
+from warmpod.api import RunController, StatusController, get_service, health
+from warmpod.errors import (
+    InvalidRun,
+    PoolUnavailable,
+    QueueFull,
+    RunFinished,
+    RunNotFound,
+    ShuttingDown,
+    WarmpodError,
+)
 from warmpod.service import Service, run_service
 from warmpod.settings import Settings
 
@@ -71,6 +79,45 @@ def _unavailable(exc: PoolUnavailable) -> ProblemDetailsException:
     )
 
 
+def _queue_full(exc: QueueFull) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=429,
+        title="Queue full",
+        detail=str(exc),
+        headers={"Retry-After": str(exc.retry_after)},
+        type_=_PROBLEM + "queue-full",
+    )
+
+
+def _shutting_down(exc: ShuttingDown) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=503,
+        title="Shutting down",
+        detail=str(exc),
+        headers={"Retry-After": str(exc.retry_after)},
+        type_=_PROBLEM + "shutting-down",
+    )
+
+
+def _not_found(exc: RunNotFound) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=404, title="No such run", detail=str(exc), type_=_PROBLEM + "no-such-run"
+    )
+
+
+def _finished(exc: RunFinished) -> ProblemDetailsException:
+    return ProblemDetailsException(
+        status_code=409, title="Run already ended", detail=str(exc), type_=_PROBLEM + "run-finished"
+    )
+
+
+def begin_drain(app: Litestar, grace: float) -> None:
+    """On SIGTERM, before the HTTP server stops: take no new runs and start no queued ones."""
+    service: Service | None = app.state.get("service")
+    if service is not None:
+        service.scheduler.begin_drain(grace)
+
+
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
     detail = str(exc) if isinstance(exc, WarmpodError) else "internal error; see the server log"
@@ -97,10 +144,14 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             HTTPException: functools.partial(_http_problem, settings.server.max_body_bytes),
             InvalidRun: _invalid_run,
             PoolUnavailable: _unavailable,
+            QueueFull: _queue_full,
+            ShuttingDown: _shutting_down,
+            RunNotFound: _not_found,
+            RunFinished: _finished,
         }
     )
     return Litestar(
-        route_handlers=[RunController, health],
+        route_handlers=[RunController, StatusController, health],
         dependencies={"service": Provide(get_service, sync_to_thread=False)},
         lifespan=[lifespan],
         plugins=[ProblemDetailsPlugin(problems)],

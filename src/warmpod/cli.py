@@ -6,10 +6,12 @@ import argparse
 import ctypes
 import json
 import logging
+import math
 import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
 from warmpod import __version__, engine, image
 from warmpod.enforcement import check, enforcement
@@ -25,7 +27,7 @@ def serve(settings: Settings) -> int:
     """Build the runner image if missing, then serve the API until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    from warmpod.app import create_app
+    from warmpod.app import begin_drain, create_app
 
     if settings.engine.url and shutil.which(settings.engine.podman) is None:
         # In the server's own container: the image must already be in the engine's storage.
@@ -33,13 +35,23 @@ def serve(settings: Settings) -> int:
     else:
         image.build_image(settings, _progress)
     _progress(f"serving on http://{settings.server.host}:{settings.server.port}")
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    grace = settings.server.shutdown_grace
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Before uvicorn waits for open requests: blocking waiters of queued runs are answered now.
+            begin_drain(app, grace)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
         host=settings.server.host,
         port=settings.server.port,
         log_level="info",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=math.ceil(grace),
     )
+    Server(config).run()
     return 0
 
 

@@ -6,7 +6,12 @@ WarmpodError
 ├── ImageError         the runner image cannot be found or built
 ├── PoolUnavailable    no container became free within the acquire timeout (503)
 ├── ProtocolError      a frame from a container broke the agent protocol
-└── InvalidRun         a run request is well formed but asks for something not allowed (422)
+├── InvalidRun         a run request is well formed but asks for something not allowed (422)
+├── QueueFull          the queue holds as many runs as it may (429)
+├── ShuttingDown       the server is stopping and takes no new runs (503)
+├── RunNotFound        no run has this id, or its result has expired (404)
+├── RunFinished        a finished run cannot be cancelled (409)
+└── StoreError         the run store cannot be opened or used
 """
 
 from __future__ import annotations
@@ -40,3 +45,27 @@ class ProtocolError(WarmpodError):
 
 class InvalidRun(WarmpodError):
     """Raised when a run request asks for something the server does not allow."""
+
+
+class QueueFull(WarmpodError):
+    """Raised when a run is submitted while the queue holds as many runs as it may."""
+
+    retry_after: int = 1
+
+
+class ShuttingDown(WarmpodError):
+    """Raised when a run is submitted or waited on while the server stops."""
+
+    retry_after: int = 5
+
+
+class RunNotFound(WarmpodError):
+    """Raised when no run has the given id, or its result has expired."""
+
+
+class RunFinished(WarmpodError):
+    """Raised when a run that has already ended is asked to stop."""
+
+
+class StoreError(WarmpodError):
+    """Raised when the run store cannot be opened or used."""

@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-RunStatus = Literal["succeeded", "failed", "timeout", "error"]
+RunStatus = Literal["queued", "running", "succeeded", "failed", "timeout", "error", "cancelled"]
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timeout", "error", "cancelled"})
 
 
 class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -25,6 +26,31 @@ class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Memory in MiB, swap included; at most the server's ``limits.memory_mb``."""
     max_output_bytes: Annotated[int, Meta(gt=0)] | None = None
     """Output kept per stream; at most the server's ``limits.max_output_bytes``."""
+    wait: bool = True
+    """Answer with the result when the run ends (200); false answers 202 at once with the run's
+    ``status_url`` to poll."""
+
+
+class Accepted(msgspec.Struct, kw_only=True):
+    """A run taken into the queue, answered at once (202) to a request with ``wait`` false."""
+
+    id: str
+    status: RunStatus
+    status_url: str
+    """``GET`` it for the RunResult; ``DELETE`` it to cancel the run."""
+    stream_url: str
+    """Server-Sent Events of the run's output as it is printed, then its RunResult."""
+
+
+class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A run as accepted (internal): the program and its limits, every one resolved."""
+
+    code: bytes
+    stdin: bytes
+    timeout: float
+    cpu_time: int
+    memory_mb: int
+    max_output_bytes: int
 
 
 class RunResult(msgspec.Struct, kw_only=True):
@@ -32,11 +58,13 @@ class RunResult(msgspec.Struct, kw_only=True):
 
     id: str
     status: RunStatus
-    """``succeeded`` (exit 0), ``failed`` (non-zero exit or killed by a signal), ``timeout`` (wall
-    time exceeded) or ``error`` (warmpod could not run it)."""
+    """``queued`` or ``running`` while it is not over; then ``succeeded`` (exit 0), ``failed``
+    (non-zero exit or killed by a signal), ``timeout`` (wall time exceeded), ``error`` (warmpod
+    could not run it, or the server stopped while it ran) or ``cancelled`` (``DELETE`` stopped it)."""
     exit_code: int | None
     """The exit status; ``-N`` when killed by signal N; null when it never ran to an end."""
     stdout: str
+    """What the program printed (so far, while it runs)."""
     stderr: str
     stdout_truncated: bool
     stderr_truncated: bool
@@ -44,7 +72,7 @@ class RunResult(msgspec.Struct, kw_only=True):
     """Which limits stopped the run: ``wall_time``, ``cpu_time``, ``memory``, ``pids``, ``output``,
     ``disk``."""
     duration_ms: float
-    """Wall time of the program itself."""
+    """Wall time of the program itself (0 until it ends)."""
     error: str | None = None
     """What went wrong, when ``status`` is ``error``."""
 
@@ -58,6 +86,14 @@ class PoolCounts(msgspec.Struct, kw_only=True):
     target: int
 
 
+class QueueCounts(msgspec.Struct, kw_only=True):
+    """Runs waiting and executing on this server."""
+
+    queued: int
+    running: int
+    max_queued: int
+
+
 class LimitEnforcement(msgspec.Struct, kw_only=True):
     """Which layer enforces one limit on this host; ``layer`` is null when nothing does."""
 
@@ -69,10 +105,11 @@ class LimitEnforcement(msgspec.Struct, kw_only=True):
 class Health(msgspec.Struct, kw_only=True):
     """The service's state, from ``GET /health``."""
 
-    status: Literal["ok", "starting", "unavailable"]
+    status: Literal["ok", "starting", "stopping", "unavailable"]
     image: str
     podman_version: str
     pool: PoolCounts
+    queue: QueueCounts
     rootless: bool
     cgroup_version: int
     paused_idle: bool

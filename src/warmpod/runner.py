@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import anyio
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, ProtocolError
-from warmpod.models import RunResult, RunStatus
+from warmpod.models import RunResult, RunSpec, RunStatus
 from warmpod.pool import Sandbox
 from warmpod.protocol import AgentError, Job, Output, Result
 from warmpod.settings import LimitSettings
@@ -20,6 +21,8 @@ from warmpod.settings import LimitSettings
 # The agent stops the program at its timeout and then drains pipes for up to 0.5 s; past this
 # extra margin the server stops waiting and the container is killed with whatever it held.
 SERVER_GRACE = 0.8
+# What a sandbox that broke (rather than the program in it) raises; the run is reported ``error``.
+SANDBOX_FAILURES = (ProtocolError, EngineError, OSError, anyio.BrokenResourceError)
 
 
 class Leaser(Protocol):
@@ -77,6 +80,9 @@ def resolve_timeout(requested: float | None, limits: LimitSettings) -> float:
     return requested
 
 
+OutputSink = Callable[[Literal["stdout", "stderr"], bytes], None]
+
+
 class Runner:
     """Runs programs in single-use sandboxes."""
 
@@ -84,56 +90,83 @@ class Runner:
         self._leaser = leaser
         self._limits = limits
 
+    def prepare(
+        self, code: bytes, stdin: bytes, timeout: float | None, limits: RunLimits | None = None
+    ) -> RunSpec:
+        """The run as it will execute, every limit resolved against the server's.
+
+        Raises:
+            InvalidRun: the limits asked for are out of range.
+        """
+        resolved = resolve_limits(limits or RunLimits(), self._limits)
+        return RunSpec(
+            code=code,
+            stdin=stdin,
+            timeout=resolve_timeout(timeout, self._limits),
+            cpu_time=resolved.cpu_time or self._limits.cpu_time,
+            memory_mb=resolved.memory_mb or self._limits.memory_mb,
+            max_output_bytes=resolved.max_output_bytes or self._limits.max_output_bytes,
+        )
+
     async def run(
         self, code: bytes, stdin: bytes, timeout: float | None, limits: RunLimits | None = None
     ) -> RunResult:
-        """Run ``code`` once and report how it ended.
+        """Run ``code`` once in the next free sandbox and report how it ended.
 
         Raises:
             InvalidRun: the limits asked for are out of range.
             PoolUnavailable: no sandbox became free in time.
         """
-        wall = resolve_timeout(timeout, self._limits)
-        server = self._limits
-        resolved = resolve_limits(limits or RunLimits(), server)
-        cap = resolved.max_output_bytes or server.max_output_bytes
-        cpu = resolved.cpu_time or server.cpu_time
-        memory_mb = resolved.memory_mb or server.memory_mb
+        spec = self.prepare(code, stdin, timeout, limits)
         run_id = uuid.uuid4().hex
+        try:
+            async with self._leaser.lease() as sandbox:
+                return await self.execute(run_id, spec, sandbox)
+        except SANDBOX_FAILURES as exc:
+            return _error(run_id, f"the sandbox failed: {exc}", 0)
+
+    async def execute(
+        self, run_id: str, spec: RunSpec, sandbox: Sandbox, on_output: OutputSink | None = None
+    ) -> RunResult:
+        """Run ``spec`` in a leased ``sandbox``, passing output to ``on_output`` as it comes."""
+        server = self._limits
+        wall = spec.timeout
+        cap = spec.max_output_bytes
         job = Job(
-            code=code,
-            stdin=stdin,
+            code=spec.code,
+            stdin=spec.stdin,
             timeout=wall,
             max_output_bytes=cap,
-            cpu_time=cpu if cpu < server.cpu_time else 0,
+            cpu_time=spec.cpu_time if spec.cpu_time < server.cpu_time else 0,
         )
         started = time.perf_counter()
         output = {"stdout": bytearray(), "stderr": bytearray()}
         try:
-            async with self._leaser.lease() as sandbox:
-                if memory_mb < server.memory_mb and not await self._leaser.limit_memory(
-                    sandbox, memory_mb * 1024 * 1024
-                ):
-                    # No memory cgroup to lower: the program's address space is the fallback.
-                    job.address_space = memory_mb * 1024 * 1024
-                started = time.perf_counter()
-                await sandbox.channel.send(job)
-                with anyio.move_on_after(wall + SERVER_GRACE):
-                    try:
-                        while True:
-                            message = await sandbox.channel.receive()
-                            if not isinstance(message, Output):
-                                return _from_agent(run_id, message, cap, _elapsed_ms(started), output)
-                            buffer = output[message.stream]
-                            if len(buffer) + len(message.data) > cap:
-                                return _error(run_id, "the agent sent more output than the cap allows", 0)
-                            buffer += message.data
-                    except ProtocolError as exc:
-                        # The agent is PID 1: if the OOM killer took it, the container ended with it.
-                        if await self._leaser.oom_killed(sandbox):
-                            return _memory_kill(run_id, output, _elapsed_ms(started))
-                        return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
-        except (ProtocolError, EngineError, OSError, anyio.BrokenResourceError) as exc:
+            if spec.memory_mb < server.memory_mb and not await self._leaser.limit_memory(
+                sandbox, spec.memory_mb * 1024 * 1024
+            ):
+                # No memory cgroup to lower: the program's address space is the fallback.
+                job.address_space = spec.memory_mb * 1024 * 1024
+            started = time.perf_counter()
+            await sandbox.channel.send(job)
+            with anyio.move_on_after(wall + SERVER_GRACE):
+                try:
+                    while True:
+                        message = await sandbox.channel.receive()
+                        if not isinstance(message, Output):
+                            return _from_agent(run_id, message, cap, _elapsed_ms(started), output)
+                        buffer = output[message.stream]
+                        if len(buffer) + len(message.data) > cap:
+                            return _error(run_id, "the agent sent more output than the cap allows", 0)
+                        buffer += message.data
+                        if on_output is not None:
+                            on_output(message.stream, message.data)
+                except ProtocolError as exc:
+                    # The agent is PID 1: if the OOM killer took it, the container ended with it.
+                    if await self._leaser.oom_killed(sandbox):
+                        return _memory_kill(run_id, output, _elapsed_ms(started))
+                    return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
+        except SANDBOX_FAILURES as exc:
             return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
         # The agent did not answer within the timeout and its grace: the container is gone now.
         return RunResult(

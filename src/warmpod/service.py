@@ -8,6 +8,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import anyio
@@ -15,12 +16,14 @@ import anyio
 from warmpod import engine, image
 from warmpod.enforcement import check, enforcement
 from warmpod.errors import ImageError
-from warmpod.models import Health, LimitEnforcement, PoolCounts
+from warmpod.models import Health, LimitEnforcement, PoolCounts, QueueCounts
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.runtime import EngineInfo, Runtime
+from warmpod.scheduler import Scheduler
 from warmpod.selftest import self_test
 from warmpod.settings import Settings
+from warmpod.store import SqliteStore, default_path
 
 log = logging.getLogger(__name__)
 
@@ -34,18 +37,28 @@ class Service:
     info: EngineInfo
     pool: Pool
     runner: Runner
+    scheduler: Scheduler
 
     def health(self) -> Health:
         """The service's state for ``GET /health``."""
         stats = self.pool.stats()
-        status: Literal["ok", "starting", "unavailable"] = "ok" if self.pool.serving else "starting"
+        status: Literal["ok", "starting", "stopping", "unavailable"] = (
+            "ok" if self.pool.serving else "starting"
+        )
         if self.pool.serving and stats.ready == 0 and stats.busy == 0 and stats.failures:
             status = "unavailable"
+        if self.scheduler.draining:
+            status = "stopping"
         return Health(
             status=status,
             image=self.image,
             podman_version=self.info.version,
             pool=PoolCounts(ready=stats.ready, busy=stats.busy, starting=stats.starting, target=stats.target),
+            queue=QueueCounts(
+                queued=self.scheduler.queued,
+                running=self.scheduler.running,
+                max_queued=self.settings.queue.max_queued,
+            ),
             rootless=self.info.rootless,
             cgroup_version=self.info.cgroup_version,
             paused_idle=self.pool.can_pause,
@@ -91,14 +104,22 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     can_pause=info.can_pause,
                     can_limit=info.can_limit,
                 )
-                async with anyio.create_task_group() as tg:
-                    await tg.start(pool.run)
-                    runner = Runner(pool, settings.limits)
-                    # /health stays 503 until a real sandbox has shown every layer on.
-                    await self_test(runner, settings.limits, cgroups=info.can_limit)
-                    log.info("self-test passed: no network, read-only root, non-root, limits on")
-                    yield Service(settings, ref, info, pool, runner)
-                    tg.cancel_scope.cancel()
+                store = await SqliteStore.open(Path(settings.queue.store_path or default_path()))
+                try:
+                    async with anyio.create_task_group() as tg:
+                        await tg.start(pool.run)
+                        runner = Runner(pool, settings.limits)
+                        # /health stays 503 until a real sandbox has shown every layer on.
+                        await self_test(runner, settings.limits, cgroups=info.can_limit)
+                        log.info("self-test passed: no network, read-only root, non-root, limits on")
+                        workers = settings.queue.workers or settings.pool.size
+                        scheduler = Scheduler(store, pool, runner, settings.queue, workers)
+                        await tg.start(scheduler.run)
+                        yield Service(settings, ref, info, pool, runner, scheduler)
+                        await scheduler.drain(settings.server.shutdown_grace)
+                        tg.cancel_scope.cancel()
+                finally:
+                    await store.aclose()
             finally:
                 runtime.close()
     finally:

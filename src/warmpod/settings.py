@@ -29,6 +29,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_body_bytes: Annotated[int, Meta(ge=1024, le=8 * 1024 * 1024)] = 1024 * 1024
     """Largest accepted request body, at most 8 MiB (the agent's job frame limit is 16 MiB
     after base64); larger ones get 413 (``WARMPOD_SERVER__MAX_BODY_BYTES``)."""
+    shutdown_grace: Seconds = 30.0
+    """On SIGTERM, how long running runs may take to finish before they are stopped and reported
+    ``error``; queued runs stay in the store for the next start (``WARMPOD_SERVER__SHUTDOWN_GRACE``)."""
 
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -87,6 +90,23 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     """Pause idle containers where the engine can (``WARMPOD_POOL__PAUSE``)."""
 
 
+class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The durable queue and run records."""
+
+    store_path: str = ""
+    """SQLite file holding the queue and the results; empty means
+    ``$XDG_STATE_HOME/warmpod/runs.sqlite3`` (``~/.local/state/...``) (``WARMPOD_QUEUE__STORE_PATH``)."""
+    max_queued: PositiveInt = 1000
+    """Runs waiting for a sandbox at most; past it submissions get 429 (``WARMPOD_QUEUE__MAX_QUEUED``)."""
+    retention: Seconds = 86400.0
+    """Seconds a finished run's result is kept, then it expires (``WARMPOD_QUEUE__RETENTION``)."""
+    workers: Annotated[int, Meta(ge=0, le=256)] = 0
+    """Runs executed at once; 0 means one per pool container (``WARMPOD_QUEUE__WORKERS``)."""
+    wait_timeout: Seconds = 300.0
+    """How long a blocking request waits for its result before it is answered 202 with the run's
+    status URL (``WARMPOD_QUEUE__WAIT_TIMEOUT``)."""
+
+
 class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Resource limits of one run."""
 
@@ -120,6 +140,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
     image: ImageSettings = msgspec.field(default_factory=ImageSettings)
     pool: PoolSettings = msgspec.field(default_factory=PoolSettings)
+    queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
 
 

@@ -4,26 +4,32 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
+import anyio
 import httpx
+import msgspec
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from warmpod.app import create_app
 from warmpod.errors import PoolUnavailable
-from warmpod.models import RunResult
-from warmpod.pool import Pool
-from warmpod.runner import Leaser, RunLimits, Runner, resolve_limits, resolve_timeout
+from warmpod.models import RunResult, RunSpec
+from warmpod.pool import Pool, Sandbox
+from warmpod.runner import Leaser, OutputSink, RunLimits, Runner
 from warmpod.runtime import EngineInfo
+from warmpod.scheduler import Scheduler
 from warmpod.service import Service
 from warmpod.settings import LimitSettings, Settings, from_env
+from warmpod.store import SqliteStore, Store
 
 MAX_BODY = 4096
+MAX_QUEUED = 5
 POOL_SIZE = 3
 IMAGE = "localhost/warmpod-runner:0123456789ab"
 CANNED = RunResult(
@@ -85,42 +91,83 @@ class NoEngine:
         raise AssertionError("the API tests never run the pool")
 
 
-class RecordingRunner(Runner):
-    """A Runner that records its arguments and returns ``result`` (or raises ``error``) without a sandbox.
+class FakeLeaser:
+    """Sandboxes that are never real: the RecordingRunner never touches them. ``failures`` leases fail."""
 
-    It checks the timeout with the real ``resolve_timeout`` first, as ``Runner.run`` does before it leases.
+    def __init__(self) -> None:
+        self.failures = 0
+
+    @contextlib.asynccontextmanager
+    async def lease(self) -> AsyncIterator[Sandbox]:
+        """A placeholder sandbox, or PoolUnavailable while ``failures`` remain."""
+        if self.failures:
+            self.failures -= 1
+            raise PoolUnavailable("no sandbox became free within 30 s")
+        yield cast(Sandbox, object())
+
+    async def oom_killed(self, sandbox: Sandbox) -> bool:
+        """Never."""
+        return False
+
+    async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool:
+        """Always possible."""
+        return True
+
+
+class RecordingRunner(Runner):
+    """A Runner that records each run's program and timeout and answers ``result`` (or raises ``error``).
+
+    ``prepare`` is the real one, so limits are resolved and checked as in the service; ``hold`` keeps
+    runs executing until it is set.
     """
 
     def __init__(self, leaser: Leaser, limits: LimitSettings) -> None:
         super().__init__(leaser, limits)
-        self.limits = limits
-        self.calls: list[tuple[bytes, bytes, float | None]] = []
+        self.calls: list[tuple[bytes, bytes, float]] = []
         self.run_limits: list[RunLimits] = []
         self.result = CANNED
         self.error: Exception | None = None
+        self.hold: anyio.Event | None = None
+        self.output: list[tuple[Literal["stdout", "stderr"], bytes]] = []
 
-    async def run(
-        self, code: bytes, stdin: bytes, timeout: float | None, limits: RunLimits | None = None
+    async def execute(
+        self, run_id: str, spec: RunSpec, sandbox: Sandbox, on_output: OutputSink | None = None
     ) -> RunResult:
-        """Record the run and answer it with the canned result."""
-        resolve_timeout(timeout, self.limits)
-        resolve_limits(limits or RunLimits(), self.limits)
-        self.calls.append((code, stdin, timeout))
-        self.run_limits.append(limits or RunLimits())
+        """Record the run, print ``output``, wait for ``hold``, and answer with the canned result."""
+        self.calls.append((spec.code, spec.stdin, spec.timeout))
+        self.run_limits.append(
+            RunLimits(
+                cpu_time=spec.cpu_time, memory_mb=spec.memory_mb, max_output_bytes=spec.max_output_bytes
+            )
+        )
+        for stream, data in self.output:
+            assert on_output is not None
+            on_output(stream, data)
+        if self.hold is not None:
+            await self.hold.wait()
         if self.error is not None:
             raise self.error
-        return self.result
+        return msgspec.structs.replace(self.result, id=run_id)
 
 
 @pytest.fixture
 def settings() -> Settings:
-    """Settings with a small body limit and pool, as an operator could set them."""
-    return from_env({}, server={"max_body_bytes": MAX_BODY}, pool={"size": POOL_SIZE})
+    """Settings with a small body limit, pool and queue, as an operator could set them."""
+    return from_env(
+        {}, server={"max_body_bytes": MAX_BODY}, pool={"size": POOL_SIZE}, queue={"max_queued": MAX_QUEUED}
+    )
 
 
 @pytest.fixture
-def service(settings: Settings, tmp_path: Path) -> Service:
-    """A service whose pool (over an engine never called) reports itself serving."""
+def leaser() -> FakeLeaser:
+    """Where the scheduler's workers get their (placeholder) sandboxes."""
+    return FakeLeaser()
+
+
+@pytest.fixture
+def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
+    """A service whose pool (over an engine never called) reports itself serving; its scheduler
+    is started by the app's lifespan."""
     pool = Pool(
         settings,
         NoEngine(),
@@ -131,17 +178,31 @@ def service(settings: Settings, tmp_path: Path) -> Service:
         can_limit=True,
     )
     pool.serving = True
-    return Service(settings, IMAGE, INFO, pool, RecordingRunner(pool, settings.limits))
+    runner = RecordingRunner(leaser, settings.limits)
+    # Replaced by a started one in the app's lifespan; unstarted, it is what /health sees before.
+    scheduler = Scheduler(cast(Store, None), leaser, runner, settings.queue, workers=POOL_SIZE)
+    return Service(settings, IMAGE, INFO, pool, runner, scheduler)
 
 
 @pytest.fixture
-def app(settings: Settings, service: Service) -> Litestar:
-    """The real app, with a service factory that yields the fake service."""
+def app(settings: Settings, service: Service, leaser: FakeLeaser, tmp_path: Path) -> Litestar:
+    """The real app, with a service factory that yields the fake service and runs a real scheduler
+    over a real SQLite store."""
 
     @contextlib.asynccontextmanager
     async def factory(given: Settings) -> AsyncIterator[Service]:
         assert given is settings
-        yield service
+        store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+        try:
+            async with anyio.create_task_group() as tg:
+                scheduler = Scheduler(store, leaser, service.runner, settings.queue, workers=POOL_SIZE)
+                service.scheduler = scheduler
+                await tg.start(scheduler.run)
+                yield service
+                await scheduler.drain(1.0)
+                tg.cancel_scope.cancel()
+        finally:
+            await store.aclose()
 
     return create_app(settings, service_factory=factory)
 
@@ -183,8 +244,10 @@ async def test_run_json_returns_the_run_result(
     response = await client.post("/run-json/", json={"code": "print(1)", "stdin": "é\n", "timeout": 2.5})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
-    assert response.json() == {
-        "id": "0" * 32,
+    body = response.json()
+    assert re.fullmatch("[0-9a-f]{32}", body["id"])
+    assert body == {
+        "id": body["id"],
         "status": "succeeded",
         "exit_code": 0,
         "stdout": "1\n",
@@ -204,7 +267,7 @@ async def test_run_json_without_optional_fields(
     """Only ``code`` is required: stdin defaults to empty and the timeout to the server's."""
     response = await client.post("/run-json/", json={"code": "pass"})
     assert response.status_code == 200, response.text
-    assert runner.calls == [(b"pass", b"", None)]
+    assert runner.calls == [(b"pass", b"", 10.0)]
 
 
 async def test_run_json_reports_a_failed_run_as_200(
@@ -330,7 +393,7 @@ async def test_run_file_with_file_only(client: AsyncTestClient[Litestar], runner
     """stdin and timeout are optional: empty stdin and the server's default timeout."""
     response = await client.post("/run-file/", files={"file": ("main.py", b"pass\n")})
     assert response.status_code == 200, response.text
-    assert runner.calls == [(b"pass\n", b"", None)]
+    assert runner.calls == [(b"pass\n", b"", 10.0)]
 
 
 async def test_run_file_takes_stdin_as_an_uploaded_file(
@@ -341,7 +404,7 @@ async def test_run_file_takes_stdin_as_an_uploaded_file(
         "/run-file/", files={"file": ("main.py", b"pass\n"), "stdin": ("in.bin", b"\x00\xff")}
     )
     assert response.status_code == 200, response.text
-    assert runner.calls == [(b"pass\n", b"\x00\xff", None)]
+    assert runner.calls == [(b"pass\n", b"\x00\xff", 10.0)]
 
 
 @pytest.mark.parametrize(
@@ -391,28 +454,36 @@ async def test_run_file_without_multipart_is_a_problem(
 
 
 @pytest.mark.parametrize("path", ["/run-json/", "/run-file/"])
-async def test_pool_unavailable_is_503_with_retry_after(
-    client: AsyncTestClient[Litestar], runner: RecordingRunner, path: str
+async def test_a_run_waits_through_a_pool_outage(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, leaser: FakeLeaser, path: str
 ) -> None:
-    """When the runner raises PoolUnavailable the answer is a 503 problem with a Retry-After header."""
-    runner.error = PoolUnavailable("no sandbox became free within 30 s")
+    """When no sandbox can be leased the run stays queued and is retried; it is never lost or failed."""
+    leaser.failures = 2
     if path == "/run-json/":
         response = await client.post(path, json={"code": "pass"})
     else:
         response = await client.post(path, files={"file": ("main.py", b"pass")})
-    assert_problem(response, 503, "no sandbox")
-    assert int(response.headers["retry-after"]) >= 1
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "succeeded"
+    assert leaser.failures == 0
+    assert len(runner.calls) == 1
 
 
-async def test_unexpected_error_is_a_500_problem_without_internals(
+async def test_unexpected_error_is_an_error_result_without_internals(
     client: AsyncTestClient[Litestar], runner: RecordingRunner
 ) -> None:
-    """A bug in the server is a 500 problem with a generic detail that leaks nothing of the exception."""
+    """A bug in the server ends the run with status error and a generic message that leaks nothing."""
     runner.error = RuntimeError("secret /var/lib/warmpod path")
     response = await client.post("/run-json/", json={"code": "pass"})
-    body = assert_problem(response, 500)
+    assert response.status_code == 200, response.text
     assert "secret" not in response.text
-    assert "server log" in body["detail"]
+    body = response.json()
+    assert body["status"] == "error"
+    assert "server log" in body["error"]
+    # The worker survived it.
+    runner.error = None
+    response = await client.post("/run-json/", json={"code": "pass"})
+    assert response.json()["status"] == "succeeded"
 
 
 async def test_health_reports_image_engine_and_pool(client: AsyncTestClient[Litestar]) -> None:
@@ -427,6 +498,7 @@ async def test_health_reports_image_engine_and_pool(client: AsyncTestClient[Lite
     assert body["rootless"] is False
     assert body["cgroup_version"] == 1
     assert body["paused_idle"] is True
+    assert body["queue"] == {"queued": 0, "running": 0, "max_queued": MAX_QUEUED}
 
 
 async def test_health_is_503_until_the_pool_serves(
@@ -480,6 +552,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "cpu_time",
         "memory_mb",
         "max_output_bytes",
+        "wait",
     }
     assert "status" in components["RunResult"]["properties"]
     assert json.dumps(schema)  # serialisable as a whole

@@ -1,0 +1,387 @@
+"""The queue in front of the pool: takes runs into the store, runs them in order, and tells who waits."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import anyio
+from anyio.abc import TaskStatus
+
+from warmpod.errors import (
+    PoolUnavailable,
+    QueueFull,
+    RunFinished,
+    RunNotFound,
+    ShuttingDown,
+    StoreError,
+)
+from warmpod.models import RunResult, RunSpec
+from warmpod.pool import Sandbox
+from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner
+from warmpod.settings import QueueSettings
+from warmpod.store import Chunk, Record, Store
+
+log = logging.getLogger(__name__)
+
+# Output reaches the store (and so `/status/{id}/stream`) at most this long after it was printed.
+FLUSH_INTERVAL = 0.05
+# How often a running run looks for a cancel flag another node may have set in the store.
+CANCEL_POLL = 0.5
+# Waiters and streams re-read the store this often even without a local signal.
+RECHECK = 1.0
+# A stream sends a comment this often when nothing else happens, so proxies keep it open.
+KEEPALIVE = 15.0
+# How long DELETE waits for a running run to be stopped before it answers.
+CANCEL_WAIT = 10.0
+RETRY_MAX = 30.0
+STOPPED_MESSAGE = "the server stopped while this run was executing; it was not retried"
+
+
+@dataclass
+class _LiveRun:
+    """A run executing here: its output so far and the scope that cancels it."""
+
+    started: float = field(default_factory=time.perf_counter)
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    output: dict[str, bytearray] = field(
+        default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray()}
+    )
+    pending: list[Chunk] = field(default_factory=list)
+    seq: int = 0
+
+    def add(self, stream: Literal["stdout", "stderr"], data: bytes) -> None:
+        self.output[stream] += data
+        self.pending.append(Chunk(seq=self.seq, stream=stream, data=data))
+        self.seq += 1
+
+    def take(self) -> list[Chunk]:
+        chunks, self.pending = self.pending, []
+        return chunks
+
+    def ended(self, run_id: str, status: Literal["cancelled", "error"], error: str | None) -> RunResult:
+        return RunResult(
+            id=run_id,
+            status=status,
+            exit_code=None,
+            stdout=self.output["stdout"].decode("utf-8", "replace"),
+            stderr=self.output["stderr"].decode("utf-8", "replace"),
+            stdout_truncated=False,
+            stderr_truncated=False,
+            limits_hit=[],
+            duration_ms=(time.perf_counter() - self.started) * 1000,
+            error=error,
+        )
+
+
+@dataclass(frozen=True)
+class Update:
+    """One step of a run as ``follow`` sees it: a status, a chunk of output, the result, or nothing new."""
+
+    kind: Literal["status", "output", "result", "keepalive"]
+    status: str = ""
+    chunk: Chunk | None = None
+    result: RunResult | None = None
+
+
+class Scheduler:
+    """Accepts runs into the store and runs them, oldest first, as sandboxes become free."""
+
+    def __init__(
+        self, store: Store, leaser: Leaser, runner: Runner, settings: QueueSettings, workers: int
+    ) -> None:
+        self._store = store
+        self._leaser = leaser
+        self._runner = runner
+        self._settings = settings
+        self._workers = workers
+        # One token per run this node knows is queued: a worker takes a sandbox only for a token.
+        self._work = anyio.Semaphore(0)
+        self._changed: dict[str, anyio.Event] = {}
+        self._live: dict[str, _LiveRun] = {}
+        self._drain_deadline: float | None = None
+        self._quiet = anyio.Event()
+
+    @property
+    def draining(self) -> bool:
+        """Whether the server is stopping: no new runs are taken or started."""
+        return self._drain_deadline is not None
+
+    @property
+    def queued(self) -> int:
+        """Runs waiting for a sandbox, as this node knows them."""
+        return self._work.value
+
+    @property
+    def running(self) -> int:
+        """Runs executing on this node."""
+        return len(self._live)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Recover what a previous server left, then run queued runs until cancelled."""
+        lost = await self._store.recover(STOPPED_MESSAGE)
+        if lost:
+            log.warning("%d run(s) were executing when the last server stopped: reported error", len(lost))
+        queued = await self._store.queued()
+        if queued:
+            log.info("%d queued run(s) kept from the last server will run now", queued)
+        for _ in range(queued):
+            self._work.release()
+        async with anyio.create_task_group() as tg:
+            for _ in range(self._workers):
+                tg.start_soon(self._worker)
+            tg.start_soon(self._purge)
+            task_status.started()
+
+    def begin_drain(self, grace: float) -> None:
+        """Stop taking and starting runs; running ones get ``grace`` seconds (safe in a signal handler)."""
+        if self._drain_deadline is None:
+            self._drain_deadline = time.monotonic() + grace
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking runs and wait, up to the grace since ``begin_drain``, for running ones to end."""
+        self.begin_drain(grace)
+        assert self._drain_deadline is not None
+        with anyio.move_on_after(max(0.0, self._drain_deadline - time.monotonic())):
+            while self._live:
+                self._quiet = anyio.Event()
+                await self._quiet.wait()
+        if self._live:
+            log.warning("stopping %d run(s) still executing after the grace period", len(self._live))
+
+    async def submit(self, spec: RunSpec) -> str:
+        """Queue a run and return its id.
+
+        Raises:
+            ShuttingDown: the server is stopping.
+            QueueFull: ``max_queued`` runs already wait.
+        """
+        if self.draining:
+            raise ShuttingDown(
+                "warmpod is shutting down and takes no new runs; retry on another server or later"
+            )
+        run_id = uuid.uuid4().hex
+        if not await self._store.add(run_id, spec, max_queued=self._settings.max_queued):
+            raise QueueFull(
+                f"the queue is full: {self._settings.max_queued} runs are waiting (WARMPOD_QUEUE__MAX_QUEUED)"
+            )
+        self._work.release()
+        return run_id
+
+    async def wait(self, run_id: str, timeout: float) -> RunResult | None:
+        """The run's result once it is final; None if it is not within ``timeout`` seconds.
+
+        Raises:
+            RunNotFound: no such run.
+            ShuttingDown: the server is stopping and the run has not started (it stays queued).
+        """
+        with anyio.move_on_after(timeout):
+            while True:
+                changed = self._watch(run_id)
+                record = await self._record(run_id)
+                if record.result is not None:
+                    return record.result
+                if self.draining and record.status == "queued":
+                    raise ShuttingDown(
+                        f"warmpod is shutting down before run {run_id} started: it stays queued and runs "
+                        "when the server starts again"
+                    )
+                with anyio.move_on_after(RECHECK):
+                    await changed.wait()
+        return None
+
+    async def status(self, run_id: str) -> RunResult:
+        """The run's result, or what it printed so far while it is queued or running.
+
+        Raises:
+            RunNotFound: no such run, or its result has expired.
+        """
+        record = await self._record(run_id)
+        if record.result is not None:
+            return record.result
+        live = self._live.get(run_id)
+        if live is not None:
+            stdout, stderr = bytes(live.output["stdout"]), bytes(live.output["stderr"])
+        else:
+            joined = {"stdout": bytearray(), "stderr": bytearray()}
+            for chunk in await self._store.output(run_id):
+                joined[chunk.stream] += chunk.data
+            stdout, stderr = bytes(joined["stdout"]), bytes(joined["stderr"])
+        return RunResult(
+            id=run_id,
+            status="running" if record.status == "running" else "queued",
+            exit_code=None,
+            stdout=stdout.decode("utf-8", "replace"),
+            stderr=stderr.decode("utf-8", "replace"),
+            stdout_truncated=False,
+            stderr_truncated=False,
+            limits_hit=[],
+            duration_ms=0.0,
+        )
+
+    async def cancel(self, run_id: str) -> RunResult:
+        """Stop a queued or running run; it ends ``cancelled`` with the output it had printed.
+
+        Raises:
+            RunNotFound: no such run.
+            RunFinished: the run had already ended otherwise.
+        """
+        await self._record(run_id)
+        outcome = await self._store.cancel(
+            run_id, _LiveRun(started=time.perf_counter()).ended(run_id, "cancelled", None)
+        )
+        if outcome == "unknown":
+            raise RunNotFound(f"no run has the id {run_id}")
+        if outcome == "cancelled":
+            self._notify(run_id)
+            # Its token would otherwise send a worker to lease a sandbox for nothing.
+            with contextlib.suppress(anyio.WouldBlock):
+                self._work.acquire_nowait()
+        elif outcome == "requested":
+            live = self._live.get(run_id)
+            if live is not None:
+                live.scope.cancel()
+            await self.wait(run_id, CANCEL_WAIT)
+        record = await self._record(run_id)
+        if record.result is not None and record.result.status != "cancelled":
+            raise RunFinished(f"run {run_id} had already ended ({record.result.status}); nothing to cancel")
+        return await self.status(run_id)
+
+    async def follow(self, run_id: str, after: int = -1) -> AsyncIterator[Update]:
+        """The run's status changes, its output chunks after ``after``, then its result; live.
+
+        Raises:
+            RunNotFound: no such run, or its result has expired.
+        """
+        status = ""
+        quiet_since = time.monotonic()
+        while True:
+            changed = self._watch(run_id)
+            record = await self._record(run_id)
+            chunks = await self._store.output(run_id, after)
+            if record.result is None and record.status != status:
+                status = record.status
+                yield Update("status", status=status)
+            for chunk in chunks:
+                after = chunk.seq
+                yield Update("output", chunk=chunk)
+            if record.result is not None:
+                yield Update("result", result=record.result)
+                return
+            if chunks:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > KEEPALIVE:
+                quiet_since = time.monotonic()
+                yield Update("keepalive")
+            with anyio.move_on_after(RECHECK):
+                await changed.wait()
+
+    async def _record(self, run_id: str) -> Record:
+        record = await self._store.get(run_id)
+        if record is None or (
+            record.finished is not None and record.finished + self._settings.retention < time.time()
+        ):
+            raise RunNotFound(
+                f"no run has the id {run_id} (results are kept {self._settings.retention:g} s "
+                "after the run ends)"
+            )
+        return record
+
+    def _watch(self, run_id: str) -> anyio.Event:
+        return self._changed.setdefault(run_id, anyio.Event())
+
+    def _notify(self, run_id: str) -> None:
+        event = self._changed.pop(run_id, None)
+        if event is not None:
+            event.set()
+
+    async def _worker(self) -> None:
+        retry = 0.5
+        while True:
+            await self._work.acquire()
+            if self.draining:
+                self._work.release()
+                return
+            try:
+                async with self._leaser.lease() as sandbox:
+                    if self.draining:
+                        self._work.release()
+                        return
+                    claimed = await self._store.claim()
+                    if claimed is not None:
+                        await self._execute(claimed[0], claimed[1], sandbox)
+                retry = 0.5
+            except (PoolUnavailable, StoreError, *SANDBOX_FAILURES) as exc:
+                # The run (if any was claimed, it was finished) stays queued for the next try.
+                self._work.release()
+                log.warning("no sandbox for the next queued run (retrying in %.1f s): %s", retry, exc)
+                await anyio.sleep(retry)
+                retry = min(retry * 2, RETRY_MAX)
+
+    async def _execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox) -> None:
+        live = self._live[run_id] = _LiveRun()
+        self._notify(run_id)
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._tend, run_id, live)
+                with live.scope:
+                    try:
+                        result = await self._runner.execute(run_id, spec, sandbox, live.add)
+                    except Exception:
+                        log.exception("run %s failed inside warmpod", run_id)
+                        result = live.ended(run_id, "error", "internal error; see the server log")
+                tg.cancel_scope.cancel()
+            if live.scope.cancelled_caught:
+                result = live.ended(run_id, "cancelled", None)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._finish(
+                    run_id, live.ended(run_id, "error", "the server stopped before the run ended"), live
+                )
+            raise
+        finally:
+            del self._live[run_id]
+            if not self._live:
+                self._quiet.set()
+        with anyio.CancelScope(shield=True):
+            await self._finish(run_id, result, live)
+
+    async def _finish(self, run_id: str, result: RunResult, live: _LiveRun) -> None:
+        try:
+            await self._store.finish(run_id, result, live.take())
+        except StoreError:
+            log.exception("could not record the result of run %s", run_id)
+        self._notify(run_id)
+
+    async def _tend(self, run_id: str, live: _LiveRun) -> None:
+        """While a run executes: move its output to the store and look for a cancel flag."""
+        next_poll = 0.0
+        while True:
+            if live.pending:
+                try:
+                    await self._store.add_output(run_id, live.take())
+                except StoreError:
+                    log.exception("could not keep the output of run %s", run_id)
+                self._notify(run_id)
+            if time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + CANCEL_POLL
+                if await self._store.cancel_requested(run_id):
+                    live.scope.cancel()
+            await anyio.sleep(FLUSH_INTERVAL)
+
+    async def _purge(self) -> None:
+        retention = self._settings.retention
+        while True:
+            try:
+                purged = await self._store.purge(time.time() - retention)
+            except StoreError:
+                log.exception("could not purge expired runs")
+            else:
+                if purged:
+                    log.info("purged %d expired run(s)", purged)
+            await anyio.sleep(min(retention, 300.0))
