@@ -104,6 +104,8 @@ class WarmpodServer:
         self.env = dict(os.environ)
         # A private Podman service in a fresh state directory, whatever the caller's environment says.
         self.env.update({"WARMPOD_ENGINE__URL": "", "WARMPOD_ENGINE__STATE_DIR": "", "PYTHONUNBUFFERED": "1"})
+        # Its own run store, unless the test hands one over (to restart a server on it).
+        self.env["WARMPOD_QUEUE__STORE_PATH"] = str(directory / f"runs-{port}.sqlite3")
         self.env.update(settings)
         self.log_path = directory / f"warmpod-{port}.log"
         self._log: IO[bytes] = self.log_path.open("wb")
