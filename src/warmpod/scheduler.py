@@ -363,10 +363,12 @@ class Scheduler:
         next_poll = 0.0
         while True:
             if live.pending:
-                try:
-                    await self._store.add_output(run_id, live.take())
-                except StoreError:
-                    log.exception("could not keep the output of run %s", run_id)
+                # Shielded: chunks taken from ``live`` must reach the store even if the run ends now.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._store.add_output(run_id, live.take())
+                    except StoreError:
+                        log.exception("could not keep the output of run %s", run_id)
                 self._notify(run_id)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + CANCEL_POLL

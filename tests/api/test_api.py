@@ -607,3 +607,149 @@ async def test_limits_reach_the_runner_from_json_and_form(
     )
     assert response.status_code == 200, response.text
     assert runner.run_limits == [wanted, wanted]
+
+
+# The queue --------------------------------------------------------------------------------------
+
+
+async def test_wait_false_is_202_with_location_and_the_result_is_polled(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """wait=false answers 202 with id, status queued, absolute status and stream URLs and Location."""
+    runner.hold = anyio.Event()
+    response = await client.post("/run-json/", json={"code": "print(1)", "wait": False})
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert set(body) == {"id", "status", "status_url", "stream_url"}
+    assert body["status"] == "queued"
+    assert body["status_url"] == f"http://testserver.local/status/{body['id']}"
+    assert response.headers["location"] == body["status_url"]
+    polled = await client.get(f"/status/{body['id']}")
+    assert polled.status_code == 200
+    assert polled.json()["status"] in {"queued", "running"}
+    runner.hold.set()
+    with anyio.fail_after(5):
+        while (await client.get(f"/status/{body['id']}")).json()["status"] != "succeeded":
+            await anyio.sleep(0.01)
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status"),
+    [
+        pytest.param({"url": "/run-json/?wait=false", "json": {"code": "pass"}}, 202, id="json-query"),
+        pytest.param({"url": "/run-json/?wait=true", "json": {"code": "pass"}}, 200, id="json-query-true"),
+        pytest.param(
+            {"url": "/run-file/", "files": {"file": ("m.py", b"pass")}, "data": {"wait": "false"}},
+            202,
+            id="form-field",
+        ),
+        pytest.param(
+            {"url": "/run-file/?wait=0", "files": {"file": ("m.py", b"pass")}}, 202, id="form-query"
+        ),
+    ],
+)
+async def test_wait_is_taken_from_the_query_or_the_form(
+    client: AsyncTestClient[Litestar], request_kwargs: dict[str, Any], status: int
+) -> None:
+    """``wait`` works as a query parameter on both endpoints and as a form field on /run-file/."""
+    response = await client.post(**request_kwargs)
+    assert response.status_code == status, response.text
+
+
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [
+        pytest.param({"url": "/run-json/?wait=maybe", "json": {"code": "pass"}}, id="query-word"),
+        pytest.param({"url": "/run-json/", "json": {"code": "pass", "wait": "no"}}, id="json-string"),
+        pytest.param({"url": "/run-json/?wait=true", "json": {"code": "pass", "wait": False}}, id="conflict"),
+        pytest.param(
+            {"url": "/run-file/", "files": {"file": ("m.py", b"pass")}, "data": {"wait": "later"}},
+            id="form-word",
+        ),
+    ],
+)
+async def test_a_bad_wait_is_a_400_problem(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, request_kwargs: dict[str, Any]
+) -> None:
+    """A wait that is not a boolean, or two that disagree, is a 400 problem naming it; nothing runs."""
+    response = await client.post(**request_kwargs)
+    assert_problem(response, 400, "wait")
+    assert runner.calls == []
+
+
+async def test_a_full_queue_is_429_with_retry_after(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """With every worker busy and max_queued runs waiting, the next submission is a 429 problem."""
+    runner.hold = anyio.Event()
+    accepted = [
+        (await client.post("/run-json/", json={"code": "pass", "wait": False})).status_code
+        for _ in range(POOL_SIZE + MAX_QUEUED)
+    ]
+    assert accepted == [202] * (POOL_SIZE + MAX_QUEUED)
+    with anyio.fail_after(5):
+        while len(runner.calls) < POOL_SIZE:
+            await anyio.sleep(0.01)
+    for response in (
+        await client.post("/run-json/", json={"code": "pass", "wait": False}),
+        await client.post("/run-json/", json={"code": "pass"}),
+    ):
+        body = assert_problem(response, 429, "queue", str(MAX_QUEUED))
+        assert body["type"].endswith("queue-full")
+        assert int(response.headers["retry-after"]) >= 1
+    health = (await client.get("/health")).json()
+    assert health["queue"] == {"queued": MAX_QUEUED, "running": POOL_SIZE, "max_queued": MAX_QUEUED}
+    runner.hold.set()
+
+
+async def test_cancel_of_queued_and_running_runs(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """DELETE stops a running run (keeping its output) and a queued one; both end cancelled."""
+    runner.hold = anyio.Event()
+    runner.output = [("stdout", b"so far\n")]
+    ids = [
+        (await client.post("/run-json/", json={"code": "pass", "wait": False})).json()["id"]
+        for _ in range(POOL_SIZE + 1)
+    ]
+    with anyio.fail_after(5):
+        while len(runner.calls) < POOL_SIZE:
+            await anyio.sleep(0.01)
+    running, queued = ids[0], ids[-1]
+    assert (await client.get(f"/status/{queued}")).json()["status"] == "queued"
+    response = await client.delete(f"/status/{queued}")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    response = await client.delete(f"/status/{running}")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert response.json()["stdout"] == "so far\n"
+    runner.hold.set()
+    assert len(runner.calls) == POOL_SIZE, "the cancelled queued run must never start"
+
+
+async def test_the_stream_sends_status_output_and_result_events(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """The SSE stream of a run: output events named after their stream, with JSON text, then the result."""
+    runner.output = [("stdout", b"a\n"), ("stderr", "é".encode()[:1]), ("stderr", "é".encode()[1:])]
+    result = (await client.post("/run-json/", json={"code": "pass"})).json()
+    response = await client.get(f"/status/{result['id']}/stream")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = [block for block in response.text.split("\r\n\r\n") if block.strip()]
+    parsed = [dict(line.split(": ", 1) for line in block.splitlines()) for block in blocks]
+    assert [event["event"] for event in parsed] == ["stdout", "stderr", "stderr", "result"]
+    assert [json.loads(event["data"]).get("text") for event in parsed[:3]] == ["a\n", "", "é"]
+    assert [event.get("id") for event in parsed] == ["0", "1", "2", None]
+    assert json.loads(parsed[-1]["data"]) == result
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE"])
+async def test_unknown_run_is_404_problem(client: AsyncTestClient[Litestar], method: str) -> None:
+    """Unknown and malformed ids are 404 problems."""
+    for run_id in ("f" * 32, "F" * 32, "x", "%00"):
+        response = await client.request(method, f"/status/{run_id}")
+        body = assert_problem(response, 404, "no run")
+        assert body["type"].endswith("no-such-run")
+    assert_problem(await client.request(method, "/status/../../etc"), 404)
