@@ -2,7 +2,7 @@
 
 Usage::
 
-    .venv/bin/python bench/queue.py [--runs 200] [--pool-size 4] [--naive-concurrency 4] [--output PATH]
+    .venv/bin/python bench/burst.py [--runs 200] [--pool-size 4] [--naive-concurrency 4] [--output PATH]
 
 It starts ``warmpod serve`` (its own store in a temporary directory), submits ``--runs`` programs at
 once with ``wait=false`` from 32 client threads, polls every run to its end, and samples
@@ -34,7 +34,7 @@ from latency import ROOT, Server, free_port, percentile, podman
 from warmpod import engine, image
 from warmpod.settings import from_env
 
-DEFAULT_OUTPUT = ROOT / "bench" / "results" / "queue.json"
+DEFAULT_OUTPUT = ROOT / "bench" / "results" / "burst.json"
 FINAL = {"succeeded", "failed", "timeout", "error", "cancelled"}
 
 
