@@ -31,6 +31,8 @@ class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
     pid: int
     landlock: int = 0
     """Landlock ABI confining the program's writes; 0 when the kernel or seccomp offers none."""
+    preload_failed: Annotated[list[Annotated[str, Meta(max_length=200)]], Meta(max_length=64)] = []
+    """Preload modules the interpreter could not import; runs still work, without them warm."""
 
 
 class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):

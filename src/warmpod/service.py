@@ -55,6 +55,8 @@ class Service:
                 for row in enforcement(cgroups=self.info.can_limit)
             ],
             last_error=stats.last_error,
+            preload=list(self.settings.pool.preload),
+            preload_failed=stats.preload_failed,
         )
 
 
