@@ -108,7 +108,9 @@ def podman(settings: Settings, *args: str, timeout: float = 120) -> subprocess.C
 class Server:
     """``warmpod serve`` as a child process on a private port."""
 
-    def __init__(self, pool_size: int, port: int, log_path: Path) -> None:
+    def __init__(
+        self, pool_size: int, port: int, log_path: Path, extra_env: dict[str, str] | None = None
+    ) -> None:
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
@@ -118,6 +120,7 @@ class Server:
                 "WARMPOD_SERVER__HOST": "127.0.0.1",
                 "WARMPOD_SERVER__PORT": str(port),
                 "WARMPOD_POOL__SIZE": str(pool_size),
+                **(extra_env or {}),
             }
         )
         self._log = log_path.open("wb")
