@@ -284,6 +284,17 @@ def oom_kills():
     )
 
 
+def memory_in_use():
+    """Bytes the container's memory cgroup holds now (v2, then v1), or 0 where unknown."""
+    for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
+        try:
+            with open(path) as f:
+                return int(f.read())
+        except (OSError, ValueError):
+            continue
+    return 0
+
+
 def pids_max_hits():
     return cgroup_counter("max", "/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")
 
@@ -549,6 +560,7 @@ def main():
             "pid": proc.pid,
             "landlock": LANDLOCK_ABI,
             "preload_failed": failed[:64],
+            "memory": memory_in_use(),
         },
     )
     job = recv_frame(conn)

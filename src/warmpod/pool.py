@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from warmpod import protocol
-from warmpod.errors import PoolUnavailable, ProtocolError, WarmpodError
+from warmpod.errors import InvalidRun, PoolUnavailable, ProtocolError, WarmpodError
 from warmpod.image import context_dir
 from warmpod.protocol import Channel, Hello
 from warmpod.sandbox import SOCKET_NAME, container_spec
@@ -34,6 +34,8 @@ DESTROY_TIMEOUT = 30.0
 SOCKET_POLL = 0.005
 # Seconds since a run last found the pool empty before new containers are preloaded again.
 PRELOAD_CALM = 5.0
+# Room above a sandbox's memory at rest for writing main.py and starting the program.
+MEMORY_HEADROOM = 4 * 1024 * 1024
 
 
 class Engine(Protocol):
@@ -58,6 +60,8 @@ class Sandbox:
     directory: Path
     channel: Channel
     paused: bool
+    memory: int = 0
+    """Bytes the container held before its run, as its agent reported."""
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     async def thaw(self, engine: Engine) -> None:
@@ -292,7 +296,7 @@ class Pool:
         except BaseException:
             await self._discard(container_id, directory)
             raise
-        return Sandbox(container_id, name, directory, channel, paused=paused)
+        return Sandbox(container_id, name, directory, channel, paused=paused, memory=hello.memory)
 
     def _warm_next(self) -> None:
         # Thaw the container the next run will take, off that run's critical path.
@@ -357,9 +361,23 @@ class Pool:
             return False
 
     async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool:
-        """Lower ``sandbox``'s memory cgroup limit (swap included); False where there is none."""
+        """Lower ``sandbox``'s memory cgroup limit (swap included); False where there is none.
+
+        Raises:
+            InvalidRun: the limit is below what the sandbox holds before the program starts
+                (preloaded modules), which the kernel would refuse or answer with an OOM kill.
+        """
         if not self._can_limit:
             return False
+        floor = sandbox.memory + MEMORY_HEADROOM
+        if limit_bytes < floor:
+            mib = 1024 * 1024
+            preloaded = ", ".join(self._settings.pool.preload) or "nothing"
+            raise InvalidRun(
+                f"memory_mb must be at least {-(-floor // mib)} MiB here: the sandbox holds "
+                f"{sandbox.memory / mib:.0f} MiB before the program starts (preloaded: {preloaded}; "
+                "WARMPOD_POOL__PRELOAD)"
+            )
         await self._engine.update_memory(sandbox.container_id, limit_bytes)
         return True
 

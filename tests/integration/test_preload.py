@@ -140,3 +140,16 @@ def test_without_preload_nothing_is_imported_ahead(start_server: ServerFactory) 
     with httpx.Client(base_url=live.url, timeout=60) as client:
         result = calm_run(live, client, "import sys\nprint('numpy' in sys.modules, 'pandas' in sys.modules)")
     assert result["stdout"] == "False False\n", result
+
+
+def test_memory_below_the_preloaded_footprint_is_refused_clearly(
+    warm: tuple[WarmpodServer, httpx.Client],
+) -> None:
+    """memory_mb under what a preloaded sandbox already holds gets a 422 naming memory_mb and the minimum."""
+    live, client = warm
+    live.wait_pool_full()
+    response = client.post("/run-json/", json={"code": "print(1)", "memory_mb": 16})
+    assert response.status_code == 422, response.text
+    assert "memory_mb must be at least" in response.json()["detail"]
+    assert "numpy, pandas" in response.json()["detail"]
+    assert calm_run(live, client, "print(1)", memory_mb=128)["stdout"] == "1\n"

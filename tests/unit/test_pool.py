@@ -20,7 +20,7 @@ import pytest
 from anyio.abc import ByteStream, SocketListener, TaskGroup, TaskStatus
 
 from warmpod import protocol
-from warmpod.errors import EngineError, PoolUnavailable
+from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
 from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool
 from warmpod.protocol import Job, Result
 from warmpod.runner import Runner
@@ -798,13 +798,14 @@ async def test_containers_preload_while_calm_and_start_bare_for_waiting_runs(
     """Containers made while the pool keeps up preload the modules; one made while a run waits starts bare."""
     engine = FakeEngine(agents)
     pool = make_pool(engine, state_dir, size=1, preload=["numpy", "pandas"], can_pause=True)
+    got: list[str] = []
 
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
         engine.gate = anyio.Event()
         async with pool.lease(), anyio.create_task_group() as tg:
             await eventually(lambda: len(engine.created) == 2)  # the replacement, held at the gate
-            tg.start_soon(take_one, pool)
+            tg.start_soon(take_one, pool, got)
             await eventually(lambda: len(engine.created) >= 3)
             engine.gate.set()
         await eventually(lambda: len(engine.destroyed) >= 2)
@@ -812,17 +813,17 @@ async def test_containers_preload_while_calm_and_start_bare_for_waiting_runs(
         assert preload_of(engine, first) == "numpy,pandas"
         assert preload_of(engine, replacement) == "numpy,pandas"
         assert preload_of(engine, extra) == ""
-        # The replacement became ready while a run waited: pausing it would only delay that run.
-        assert engine.count("pause", replacement) == 0
+        # It became ready while the run waited for it: pausing it would only have delayed that run.
+        assert engine.count("pause", got[0]) == 0
         assert engine.count("pause", first) == 1
 
     await with_pool(pool, body)
 
 
-async def take_one(pool: Pool) -> None:
-    """Lease a container and give it back at once."""
-    async with pool.lease():
-        pass
+async def take_one(pool: Pool, got: list[str]) -> None:
+    """Lease a container, note which, and give it back at once."""
+    async with pool.lease() as sandbox:
+        got.append(sandbox.container_id)
 
 
 async def test_failed_preloads_are_reported_and_containers_still_serve(
@@ -838,5 +839,24 @@ async def test_failed_preloads_are_reported_and_containers_still_serve(
         assert pool.stats().preload_failed == ["nosuchmodule"]
         async with pool.lease() as sandbox:
             assert sandbox.container_id == engine.created[0]
+
+    await with_pool(pool, body)
+
+
+async def test_memory_below_what_the_sandbox_holds_is_refused(agents: TaskGroup, state_dir: Path) -> None:
+    """Lowering a sandbox's memory below what it held when ready raises InvalidRun, without an update."""
+    engine = FakeEngine(agents)
+    engine.hello = {**engine.hello, "memory": 60 * 1024 * 1024}
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        async with pool.lease() as sandbox:
+            assert sandbox.memory == 60 * 1024 * 1024
+            with pytest.raises(InvalidRun, match="memory_mb must be at least 64 MiB"):
+                await pool.limit_memory(sandbox, 32 * 1024 * 1024)
+            assert engine.count("update_memory") == 0
+            assert await pool.limit_memory(sandbox, 128 * 1024 * 1024)
+            assert engine.count("update_memory") == 1
 
     await with_pool(pool, body)
