@@ -255,8 +255,11 @@ class Pool:
         directory.mkdir(mode=0o700)
         # Preloading costs about 300 ms of CPU per container: worth it while the pool keeps up.
         # Once runs find it empty, CPU is the limit and a bare container serves them sooner.
+        # After a failed start the next one is bare too, so a preload that crashes or hangs the
+        # interpreter cannot keep the pool empty.
         calm = anyio.current_time() - self._last_shortage > PRELOAD_CALM
-        preload = self._settings.pool.preload if calm and not self._queue else ()
+        usable = calm and not self._queue and not self._consecutive_failures
+        preload = self._settings.pool.preload if usable else ()
         spec = container_spec(
             image=self._image,
             seccomp_profile=self._seccomp_profile,

@@ -860,3 +860,21 @@ async def test_memory_below_what_the_sandbox_holds_is_refused(agents: TaskGroup,
             assert engine.count("update_memory") == 1
 
     await with_pool(pool, body)
+
+
+async def test_after_a_failed_start_the_next_container_is_bare(agents: TaskGroup, state_dir: Path) -> None:
+    """After a failed start the next container is bare, so a broken preload cannot keep the pool empty."""
+    engine = FakeEngine(agents)
+    engine.failing_creates = 1
+    pool = make_pool(engine, state_dir, size=1, preload=["numpy"], backoff_max=0.05)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        async with pool.lease():
+            pass
+        await eventually(lambda: len(engine.created) == 2)
+
+    await with_pool(pool, body)
+    bare, after = engine.created
+    assert preload_of(engine, bare) == ""
+    assert preload_of(engine, after) == "numpy"
