@@ -49,9 +49,10 @@ def _warmpod_boot():
     failed = []
     preloaded = len(sys.argv) > 1
     if preloaded:
-        # Import-time warnings would otherwise reach the program's stderr as if it printed them.
-        saved = os.dup(2)
+        # What the imports print or warn would otherwise reach the run's output as the program's.
+        saved = [os.dup(1), os.dup(2)]
         quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 1)
         os.dup2(quiet, 2)
         os.close(quiet)
         for name in sys.argv[1:]:
@@ -59,8 +60,11 @@ def _warmpod_boot():
                 __import__(name)
             except BaseException:
                 failed.append(name)
-        os.dup2(saved, 2)
-        os.close(saved)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in enumerate(saved, 1):
+            os.dup2(copy, fd)
+            os.close(copy)
     os.write(4, ("r" + ",".join(failed)).encode())
     os.close(4)
     del failed

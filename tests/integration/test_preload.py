@@ -28,7 +28,8 @@ MODULE_DUNDERS = [
 @pytest.fixture
 def warm(start_server: ServerFactory) -> Iterator[tuple[WarmpodServer, httpx.Client]]:
     """A fresh server preloading numpy, pandas and one module that does not exist."""
-    live = start_server(WARMPOD_POOL__PRELOAD="numpy,pandas,warmpod_no_such_module")
+    # ``this`` prints the Zen of Python when imported: none of it may reach a run's output.
+    live = start_server(WARMPOD_POOL__PRELOAD="numpy,pandas,warmpod_no_such_module,this")
     live.wait_healthy()
     with httpx.Client(base_url=live.url, timeout=60) as http:
         yield live, http
@@ -56,6 +57,7 @@ def test_preloaded_modules_are_already_imported(warm: tuple[WarmpodServer, httpx
     assert result["status"] == "succeeded", result
     assert result["stdout"] == "True True\nTrue\n"
     assert result["stderr"] == ""
+    assert "'this'" in calm_run(live, client, "import sys\nprint(sorted(sys.modules))")["stdout"]
 
 
 def test_a_module_that_fails_to_preload_is_reported_and_runs_go_on(
@@ -64,7 +66,7 @@ def test_a_module_that_fails_to_preload_is_reported_and_runs_go_on(
     """/health names a module that could not be preloaded; runs work and importing it fails as usual."""
     live, client = warm
     body = live.wait_pool_full()
-    assert body["preload"] == ["numpy", "pandas", "warmpod_no_such_module"]
+    assert body["preload"] == ["numpy", "pandas", "warmpod_no_such_module", "this"]
     assert body["preload_failed"] == ["warmpod_no_such_module"]
     result = run_json(client, "import warmpod_no_such_module")
     assert result["status"] == "failed"
