@@ -18,7 +18,8 @@ warmpod     for each mode (``preload``: the pool preloads numpy and pandas, the 
             p50/p99, errors); memory of each idle pool container (its cgroup) and of the server.
 
 All times are wall-clock on the client's side. It prints one table and writes every figure to a
-JSON file. It is a measurement, not a test: nothing is asserted; failed runs are counted.
+JSON file, with the host's load average as each series ended (other work on a shared host shows
+there). It is a measurement, not a test: nothing is asserted; failed runs are counted.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -138,6 +140,12 @@ def load(
     return series
 
 
+def ended(series: Series) -> Series:
+    """Note the host's 1-minute load average as ``series`` ends: other work on the host shows there."""
+    series.extra["load_average"] = round(os.getloadavg()[0], 2)
+    return series
+
+
 def cgroup_memory(container_id: str, settings: Settings) -> dict[str, int]:
     """Memory charged to a container's cgroup (v1 or v2): what its limit counts, and the anonymous part."""
     path = podman(settings, "inspect", "--format", "{{.State.CgroupPath}}", container_id).stdout.strip()
@@ -221,7 +229,7 @@ def bench_warmpod(
 
                 with section(f"[{mode}] {program}: {args.runs} sequential runs"):
                     repeat(args.runs, program, idle_step)
-                results.append(series)
+                results.append(ended(series))
             for program, levels in (("trivial", args.levels), ("pandas", args.pandas_levels)):
                 for workers in levels:
                     wait_pool_full(client, timeout=300)
@@ -238,7 +246,7 @@ def bench_warmpod(
                             step,
                         )
                     series.extra["health_after"] = client.get("/health").json().get("pool")
-                    results.append(series)
+                    results.append(ended(series))
     finally:
         with section(f"[{mode}] stopping warmpod"):
             facts["stop"] = server.stop()
@@ -290,19 +298,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat(
                 args.floor_runs, "floor", lambda: time_process([python3, "-I", "-c", "pass"], None, floor, "")
             )
-        rows.append(floor)
+        rows.append(ended(floor))
         for program in PROGRAMS:
             series = Series(f"naive {program}", "podman run --rm, sequential")
             with section(f"naive {program}: {args.naive_runs} sequential runs"):
                 step = naive(settings, ref, programs, program)
                 repeat(args.naive_runs, program, functools.partial(step, series))
-            rows.append(series)
+            rows.append(ended(series))
         for program, levels in (("trivial", args.levels), ("pandas", args.pandas_levels)):
             step = naive(settings, ref, programs, program)
             for workers in levels:
                 with section(f"naive {program} at concurrency {workers} for {args.duration:g} s"):
                     name = f"naive {program} c{workers}"
-                    rows.append(load(name, "podman run --rm under load", workers, args.duration, step))
+                    rows.append(ended(load(name, "podman run --rm under load", workers, args.duration, step)))
         for mode in args.modes.split(","):
             mode_rows, mode_facts = bench_warmpod(mode, args, settings)
             rows.extend(mode_rows)
@@ -324,7 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def report(rows: Sequence[Series], facts: dict[str, Any]) -> str:
     """One table of every series, then the memory figures and the ratios to the naive baseline."""
-    header = f"{'series':<26} {'n':>5} {'err':>4} {'p50':>7} {'p95':>7} {'p99':>7} {'runs/s':>7}  (ms)"
+    header = (
+        f"{'series':<26} {'n':>5} {'err':>4} {'p50':>7} {'p95':>7} {'p99':>7} {'runs/s':>7} {'load':>5}  (ms)"
+    )
     lines = [header, "-" * len(header)]
     summaries = {row.name: row.summary() for row in rows}
     for row in rows:
@@ -332,7 +342,7 @@ def report(rows: Sequence[Series], facts: dict[str, Any]) -> str:
         rate = row.extra.get("runs_per_s")
         lines.append(
             f"{row.name:<26} {s['n']:>5} {len(row.failures):>4} {fmt(s['p50'])} {fmt(s['p95'])} "
-            f"{fmt(s['p99'])} {'' if rate is None else f'{rate:>7.2f}'}"
+            f"{fmt(s['p99'])} {'' if rate is None else f'{rate:>7.2f}':>7} {row.extra['load_average']:>5.1f}"
         )
     lines.append("")
     for mode in MODES:
