@@ -117,3 +117,7 @@ class Health(msgspec.Struct, kw_only=True):
     """Landlock ABI confining the program's writes (0: not available on this host)."""
     limits: list[LimitEnforcement]
     last_error: str | None = None
+    preload: list[str] = []
+    """Modules every pooled interpreter imports before its run (``WARMPOD_POOL__PRELOAD``)."""
+    preload_failed: list[str] = []
+    """Of those, the ones that failed to import: runs work, but pay for them themselves."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import shutil
 import socket
@@ -18,7 +19,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from warmpod import protocol
-from warmpod.errors import PoolUnavailable, ProtocolError, WarmpodError
+from warmpod.errors import InvalidRun, PoolUnavailable, ProtocolError, WarmpodError
 from warmpod.image import context_dir
 from warmpod.protocol import Channel, Hello
 from warmpod.sandbox import SOCKET_NAME, container_spec
@@ -31,6 +32,10 @@ LABEL_HOST = "io.warmpod.host"
 LABEL_PID = "io.warmpod.pid"
 DESTROY_TIMEOUT = 30.0
 SOCKET_POLL = 0.005
+# Seconds since a run last found the pool empty before new containers are preloaded again.
+PRELOAD_CALM = 5.0
+# Room above a sandbox's memory at rest for writing main.py and starting the program.
+MEMORY_HEADROOM = 4 * 1024 * 1024
 
 
 class Engine(Protocol):
@@ -55,6 +60,8 @@ class Sandbox:
     directory: Path
     channel: Channel
     paused: bool
+    memory: int = 0
+    """Bytes the container held before its run, as its agent reported."""
     lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     async def thaw(self, engine: Engine) -> None:
@@ -76,10 +83,17 @@ class PoolStats:
     created: int
     failures: int
     last_error: str | None
+    preload_failed: list[str]
 
 
 class Pool:
-    """Keeps ``settings.pool.size`` containers ready; each is leased for one run, then destroyed."""
+    """Keeps containers ready, between the pool's min and max size; each serves one run, then goes.
+
+    The ready target starts at ``min_size``. A run that finds no container ready doubles it (at
+    most ``max_size``); each ``shrink_after`` seconds without such a run halves it (at least
+    ``min_size``). Ready, starting and running containers together never exceed ``max_size``.
+    Runs get containers in the order they asked.
+    """
 
     def __init__(
         self,
@@ -104,6 +118,11 @@ class Pool:
         self._ready: deque[Sandbox] = deque()
         self._busy: set[Sandbox] = set()
         self._starting = 0
+        self._queue: deque[object] = deque()
+        self._floor, self._ceiling = settings.pool.bounds
+        self._target = self._floor
+        self._last_shortage = self._resized = -math.inf
+        self.preload_failed: list[str] = []
         self._created = 0
         self._failures = 0
         self._consecutive_failures = 0
@@ -113,11 +132,14 @@ class Pool:
         self._tg: anyio.abc.TaskGroup | None = None
         self.serving = False
         self.landlock_abi = 0
+        # The most memory a sandbox held at rest (plus headroom), where cgroups limit memory:
+        # requests below it are refused up front, the same way whichever sandbox they would get.
+        self.memory_floor = 0
 
     @property
     def target(self) -> int:
-        """How many containers the pool keeps ready."""
-        return self._settings.pool.size
+        """How many containers the pool keeps ready now."""
+        return self._target
 
     def stats(self) -> PoolStats:
         """The pool's counts now."""
@@ -129,6 +151,7 @@ class Pool:
             created=self._created,
             failures=self._failures,
             last_error=self._last_error,
+            preload_failed=self.preload_failed,
         )
 
     def labels(self) -> dict[str, str]:
@@ -172,12 +195,36 @@ class Pool:
 
     async def _maintain(self, tg: anyio.abc.TaskGroup) -> None:
         limit = self._settings.pool.refill_concurrency
+        shrink_after = self._settings.pool.shrink_after
         while True:
             async with self._changed:
-                while len(self._ready) + self._starting < self.target and self._starting < limit:
+                while (
+                    len(self._ready) + self._starting < self._target
+                    and len(self._ready) + self._starting + len(self._busy) < self._ceiling
+                    and self._starting < limit
+                ):
                     self._starting += 1
                     tg.start_soon(self._fill_one)
-                await self._changed.wait()
+                with anyio.move_on_after(shrink_after if self._target > self._floor else math.inf):
+                    await self._changed.wait()
+            if anyio.current_time() - self._resized >= shrink_after and self._target > self._floor:
+                self._shrink(tg)
+
+    def _shrink(self, tg: anyio.abc.TaskGroup) -> None:
+        self._target = max(self._target // 2, self._floor)
+        self._resized = anyio.current_time()
+        while len(self._ready) > self._target:
+            # The newest first: the head may already be thawed for the next run.
+            tg.start_soon(self._retire, self._ready.pop())
+
+    async def _retire(self, sandbox: Sandbox) -> None:
+        with anyio.CancelScope(shield=True):
+            await sandbox.channel.aclose()
+        await self._discard(sandbox.container_id, sandbox.directory)
+
+    def _grow(self) -> None:
+        self._target = min(self._target * 2, self._ceiling)
+        self._last_shortage = self._resized = anyio.current_time()
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -209,6 +256,13 @@ class Pool:
         name = f"warmpod-{self.instance[:8]}-{next(self._serial)}"
         directory = self._state_dir / name
         directory.mkdir(mode=0o700)
+        # Preloading costs about 300 ms of CPU per container: worth it while the pool keeps up.
+        # Once runs find it empty, CPU is the limit and a bare container serves them sooner.
+        # After a failed start the next one is bare too, so a preload that crashes or hangs the
+        # interpreter cannot keep the pool empty.
+        calm = anyio.current_time() - self._last_shortage > PRELOAD_CALM
+        usable = calm and not self._queue and not self._consecutive_failures
+        preload = self._settings.pool.preload if usable else ()
         spec = container_spec(
             image=self._image,
             seccomp_profile=self._seccomp_profile,
@@ -217,6 +271,7 @@ class Pool:
             agent_dir=directory,
             limits=self._settings.limits,
             cgroup_limits=self._can_limit,
+            preload=preload,
         )
         container_id = ""
         try:
@@ -230,7 +285,12 @@ class Pool:
                 if not isinstance(hello, Hello) or hello.version != protocol.PROTOCOL_VERSION:
                     raise ProtocolError(f"agent greeted with {hello!r}")
                 self.landlock_abi = hello.landlock
-                if self.can_pause:
+                if preload and hello.preload_failed != self.preload_failed:
+                    log.warning("preload modules failed to import: %s", ", ".join(hello.preload_failed))
+                    self.preload_failed = hello.preload_failed
+                # A run already waits for it: pausing would only add two engine calls to its path.
+                paused = self.can_pause and not self._queue
+                if paused:
                     await self._engine.pause(container_id)
             except BaseException:
                 with anyio.CancelScope(shield=True):
@@ -242,7 +302,9 @@ class Pool:
         except BaseException:
             await self._discard(container_id, directory)
             raise
-        return Sandbox(container_id, name, directory, channel, paused=self.can_pause)
+        if self._can_limit:
+            self.memory_floor = max(self.memory_floor, hello.memory + MEMORY_HEADROOM)
+        return Sandbox(container_id, name, directory, channel, paused=paused, memory=hello.memory)
 
     def _warm_next(self) -> None:
         # Thaw the container the next run will take, off that run's critical path.
@@ -265,8 +327,18 @@ class Pool:
         try:
             with anyio.fail_after(self._settings.pool.acquire_timeout):
                 async with self._changed:
-                    while not self._ready:
-                        await self._changed.wait()
+                    if (self._queue or not self._ready) and self.serving:
+                        self._grow()
+                        self._changed.notify_all()
+                    # First come, first served: otherwise an unlucky run can lose every race.
+                    ticket = object()
+                    self._queue.append(ticket)
+                    try:
+                        while not self._ready or self._queue[0] is not ticket:
+                            await self._changed.wait()
+                    finally:
+                        self._queue.remove(ticket)
+                        self._changed.notify_all()
                     sandbox = self._ready.popleft()
                     self._busy.add(sandbox)
                     self._changed.notify_all()
@@ -281,6 +353,7 @@ class Pool:
         finally:
             self._busy.discard(sandbox)
             with anyio.CancelScope(shield=True):
+                await self._notify()
                 await sandbox.channel.aclose()
                 if self._tg is not None:
                     self._tg.start_soon(self._discard, sandbox.container_id, sandbox.directory)
@@ -296,11 +369,33 @@ class Pool:
             return False
 
     async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool:
-        """Lower ``sandbox``'s memory cgroup limit (swap included); False where there is none."""
+        """Lower ``sandbox``'s memory cgroup limit (swap included); False where there is none.
+
+        Raises:
+            InvalidRun: the limit is below what the sandbox holds before the program starts
+                (preloaded modules), which the kernel would refuse or answer with an OOM kill.
+        """
         if not self._can_limit:
             return False
+        self.check_memory(limit_bytes, sandbox.memory + MEMORY_HEADROOM)
         await self._engine.update_memory(sandbox.container_id, limit_bytes)
         return True
+
+    def check_memory(self, limit_bytes: int, floor: int | None = None) -> None:
+        """Refuse a memory limit below what a sandbox holds at rest (by default the largest seen).
+
+        Raises:
+            InvalidRun: the limit is below the floor; the message names the minimum.
+        """
+        floor = self.memory_floor if floor is None else floor
+        if limit_bytes < floor:
+            mib = 1024 * 1024
+            preloaded = ", ".join(self._settings.pool.preload) or "nothing"
+            raise InvalidRun(
+                f"memory_mb must be at least {-(-floor // mib)} MiB here: a sandbox holds "
+                f"{(floor - MEMORY_HEADROOM) / mib:.0f} MiB before the program starts (preloaded: "
+                f"{preloaded}; WARMPOD_POOL__PRELOAD)"
+            )
 
     async def _discard(self, container_id: str, directory: Path) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT):

@@ -31,6 +31,10 @@ class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
     pid: int
     landlock: int = 0
     """Landlock ABI confining the program's writes; 0 when the kernel or seccomp offers none."""
+    preload_failed: Annotated[list[Annotated[str, Meta(max_length=200)]], Meta(max_length=64)] = []
+    """Preload modules the interpreter could not import; runs still work, without them warm."""
+    memory: Annotated[int, Meta(ge=0)] = 0
+    """Bytes the container's memory cgroup held once ready (preloads included); 0 if unknown."""
 
 
 class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):

@@ -31,6 +31,7 @@ class Leaser(Protocol):
     def lease(self) -> AbstractAsyncContextManager[Sandbox]: ...
     async def oom_killed(self, sandbox: Sandbox) -> bool: ...
     async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool: ...
+    def check_memory(self, limit_bytes: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,8 @@ class Runner:
             InvalidRun: the limits asked for are out of range.
         """
         resolved = resolve_limits(limits or RunLimits(), self._limits)
+        if resolved.memory_mb and resolved.memory_mb < self._limits.memory_mb:
+            self._leaser.check_memory(resolved.memory_mb * 1024 * 1024)
         return RunSpec(
             code=code,
             stdin=stdin,
@@ -142,11 +145,15 @@ class Runner:
         started = time.perf_counter()
         output = {"stdout": bytearray(), "stderr": bytearray()}
         try:
-            if spec.memory_mb < server.memory_mb and not await self._leaser.limit_memory(
-                sandbox, spec.memory_mb * 1024 * 1024
-            ):
-                # No memory cgroup to lower: the program's address space is the fallback.
-                job.address_space = spec.memory_mb * 1024 * 1024
+            try:
+                if spec.memory_mb < server.memory_mb and not await self._leaser.limit_memory(
+                    sandbox, spec.memory_mb * 1024 * 1024
+                ):
+                    # No memory cgroup to lower: the program's address space is the fallback.
+                    job.address_space = spec.memory_mb * 1024 * 1024
+            except InvalidRun as exc:
+                # Checked at submission against the largest sandbox seen; this one is larger still.
+                return _error(run_id, str(exc), 0)
             started = time.perf_counter()
             await sandbox.channel.send(job)
             with anyio.move_on_after(wall + SERVER_GRACE):

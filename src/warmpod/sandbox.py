@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def container_spec(
     agent_dir: Path,
     limits: LimitSettings,
     cgroup_limits: bool,
+    preload: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The spec of one pool container.
 
@@ -42,6 +44,7 @@ def container_spec(
         agent_dir: host directory bind-mounted at /run/warmpod for the agent's socket.
         limits: the server's limits.
         cgroup_limits: whether the engine can apply cgroup limits (it cannot rootless on v1).
+        preload: modules the program's interpreter imports before the container is paused.
     """
     tmpfs_size = f"size={limits.tmpfs_mb}m"
     spec: dict[str, Any] = {
@@ -58,6 +61,7 @@ def container_spec(
             "LANG": "C.UTF-8",
             "WARMPOD_CPU_SECONDS": str(limits.cpu_time),
             "WARMPOD_FSIZE_BYTES": str(limits.tmpfs_mb * 1024 * 1024),
+            "WARMPOD_PRELOAD": ",".join(preload),
         },
         "env_host": False,
         "httpproxy": False,

@@ -68,6 +68,8 @@ class Service:
                 for row in enforcement(cgroups=self.info.can_limit)
             ],
             last_error=stats.last_error,
+            preload=list(self.settings.pool.preload),
+            preload_failed=stats.preload_failed,
         )
 
 
@@ -112,7 +114,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                         # /health stays 503 until a real sandbox has shown every layer on.
                         await self_test(runner, settings.limits, cgroups=info.can_limit)
                         log.info("self-test passed: no network, read-only root, non-root, limits on")
-                        workers = settings.queue.workers or settings.pool.size
+                        workers = settings.queue.workers or settings.pool.bounds[1]
                         scheduler = Scheduler(store, pool, runner, settings.queue, workers)
                         await tg.start(scheduler.run)
                         yield Service(settings, ref, info, pool, runner, scheduler)

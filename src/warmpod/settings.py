@@ -17,6 +17,8 @@ ENV_PREFIX = "WARMPOD_"
 Port = Annotated[int, Meta(ge=0, le=65535)]
 PositiveInt = Annotated[int, Meta(ge=1)]
 Seconds = Annotated[float, Meta(gt=0)]
+PoolSize = Annotated[int, Meta(ge=1, le=256)]
+ModuleName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")]
 
 
 class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -75,19 +77,40 @@ class ImageSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
 class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The warm pool of single-use containers."""
 
-    size: Annotated[int, Meta(ge=1, le=256)] = 4
-    """Containers kept ready (``WARMPOD_POOL__SIZE``)."""
+    min_size: PoolSize = 4
+    """Containers kept ready when idle; the pool never shrinks below it (``WARMPOD_POOL__MIN_SIZE``)."""
+    max_size: PoolSize = 16
+    """Most containers alive at once, ready, starting and running together, so the pool's memory is
+    at most ``max_size`` x ``limits.memory_mb``; the ready target grows toward it while runs find
+    the pool empty (``WARMPOD_POOL__MAX_SIZE``)."""
+    size: PoolSize | None = None
+    """The former name of ``min_size``, which it overrides when given; ``max_size`` is raised to
+    it if lower (``WARMPOD_POOL__SIZE``)."""
+    shrink_after: Seconds = 30.0
+    """Seconds without a run finding the pool empty before the ready target halves toward
+    ``min_size`` (``WARMPOD_POOL__SHRINK_AFTER``)."""
+    preload: tuple[ModuleName, ...] = ("numpy", "pandas")
+    """Modules each pooled interpreter imports before it is paused, so runs importing them pay
+    nothing; comma-separated or a JSON list, empty for none. A module that fails to import is
+    reported in ``/health`` and runs go on without it (``WARMPOD_POOL__PRELOAD``)."""
     acquire_timeout: Seconds = 30.0
     """How long a run waits for a free container before it is answered 503
     (``WARMPOD_POOL__ACQUIRE_TIMEOUT``)."""
     start_timeout: Seconds = 30.0
     """How long a new container may take to report ready (``WARMPOD_POOL__START_TIMEOUT``)."""
-    refill_concurrency: PositiveInt = 2
+    refill_concurrency: PositiveInt = 4
     """Containers created at once (``WARMPOD_POOL__REFILL_CONCURRENCY``)."""
     backoff_max: Seconds = 30.0
     """Longest wait between failed refills (``WARMPOD_POOL__BACKOFF_MAX``)."""
     pause: bool = True
     """Pause idle containers where the engine can (``WARMPOD_POOL__PAUSE``)."""
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """The smallest ready target and the most containers alive, ``size`` standing for ``min_size``."""
+        if self.size is not None:
+            return self.size, max(self.size, self.max_size)
+        return self.min_size, self.max_size
 
 
 class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -163,6 +186,11 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
             continue
         if section not in sections or field not in sections[section].__struct_fields__:
             raise SettingsError(f"{key} is not a warmpod setting (see src/warmpod/settings.py)")
+        if field in _sequences(sections[section]):
+            try:
+                value = _split(value)
+            except msgspec.DecodeError as exc:
+                raise SettingsError(f"{key} is not a valid JSON list: {exc}") from exc
         tree.setdefault(section, {})[field] = value
         origin[(section, field)] = key
     for section, values in overrides.items():
@@ -178,7 +206,24 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
             "WARMPOD_LIMITS__TIMEOUT (limits.timeout) must not exceed WARMPOD_LIMITS__MAX_TIMEOUT "
             "(limits.max_timeout)"
         )
+    low, high = settings.pool.bounds
+    if low > high:
+        raise SettingsError(
+            "WARMPOD_POOL__MIN_SIZE (pool.min_size) must not exceed WARMPOD_POOL__MAX_SIZE (pool.max_size)"
+        )
     return settings
+
+
+def _split(value: str) -> Any:
+    # A JSON list as it is, otherwise comma-separated; blanks dropped so "" means none.
+    if value.lstrip().startswith("["):
+        return msgspec.json.decode(value)
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _sequences(section: type[msgspec.Struct]) -> set[str]:
+    hints = get_type_hints(section, include_extras=False)
+    return {name for name, hint in hints.items() if getattr(hint, "__origin__", None) in (tuple, list)}
 
 
 def _section_types() -> dict[str, type[msgspec.Struct]]:

@@ -113,6 +113,9 @@ class FakeLeaser:
         """Always possible."""
         return True
 
+    def check_memory(self, limit_bytes: int) -> None:
+        """Any limit will do."""
+
 
 class RecordingRunner(Runner):
     """A Runner that records each run's program and timeout and answers ``result`` (or raises ``error``).

@@ -16,6 +16,8 @@ from warmpod_live import GRACEFUL_EXIT, ServerFactory, WarmpodServer, run_json, 
 pytestmark = pytest.mark.integration
 
 FINAL = {"succeeded", "failed", "timeout", "error", "cancelled"}
+# One run at a time, however far the pool grows: what is queued stays queued while one runs.
+ONE_WORKER = {"WARMPOD_QUEUE__WORKERS": "1"}
 SLEEPER = "import time\nprint('started', flush=True)\ntime.sleep(60)\n"
 
 
@@ -200,7 +202,7 @@ def test_unknown_runs_are_404_problems(client: httpx.Client, run_id: str) -> Non
 def test_a_queued_run_can_be_cancelled_and_the_queue_is_bounded(start_server: ServerFactory) -> None:
     """With the only sandbox busy, runs queue up to max_queued; the next gets 429 with Retry-After
     (blocking or not); a queued run cancelled never runs; the server answers throughout."""
-    live = start_server(WARMPOD_QUEUE__MAX_QUEUED="2")
+    live = start_server(WARMPOD_QUEUE__MAX_QUEUED="2", **ONE_WORKER)
     live.wait_healthy()
     with httpx.Client(base_url=live.url, timeout=30) as client:
         busy = submit(client, SLEEPER)
@@ -246,7 +248,7 @@ def test_kill_9_loses_no_queued_run_and_reports_the_one_in_flight(
     """SIGKILL of the server with a run executing and runs queued: after a restart on the same store
     every queued run completes exactly once, and the one in flight is reported error, not running."""
     store = str(tmp_path / "shared.sqlite3")
-    first = start_server(WARMPOD_QUEUE__STORE_PATH=store)
+    first = start_server(WARMPOD_QUEUE__STORE_PATH=store, **ONE_WORKER)
     first.wait_healthy()
     with httpx.Client(base_url=first.url, timeout=30) as client:
         in_flight = submit(client, SLEEPER)
@@ -275,7 +277,7 @@ def test_sigterm_finishes_running_runs_and_keeps_queued_ones(
     """A graceful stop lets the running run finish, starts nothing new, and the queued run runs after
     the restart."""
     store = str(tmp_path / "shared.sqlite3")
-    first = start_server(WARMPOD_QUEUE__STORE_PATH=store)
+    first = start_server(WARMPOD_QUEUE__STORE_PATH=store, **ONE_WORKER)
     first.wait_healthy()
     with httpx.Client(base_url=first.url, timeout=30) as client:
         running = submit(client, "import time\nprint('begun', flush=True)\ntime.sleep(2)\nprint('done')")
@@ -296,7 +298,7 @@ def test_sigterm_finishes_running_runs_and_keeps_queued_ones(
 def test_two_servers_cannot_share_a_store(start_server: ServerFactory, tmp_path: Path) -> None:
     """A second server on a store in use refuses to start, naming the setting to change."""
     store = str(tmp_path / "shared.sqlite3")
-    first = start_server(WARMPOD_QUEUE__STORE_PATH=store)
+    first = start_server(WARMPOD_QUEUE__STORE_PATH=store, **ONE_WORKER)
     first.wait_healthy()
     second = start_server(WARMPOD_QUEUE__STORE_PATH=store)
     assert wait_until(lambda: second.proc.poll() is not None, 60), second.log_tail()

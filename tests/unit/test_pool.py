@@ -20,7 +20,7 @@ import pytest
 from anyio.abc import ByteStream, SocketListener, TaskGroup, TaskStatus
 
 from warmpod import protocol
-from warmpod.errors import EngineError, PoolUnavailable
+from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
 from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool
 from warmpod.protocol import Job, Result
 from warmpod.runner import Runner
@@ -59,6 +59,7 @@ class FakeEngine:
         self.created: list[str] = []
         self.destroyed: list[str] = []
         self.containers: dict[str, dict[str, str]] = {}
+        self.specs: dict[str, dict[str, object]] = {}
         self._sockets: dict[str, Path] = {}
         self._kills: dict[str, tuple[anyio.Event, list[SocketListener | ByteStream]]] = {}
         self.failing_creates = 0
@@ -89,6 +90,7 @@ class FakeEngine:
         assert isinstance(labels, dict)
         assert isinstance(mounts, list)
         self.containers[container_id] = dict(labels)
+        self.specs[container_id] = spec
         agent_dir = next(m["source"] for m in mounts if m["destination"] == AGENT_DIR)
         self._sockets[container_id] = Path(agent_dir) / SOCKET_NAME
         return container_id
@@ -401,7 +403,8 @@ async def test_replacement_is_made_while_the_lease_is_held(agents: TaskGroup, st
 async def test_lease_waits_for_a_container_when_none_is_ready(agents: TaskGroup, state_dir: Path) -> None:
     """A lease on an empty pool waits and gets the next container that becomes ready."""
     engine = FakeEngine(agents)
-    pool = make_pool(engine, state_dir, size=1)
+    # At most two alive: with one leased, exactly one replacement may be starting.
+    pool = make_pool(engine, state_dir, size=1, max_size=2)
     got: list[str] = []
 
     async def second() -> None:
@@ -704,3 +707,174 @@ async def test_cancelling_the_pool_destroys_every_container(agents: TaskGroup, s
     assert engine.containers == {}
     assert list(state_dir.iterdir()) == []
     assert pool.stats().ready == 0
+
+
+# Adapting to demand ------------------------------------------------------------------------------
+
+
+def preload_of(engine: FakeEngine, container_id: str) -> str:
+    """The preload list a container was created with."""
+    env = engine.specs[container_id]["env"]
+    assert isinstance(env, dict)
+    return str(env["WARMPOD_PRELOAD"])
+
+
+async def test_target_grows_under_demand_but_never_past_max_size(agents: TaskGroup, state_dir: Path) -> None:
+    """Runs that find the pool empty double its target; ready, starting and busy stay within max_size."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=None, min_size=1, max_size=3, refill_concurrency=4)
+    release = anyio.Event()
+    peak: list[int] = []
+
+    async def hold() -> None:
+        async with pool.lease():
+            await release.wait()
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        assert pool.target == 1
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(hold)
+            for _ in range(50):
+                stats = pool.stats()
+                peak.append(stats.ready + stats.starting + stats.busy)
+                await anyio.sleep(0.005)
+            assert pool.target == 3
+            assert pool.stats().busy == 3
+            release.set()
+
+    await with_pool(pool, body)
+    assert max(peak) == 3
+    assert len(engine.created) >= 5
+
+
+async def test_target_shrinks_back_to_min_size_when_idle(agents: TaskGroup, state_dir: Path) -> None:
+    """After shrink_after seconds without a shortage the target halves to min_size and surplus goes."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=None, min_size=1, max_size=4, shrink_after=0.3)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        async with pool.lease():
+            pass
+        async with pool.lease():  # finds the pool empty: the target doubles
+            assert pool.target == 2
+        await eventually(lambda: pool.stats().ready == 2)
+        await eventually(lambda: pool.target == 1)
+        await eventually(lambda: pool.stats().ready == 1)
+        await eventually(lambda: len(engine.destroyed) == 3)
+
+    await with_pool(pool, body)
+
+
+async def test_waiting_runs_get_containers_in_arrival_order(agents: TaskGroup, state_dir: Path) -> None:
+    """Runs waiting on an empty pool are served first come, first served."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=None, min_size=1, max_size=8, refill_concurrency=1)
+    order: list[int] = []
+
+    async def take(index: int) -> None:
+        async with pool.lease():
+            order.append(index)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        engine.gate = anyio.Event()
+        async with pool.lease(), anyio.create_task_group() as tg:
+            for index in range(6):
+                tg.start_soon(take, index)
+                await anyio.sleep(0.01)
+            engine.gate.set()
+        await eventually(lambda: len(order) == 6)
+
+    await with_pool(pool, body)
+    assert order == list(range(6))
+
+
+async def test_containers_preload_while_calm_and_start_bare_for_waiting_runs(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """Containers made while the pool keeps up preload the modules; one made while a run waits starts bare."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1, preload=["numpy", "pandas"], can_pause=True)
+    got: list[str] = []
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        engine.gate = anyio.Event()
+        async with pool.lease(), anyio.create_task_group() as tg:
+            await eventually(lambda: len(engine.created) == 2)  # the replacement, held at the gate
+            tg.start_soon(take_one, pool, got)
+            await eventually(lambda: len(engine.created) >= 3)
+            engine.gate.set()
+        await eventually(lambda: len(engine.destroyed) >= 2)
+        first, replacement, extra = engine.created[:3]
+        assert preload_of(engine, first) == "numpy,pandas"
+        assert preload_of(engine, replacement) == "numpy,pandas"
+        assert preload_of(engine, extra) == ""
+        # It became ready while the run waited for it: pausing it would only have delayed that run.
+        assert engine.count("pause", got[0]) == 0
+        assert engine.count("pause", first) == 1
+
+    await with_pool(pool, body)
+
+
+async def take_one(pool: Pool, got: list[str]) -> None:
+    """Lease a container, note which, and give it back at once."""
+    async with pool.lease() as sandbox:
+        got.append(sandbox.container_id)
+
+
+async def test_failed_preloads_are_reported_and_containers_still_serve(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """Modules the agent could not preload show in the pool's stats, and runs go on."""
+    engine = FakeEngine(agents)
+    engine.hello = {**engine.hello, "preload_failed": ["nosuchmodule"]}
+    pool = make_pool(engine, state_dir, size=1, preload=["numpy", "nosuchmodule"])
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        assert pool.stats().preload_failed == ["nosuchmodule"]
+        async with pool.lease() as sandbox:
+            assert sandbox.container_id == engine.created[0]
+
+    await with_pool(pool, body)
+
+
+async def test_memory_below_what_the_sandbox_holds_is_refused(agents: TaskGroup, state_dir: Path) -> None:
+    """Lowering a sandbox's memory below what it held when ready raises InvalidRun, without an update."""
+    engine = FakeEngine(agents)
+    engine.hello = {**engine.hello, "memory": 60 * 1024 * 1024}
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        async with pool.lease() as sandbox:
+            assert sandbox.memory == 60 * 1024 * 1024
+            with pytest.raises(InvalidRun, match="memory_mb must be at least 64 MiB"):
+                await pool.limit_memory(sandbox, 32 * 1024 * 1024)
+            assert engine.count("update_memory") == 0
+            assert await pool.limit_memory(sandbox, 128 * 1024 * 1024)
+            assert engine.count("update_memory") == 1
+
+    await with_pool(pool, body)
+
+
+async def test_after_a_failed_start_the_next_container_is_bare(agents: TaskGroup, state_dir: Path) -> None:
+    """After a failed start the next container is bare, so a broken preload cannot keep the pool empty."""
+    engine = FakeEngine(agents)
+    engine.failing_creates = 1
+    pool = make_pool(engine, state_dir, size=1, preload=["numpy"], backoff_max=0.05)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        async with pool.lease():
+            pass
+        await eventually(lambda: len(engine.created) == 2)
+
+    await with_pool(pool, body)
+    bare, after = engine.created
+    assert preload_of(engine, bare) == ""
+    assert preload_of(engine, after) == "numpy"

@@ -14,7 +14,9 @@ def test_defaults_without_any_variable() -> None:
     assert settings == Settings()
     assert settings.server.host == "127.0.0.1"
     assert settings.server.port == 8000
-    assert settings.pool.size == 4
+    assert settings.pool.size is None
+    assert settings.pool.bounds == (4, 16)
+    assert settings.pool.preload == ("numpy", "pandas")
     assert settings.pool.pause is True
     assert settings.limits.timeout == 10.0
     assert settings.limits.max_timeout == 60.0
@@ -23,10 +25,39 @@ def test_defaults_without_any_variable() -> None:
 
 
 def test_pool_size_from_environment() -> None:
-    """WARMPOD_POOL__SIZE=7 sets pool.size to the integer 7."""
+    """WARMPOD_POOL__SIZE=7 sets pool.size to the integer 7, which stands for the minimum size."""
     settings = from_env({"WARMPOD_POOL__SIZE": "7"})
     assert settings.pool.size == 7
     assert type(settings.pool.size) is int
+    assert settings.pool.bounds == (7, 16)
+    assert from_env({"WARMPOD_POOL__SIZE": "20"}).pool.bounds == (20, 20)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("numpy,pandas", ("numpy", "pandas")),
+        (" numpy , scipy.stats ,", ("numpy", "scipy.stats")),
+        ('["numpy", "os.path"]', ("numpy", "os.path")),
+        ("", ()),
+    ],
+)
+def test_preload_from_environment(value: str, expected: tuple[str, ...]) -> None:
+    """WARMPOD_POOL__PRELOAD takes a comma-separated or JSON list of modules; empty disables it."""
+    assert from_env({"WARMPOD_POOL__PRELOAD": value}).pool.preload == expected
+
+
+@pytest.mark.parametrize("value", ["os;rm -rf /", "numpy,../x", '["numpy"', "[1]", "-c"])
+def test_preload_rejects_what_is_not_a_module_name(value: str) -> None:
+    """A preload entry that is not a dotted module name is refused, naming the variable."""
+    with pytest.raises(SettingsError, match="WARMPOD_POOL__PRELOAD"):
+        from_env({"WARMPOD_POOL__PRELOAD": value})
+
+
+def test_min_size_above_max_size_is_refused() -> None:
+    """A minimum pool size above the maximum is refused, naming both variables."""
+    with pytest.raises(SettingsError, match=r"WARMPOD_POOL__MIN_SIZE.*WARMPOD_POOL__MAX_SIZE"):
+        from_env({"WARMPOD_POOL__MIN_SIZE": "8", "WARMPOD_POOL__MAX_SIZE": "4"})
 
 
 @pytest.mark.parametrize(

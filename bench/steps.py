@@ -1,0 +1,108 @@
+"""What one pool container costs, step by step: create, start, agent ready, pause, unpause, run, remove.
+
+Usage::
+
+    .venv/bin/python bench/steps.py [--count N] [--preload numpy,pandas]
+
+Drives a private Podman service the way the pool does, one container at a time, and prints the
+median and minimum of each step in milliseconds. Under load these steps, not the run, set the pace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+
+from warmpod import engine, image, protocol
+from warmpod.image import context_dir
+from warmpod.pool import _connect
+from warmpod.runtime import Runtime
+from warmpod.sandbox import SOCKET_NAME, container_spec
+from warmpod.settings import from_env
+
+STEPS = ("create", "start", "ready", "pause", "unpause", "run", "remove")
+
+
+async def measure(count: int, preload: tuple[str, ...]) -> dict[str, list[float]]:
+    """Seconds each step took, for ``count`` containers made and removed one after another."""
+    settings = from_env()
+    state = Path(tempfile.mkdtemp(prefix="wp-steps-", dir="/tmp"))
+    times: dict[str, list[float]] = {step: [] for step in STEPS}
+    try:
+        async with engine.podman_service(settings.engine, state) as url:
+            runtime = Runtime(url, settings.engine.api_concurrency)
+            seccomp = (context_dir(settings) / "seccomp.json").resolve()
+            try:
+                for index in range(count):
+                    directory = state / str(index)
+                    directory.mkdir()
+                    spec = container_spec(
+                        image=image.image_ref(settings),
+                        seccomp_profile=seccomp,
+                        name=f"warmpod-steps-{uuid.uuid4().hex[:8]}",
+                        labels={"io.warmpod.bench": "steps"},
+                        agent_dir=directory,
+                        limits=settings.limits,
+                        cgroup_limits=True,
+                        preload=preload,
+                    )
+                    started = time.perf_counter()
+
+                    def lap(step: str) -> None:
+                        nonlocal started
+                        now = time.perf_counter()
+                        times[step].append(now - started)
+                        started = now
+
+                    container_id = await runtime.create(spec)
+                    lap("create")
+                    await runtime.start(container_id)
+                    lap("start")
+                    channel = await _connect(directory / SOCKET_NAME, 1 << 20)
+                    await channel.receive()
+                    lap("ready")
+                    await runtime.pause(container_id)
+                    lap("pause")
+                    await runtime.unpause(container_id)
+                    lap("unpause")
+                    job = protocol.Job(code=b"print(1)", stdin=b"", timeout=5, max_output_bytes=1024)
+                    await channel.send(job)
+                    while not isinstance(await channel.receive(), protocol.Result):
+                        pass
+                    lap("run")
+                    # As the pool does: hang up first, so the agent exits before Podman kills it.
+                    await channel.aclose()
+                    started = time.perf_counter()
+                    await runtime.destroy(container_id)
+                    lap("remove")
+            finally:
+                runtime.close()
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+    return times
+
+
+def main() -> None:
+    """Measure and print one line per step."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--count", type=int, default=10, help="containers (10)")
+    parser.add_argument("--preload", default="", help="modules to preload, comma-separated (none)")
+    args = parser.parse_args()
+    preload = tuple(name for name in args.preload.split(",") if name)
+    times = anyio.run(measure, args.count, preload)
+    print(f"preload: {', '.join(preload) or 'none'}; {args.count} containers, one at a time (ms)")
+    for step, samples in times.items():
+        print(f"{step:<8} median {statistics.median(samples) * 1000:7.1f}   min {min(samples) * 1000:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
