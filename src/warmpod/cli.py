@@ -35,6 +35,9 @@ def serve(settings: Settings) -> int:
     else:
         image.build_image(settings, _progress)
     _progress(f"serving on http://{settings.server.host}:{settings.server.port}")
+    # Engine and store calls run in worker threads; a 1 ms GIL switch interval (5 ms by default)
+    # keeps the event loop, and so /health and /status, answering quickly while they are busy.
+    sys.setswitchinterval(0.001)
     app = create_app(settings)
     grace = settings.server.shutdown_grace
 
