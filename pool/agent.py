@@ -219,8 +219,17 @@ def prepare_program():
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
 
+def own_cgroup():
+    # Rootless Podman on cgroup v1 gives a container no cgroup of its own: the files it sees are
+    # its parent's (the host's root cpuacct, say), shared with every other process, so their
+    # counters say nothing about this container. The server says so with WARMPOD_CGROUP_COUNTERS=0.
+    return os.environ.get("WARMPOD_CGROUP_COUNTERS") != "0"
+
+
 def cgroup_counter(key, *paths):
-    """A counter from a cgroup events file (v2 path first, then v1), or None if there is none."""
+    """A counter from the container's cgroup events file (v2 path first, then v1), or None."""
+    if not own_cgroup():
+        return None
     for path in paths:
         try:
             with open(path) as f:
@@ -245,6 +254,8 @@ def pids_max_hits():
 
 def container_cpu_seconds():
     """CPU time of every process in the container so far (cgroup v2, then v1), or None."""
+    if not own_cgroup():
+        return None
     usec = cgroup_counter("usage_usec", "/sys/fs/cgroup/cpu.stat")
     if usec is not None:
         return usec / 1e6
