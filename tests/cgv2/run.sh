@@ -22,7 +22,10 @@
 # from the snapshot's sources, so the image tag the guest computes is the one that was loaded even
 # while the working tree keeps changing.
 #
-# Env: WARMPOD_CGV2_DIR, CGV2VM (the cgv2vm checkout, default ../shared/cgv2vm beside the checkout).
+# Env: WARMPOD_CGV2_DIR; WARMPOD_CGV2_CACHE (default $WARMPOD_CGV2_DIR/cache: two runs may share it);
+# CGV2VM (the cgv2vm checkout; default ../shared/cgv2vm beside the checkout, else
+# /work/shared/cgv2vm); WARMPOD_TEST_CPU_TIME (the security suite's CPU limit in the guest, job.sh's
+# default 60 s).
 # CGV2VM_DIR and CGV2VM_UML_SUITE pass through to cgv2vm: CGV2VM_DIR=/var/tmp/cgv2vm-61 with
 # CGV2VM_UML_SUITE=host picks the 6.1 UML kernel, 3-4x slower, which survives the fork bomb that
 # panics the default 6.12, e.g.
@@ -32,8 +35,8 @@ set -euo pipefail
 umask 022
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-CGV2VM=${CGV2VM:-$ROOT/../shared/cgv2vm}
 W=${WARMPOD_CGV2_DIR:-/var/tmp/warmpod-cgv2}
+C=${WARMPOD_CGV2_CACHE:-$W/cache}
 TIMEOUT=2400 MEM=4G BENCH=1 KEEP=() DESELECT=() DESELECT_SET=0
 PYTEST_ARGS=()
 usage() { sed -n '2,2p' "$0" | sed 's/^# //' >&2; exit 2; }
@@ -54,6 +57,15 @@ die() { log "ERROR: $*"; exit 125; }
 now() { date +%s%3N; }
 secs() { printf '%d.%d' $(($1 / 1000)) $(($1 % 1000 / 100)); }
 [ "$(id -u)" = 0 ] || die "run as root (cgv2vm's build.sh and the host's rootful Podman need it)"
+# cgv2vm beside the checkout (../shared/cgv2vm), else where these machines keep it: a CI clone
+# may be anywhere.
+if [ -z "${CGV2VM:-}" ]; then
+    for candidate in "$ROOT/../shared/cgv2vm" /work/shared/cgv2vm; do
+        if [ -x "$candidate/run.sh" ] && [ -x "$candidate/build.sh" ]; then CGV2VM=$(cd "$candidate" && pwd); break; fi
+    done
+fi
+[ -n "${CGV2VM:-}" ] && [ -x "$CGV2VM/run.sh" ] && [ -x "$CGV2VM/build.sh" ] ||
+    die "cgv2vm not found (looked in ${CGV2VM:-$ROOT/../shared/cgv2vm and /work/shared/cgv2vm}): set CGV2VM to its checkout"
 case "$W" in *[,[:space:]]*) die "$W must not contain commas or white space (hostfs)" ;; esac
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || die "no $PY: run deploy/setup.sh first"
@@ -73,7 +85,6 @@ mark guest_build "$t"
 # --- 2. a snapshot of the working tree ----------------------------------------------------------
 t=$(now)
 S=$W/share
-C=$W/cache
 mkdir -p "$W" "$C"
 chmod 755 "$W" "$C"
 rm -rf "$S.new"
@@ -151,6 +162,7 @@ rm -rf "$S"
 mv "$S.new" "$S"
 chmod -R a+rX "$S"
 ENVS=(--env "WARMPOD_CGV2_BENCH=$BENCH")
+if [ -n "${WARMPOD_TEST_CPU_TIME:-}" ]; then ENVS+=(--env "WARMPOD_TEST_CPU_TIME=$WARMPOD_TEST_CPU_TIME"); fi
 if [ ${#PYTEST_ARGS[@]} -gt 0 ]; then
     ENVS+=(--env "WARMPOD_CGV2_PYTEST_ARGS=$(IFS=$'\x1f'; echo "${PYTEST_ARGS[*]}")")
 fi
@@ -173,6 +185,9 @@ OUT=$S/out
 echo
 echo "==== warmpod doctor (in the guest) ===="
 cat "$OUT/doctor.txt" 2>/dev/null || echo "(no doctor.txt)"
+for check in doctor-check pause latency-summary; do
+    [ -f "$OUT/$check.txt" ] && { echo; cat "$OUT/$check.txt"; }
+done
 echo
 echo "==== guest job steps ===="
 cat "$OUT/steps.txt" 2>/dev/null || echo "(no steps.txt)"

@@ -51,7 +51,7 @@ def test_fork_bomb_is_contained(server: WarmpodServer, client: httpx.Client) -> 
         """
     )
     server.wait_pool_full()
-    # Below the 3 s CPU-time limit: on one CPU of quota, wall and CPU time would otherwise race.
+    # Below the CPU-time limit (3 s by default): on one CPU of quota, wall and CPU time would otherwise race.
     bomb = run(client, code, timeout=2)
     assert bomb.status == "timeout", bomb.result
     assert "pids" in bomb.limits_hit, bomb.result
