@@ -70,6 +70,13 @@ def doctor(settings: Settings) -> int:
     for row in rows:
         print(f"  {row.limit}: {row.layer or 'NOT ENFORCED'}, {row.mechanism}")
     print(f"Pause idle containers: {'yes' if can_limit else 'no: rootless Podman on cgroup v1 cannot pause'}")
+    if rootless:
+        # The agent writes -1000 to its oom_score_adj; lowering one needs CAP_SYS_RESOURCE in the
+        # host's user namespace, so rootless the write fails and the agent keeps score 0.
+        print(
+            "OOM score: the agent cannot shield itself rootless (no CAP_SYS_RESOURCE on the host); "
+            "the program's 1000 still makes it the OOM killer's first pick"
+        )
     profile = (image.context_dir(settings) / "seccomp.json").resolve()
     print(f"Seccomp profile: {profile}")
     abi = _landlock_abi()
