@@ -266,6 +266,16 @@ def container_cpu_seconds():
         return None
 
 
+def program_cpu_seconds():
+    """CPU time of the program's processes so far: the container's minus the agent's own, or None."""
+    total = container_cpu_seconds()
+    if total is None:
+        return None
+    # The agent's polling is not the program's: on a slow host (User-Mode Linux) it adds up.
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return total - own.ru_utime - own.ru_stime
+
+
 def filesystem_full(path):
     try:
         st = os.statvfs(path)
@@ -337,7 +347,7 @@ def run_job(conn, proc, job_w, job):
     header = f"{cpu_seconds} {address_space}\n".encode()
     code = header + base64.b64decode(job["code"])
     oom_before, pids_before = oom_kills(), pids_max_hits()
-    cpu_before = container_cpu_seconds()
+    cpu_before = program_cpu_seconds()
     cpu_budget = (cpu_seconds or container_cpu) if cpu_before is not None else None
     started = time.monotonic()
     deadline = started + timeout
@@ -387,9 +397,11 @@ def run_job(conn, proc, job_w, job):
                 continue
             break
         if cpu_budget is not None and not exited:
-            used = container_cpu_seconds()
-            if used is not None and used - cpu_before >= cpu_budget:
-                # RLIMIT_CPU counts per process; forking would multiply it. The cgroup counts all.
+            used = program_cpu_seconds()
+            # RLIMIT_CPU counts per process; forking would multiply it. The cgroup counts all, and
+            # stops them a second past the budget, where RLIMIT_CPU's hard limit would: a single
+            # process still gets its SIGXCPU at the budget first.
+            if used is not None and used - cpu_before >= cpu_budget + 1:
                 limits_hit.append("cpu_time")
                 kill_everything()
                 deadline = min(deadline, time.monotonic() + 0.5)
