@@ -71,6 +71,9 @@ end "$REF"
 # ~50x more under UML, so at 3 s the memory, disk and recursion bombs hit cpu_time before their own
 # limits. The busy-loop tests scale their timeouts with it.
 export WARMPOD_TEST_CPU_TIME=${WARMPOD_TEST_CPU_TIME:-60}
+# A trivial run waiting for a pool refill beside a spin and a memory bomb: 2 s on the host, ~3 s
+# under UML, where the refill shares the single CPU with them.
+export WARMPOD_TEST_REFILL_WAIT=${WARMPOD_TEST_REFILL_WAIT:-6}
 
 # The user's socket-activated Podman service: what a rootless deployment points warmpod at. (The
 # live-server tests override it and start a private `podman system service`, see warmpod_live.py.)

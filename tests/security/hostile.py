@@ -24,6 +24,10 @@ SPIN_TIMEOUT = CPU_TIME + 7
 # Wall time for the bombs that must reach a memory or disk limit first (15 s with the default): a
 # host that needs more CPU seconds for them needs as many more seconds of wall time.
 BOMB_TIMEOUT = max(15, CPU_TIME)
+# How long a trivial run may take beside busy neighbours holding the whole pool, so that it waits
+# for a refill: creating a container takes ~0.2 s on real hardware and over a second under UML
+# (one CPU, shared with the neighbours), where job.sh raises it.
+REFILL_WAIT_SECONDS = float(os.environ.get("WARMPOD_TEST_REFILL_WAIT", "2"))
 MAX_OUTPUT_BYTES = 65536
 TMPFS_MB = 32
 SHM_MB = 16  # sandbox.py's shm_size, not a setting

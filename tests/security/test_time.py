@@ -10,7 +10,7 @@ import httpx
 import pytest
 from warmpod_live import WarmpodServer
 
-from .hostile import CPU_TIME, SPIN_TIMEOUT, Run, assert_still_serves, run
+from .hostile import CPU_TIME, REFILL_WAIT_SECONDS, SPIN_TIMEOUT, Run, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 
@@ -72,7 +72,8 @@ def test_cpu_time_is_not_multiplied_by_forking(server: WarmpodServer, client: ht
     server.wait_pool_full()
     spin = run(client, code, timeout=SPIN_TIMEOUT)
     # RLIMIT_CPU is per process: each child starts with a fresh budget, so only a limit on the
-    # container's total CPU use (the cgroup's cpuacct) keeps the program to CPU_TIME seconds.
+    # container's total CPU use (the cgroup's cpuacct) keeps the program near CPU_TIME seconds
+    # (the agent kills it a second past them, where RLIMIT_CPU's hard limit would).
     assert spin.seconds < CPU_REPLY_SECONDS, f"the reply took {spin.seconds:.1f} s: {spin.result}"
     assert spin.status == "failed", spin.result
     assert "cpu_time" in spin.limits_hit, spin.result
@@ -120,7 +121,7 @@ def test_spinning_processes_do_not_starve_the_agent(server: WarmpodServer, clien
 
 
 def test_trivial_run_is_prompt_beside_hostile_neighbours(server: WarmpodServer, client: httpx.Client) -> None:
-    """A trivial run started while a CPU spin and a memory bomb run completes in under 2 s."""
+    """A trivial run started while a CPU spin and a memory bomb run completes promptly (2 s here)."""
     memory_bomb = (
         "import time\nheld = []\nwhile True:\n    held.append(bytearray(10**6))\n    time.sleep(0.002)\n"
     )
@@ -146,7 +147,7 @@ def test_trivial_run_is_prompt_beside_hostile_neighbours(server: WarmpodServer, 
         thread.join()
     assert trivial.status == "succeeded", trivial.result
     assert trivial.stdout == "1\n"
-    assert trivial.seconds < 2.0, f"the trivial run took {trivial.seconds:.1f} s"
+    assert trivial.seconds < REFILL_WAIT_SECONDS, f"the trivial run took {trivial.seconds:.1f} s"
     assert finished["trivial"] < finished["spin"], "the spin ended before the trivial run: no overlap"
     assert hostile["spin"].limits_hit == ["cpu_time"], hostile["spin"].result
     assert hostile["memory"].limits_hit == ["memory"], hostile["memory"].result
