@@ -25,7 +25,7 @@
 # Env: WARMPOD_CGV2_DIR; WARMPOD_CGV2_CACHE (default $WARMPOD_CGV2_DIR/cache: two runs may share it);
 # CGV2VM (the cgv2vm checkout; default ../shared/cgv2vm beside the checkout, else
 # /work/shared/cgv2vm); WARMPOD_TEST_CPU_TIME and WARMPOD_TEST_REFILL_WAIT (the security suite's
-# host-speed-dependent figures, tests/security/hostile.py; job.sh's guest defaults 60 and 6 s).
+# host-speed-dependent figures, tests/security/hostile.py; job.sh's guest defaults 20 and 6 s).
 # CGV2VM_DIR and CGV2VM_UML_SUITE pass through to cgv2vm: CGV2VM_DIR=/var/tmp/cgv2vm-61 with
 # CGV2VM_UML_SUITE=host picks the 6.1 UML kernel, 3-4x slower, which survives the fork bomb that
 # panics the default 6.12, e.g.
@@ -69,7 +69,10 @@ fi
 case "$W" in *[,[:space:]]*) die "$W must not contain commas or white space (hostfs)" ;; esac
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || die "no $PY: run deploy/setup.sh first"
-command -v uv >/dev/null || die "uv not found: run deploy/setup.sh first"
+# As deploy/setup.sh finds it: on PATH, else the module it may have pip-installed.
+if command -v uv >/dev/null; then UV=(uv)
+elif python3 -m uv --version >/dev/null 2>&1; then UV=(python3 -m uv)
+else die "uv not found: run deploy/setup.sh first"; fi
 for arg in "${PYTEST_ARGS[@]}" "${DESELECT[@]}"; do [[ "$arg" != *$'\n'* && "$arg" != *$'\x1f'* ]] || die "bad pytest argument"; done
 
 T0=$(now)
@@ -114,7 +117,7 @@ for minor in $(seq 39 -1 5); do                 # as warmpod.image._platform_tag
                    5) PLATFORMS+=(--platform=manylinux1_x86_64) ;; esac
 done
 PLATFORMS+=(--platform=any)
-(cd "$REPO" && uv export --quiet --frozen --all-groups --no-hashes --no-emit-project \
+(cd "$REPO" && "${UV[@]}" export --quiet --frozen --all-groups --no-hashes --no-emit-project \
     --output-file "$S.new/requirements.txt")
 key=$( { cat "$S.new/requirements.txt"; printf '%s\n' "${PLATFORMS[@]}"; } | sha256sum | cut -c1-12)
 DEPS=$C/wheels-$key
@@ -132,7 +135,7 @@ else
 fi
 mkdir -p "$S.new/wheels"
 ln "$DEPS"/*.whl "$S.new/wheels/"
-(cd "$REPO" && uv build --quiet --wheel --out-dir "$S.new/wheels" 2>&1 | grep -v '^Building\|^Successfully' >&2 || true)
+(cd "$REPO" && "${UV[@]}" build --quiet --wheel --out-dir "$S.new/wheels" 2>&1 | grep -v '^Building\|^Successfully' >&2 || true)
 ls "$S.new"/wheels/warmpod-*.whl >/dev/null 2>&1 || die "uv build --wheel made no warmpod wheel"
 rm -f "$S.new/wheels/.gitignore"
 mark wheels "$t"

@@ -19,11 +19,17 @@ PIDS = 64
 # must reach their own limits before this many CPU seconds. 3 s is ample on real hardware; where
 # page faults cost ~50x more (the User-Mode Linux guest of tests/cgv2), job.sh raises it.
 CPU_TIME = int(os.environ.get("WARMPOD_TEST_CPU_TIME", "3"))
-# A timeout the CPU-time limit beats by a margin (10 s with the default), for the busy loops.
-SPIN_TIMEOUT = CPU_TIME + 7
-# Wall time for the bombs that must reach a memory or disk limit first (15 s with the default): a
-# host that needs more CPU seconds for them needs as many more seconds of wall time.
-BOMB_TIMEOUT = max(15, CPU_TIME)
+# A timeout the CPU-time limit beats by a margin (10 s with the default), for the busy loops; twice
+# the limit where it is raised, for a spin that shares one CPU with busy neighbours.
+SPIN_TIMEOUT = max(CPU_TIME + 7, 2 * CPU_TIME)
+# When a spin that has a CPU to itself is answered: the limit, its hard limit a second later, and
+# the reply (6 s with the default); where the limit is raised, a spin on the guest's single CPU
+# gets only ~95% of it, so the margin grows with the limit.
+CPU_REPLY_SECONDS = CPU_TIME + max(3.0, 0.25 * CPU_TIME)
+# Wall time for the bombs that must reach a memory, disk or recursion limit first (15 s with the
+# default): a host that needs more CPU seconds for them needs more wall time, twice as many where
+# the CPU is shared with the rest of the guest.
+BOMB_TIMEOUT = max(15, 2 * CPU_TIME)
 # How long a trivial run may take beside busy neighbours holding the whole pool, so that it waits
 # for a refill: creating a container takes ~0.2 s on real hardware and over a second under UML
 # (one CPU, shared with the neighbours), where job.sh raises it.

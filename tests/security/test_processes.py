@@ -11,7 +11,7 @@ from warmpod_live import WarmpodServer, container_names, wait_until
 
 from warmpod.pool import LABEL_INSTANCE
 
-from .hostile import PIDS, assert_still_serves, run
+from .hostile import BOMB_TIMEOUT, PIDS, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 
@@ -190,7 +190,7 @@ def test_unbounded_recursion_is_contained(client: httpx.Client) -> None:
         deeper(0)
         """
     )
-    crash = run(client, code)
+    crash = run(client, code, timeout=BOMB_TIMEOUT)
     assert crash.status == "failed", crash.result
     assert (
         "RecursionError" in crash.stderr
