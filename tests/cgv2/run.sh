@@ -119,7 +119,7 @@ done
 PLATFORMS+=(--platform=any)
 (cd "$REPO" && "${UV[@]}" export --quiet --frozen --all-groups --no-hashes --no-emit-project \
     --output-file "$S.new/requirements.txt")
-key=$( { cat "$S.new/requirements.txt"; printf '%s\n' "${PLATFORMS[@]}"; } | sha256sum | cut -c1-12)
+key=$( { grep -v '^#' "$S.new/requirements.txt"; printf '%s\n' "${PLATFORMS[@]}"; } | sha256sum | cut -c1-12)
 DEPS=$C/wheels-$key
 if [ ! -d "$DEPS" ]; then
     log "downloading dependency wheels for CPython 3.13 x86_64 into $DEPS"
@@ -211,7 +211,7 @@ fi
 if [ -s "$OUT/deselected.txt" ]; then sed 's/^/DESELECTED in the guest: /' "$OUT/deselected.txt"; fi
 TESTS_OK=1
 JUNIT=()
-for name in unit api integration security custom; do
+for name in unit api integration security security-heavy custom; do
     [ -f "$OUT/junit-$name.xml" ] && JUNIT+=("$OUT/junit-$name.xml")
 done
 if [ ${#JUNIT[@]} -gt 0 ]; then
