@@ -211,7 +211,7 @@ fi
 if [ -s "$OUT/deselected.txt" ]; then sed 's/^/DESELECTED in the guest: /' "$OUT/deselected.txt"; fi
 TESTS_OK=1
 JUNIT=()
-for name in unit api integration security security-heavy custom; do
+for name in unit api integration security security-time custom; do
     [ -f "$OUT/junit-$name.xml" ] && JUNIT+=("$OUT/junit-$name.xml")
 done
 if [ ${#JUNIT[@]} -gt 0 ]; then
