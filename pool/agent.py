@@ -268,8 +268,17 @@ def prepare_program():
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
 
+def own_cgroup():
+    # Rootless Podman on cgroup v1 gives a container no cgroup of its own: the files it sees are
+    # its parent's (the host's root cpuacct, say), shared with every other process, so their
+    # counters say nothing about this container. The server says so with WARMPOD_CGROUP_COUNTERS=0.
+    return os.environ.get("WARMPOD_CGROUP_COUNTERS") != "0"
+
+
 def cgroup_counter(key, *paths):
-    """A counter from a cgroup events file (v2 path first, then v1), or None if there is none."""
+    """A counter from the container's cgroup events file (v2 path first, then v1), or None."""
+    if not own_cgroup():
+        return None
     for path in paths:
         try:
             with open(path) as f:
@@ -305,6 +314,8 @@ def pids_max_hits():
 
 def container_cpu_seconds():
     """CPU time of every process in the container so far (cgroup v2, then v1), or None."""
+    if not own_cgroup():
+        return None
     usec = cgroup_counter("usage_usec", "/sys/fs/cgroup/cpu.stat")
     if usec is not None:
         return usec / 1e6
@@ -313,6 +324,16 @@ def container_cpu_seconds():
             return int(f.read()) / 1e9
     except (OSError, ValueError):
         return None
+
+
+def program_cpu_seconds():
+    """CPU time of the program's processes so far: the container's minus the agent's own, or None."""
+    total = container_cpu_seconds()
+    if total is None:
+        return None
+    # The agent's polling is not the program's: on a slow host (User-Mode Linux) it adds up.
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return total - own.ru_utime - own.ru_stime
 
 
 def filesystem_full(path):
@@ -390,7 +411,7 @@ def run_job(conn, proc, job_w, job):
     header = f"{cpu_seconds} {address_space}\n".encode()
     code = header + base64.b64decode(job["code"])
     oom_before, pids_before = oom_kills(), pids_max_hits()
-    cpu_before = container_cpu_seconds()
+    cpu_before = program_cpu_seconds()
     cpu_budget = (cpu_seconds or container_cpu) if cpu_before is not None else None
     started = time.monotonic()
     deadline = started + timeout
@@ -440,9 +461,11 @@ def run_job(conn, proc, job_w, job):
                 continue
             break
         if cpu_budget is not None and not exited:
-            used = container_cpu_seconds()
-            if used is not None and used - cpu_before >= cpu_budget:
-                # RLIMIT_CPU counts per process; forking would multiply it. The cgroup counts all.
+            used = program_cpu_seconds()
+            # RLIMIT_CPU counts per process; forking would multiply it. The cgroup counts all, and
+            # stops them a second past the budget, where RLIMIT_CPU's hard limit would: a single
+            # process still gets its SIGXCPU at the budget first.
+            if used is not None and used - cpu_before >= cpu_budget + 1:
                 limits_hit.append("cpu_time")
                 kill_everything()
                 deadline = min(deadline, time.monotonic() + 0.5)

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -98,10 +98,20 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
 class WarmpodServer:
     """One ``python -m warmpod serve`` subprocess on a free port, its log in a file."""
 
-    def __init__(self, directory: Path, settings: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        settings: Mapping[str, str],
+        *,
+        python: Sequence[str] = (sys.executable,),
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """Start the server; ``python`` may put a wrapper first (``setpriv`` to run as another user),
+        and ``environ`` replaces this process's environment as the base of the server's.
+        """
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        self.env = dict(os.environ)
+        self.env = dict(os.environ if environ is None else environ)
         # A private Podman service in a fresh state directory, whatever the caller's environment says.
         self.env.update({"WARMPOD_ENGINE__URL": "", "WARMPOD_ENGINE__STATE_DIR": "", "PYTHONUNBUFFERED": "1"})
         # Its own run store, unless the test hands one over (to restart a server on it).
@@ -111,7 +121,7 @@ class WarmpodServer:
         self._log: IO[bytes] = self.log_path.open("wb")
         self._service: tuple[int, Path] | None = None
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "warmpod", "serve", "--port", str(port)],
+            [*python, "-m", "warmpod", "serve", "--port", str(port)],
             env=self.env,
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -79,12 +79,31 @@ def doctor(settings: Settings) -> int:
     print(f"cgroups: {cgroup}{hybrid}, manager {host.get('cgroupManager', '?')}")
     version = (runtime.get("version") or "").splitlines()
     print(f"OCI runtime: {runtime.get('name', '?')} ({version[0] if version else 'version unknown'})")
+    absent: list[str] = []
+    if rootless and cgroup == "v2":
+        # Rootless limits need the controllers delegated to the user's systemd manager; without
+        # them container creation (and so `warmpod serve`'s self-test) fails.
+        have = set(host.get("cgroupControllers") or [])
+        absent = [name for name in ("cpu", "memory", "pids") if name not in have]
+        if absent:
+            print(
+                f"Delegated cgroup controllers: {', '.join(sorted(have)) or 'none'}; missing "
+                f"{', '.join(absent)}: set Delegate=cpu memory pids for user@.service (systemd) and "
+                "loginctl enable-linger this user"
+            )
     print(f"Runner image: {image.image_ref(settings)}")
     print("Limits (limit: layer, mechanism):")
     rows = enforcement(cgroups=can_limit)
     for row in rows:
         print(f"  {row.limit}: {row.layer or 'NOT ENFORCED'}, {row.mechanism}")
     print(f"Pause idle containers: {'yes' if can_limit else 'no: rootless Podman on cgroup v1 cannot pause'}")
+    if rootless:
+        # The agent writes -1000 to its oom_score_adj; lowering one needs CAP_SYS_RESOURCE in the
+        # host's user namespace, so rootless the write fails and the agent keeps score 0.
+        print(
+            "OOM score: the agent cannot shield itself rootless (no CAP_SYS_RESOURCE on the host); "
+            "the program's 1000 still makes it the OOM killer's first pick"
+        )
     profile = (image.context_dir(settings) / "seccomp.json").resolve()
     print(f"Seccomp profile: {profile}")
     abi = _landlock_abi()
@@ -94,6 +113,9 @@ def doctor(settings: Settings) -> int:
     else:
         why = "the kernel has no Landlock" if not abi else "the seccomp profile blocks it"
         print(f"Landlock: not active ({why}); the other layers still apply")
+    if absent:
+        print(f"warmpod serve would fail: Podman cannot set the {', '.join(absent)} limits for this user")
+        return 1
     try:
         check(rows, allow_unenforced=settings.limits.allow_unenforced)
     except WarmpodError as exc:

@@ -119,6 +119,9 @@ def container_spec(
     memory = limits.memory_mb * 1024 * 1024
     if not cgroup_limits:
         spec["env"]["WARMPOD_AS_BYTES"] = str(memory)
+        # No cgroup of its own: the counters the agent would read (CPU use, OOM kills, pids.max
+        # hits) are a parent's, shared with the whole host, and would stop or blame runs falsely.
+        spec["env"]["WARMPOD_CGROUP_COUNTERS"] = "0"
     else:
         spec["resource_limits"] = {
             "memory": {"limit": memory, "swap": memory},

@@ -22,7 +22,10 @@
 # from the snapshot's sources, so the image tag the guest computes is the one that was loaded even
 # while the working tree keeps changing.
 #
-# Env: WARMPOD_CGV2_DIR, CGV2VM (the cgv2vm checkout, default ../shared/cgv2vm beside the checkout).
+# Env: WARMPOD_CGV2_DIR; WARMPOD_CGV2_CACHE (default $WARMPOD_CGV2_DIR/cache: two runs may share it);
+# CGV2VM (the cgv2vm checkout; default ../shared/cgv2vm beside the checkout, else
+# /work/shared/cgv2vm); WARMPOD_TEST_CPU_TIME and WARMPOD_TEST_REFILL_WAIT (the security suite's
+# host-speed-dependent figures, tests/security/hostile.py; job.sh's guest defaults 20 and 6 s).
 # CGV2VM_DIR and CGV2VM_UML_SUITE pass through to cgv2vm: CGV2VM_DIR=/var/tmp/cgv2vm-61 with
 # CGV2VM_UML_SUITE=host picks the 6.1 UML kernel, 3-4x slower, which survives the fork bomb that
 # panics the default 6.12, e.g.
@@ -32,8 +35,8 @@ set -euo pipefail
 umask 022
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
-CGV2VM=${CGV2VM:-$ROOT/../shared/cgv2vm}
 W=${WARMPOD_CGV2_DIR:-/var/tmp/warmpod-cgv2}
+C=${WARMPOD_CGV2_CACHE:-$W/cache}
 TIMEOUT=2400 MEM=4G BENCH=1 KEEP=() DESELECT=() DESELECT_SET=0
 PYTEST_ARGS=()
 usage() { sed -n '2,2p' "$0" | sed 's/^# //' >&2; exit 2; }
@@ -54,10 +57,22 @@ die() { log "ERROR: $*"; exit 125; }
 now() { date +%s%3N; }
 secs() { printf '%d.%d' $(($1 / 1000)) $(($1 % 1000 / 100)); }
 [ "$(id -u)" = 0 ] || die "run as root (cgv2vm's build.sh and the host's rootful Podman need it)"
+# cgv2vm beside the checkout (../shared/cgv2vm), else where these machines keep it: a CI clone
+# may be anywhere.
+if [ -z "${CGV2VM:-}" ]; then
+    for candidate in "$ROOT/../shared/cgv2vm" /work/shared/cgv2vm; do
+        if [ -x "$candidate/run.sh" ] && [ -x "$candidate/build.sh" ]; then CGV2VM=$(cd "$candidate" && pwd); break; fi
+    done
+fi
+[ -n "${CGV2VM:-}" ] && [ -x "$CGV2VM/run.sh" ] && [ -x "$CGV2VM/build.sh" ] ||
+    die "cgv2vm not found (looked in ${CGV2VM:-$ROOT/../shared/cgv2vm and /work/shared/cgv2vm}): set CGV2VM to its checkout"
 case "$W" in *[,[:space:]]*) die "$W must not contain commas or white space (hostfs)" ;; esac
 PY=$ROOT/.venv/bin/python
 [ -x "$PY" ] || die "no $PY: run deploy/setup.sh first"
-command -v uv >/dev/null || die "uv not found: run deploy/setup.sh first"
+# As deploy/setup.sh finds it: on PATH, else the module it may have pip-installed.
+if command -v uv >/dev/null; then UV=(uv)
+elif python3 -m uv --version >/dev/null 2>&1; then UV=(python3 -m uv)
+else die "uv not found: run deploy/setup.sh first"; fi
 for arg in "${PYTEST_ARGS[@]}" "${DESELECT[@]}"; do [[ "$arg" != *$'\n'* && "$arg" != *$'\x1f'* ]] || die "bad pytest argument"; done
 
 T0=$(now)
@@ -73,7 +88,6 @@ mark guest_build "$t"
 # --- 2. a snapshot of the working tree ----------------------------------------------------------
 t=$(now)
 S=$W/share
-C=$W/cache
 mkdir -p "$W" "$C"
 chmod 755 "$W" "$C"
 rm -rf "$S.new"
@@ -103,9 +117,9 @@ for minor in $(seq 39 -1 5); do                 # as warmpod.image._platform_tag
                    5) PLATFORMS+=(--platform=manylinux1_x86_64) ;; esac
 done
 PLATFORMS+=(--platform=any)
-(cd "$REPO" && uv export --quiet --frozen --all-groups --no-hashes --no-emit-project \
+(cd "$REPO" && "${UV[@]}" export --quiet --frozen --all-groups --no-hashes --no-emit-project \
     --output-file "$S.new/requirements.txt")
-key=$( { cat "$S.new/requirements.txt"; printf '%s\n' "${PLATFORMS[@]}"; } | sha256sum | cut -c1-12)
+key=$( { grep -v '^#' "$S.new/requirements.txt"; printf '%s\n' "${PLATFORMS[@]}"; } | sha256sum | cut -c1-12)
 DEPS=$C/wheels-$key
 if [ ! -d "$DEPS" ]; then
     log "downloading dependency wheels for CPython 3.13 x86_64 into $DEPS"
@@ -121,7 +135,7 @@ else
 fi
 mkdir -p "$S.new/wheels"
 ln "$DEPS"/*.whl "$S.new/wheels/"
-(cd "$REPO" && uv build --quiet --wheel --out-dir "$S.new/wheels" 2>&1 | grep -v '^Building\|^Successfully' >&2 || true)
+(cd "$REPO" && "${UV[@]}" build --quiet --wheel --out-dir "$S.new/wheels" 2>&1 | grep -v '^Building\|^Successfully' >&2 || true)
 ls "$S.new"/wheels/warmpod-*.whl >/dev/null 2>&1 || die "uv build --wheel made no warmpod wheel"
 rm -f "$S.new/wheels/.gitignore"
 mark wheels "$t"
@@ -151,6 +165,9 @@ rm -rf "$S"
 mv "$S.new" "$S"
 chmod -R a+rX "$S"
 ENVS=(--env "WARMPOD_CGV2_BENCH=$BENCH")
+for name in WARMPOD_TEST_CPU_TIME WARMPOD_TEST_REFILL_WAIT; do
+    if [ -n "${!name:-}" ]; then ENVS+=(--env "$name=${!name}"); fi
+done
 if [ ${#PYTEST_ARGS[@]} -gt 0 ]; then
     ENVS+=(--env "WARMPOD_CGV2_PYTEST_ARGS=$(IFS=$'\x1f'; echo "${PYTEST_ARGS[*]}")")
 fi
@@ -173,6 +190,9 @@ OUT=$S/out
 echo
 echo "==== warmpod doctor (in the guest) ===="
 cat "$OUT/doctor.txt" 2>/dev/null || echo "(no doctor.txt)"
+for check in doctor-check pause latency-summary; do
+    [ -f "$OUT/$check.txt" ] && { echo; cat "$OUT/$check.txt"; }
+done
 echo
 echo "==== guest job steps ===="
 cat "$OUT/steps.txt" 2>/dev/null || echo "(no steps.txt)"
@@ -191,7 +211,7 @@ fi
 if [ -s "$OUT/deselected.txt" ]; then sed 's/^/DESELECTED in the guest: /' "$OUT/deselected.txt"; fi
 TESTS_OK=1
 JUNIT=()
-for name in unit api integration security custom; do
+for name in unit api integration security security-time custom; do
     [ -f "$OUT/junit-$name.xml" ] && JUNIT+=("$OUT/junit-$name.xml")
 done
 if [ ${#JUNIT[@]} -gt 0 ]; then

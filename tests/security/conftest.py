@@ -9,7 +9,7 @@ import httpx
 import pytest
 from warmpod_live import WarmpodServer, stop_and_check_clean
 
-from .hostile import SETTINGS
+from .hostile import MAX_TIMEOUT, SETTINGS
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -39,5 +39,5 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmpodServer]:
 @pytest.fixture(scope="session")
 def client(server: WarmpodServer) -> Iterator[httpx.Client]:
     """An HTTP client for the suite's server; a run may wait for a pool refill, hence the long timeout."""
-    with httpx.Client(base_url=server.url, timeout=60) as http:
+    with httpx.Client(base_url=server.url, timeout=MAX_TIMEOUT + 40) as http:
         yield http

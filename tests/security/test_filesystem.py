@@ -8,7 +8,7 @@ from textwrap import dedent
 import httpx
 import pytest
 
-from .hostile import OPEN_FILES, SHM_MB, TMPFS_MB, assert_still_serves, run
+from .hostile import BOMB_TIMEOUT, OPEN_FILES, SHM_MB, TMPFS_MB, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 
@@ -99,7 +99,7 @@ def test_inode_exhaustion_is_contained(client: httpx.Client) -> None:
             print(n, errno.errorcode[exc.errno])
         """
     )
-    bomb = run(client, code, timeout=15)
+    bomb = run(client, code, timeout=BOMB_TIMEOUT)
     assert bomb.status in {"failed", "succeeded"}, bomb.result
     assert {"memory", "disk"} & set(bomb.limits_hit), bomb.result
     assert_still_serves(client)

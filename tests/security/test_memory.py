@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from .hostile import MEMORY_MB, SHM_MB, TMPFS_MB, assert_still_serves, run
+from .hostile import BOMB_TIMEOUT, MEMORY_MB, SHM_MB, TMPFS_MB, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 
@@ -94,7 +94,7 @@ def test_program_cannot_make_the_oom_killer_pick_the_agent(client: httpx.Client)
         os.execv("/bin/sh", ["sh", "-c", f"i=0; while :; do : > /tmp/${{i}}{pad}; i=$((i+1)); done"])
         """
     )
-    bomb = run(client, code, timeout=15)
+    bomb = run(client, code, timeout=BOMB_TIMEOUT)
     # Were the agent killed, its container would die with it and the run would end in "error".
     assert bomb.status == "failed", bomb.result
     assert bomb.exit_code == -9, bomb.result

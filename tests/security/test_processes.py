@@ -11,7 +11,7 @@ from warmpod_live import WarmpodServer, container_names, wait_until
 
 from warmpod.pool import LABEL_INSTANCE
 
-from .hostile import PIDS, assert_still_serves, run
+from .hostile import BOMB_TIMEOUT, PIDS, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 
@@ -51,7 +51,7 @@ def test_fork_bomb_is_contained(server: WarmpodServer, client: httpx.Client) -> 
         """
     )
     server.wait_pool_full()
-    # Below the 3 s CPU-time limit: on one CPU of quota, wall and CPU time would otherwise race.
+    # Below the CPU-time limit (3 s by default): on one CPU of quota, wall and CPU time would otherwise race.
     bomb = run(client, code, timeout=2)
     assert bomb.status == "timeout", bomb.result
     assert "pids" in bomb.limits_hit, bomb.result
@@ -190,7 +190,7 @@ def test_unbounded_recursion_is_contained(client: httpx.Client) -> None:
         deeper(0)
         """
     )
-    crash = run(client, code)
+    crash = run(client, code, timeout=BOMB_TIMEOUT)
     assert crash.status == "failed", crash.result
     assert (
         "RecursionError" in crash.stderr

@@ -59,5 +59,8 @@ def test_rlimit_fallbacks_without_cgroups() -> None:
     s = spec(cgroups=False)
     assert "resource_limits" not in s
     assert s["env"]["WARMPOD_AS_BYTES"] == str(256 * 2**20)  # type: ignore[index]
+    # The agent must not read the host-wide counters of a cgroup that is not the container's.
+    assert s["env"]["WARMPOD_CGROUP_COUNTERS"] == "0"  # type: ignore[index]
+    assert "WARMPOD_CGROUP_COUNTERS" not in spec(cgroups=True)["env"]  # type: ignore[operator]
     nproc = [r for r in s["r_limits"] if r["type"] == "nproc"]  # type: ignore[attr-defined]
     assert nproc == [{"type": "nproc", "soft": 64, "hard": 64}]

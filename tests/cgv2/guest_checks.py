@@ -1,0 +1,135 @@
+"""Checks job.sh runs in the cgv2vm guest besides pytest; each exits non-zero with the reason when it fails.
+
+python guest_checks.py doctor DOCTOR_TXT   every limit a cgroup can enforce is enforced by one
+python guest_checks.py pause OUT_TXT       a real ``warmpod serve`` keeps its idle containers paused
+python guest_checks.py latency LATENCY_JSON  one line: warmpod idle p50 beside ``podman run --rm``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+# What `warmpod doctor` must print on a cgroup v2 host with delegation, rootless.
+DOCTOR_LINES = [
+    ", rootless",
+    "cgroups: v2",
+    "  memory: cgroup, cgroup memory limit, swap capped at the same value",
+    "  pids: cgroup, cgroup pids limit",
+    "  cpu_share: cgroup, cgroup cpu quota",
+    "Pause idle containers: yes",
+]
+
+
+def doctor(path: Path) -> int:
+    """Every cgroup-enforceable limit is enforced by a cgroup, and idle containers pause."""
+    text = path.read_text()
+    missing = [line for line in DOCTOR_LINES if line not in text]
+    for line in missing:
+        print(f"FAIL doctor: no line with {line!r}")
+    if "NOT ENFORCED" in text or "would refuse" in text:
+        print("FAIL doctor: some limit is not enforced")
+        return 1
+    if not missing:
+        print("PASS doctor: memory (swap capped), pids and cpu quota by cgroup; idle containers pause")
+    return 1 if missing else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def pause(out: Path) -> int:
+    """Start ``warmpod serve`` (pool of 4), wait for a full pool, and list its containers' states."""
+    port = _free_port()
+    log = out.with_suffix(".server.log")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WARMPOD_POOL__SIZE": "4"}
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "warmpod", "serve", "--port", str(port)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    lines: list[str] = []
+    failures: list[str] = []
+    try:
+        health: dict[str, Any] = {}
+        deadline = time.monotonic() + 300
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            while time.monotonic() < deadline and server.poll() is None:
+                try:
+                    response = client.get("/health")
+                except httpx.TransportError:
+                    response = None
+                if response is not None and response.status_code == 200:
+                    health = response.json()
+                    if health["pool"]["ready"] == health["pool"]["target"]:
+                        break
+                time.sleep(0.5)
+        time.sleep(2)  # a thaw of the next container in line, if any, has settled
+        listed = subprocess.run(
+            ["podman", "ps", "-a", "--filter", f"label=io.warmpod.pid={server.pid}", "--format", "json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        states = [str(c["State"]) for c in json.loads(listed or "[]")]
+        lines.append(f"health: paused_idle={health.get('paused_idle')} pool={health.get('pool')}")
+        lines.append(f"pool container states: {sorted(states)}")
+        if health.get("paused_idle") is not True:
+            failures.append(f"/health says paused_idle={health.get('paused_idle')}")
+        # The container next in line may be thawed ahead of demand; every other idle one is paused.
+        paused = states.count("paused")
+        if paused < max(1, len(states) - 1) or len(states) < 4:
+            failures.append(f"{paused} of {len(states)} idle containers paused")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=40)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    lines += [f"FAIL pause: {failure}" for failure in failures] or ["PASS pause: idle containers are paused"]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failures else 0
+
+
+def latency(path: Path) -> int:
+    """Print warmpod's idle p50 beside the naive ``podman run --rm`` p50, from bench/latency.py."""
+    results = json.loads(path.read_text())
+    idle = results["series"]["idle"]["summary"]["p50"]
+    naive = results["series"]["naive"]["summary"]["p50"]
+    ratio = results.get("naive_over_warmpod_idle_p50")
+    print(
+        f"guest latency p50: warmpod /run-json/ idle {idle:.1f} ms, podman run --rm {naive:.1f} ms"
+        + (f" ({ratio:.1f}x)" if ratio else "")
+    )
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch one check."""
+    checks = {"doctor": doctor, "pause": pause, "latency": latency}
+    if len(argv) != 2 or argv[0] not in checks:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return checks[argv[0]](Path(argv[1]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
