@@ -232,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print()
     print(
-        f"| {args.runs} runs submitted at once | warmpod (pool min {args.pool_size}, max 16) | naive podman run --rm "
-        f"({args.naive_concurrency} at a time) |"
+        f"| {args.runs} runs submitted at once | warmpod (pool min {args.pool_size}, max 16) "
+        f"| naive podman run --rm ({args.naive_concurrency} at a time) |"
     )
     print("|---|---|---|")
     print(f"| finished / lost | {burst['finished']} / {burst['lost']} | {args.runs} / 0 |")
