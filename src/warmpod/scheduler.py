@@ -204,14 +204,11 @@ class Scheduler:
         record = await self._record(run_id)
         if record.result is not None:
             return record.result
-        live = self._live.get(run_id)
-        if live is not None:
-            stdout, stderr = bytes(live.output["stdout"]), bytes(live.output["stderr"])
-        else:
-            joined = {"stdout": bytearray(), "stderr": bytearray()}
-            for chunk in await self._store.output(run_id):
-                joined[chunk.stream] += chunk.data
-            stdout, stderr = bytes(joined["stdout"]), bytes(joined["stderr"])
+        # From the store, not this node's buffers: what is shown is what a crash would keep.
+        joined = {"stdout": bytearray(), "stderr": bytearray()}
+        for chunk in await self._store.output(run_id):
+            joined[chunk.stream] += chunk.data
+        stdout, stderr = bytes(joined["stdout"]), bytes(joined["stderr"])
         return RunResult(
             id=run_id,
             status="running" if record.status == "running" else "queued",

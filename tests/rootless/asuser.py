@@ -15,6 +15,7 @@ import os
 import pwd
 import subprocess
 import sysconfig
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,9 +187,11 @@ def ensure_user() -> User:
 
 def start_server(user: User, tree: Tree, directory: Path, settings: Mapping[str, str]) -> WarmpodServer:
     """``warmpod serve`` as the user, from the copied tree, with its private rootless Podman service."""
+    # The run store must be the user's to write: a fresh one under its home.
+    store = user.home / ".local/state/warmpod-ci" / f"runs-{uuid.uuid4().hex}.sqlite3"
     return WarmpodServer(
         directory,
-        settings,
+        {"WARMPOD_QUEUE__STORE_PATH": str(store), **settings},
         python=user.argv(tree.python, cwd=tree.root),
         environ=user.environ(tree.environ()),
     )
