@@ -77,7 +77,7 @@ def pause(out: Path) -> int:
                     response = None
                 if response is not None and response.status_code == 200:
                     health = response.json()
-                    if health["pool"]["ready"] == health["pool"]["target"]:
+                    if health["pool"]["ready"] >= health["pool"]["target"]:
                         break
                 time.sleep(0.5)
         time.sleep(2)  # a thaw of the next container in line, if any, has settled

@@ -21,7 +21,7 @@ SLOW_BOMB = "import time\nheld = []\nwhile True:\n    held.append(bytearray(10**
 @pytest.mark.parametrize("code", [FAST_BOMB, SLOW_BOMB], ids=["fast", "slow"])
 def test_memory_bomb_is_stopped_by_the_memory_limit(client: httpx.Client, code: str) -> None:
     """Allocating without end, in 10 MB or 1 MB steps, is killed by the cgroup memory limit."""
-    bomb = run(client, code)
+    bomb = run(client, code, timeout=BOMB_TIMEOUT)
     assert bomb.status == "failed", bomb.result
     assert bomb.exit_code == -9, bomb.result
     assert bomb.limits_hit == ["memory"], bomb.result
@@ -48,7 +48,7 @@ def test_memory_parked_in_tmpfs_counts(client: httpx.Client) -> None:
             held.append(bytearray(1 << 20))
         """
     )
-    bomb = run(client, code)
+    bomb = run(client, code, timeout=BOMB_TIMEOUT)
     assert bomb.status == "failed", bomb.result
     assert bomb.exit_code == -9, bomb.result
     assert set(bomb.limits_hit) == {"memory", "disk"}, bomb.result
@@ -153,7 +153,7 @@ def test_decompression_bomb_is_contained(client: httpx.Client) -> None:
     assert len(built["bomb"]) < 2 * 1024 * 1024
     assert inflated_size(built["bomb"]) == 1 << 30
     code = build + "print(len(bomb), flush=True)\ndata = zlib.decompress(bomb, -15)\nprint(len(data))\n"
-    bomb = run(client, code)
+    bomb = run(client, code, timeout=BOMB_TIMEOUT)
     assert bomb.status == "failed", bomb.result
     assert "memory" in bomb.limits_hit or "MemoryError" in bomb.stderr, bomb.result
     assert bomb.stdout == f"{len(built['bomb'])}\n", "the bomb was not built, or was inflated whole"
