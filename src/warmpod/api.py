@@ -187,7 +187,8 @@ async def _submit(
 
 
 def _both_waits(query: bool | None, body: bool) -> bool:
-    if query is not None and query != body and body is not True:
+    # The body's default is true, so only an explicit false in it can disagree with the query.
+    if query and not body:
         raise ValidationException("'wait' is given twice, in the query and the body, with different values")
     return body if query is None else query
 

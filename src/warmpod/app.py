@@ -24,7 +24,6 @@ from warmpod import __version__
 from warmpod.api import RunController, StatusController, get_service, health
 from warmpod.errors import (
     InvalidRun,
-    PoolUnavailable,
     QueueFull,
     RunFinished,
     RunNotFound,
@@ -63,52 +62,17 @@ def _http_problem(max_body: int, exc: HTTPException) -> ProblemDetailsException:
     )
 
 
-def _invalid_run(exc: InvalidRun) -> ProblemDetailsException:
-    return ProblemDetailsException(
-        status_code=422, title="Limit out of range", detail=str(exc), type_=_PROBLEM + "limit"
-    )
+def _problem(status: int, title: str, slug: str) -> Callable[[WarmpodError], ProblemDetailsException]:
+    """A mapper of one of warmpod's errors to a problem; ``Retry-After`` where the error has one."""
 
+    def to_problem(exc: WarmpodError) -> ProblemDetailsException:
+        retry_after = getattr(exc, "retry_after", None)
+        headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+        return ProblemDetailsException(
+            status_code=status, title=title, detail=str(exc), headers=headers, type_=_PROBLEM + slug
+        )
 
-def _unavailable(exc: PoolUnavailable) -> ProblemDetailsException:
-    return ProblemDetailsException(
-        status_code=503,
-        title="No sandbox available",
-        detail=str(exc),
-        headers={"Retry-After": str(exc.retry_after)},
-        type_=_PROBLEM + "unavailable",
-    )
-
-
-def _queue_full(exc: QueueFull) -> ProblemDetailsException:
-    return ProblemDetailsException(
-        status_code=429,
-        title="Queue full",
-        detail=str(exc),
-        headers={"Retry-After": str(exc.retry_after)},
-        type_=_PROBLEM + "queue-full",
-    )
-
-
-def _shutting_down(exc: ShuttingDown) -> ProblemDetailsException:
-    return ProblemDetailsException(
-        status_code=503,
-        title="Shutting down",
-        detail=str(exc),
-        headers={"Retry-After": str(exc.retry_after)},
-        type_=_PROBLEM + "shutting-down",
-    )
-
-
-def _not_found(exc: RunNotFound) -> ProblemDetailsException:
-    return ProblemDetailsException(
-        status_code=404, title="No such run", detail=str(exc), type_=_PROBLEM + "no-such-run"
-    )
-
-
-def _finished(exc: RunFinished) -> ProblemDetailsException:
-    return ProblemDetailsException(
-        status_code=409, title="Run already ended", detail=str(exc), type_=_PROBLEM + "run-finished"
-    )
+    return to_problem
 
 
 def begin_drain(app: Litestar, grace: float) -> None:
@@ -142,12 +106,11 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
         exception_to_problem_detail_map={
             ValidationException: _validation_problem,
             HTTPException: functools.partial(_http_problem, settings.server.max_body_bytes),
-            InvalidRun: _invalid_run,
-            PoolUnavailable: _unavailable,
-            QueueFull: _queue_full,
-            ShuttingDown: _shutting_down,
-            RunNotFound: _not_found,
-            RunFinished: _finished,
+            InvalidRun: _problem(422, "Limit out of range", "limit"),
+            QueueFull: _problem(429, "Queue full", "queue-full"),
+            ShuttingDown: _problem(503, "Shutting down", "shutting-down"),
+            RunNotFound: _problem(404, "No such run", "no-such-run"),
+            RunFinished: _problem(409, "Run already ended", "run-finished"),
         }
     )
     return Litestar(

@@ -4,7 +4,7 @@ WarmpodError
 ├── SettingsError      configuration cannot be parsed or is inconsistent
 ├── EngineError        Podman could not be reached or refused a call
 ├── ImageError         the runner image cannot be found or built
-├── PoolUnavailable    no container became free within the acquire timeout (503)
+├── PoolUnavailable    no container became free within the acquire timeout (the run stays queued)
 ├── ProtocolError      a frame from a container broke the agent protocol
 ├── InvalidRun         a run request is well formed but asks for something not allowed (422)
 ├── QueueFull          the queue holds as many runs as it may (429)

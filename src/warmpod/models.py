@@ -8,7 +8,6 @@ import msgspec
 from msgspec import Meta
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "timeout", "error", "cancelled"]
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "timeout", "error", "cancelled"})
 
 
 class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -25,7 +25,7 @@ from warmpod.models import RunResult, RunSpec
 from warmpod.pool import Sandbox
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner
 from warmpod.settings import QueueSettings
-from warmpod.store import Chunk, Record, Store
+from warmpod.store import Chunk, Record, Store, joined
 
 log = logging.getLogger(__name__)
 
@@ -205,16 +205,13 @@ class Scheduler:
         if record.result is not None:
             return record.result
         # From the store, not this node's buffers: what is shown is what a crash would keep.
-        joined = {"stdout": bytearray(), "stderr": bytearray()}
-        for chunk in await self._store.output(run_id):
-            joined[chunk.stream] += chunk.data
-        stdout, stderr = bytes(joined["stdout"]), bytes(joined["stderr"])
+        stdout, stderr = joined((chunk.stream, chunk.data) for chunk in await self._store.output(run_id))
         return RunResult(
             id=run_id,
             status="running" if record.status == "running" else "queued",
             exit_code=None,
-            stdout=stdout.decode("utf-8", "replace"),
-            stderr=stderr.decode("utf-8", "replace"),
+            stdout=stdout,
+            stderr=stderr,
             stdout_truncated=False,
             stderr_truncated=False,
             limits_hit=[],
@@ -357,7 +354,8 @@ class Scheduler:
 
     async def _tend(self, run_id: str, live: _LiveRun) -> None:
         """While a run executes: move its output to the store and look for a cancel flag."""
-        next_poll = 0.0
+        # Not at once: a cancel on this node stops the run directly; the flag is for other nodes.
+        next_poll = time.monotonic() + CANCEL_POLL
         while True:
             if live.pending:
                 # Shielded: chunks taken from ``live`` must reach the store even if the run ends now.

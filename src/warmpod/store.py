@@ -7,7 +7,7 @@ import fcntl
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, Protocol, TypeVar
 
@@ -335,7 +335,9 @@ class SqliteStore:
             with _transaction(db):
                 ids = [row[0] for row in db.execute("SELECT id FROM runs WHERE status = 'running'")]
                 for run_id in ids:
-                    stdout, stderr = _joined(db, run_id)
+                    stdout, stderr = joined(
+                        db.execute("SELECT stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
+                    )
                     result = RunResult(
                         id=run_id,
                         status="error",
@@ -393,10 +395,9 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     db.execute("COMMIT")
 
 
-def _joined(db: sqlite3.Connection, run_id: str) -> tuple[str, str]:
+def joined(chunks: Iterable[tuple[str, bytes]]) -> tuple[str, str]:
+    """A run's stdout and stderr as text, from its ``(stream, data)`` chunks in order."""
     out = {"stdout": bytearray(), "stderr": bytearray()}
-    for stream, data in db.execute(
-        "SELECT stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,)
-    ):
+    for stream, data in chunks:
         out.get(stream, out["stdout"]).extend(data)
     return out["stdout"].decode("utf-8", "replace"), out["stderr"].decode("utf-8", "replace")
