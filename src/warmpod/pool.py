@@ -24,6 +24,7 @@ from warmpod.image import context_dir
 from warmpod.protocol import Channel, Hello
 from warmpod.sandbox import SOCKET_NAME, container_spec
 from warmpod.settings import Settings
+from warmpod.unix_stream import UnixStream
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +425,7 @@ async def _connect(path: Path, max_frame: int) -> Channel:
     while True:
         if os.path.exists(path):  # noqa: ASYNC240
             try:
-                stream = await anyio.connect_unix(path)
+                stream = await UnixStream.connect(path)
             except (ConnectionRefusedError, FileNotFoundError):
                 pass  # an older agent may still be between bind and listen
             else:

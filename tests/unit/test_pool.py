@@ -17,7 +17,7 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import ByteStream, SocketListener, TaskGroup, TaskStatus
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
@@ -26,6 +26,7 @@ from warmpod.protocol import Job, Result
 from warmpod.runner import Runner
 from warmpod.sandbox import AGENT_DIR, SOCKET_NAME
 from warmpod.settings import Settings, from_env
+from warmpod.unix_stream import UnixStream
 
 INSTANCE = "feedface0000"
 WAIT = 3.0
@@ -138,8 +139,8 @@ class FakeEngine:
 
     async def _agent(self, container_id: str, path: Path, *, task_status: TaskStatus[None]) -> None:
         # Like pool/agent.py: listen, accept one connection, say hello, answer one job, wait for hang-up.
-        # destroy() ends it by closing its sockets rather than cancelling it: cancelling a socket wait
-        # just as the peer hangs up trips an asyncio "invalid state" race inside anyio.
+        # destroy() ends it by closing its sockets, as removing a container does, rather than cancelling
+        # it. Its connection is a UnixStream like the server's: anyio's own loses a race with cancels.
         killed = anyio.Event()
         closables: list[SocketListener | ByteStream] = []
         self._kills[container_id] = (killed, closables)
@@ -160,8 +161,8 @@ class FakeEngine:
         try:
             if killed.is_set():
                 return
-            async with listener:
-                stream = await listener.accept()
+            async with listener, await listener.accept() as accepted:
+                stream = UnixStream(accepted.extra(SocketAttribute.raw_socket).dup())
             closables.append(stream)
             async with stream:
                 if self.silent:

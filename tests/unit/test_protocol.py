@@ -15,11 +15,11 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from anyio.abc import SocketStream, UNIXSocketStream
 
 from warmpod import protocol
 from warmpod.errors import ProtocolError
 from warmpod.protocol import AgentError, Channel, Hello, Job, Result
+from warmpod.unix_stream import UnixStream
 
 AGENT_PATH = Path(__file__).resolve().parents[2] / "pool" / "agent.py"
 MAX_FRAME = 1024
@@ -47,10 +47,10 @@ def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
 @pytest.fixture
 async def wired(
     socket_pair: tuple[socket.socket, socket.socket],
-) -> AsyncIterator[tuple[Channel, SocketStream, socket.socket]]:
+) -> AsyncIterator[tuple[Channel, UnixStream, socket.socket]]:
     """A Channel on the server's end, that end's raw anyio stream, and the agent's blocking socket."""
     server_end, agent_end = socket_pair
-    stream = await UNIXSocketStream.from_socket(server_end.dup())
+    stream = UnixStream(server_end.dup())
     async with stream:
         yield Channel(stream, max_frame=MAX_FRAME), stream, agent_end
 
@@ -113,7 +113,7 @@ def test_job_frame_decodes_as_the_agent_reads_it() -> None:
 
 
 async def test_job_reaches_the_real_agent_intact(
-    wired: tuple[Channel, SocketStream, socket.socket], agent: ModuleType
+    wired: tuple[Channel, UnixStream, socket.socket], agent: ModuleType
 ) -> None:
     """A Job sent over a Channel is read back by the agent's own recv_frame with every field intact."""
     channel, _, agent_end = wired
@@ -178,7 +178,7 @@ async def test_job_reaches_the_real_agent_intact(
     ],
 )
 async def test_agent_messages_round_trip(
-    wired: tuple[Channel, SocketStream, socket.socket],
+    wired: tuple[Channel, UnixStream, socket.socket],
     agent: ModuleType,
     sent: dict[str, Any],
     expected: protocol.AgentMessage,
@@ -259,7 +259,7 @@ def test_invalid_body_is_a_protocol_error(body: bytes) -> None:
 
 @pytest.mark.parametrize("body", BAD_BODIES[:4])
 async def test_invalid_frame_over_a_channel_is_a_protocol_error(
-    wired: tuple[Channel, SocketStream, socket.socket], body: bytes
+    wired: tuple[Channel, UnixStream, socket.socket], body: bytes
 ) -> None:
     """A well-sized frame with a bad body, received over a Channel, raises ProtocolError."""
     channel, _, agent_end = wired
@@ -290,7 +290,7 @@ def test_exit_code_out_of_range_is_rejected(exit_code: int) -> None:
 
 
 async def test_frame_of_exactly_the_maximum_size_is_accepted(
-    wired: tuple[Channel, SocketStream, socket.socket],
+    wired: tuple[Channel, UnixStream, socket.socket],
 ) -> None:
     """A frame whose body is exactly max_frame bytes long is read and decoded."""
     channel, _, agent_end = wired
@@ -302,7 +302,7 @@ async def test_frame_of_exactly_the_maximum_size_is_accepted(
 
 
 async def test_oversized_header_is_refused_before_the_body_is_read(
-    wired: tuple[Channel, SocketStream, socket.socket],
+    wired: tuple[Channel, UnixStream, socket.socket],
 ) -> None:
     """A header announcing more than max_frame bytes raises ProtocolError without consuming the body."""
     channel, stream, agent_end = wired
@@ -319,7 +319,7 @@ async def test_oversized_header_is_refused_before_the_body_is_read(
 
 
 async def test_oversized_header_is_refused_even_if_the_body_never_comes(
-    wired: tuple[Channel, SocketStream, socket.socket],
+    wired: tuple[Channel, UnixStream, socket.socket],
 ) -> None:
     """A 4 GiB header with no body after it is refused at once instead of waiting for the body."""
     channel, _, agent_end = wired
@@ -337,7 +337,7 @@ async def test_oversized_header_is_refused_even_if_the_body_never_comes(
     ],
 )
 async def test_truncated_frame_then_hang_up_is_a_protocol_error(
-    wired: tuple[Channel, SocketStream, socket.socket], data: bytes
+    wired: tuple[Channel, UnixStream, socket.socket], data: bytes
 ) -> None:
     """An agent that hangs up before a whole frame arrived raises ProtocolError, not EOF or IncompleteRead."""
     channel, _, agent_end = wired
@@ -348,7 +348,7 @@ async def test_truncated_frame_then_hang_up_is_a_protocol_error(
 
 
 async def test_frames_are_read_one_at_a_time(
-    wired: tuple[Channel, SocketStream, socket.socket],
+    wired: tuple[Channel, UnixStream, socket.socket],
 ) -> None:
     """Two frames arriving in one write are received as two messages, in order."""
     channel, _, agent_end = wired
