@@ -77,6 +77,9 @@ export WARMPOD_TEST_CPU_TIME=${WARMPOD_TEST_CPU_TIME:-20}
 # A trivial run waiting for a pool refill beside a spin and a memory bomb: 2 s on the host, ~3 s
 # under UML, where the refill shares the single CPU with them.
 export WARMPOD_TEST_REFILL_WAIT=${WARMPOD_TEST_REFILL_WAIT:-6}
+# The wall-time bounds on prompt answers (a trivial run after a hostile one, a flood's reply): a
+# refill that preloads numpy and pandas takes seconds of the guest's single CPU (11 s seen).
+export WARMPOD_TEST_SLOWNESS=${WARMPOD_TEST_SLOWNESS:-4}
 
 # The user's socket-activated Podman service: what a rootless deployment points warmpod at. (The
 # live-server tests override it and start a private `podman system service`, see warmpod_live.py.)

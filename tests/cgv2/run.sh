@@ -24,8 +24,9 @@
 #
 # Env: WARMPOD_CGV2_DIR; WARMPOD_CGV2_CACHE (default $WARMPOD_CGV2_DIR/cache: two runs may share it);
 # CGV2VM (the cgv2vm checkout; default ../shared/cgv2vm beside the checkout, else
-# /work/shared/cgv2vm); WARMPOD_TEST_CPU_TIME and WARMPOD_TEST_REFILL_WAIT (the security suite's
-# host-speed-dependent figures, tests/security/hostile.py; job.sh's guest defaults 20 and 6 s).
+# /work/shared/cgv2vm); WARMPOD_TEST_CPU_TIME, WARMPOD_TEST_REFILL_WAIT and WARMPOD_TEST_SLOWNESS
+# (the security suite's host-speed-dependent figures, tests/security/hostile.py; job.sh's guest
+# defaults 20 s, 6 s and 4).
 # CGV2VM_DIR and CGV2VM_UML_SUITE pass through to cgv2vm: CGV2VM_DIR=/var/tmp/cgv2vm-61 with
 # CGV2VM_UML_SUITE=host picks the 6.1 UML kernel, 3-4x slower, which survives the fork bomb that
 # panics the default 6.12, e.g.
@@ -165,7 +166,7 @@ rm -rf "$S"
 mv "$S.new" "$S"
 chmod -R a+rX "$S"
 ENVS=(--env "WARMPOD_CGV2_BENCH=$BENCH")
-for name in WARMPOD_TEST_CPU_TIME WARMPOD_TEST_REFILL_WAIT; do
+for name in WARMPOD_TEST_CPU_TIME WARMPOD_TEST_REFILL_WAIT WARMPOD_TEST_SLOWNESS; do
     if [ -n "${!name:-}" ]; then ENVS+=(--env "$name=${!name}"); fi
 done
 if [ ${#PYTEST_ARGS[@]} -gt 0 ]; then

@@ -34,6 +34,10 @@ BOMB_TIMEOUT = max(15, 2 * CPU_TIME)
 # for a refill: creating a container takes ~0.2 s on real hardware and over a second under UML
 # (one CPU, shared with the neighbours), where job.sh raises it.
 REFILL_WAIT_SECONDS = float(os.environ.get("WARMPOD_TEST_REFILL_WAIT", "2"))
+# How many times slower than real hardware this platform starts and fills containers, for the
+# wall-time bounds on prompt answers: under UML a refill that imports numpy and pandas takes seconds
+# of its single CPU, and job.sh sets 4. Limits themselves never scale with it.
+SLOWNESS = float(os.environ.get("WARMPOD_TEST_SLOWNESS", "1"))
 MAX_OUTPUT_BYTES = 65536
 TMPFS_MB = 32
 SHM_MB = 16  # sandbox.py's shm_size, not a setting
@@ -56,7 +60,9 @@ SETTINGS = {
 }
 
 # A trivial run takes well under a second; this leaves room for a pool refill on a busy host.
-TRIVIAL_SECONDS = 5.0
+TRIVIAL_SECONDS = 5.0 * SLOWNESS
+# A 10 MB flood is cut at the cap and answered within this.
+FLOOD_SECONDS = 5.0 * SLOWNESS
 
 
 @dataclass(frozen=True)
