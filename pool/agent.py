@@ -27,6 +27,10 @@ SOCKET_PATH = os.environ.get("WARMPOD_AGENT_SOCKET", "/run/warmpod/agent.sock")
 WORKDIR = "/work"
 RUN_UID = 65534
 RUN_GID = 65534
+# The program's niceness: the agent (0) keeps the CPU it needs to stream output, enforce the limits
+# and kill everything at the deadline however many processes the program spins up. Without
+# CAP_SYS_NICE and with RLIMIT_NICE at 0 the program cannot lower it again.
+PROGRAM_NICE = 10
 MAX_JOB_FRAME = 16 * 1024 * 1024
 CHUNK = 65536
 CPU_CHECK_INTERVAL = 0.1
@@ -243,7 +247,7 @@ def env_int(name):
 
 
 def prepare_program():
-    """Runs in the child before exec: OOM preference, then the unprivileged user, then limits."""
+    """Runs in the child before exec: OOM preference, then the unprivileged user, its niceness, limits."""
     # The program, not the agent, is what the OOM killer should pick. Written while the process
     # still holds CAP_SYS_RESOURCE, which also makes 1000 the floor the program cannot lower.
     with open("/proc/self/oom_score_adj", "w") as f:
@@ -251,6 +255,7 @@ def prepare_program():
     os.setgroups([])
     os.setgid(RUN_GID)
     os.setuid(RUN_UID)
+    os.setpriority(os.PRIO_PROCESS, 0, PROGRAM_NICE)
     cpu = env_int("WARMPOD_CPU_SECONDS")
     if cpu:
         # SIGXCPU at the soft limit; SIGKILL a second later for a program that ignores it.

@@ -109,6 +109,8 @@ def container_spec(
         "r_limits": [
             {"type": "nofile", "soft": limits.open_files, "hard": limits.open_files},
             {"type": "core", "soft": 0, "hard": 0},
+            # Whatever the host allows: the program must not climb back above the agent's priority.
+            {"type": "nice", "soft": 0, "hard": 0},
         ],
     }
     # RLIMIT_NPROC counts per uid across every container sharing a user namespace, so it is

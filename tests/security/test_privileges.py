@@ -108,12 +108,15 @@ def test_program_is_unprivileged(client: httpx.Client) -> None:
         out = {key: status[key].strip() for key in
                ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp")}
         out["ids"] = [os.getuid(), os.geteuid(), os.getgid(), os.getegid(), os.getgroups()]
+        out["priority"] = os.getpriority(os.PRIO_PROCESS, 0)
+        out["nice_limit"] = resource.getrlimit(resource.RLIMIT_NICE)
         for name, action in (
             ("setuid", lambda: os.setuid(0)),
             ("setgid", lambda: os.setgid(0)),
             ("setgroups", lambda: os.setgroups([0])),
             ("setresuid", lambda: os.setresuid(0, 0, 0)),
             ("nice", lambda: os.nice(-5)),
+            ("setpriority", lambda: os.setpriority(os.PRIO_PROCESS, 0, 0)),
             ("chown", lambda: os.chown("/work/main.py", 0, 0)),
             ("chroot", lambda: os.chroot("/tmp")),
             ("sethostname", lambda: __import__("socket").sethostname("pwned")),
@@ -130,6 +133,10 @@ def test_program_is_unprivileged(client: httpx.Client) -> None:
     assert attempt.status == "succeeded", attempt.result
     seen = attempt.report()
     assert seen["ids"] == [65534, 65534, 65534, 65534, []]
+    # Below the agent's priority, for good: it still gets the CPU to stop a program that spins.
+    assert seen["priority"] == 10
+    assert seen["nice_limit"] == [0, 0]
+    assert seen["setpriority"] == "EACCES"
     for key in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
         assert capability_names(seen[key]) == set(), key
     # The bounding set is the container's: the agent's capabilities, none of which the program holds.
