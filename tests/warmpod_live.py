@@ -23,6 +23,9 @@ MAX_TIMEOUT = 20
 MAX_OUTPUT_BYTES = 65536
 MAX_BODY_BYTES = 262144
 
+# How many times slower than real hardware this platform starts and fills containers; the bounds
+# on waiting for them scale with it (job.sh sets 4 in the User-Mode Linux guest of tests/cgv2).
+SLOWNESS = float(os.environ.get("WARMPOD_TEST_SLOWNESS", "1"))
 # The first start may build the runner image; later ones take a few seconds.
 HEALTH_TIMEOUT = 180.0
 # uvicorn is given 30 s of graceful shutdown by `warmpod serve`.
@@ -166,7 +169,7 @@ class WarmpodServer:
             time.sleep(0.2)
         raise AssertionError(f"warmpod not healthy after {timeout:.0f} s ({last}):\n{self.log_tail()}")
 
-    def wait_pool_full(self, timeout: float = 30.0) -> dict[str, Any]:
+    def wait_pool_full(self, timeout: float = 30.0 * SLOWNESS) -> dict[str, Any]:
         """Wait until every pool slot holds a ready container and return the health body.
 
         The adaptive pool may hold one more than its target for a while (a refill that was under

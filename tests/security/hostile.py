@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from warmpod_live import run_json
+from warmpod_live import SLOWNESS, run_json
 
 # The suite's limits: small, so that every limit is cheap to reach on a 2-core machine.
 POOL_SIZE = 2
@@ -34,10 +34,6 @@ BOMB_TIMEOUT = max(15, 2 * CPU_TIME)
 # for a refill: creating a container takes ~0.2 s on real hardware and over a second under UML
 # (one CPU, shared with the neighbours), where job.sh raises it.
 REFILL_WAIT_SECONDS = float(os.environ.get("WARMPOD_TEST_REFILL_WAIT", "2"))
-# How many times slower than real hardware this platform starts and fills containers, for the
-# wall-time bounds on prompt answers: under UML a refill that imports numpy and pandas takes seconds
-# of its single CPU, and job.sh sets 4. Limits themselves never scale with it.
-SLOWNESS = float(os.environ.get("WARMPOD_TEST_SLOWNESS", "1"))
 MAX_OUTPUT_BYTES = 65536
 TMPFS_MB = 32
 SHM_MB = 16  # sandbox.py's shm_size, not a setting
@@ -59,7 +55,9 @@ SETTINGS = {
     CANARY_NAME: CANARY_VALUE,
 }
 
-# A trivial run takes well under a second; this leaves room for a pool refill on a busy host.
+# A trivial run takes well under a second; this leaves room for a pool refill on a busy host. Under
+# UML a refill that imports numpy and pandas takes seconds of its single CPU: SLOWNESS scales the
+# bounds on prompt answers, never the limits.
 TRIVIAL_SECONDS = 5.0 * SLOWNESS
 # A 10 MB flood is cut at the cap and answered within this.
 FLOOD_SECONDS = 5.0 * SLOWNESS

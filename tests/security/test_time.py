@@ -8,14 +8,13 @@ from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import WarmpodServer
+from warmpod_live import SLOWNESS, WarmpodServer
 
 from .hostile import (
     CPU_REPLY_SECONDS,
     CPU_TIME,
     PIDS,
     REFILL_WAIT_SECONDS,
-    SLOWNESS,
     SPIN_TIMEOUT,
     Run,
     assert_still_serves,
