@@ -7,11 +7,11 @@ from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import WarmpodServer, container_names, wait_until
+from warmpod_live import SLOWNESS, WarmpodServer, container_names, wait_until
 
 from warmpod.pool import LABEL_INSTANCE
 
-from .hostile import BOMB_TIMEOUT, PIDS, assert_still_serves, run
+from .hostile import BOMB_TIMEOUT, CPU_TIME, PIDS, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 
@@ -51,11 +51,13 @@ def test_fork_bomb_is_contained(server: WarmpodServer, client: httpx.Client) -> 
         """
     )
     server.wait_pool_full()
-    # Below the CPU-time limit (3 s by default): on one CPU of quota, wall and CPU time would otherwise race.
-    bomb = run(client, code, timeout=2)
+    # Below the CPU-time limit (3 s by default): on one CPU of quota, wall and CPU time would otherwise
+    # race. Where forking is slow, long enough for the bomb to reach the pids limit.
+    timeout = min(2 * SLOWNESS, CPU_TIME - 1)
+    bomb = run(client, code, timeout=timeout)
     assert bomb.status == "timeout", bomb.result
     assert "pids" in bomb.limits_hit, bomb.result
-    assert bomb.seconds < 2 + 1.5, f"the reply took {bomb.seconds:.1f} s"
+    assert bomb.seconds < timeout + 1.5, f"the reply took {bomb.seconds:.1f} s"
     hostname = bomb.stdout.splitlines()[0]
     assert_container_removed(server, hostname)
     assert_still_serves(client)
