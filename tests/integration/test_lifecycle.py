@@ -10,6 +10,7 @@ import httpx
 import pytest
 from warmpod_live import (
     GRACEFUL_EXIT,
+    SLOWNESS,
     ServerFactory,
     WarmpodServer,
     containers,
@@ -137,5 +138,5 @@ def test_podman_service_outlives_idle_threads(start_server: ServerFactory) -> No
 
     assert process_alive(service_pid, "service"), f"the private podman service died:\n{server.log_tail()}"
     assert statuses == ["succeeded"] * 4
-    health = server.wait_pool_full(timeout=20)
+    health = server.wait_pool_full(timeout=20 * SLOWNESS)
     assert health["last_error"] is None, health
