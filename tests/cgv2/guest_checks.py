@@ -3,6 +3,7 @@
 python guest_checks.py doctor DOCTOR_TXT   every limit a cgroup can enforce is enforced by one
 python guest_checks.py pause OUT_TXT       a real ``warmpod serve`` keeps its idle containers paused
 python guest_checks.py latency LATENCY_JSON  one line: warmpod idle p50 beside ``podman run --rm``
+python guest_checks.py failed JUNIT_XML    the node ids of the tests that failed, one per line
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +124,18 @@ def latency(path: Path) -> int:
     return 0
 
 
+def failed(path: Path) -> int:
+    """Print the node id of every test that failed or errored in a junit file (module-level tests)."""
+    for case in ET.parse(path).getroot().iter("testcase"):
+        if case.find("failure") is not None or case.find("error") is not None:
+            module = (case.get("classname") or "").replace(".", "/")
+            print(f"{module}.py::{case.get('name')}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Dispatch one check."""
-    checks = {"doctor": doctor, "pause": pause, "latency": latency}
+    checks = {"doctor": doctor, "pause": pause, "latency": latency, "failed": failed}
     if len(argv) != 2 or argv[0] not in checks:
         print(__doc__, file=sys.stderr)
         return 2

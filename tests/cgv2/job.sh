@@ -142,6 +142,7 @@ fi
 # the container-wide kill, and their wall times outgrew the margins): so the suite runs in two
 # sessions, the busy loops (test_time.py) at 20 s and everything else at 120 s.
 TIME_TESTS=tests/security/test_time.py
+RERUN_MAX=3
 # One pytest per suite, each with its own junit file: a guest that dies mid-run keeps what finished.
 pytest_rc=0
 for name in "${runs[@]}"; do
@@ -159,6 +160,23 @@ for name in "${runs[@]}"; do
         "${deselect[@]}" "${args[@]}") 2>&1 | tee "$OUT/pytest-$name.txt"
     rc=${PIPESTATUS[0]}
     set -e
+    # A few failures get one rerun, in their own pytest: under UML a wall-time bound can still miss
+    # by a little (each miss seen so far was a wait on a preloaded refill, now scaled). The rerun's
+    # junit-<suite>-rerun.xml sits beside the first, and run.sh reports such a test as FLAKY by
+    # name. More than RERUN_MAX failures, or a second failure, fails the job.
+    if [ "$rc" = 1 ] && [ "$name" != custom ]; then
+        mapfile -t failed < <("$VENV/bin/python" "$SRC/tests/cgv2/guest_checks.py" failed "$OUT/junit-$name.xml")
+        if [ ${#failed[@]} -ge 1 ] && [ ${#failed[@]} -le "$RERUN_MAX" ]; then
+            end "exit $rc, ${#failed[@]} to rerun"
+            begin "pytest $name: rerun of ${failed[*]}"
+            set +e
+            (cd "$SRC" && WARMPOD_TEST_CPU_TIME=$cpu "$VENV/bin/python" -m pytest -p no:cacheprovider -v -rfEs \
+                --basetemp "$HOME/pytest-$name-rerun" --junitxml "$OUT/junit-$name-rerun.xml" \
+                -o junit_family=xunit2 "${failed[@]}") 2>&1 | tee "$OUT/pytest-$name-rerun.txt"
+            rc=${PIPESTATUS[0]}
+            set -e
+        fi
+    fi
     # The live servers' own logs (warmpod_live writes warmpod-<port>.log under the test's tmp dir).
     find "$HOME/pytest-$name" -name 'warmpod-*.log' -size +0 2>/dev/null | while read -r f; do
         mkdir -p "$OUT/server-logs/$name"

@@ -266,26 +266,41 @@ if [ ${#JUNIT[@]} -gt 0 ]; then
     python3 - "${JUNIT[@]}" <<'EOF' || TESTS_OK=0
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
-grand = {"passed": 0, "failed": 0, "skipped": 0}
-for path in sys.argv[1:]:
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    passed = total["tests"] - total["failures"] - total["errors"] - total["skipped"]
-    seconds = sum(float(s.get("time", 0)) for s in suites)
-    name = path.rsplit("junit-", 1)[-1].removesuffix(".xml")
-    print(f"{name:12} {passed:4} passed {total['failures'] + total['errors']:4} failed "
-          f"{total['skipped']:3} skipped  {seconds:6.0f} s")
-    grand["passed"] += passed
-    grand["failed"] += total["failures"] + total["errors"]
-    grand["skipped"] += total["skipped"]
-    for case in root.iter("testcase"):
-        for kind in ("failure", "error"):
-            for node in case.findall(kind):
-                message = " ".join((node.get("message") or "").split())[:400]
-                print(f"    {kind.upper()} {case.get('classname')}::{case.get('name')}: {message}")
-print(f"{grand['passed']} passed, {grand['failed']} failed, {grand['skipped']} skipped")
+
+def cases(path):
+    """(test id, failure or error element or None, skipped) for each test case of a junit file."""
+    for case in ET.parse(path).getroot().iter("testcase"):
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        yield f"{case.get('classname')}::{case.get('name')}", bad, case.find("skipped") is not None
+
+
+grand = {"passed": 0, "failed": 0, "flaky": 0, "skipped": 0}
+for path in map(Path, sys.argv[1:]):
+    rerun = path.with_name(path.stem + "-rerun.xml")
+    again = {test for test, bad, skipped in cases(rerun) if bad is None and not skipped} if rerun.exists() else set()
+    count = {"passed": 0, "failed": 0, "flaky": 0, "skipped": 0}
+    lines = []
+    for test, bad, skipped in cases(path):
+        if skipped:
+            count["skipped"] += 1
+        elif bad is None:
+            count["passed"] += 1
+        else:
+            message = " ".join((bad.get("message") or "").split())[:400]
+            kind = "flaky" if test in again else "failed"
+            count[kind] += 1
+            label = "FLAKY (failed, then passed on its rerun)" if kind == "flaky" else bad.tag.upper()
+            lines.append(f"    {label} {test}: {message}")
+    name = path.stem.removeprefix("junit-")
+    print(f"{name:14} {count['passed']:4} passed {count['failed']:4} failed {count['flaky']:2} flaky "
+          f"{count['skipped']:3} skipped")
+    for line in lines:
+        print(line)
+    for key in grand:
+        grand[key] += count[key]
+print(f"{grand['passed']} passed, {grand['failed']} failed, {grand['flaky']} flaky, {grand['skipped']} skipped")
 sys.exit(1 if grand["failed"] else 0)
 EOF
 else
