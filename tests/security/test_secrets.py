@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import errno
 import json
+import subprocess
 from pathlib import Path
 from textwrap import dedent
+from typing import Any
 
 import httpx
 import pytest
@@ -73,9 +75,14 @@ def test_server_environment_canary_is_invisible(server: WarmpodServer, client: h
     assert seen["agent_environ"] == EACCES
     assert seen["read"] >= 6, "the scan read almost nothing, so it proves nothing"
     # The agent's own environment, which the program cannot read, is the container's: check it on the host.
-    pool = containers(f"{LABEL_INSTANCE}={server.instance()}")
-    assert pool, "no pool container to inspect"
-    (inspected,) = json.loads(podman("container", "inspect", pool[0]["Id"]))
+    inspected: dict[str, Any] | None = None
+    for listed in containers(f"{LABEL_INSTANCE}={server.instance()}"):
+        try:
+            (inspected,) = json.loads(podman("container", "inspect", listed["Id"]))
+            break
+        except subprocess.CalledProcessError:
+            continue  # the container of the run just ended, removed since the listing
+    assert inspected is not None, "no pool container to inspect"
     env = inspected["Config"]["Env"]
     assert not [entry for entry in env if CANARY_NAME in entry or CANARY_VALUE in entry], env
     assert_still_serves(client)
