@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from latency import ROOT, Server, free_port, percentile, podman
+from latency import ROOT, Server, built_image, free_port, percentile
 
 from warmpod import engine, image
 from warmpod.settings import from_env
@@ -197,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     settings = from_env()
-    if podman(settings, "image", "exists", image.image_ref(settings)).returncode != 0:
-        print("the runner image is missing: run `warmpod image build` first", file=sys.stderr)
+    if built_image(settings) is None:
         return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="warmpod-bench-") as tmp:

@@ -105,6 +105,16 @@ def podman(settings: Settings, *args: str, timeout: float = 120) -> subprocess.C
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
+def built_image(settings: Settings) -> str | None:
+    """The runner image's reference, or None (with a message) when it is not built yet."""
+    ref = image.image_ref(settings)
+    # warmpod serve builds a missing image, which downloads packages: a benchmark must not.
+    if podman(settings, "image", "exists", ref).returncode != 0:
+        print(f"runner image {ref} is missing: run `warmpod image build` first", file=sys.stderr)
+        return None
+    return ref
+
+
 class Server:
     """``warmpod serve`` as a child process on a private port."""
 
@@ -304,10 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args = parse_args(argv)
     settings = from_env()
-    ref = image.image_ref(settings)
-    # warmpod serve builds a missing image, which downloads packages: a benchmark must not.
-    if podman(settings, "image", "exists", ref).returncode != 0:
-        print(f"runner image {ref} is missing: run `warmpod image build` first", file=sys.stderr)
+    ref = built_image(settings)
+    if ref is None:
         return 1
     python3 = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "python3"
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from latency import (
     ROOT,
     Series,
     Server,
+    built_image,
     free_port,
     host_facts,
     podman,
@@ -53,7 +54,7 @@ from latency import (
     wait_pool_full,
 )
 
-from warmpod import engine, image
+from warmpod import engine
 from warmpod.settings import Settings, from_env
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "run.json"
@@ -279,9 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args = parse_args(argv)
     settings = from_env()
-    ref = image.image_ref(settings)
-    if podman(settings, "image", "exists", ref).returncode != 0:
-        print(f"runner image {ref} is missing: run `warmpod image build` first", file=sys.stderr)
+    ref = built_image(settings)
+    if ref is None:
         return 1
     args.output.parent.mkdir(parents=True, exist_ok=True)
     facts: dict[str, Any] = {"host": host_facts(settings, ref)}
