@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 import msgspec
@@ -74,6 +75,33 @@ class RunResult(msgspec.Struct, kw_only=True):
     """Wall time of the program itself (0 until it ends)."""
     error: str | None = None
     """What went wrong, when ``status`` is ``error``."""
+
+    @classmethod
+    def from_server(
+        cls,
+        run_id: str,
+        status: RunStatus,
+        *,
+        stdout: str = "",
+        stderr: str = "",
+        exit_code: int | None = None,
+        limits_hit: Sequence[str] = (),
+        duration_ms: float = 0.0,
+        error: str | None = None,
+    ) -> RunResult:
+        """A result the server states itself, with no result from the agent: nothing marked truncated."""
+        return cls(
+            id=run_id,
+            status=status,
+            exit_code=exit_code,
+            stdout=stdout,
+            stderr=stderr,
+            stdout_truncated=False,
+            stderr_truncated=False,
+            limits_hit=list(limits_hit),
+            duration_ms=duration_ms,
+            error=error,
+        )
 
 
 class PoolCounts(msgspec.Struct, kw_only=True):

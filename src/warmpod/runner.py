@@ -176,14 +176,11 @@ class Runner:
         except SANDBOX_FAILURES as exc:
             return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
         # The agent did not answer within the timeout and its grace: the container is gone now.
-        return RunResult(
-            id=run_id,
-            status="timeout",
-            exit_code=None,
+        return RunResult.from_server(
+            run_id,
+            "timeout",
             stdout=_text(output["stdout"]),
             stderr=_text(output["stderr"]),
-            stdout_truncated=False,
-            stderr_truncated=False,
             limits_hit=["wall_time"],
             duration_ms=_elapsed_ms(started),
         )
@@ -194,14 +191,12 @@ def _text(data: bytes | bytearray) -> str:
 
 
 def _memory_kill(run_id: str, output: dict[str, bytearray], duration_ms: float) -> RunResult:
-    return RunResult(
-        id=run_id,
-        status="failed",
-        exit_code=-9,
+    return RunResult.from_server(
+        run_id,
+        "failed",
         stdout=_text(output["stdout"]),
         stderr=_text(output["stderr"]),
-        stdout_truncated=False,
-        stderr_truncated=False,
+        exit_code=-9,
         limits_hit=["memory"],
         duration_ms=duration_ms,
     )
@@ -212,18 +207,7 @@ def _elapsed_ms(started: float) -> float:
 
 
 def _error(run_id: str, message: str, duration_ms: float) -> RunResult:
-    return RunResult(
-        id=run_id,
-        status="error",
-        exit_code=None,
-        stdout="",
-        stderr="",
-        stdout_truncated=False,
-        stderr_truncated=False,
-        limits_hit=[],
-        duration_ms=duration_ms,
-        error=message,
-    )
+    return RunResult.from_server(run_id, "error", duration_ms=duration_ms, error=message)
 
 
 def _from_agent(

@@ -21,7 +21,7 @@ from warmpod.errors import (
     ShuttingDown,
     StoreError,
 )
-from warmpod.models import RunResult, RunSpec
+from warmpod.models import RunResult, RunSpec, RunStatus
 from warmpod.pool import Sandbox
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner
 from warmpod.settings import QueueSettings
@@ -65,15 +65,11 @@ class _LiveRun:
         return chunks
 
     def ended(self, run_id: str, status: Literal["cancelled", "error"], error: str | None) -> RunResult:
-        return RunResult(
-            id=run_id,
-            status=status,
-            exit_code=None,
+        return RunResult.from_server(
+            run_id,
+            status,
             stdout=self.output["stdout"].decode("utf-8", "replace"),
             stderr=self.output["stderr"].decode("utf-8", "replace"),
-            stdout_truncated=False,
-            stderr_truncated=False,
-            limits_hit=[],
             duration_ms=(time.perf_counter() - self.started) * 1000,
             error=error,
         )
@@ -206,17 +202,8 @@ class Scheduler:
             return record.result
         # From the store, not this node's buffers: what is shown is what a crash would keep.
         stdout, stderr = joined((chunk.stream, chunk.data) for chunk in await self._store.output(run_id))
-        return RunResult(
-            id=run_id,
-            status="running" if record.status == "running" else "queued",
-            exit_code=None,
-            stdout=stdout,
-            stderr=stderr,
-            stdout_truncated=False,
-            stderr_truncated=False,
-            limits_hit=[],
-            duration_ms=0.0,
-        )
+        status: RunStatus = "running" if record.status == "running" else "queued"
+        return RunResult.from_server(run_id, status, stdout=stdout, stderr=stderr)
 
     async def cancel(self, run_id: str) -> RunResult:
         """Stop a queued or running run; it ends ``cancelled`` with the output it had printed.

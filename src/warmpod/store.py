@@ -338,17 +338,8 @@ class SqliteStore:
                     stdout, stderr = joined(
                         db.execute("SELECT stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
                     )
-                    result = RunResult(
-                        id=run_id,
-                        status="error",
-                        exit_code=None,
-                        stdout=stdout,
-                        stderr=stderr,
-                        stdout_truncated=False,
-                        stderr_truncated=False,
-                        limits_hit=[],
-                        duration_ms=0.0,
-                        error=message,
+                    result = RunResult.from_server(
+                        run_id, "error", stdout=stdout, stderr=stderr, error=message
                     )
                     db.execute(
                         "UPDATE runs SET status = 'error', result = ?, finished = ?, spec = NULL "
