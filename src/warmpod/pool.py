@@ -318,6 +318,33 @@ class Pool:
         except WarmpodError as exc:
             log.warning("could not unpause %s ahead of demand: %s", sandbox.name, exc)
 
+    async def wait_serving(self, timeout: float, progress_every: float = 10.0) -> None:
+        """Wait until the pool has made its first sandbox, logging progress while it takes long.
+
+        Raises:
+            PoolUnavailable: none was made within ``timeout`` seconds; the message has the last error.
+        """
+        started = anyio.current_time()
+        with anyio.move_on_after(timeout):
+            while not self.serving:
+                with anyio.move_on_after(progress_every):
+                    async with self._changed:
+                        while not self.serving:
+                            await self._changed.wait()
+                if not self.serving:
+                    log.info(
+                        "waiting for the first sandbox: %.0f s so far, %d starting, %d failed%s",
+                        anyio.current_time() - started,
+                        self._starting,
+                        self._failures,
+                        f" (last: {self._last_error})" if self._last_error else "",
+                    )
+        if not self.serving:
+            raise PoolUnavailable(
+                f"no sandbox was made within {timeout:.0f} s of start-up (WARMPOD_SERVER__STARTUP_TIMEOUT)"
+                + (f"; last error: {self._last_error}" if self._last_error else "")
+            )
+
     @asynccontextmanager
     async def lease(self) -> AsyncIterator[Sandbox]:
         """Take a ready container for one run; it is destroyed when the block exits.

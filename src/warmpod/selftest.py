@@ -6,8 +6,9 @@ import json
 from typing import Any
 
 from warmpod.errors import WarmpodError
+from warmpod.pool import Pool
 from warmpod.runner import Runner
-from warmpod.settings import LimitSettings
+from warmpod.settings import LimitSettings, Settings
 
 PROBE = r"""
 import json, os, resource
@@ -66,12 +67,16 @@ def failures(report: dict[str, Any], limits: LimitSettings, *, cgroups: bool) ->
     return found
 
 
-async def self_test(runner: Runner, limits: LimitSettings, *, cgroups: bool) -> None:
-    """Run the probe in a sandbox from the pool.
+async def self_test(pool: Pool, runner: Runner, settings: Settings, *, cgroups: bool) -> None:
+    """Wait for the pool's first sandbox, then run the probe in a sandbox from the pool.
 
     Raises:
+        PoolUnavailable: no sandbox was made within the start-up timeout.
         SelfTestFailed: the probe did not run, or found a layer missing.
     """
+    limits = settings.limits
+    # The first sandbox may take far longer than a run's acquire timeout (a slow host, preloads).
+    await pool.wait_serving(settings.server.startup_timeout)
     result = await runner.run(PROBE.encode(), b"", timeout=min(30.0, limits.max_timeout))
     if result.status != "succeeded":
         raise SelfTestFailed(

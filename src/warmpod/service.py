@@ -112,7 +112,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                         await tg.start(pool.run)
                         runner = Runner(pool, settings.limits)
                         # /health stays 503 until a real sandbox has shown every layer on.
-                        await self_test(runner, settings.limits, cgroups=info.can_limit)
+                        await self_test(pool, runner, settings, cgroups=info.can_limit)
                         log.info("self-test passed: no network, read-only root, non-root, limits on")
                         workers = settings.queue.workers or settings.pool.bounds[1]
                         scheduler = Scheduler(store, pool, runner, settings.queue, workers)

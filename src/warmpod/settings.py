@@ -31,6 +31,10 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     max_body_bytes: Annotated[int, Meta(ge=1024, le=8 * 1024 * 1024)] = 1024 * 1024
     """Largest accepted request body, at most 8 MiB (the agent's job frame limit is 16 MiB
     after base64); larger ones get 413 (``WARMPOD_SERVER__MAX_BODY_BYTES``)."""
+    startup_timeout: Seconds = 600.0
+    """How long start-up waits for the pool's first sandbox before it gives up; the first one,
+    preloading numpy and pandas on a slow host, can take far longer than a run waits for a free one
+    (``WARMPOD_SERVER__STARTUP_TIMEOUT``)."""
     shutdown_grace: Seconds = 30.0
     """On SIGTERM, how long running runs may take to finish before they are stopped and reported
     ``error``; queued runs stay in the store for the next start (``WARMPOD_SERVER__SHUTDOWN_GRACE``)."""

@@ -1,14 +1,20 @@
-"""Checks job.sh runs in the cgv2vm guest besides pytest; each exits non-zero with the reason when it fails.
+"""Checks of the cgv2 job besides the guest's pytest (run.sh on the host, job.sh in the guest).
+
+Each exits non-zero with the reason when it fails.
 
 python guest_checks.py doctor DOCTOR_TXT   every limit a cgroup can enforce is enforced by one
 python guest_checks.py pause OUT_TXT       a real ``warmpod serve`` keeps its idle containers paused
 python guest_checks.py latency LATENCY_JSON  one line: warmpod idle p50 beside ``podman run --rm``
 python guest_checks.py failed JUNIT_XML    the node ids of the tests that failed, one per line
+python guest_checks.py speed OUT_JSON      median ms of a preloading ``podman run --rm`` of the runner image
+python guest_checks.py slowness HOST_JSON GUEST_JSON  how many times slower the guest is (rounded up)
+python guest_checks.py host-suites SHARE OUT  (host) the unit and API suites on the runner image's Python
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import socket
@@ -20,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from warmpod import engine, image
+from warmpod.settings import from_env
 
 # What `warmpod doctor` must print on a cgroup v2 host with delegation, rootless.
 DOCTOR_LINES = [
@@ -133,9 +142,76 @@ def failed(path: Path) -> int:
     return 0
 
 
+# What a pool refill costs: a container of the runner image that imports the preloaded modules.
+SPEED_PROBE = ["run", "--rm", "--network", "none"]
+SPEED_CODE = "import numpy, pandas"
+SPEED_RUNS = 3
+
+
+def speed(path: Path) -> int:
+    """Time a preloading ``podman run --rm`` of the runner image (one warm-up, median of three)."""
+    settings = from_env(dict(os.environ))
+    ref = image.image_ref(settings)
+    times: list[float] = []
+    for _ in range(SPEED_RUNS + 1):
+        argv, env = engine.podman_command(
+            settings.engine, *SPEED_PROBE, ref, "python3", "-I", "-c", SPEED_CODE
+        )
+        started = time.perf_counter()
+        subprocess.run(argv, env=env, check=True, capture_output=True, timeout=600)
+        times.append((time.perf_counter() - started) * 1000)
+    median = sorted(times[1:])[SPEED_RUNS // 2]
+    result = {
+        "probe": f"podman {' '.join(SPEED_PROBE)} IMAGE python3 -I -c {SPEED_CODE!r}",
+        "ms": times,
+        "median_ms": median,
+    }
+    path.write_text(json.dumps(result) + "\n")
+    print(f"speed: {result['probe']}: median {median:.0f} ms of {[round(t) for t in times[1:]]}")
+    return 0
+
+
+def host_suites(share: Path, out: Path) -> int:
+    """Run the unit and API suites under the runner image's Python (3.13) in a container on the host.
+
+    They need no Podman, so they need no guest: the share's wheels for 3.13 (the guest's) install
+    into a tmpfs, the snapshot is mounted read-only, and each suite writes junit-<suite>-py3.13.xml.
+    """
+    settings = from_env(dict(os.environ))
+    ref = image.image_ref(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    script = (
+        "set -eu; set -- /share/wheels/pip-*.whl; "
+        'python3 "$1/pip" install --quiet --disable-pip-version-check --no-index --root-user-action=ignore '
+        "--find-links /share/wheels --target /tmp/site -r /share/requirements.txt "
+        "/share/wheels/warmpod-*.whl; "
+        "rc=0; for suite in unit api; do "
+        "PYTHONPATH=/tmp/site python3 -m pytest -p no:cacheprovider -q -rfEs --basetemp /tmp/pytest-$suite "
+        "--junitxml /out/junit-$suite-py3.13.xml -o junit_family=xunit2 tests/$suite || rc=$?; done; exit $rc"
+    )
+    argv, env = engine.podman_command(
+        settings.engine,
+        *("run", "--rm", "--network", "none", "--workdir", "/share/repo"),
+        *("--env", "PYTHONDONTWRITEBYTECODE=1"),
+        *("--volume", f"{share}:/share:ro", "--volume", f"{out}:/out", "--tmpfs", "/tmp:rw,exec,size=2g"),
+        *(ref, "sh", "-c", script),
+    )
+    return subprocess.run(argv, env=env, check=False, timeout=1800).returncode
+
+
+def slowness(host: Path, guest: Path) -> int:
+    """Print how many times slower the guest made the speed probe than the host, rounded up, at least 1."""
+    ratio = json.loads(guest.read_text())["median_ms"] / json.loads(host.read_text())["median_ms"]
+    print(max(1, math.ceil(ratio)))
+    return 0
+
+
 def main(argv: list[str]) -> int:
     """Dispatch one check."""
-    checks = {"doctor": doctor, "pause": pause, "latency": latency, "failed": failed}
+    checks = {"doctor": doctor, "pause": pause, "latency": latency, "failed": failed, "speed": speed}
+    if len(argv) == 3 and argv[0] in ("slowness", "host-suites"):
+        two = {"slowness": slowness, "host-suites": host_suites}[argv[0]]
+        return two(Path(argv[1]), Path(argv[2]))
     if len(argv) != 2 or argv[0] not in checks:
         print(__doc__, file=sys.stderr)
         return 2

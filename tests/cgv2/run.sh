@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# tests/cgv2/run.sh [--timeout SECONDS] [--mem SIZE] [--no-bench] [--deselect NODEID]... [--keep] [-- PYTEST_ARGS...]
+# tests/cgv2/run.sh [--build-only] [--timeout SECONDS] [--mem SIZE] [--no-bench] [--deselect NODEID]... [--keep] [-- PYTEST_ARGS...]
 #
-# Runs warmpod's unit, API, integration and security suites inside the cgv2vm guest
-# (/work/shared/cgv2vm: User-Mode Linux, pure cgroup v2, systemd, rootless Podman 5.4 as user
-# `runner`, no network), then prints the pytest summary and `warmpod doctor` as the guest saw them.
-# Exits non-zero when a test failed or the guest job failed. Run as root on the host.
-# Each suite runs as its own pytest (junit-<suite>.xml), so a guest that dies keeps what finished.
-# --deselect replaces job.sh's default list (the fork bomb, which panics the UML 6.12 kernel, not
-# warmpod); `--deselect ''` deselects nothing. `-- ARGS` runs one pytest with ARGS instead.
-# Without either, the fork bomb then runs alone in a second boot on the 6.1 kernel, which
-# survives it (cgv2vm built with CGV2VM_UML_SUITE=host in WARMPOD_CGV2_61_DIR, default
-# /var/tmp/cgv2vm-61; about 3 min, plus the build the first time).
+# --build-only builds the guests this host needs (cgv2vm's build.sh, idempotent) and stops.
+# Runs what needs rootless Podman on pure cgroup v2 inside the cgv2vm guest (/work/shared/cgv2vm:
+# User-Mode Linux, systemd, rootless Podman 5.4 as user `runner`, no network): the integration and
+# security suites, `warmpod doctor`, the pause check and bench/latency.py. The unit and API suites
+# need no Podman: they run on the host under the runner image's Python 3.13 (the guest's), in a
+# container, in seconds. Prints every suite's summary, the guest's kernel and the time of each
+# part; exits non-zero when a test or a check failed. Run as root on the host.
+#
+# The fork bomb runs wherever the kernel survives it: in the main boot on UML 7.x (what build.sh
+# picks on CPUs with AMX), else alone in a second boot on forky's 7.2 (WARMPOD_CGV2_72_DIR,
+# default /var/tmp/cgv2vm-72), because 6.x panics when a fork fails at the pids limit.
+# --deselect replaces that choice (`--deselect ''` deselects nothing); `-- ARGS` runs one pytest
+# with ARGS in the main boot instead of the suites, and no second boot.
+#
+# The wall-time bounds on prompt answers scale with the guest's measured speed: run.sh times a
+# preloading `podman run --rm` of the runner image on the host, job.sh the same in the guest, and
+# their ratio (rounded up) is WARMPOD_TEST_SLOWNESS there, unless it is set. The limits never scale.
 #
 # What it prepares under /var/tmp/warmpod-cgv2 (WARMPOD_CGV2_DIR), all readable by uid 1000:
 #   cache/wheels-<hash>/  wheels of every locked runtime and dev dependency for CPython 3.13,
@@ -20,7 +27,9 @@
 #   share/                the guest's /mnt/host: repo/ (a snapshot of the working tree: src, pool,
 #                         tests, bench, deploy, pyproject.toml, uv.lock), wheels/ (the dependencies
 #                         plus the warmpod wheel built from the snapshot), runner.tar, image.ref,
-#                         and out/ (results: job.log, junit.xml, doctor.txt, latency.json, ...)
+#                         host-speed.json, and out/ (results: job.log, junit-*.xml, doctor.txt,
+#                         latency.json, speed.json, kernel.txt, ...)
+#   py313/                the host's unit and API junit files
 # One snapshot feeds everything: the host builds the image from the snapshot's pool/ and the wheel
 # from the snapshot's sources, so the image tag the guest computes is the one that was loaded even
 # while the working tree keeps changing.
@@ -28,22 +37,19 @@
 # Env: WARMPOD_CGV2_DIR; WARMPOD_CGV2_CACHE (default $WARMPOD_CGV2_DIR/cache: two runs may share it);
 # CGV2VM (the cgv2vm checkout; default ../shared/cgv2vm beside the checkout, else
 # /work/shared/cgv2vm); WARMPOD_TEST_CPU_TIME, WARMPOD_TEST_REFILL_WAIT and WARMPOD_TEST_SLOWNESS
-# (the security suite's host-speed-dependent figures, tests/security/hostile.py; job.sh's guest
-# defaults 20 s, 6 s and 4).
-# CGV2VM_DIR and CGV2VM_UML_SUITE pass through to cgv2vm: CGV2VM_DIR=/var/tmp/cgv2vm-61 with
-# CGV2VM_UML_SUITE=host picks the 6.1 UML kernel, 3-4x slower, which survives the fork bomb that
-# panics the default 6.12, e.g.
-#   CGV2VM_DIR=/var/tmp/cgv2vm-61 CGV2VM_UML_SUITE=host tests/cgv2/run.sh --no-bench \
-#       --deselect '' -- tests/security/test_processes.py
+# (the security suite's host-speed-dependent figures, tests/security/hostile.py; by default job.sh
+# sets the CPU time and measures the slowness). CGV2VM_DIR and CGV2VM_UML_SUITE pass through to
+# cgv2vm for the main boot, e.g. CGV2VM_DIR=/var/tmp/cgv2vm-72 CGV2VM_UML_SUITE=forky runs it on 7.2.
 set -euo pipefail
 umask 022
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 W=${WARMPOD_CGV2_DIR:-/var/tmp/warmpod-cgv2}
 C=${WARMPOD_CGV2_CACHE:-$W/cache}
-CGV2VM_61_DIR=${WARMPOD_CGV2_61_DIR:-/var/tmp/cgv2vm-61}
+CGV2VM_72_DIR=${WARMPOD_CGV2_72_DIR:-/var/tmp/cgv2vm-72}
+MAIN_DIR=${CGV2VM_DIR:-/var/tmp/cgv2vm}
 FORK_BOMB=tests/security/test_processes.py::test_fork_bomb_is_contained
-TIMEOUT=2400 MEM=4G BENCH=1 KEEP=() DESELECT=() DESELECT_SET=0
+TIMEOUT=2400 MEM=4G BENCH=1 KEEP=() DESELECT=() DESELECT_SET=0 BUILD_ONLY=0
 PYTEST_ARGS=()
 usage() { sed -n '2,2p' "$0" | sed 's/^# //' >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -51,6 +57,7 @@ while [ $# -gt 0 ]; do
         --timeout) TIMEOUT=$2; shift 2 ;;
         --mem) MEM=$2; shift 2 ;;
         --no-bench) BENCH=0; shift ;;
+        --build-only) BUILD_ONLY=1; shift ;;
         --keep) KEEP=(--keep); shift ;;
         --deselect) DESELECT_SET=1; [ -n "$2" ] && DESELECT+=("$2"); shift 2 ;;
         --) shift; PYTEST_ARGS=("$@"); break ;;
@@ -89,7 +96,17 @@ mark() { TIMES[$1]=$(secs $(( $(now) - $2 ))); }
 t=$(now)
 log "cgv2vm build.sh (idempotent)"
 "$CGV2VM/build.sh"
+KERNEL=$(ls "$MAIN_DIR/uml/usr/lib/uml/modules")
+# A fork failing at the pids limit panics 6.x (see job.sh); 7.x survives it.
+FORK_BOMB_BOOT=0
+if [ "${KERNEL%%.*}" -lt 7 ] && [ ${#PYTEST_ARGS[@]} = 0 ] && [ "$DESELECT_SET" = 0 ]; then
+    FORK_BOMB_BOOT=1
+    DESELECT_SET=1 DESELECT=("$FORK_BOMB")
+    log "UML $KERNEL panics at a fork bomb: it gets a second boot on forky's 7.2 in $CGV2VM_72_DIR"
+    (export CGV2VM_DIR=$CGV2VM_72_DIR CGV2VM_UML_SUITE=forky; "$CGV2VM/build.sh")
+fi
 mark guest_build "$t"
+if [ "$BUILD_ONLY" = 1 ]; then log "guests built in ${TIMES[guest_build]}s (UML $KERNEL)"; exit 0; fi
 
 # --- 2. a snapshot of the working tree ----------------------------------------------------------
 t=$(now)
@@ -166,6 +183,11 @@ fi
 ln "$TAR" "$S.new/runner.tar"
 mark image "$t"
 
+# --- 4b. the reference for the guest's speed ----------------------------------------------------
+t=$(now)
+PYTHONPATH="$REPO/src" "$PY" "$HERE/guest_checks.py" speed "$S.new/host-speed.json"
+mark speed "$t"
+
 # --- 5. the share, swapped in whole -------------------------------------------------------------
 rm -rf "$S"
 mv "$S.new" "$S"
@@ -182,7 +204,21 @@ if [ "$DESELECT_SET" = 1 ]; then
     ENVS+=(--env "WARMPOD_CGV2_DESELECT=$(IFS=$'\x1f'; echo "${DESELECT[*]}")")
 fi
 PREP=$(secs $(( $(now) - T0 )))
-log "prepared in ${PREP}s (guest build ${TIMES[guest_build]}s, snapshot ${TIMES[snapshot]}s, wheels ${TIMES[wheels]}s, image ${TIMES[image]}s); booting the guest"
+log "prepared in ${PREP}s (guest build ${TIMES[guest_build]}s, snapshot ${TIMES[snapshot]}s, wheels ${TIMES[wheels]}s, image ${TIMES[image]}s, speed ${TIMES[speed]}s)"
+
+# --- 5b. unit and API suites on Python 3.13, on the host ----------------------------------------
+HOST_RC=0
+if [ ${#PYTEST_ARGS[@]} = 0 ]; then
+    t=$(now)
+    log "unit and API suites under the runner image's Python, in a container on the host"
+    rm -rf "$W/py313"
+    set +e
+    PYTHONPATH="$REPO/src" "$PY" "$HERE/guest_checks.py" host-suites "$S" "$W/py313"
+    HOST_RC=$?
+    set -e
+    mark py313 "$t"
+fi
+log "booting the guest (UML $KERNEL)"
 
 # --- 6. the guest -------------------------------------------------------------------------------
 # A kernel panic is UML's bug, not a test's verdict (see job.sh: a fork that fails after copying
@@ -204,32 +240,33 @@ for boot in $(seq "$BOOTS"); do
 done
 mark guest "$t"
 
-# --- 6b. the fork bomb, on the 6.1 kernel -------------------------------------------------------
-# The one test the 6.12 guest leaves out (see README): the 6.1 kernel survives it, 3-4x slower.
+# --- 6b. the fork bomb, on a kernel that survives it -------------------------------------------
 # Same share, same snapshot; its out/ is kept as out.fork-bomb and its junit joins the summary.
-RC61=0
-if [ ${#PYTEST_ARGS[@]} = 0 ] && [ "$DESELECT_SET" = 0 ]; then
+RC72=0
+if [ "$FORK_BOMB_BOOT" = 1 ]; then
     t=$(now)
-    export CGV2VM_DIR=$CGV2VM_61_DIR CGV2VM_UML_SUITE=host
-    log "cgv2vm build.sh for the 6.1 kernel in $CGV2VM_DIR (idempotent)"
-    "$CGV2VM/build.sh"
     mv "$S/out" "$S/out.main"
     set +e
-    "$CGV2VM/run.sh" "$S" "$HERE/job.sh" --mem "$MEM" --timeout 900 -q \
+    CGV2VM_DIR=$CGV2VM_72_DIR CGV2VM_UML_SUITE=forky \
+        "$CGV2VM/run.sh" "$S" "$HERE/job.sh" --mem "$MEM" --timeout 900 -q \
         --env WARMPOD_CGV2_BENCH=0 --env WARMPOD_CGV2_DESELECT= \
         --env "WARMPOD_CGV2_PYTEST_ARGS=$FORK_BOMB" "${ENVS_TEST[@]}" "${KEEP[@]}"
-    RC61=$?
+    RC72=$?
     set -e
-    unset CGV2VM_DIR CGV2VM_UML_SUITE
     rm -rf "$S/out.fork-bomb"
     mv "$S/out" "$S/out.fork-bomb"
     mv "$S/out.main" "$S/out"
-    [ -f "$S/out.fork-bomb/junit-custom.xml" ] && cp "$S/out.fork-bomb/junit-custom.xml" "$S/out/junit-fork-bomb-6.1.xml"
-    mark guest61 "$t"
+    [ -f "$S/out.fork-bomb/junit-custom.xml" ] && cp "$S/out.fork-bomb/junit-custom.xml" "$S/out/junit-fork-bomb.xml"
+    mark guest72 "$t"
 fi
 
 # --- 7. what came back --------------------------------------------------------------------------
 OUT=$S/out
+echo
+echo "==== the guest ===="
+echo "main boot: UML $(cat "$OUT/kernel.txt" 2>/dev/null || echo "$KERNEL (no kernel.txt)")"
+[ "$FORK_BOMB_BOOT" = 1 ] && echo "fork bomb boot: UML $(cat "$S/out.fork-bomb/kernel.txt" 2>/dev/null || echo '? (no kernel.txt)')"
+cat "$OUT/speed.txt" 2>/dev/null || echo "(no speed.txt)"
 echo
 echo "==== warmpod doctor (in the guest) ===="
 cat "$OUT/doctor.txt" 2>/dev/null || echo "(no doctor.txt)"
@@ -259,11 +296,14 @@ fi
 if [ -s "$OUT/deselected.txt" ]; then sed 's/^/DESELECTED in the guest: /' "$OUT/deselected.txt"; fi
 TESTS_OK=1
 JUNIT=()
-for name in unit api integration security security-time custom fork-bomb-6.1; do
+for name in unit-py3.13 api-py3.13; do
+    [ -f "$W/py313/junit-$name.xml" ] && JUNIT+=("$W/py313/junit-$name.xml")
+done
+for name in integration security security-time custom fork-bomb; do
     [ -f "$OUT/junit-$name.xml" ] && JUNIT+=("$OUT/junit-$name.xml")
 done
 if [ ${#JUNIT[@]} -gt 0 ]; then
-    python3 - "${JUNIT[@]}" <<'EOF' || TESTS_OK=0
+    "$PY" - "${JUNIT[@]}" <<'EOF' || TESTS_OK=0
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -308,6 +348,7 @@ else
     TESTS_OK=0
 fi
 echo
-log "total $(secs $(( $(now) - T0 )))s: prepare ${PREP}s, guest (boot + job) ${TIMES[guest]}s, fork bomb on 6.1 ${TIMES[guest61]:-0}s; guest job exit codes $RC, $RC61"
-if [ "$RC" = 0 ]; then RC=$RC61; fi
+[ "$HOST_RC" = 0 ] || { echo "unit/API suites on Python 3.13 (host) exited $HOST_RC"; TESTS_OK=0; }
+log "total $(secs $(( $(now) - T0 )))s: prepare ${PREP}s, unit+API on 3.13 ${TIMES[py313]:-0}s, main boot (UML $KERNEL) ${TIMES[guest]}s, fork bomb boot (UML 7.2) ${TIMES[guest72]:-0}s; guest job exit codes $RC, $RC72"
+if [ "$RC" = 0 ]; then RC=$RC72; fi
 if [ "$RC" != 0 ] || [ "$TESTS_OK" != 1 ]; then exit $(( RC != 0 ? RC : 1 )); fi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -19,25 +20,23 @@ PIDS = 64
 # must reach their own limits before this many CPU seconds. 3 s is ample on real hardware; where
 # page faults cost ~50x more (the User-Mode Linux guest of tests/cgv2), job.sh raises it.
 CPU_TIME = int(os.environ.get("WARMPOD_TEST_CPU_TIME", "3"))
-# A timeout the CPU-time limit beats by a margin (10 s with the default), for the busy loops; twice
-# the limit where it is raised, for a spin that shares one CPU with busy neighbours.
-SPIN_TIMEOUT = max(CPU_TIME + 7, 2 * CPU_TIME)
-# When a spin that has a CPU to itself is answered: the limit, its hard limit a second later, and
-# the reply (6 s with the default); where the limit is raised, a spin on the guest's single CPU
-# gets only ~95% of it, so the margin grows with the limit.
-CPU_REPLY_SECONDS = CPU_TIME + max(3.0, 0.25 * CPU_TIME)
+# When a spin is answered: the limit, its hard limit a second later, and the reply (6 s with the
+# default). Where the host is slower (SLOWNESS, measured in the guest of tests/cgv2), the spin shares
+# its CPU with the refill that replaces its container, which costs SLOWNESS times more there.
+CPU_REPLY_SECONDS = CPU_TIME + 3.0 * SLOWNESS
+# A timeout the CPU-time limit beats by a margin (10 s with the default), for the busy loops.
+SPIN_TIMEOUT = CPU_TIME + 7.0 * SLOWNESS
 # Wall time for the bombs that must reach a memory, disk or recursion limit first (15 s with the
 # default): a host that needs more CPU seconds for them needs more wall time, twice as many where
 # the CPU is shared with the rest of the guest.
 BOMB_TIMEOUT = max(15, 2 * CPU_TIME)
 # How long a trivial run may take beside busy neighbours holding the whole pool, so that it waits
-# for a refill: creating a container takes ~0.2 s on real hardware and over a second under UML
-# (one CPU, shared with the neighbours), where job.sh raises it.
-REFILL_WAIT_SECONDS = float(os.environ.get("WARMPOD_TEST_REFILL_WAIT", "2"))
+# for a refill: creating a container takes ~0.2 s on real hardware, SLOWNESS times more elsewhere.
+REFILL_WAIT_SECONDS = float(os.environ.get("WARMPOD_TEST_REFILL_WAIT", str(2.0 * SLOWNESS)))
 MAX_OUTPUT_BYTES = 65536
 TMPFS_MB = 32
 SHM_MB = 16  # sandbox.py's shm_size, not a setting
-MAX_TIMEOUT = max(20, SPIN_TIMEOUT)
+MAX_TIMEOUT = max(20, math.ceil(SPIN_TIMEOUT))
 OPEN_FILES = 256  # the default of WARMPOD_LIMITS__OPEN_FILES
 
 # In the server's environment only: no sandbox may ever see either half of it.

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import msgspec
 import pytest
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
 
@@ -25,10 +26,21 @@ from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool
 from warmpod.protocol import Job, Result
 from warmpod.runner import Runner
 from warmpod.sandbox import AGENT_DIR, SOCKET_NAME
+from warmpod.selftest import self_test
 from warmpod.settings import Settings, from_env
 from warmpod.unix_stream import UnixStream
 
 INSTANCE = "feedface0000"
+# What the start-up probe prints in a sandbox with every layer on (the server's default limits).
+GOOD_PROBE: dict[str, Any] = {
+    "uid": 65534,
+    "interfaces": ["lo"],
+    "root_writable": False,
+    "seccomp": "2",
+    "no_new_privs": "1",
+    "cap_eff": "0000000000000000",
+    "rlimit_cpu": from_env({}).limits.cpu_time,
+}
 WAIT = 3.0
 
 
@@ -68,6 +80,8 @@ class FakeEngine:
         self.listen_delay = 0.0
         self.silent = False
         self.failing_unpause = False
+        # What every fake agent prints instead of echoing the job's code, when set.
+        self.stdout: bytes | None = None
         # Starts wait for this gate; set it to let them through.
         self.gate = anyio.Event()
         self.gate.set()
@@ -170,7 +184,10 @@ class FakeEngine:
                     return
                 await send_frame(stream, self.hello)
                 job = await receive_frame(stream)
-                await send_frame(stream, answer(job))
+                reply = answer(job)
+                if self.stdout is not None:
+                    reply["stdout"] = base64.b64encode(self.stdout).decode()
+                await send_frame(stream, reply)
                 while True:
                     await stream.receive()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -441,6 +458,46 @@ async def test_lease_raises_pool_unavailable_after_acquire_timeout(
             async with pool.lease():
                 raise AssertionError("leased a container that never started")
         assert anyio.current_time() - started >= 0.19
+
+    await with_pool(pool, body)
+
+
+async def test_self_test_waits_past_the_acquire_timeout_for_a_slow_first_sandbox(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """Start-up waits for the first sandbox as long as making it takes, not a run's acquire timeout."""
+    engine = FakeEngine(agents)
+    engine.gate = anyio.Event()  # the first container is slow to start
+    engine.stdout = json.dumps(GOOD_PROBE).encode()
+    pool = make_pool(engine, state_dir, size=1, acquire_timeout=0.2)
+    test_settings = msgspec.structs.replace(
+        settings(acquire_timeout=0.2),
+        server=msgspec.structs.replace(settings().server, startup_timeout=WAIT),
+    )
+
+    async def open_the_gate() -> None:
+        await anyio.sleep(0.6)  # three acquire timeouts
+        engine.gate.set()
+
+    async def body() -> None:
+        started = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(open_the_gate)
+            await self_test(pool, Runner(pool, test_settings.limits), test_settings, cgroups=False)
+        assert anyio.current_time() - started >= 0.6
+
+    await with_pool(pool, body)
+
+
+async def test_start_up_gives_up_after_its_own_timeout(agents: TaskGroup, state_dir: Path) -> None:
+    """A first sandbox that never comes fails start-up after the start-up timeout, naming the setting."""
+    engine = FakeEngine(agents)
+    engine.failing_creates = -1
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        with anyio.fail_after(WAIT), pytest.raises(PoolUnavailable, match=r"STARTUP_TIMEOUT.*no space left"):
+            await pool.wait_serving(0.3, progress_every=0.1)
 
     await with_pool(pool, body)
 
