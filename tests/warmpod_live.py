@@ -117,6 +117,9 @@ class WarmpodServer:
         self.env = dict(os.environ if environ is None else environ)
         # A private Podman service in a fresh state directory, whatever the caller's environment says.
         self.env.update({"WARMPOD_ENGINE__URL": "", "WARMPOD_ENGINE__STATE_DIR": "", "PYTHONUNBUFFERED": "1"})
+        # A container's start-up is a wall time that grows with the platform's slowness: four
+        # preloading refills at once took over the default 30 s on UML 7.2.
+        self.env["WARMPOD_POOL__START_TIMEOUT"] = str(30.0 * SLOWNESS)
         # Its own run store, unless the test hands one over (to restart a server on it).
         self.env["WARMPOD_QUEUE__STORE_PATH"] = str(directory / f"runs-{port}.sqlite3")
         self.env.update(settings)

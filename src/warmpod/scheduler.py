@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -99,6 +99,7 @@ class Scheduler:
         # One token per run this node knows is queued: a worker takes a sandbox only for a token.
         self._work = anyio.Semaphore(0)
         self._changed: dict[str, anyio.Event] = {}
+        self._watchers: dict[str, int] = {}
         self._live: dict[str, _LiveRun] = {}
         self._drain_deadline: float | None = None
         self._quiet = anyio.Event()
@@ -176,7 +177,7 @@ class Scheduler:
             RunNotFound: no such run.
             ShuttingDown: the server is stopping and the run has not started (it stays queued).
         """
-        with anyio.move_on_after(timeout):
+        with self._watching(run_id), anyio.move_on_after(timeout):
             while True:
                 changed = self._watch(run_id)
                 record = await self._record(run_id)
@@ -239,6 +240,11 @@ class Scheduler:
         Raises:
             RunNotFound: no such run, or its result has expired.
         """
+        with self._watching(run_id):
+            async for update in self._follow(run_id, after):
+                yield update
+
+    async def _follow(self, run_id: str, after: int) -> AsyncIterator[Update]:
         status = ""
         quiet_since = time.monotonic()
         while True:
@@ -272,6 +278,19 @@ class Scheduler:
                 "after the run ends)"
             )
         return record
+
+    @contextlib.contextmanager
+    def _watching(self, run_id: str) -> Iterator[None]:
+        # The run's event lives while anyone waits on it: a run waited on and then forgotten
+        # must not leave one behind (one leaked per blocking request before).
+        self._watchers[run_id] = self._watchers.get(run_id, 0) + 1
+        try:
+            yield
+        finally:
+            self._watchers[run_id] -= 1
+            if not self._watchers[run_id]:
+                del self._watchers[run_id]
+                self._changed.pop(run_id, None)
 
     def _watch(self, run_id: str) -> anyio.Event:
         return self._changed.setdefault(run_id, anyio.Event())

@@ -756,3 +756,14 @@ async def test_unknown_run_is_404_problem(client: AsyncTestClient[Litestar], met
         body = assert_problem(response, 404, "no run")
         assert body["type"].endswith("no-such-run")
     assert_problem(await client.request(method, "/status/../../etc"), 404)
+
+
+async def test_waited_runs_leave_no_watch_behind(client: AsyncTestClient[Litestar], service: Service) -> None:
+    """Blocking runs and a followed stream leave no per-run event in the scheduler once they end."""
+    for _ in range(30):
+        response = await client.post("/run-json/", json={"code": "pass"})
+        assert response.status_code == 200, response.text
+    stream = await client.get(f"/status/{response.json()['id']}/stream")
+    assert stream.status_code == 200
+    assert service.scheduler._changed == {}
+    assert service.scheduler._watchers == {}
