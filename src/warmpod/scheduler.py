@@ -373,8 +373,13 @@ class Scheduler:
                 self._notify(run_id)
             if time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + CANCEL_POLL
-                if await self._store.cancel_requested(run_id):
-                    live.scope.cancel()
+                # A store failure here must not escape the run's task group (as an ExceptionGroup
+                # no handler catches, it ended the service): the run goes on, the flag is polled again.
+                try:
+                    if await self._store.cancel_requested(run_id):
+                        live.scope.cancel()
+                except StoreError:
+                    log.exception("could not look for a cancel of run %s", run_id)
             await anyio.sleep(FLUSH_INTERVAL)
 
     async def _purge(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -16,6 +17,8 @@ import msgspec
 
 from warmpod.errors import StoreError
 from warmpod.models import RunResult, RunSpec
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Stream = Literal["stdout", "stderr"]
@@ -223,10 +226,19 @@ class SqliteStore:
             ).fetchone()
             return None if row is None else (row[0], row[1])
 
-        claimed = await self._call(claim)
-        if claimed is None:
-            return None
-        return claimed[0], msgspec.msgpack.decode(claimed[1], type=RunSpec)
+        while True:
+            claimed = await self._call(claim)
+            if claimed is None:
+                return None
+            run_id, raw = claimed
+            try:
+                return run_id, msgspec.msgpack.decode(raw, type=RunSpec)
+            except msgspec.DecodeError as exc:
+                # Queued runs outlive restarts: one row this version cannot read must end, or it
+                # would stop every start; the rest of the queue goes on.
+                log.error("queued run %s cannot be read from the store: %s", run_id, exc)
+                message = f"the queued run could not be read from the run store: {exc}"
+                await self.finish(run_id, RunResult.from_server(run_id, "error", error=message))
 
     async def requeue(self, run_id: str) -> None:
         """Put a claimed run back in its place in the queue (it never reached a sandbox)."""

@@ -18,7 +18,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from warmpod.app import create_app
-from warmpod.errors import PoolUnavailable
+from warmpod.errors import PoolUnavailable, StoreError
 from warmpod.models import RunResult, RunSpec
 from warmpod.pool import Pool, Sandbox
 from warmpod.runner import Leaser, OutputSink, RunLimits, Runner
@@ -767,3 +767,28 @@ async def test_waited_runs_leave_no_watch_behind(client: AsyncTestClient[Litesta
     assert stream.status_code == 200
     assert service.scheduler._changed == {}
     assert service.scheduler._watchers == {}
+
+
+async def test_a_store_failure_during_a_run_does_not_stop_the_service(
+    client: AsyncTestClient[Litestar],
+    service: Service,
+    runner: RecordingRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A StoreError while a run executes (the cancel-flag poll) is logged; the run and the service go on."""
+
+    async def broken(run_id: str) -> bool:
+        raise StoreError("database is locked")
+
+    monkeypatch.setattr(service.scheduler._store, "cancel_requested", broken)
+    runner.hold = anyio.Event()
+    submitted = await client.post("/run-json/", json={"code": "pass", "wait": False})
+    assert submitted.status_code == 202, submitted.text
+    await anyio.sleep(1.2)  # past two cancel polls
+    runner.hold.set()
+    with anyio.fail_after(5):
+        while (await client.get(f"/status/{submitted.json()['id']}")).json()["status"] != "succeeded":
+            await anyio.sleep(0.01)
+    again = await client.post("/run-json/", json={"code": "pass"})
+    assert again.status_code == 200, again.text
+    assert again.json()["status"] == "succeeded"

@@ -187,3 +187,20 @@ async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StoreError, match="cannot open the run store"):
         await SqliteStore.open(blocker / "runs.sqlite3")
+
+
+async def test_an_unreadable_queued_run_ends_in_error_and_the_queue_goes_on(store: SqliteStore) -> None:
+    """A queued row whose spec cannot be decoded ends ``error`` with a message; the next run is claimed."""
+    for run_id in ("bad", "good"):
+        assert await store.add(run_id, SPEC, max_queued=10)
+    await store._call(
+        lambda db: db.execute("UPDATE runs SET spec = ? WHERE id = 'bad'", (b"\xc1not msgpack",))
+    )
+    claimed = await store.claim()
+    assert claimed == ("good", SPEC)
+    record = await store.get("bad")
+    assert record is not None
+    assert record.result is not None
+    assert record.result.status == "error"
+    assert "could not be read" in (record.result.error or "")
+    assert await store.claim() is None
