@@ -34,6 +34,8 @@ PROGRAM_NICE = 10
 MAX_JOB_FRAME = 16 * 1024 * 1024
 CHUNK = 65536
 CPU_CHECK_INTERVAL = 0.1
+# CPU seconds the interpreter may spend preloading, above the run's budget, before the program starts.
+START_CPU_SECONDS = 60
 JOB_FD = 3
 READY_FD = 4
 PROTOCOL_VERSION = 1
@@ -82,10 +84,13 @@ def _warmpod_boot():
     header, _, source = b"".join(parts).partition(b"\n")
     cpu_seconds, address_space = (int(v) for v in header.split())
     if cpu_seconds or address_space:
-        # A run may ask for less than the container's limits; only lowering is possible.
         import resource
         if cpu_seconds:
-            resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds + 1))
+            # RLIMIT_CPU counts this process's CPU since it started, preloading included: the
+            # program's budget starts now (rounded up to the whole second the limit counts in).
+            used = sum(os.times()[:2])
+            start = int(-(-used // 1))
+            resource.setrlimit(resource.RLIMIT_CPU, (start + cpu_seconds, start + cpu_seconds + 1))
         if address_space:
             resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
         del sys.modules["resource"], resource
@@ -241,6 +246,21 @@ def restrict_writes(abi):
         os.close(ruleset)
 
 
+PR_CAPBSET_DROP = 24
+
+
+def drop_bounding_set():
+    """Empty the capability bounding set (needs CAP_SETPCAP): nothing can ever give the program one."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    for cap in range(last + 1):
+        if libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"PR_CAPBSET_DROP {cap}")
+
+
 def env_int(name):
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() else None
@@ -252,14 +272,16 @@ def prepare_program():
     # still holds CAP_SYS_RESOURCE, which also makes 1000 the floor the program cannot lower.
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
+    drop_bounding_set()
     os.setgroups([])
     os.setgid(RUN_GID)
     os.setuid(RUN_UID)
     os.setpriority(os.PRIO_PROCESS, 0, PROGRAM_NICE)
     cpu = env_int("WARMPOD_CPU_SECONDS")
     if cpu:
-        # SIGXCPU at the soft limit; SIGKILL a second later for a program that ignores it.
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        # A bound on the start-up (preloading) only: the bootstrap sets the program's own budget,
+        # SIGXCPU at the soft limit and SIGKILL a second later, once the preload is done.
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu + START_CPU_SECONDS, cpu + START_CPU_SECONDS + 1))
     fsize = env_int("WARMPOD_FSIZE_BYTES")
     if fsize:
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
@@ -382,6 +404,16 @@ def spawn_interpreter():
     return proc, job_w, ready_r
 
 
+def process_cpu_seconds(pid):
+    """User and system CPU seconds of process ``pid`` so far (from /proc), 0.0 if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def wait_ready(ready_r, proc):
     """Block until the interpreter has started and preloaded; return the modules that failed."""
     report = b""
@@ -391,6 +423,20 @@ def wait_ready(ready_r, proc):
     if proc.poll() is not None or not report.startswith(b"r"):
         raise RuntimeError(f"interpreter exited during start-up with {proc.wait()}")
     return [name for name in report[1:].decode(errors="replace").split(",") if name]
+
+
+def reap(proc):
+    """Collect every child that has ended: as PID 1 the agent inherits the program's orphans, whose
+    zombies would count against the pids limit. The interpreter's status goes to ``proc``."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        if pid == proc.pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
 
 
 def kill_everything():
@@ -412,12 +458,17 @@ def run_job(conn, proc, job_w, job):
     container_cpu = env_int("WARMPOD_CPU_SECONDS")
     cpu_seconds = int(job.get("cpu_time") or 0)
     cpu_seconds = cpu_seconds if cpu_seconds and (not container_cpu or cpu_seconds < container_cpu) else 0
+    # The interpreter's start-up is not the program's: its budget is counted from here on.
+    startup_cpu = process_cpu_seconds(proc.pid)
     address_space = int(job.get("address_space") or 0)
-    header = f"{cpu_seconds} {address_space}\n".encode()
+    header = f"{cpu_seconds or container_cpu or 0} {address_space}\n".encode()
     code = header + base64.b64decode(job["code"])
     oom_before, pids_before = oom_kills(), pids_max_hits()
     cpu_before = program_cpu_seconds()
     cpu_budget = (cpu_seconds or container_cpu) if cpu_before is not None else None
+    # The bootstrap rounds the start of the budget up to a whole second: the container-wide kill
+    # comes that much later too, so that a single process still gets its SIGXCPU first.
+    cpu_rounding = -(-startup_cpu // 1) - startup_cpu
     started = time.monotonic()
     deadline = started + timeout
 
@@ -456,6 +507,7 @@ def run_job(conn, proc, job_w, job):
             stdin_fd = -1
 
     while open_streams or not exited:
+        reap(proc)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             if not exited:
@@ -470,12 +522,13 @@ def run_job(conn, proc, job_w, job):
             # RLIMIT_CPU counts per process; forking would multiply it. The cgroup counts all, and
             # stops them a second past the budget, where RLIMIT_CPU's hard limit would: a single
             # process still gets its SIGXCPU at the budget first.
-            if used is not None and used - cpu_before >= cpu_budget + 1:
+            if used is not None and used - cpu_before >= cpu_budget + cpu_rounding + 1:
                 limits_hit.append("cpu_time")
                 kill_everything()
                 deadline = min(deadline, time.monotonic() + 0.5)
                 cpu_budget = None
-            remaining = min(remaining, CPU_CHECK_INTERVAL)
+        # Also the pace of reaping orphans.
+        remaining = min(remaining, CPU_CHECK_INTERVAL)
         for fd, _event in poller.poll(remaining * 1000):
             if fd == pidfd:
                 poller.unregister(pidfd)
@@ -520,13 +573,18 @@ def run_job(conn, proc, job_w, job):
     duration_ms = (time.monotonic() - started) * 1000
     close_stdin()
     proc.wait()
+    reap(proc)
     os.close(pidfd)
     returncode = proc.returncode
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_limit = cpu_seconds or container_cpu
     if "cpu_time" not in limits_hit and (
         returncode == -signal.SIGXCPU
-        or (returncode == -signal.SIGKILL and cpu_limit and usage.ru_utime + usage.ru_stime >= cpu_limit)
+        or (
+            returncode == -signal.SIGKILL
+            and cpu_limit
+            and usage.ru_utime + usage.ru_stime - startup_cpu >= cpu_limit
+        )
     ):
         limits_hit.append("cpu_time")
     oom_after, pids_after = oom_kills(), pids_max_hits()

@@ -155,3 +155,25 @@ def test_memory_below_the_preloaded_footprint_is_refused_clearly(
     assert "memory_mb must be at least" in response.json()["detail"]
     assert "numpy, pandas" in response.json()["detail"]
     assert calm_run(live, client, "print(1)", memory_mb=128)["stdout"] == "1\n"
+
+
+def test_the_cpu_budget_is_the_programs_own(warm: tuple[WarmpodServer, httpx.Client]) -> None:
+    """With numpy and pandas preloaded, a program may spend its whole cpu_time: the preload is not charged."""
+    live, client = warm
+    code = dedent(
+        """
+        import time
+        started = time.process_time()
+        while time.process_time() - started < 0.75:
+            pass
+        print("done")
+        """
+    )
+    result = calm_run(live, client, code, cpu_time=1)
+    assert result["status"] == "succeeded", result
+    assert result["limits_hit"] == [], result
+    assert result["stdout"] == "done\n"
+    spin = calm_run(live, client, "while True:\n    pass\n", cpu_time=1, timeout=15)
+    assert spin["status"] == "failed", spin
+    assert spin["limits_hit"] == ["cpu_time"], spin
+    assert spin["exit_code"] == -24, spin
