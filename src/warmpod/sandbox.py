@@ -15,9 +15,9 @@ CPU_PERIOD = 100_000
 SHM_MB = 16
 NPROC_WITH_CGROUPS = 4096
 # The agent needs exactly these to start the program as an unprivileged user and to kill it.
-# CAP_SYS_RESOURCE lets it pin its own OOM score and the program's (the program loses every
-# capability when it changes uid).
-AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_RESOURCE"]
+# CAP_SYS_RESOURCE lets it pin its own OOM score and the program's, CAP_SETPCAP empty the
+# program's bounding set (the program loses every capability when it changes uid).
+AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_RESOURCE", "CAP_SETPCAP"]
 # Podman 4.3 refuses tmpfs nr_inodes: inode exhaustion is bounded by the memory cgroup instead.
 # notmpcopyup: otherwise Podman copies the image directory's (root-owned 0755) mode onto the tmpfs.
 _TMPFS_OPTS = ["rw", "nosuid", "nodev", "noexec", "notmpcopyup", "mode=1777"]
@@ -69,8 +69,13 @@ def container_spec(
         # host's entries in.
         "use_image_hosts": True,
         "use_image_resolve_conf": True,
+        # Every namespace the sandbox relies on, pinned: an engine default (containers.conf's
+        # pidns = "host", say) must not loosen it. The agent's kill(-1) needs its own PID namespace.
         "netns": {"nsmode": "none"},
         "ipcns": {"nsmode": "private"},
+        "pidns": {"nsmode": "private"},
+        "utsns": {"nsmode": "private"},
+        "cgroupns": {"nsmode": "private"},
         "read_only_filesystem": True,
         "read_write_tmpfs": False,
         "cap_drop": ["ALL"],

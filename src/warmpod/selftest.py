@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
+import socket
 from typing import Any
 
 from warmpod.errors import WarmpodError
 from warmpod.pool import Pool
 from warmpod.runner import Runner
+from warmpod.sandbox import AGENT_COMMAND
 from warmpod.settings import LimitSettings, Settings
 
 PROBE = r"""
@@ -26,7 +29,13 @@ try:
     root_writable = True
 except OSError:
     root_writable = False
+try:
+    pid1 = open("/proc/1/cmdline", "rb").read().split(b"\0")
+except OSError:
+    pid1 = []
 print(json.dumps({
+    "pid1": [part.decode(errors="replace") for part in pid1 if part],
+    "hostname": os.uname().nodename,
     "uid": os.getuid(),
     "interfaces": sorted(os.listdir("/sys/class/net")),
     "root_writable": root_writable,
@@ -34,6 +43,7 @@ print(json.dumps({
     "no_new_privs": status["NoNewPrivs"].strip(),
     "cap_eff": status["CapEff"].strip(),
     "rlimit_cpu": resource.getrlimit(resource.RLIMIT_CPU)[0],
+    "cpu_used": sum(os.times()[:2]),
     "memory_max": read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
     "pids_max": read("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
 }))
@@ -52,8 +62,16 @@ def failures(report: dict[str, Any], limits: LimitSettings, *, cgroups: bool) ->
         ("seccomp", "2", "no seccomp filter is active"),
         ("no_new_privs", "1", "no_new_privileges is off"),
         ("cap_eff", "0000000000000000", "the program holds capabilities"),
-        ("rlimit_cpu", limits.cpu_time, "RLIMIT_CPU is not applied"),
     ]
+    # The program's budget counts from its start: the soft limit is the budget above the whole
+    # seconds the interpreter had used by then (preloading).
+    rlimit_cpu, used = report.get("rlimit_cpu"), report.get("cpu_used") or 0
+    if not (
+        isinstance(rlimit_cpu, int) and limits.cpu_time <= rlimit_cpu <= limits.cpu_time + math.ceil(used)
+    ):
+        found_cpu = [f"RLIMIT_CPU is not applied (found {rlimit_cpu!r} after {used!r} s of start-up)"]
+    else:
+        found_cpu = []
     if cgroups:
         expected += [
             ("memory_max", str(limits.memory_mb * 1024 * 1024), "the memory cgroup limit is not applied"),
@@ -64,7 +82,16 @@ def failures(report: dict[str, Any], limits: LimitSettings, *, cgroups: bool) ->
     ]
     if report.get("uid") in (0, None):
         found.append("the program runs as root")
-    return found
+    # Its own PID namespace (the agent's kill(-1) must reach only the sandbox) and UTS namespace.
+    if report.get("pid1") != AGENT_COMMAND:
+        found.append(f"PID 1 is not the agent: no PID namespace of its own (found {report.get('pid1')!r})")
+    hostname = report.get("hostname")
+    if (
+        not (isinstance(hostname, str) and hostname.startswith("warmpod-"))
+        or hostname == socket.gethostname()
+    ):
+        found.append(f"the hostname is not the container's: no UTS namespace of its own (found {hostname!r})")
+    return found + found_cpu
 
 
 async def self_test(pool: Pool, runner: Runner, settings: Settings, *, cgroups: bool) -> None:

@@ -200,3 +200,33 @@ def test_unbounded_recursion_is_contained(client: httpx.Client) -> None:
         or (crash.exit_code == -9 and "memory" in crash.limits_hit)
     ), crash.result
     assert_still_serves(client)
+
+
+def test_orphans_are_reaped_so_zombies_do_not_pile_up(client: httpx.Client) -> None:
+    """Orphans that end are reaped by the agent (PID 1) during the run: no zombies count against pids."""
+    code = dedent(
+        f"""
+        import os, time
+        for _ in range(20):
+            pid = os.fork()
+            if pid == 0:
+                if os.fork() == 0:
+                    time.sleep(0.1)  # ends after its parent: an orphan of PID 1 by then
+                    os._exit(0)
+                os._exit(0)
+            os.waitpid(pid, 0)
+        time.sleep({1.0 * SLOWNESS})
+        zombies = 0
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{{entry}}/stat") as f:
+                    zombies += f.read().rpartition(")")[2].split()[0] == "Z"
+            except (OSError, IndexError):
+                pass
+        print(zombies)
+        """
+    )
+    result = run(client, code, timeout=BOMB_TIMEOUT)
+    assert result.status == "succeeded", result.result
+    assert result.stdout == "0\n", result.result
+    assert_still_serves(client)

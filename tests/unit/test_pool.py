@@ -33,6 +33,8 @@ from warmpod.unix_stream import UnixStream
 INSTANCE = "feedface0000"
 # What the start-up probe prints in a sandbox with every layer on (the server's default limits).
 GOOD_PROBE: dict[str, Any] = {
+    "pid1": ["python3", "-I", "/opt/warmpod/agent.py"],
+    "hostname": "warmpod-feedface-1",
     "uid": 65534,
     "interfaces": ["lo"],
     "root_writable": False,

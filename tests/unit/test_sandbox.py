@@ -35,6 +35,18 @@ def test_spec_closes_every_door() -> None:
     assert s["ipcns"] == {"nsmode": "private"}
 
 
+def test_every_namespace_is_pinned() -> None:
+    """pid, uts, ipc, net and cgroup namespaces are named in the spec, so no engine default loosens them."""
+    s = spec(cgroups=True)
+    assert {key: s[key] for key in ("pidns", "utsns", "ipcns", "netns", "cgroupns")} == {
+        "pidns": {"nsmode": "private"},
+        "utsns": {"nsmode": "private"},
+        "ipcns": {"nsmode": "private"},
+        "netns": {"nsmode": "none"},
+        "cgroupns": {"nsmode": "private"},
+    }
+
+
 def test_writable_mounts_are_small_noexec_tmpfs() -> None:
     """/work and /tmp are size-limited noexec tmpfs; the agent directory is the only bind mount."""
     mounts = {m["destination"]: m for m in spec(cgroups=True)["mounts"]}  # type: ignore[attr-defined]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import pytest
@@ -11,6 +12,8 @@ from warmpod.settings import LimitSettings
 
 LIMITS = LimitSettings(memory_mb=256, pids=64, cpu_time=5)
 GOOD: dict[str, Any] = {
+    "pid1": ["python3", "-I", "/opt/warmpod/agent.py"],
+    "hostname": "warmpod-0123abcd-1",
     "uid": 65534,
     "interfaces": ["lo"],
     "root_writable": False,
@@ -40,6 +43,9 @@ def test_a_locked_sandbox_passes() -> None:
         ("rlimit_cpu", -1, "RLIMIT_CPU"),
         ("memory_max", "max", "memory"),
         ("pids_max", "max", "pids"),
+        ("pid1", ["/sbin/init"], "PID namespace"),
+        ("hostname", socket.gethostname(), "UTS namespace"),
+        ("rlimit_cpu", 3, "RLIMIT_CPU"),
     ],
 )
 def test_each_missing_layer_is_named(key: str, value: object, words: str) -> None:
@@ -53,3 +59,9 @@ def test_cgroup_limits_are_not_required_without_cgroups() -> None:
     """Where the engine applies no cgroup limits, their absence is not a self-test failure."""
     report = {**GOOD, "memory_max": None, "pids_max": None}
     assert failures(report, LIMITS, cgroups=False) == []
+
+
+def test_the_cpu_limit_may_sit_above_the_start_up_cpu() -> None:
+    """RLIMIT_CPU counts from the program's start: the budget above the whole seconds preloading used."""
+    assert failures({**GOOD, "rlimit_cpu": 6, "cpu_used": 0.62}, LIMITS, cgroups=True) == []
+    assert failures({**GOOD, "rlimit_cpu": 7, "cpu_used": 0.62}, LIMITS, cgroups=True) != []
