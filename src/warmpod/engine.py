@@ -132,6 +132,9 @@ async def podman_service(
             stdout=log,
             stderr=log,
             preexec_fn=_die_with_parent,
+            # conmon writes an empty file named "oom" into its working directory when a container
+            # is OOM-killed: the private directory, not wherever warmpod was started.
+            cwd=directory,
             # Its own session: a Ctrl-C to the terminal must not kill it before the pool is removed.
             start_new_session=True,
         )
