@@ -19,6 +19,7 @@ import anyio
 import msgspec
 import pytest
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
+from fakes import probe_report
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
@@ -31,18 +32,6 @@ from warmpod.settings import Settings, from_env
 from warmpod.unix_stream import UnixStream
 
 INSTANCE = "feedface0000"
-# What the start-up probe prints in a sandbox with every layer on (the server's default limits).
-GOOD_PROBE: dict[str, Any] = {
-    "pid1": ["python3", "-I", "/opt/warmpod/agent.py"],
-    "hostname": "warmpod-feedface-1",
-    "uid": 65534,
-    "interfaces": ["lo"],
-    "root_writable": False,
-    "seccomp": "2",
-    "no_new_privs": "1",
-    "cap_eff": "0000000000000000",
-    "rlimit_cpu": from_env({}).limits.cpu_time,
-}
 WAIT = 3.0
 
 
@@ -470,7 +459,7 @@ async def test_self_test_waits_past_the_acquire_timeout_for_a_slow_first_sandbox
     """Start-up waits for the first sandbox as long as making it takes, not a run's acquire timeout."""
     engine = FakeEngine(agents)
     engine.gate = anyio.Event()  # the first container is slow to start
-    engine.stdout = json.dumps(GOOD_PROBE).encode()
+    engine.stdout = json.dumps(probe_report(from_env({}).limits)).encode()
     pool = make_pool(engine, state_dir, size=1, acquire_timeout=0.2)
     test_settings = msgspec.structs.replace(
         settings(acquire_timeout=0.2),

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 import pytest
+from fakes import probe_report
 
 from warmpod.selftest import failures
 from warmpod.settings import LimitSettings
 
 LIMITS = LimitSettings(memory_mb=256, pids=64, cpu_time=5)
-GOOD: dict[str, Any] = {
-    "pid1": ["python3", "-I", "/opt/warmpod/agent.py"],
-    "hostname": "warmpod-0123abcd-1",
-    "uid": 65534,
-    "interfaces": ["lo"],
-    "root_writable": False,
-    "seccomp": "2",
-    "no_new_privs": "1",
-    "cap_eff": "0000000000000000",
-    "rlimit_cpu": 5,
-    "memory_max": str(256 * 2**20),
-    "pids_max": "64",
-}
+GOOD = probe_report(LIMITS)
 
 
 def test_a_locked_sandbox_passes() -> None:
