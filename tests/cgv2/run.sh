@@ -49,7 +49,7 @@ C=${WARMPOD_CGV2_CACHE:-$W/cache}
 CGV2VM_72_DIR=${WARMPOD_CGV2_72_DIR:-/var/tmp/cgv2vm-72}
 MAIN_DIR=${CGV2VM_DIR:-/var/tmp/cgv2vm}
 FORK_BOMB=tests/security/test_processes.py::test_fork_bomb_is_contained
-TIMEOUT=2400 MEM=4G BENCH=1 KEEP=() DESELECT=() DESELECT_SET=0 BUILD_ONLY=0
+TIMEOUT=3600 MEM=4G BENCH=1 KEEP=() DESELECT=() DESELECT_SET=0 BUILD_ONLY=0
 PYTEST_ARGS=()
 usage() { sed -n '2,2p' "$0" | sed 's/^# //' >&2; exit 2; }
 while [ $# -gt 0 ]; do
