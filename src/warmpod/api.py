@@ -163,7 +163,9 @@ async def _events(scheduler: Scheduler, run_id: str, after: int) -> AsyncIterato
                 data=msgspec.json.encode({"status": update.status}).decode(), event="status"
             )
         else:
-            yield ServerSentEventMessage(comment="keepalive")
+            # data=None: Litestar would add an empty "data:" line, which a browser turns into an
+            # empty message event (and a JSON client into a parse error).
+            yield ServerSentEventMessage(data=None, comment="keepalive")
 
 
 def _checked_id(run_id: str) -> str:

@@ -17,13 +17,14 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
+from warmpod import api
 from warmpod.app import create_app
 from warmpod.errors import PoolUnavailable, StoreError
 from warmpod.models import RunResult, RunSpec
 from warmpod.pool import Pool, Sandbox
 from warmpod.runner import Leaser, OutputSink, RunLimits, Runner
 from warmpod.runtime import EngineInfo
-from warmpod.scheduler import Scheduler
+from warmpod.scheduler import Scheduler, Update
 from warmpod.service import Service
 from warmpod.settings import LimitSettings, Settings, from_env
 from warmpod.store import SqliteStore, Store
@@ -792,3 +793,14 @@ async def test_a_store_failure_during_a_run_does_not_stop_the_service(
     again = await client.post("/run-json/", json={"code": "pass"})
     assert again.status_code == 200, again.text
     assert again.json()["status"] == "succeeded"
+
+
+async def test_a_keepalive_is_a_comment_without_data() -> None:
+    """A quiet stream's keepalive is ``: keepalive`` alone: no empty data line a client would parse."""
+
+    class Quiet:
+        async def follow(self, run_id: str, after: int) -> AsyncIterator[Update]:
+            yield Update("keepalive")
+
+    messages = [m async for m in api._events(cast(Scheduler, Quiet()), "0" * 32, -1)]
+    assert [m.encode() for m in messages] == [b": keepalive\r\n\r\n"]
