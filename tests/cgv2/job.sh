@@ -120,7 +120,7 @@ set -e
 [ "$rc" = 0 ] || checks_rc=$rc
 end "exit $rc"
 
-if [ -z "${WARMPOD_CGV2_PYTEST_ARGS:-}" ]; then
+if [ -z "${WARMPOD_CGV2_PYTEST_ARGS:-}" ] && [ "${WARMPOD_CGV2_CHECKS:-1}" = 1 ]; then
     begin "warmpod serve: idle containers paused"
     set +e
     (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py pause "$OUT/pause.txt")
@@ -149,7 +149,8 @@ if [ -n "${WARMPOD_CGV2_PYTEST_ARGS:-}" ]; then
     runs=("custom")
 else
     # The unit and API suites need no Podman: run.sh runs them on the host under Python 3.13.
-    runs=(integration security security-time)
+    # run.sh splits them between two guests booted side by side (WARMPOD_CGV2_SUITES).
+    read -r -a runs <<< "${WARMPOD_CGV2_SUITES:-integration security security-time}"
 fi
 # Under UML the memory, disk and recursion bombs need 20-30 CPU seconds to reach their own limits,
 # and once over 60 (the dentry bomb that must make the OOM killer pick the program: 500k file

@@ -220,7 +220,28 @@ if [ ${#PYTEST_ARGS[@]} = 0 ]; then
 fi
 log "booting the guest (UML $KERNEL)"
 
-# --- 6. the guest -------------------------------------------------------------------------------
+# --- 6. the guests -------------------------------------------------------------------------------
+# A UML guest is one process on one CPU: on two cores the security suites run in a second guest
+# booted beside the main one (its own copy of the share, hard links; its out/ joins the summary).
+SPLIT=0
+if [ ${#PYTEST_ARGS[@]} = 0 ] && [ "$(nproc)" -ge 2 ] && [ "${WARMPOD_CGV2_SPLIT:-1}" = 1 ]; then
+    SPLIT=1
+    SB=$W/share-security
+    rm -rf "$SB"
+    cp -al "$S" "$SB"
+    rm -rf "$SB/out"
+    t_sec=$(now)
+    (
+        set +e
+        "$CGV2VM/run.sh" "$SB" "$HERE/job.sh" --mem "$MEM" --timeout "$TIMEOUT" "${ENVS[@]}" "${KEEP[@]}" -q \
+            --env "WARMPOD_CGV2_SUITES=security security-time" --env WARMPOD_CGV2_CHECKS=0 \
+            --env WARMPOD_CGV2_BENCH=0
+        echo $? > "$W/security-boot.rc"
+        echo $(( $(now) - t_sec )) > "$W/security-boot.ms"
+    ) &
+    SEC_PID=$!
+    ENVS+=(--env "WARMPOD_CGV2_SUITES=integration")
+fi
 # A kernel panic is UML's bug, not a test's verdict (see job.sh: a fork that fails after copying
 # its memory map, e.g. one killed mid-fork, can panic 6.12): the guest boots again, up to
 # WARMPOD_CGV2_BOOTS times, each time with a fresh out/ (the panicked one is kept as out.panic-N).
@@ -239,6 +260,12 @@ for boot in $(seq "$BOOTS"); do
     mv "$S/out" "$S/out.panic-$boot"
 done
 mark guest "$t"
+RCSEC=0
+if [ "$SPLIT" = 1 ]; then
+    wait "$SEC_PID" || true
+    RCSEC=$(cat "$W/security-boot.rc" 2>/dev/null || echo 125)
+    TIMES[guest_security]=$(secs "$(cat "$W/security-boot.ms" 2>/dev/null || echo 0)")
+fi
 
 # --- 6b. the fork bomb, on a kernel that survives it -------------------------------------------
 # Same share, same snapshot; its out/ is kept as out.fork-bomb and its junit joins the summary.
@@ -267,6 +294,10 @@ echo "==== the guest ===="
 echo "main boot: UML $(cat "$OUT/kernel.txt" 2>/dev/null || echo "$KERNEL (no kernel.txt)")"
 [ "$FORK_BOMB_BOOT" = 1 ] && echo "fork bomb boot: UML $(cat "$S/out.fork-bomb/kernel.txt" 2>/dev/null || echo '? (no kernel.txt)')"
 cat "$OUT/speed.txt" 2>/dev/null || echo "(no speed.txt)"
+if [ "$SPLIT" = 1 ]; then
+    echo "security boot beside it: UML $(cat "$SB/out/kernel.txt" 2>/dev/null || echo '? (no kernel.txt)'), exit $RCSEC"
+    cat "$SB/out/speed.txt" 2>/dev/null || echo "(no speed.txt in $SB/out)"
+fi
 echo
 echo "==== warmpod doctor (in the guest) ===="
 cat "$OUT/doctor.txt" 2>/dev/null || echo "(no doctor.txt)"
@@ -276,6 +307,10 @@ done
 echo
 echo "==== guest job steps ===="
 cat "$OUT/steps.txt" 2>/dev/null || echo "(no steps.txt)"
+if [ "$SPLIT" = 1 ]; then
+    echo "-- security boot ($SB/out)"
+    cat "$SB/out/steps.txt" 2>/dev/null || echo "(no steps.txt)"
+fi
 if [ -f "$OUT/latency.txt" ]; then
     echo
     echo "==== bench/latency.py (in the guest) ===="
@@ -301,6 +336,7 @@ for name in unit-py3.13 api-py3.13; do
 done
 for name in integration security security-time custom fork-bomb; do
     [ -f "$OUT/junit-$name.xml" ] && JUNIT+=("$OUT/junit-$name.xml")
+    [ "$SPLIT" = 1 ] && [ -f "$SB/out/junit-$name.xml" ] && JUNIT+=("$SB/out/junit-$name.xml")
 done
 if [ ${#JUNIT[@]} -gt 0 ]; then
     "$PY" - "${JUNIT[@]}" <<'EOF' || TESTS_OK=0
@@ -349,6 +385,7 @@ else
 fi
 echo
 [ "$HOST_RC" = 0 ] || { echo "unit/API suites on Python 3.13 (host) exited $HOST_RC"; TESTS_OK=0; }
-log "total $(secs $(( $(now) - T0 )))s: prepare ${PREP}s, unit+API on 3.13 ${TIMES[py313]:-0}s, main boot (UML $KERNEL) ${TIMES[guest]}s, fork bomb boot (UML 7.2) ${TIMES[guest72]:-0}s; guest job exit codes $RC, $RC72"
+log "total $(secs $(( $(now) - T0 )))s: prepare ${PREP}s, unit+API on 3.13 ${TIMES[py313]:-0}s, main boot (UML $KERNEL) ${TIMES[guest]}s, security boot beside it ${TIMES[guest_security]:-0}s, fork bomb boot (UML 7.2) ${TIMES[guest72]:-0}s; guest job exit codes $RC, $RCSEC, $RC72"
+if [ "$RC" = 0 ]; then RC=$RCSEC; fi
 if [ "$RC" = 0 ]; then RC=$RC72; fi
 if [ "$RC" != 0 ] || [ "$TESTS_OK" != 1 ]; then exit $(( RC != 0 ? RC : 1 )); fi
