@@ -36,7 +36,7 @@ REFILL_WAIT_SECONDS = float(os.environ.get("WARMPOD_TEST_REFILL_WAIT", str(2.0 *
 MAX_OUTPUT_BYTES = 65536
 TMPFS_MB = 32
 SHM_MB = 16  # sandbox.py's shm_size, not a setting
-MAX_TIMEOUT = max(20, math.ceil(SPIN_TIMEOUT))
+MAX_TIMEOUT = max(20, math.ceil(SPIN_TIMEOUT), BOMB_TIMEOUT)
 OPEN_FILES = 256  # the default of WARMPOD_LIMITS__OPEN_FILES
 
 # In the server's environment only: no sandbox may ever see either half of it.
