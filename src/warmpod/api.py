@@ -8,17 +8,17 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import msgspec
-from litestar import Controller, Request, Response, delete, get, post
+from litestar import Controller, HttpMethod, Request, Response, delete, get, post, route
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ServiceUnavailableException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
-from litestar.params import Body, FromPath, HeaderParameter, JSONBody, QueryParameter
+from litestar.params import Body, FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from warmpod.errors import RunNotFound
-from warmpod.models import Accepted, Health, RunRequest, RunResult, RunSpec
+from warmpod.models import Accepted, Health, Problem, RunRequest, RunResult, RunSpec
 from warmpod.runner import RunLimits
 from warmpod.scheduler import Scheduler
 from warmpod.service import Service
@@ -27,11 +27,52 @@ _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
 _FORM_FIELDS = frozenset({"file", "stdin", "timeout", "wait", *_LIMIT_FIELDS})
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _WAIT_DOC = "false: answer 202 at once with the run's status URL (same as the body's `wait`)"
+# Every error answer is a Problem; the schema says which ones each operation gives, so that a
+# client (or schemathesis, tests/fuzz) can hold the service to it.
+_PROBLEMS = {
+    400: "The request is malformed; `detail` says what to fix",
+    404: "No run has this id (or it expired)",
+    409: "The run has already ended",
+    413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
+    422: "A limit or the timeout is outside the server's range; `detail` names the maximum",
+    429: "The queue is full; retry after `Retry-After` seconds",
+    503: "The service is starting or stopping; retry after `Retry-After` seconds",
+}
+
+
+def _problems(*statuses: int) -> dict[int, ResponseSpec]:
+    return {
+        status: ResponseSpec(
+            Problem,
+            description=_PROBLEMS[status],
+            media_type="application/problem+json",
+            generate_examples=False,
+        )
+        for status in statuses
+    }
+
+
 _RUN_RESPONSES = {
     200: ResponseSpec(RunResult, description="The run ended (`wait` true, the default)"),
     202: ResponseSpec(
         Accepted, description="Queued (`wait` false, or still not over after the wait timeout)"
     ),
+    **_problems(400, 413, 422, 429, 503),
+}
+# Litestar drops the bounds of optional fields (`gt` inside `| None`) and the ban on unknown
+# fields from the schema; msgspec's own schema of the same type keeps both.
+_RUN_REQUEST_SCHEMA = msgspec.json.schema_components([RunRequest])[1]["RunRequest"]
+# The form's fields are text (the script a file); each means what the JSON field of its name does.
+_RUN_FORM_SCHEMA = {
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "The script, run as `main.py`"},
+        **{
+            name: {"type": "string", "description": f"As `{name}` in /run-json/"}
+            for name in sorted(_FORM_FIELDS - {"file"})
+        },
+    },
+    "required": ["file"],
+    "additionalProperties": False,
 }
 
 
@@ -72,7 +113,15 @@ class RunController(Controller):
     async def run_json(
         self,
         request: Request[Any, Any, Any],
-        data: JSONBody[RunRequest],
+        data: Annotated[
+            RunRequest,
+            Body(
+                schema_extra={
+                    "properties": _RUN_REQUEST_SCHEMA["properties"],
+                    "additionalProperties": False,
+                }
+            ),
+        ],
         service: NamedDependency[Service],
         wait: Annotated[bool | None, QueryParameter(name="wait", description=_WAIT_DOC)] = None,
     ) -> Response[RunResult | Accepted]:
@@ -93,10 +142,8 @@ class RunController(Controller):
             dict[str, Any],
             Body(
                 media_type=RequestEncodingType.MULTI_PART,
-                description=(
-                    "`file`: the script (required); optional fields `stdin`, `timeout`, "
-                    "`cpu_time`, `memory_mb`, `max_output_bytes`, `wait` (true/false)."
-                ),
+                description="`file`: the script; the other fields as in /run-json/, `wait` true or false.",
+                schema_extra=_RUN_FORM_SCHEMA,
             ),
         ],
         service: NamedDependency[Service],
@@ -124,17 +171,32 @@ class StatusController(Controller):
     path = "/status/{run_id:str}"
     tags = ["runs"]  # noqa: RUF012  (Litestar reads it as a class attribute)
 
-    @get("/", summary="A run's state and result")
+    @get("/", summary="A run's state and result", responses=_problems(400, 404, 503))
     async def status(self, run_id: FromPath[str], service: NamedDependency[Service]) -> RunResult:
         """The RunResult: ``queued`` or ``running`` (with the output so far) until the run ends."""
         return await service.scheduler.status(_checked_id(run_id))
 
-    @delete("/", status_code=200, summary="Cancel a run")
+    @delete("/", status_code=200, summary="Cancel a run", responses=_problems(400, 404, 409, 503))
     async def cancel(self, run_id: FromPath[str], service: NamedDependency[Service]) -> RunResult:
         """Stop a queued or running run (its container is killed); it ends ``cancelled``."""
         return await service.scheduler.cancel(_checked_id(run_id))
 
-    @get("/stream", summary="A run's output as Server-Sent Events")
+    @route(
+        "/", http_method=HttpMethod.OPTIONS, status_code=204, include_in_schema=False, sync_to_thread=False
+    )
+    def allowed(self) -> Response[None]:
+        """What a run's URL allows. Litestar 2's own answer lists the methods of its first handler
+        only (litestar#4169, fixed in 3): GET and OPTIONS, without DELETE."""
+        return Response(None, status_code=204, headers={"Allow": "DELETE, GET, OPTIONS"})
+
+    @get(
+        "/stream",
+        summary="A run's output as Server-Sent Events",
+        responses={
+            200: ResponseSpec(str, description="The run's events", media_type="text/event-stream"),
+            **_problems(400, 404, 503),
+        },
+    )
     async def stream(
         self,
         run_id: FromPath[str],
@@ -238,7 +300,14 @@ def _timeout_field(raw: bytes) -> float | None:
     return value
 
 
-@get("/health", summary="Service health", sync_to_thread=False)
+@get(
+    "/health",
+    summary="Service health",
+    sync_to_thread=False,
+    responses={
+        503: ResponseSpec(Health, description="Runs cannot be taken now (starting, stopping, no engine)")
+    },
+)
 def health(request: Request[Any, Any, Any]) -> Response[Health]:
     """200 with the pool's counts once runs can be taken; 503 before that."""
     service: Service | None = request.app.state.get("service")

@@ -148,3 +148,13 @@ class Health(msgspec.Struct, kw_only=True):
     """Modules every pooled interpreter imports before its run (``WARMPOD_POOL__PRELOAD``)."""
     preload_failed: list[str] = []
     """Of those, the ones that failed to import: runs work, but pay for them themselves."""
+
+
+class Problem(msgspec.Struct, kw_only=True):
+    """An RFC 9457 problem (``application/problem+json``): the body of every error answer."""
+
+    status: int
+    title: str
+    detail: str
+    type: str = "about:blank"
+    """A URI naming the kind of problem (``https://warmpod.dev/problems/...``); absent for HTTP's own."""
