@@ -36,8 +36,8 @@ async def measure(count: int, preload: tuple[str, ...]) -> dict[str, list[float]
     state = Path(tempfile.mkdtemp(prefix="wp-steps-", dir="/tmp"))
     times: dict[str, list[float]] = {step: [] for step in STEPS}
     try:
-        async with engine.podman_service(settings.engine, state) as url:
-            runtime = Runtime(url, settings.engine.api_concurrency)
+        async with engine.podman_service(settings.engine, state) as podman:
+            runtime = Runtime(podman.url, settings.engine.api_concurrency)
             seccomp = (context_dir(settings) / "seccomp.json").resolve()
             try:
                 for index in range(count):

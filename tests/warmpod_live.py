@@ -193,13 +193,14 @@ class WarmpodServer:
         assert len(instances) == 1, f"containers of pid {self.pid} name instances {instances}"
         return instances.pop()
 
-    def podman_service(self) -> tuple[int, Path]:
+    def podman_service(self, fresh: bool = False) -> tuple[int, Path]:
         """The pid and state directory of the private ``podman system service`` this server started.
 
         Found among the server's children on the first call and remembered, so that later calls
-        still name it after it died or was orphaned.
+        still name it after it died or was orphaned; ``fresh`` looks again (for the one the server
+        started after that).
         """
-        if self._service is None:
+        if self._service is None or fresh:
             found = [
                 int(entry.name)
                 for entry in Path("/proc").iterdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import logging
 import os
 import shutil
 import signal
@@ -19,7 +20,11 @@ from warmpod.errors import EngineError
 from warmpod.settings import EngineSettings
 
 _PR_SET_PDEATHSIG = 1
+# How often the private service is checked, and the longest wait between failed restarts.
+SERVICE_POLL = 0.5
+SERVICE_RETRY_MAX = 10.0
 STATE_PREFIX = "warmpod-"
+log = logging.getLogger(__name__)
 OWNER_FILE = "owner.pid"
 
 
@@ -103,57 +108,122 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-@contextlib.asynccontextmanager
-async def podman_service(
-    settings: EngineSettings, directory: Path, timeout: float = 30.0
-) -> AsyncIterator[str]:
-    """Run ``podman system service`` on a private socket for the duration of the block.
+class _PrivateService:
+    """One ``podman system service`` on a private socket, started again whenever it exits."""
 
-    Yields the service URL. Uses ``settings.url`` instead when one is configured. Call it from
-    the thread that lives as long as the service (the event loop's): the service is told to
-    die with the thread that started it, so it never outlives a killed server.
-
-    Raises:
-        EngineError: podman is missing or the service did not come up in time.
-    """
-    if settings.url:
-        yield settings.url
-        return
-    if shutil.which(settings.podman) is None:
-        raise EngineError(f"{settings.podman!r} not found: install Podman (apt-get install podman)")
-    sock = directory / "podman.sock"
-    log_path = directory / "podman-service.log"
-    argv, env = podman_command(settings, "system", "service", "--time=0", f"unix://{sock}")
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(  # noqa: ASYNC220  (on this thread, for PDEATHSIG)
-            argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            preexec_fn=_die_with_parent,
-            # conmon writes an empty file named "oom" into its working directory when a container
-            # is OOM-killed: the private directory, not wherever warmpod was started.
-            cwd=directory,
-            # Its own session: a Ctrl-C to the terminal must not kill it before the pool is removed.
-            start_new_session=True,
+    def __init__(self, settings: EngineSettings, directory: Path, timeout: float) -> None:
+        self.sock = directory / "podman.sock"
+        self.url = f"unix://{self.sock}"
+        self._directory = directory
+        self._log_path = directory / "podman-service.log"
+        self._argv, self._env = podman_command(
+            settings, "system", "service", "--time=0", f"unix://{self.sock}"
         )
-    try:
-        with anyio.fail_after(timeout):
-            while not sock.exists():
-                if proc.poll() is not None:
-                    text = log_path.read_text(errors="replace")[-2000:]
-                    raise EngineError(f"podman system service exited with {proc.returncode}: {text}")
-                await anyio.sleep(0.02)
-        yield f"unix://{sock}"
-    except TimeoutError:
-        raise EngineError(f"podman system service did not create {sock} in {timeout:.0f} s") from None
-    finally:
-        with anyio.CancelScope(shield=True):
+        self._timeout = timeout
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        """Start the service and wait for its socket.
+
+        Raises:
+            EngineError: it exited or did not create its socket in time.
+        """
+        timeout = self._timeout
+        self.sock.unlink(missing_ok=True)
+        with self._log_path.open("ab") as log:
+            self._proc = proc = subprocess.Popen(  # noqa: ASYNC220  (on this thread, for PDEATHSIG)
+                self._argv,
+                env=self._env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                preexec_fn=_die_with_parent,
+                # conmon writes an empty file named "oom" into its working directory when a
+                # container is OOM-killed: the private directory, not wherever warmpod started.
+                cwd=self._directory,
+                # Its own session: a Ctrl-C to the terminal must not kill it before the pool is removed.
+                start_new_session=True,
+            )
+        try:
+            with anyio.fail_after(timeout):
+                while not self.sock.exists():
+                    if proc.poll() is not None:
+                        text = self._log_path.read_text(errors="replace")[-2000:]
+                        raise EngineError(f"podman system service exited with {proc.returncode}: {text}")
+                    await anyio.sleep(0.02)
+        except TimeoutError:
+            raise EngineError(
+                f"podman system service did not create {self.sock} in {timeout:.0f} s"
+            ) from None
+
+    async def keep_alive(self) -> None:
+        """Start the service again each time it exits (killed, crashed), until cancelled.
+
+        Runs on the event loop's thread, like the first start, for PDEATHSIG. The containers and
+        their agent connections do not depend on it: runs go on, and only the engine calls made
+        while it is down fail (the pool retries them).
+        """
+        delay = SERVICE_POLL
+        while True:
+            await anyio.sleep(delay)
+            if self._proc is None or self._proc.poll() is None:
+                delay = SERVICE_POLL
+                continue
+            log.error("podman system service exited with %s: starting it again", self._proc.returncode)
+            try:
+                await self.start()
+            except EngineError as exc:
+                delay = min(delay * 2, SERVICE_RETRY_MAX)
+                log.error("%s (next try in %.1f s)", exc, delay)
+            else:
+                log.info("podman system service is back on %s", self.sock)
+
+    async def stop(self) -> None:
+        """Terminate the service, killing it if it does not exit within 10 s."""
+        proc = self._proc
+        if proc is not None:
             proc.terminate()
             try:
                 await anyio.to_thread.run_sync(proc.wait, 10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 await anyio.to_thread.run_sync(proc.wait)
-            sock.unlink(missing_ok=True)
+        self.sock.unlink(missing_ok=True)
+
+
+class ExternalService:
+    """A Podman service warmpod did not start (``settings.url``): its owner keeps it running."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def keep_alive(self) -> None:
+        """Nothing to do."""
+
+
+@contextlib.asynccontextmanager
+async def podman_service(
+    settings: EngineSettings, directory: Path, timeout: float = 30.0
+) -> AsyncIterator[_PrivateService | ExternalService]:
+    """Run ``podman system service`` on a private socket for the duration of the block.
+
+    Yields the service: its ``url``, and ``keep_alive`` to run in a task for as long as it is
+    used. Uses ``settings.url`` instead when one is configured. Call it from the thread that lives
+    as long as the service (the event loop's): the service is told to die with the thread that
+    started it, so it never outlives a killed server.
+
+    Raises:
+        EngineError: podman is missing or the service did not come up in time.
+    """
+    if settings.url:
+        yield ExternalService(settings.url)
+        return
+    if shutil.which(settings.podman) is None:
+        raise EngineError(f"{settings.podman!r} not found: install Podman (apt-get install podman)")
+    service = _PrivateService(settings, directory, timeout)
+    try:
+        await service.start()
+        yield service
+    finally:
+        with anyio.CancelScope(shield=True):
+            await service.stop()

@@ -83,8 +83,8 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
     """
     state = engine.state_dir(settings.engine)
     try:
-        async with engine.podman_service(settings.engine, state) as url:
-            runtime = Runtime(url, settings.engine.api_concurrency)
+        async with engine.podman_service(settings.engine, state) as podman:
+            runtime = Runtime(podman.url, settings.engine.api_concurrency)
             try:
                 info = await runtime.info()
                 unenforced = check(
@@ -109,6 +109,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                 store = await SqliteStore.open(Path(settings.queue.store_path or default_path()))
                 try:
                     async with anyio.create_task_group() as tg:
+                        tg.start_soon(podman.keep_alive)
                         await tg.start(pool.run)
                         runner = Runner(pool, settings.limits)
                         # /health stays 503 until a real sandbox has shown every layer on.

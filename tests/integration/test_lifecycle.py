@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -140,3 +141,38 @@ def test_podman_service_outlives_idle_threads(start_server: ServerFactory) -> No
     assert statuses == ["succeeded"] * 4
     health = server.wait_pool_full(timeout=20 * SLOWNESS)
     assert health["last_error"] is None, health
+
+
+def test_the_engine_service_comes_back_after_kill_9(start_server: ServerFactory) -> None:
+    """kill -9 of the private Podman service during a run: the run still ends well (it talks to its
+    agent, not to Podman), the server starts the service again, later runs succeed, nothing leaks."""
+    server = start_server(WARMPOD_POOL__SIZE="2")
+    server.wait_healthy()
+    server.wait_pool_full()
+    instance = server.instance()
+    killed, _ = server.podman_service()
+    code = "import time; print('started', flush=True); time.sleep(2); print('done')"
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        accepted = http.post("/run-json/", json={"code": code, "wait": False}).json()
+        status_url = f"/status/{accepted['id']}"
+        assert wait_until(lambda: http.get(status_url).json()["stdout"] == "started\n", 10 * SLOWNESS)
+        os.kill(killed, signal.SIGKILL)
+        assert wait_until(lambda: http.get(status_url).json()["status"] not in ("queued", "running"), 20)
+        result = http.get(status_url).json()
+        assert (result["status"], result["stdout"]) == ("succeeded", "started\ndone\n"), result
+
+        assert wait_until(lambda: server.podman_service(fresh=True)[0] != killed, 10 * SLOWNESS), (
+            server.log_tail()
+        )
+        assert [run_json(http, f"print({n})")["stdout"] for n in range(3)] == ["0\n", "1\n", "2\n"]
+    health = server.wait_pool_full(timeout=30 * SLOWNESS)
+    # Every container the pool gave up while the service was down was removed once it was back.
+    assert wait_until(
+        lambda: len(instance_containers(instance)) == health["pool"]["target"], 30 * SLOWNESS
+    ), (
+        instance_containers(instance),
+        health,
+    )
+    status = server.stop(signal.SIGTERM)
+    assert status in GRACEFUL_EXIT[signal.SIGTERM], server.log_tail()
+    assert instance_containers(instance) == [], server.log_tail()
