@@ -426,12 +426,21 @@ class Pool:
             )
 
     async def _discard(self, container_id: str, directory: Path) -> None:
-        with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT):
-            if container_id:
-                try:
-                    await self._engine.destroy(container_id)
-                except WarmpodError as exc:
-                    log.error("could not remove container %s: %s", container_id[:12], exc)
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(DESTROY_TIMEOUT) as scope:
+                delay = 0.2
+                while container_id:
+                    try:
+                        await self._engine.destroy(container_id)
+                        break
+                    except WarmpodError as exc:
+                        # E.g. while the engine's service restarts: a container given up on
+                        # would hold its memory until the server stops.
+                        log.warning("could not remove container %s (retrying): %s", container_id[:12], exc)
+                        await anyio.sleep(delay)
+                        delay = min(delay * 2, 5.0)
+            if scope.cancelled_caught:
+                log.error("gave up removing container %s after %.0f s", container_id[:12], DESTROY_TIMEOUT)
             shutil.rmtree(directory, ignore_errors=True)
 
     async def _destroy_all(self) -> None:
