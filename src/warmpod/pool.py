@@ -114,7 +114,6 @@ class Pool:
         self.instance = instance
         self.can_pause = can_pause and settings.pool.pause
         self._can_limit = can_limit
-        self._max_frame = protocol.max_frame_size(settings.limits.max_output_bytes)
         self._seccomp_profile = (context_dir(settings) / "seccomp.json").resolve()
         self._ready: deque[Sandbox] = deque()
         self._busy: set[Sandbox] = set()
@@ -279,7 +278,7 @@ class Pool:
             container_id = await self._engine.create(spec)
             await self._engine.start(container_id)
             with anyio.fail_after(self._settings.pool.start_timeout):
-                channel = await _connect(directory / SOCKET_NAME, self._max_frame)
+                channel = await _connect(directory / SOCKET_NAME, protocol.MAX_FRAME)
             try:
                 with anyio.fail_after(self._settings.pool.start_timeout):
                     hello = await channel.receive()

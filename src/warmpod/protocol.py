@@ -22,6 +22,20 @@ from warmpod.errors import ProtocolError
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">I")
 LimitName = Literal["wall_time", "cpu_time", "memory", "pids", "output", "disk"]
+# Bounds of what the agent sends; MAX_FRAME is sized from them.
+AGENT_READ = 65536
+"""Bytes the agent reads from a pipe at once (``CHUNK`` in pool/agent.py): the most one Output carries."""
+MAX_PRELOAD_FAILED = 64
+MAX_MODULE_NAME = 200
+MAX_MESSAGE = 4096
+# The agent's json.dumps escapes a character outside ASCII as one \uXXXX, or two past U+FFFF.
+_ESCAPED_CHAR = 12
+MAX_FRAME = 1024 + max(
+    4 * ((AGENT_READ + 2) // 3),  # an Output's data in base64
+    MAX_PRELOAD_FAILED * (MAX_MODULE_NAME * _ESCAPED_CHAR + 3),  # a Hello's names, quoted, with commas
+    MAX_MESSAGE * _ESCAPED_CHAR,  # an AgentError's message or a Result's error
+)
+"""Largest frame a well-behaved agent sends: its largest field at its bounds, and 1 KiB for the rest."""
 
 
 class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
@@ -31,7 +45,9 @@ class Hello(msgspec.Struct, tag="hello", forbid_unknown_fields=True):
     pid: int
     landlock: int = 0
     """Landlock ABI confining the program's writes; 0 when the kernel or seccomp offers none."""
-    preload_failed: Annotated[list[Annotated[str, Meta(max_length=200)]], Meta(max_length=64)] = []
+    preload_failed: Annotated[
+        list[Annotated[str, Meta(max_length=MAX_MODULE_NAME)]], Meta(max_length=MAX_PRELOAD_FAILED)
+    ] = []
     """Preload modules the interpreter could not import; runs still work, without them warm."""
     memory: Annotated[int, Meta(ge=0)] = 0
     """Bytes the container's memory cgroup held once ready (preloads included); 0 if unknown."""
@@ -65,15 +81,13 @@ class Result(msgspec.Struct, tag="result", forbid_unknown_fields=True):
     stderr_truncated: bool
     limits_hit: Annotated[list[LimitName], Meta(max_length=6)]
     duration_ms: Annotated[float, Meta(ge=0)]
-    error: str | None = None
-    stdout: bytes = b""
-    stderr: bytes = b""
+    error: Annotated[str, Meta(max_length=MAX_MESSAGE)] | None = None
 
 
 class AgentError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
     """Agent -> server: the agent itself failed; the program's outcome is unknown."""
 
-    message: Annotated[str, Meta(max_length=4096)]
+    message: Annotated[str, Meta(max_length=MAX_MESSAGE)]
 
 
 AgentMessage = Hello | Output | Result | AgentError
@@ -99,13 +113,6 @@ def decode(body: bytes) -> AgentMessage:
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"invalid frame from agent: {exc}") from exc
     return message
-
-
-def max_frame_size(max_output_bytes: int) -> int:
-    """Largest frame a well-behaved agent sends for a run capped at ``max_output_bytes`` per stream."""
-    # Output frames carry at most one 64 KiB read each, but a result may still carry both streams.
-    base64_len = 4 * ((max_output_bytes + 2) // 3)
-    return 2 * base64_len + 64 * 1024
 
 
 class Channel:

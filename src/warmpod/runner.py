@@ -161,7 +161,7 @@ class Runner:
                     while True:
                         message = await sandbox.channel.receive()
                         if not isinstance(message, Output):
-                            return _from_agent(run_id, message, cap, _elapsed_ms(started), output)
+                            return _from_agent(run_id, message, output, _elapsed_ms(started))
                         buffer = output[message.stream]
                         if len(buffer) + len(message.data) > cap:
                             return _error(run_id, "the agent sent more output than the cap allows", 0)
@@ -211,21 +211,13 @@ def _error(run_id: str, message: str, duration_ms: float) -> RunResult:
 
 
 def _from_agent(
-    run_id: str,
-    message: protocol.AgentMessage,
-    cap: int,
-    server_ms: float,
-    streamed: dict[str, bytearray] | None = None,
+    run_id: str, message: protocol.AgentMessage, output: dict[str, bytearray], server_ms: float
 ) -> RunResult:
-    """Check the agent's claims against what the server asked for, then build the result."""
+    """Check the agent's claims, then build the result with the output it streamed before."""
     if isinstance(message, AgentError):
         return _error(run_id, message.message, server_ms)
     if not isinstance(message, Result):
         return _error(run_id, f"unexpected {type(message).__name__} from the agent", server_ms)
-    stdout = bytes((streamed or {}).get("stdout", b"")) + message.stdout
-    stderr = bytes((streamed or {}).get("stderr", b"")) + message.stderr
-    if len(stdout) > cap or len(stderr) > cap:
-        return _error(run_id, "the agent sent more output than the cap allows", server_ms)
     limits: list[str] = list(dict.fromkeys(message.limits_hit))
     status: RunStatus
     if "wall_time" in limits:
@@ -240,8 +232,8 @@ def _from_agent(
         id=run_id,
         status=status,
         exit_code=message.exit_code,
-        stdout=_text(stdout),
-        stderr=_text(stderr),
+        stdout=_text(output["stdout"]),
+        stderr=_text(output["stderr"]),
         stdout_truncated=message.stdout_truncated,
         stderr_truncated=message.stderr_truncated,
         limits_hit=limits,

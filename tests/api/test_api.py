@@ -14,12 +14,13 @@ import anyio
 import httpx
 import msgspec
 import pytest
+from fakes import FakeLeaser
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from warmpod import api
 from warmpod.app import create_app
-from warmpod.errors import PoolUnavailable, StoreError
+from warmpod.errors import StoreError
 from warmpod.models import RunResult, RunSpec
 from warmpod.pool import Pool, Sandbox
 from warmpod.runner import Leaser, OutputSink, RunLimits, Runner
@@ -90,32 +91,6 @@ class NoEngine:
     async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """Never called."""
         raise AssertionError("the API tests never run the pool")
-
-
-class FakeLeaser:
-    """Sandboxes that are never real: the RecordingRunner never touches them. ``failures`` leases fail."""
-
-    def __init__(self) -> None:
-        self.failures = 0
-
-    @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[Sandbox]:
-        """A placeholder sandbox, or PoolUnavailable while ``failures`` remain."""
-        if self.failures:
-            self.failures -= 1
-            raise PoolUnavailable("no sandbox became free within 30 s")
-        yield cast(Sandbox, object())
-
-    async def oom_killed(self, sandbox: Sandbox) -> bool:
-        """Never."""
-        return False
-
-    async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool:
-        """Always possible."""
-        return True
-
-    def check_memory(self, limit_bytes: int) -> None:
-        """Any limit will do."""
 
 
 class RecordingRunner(Runner):

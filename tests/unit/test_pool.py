@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -19,12 +18,12 @@ import anyio
 import msgspec
 import pytest
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
-from fakes import probe_report
+from fakes import answer, probe_report, receive_frame, send_frame
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
 from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool
-from warmpod.protocol import Job, Result
+from warmpod.protocol import Job, Output, Result
 from warmpod.runner import Runner
 from warmpod.sandbox import AGENT_DIR, SOCKET_NAME
 from warmpod.selftest import self_test
@@ -36,21 +35,6 @@ WAIT = 3.0
 
 
 # The fake agent -------------------------------------------------------------------------------
-
-
-async def send_frame(stream: ByteStream, message: dict[str, Any]) -> None:
-    """Write one frame the way pool/agent.py does."""
-    body = json.dumps(message, separators=(",", ":")).encode()
-    await stream.send(struct.pack(">I", len(body)) + body)
-
-
-async def receive_frame(stream: ByteStream) -> dict[str, Any]:
-    """Read one frame the way pool/agent.py does."""
-    data = b""
-    while len(data) < 4 or len(data) < 4 + struct.unpack(">I", data[:4])[0]:
-        data += await stream.receive()
-    message: dict[str, Any] = json.loads(data[4:])
-    return message
 
 
 class FakeEngine:
@@ -175,10 +159,9 @@ class FakeEngine:
                     return
                 await send_frame(stream, self.hello)
                 job = await receive_frame(stream)
-                reply = answer(job)
-                if self.stdout is not None:
-                    reply["stdout"] = base64.b64encode(self.stdout).decode()
-                await send_frame(stream, reply)
+                code, stdin = base64.b64decode(job["code"]), base64.b64decode(job["stdin"])
+                for message in answer(code if self.stdout is None else self.stdout, stdin):
+                    await send_frame(stream, message)
                 while True:
                     await stream.receive()
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
@@ -186,21 +169,6 @@ class FakeEngine:
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
-
-
-def answer(job: dict[str, Any]) -> dict[str, Any]:
-    """The fake agent's result for ``job``: exit 0, the code echoed on stdout and stdin on stderr."""
-    return {
-        "type": "result",
-        "exit_code": 0,
-        "stdout": base64.b64encode(base64.b64decode(job["code"])).decode(),
-        "stderr": base64.b64encode(base64.b64decode(job["stdin"])).decode(),
-        "stdout_truncated": False,
-        "stderr_truncated": False,
-        "limits_hit": [],
-        "duration_ms": 1.0,
-        "error": None,
-    }
 
 
 # Fixtures and helpers -------------------------------------------------------------------------
@@ -364,7 +332,7 @@ async def test_concurrent_leases_never_share_a_container(agents: TaskGroup, stat
 
 
 async def test_leased_container_runs_a_job(agents: TaskGroup, state_dir: Path) -> None:
-    """The leased sandbox's channel carries a Job to the agent and its Result back."""
+    """The leased sandbox's channel carries a Job to the agent, and its Output and Result back."""
     engine = FakeEngine(agents)
     pool = make_pool(engine, state_dir, size=1)
 
@@ -372,9 +340,14 @@ async def test_leased_container_runs_a_job(agents: TaskGroup, state_dir: Path) -
         async with pool.lease() as sandbox:
             await sandbox.channel.send(Job(code=b"print(1)", stdin=b"in", timeout=1.0, max_output_bytes=100))
             with anyio.fail_after(WAIT):
-                message = await sandbox.channel.receive()
-        assert isinstance(message, Result)
-        assert (message.exit_code, message.stdout, message.stderr) == (0, b"print(1)", b"in")
+                messages = [await sandbox.channel.receive() for _ in range(3)]
+        assert messages == [
+            Output(stream="stdout", data=b"print(1)"),
+            Output(stream="stderr", data=b"in"),
+            Result(
+                exit_code=0, stdout_truncated=False, stderr_truncated=False, limits_hit=[], duration_ms=1.0
+            ),
+        ]
 
     await with_pool(pool, body)
 

@@ -15,14 +15,17 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+from fakes import agent_body, output, result
 
 from warmpod import protocol
 from warmpod.errors import ProtocolError
-from warmpod.protocol import AgentError, Channel, Hello, Job, Result
+from warmpod.protocol import AgentError, Channel, Hello, Job, Output, Result
 from warmpod.unix_stream import UnixStream
 
 AGENT_PATH = Path(__file__).resolve().parents[2] / "pool" / "agent.py"
-MAX_FRAME = 1024
+TEST_FRAME = 1024
+# The widest character in the agent's JSON: outside the BMP, escaped as two \uXXXX.
+WIDE = "\U0001d41a"
 
 
 @pytest.fixture(scope="module")
@@ -52,34 +55,22 @@ async def wired(
     server_end, agent_end = socket_pair
     stream = UnixStream(server_end.dup())
     async with stream:
-        yield Channel(stream, max_frame=MAX_FRAME), stream, agent_end
+        yield Channel(stream, max_frame=TEST_FRAME), stream, agent_end
+
+
+@pytest.fixture
+async def full_size(
+    socket_pair: tuple[socket.socket, socket.socket],
+) -> AsyncIterator[tuple[Channel, socket.socket]]:
+    """A Channel on the server's end taking frames up to the real MAX_FRAME, and the agent's socket."""
+    server_end, agent_end = socket_pair
+    async with UnixStream(server_end.dup()) as stream:
+        yield Channel(stream, max_frame=protocol.MAX_FRAME), agent_end
 
 
 def frame(body: bytes) -> bytes:
     """A frame as the agent writes it: 4-byte big-endian length, then the body."""
     return struct.pack(">I", len(body)) + body
-
-
-def result_body(**changes: Any) -> dict[str, Any]:
-    """A result message built the way ``agent.run_job`` builds it, with ``changes`` applied."""
-    body: dict[str, Any] = {
-        "type": "result",
-        "exit_code": 0,
-        "stdout": base64.b64encode(b"out\n").decode(),
-        "stderr": base64.b64encode(b"").decode(),
-        "stdout_truncated": False,
-        "stderr_truncated": False,
-        "limits_hit": [],
-        "duration_ms": 12.5,
-        "error": None,
-    }
-    body.update(changes)
-    return body
-
-
-def encoded(message: dict[str, Any]) -> bytes:
-    """A message body serialised exactly like ``agent.send_frame`` does."""
-    return json.dumps(message, separators=(",", ":")).encode()
 
 
 async def receive_soon(channel: Channel) -> protocol.AgentMessage:
@@ -136,18 +127,15 @@ async def test_job_reaches_the_real_agent_intact(
             id="hello",
         ),
         pytest.param(
-            result_body(
-                exit_code=-9,
-                stdout=base64.b64encode(b"\xff\x00partial").decode(),
-                stderr=base64.b64encode(b"Killed\n").decode(),
-                stdout_truncated=True,
-                limits_hit=["output", "memory"],
-                duration_ms=0,
-            ),
+            output("stdout", b"\xff\x00partial"),
+            Output(stream="stdout", data=b"\xff\x00partial"),
+            id="stdout",
+        ),
+        pytest.param(output("stderr", b"Killed\n"), Output(stream="stderr", data=b"Killed\n"), id="stderr"),
+        pytest.param(
+            result(exit_code=-9, stdout_truncated=True, limits_hit=["output", "memory"], duration_ms=0),
             Result(
                 exit_code=-9,
-                stdout=b"\xff\x00partial",
-                stderr=b"Killed\n",
                 stdout_truncated=True,
                 stderr_truncated=False,
                 limits_hit=["output", "memory"],
@@ -157,15 +145,13 @@ async def test_job_reaches_the_real_agent_intact(
             id="result",
         ),
         pytest.param(
-            result_body(exit_code=None, error="lost track of the program"),
+            result(exit_code=None, error="lost track of the program"),
             Result(
                 exit_code=None,
-                stdout=b"out\n",
-                stderr=b"",
                 stdout_truncated=False,
                 stderr_truncated=False,
                 limits_hit=[],
-                duration_ms=12.5,
+                duration_ms=1.0,
                 error="lost track of the program",
             ),
             id="result-without-exit-code",
@@ -187,14 +173,14 @@ async def test_agent_messages_round_trip(
     channel, _, agent_end = wired
     await anyio.to_thread.run_sync(agent.send_frame, agent_end, sent)
     assert await receive_soon(channel) == expected
-    assert protocol.decode(encoded(sent)) == expected
+    assert protocol.decode(agent_body(sent)) == expected
 
 
 def test_result_without_error_field_defaults_to_none() -> None:
     """A result that omits the optional ``error`` field decodes with ``error`` None."""
-    body = result_body()
+    body = result()
     del body["error"]
-    message = protocol.decode(encoded(body))
+    message = protocol.decode(agent_body(body))
     assert isinstance(message, Result)
     assert message.error is None
 
@@ -202,7 +188,7 @@ def test_result_without_error_field_defaults_to_none() -> None:
 @pytest.mark.parametrize("exit_code", [-64, 0, 1, 255])
 def test_exit_code_in_range_is_accepted(exit_code: int) -> None:
     """Exit codes from -64 (killed by signal 64) to 255 decode unchanged."""
-    message = protocol.decode(encoded(result_body(exit_code=exit_code)))
+    message = protocol.decode(agent_body(result(exit_code=exit_code)))
     assert isinstance(message, Result)
     assert message.exit_code == exit_code
 
@@ -210,7 +196,7 @@ def test_exit_code_in_range_is_accepted(exit_code: int) -> None:
 def test_every_known_limit_name_is_accepted() -> None:
     """A result may name all six limits at once."""
     names = ["wall_time", "cpu_time", "memory", "pids", "output", "disk"]
-    message = protocol.decode(encoded(result_body(limits_hit=names)))
+    message = protocol.decode(agent_body(result(limits_hit=names)))
     assert isinstance(message, Result)
     assert message.limits_hit == names
 
@@ -229,24 +215,39 @@ BAD_BODIES = [
     pytest.param(b"{}", id="untagged"),
     pytest.param(b'{"type":"bogus"}', id="unknown-tag"),
     pytest.param(
-        encoded({"type": "job", "code": "", "stdin": "", "timeout": 1, "max_output_bytes": 1}), id="job"
+        agent_body({"type": "job", "code": "", "stdin": "", "timeout": 1, "max_output_bytes": 1}), id="job"
     ),
-    pytest.param(encoded({"type": "hello", "version": "1", "pid": 1}), id="hello-version-str"),
-    pytest.param(encoded({"type": "hello", "version": True, "pid": 1}), id="hello-version-bool"),
-    pytest.param(encoded({"type": "hello", "version": 1}), id="hello-missing-pid"),
-    pytest.param(encoded({"type": "hello", "version": 1, "pid": 1, "extra": 0}), id="hello-unknown-field"),
-    pytest.param(encoded(result_body(surprise=True)), id="result-unknown-field"),
-    pytest.param(encoded(result_body(stdout="not base64!")), id="result-stdout-not-base64"),
-    pytest.param(encoded(result_body(stdout=None)), id="result-stdout-null"),
-    pytest.param(encoded(result_body(exit_code=0.5)), id="result-exit-code-float"),
-    pytest.param(encoded(result_body(exit_code="0")), id="result-exit-code-str"),
-    pytest.param(encoded(result_body(stdout_truncated="no")), id="result-truncated-str"),
-    pytest.param(encoded(result_body(duration_ms=-1)), id="result-negative-duration"),
-    pytest.param(encoded(result_body(limits_hit="wall_time")), id="result-limits-not-list"),
+    pytest.param(agent_body({"type": "hello", "version": "1", "pid": 1}), id="hello-version-str"),
+    pytest.param(agent_body({"type": "hello", "version": True, "pid": 1}), id="hello-version-bool"),
+    pytest.param(agent_body({"type": "hello", "version": 1}), id="hello-missing-pid"),
+    pytest.param(agent_body({"type": "hello", "version": 1, "pid": 1, "extra": 0}), id="hello-unknown-field"),
+    pytest.param(agent_body(result(surprise=True)), id="result-unknown-field"),
+    # The old protocol's result carried both streams; output now only comes in Output frames.
+    pytest.param(agent_body(result(stdout=base64.b64encode(b"out").decode())), id="result-carrying-stdout"),
+    pytest.param(agent_body(result(stderr="")), id="result-carrying-stderr"),
+    pytest.param(agent_body(result(error="x" * 4097)), id="result-error-too-long"),
+    pytest.param(agent_body({**output("stdout", b""), "data": "not base64!"}), id="output-not-base64"),
+    pytest.param(agent_body({**output("stdout", b""), "data": None}), id="output-data-null"),
+    pytest.param(agent_body({**output("stdout", b"x"), "stream": "stdin"}), id="output-unknown-stream"),
+    pytest.param(agent_body({"type": "output", "stream": "stdout"}), id="output-missing-data"),
+    pytest.param(agent_body({**output("stdout", b""), "seq": 1}), id="output-unknown-field"),
+    pytest.param(
+        agent_body({"type": "hello", "version": 1, "pid": 1, "preload_failed": ["x" * 201]}),
+        id="hello-long-name",
+    ),
+    pytest.param(
+        agent_body({"type": "hello", "version": 1, "pid": 1, "preload_failed": ["x"] * 65}),
+        id="hello-many-names",
+    ),
+    pytest.param(agent_body(result(exit_code=0.5)), id="result-exit-code-float"),
+    pytest.param(agent_body(result(exit_code="0")), id="result-exit-code-str"),
+    pytest.param(agent_body(result(stdout_truncated="no")), id="result-truncated-str"),
+    pytest.param(agent_body(result(duration_ms=-1)), id="result-negative-duration"),
+    pytest.param(agent_body(result(limits_hit="wall_time")), id="result-limits-not-list"),
     pytest.param(b'{"type":"result","duration_ms":NaN}', id="result-nan"),
-    pytest.param(encoded({"type": "error", "message": 7}), id="error-message-int"),
-    pytest.param(encoded({"type": "error", "message": "x" * 4097}), id="error-message-too-long"),
-    pytest.param(encoded({"type": "error"}), id="error-missing-message"),
+    pytest.param(agent_body({"type": "error", "message": 7}), id="error-message-int"),
+    pytest.param(agent_body({"type": "error", "message": "x" * 4097}), id="error-message-too-long"),
+    pytest.param(agent_body({"type": "error"}), id="error-missing-message"),
 ]
 
 
@@ -276,14 +277,14 @@ async def test_invalid_frame_over_a_channel_is_a_protocol_error(
 def test_limits_hit_with_unknown_names_is_rejected(limits_hit: list[object]) -> None:
     """limits_hit may only hold the six known limit names (at most six entries)."""
     with pytest.raises(ProtocolError):
-        protocol.decode(encoded(result_body(limits_hit=limits_hit)))
+        protocol.decode(agent_body(result(limits_hit=limits_hit)))
 
 
 @pytest.mark.parametrize("exit_code", [-65, 256, 2**31, -(2**31), 2**64])
 def test_exit_code_out_of_range_is_rejected(exit_code: int) -> None:
     """An exit code below -64 or above 255 cannot come from a real process and is refused."""
     with pytest.raises(ProtocolError):
-        protocol.decode(encoded(result_body(exit_code=exit_code)))
+        protocol.decode(agent_body(result(exit_code=exit_code)))
 
 
 # Framing ----------------------------------------------------------------------------------------
@@ -294,9 +295,9 @@ async def test_frame_of_exactly_the_maximum_size_is_accepted(
 ) -> None:
     """A frame whose body is exactly max_frame bytes long is read and decoded."""
     channel, _, agent_end = wired
-    body = encoded({"type": "error", "message": ""})
-    padded = body[:-1] + b" " * (MAX_FRAME - len(body)) + b"}"
-    assert len(padded) == MAX_FRAME
+    body = agent_body({"type": "error", "message": ""})
+    padded = body[:-1] + b" " * (TEST_FRAME - len(body)) + b"}"
+    assert len(padded) == TEST_FRAME
     agent_end.sendall(frame(padded))
     assert await receive_soon(channel) == AgentError(message="")
 
@@ -306,7 +307,7 @@ async def test_oversized_header_is_refused_before_the_body_is_read(
 ) -> None:
     """A header announcing more than max_frame bytes raises ProtocolError without consuming the body."""
     channel, stream, agent_end = wired
-    body = b"x" * (MAX_FRAME + 1)
+    body = b"x" * (TEST_FRAME + 1)
     agent_end.sendall(frame(body))
     with pytest.raises(ProtocolError, match="exceeds"):
         await receive_soon(channel)
@@ -354,24 +355,67 @@ async def test_frames_are_read_one_at_a_time(
     channel, _, agent_end = wired
     hello = {"type": "hello", "version": 1, "pid": 7}
     error = {"type": "error", "message": "second"}
-    agent_end.sendall(frame(encoded(hello)) + frame(encoded(error)))
+    agent_end.sendall(frame(agent_body(hello)) + frame(agent_body(error)))
     assert await receive_soon(channel) == Hello(version=1, pid=7)
     assert await receive_soon(channel) == AgentError(message="second")
 
 
-def test_max_frame_size_fits_a_full_result() -> None:
-    """The frame limit for a cap admits a result carrying both streams full, and is not unbounded."""
-    cap = 1000
-    full = result_body(
-        stdout=base64.b64encode(b"\xff" * cap).decode(),
-        stderr=base64.b64encode(b"\xff" * cap).decode(),
-        limits_hit=["wall_time", "cpu_time", "memory", "pids", "output", "disk"],
-        duration_ms=1e300,
-        error="e" * 4096,
-    )
-    limit = protocol.max_frame_size(cap)
-    assert len(encoded(full)) <= limit
-    assert limit < 2 * cap * 2 + 128 * 1024
+async def test_the_largest_output_frame_the_agent_sends_is_received(
+    full_size: tuple[Channel, socket.socket], agent: ModuleType
+) -> None:
+    """An Output carrying one whole read of the agent's (its CHUNK, base64 of 0xff bytes) fits MAX_FRAME."""
+    channel, agent_end = full_size
+    assert agent.CHUNK == protocol.AGENT_READ
+    data = b"\xff" * agent.CHUNK
+    await anyio.to_thread.run_sync(agent.send_frame, agent_end, output("stderr", data))
+    assert await receive_soon(channel) == Output(stream="stderr", data=data)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        pytest.param(
+            {
+                "type": "hello",
+                "version": protocol.PROTOCOL_VERSION,
+                "pid": 2**62,
+                "landlock": 2**62,
+                "preload_failed": [WIDE * protocol.MAX_MODULE_NAME] * protocol.MAX_PRELOAD_FAILED,
+                "memory": 2**62,
+            },
+            id="hello",
+        ),
+        pytest.param({"type": "error", "message": WIDE * protocol.MAX_MESSAGE}, id="error"),
+        pytest.param(
+            result(
+                exit_code=-64,
+                stdout_truncated=True,
+                stderr_truncated=True,
+                limits_hit=["wall_time", "cpu_time", "memory", "pids", "output", "disk"],
+                duration_ms=1.7976931348623157e308,
+                error=WIDE * protocol.MAX_MESSAGE,
+            ),
+            id="result",
+        ),
+    ],
+)
+def test_every_other_message_at_its_bounds_fits_a_frame(message: dict[str, Any]) -> None:
+    """A Hello, AgentError or Result with each field at its bound, in the widest escapes, fits MAX_FRAME."""
+    body = agent_body(message)
+    assert len(body) <= protocol.MAX_FRAME
+    protocol.decode(body)  # and the bounds admit it
+
+
+async def test_a_frame_one_byte_over_max_frame_is_refused(full_size: tuple[Channel, socket.socket]) -> None:
+    """A frame of exactly MAX_FRAME bytes is read; one announcing MAX_FRAME + 1 is refused from its header."""
+    channel, agent_end = full_size
+    body = agent_body({"type": "error", "message": ""})
+    padded = body[:-1] + b" " * (protocol.MAX_FRAME - len(body)) + b"}"
+    await anyio.to_thread.run_sync(agent_end.sendall, frame(padded))
+    assert await receive_soon(channel) == AgentError(message="")
+    agent_end.sendall(struct.pack(">I", protocol.MAX_FRAME + 1))
+    with pytest.raises(ProtocolError, match=f"frame of {protocol.MAX_FRAME + 1} bytes exceeds"):
+        await receive_soon(channel)
 
 
 def test_job_encoding_matches_msgspec_schema() -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
+import fakes
 import pytest
 
 from warmpod import runner
 from warmpod.errors import InvalidRun
+from warmpod.models import RunResult
 from warmpod.protocol import AgentError, Hello, LimitName, Result
 from warmpod.settings import LimitSettings
 
@@ -19,8 +21,6 @@ def result(**changes: Any) -> Result:
     """A successful agent result with ``changes`` applied."""
     fields: dict[str, Any] = {
         "exit_code": 0,
-        "stdout": b"hello\n",
-        "stderr": b"",
         "stdout_truncated": False,
         "stderr_truncated": False,
         "limits_hit": [],
@@ -29,6 +29,18 @@ def result(**changes: Any) -> Result:
     }
     fields.update(changes)
     return Result(**fields)
+
+
+def streamed(stdout: bytes = b"hello\n", stderr: bytes = b"") -> dict[str, bytearray]:
+    """The output the runner collected from the agent's Output frames before its result."""
+    return {"stdout": bytearray(stdout), "stderr": bytearray(stderr)}
+
+
+async def execute(*messages: dict[str, Any]) -> RunResult:
+    """What Runner.execute makes of an agent that answers the job with ``messages``."""
+    run = runner.Runner(fakes.FakeLeaser(), LIMITS)
+    async with fakes.scripted_sandbox(*messages) as sandbox:
+        return await run.execute("id", run.prepare(b"pass", b"", None), sandbox)
 
 
 # resolve_timeout --------------------------------------------------------------------------------
@@ -72,7 +84,7 @@ def test_status_follows_exit_code_and_wall_time(
     exit_code: int | None, limits_hit: list[LimitName], status: str
 ) -> None:
     """Exit 0 succeeds, non-zero (signals too) fails, and a wall-time hit is a timeout whatever the code."""
-    run = runner._from_agent("id", result(exit_code=exit_code, limits_hit=limits_hit), CAP, 50.0)
+    run = runner._from_agent("id", result(exit_code=exit_code, limits_hit=limits_hit), streamed(), 50.0)
     assert run.status == status
     assert run.exit_code == exit_code
     assert run.limits_hit == limits_hit
@@ -81,7 +93,7 @@ def test_status_follows_exit_code_and_wall_time(
 
 def test_unknown_exit_status_is_an_error() -> None:
     """A result without an exit code and without a wall-time hit is an error carrying the agent's reason."""
-    run = runner._from_agent("id", result(exit_code=None, error="wait() failed"), CAP, 50.0)
+    run = runner._from_agent("id", result(exit_code=None, error="wait() failed"), streamed(), 50.0)
     assert run.status == "error"
     assert run.exit_code is None
     assert run.error == "wait() failed"
@@ -89,14 +101,14 @@ def test_unknown_exit_status_is_an_error() -> None:
 
 def test_unknown_exit_status_without_reason_is_still_explained() -> None:
     """An error result always says something, even when the agent gave no reason."""
-    run = runner._from_agent("id", result(exit_code=None), CAP, 50.0)
+    run = runner._from_agent("id", result(exit_code=None), streamed(), 50.0)
     assert run.status == "error"
     assert run.error
 
 
 def test_agent_error_is_an_error_result() -> None:
     """An AgentError becomes status error with the agent's message and no output."""
-    run = runner._from_agent("id", AgentError(message="agent failed: boom"), CAP, 7.0)
+    run = runner._from_agent("id", AgentError(message="agent failed: boom"), streamed(), 7.0)
     assert run.status == "error"
     assert run.error == "agent failed: boom"
     assert (run.stdout, run.stderr, run.exit_code) == ("", "", None)
@@ -105,7 +117,7 @@ def test_agent_error_is_an_error_result() -> None:
 
 def test_second_hello_is_an_error_result() -> None:
     """A Hello where a result is due is reported as an error, not trusted."""
-    run = runner._from_agent("id", Hello(version=1, pid=2), CAP, 7.0)
+    run = runner._from_agent("id", Hello(version=1, pid=2), streamed(), 7.0)
     assert run.status == "error"
     assert run.error is not None
     assert "Hello" in run.error
@@ -114,30 +126,10 @@ def test_second_hello_is_an_error_result() -> None:
 # _from_agent: what the agent claims -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stream", ["stdout", "stderr"])
-def test_output_above_the_cap_is_an_error(stream: str) -> None:
-    """An agent sending more than the cap on a stream is not believed: the run is an error, output dropped."""
-    run = runner._from_agent("id", result(**{stream: b"x" * (CAP + 1)}), CAP, 50.0)
-    assert run.status == "error"
-    assert (run.stdout, run.stderr) == ("", "")
-    assert run.error is not None
-    assert "cap" in run.error
-
-
-def test_output_exactly_at_the_cap_is_kept() -> None:
-    """Output of exactly the cap on both streams is kept, with the truncation flags passed through."""
-    message = result(stdout=b"o" * CAP, stderr=b"e" * CAP, stdout_truncated=True, limits_hit=["output"])
-    run = runner._from_agent("id", message, CAP, 50.0)
-    assert run.stdout == "o" * CAP
-    assert run.stderr == "e" * CAP
-    assert run.stdout_truncated is True
-    assert run.stderr_truncated is False
-
-
 def test_duplicate_limits_are_reported_once_in_order() -> None:
     """Repeated limit names are deduplicated, keeping the order of first appearance."""
     message = result(exit_code=-9, limits_hit=["output", "memory", "output", "memory", "pids"])
-    run = runner._from_agent("id", message, CAP, 50.0)
+    run = runner._from_agent("id", message, streamed(), 50.0)
     assert run.limits_hit == ["output", "memory", "pids"]
 
 
@@ -146,18 +138,55 @@ def test_duration_is_the_smaller_of_agent_and_server(
     agent_ms: float, server_ms: float, expected: float
 ) -> None:
     """The reported duration never exceeds what the server itself measured."""
-    run = runner._from_agent("id", result(duration_ms=agent_ms), CAP, server_ms)
+    run = runner._from_agent("id", result(duration_ms=agent_ms), streamed(), server_ms)
     assert run.duration_ms == expected
-
-
-def test_output_bytes_are_decoded_leniently() -> None:
-    """Invalid UTF-8 in the program's output is replaced, not an error."""
-    run = runner._from_agent("id", result(stdout=b"ok \xff\xfe", stderr="é".encode()), CAP, 50.0)
-    assert run.status == "succeeded"
-    assert run.stdout == "ok \ufffd\ufffd"
-    assert run.stderr == "é"
 
 
 def test_run_id_is_passed_through() -> None:
     """The result carries the run id it was built for."""
-    assert runner._from_agent("abc123", result(), CAP, 1.0).id == "abc123"
+    assert runner._from_agent("abc123", result(), streamed(), 1.0).id == "abc123"
+
+
+# execute: the output the agent streams ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+@pytest.mark.parametrize("sizes", [[CAP + 1], [CAP, 1], [1] * (CAP + 1)], ids=["one", "two", "many"])
+async def test_output_above_the_cap_is_an_error(
+    stream: Literal["stdout", "stderr"], sizes: list[int]
+) -> None:
+    """An agent streaming more than the cap on a stream, at once or over several frames, is not believed:
+    the run is an error and its output is dropped."""
+    run = await execute(*(fakes.output(stream, b"x" * size) for size in sizes), fakes.result())
+    assert run.status == "error"
+    assert (run.stdout, run.stderr) == ("", "")
+    assert run.error == "the agent sent more output than the cap allows"
+
+
+async def test_output_exactly_at_the_cap_is_kept() -> None:
+    """Output of exactly the cap on both streams is kept, with the truncation flags passed through."""
+    run = await execute(
+        fakes.output("stdout", b"o" * (CAP - 1)),
+        fakes.output("stderr", b"e" * CAP),
+        fakes.output("stdout", b"o"),
+        fakes.result(exit_code=-9, stdout_truncated=True, limits_hit=["output"]),
+    )
+    assert (run.status, run.exit_code) == ("failed", -9)
+    assert run.stdout == "o" * CAP
+    assert run.stderr == "e" * CAP
+    assert run.stdout_truncated is True
+    assert run.stderr_truncated is False
+
+
+async def test_output_bytes_are_decoded_leniently_once_whole() -> None:
+    """Invalid UTF-8 in the output is replaced, not an error; a character split across frames is kept."""
+    e_acute = "é".encode()
+    run = await execute(
+        fakes.output("stdout", b"ok \xff\xfe"),
+        fakes.output("stderr", e_acute[:1]),
+        fakes.output("stderr", e_acute[1:]),
+        fakes.result(),
+    )
+    assert run.status == "succeeded"
+    assert run.stdout == "ok \ufffd\ufffd"
+    assert run.stderr == "é"
