@@ -96,8 +96,9 @@ def answer(stdout: bytes, stderr: bytes) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def scripted_sandbox(*messages: dict[str, Any]) -> AsyncIterator[Sandbox]:
-    """A leased sandbox whose agent answers the job with ``messages``, then waits to be hung up on."""
+async def scripted_sandbox(*messages: dict[str, Any], hang_up: bool = False) -> AsyncIterator[Sandbox]:
+    """A leased sandbox whose agent answers the job with ``messages``, then waits to be hung up on
+    (or, with ``hang_up``, goes away itself, as an agent killed with its container does)."""
     server_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     async with UnixStream(server_end) as server, UnixStream(agent_end) as agent:
 
@@ -105,6 +106,8 @@ async def scripted_sandbox(*messages: dict[str, Any]) -> AsyncIterator[Sandbox]:
             await receive_frame(agent)
             for message in messages:
                 await send_frame(agent, message)
+            if hang_up:
+                await agent.aclose()
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(play)
@@ -117,6 +120,7 @@ class FakeLeaser:
 
     def __init__(self) -> None:
         self.failures = 0
+        self.oom = False
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Sandbox]:
@@ -127,8 +131,8 @@ class FakeLeaser:
         yield cast(Sandbox, object())
 
     async def oom_killed(self, sandbox: Sandbox) -> bool:
-        """Never."""
-        return False
+        """Whether ``oom`` is set."""
+        return self.oom
 
     async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool:
         """Always possible."""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import anyio
 
@@ -17,6 +16,7 @@ from warmpod.models import RunResult, RunSpec, RunStatus
 from warmpod.pool import Sandbox
 from warmpod.protocol import AgentError, Job, Output, Result
 from warmpod.settings import LimitSettings
+from warmpod.store import Chunk, Stream
 
 # The agent stops the program at its timeout and then drains pipes for up to 0.5 s; past this
 # extra margin the server stops waiting and the container is killed with whatever it held.
@@ -81,7 +81,39 @@ def resolve_timeout(requested: float | None, limits: LimitSettings) -> float:
     return requested
 
 
-OutputSink = Callable[[Literal["stdout", "stderr"], bytes], None]
+class RunOutput:
+    """A run's output as its agent streamed it, kept once: for its result, a cancel and the store."""
+
+    def __init__(self, cap: int) -> None:
+        self._cap = cap
+        self._streams = {"stdout": bytearray(), "stderr": bytearray()}
+        self._pending: list[Chunk] = []
+        self._seq = 0
+
+    def add(self, stream: Stream, data: bytes) -> bool:
+        """Keep a chunk; False, keeping nothing, if it takes its stream past the cap (the agent lied)."""
+        buffer = self._streams[stream]
+        if len(buffer) + len(data) > self._cap:
+            return False
+        buffer += data
+        self._pending.append(Chunk(seq=self._seq, stream=stream, data=data))
+        self._seq += 1
+        return True
+
+    def take(self) -> list[Chunk]:
+        """The chunks added since the last take, numbered in the order they came, for the store."""
+        chunks, self._pending = self._pending, []
+        return chunks
+
+    @property
+    def stdout(self) -> str:
+        """The program's stdout so far, as text."""
+        return self._streams["stdout"].decode("utf-8", "replace")
+
+    @property
+    def stderr(self) -> str:
+        """The program's stderr so far, as text."""
+        return self._streams["stderr"].decode("utf-8", "replace")
 
 
 class Runner:
@@ -124,26 +156,22 @@ class Runner:
         run_id = uuid.uuid4().hex
         try:
             async with self._leaser.lease() as sandbox:
-                return await self.execute(run_id, spec, sandbox)
+                return await self.execute(run_id, spec, sandbox, RunOutput(spec.max_output_bytes))
         except SANDBOX_FAILURES as exc:
             return _error(run_id, f"the sandbox failed: {exc}", 0)
 
-    async def execute(
-        self, run_id: str, spec: RunSpec, sandbox: Sandbox, on_output: OutputSink | None = None
-    ) -> RunResult:
-        """Run ``spec`` in a leased ``sandbox``, passing output to ``on_output`` as it comes."""
+    async def execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
+        """Run ``spec`` in a leased ``sandbox``, adding its output to ``output`` as it comes."""
         server = self._limits
         wall = spec.timeout
-        cap = spec.max_output_bytes
         job = Job(
             code=spec.code,
             stdin=spec.stdin,
             timeout=wall,
-            max_output_bytes=cap,
+            max_output_bytes=spec.max_output_bytes,
             cpu_time=spec.cpu_time if spec.cpu_time < server.cpu_time else 0,
         )
         started = time.perf_counter()
-        output = {"stdout": bytearray(), "stderr": bytearray()}
         try:
             try:
                 if spec.memory_mb < server.memory_mb and not await self._leaser.limit_memory(
@@ -162,12 +190,8 @@ class Runner:
                         message = await sandbox.channel.receive()
                         if not isinstance(message, Output):
                             return _from_agent(run_id, message, output, _elapsed_ms(started))
-                        buffer = output[message.stream]
-                        if len(buffer) + len(message.data) > cap:
+                        if not output.add(message.stream, message.data):
                             return _error(run_id, "the agent sent more output than the cap allows", 0)
-                        buffer += message.data
-                        if on_output is not None:
-                            on_output(message.stream, message.data)
                 except ProtocolError as exc:
                     # The agent is PID 1: if the OOM killer took it, the container ended with it.
                     if await self._leaser.oom_killed(sandbox):
@@ -179,23 +203,19 @@ class Runner:
         return RunResult.from_server(
             run_id,
             "timeout",
-            stdout=_text(output["stdout"]),
-            stderr=_text(output["stderr"]),
+            stdout=output.stdout,
+            stderr=output.stderr,
             limits_hit=["wall_time"],
             duration_ms=_elapsed_ms(started),
         )
 
 
-def _text(data: bytes | bytearray) -> str:
-    return data.decode("utf-8", "replace")
-
-
-def _memory_kill(run_id: str, output: dict[str, bytearray], duration_ms: float) -> RunResult:
+def _memory_kill(run_id: str, output: RunOutput, duration_ms: float) -> RunResult:
     return RunResult.from_server(
         run_id,
         "failed",
-        stdout=_text(output["stdout"]),
-        stderr=_text(output["stderr"]),
+        stdout=output.stdout,
+        stderr=output.stderr,
         exit_code=-9,
         limits_hit=["memory"],
         duration_ms=duration_ms,
@@ -211,7 +231,7 @@ def _error(run_id: str, message: str, duration_ms: float) -> RunResult:
 
 
 def _from_agent(
-    run_id: str, message: protocol.AgentMessage, output: dict[str, bytearray], server_ms: float
+    run_id: str, message: protocol.AgentMessage, output: RunOutput, server_ms: float
 ) -> RunResult:
     """Check the agent's claims, then build the result with the output it streamed before."""
     if isinstance(message, AgentError):
@@ -232,8 +252,8 @@ def _from_agent(
         id=run_id,
         status=status,
         exit_code=message.exit_code,
-        stdout=_text(output["stdout"]),
-        stderr=_text(output["stderr"]),
+        stdout=output.stdout,
+        stderr=output.stderr,
         stdout_truncated=message.stdout_truncated,
         stderr_truncated=message.stderr_truncated,
         limits_hit=limits,

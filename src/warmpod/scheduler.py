@@ -23,7 +23,7 @@ from warmpod.errors import (
 )
 from warmpod.models import RunResult, RunSpec, RunStatus
 from warmpod.pool import Sandbox
-from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner
+from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
 from warmpod.settings import QueueSettings
 from warmpod.store import Chunk, Record, Store, joined
 
@@ -47,29 +47,16 @@ STOPPED_MESSAGE = "the server stopped while this run was executing; it was not r
 class _LiveRun:
     """A run executing here: its output so far and the scope that cancels it."""
 
+    output: RunOutput
     started: float = field(default_factory=time.perf_counter)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    output: dict[str, bytearray] = field(
-        default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray()}
-    )
-    pending: list[Chunk] = field(default_factory=list)
-    seq: int = 0
-
-    def add(self, stream: Literal["stdout", "stderr"], data: bytes) -> None:
-        self.output[stream] += data
-        self.pending.append(Chunk(seq=self.seq, stream=stream, data=data))
-        self.seq += 1
-
-    def take(self) -> list[Chunk]:
-        chunks, self.pending = self.pending, []
-        return chunks
 
     def ended(self, run_id: str, status: Literal["cancelled", "error"], error: str | None) -> RunResult:
         return RunResult.from_server(
             run_id,
             status,
-            stdout=self.output["stdout"].decode("utf-8", "replace"),
-            stderr=self.output["stderr"].decode("utf-8", "replace"),
+            stdout=self.output.stdout,
+            stderr=self.output.stderr,
             duration_ms=(time.perf_counter() - self.started) * 1000,
             error=error,
         )
@@ -214,9 +201,7 @@ class Scheduler:
             RunFinished: the run had already ended otherwise.
         """
         await self._record(run_id)
-        outcome = await self._store.cancel(
-            run_id, _LiveRun(started=time.perf_counter()).ended(run_id, "cancelled", None)
-        )
+        outcome = await self._store.cancel(run_id, RunResult.from_server(run_id, "cancelled"))
         if outcome == "unknown":
             raise RunNotFound(f"no run has the id {run_id}")
         if outcome == "cancelled":
@@ -324,14 +309,14 @@ class Scheduler:
                 retry = min(retry * 2, RETRY_MAX)
 
     async def _execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox) -> None:
-        live = self._live[run_id] = _LiveRun()
+        live = self._live[run_id] = _LiveRun(RunOutput(spec.max_output_bytes))
         self._notify(run_id)
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._tend, run_id, live)
                 with live.scope:
                     try:
-                        result = await self._runner.execute(run_id, spec, sandbox, live.add)
+                        result = await self._runner.execute(run_id, spec, sandbox, live.output)
                     except Exception:
                         log.exception("run %s failed inside warmpod", run_id)
                         result = live.ended(run_id, "error", "internal error; see the server log")
@@ -353,7 +338,7 @@ class Scheduler:
 
     async def _finish(self, run_id: str, result: RunResult, live: _LiveRun) -> None:
         try:
-            await self._store.finish(run_id, result, live.take())
+            await self._store.finish(run_id, result, live.output.take())
         except StoreError:
             log.exception("could not record the result of run %s", run_id)
         self._notify(run_id)
@@ -363,11 +348,12 @@ class Scheduler:
         # Not at once: a cancel on this node stops the run directly; the flag is for other nodes.
         next_poll = time.monotonic() + CANCEL_POLL
         while True:
-            if live.pending:
+            chunks = live.output.take()
+            if chunks:
                 # Shielded: chunks taken from ``live`` must reach the store even if the run ends now.
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self._store.add_output(run_id, live.take())
+                        await self._store.add_output(run_id, chunks)
                     except StoreError:
                         log.exception("could not keep the output of run %s", run_id)
                 self._notify(run_id)

@@ -8,7 +8,7 @@ import re
 import warnings
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import anyio
 import httpx
@@ -23,7 +23,8 @@ from warmpod.app import create_app
 from warmpod.errors import StoreError
 from warmpod.models import RunResult, RunSpec
 from warmpod.pool import Pool, Sandbox
-from warmpod.runner import Leaser, OutputSink, RunLimits, Runner
+from warmpod.protocol import Output
+from warmpod.runner import Leaser, RunLimits, Runner, RunOutput
 from warmpod.runtime import EngineInfo
 from warmpod.scheduler import Scheduler, Update
 from warmpod.service import Service
@@ -107,21 +108,19 @@ class RecordingRunner(Runner):
         self.result = CANNED
         self.error: Exception | None = None
         self.hold: anyio.Event | None = None
-        self.output: list[tuple[Literal["stdout", "stderr"], bytes]] = []
+        self.streamed: list[Output] = []
 
-    async def execute(
-        self, run_id: str, spec: RunSpec, sandbox: Sandbox, on_output: OutputSink | None = None
-    ) -> RunResult:
-        """Record the run, print ``output``, wait for ``hold``, and answer with the canned result."""
+    async def execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
+        """Record the run, stream ``streamed`` into its output as the runner does, wait for ``hold``,
+        and answer with the canned result."""
         self.calls.append((spec.code, spec.stdin, spec.timeout))
         self.run_limits.append(
             RunLimits(
                 cpu_time=spec.cpu_time, memory_mb=spec.memory_mb, max_output_bytes=spec.max_output_bytes
             )
         )
-        for stream, data in self.output:
-            assert on_output is not None
-            on_output(stream, data)
+        for message in self.streamed:
+            assert output.add(message.stream, message.data)
         if self.hold is not None:
             await self.hold.wait()
         if self.error is not None:
@@ -686,7 +685,7 @@ async def test_cancel_of_queued_and_running_runs(
 ) -> None:
     """DELETE stops a running run (keeping its output) and a queued one; both end cancelled."""
     runner.hold = anyio.Event()
-    runner.output = [("stdout", b"so far\n")]
+    runner.streamed = [Output(stream="stdout", data=b"so far\n")]
     ids = [
         (await client.post("/run-json/", json={"code": "pass", "wait": False})).json()["id"]
         for _ in range(POOL_SIZE + 1)
@@ -711,7 +710,11 @@ async def test_the_stream_sends_status_output_and_result_events(
     client: AsyncTestClient[Litestar], runner: RecordingRunner
 ) -> None:
     """The SSE stream of a run: output events named after their stream, with JSON text, then the result."""
-    runner.output = [("stdout", b"a\n"), ("stderr", "é".encode()[:1]), ("stderr", "é".encode()[1:])]
+    runner.streamed = [
+        Output(stream="stdout", data=b"a\n"),
+        Output(stream="stderr", data="é".encode()[:1]),
+        Output(stream="stderr", data="é".encode()[1:]),
+    ]
     result = (await client.post("/run-json/", json={"code": "pass"})).json()
     response = await client.get(f"/status/{result['id']}/stream")
     assert response.status_code == 200

@@ -11,7 +11,9 @@ from warmpod import runner
 from warmpod.errors import InvalidRun
 from warmpod.models import RunResult
 from warmpod.protocol import AgentError, Hello, LimitName, Result
+from warmpod.runner import RunOutput
 from warmpod.settings import LimitSettings
+from warmpod.store import Chunk
 
 CAP = 100
 LIMITS = LimitSettings(timeout=10.0, max_timeout=60.0, max_output_bytes=CAP)
@@ -31,16 +33,28 @@ def result(**changes: Any) -> Result:
     return Result(**fields)
 
 
-def streamed(stdout: bytes = b"hello\n", stderr: bytes = b"") -> dict[str, bytearray]:
+def streamed(stdout: bytes = b"hello\n", stderr: bytes = b"") -> RunOutput:
     """The output the runner collected from the agent's Output frames before its result."""
-    return {"stdout": bytearray(stdout), "stderr": bytearray(stderr)}
+    output = RunOutput(CAP)
+    # Only what was printed: the agent sends no empty Output.
+    assert not stdout or output.add("stdout", stdout)
+    assert not stderr or output.add("stderr", stderr)
+    return output
 
 
-async def execute(*messages: dict[str, Any]) -> RunResult:
-    """What Runner.execute makes of an agent that answers the job with ``messages``."""
-    run = runner.Runner(fakes.FakeLeaser(), LIMITS)
-    async with fakes.scripted_sandbox(*messages) as sandbox:
-        return await run.execute("id", run.prepare(b"pass", b"", None), sandbox)
+async def execute(
+    *messages: dict[str, Any],
+    timeout: float | None = None,
+    hang_up: bool = False,
+    leaser: fakes.FakeLeaser | None = None,
+) -> tuple[RunResult, RunOutput]:
+    """What Runner.execute makes of an agent that answers the job with ``messages``, and the output
+    it collected."""
+    run = runner.Runner(leaser or fakes.FakeLeaser(), LIMITS)
+    spec = run.prepare(b"pass", b"", timeout)
+    output = RunOutput(spec.max_output_bytes)
+    async with fakes.scripted_sandbox(*messages, hang_up=hang_up) as sandbox:
+        return await run.execute("id", spec, sandbox, output), output
 
 
 # resolve_timeout --------------------------------------------------------------------------------
@@ -157,7 +171,7 @@ async def test_output_above_the_cap_is_an_error(
 ) -> None:
     """An agent streaming more than the cap on a stream, at once or over several frames, is not believed:
     the run is an error and its output is dropped."""
-    run = await execute(*(fakes.output(stream, b"x" * size) for size in sizes), fakes.result())
+    run, _ = await execute(*(fakes.output(stream, b"x" * size) for size in sizes), fakes.result())
     assert run.status == "error"
     assert (run.stdout, run.stderr) == ("", "")
     assert run.error == "the agent sent more output than the cap allows"
@@ -165,7 +179,7 @@ async def test_output_above_the_cap_is_an_error(
 
 async def test_output_exactly_at_the_cap_is_kept() -> None:
     """Output of exactly the cap on both streams is kept, with the truncation flags passed through."""
-    run = await execute(
+    run, _ = await execute(
         fakes.output("stdout", b"o" * (CAP - 1)),
         fakes.output("stderr", b"e" * CAP),
         fakes.output("stdout", b"o"),
@@ -181,7 +195,7 @@ async def test_output_exactly_at_the_cap_is_kept() -> None:
 async def test_output_bytes_are_decoded_leniently_once_whole() -> None:
     """Invalid UTF-8 in the output is replaced, not an error; a character split across frames is kept."""
     e_acute = "é".encode()
-    run = await execute(
+    run, _ = await execute(
         fakes.output("stdout", b"ok \xff\xfe"),
         fakes.output("stderr", e_acute[:1]),
         fakes.output("stderr", e_acute[1:]),
@@ -190,3 +204,64 @@ async def test_output_bytes_are_decoded_leniently_once_whole() -> None:
     assert run.status == "succeeded"
     assert run.stdout == "ok \ufffd\ufffd"
     assert run.stderr == "é"
+
+
+async def test_the_output_of_a_run_is_numbered_once_for_the_store() -> None:
+    """Every chunk the agent streamed is handed to the store once, numbered in the order it came."""
+    _, output = await execute(
+        fakes.output("stdout", b"a"),
+        fakes.output("stderr", b"b"),
+        fakes.output("stdout", b"c"),
+        fakes.result(),
+    )
+    assert output.take() == [
+        Chunk(seq=0, stream="stdout", data=b"a"),
+        Chunk(seq=1, stream="stderr", data=b"b"),
+        Chunk(seq=2, stream="stdout", data=b"c"),
+    ]
+    assert output.take() == []
+    assert (output.stdout, output.stderr) == ("ac", "b")
+
+
+def test_output_taken_for_the_store_stays_in_the_result() -> None:
+    """Taking chunks for the store empties only the pending ones: the text keeps everything, and
+    numbering goes on where it stopped."""
+    output = streamed(b"one ", b"err")
+    output.take()
+    assert output.add("stdout", b"two")
+    assert output.take() == [Chunk(seq=2, stream="stdout", data=b"two")]
+    assert (output.stdout, output.stderr) == ("one two", "err")
+
+
+async def test_a_run_past_its_timeout_keeps_what_it_printed() -> None:
+    """An agent that streams output and then says nothing more is given up on after the timeout and
+    its grace: the run is a timeout with the output it streamed."""
+    run, _ = await execute(fakes.output("stdout", b"partial\n"), timeout=0.1)
+    assert (run.status, run.limits_hit, run.stdout, run.exit_code) == (
+        "timeout",
+        ["wall_time"],
+        "partial\n",
+        None,
+    )
+    assert run.duration_ms >= (0.1 + runner.SERVER_GRACE) * 1000 - 1  # the loop's clock may be a tick ahead
+
+
+async def test_an_agent_killed_for_memory_ends_the_run_with_what_it_printed() -> None:
+    """When the agent's connection drops and the container was OOM-killed, the run failed on memory
+    with the output streamed before."""
+    leaser = fakes.FakeLeaser()
+    leaser.oom = True
+    run, _ = await execute(
+        fakes.output("stdout", b"allocating\n"), fakes.output("stderr", b"x"), hang_up=True, leaser=leaser
+    )
+    assert (run.status, run.exit_code, run.limits_hit) == ("failed", -9, ["memory"])
+    assert (run.stdout, run.stderr) == ("allocating\n", "x")
+
+
+async def test_an_agent_that_hangs_up_otherwise_is_a_sandbox_failure() -> None:
+    """A dropped connection without an OOM kill is an error naming the sandbox; the output is not kept."""
+    run, _ = await execute(fakes.output("stdout", b"half"), hang_up=True)
+    assert run.status == "error"
+    assert run.error is not None
+    assert run.error.startswith("the sandbox failed: agent connection lost")
+    assert (run.stdout, run.stderr) == ("", "")
