@@ -1,4 +1,4 @@
-"""Fakes for the fast unit tests, kept in one place: what a real sandbox would answer."""
+"""Test fakes, in one place: engines, leasers, runners and agents that speak pool/agent.py's protocol."""
 
 from __future__ import annotations
 
@@ -12,12 +12,16 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import anyio
-from anyio.abc import ByteStream
+import msgspec
+from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
 
-from warmpod.errors import PoolUnavailable
+from warmpod import protocol
+from warmpod.errors import EngineError, PoolUnavailable
+from warmpod.models import RunResult, RunSpec
 from warmpod.pool import Sandbox
-from warmpod.protocol import MAX_FRAME, Channel
-from warmpod.sandbox import AGENT_COMMAND
+from warmpod.protocol import MAX_FRAME, Channel, Output
+from warmpod.runner import Leaser, RunLimits, Runner, RunOutput
+from warmpod.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME
 from warmpod.settings import LimitSettings
 from warmpod.unix_stream import UnixStream
 
@@ -115,6 +119,179 @@ async def scripted_sandbox(*messages: dict[str, Any], hang_up: bool = False) -> 
             tg.cancel_scope.cancel()
 
 
+# Engines, leasers and runners ---------------------------------------------------------------
+
+
+class FakeEngine:
+    """A ``pool.Engine`` whose containers are fake agents on unix sockets, run in the test's task group."""
+
+    def __init__(self, tg: TaskGroup) -> None:
+        self._tg = tg
+        self.calls: list[tuple[str, str]] = []
+        self.create_times: list[float] = []
+        self.created: list[str] = []
+        self.destroyed: list[str] = []
+        self.containers: dict[str, dict[str, str]] = {}
+        self.specs: dict[str, dict[str, object]] = {}
+        self._sockets: dict[str, Path] = {}
+        self._kills: dict[str, tuple[anyio.Event, list[SocketListener | ByteStream]]] = {}
+        self.failing_creates = 0
+        self.hello: dict[str, Any] = {"type": "hello", "version": protocol.PROTOCOL_VERSION, "pid": 99}
+        self.listen_delay = 0.0
+        self.silent = False
+        self.failing_unpause = False
+        # What every fake agent prints instead of echoing the job's code, when set.
+        self.stdout: bytes | None = None
+        # Starts wait for this gate; set it to let them through.
+        self.gate = anyio.Event()
+        self.gate.set()
+
+    def count(self, op: str, container_id: str | None = None) -> int:
+        """How many times ``op`` was called (on ``container_id``, if given)."""
+        return sum(1 for o, c in self.calls if o == op and container_id in (None, c))
+
+    async def create(self, spec: dict[str, object]) -> str:
+        """Record the spec; fail while ``failing_creates`` is positive (negative: fail forever)."""
+        self.create_times.append(anyio.current_time())
+        if self.failing_creates:
+            self.failing_creates -= 1
+            self.calls.append(("create-failed", ""))
+            raise EngineError("podman create failed: no space left on device")
+        container_id = f"c{len(self.created) + 1:03d}"
+        self.calls.append(("create", container_id))
+        self.created.append(container_id)
+        labels = spec["labels"]
+        mounts = spec["mounts"]
+        assert isinstance(labels, dict)
+        assert isinstance(mounts, list)
+        self.containers[container_id] = dict(labels)
+        self.specs[container_id] = spec
+        agent_dir = next(m["source"] for m in mounts if m["destination"] == AGENT_DIR)
+        self._sockets[container_id] = Path(agent_dir) / SOCKET_NAME
+        return container_id
+
+    async def start(self, container_id: str) -> None:
+        """Wait for the gate, then start the container's fake agent."""
+        self.calls.append(("start", container_id))
+        await self.gate.wait()
+        await self._tg.start(self._agent, container_id, self._sockets[container_id])
+
+    async def pause(self, container_id: str) -> None:
+        """Record the pause."""
+        self.calls.append(("pause", container_id))
+
+    async def unpause(self, container_id: str) -> None:
+        """Record the unpause; fail it if ``failing_unpause`` is set."""
+        self.calls.append(("unpause", container_id))
+        if self.failing_unpause:
+            raise EngineError("podman unpause failed: container state improper")
+
+    async def update_memory(self, container_id: str, limit_bytes: int) -> None:
+        """Record the memory update."""
+        self.calls.append(("update_memory", container_id))
+
+    async def oom_killed(self, container_id: str) -> bool:
+        """Fake containers are never OOM-killed."""
+        self.calls.append(("oom_killed", container_id))
+        return False
+
+    async def destroy(self, container_id: str) -> None:
+        """Record the removal and stop the container's agent; removing twice is harmless, as in Podman."""
+        self.calls.append(("destroy", container_id))
+        if container_id in self.containers:
+            self.destroyed.append(container_id)
+        self.containers.pop(container_id, None)
+        killed, closables = self._kills.pop(container_id, (None, []))
+        if killed is not None:
+            killed.set()
+        for closable in closables:
+            await closable.aclose()
+
+    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
+        """Every live container carrying ``label``."""
+        return [(cid, dict(labels)) for cid, labels in self.containers.items() if label in labels]
+
+    async def _agent(self, container_id: str, path: Path, *, task_status: TaskStatus[None]) -> None:
+        # Like pool/agent.py: listen, accept one connection, say hello, answer one job, wait for hang-up.
+        # destroy() ends it by closing its sockets, as removing a container does, rather than cancelling
+        # it. Its connection is a UnixStream like the server's: anyio's own loses a race with cancels.
+        killed = anyio.Event()
+        closables: list[SocketListener | ByteStream] = []
+        self._kills[container_id] = (killed, closables)
+        listener: SocketListener
+        if self.listen_delay:
+            # The socket file exists before anyone listens on it: bind now, listen a little later.
+            early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            early.bind(str(path))
+            task_status.started()
+            with anyio.move_on_after(self.listen_delay):
+                await killed.wait()
+            early.listen(1)
+            listener = await SocketListener.from_socket(early)
+        else:
+            listener = await anyio.create_unix_listener(path)
+            task_status.started()
+        closables.append(listener)
+        try:
+            if killed.is_set():
+                return
+            async with listener, await listener.accept() as accepted:
+                stream = UnixStream(accepted.extra(SocketAttribute.raw_socket).dup())
+            closables.append(stream)
+            async with stream:
+                if self.silent:
+                    await killed.wait()
+                    return
+                await send_frame(stream, self.hello)
+                job = await receive_frame(stream)
+                code, stdin = base64.b64decode(job["code"]), base64.b64decode(job["stdin"])
+                for message in answer(code if self.stdout is None else self.stdout, stdin):
+                    await send_frame(stream, message)
+                while True:
+                    await stream.receive()
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        finally:
+            with anyio.CancelScope(shield=True):
+                await listener.aclose()
+
+
+class NoEngine:
+    """An engine the pool is never run against: any call is a test failure."""
+
+    async def create(self, spec: dict[str, object]) -> str:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
+    async def start(self, container_id: str) -> None:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
+    async def pause(self, container_id: str) -> None:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
+    async def unpause(self, container_id: str) -> None:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
+    async def destroy(self, container_id: str) -> None:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
+    async def oom_killed(self, container_id: str) -> bool:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
+    async def update_memory(self, container_id: str, limit_bytes: int) -> None:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
+    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
+        """Never called."""
+        raise AssertionError("the API tests never run the pool")
+
+
 class FakeLeaser:
     """A Leaser of placeholder sandboxes (``failures`` leases fail) that can always limit memory."""
 
@@ -140,3 +317,51 @@ class FakeLeaser:
 
     def check_memory(self, limit_bytes: int) -> None:
         """Any limit will do."""
+
+
+CANNED = RunResult(
+    id="0" * 32,
+    status="succeeded",
+    exit_code=0,
+    stdout="1\n",
+    stderr="",
+    stdout_truncated=False,
+    stderr_truncated=False,
+    limits_hit=[],
+    duration_ms=3.5,
+)
+"""What a RecordingRunner answers unless told otherwise."""
+
+
+class RecordingRunner(Runner):
+    """A Runner that records each run's program and timeout and answers ``result`` (or raises ``error``).
+
+    ``prepare`` is the real one, so limits are resolved and checked as in the service; ``hold`` keeps
+    runs executing until it is set.
+    """
+
+    def __init__(self, leaser: Leaser, limits: LimitSettings) -> None:
+        super().__init__(leaser, limits)
+        self.calls: list[tuple[bytes, bytes, float]] = []
+        self.run_limits: list[RunLimits] = []
+        self.result = CANNED
+        self.error: Exception | None = None
+        self.hold: anyio.Event | None = None
+        self.streamed: list[Output] = []
+
+    async def execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
+        """Record the run, stream ``streamed`` into its output as the runner does, wait for ``hold``,
+        and answer with the canned result."""
+        self.calls.append((spec.code, spec.stdin, spec.timeout))
+        self.run_limits.append(
+            RunLimits(
+                cpu_time=spec.cpu_time, memory_mb=spec.memory_mb, max_output_bytes=spec.max_output_bytes
+            )
+        )
+        for message in self.streamed:
+            assert output.add(message.stream, message.data)
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.error is not None:
+            raise self.error
+        return msgspec.structs.replace(self.result, id=run_id)

@@ -12,42 +12,28 @@ from typing import Any, cast
 
 import anyio
 import httpx
-import msgspec
 import pytest
-from fakes import FakeLeaser
+from fakes import FakeLeaser, NoEngine, RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from warmpod import api
 from warmpod.app import create_app
 from warmpod.errors import StoreError
-from warmpod.models import RunResult, RunSpec
-from warmpod.pool import Pool, Sandbox
+from warmpod.models import RunResult
+from warmpod.pool import Pool
 from warmpod.protocol import Output
-from warmpod.runner import Leaser, RunLimits, Runner, RunOutput
+from warmpod.runner import RunLimits
 from warmpod.runtime import EngineInfo
 from warmpod.scheduler import Scheduler, Update
 from warmpod.service import Service
-from warmpod.settings import LimitSettings, Settings, from_env
+from warmpod.settings import Settings, from_env
 from warmpod.store import SqliteStore, Store
 
 MAX_BODY = 4096
 MAX_QUEUED = 5
 POOL_SIZE = 3
 IMAGE = "localhost/warmpod-runner:0123456789ab"
-CANNED = RunResult(
-    id="0" * 32,
-    status="succeeded",
-    exit_code=0,
-    stdout="1\n",
-    stderr="",
-    stdout_truncated=False,
-    stderr_truncated=False,
-    limits_hit=[],
-    duration_ms=3.5,
-)
-# api.py relies on two Litestar behaviours deprecated since 2.23 (see test_app_builds_without_deprecations);
-# they are let through here so the other tests can run. Remove these filters when api.py is fixed.
 INFO = EngineInfo(
     version="4.3.1",
     api_version="4.3.1",
@@ -56,76 +42,6 @@ INFO = EngineInfo(
     cgroup_manager="systemd",
     oci_runtime="runc",
 )
-
-
-class NoEngine:
-    """An engine the pool is never run against: any call is a test failure."""
-
-    async def create(self, spec: dict[str, object]) -> str:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def start(self, container_id: str) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def pause(self, container_id: str) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def unpause(self, container_id: str) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def destroy(self, container_id: str) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def oom_killed(self, container_id: str) -> bool:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def update_memory(self, container_id: str, limit_bytes: int) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-
-class RecordingRunner(Runner):
-    """A Runner that records each run's program and timeout and answers ``result`` (or raises ``error``).
-
-    ``prepare`` is the real one, so limits are resolved and checked as in the service; ``hold`` keeps
-    runs executing until it is set.
-    """
-
-    def __init__(self, leaser: Leaser, limits: LimitSettings) -> None:
-        super().__init__(leaser, limits)
-        self.calls: list[tuple[bytes, bytes, float]] = []
-        self.run_limits: list[RunLimits] = []
-        self.result = CANNED
-        self.error: Exception | None = None
-        self.hold: anyio.Event | None = None
-        self.streamed: list[Output] = []
-
-    async def execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
-        """Record the run, stream ``streamed`` into its output as the runner does, wait for ``hold``,
-        and answer with the canned result."""
-        self.calls.append((spec.code, spec.stdin, spec.timeout))
-        self.run_limits.append(
-            RunLimits(
-                cpu_time=spec.cpu_time, memory_mb=spec.memory_mb, max_output_bytes=spec.max_output_bytes
-            )
-        )
-        for message in self.streamed:
-            assert output.add(message.stream, message.data)
-        if self.hold is not None:
-            await self.hold.wait()
-        if self.error is not None:
-            raise self.error
-        return msgspec.structs.replace(self.result, id=run_id)
 
 
 @pytest.fixture

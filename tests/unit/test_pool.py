@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
@@ -17,158 +16,19 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
-from fakes import answer, probe_report, receive_frame, send_frame
+from anyio.abc import TaskGroup
+from fakes import FakeEngine, probe_report
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
 from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool
 from warmpod.protocol import Job, Output, Result
 from warmpod.runner import Runner
-from warmpod.sandbox import AGENT_DIR, SOCKET_NAME
 from warmpod.selftest import self_test
 from warmpod.settings import Settings, from_env
-from warmpod.unix_stream import UnixStream
 
 INSTANCE = "feedface0000"
 WAIT = 3.0
-
-
-# The fake agent -------------------------------------------------------------------------------
-
-
-class FakeEngine:
-    """A ``pool.Engine`` whose containers are fake agents on unix sockets, run in the test's task group."""
-
-    def __init__(self, tg: TaskGroup) -> None:
-        self._tg = tg
-        self.calls: list[tuple[str, str]] = []
-        self.create_times: list[float] = []
-        self.created: list[str] = []
-        self.destroyed: list[str] = []
-        self.containers: dict[str, dict[str, str]] = {}
-        self.specs: dict[str, dict[str, object]] = {}
-        self._sockets: dict[str, Path] = {}
-        self._kills: dict[str, tuple[anyio.Event, list[SocketListener | ByteStream]]] = {}
-        self.failing_creates = 0
-        self.hello: dict[str, Any] = {"type": "hello", "version": protocol.PROTOCOL_VERSION, "pid": 99}
-        self.listen_delay = 0.0
-        self.silent = False
-        self.failing_unpause = False
-        # What every fake agent prints instead of echoing the job's code, when set.
-        self.stdout: bytes | None = None
-        # Starts wait for this gate; set it to let them through.
-        self.gate = anyio.Event()
-        self.gate.set()
-
-    def count(self, op: str, container_id: str | None = None) -> int:
-        """How many times ``op`` was called (on ``container_id``, if given)."""
-        return sum(1 for o, c in self.calls if o == op and container_id in (None, c))
-
-    async def create(self, spec: dict[str, object]) -> str:
-        """Record the spec; fail while ``failing_creates`` is positive (negative: fail forever)."""
-        self.create_times.append(anyio.current_time())
-        if self.failing_creates:
-            self.failing_creates -= 1
-            self.calls.append(("create-failed", ""))
-            raise EngineError("podman create failed: no space left on device")
-        container_id = f"c{len(self.created) + 1:03d}"
-        self.calls.append(("create", container_id))
-        self.created.append(container_id)
-        labels = spec["labels"]
-        mounts = spec["mounts"]
-        assert isinstance(labels, dict)
-        assert isinstance(mounts, list)
-        self.containers[container_id] = dict(labels)
-        self.specs[container_id] = spec
-        agent_dir = next(m["source"] for m in mounts if m["destination"] == AGENT_DIR)
-        self._sockets[container_id] = Path(agent_dir) / SOCKET_NAME
-        return container_id
-
-    async def start(self, container_id: str) -> None:
-        """Wait for the gate, then start the container's fake agent."""
-        self.calls.append(("start", container_id))
-        await self.gate.wait()
-        await self._tg.start(self._agent, container_id, self._sockets[container_id])
-
-    async def pause(self, container_id: str) -> None:
-        """Record the pause."""
-        self.calls.append(("pause", container_id))
-
-    async def unpause(self, container_id: str) -> None:
-        """Record the unpause; fail it if ``failing_unpause`` is set."""
-        self.calls.append(("unpause", container_id))
-        if self.failing_unpause:
-            raise EngineError("podman unpause failed: container state improper")
-
-    async def update_memory(self, container_id: str, limit_bytes: int) -> None:
-        """Record the memory update."""
-        self.calls.append(("update_memory", container_id))
-
-    async def oom_killed(self, container_id: str) -> bool:
-        """Fake containers are never OOM-killed."""
-        self.calls.append(("oom_killed", container_id))
-        return False
-
-    async def destroy(self, container_id: str) -> None:
-        """Record the removal and stop the container's agent; removing twice is harmless, as in Podman."""
-        self.calls.append(("destroy", container_id))
-        if container_id in self.containers:
-            self.destroyed.append(container_id)
-        self.containers.pop(container_id, None)
-        killed, closables = self._kills.pop(container_id, (None, []))
-        if killed is not None:
-            killed.set()
-        for closable in closables:
-            await closable.aclose()
-
-    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
-        """Every live container carrying ``label``."""
-        return [(cid, dict(labels)) for cid, labels in self.containers.items() if label in labels]
-
-    async def _agent(self, container_id: str, path: Path, *, task_status: TaskStatus[None]) -> None:
-        # Like pool/agent.py: listen, accept one connection, say hello, answer one job, wait for hang-up.
-        # destroy() ends it by closing its sockets, as removing a container does, rather than cancelling
-        # it. Its connection is a UnixStream like the server's: anyio's own loses a race with cancels.
-        killed = anyio.Event()
-        closables: list[SocketListener | ByteStream] = []
-        self._kills[container_id] = (killed, closables)
-        listener: SocketListener
-        if self.listen_delay:
-            # The socket file exists before anyone listens on it: bind now, listen a little later.
-            early = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            early.bind(str(path))
-            task_status.started()
-            with anyio.move_on_after(self.listen_delay):
-                await killed.wait()
-            early.listen(1)
-            listener = await SocketListener.from_socket(early)
-        else:
-            listener = await anyio.create_unix_listener(path)
-            task_status.started()
-        closables.append(listener)
-        try:
-            if killed.is_set():
-                return
-            async with listener, await listener.accept() as accepted:
-                stream = UnixStream(accepted.extra(SocketAttribute.raw_socket).dup())
-            closables.append(stream)
-            async with stream:
-                if self.silent:
-                    await killed.wait()
-                    return
-                await send_frame(stream, self.hello)
-                job = await receive_frame(stream)
-                code, stdin = base64.b64decode(job["code"]), base64.b64decode(job["stdin"])
-                for message in answer(code if self.stdout is None else self.stdout, stdin):
-                    await send_frame(stream, message)
-                while True:
-                    await stream.receive()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        finally:
-            with anyio.CancelScope(shield=True):
-                await listener.aclose()
 
 
 # Fixtures and helpers -------------------------------------------------------------------------
