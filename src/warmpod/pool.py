@@ -64,6 +64,8 @@ class Sandbox:
     memory: int = 0
     """Bytes the container held before its run, as its agent reported."""
     lock: anyio.Lock = field(default_factory=anyio.Lock)
+    idle: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    """Scope of the task watching it while it waits in the pool; cancelled once it is leased."""
 
     async def thaw(self, engine: Engine) -> None:
         """Unpause, once, however many tasks ask."""
@@ -83,6 +85,8 @@ class PoolStats:
     target: int
     created: int
     failures: int
+    failing: bool
+    """The latest attempt to make a container failed."""
     last_error: str | None
     preload_failed: list[str]
 
@@ -150,6 +154,7 @@ class Pool:
             target=self.target,
             created=self._created,
             failures=self._failures,
+            failing=self._consecutive_failures > 0,
             last_error=self._last_error,
             preload_failed=self.preload_failed,
         )
@@ -248,9 +253,24 @@ class Pool:
         self._created += 1
         self._starting -= 1
         self._ready.append(sandbox)
+        if self._tg is not None:
+            self._tg.start_soon(self._watch_idle, sandbox)
         self.serving = True
         await self._notify()
         self._warm_next()
+
+    async def _watch_idle(self, sandbox: Sandbox) -> None:
+        # A container that dies while it waits (killed, removed with its image, agent crashed)
+        # must not be handed to a run, nor leave the pool a container short.
+        with sandbox.idle:
+            await sandbox.channel.wait_hangup()
+            if sandbox not in self._ready:
+                return  # retired or destroyed: its channel was closed on purpose
+            self._ready.remove(sandbox)
+            self._last_error = f"{sandbox.name} died while idle"
+            log.warning("%s died while idle: replacing it", sandbox.name)
+            await self._retire(sandbox)
+            await self._notify()
 
     async def _make(self) -> Sandbox:
         name = f"warmpod-{self.instance[:8]}-{next(self._serial)}"
@@ -367,6 +387,7 @@ class Pool:
                         self._queue.remove(ticket)
                         self._changed.notify_all()
                     sandbox = self._ready.popleft()
+                    sandbox.idle.cancel()
                     self._busy.add(sandbox)
                     self._changed.notify_all()
         except TimeoutError as exc:

@@ -8,6 +8,7 @@ into strict types before they are used.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 from typing import Annotated, Literal
 
@@ -141,6 +142,12 @@ class Channel:
         except (OSError, anyio.IncompleteRead, anyio.BrokenResourceError) as exc:
             raise ProtocolError(f"agent connection lost: {exc!r}") from exc
         return decode(body)
+
+    async def wait_hangup(self) -> None:
+        """Return once the agent speaks out of turn or its end goes away; for an idle agent,
+        which sends nothing until it has a job, either means its container is dead or broken."""
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self._reader.receive(1)
 
     async def aclose(self) -> None:
         """Hang up."""

@@ -45,7 +45,8 @@ class Service:
         status: Literal["ok", "starting", "stopping", "unavailable"] = (
             "ok" if self.pool.serving else "starting"
         )
-        if self.pool.serving and stats.ready == 0 and stats.busy == 0 and stats.failures:
+        # Failing now, not once: a pool that recovered is not unavailable between two refills.
+        if self.pool.serving and stats.ready == 0 and stats.busy == 0 and stats.failing:
             status = "unavailable"
         if self.scheduler.draining:
             status = "stopping"
