@@ -36,7 +36,7 @@ _PROBLEMS = {
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
     422: "A limit or the timeout is outside the server's range; `detail` names the maximum",
     429: "The queue is full; retry after `Retry-After` seconds",
-    503: "The service is starting or stopping; retry after `Retry-After` seconds",
+    503: "Starting, stopping, or the run store cannot be written; retry after `Retry-After` seconds",
 }
 
 

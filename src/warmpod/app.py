@@ -28,6 +28,7 @@ from warmpod.errors import (
     RunFinished,
     RunNotFound,
     ShuttingDown,
+    StoreError,
     WarmpodError,
 )
 from warmpod.service import Service, run_service
@@ -111,6 +112,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             ShuttingDown: _problem(503, "Shutting down", "shutting-down"),
             RunNotFound: _problem(404, "No such run", "no-such-run"),
             RunFinished: _problem(409, "Run already ended", "run-finished"),
+            StoreError: _problem(503, "Run store unavailable", "store-unavailable"),
         }
     )
     return Litestar(

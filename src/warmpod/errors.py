@@ -69,3 +69,5 @@ class RunFinished(WarmpodError):
 
 class StoreError(WarmpodError):
     """Raised when the run store cannot be opened or used."""
+
+    retry_after: int = 5

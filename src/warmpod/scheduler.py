@@ -337,10 +337,24 @@ class Scheduler:
             await self._finish(run_id, result, live)
 
     async def _finish(self, run_id: str, result: RunResult, live: _LiveRun) -> None:
-        try:
-            await self._store.finish(run_id, result, live.output.take())
-        except StoreError:
-            log.exception("could not record the result of run %s", run_id)
+        # A result that cannot be written (the store's disk is full) is kept and tried again
+        # until it is, holding this worker: no further run starts while none could be recorded.
+        # Only a stopping server gives up on it; the next start reports the run as interrupted.
+        chunks = live.output.take()
+        delay = 0.5
+        while True:
+            try:
+                await self._store.finish(run_id, result, chunks)
+                break
+            except StoreError as exc:
+                if self.draining:
+                    log.error("could not record the result of run %s before stopping: %s", run_id, exc)
+                    break
+                log.warning(
+                    "could not record the result of run %s (retrying in %.1f s): %s", run_id, delay, exc
+                )
+                await anyio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX)
         self._notify(run_id)
 
     async def _tend(self, run_id: str, live: _LiveRun) -> None:

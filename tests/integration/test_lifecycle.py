@@ -239,7 +239,7 @@ def test_a_deleted_runner_image_is_reported_and_recovered_from(
                 run_id: str = http.post("/run-json/", json={"code": code, "wait": False}).json()["id"]
                 return run_id
 
-            def status(run_id: str) -> str:
+            def state_of(run_id: str) -> str:
                 state: str = http.get(f"/status/{run_id}").json()["status"]
                 return state
 
@@ -249,16 +249,16 @@ def test_a_deleted_runner_image_is_reported_and_recovered_from(
             assert wait_until(
                 lambda: ref in (http.get("/health").json()["last_error"] or ""), 20 * SLOWNESS
             ), http.get("/health").json()
-            assert wait_until(lambda: status(first) != "running", 10 * SLOWNESS)
-            assert status(first) in ("queued", "succeeded", "error")
+            assert wait_until(lambda: state_of(first) != "running", 10 * SLOWNESS)
+            assert state_of(first) in ("queued", "succeeded", "error")
             waiting = submit("print('waited')")
             time.sleep(2)
-            assert status(waiting) == "queued"
+            assert state_of(waiting) == "queued"
 
             build()
-            assert wait_until(lambda: status(waiting) == "succeeded", 30 * SLOWNESS), server.log_tail()
+            assert wait_until(lambda: state_of(waiting) == "succeeded", 30 * SLOWNESS), server.log_tail()
             assert http.get(f"/status/{waiting}").json()["stdout"] == "waited\n"
-            assert status(first) in ("succeeded", "error")
+            assert state_of(first) in ("succeeded", "error")
             assert run_json(http, "print(2)")["stdout"] == "2\n"
             assert http.get("/health").json()["status"] == "ok"
         status = server.stop(signal.SIGTERM)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -304,3 +307,48 @@ def test_two_servers_cannot_share_a_store(start_server: ServerFactory, tmp_path:
     assert wait_until(lambda: second.proc.poll() is not None, 60), second.log_tail()
     assert second.proc.returncode != 0
     assert "WARMPOD_QUEUE__STORE_PATH" in second.log_tail()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a small tmpfs for the run store, which needs root")
+def test_a_full_store_disk_refuses_new_runs_and_loses_none(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    """The run store's disk fills up while a run executes: new runs get a 503 problem saying why,
+    what was stored is still read, the run in flight keeps its result until it can be written, and
+    once there is room again it is there and new runs are taken."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        server = start_server(WARMPOD_QUEUE__STORE_PATH=str(disk / "runs.sqlite3"))
+        server.wait_healthy()
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            before = run_json(http, "print('before')")
+            during = submit(http, "import time\nprint('started', flush=True)\ntime.sleep(3)\nprint('done')")[
+                "id"
+            ]
+            assert wait_until(lambda: status(http, during)["stdout"] == "started\n", 20)
+            filler = disk / "filler"
+            with filler.open("wb") as fill, contextlib.suppress(OSError):
+                while True:
+                    fill.write(b"\0" * 65536)
+                    fill.flush()
+            refused = [http.post("/run-json/", json={"code": "print(1)", "wait": False}) for _ in range(20)]
+            assert {response.status_code for response in refused} == {503}, refused[-1].text
+            assert refused[0].headers["content-type"] == "application/problem+json"
+            assert "store" in refused[0].json()["detail"]
+            assert refused[0].headers["retry-after"]
+            assert status(http, before["id"])["stdout"] == "before\n"
+            time.sleep(4)
+            assert status(http, during)["status"] == "running"
+
+            filler.unlink()
+            assert wait_until(lambda: status(http, during)["status"] in FINAL, 40), server.log_tail()
+            assert (status(http, during)["status"], status(http, during)["stdout"]) == (
+                "succeeded",
+                "started\ndone\n",
+            )
+            assert run_json(http, "print('after')")["stdout"] == "after\n"
+        server.close()
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)], check=False)
