@@ -16,6 +16,8 @@ import anyio
 import msgspec
 import pytest
 from fakes import agent_body, output, result
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmpod import protocol
 from warmpod.errors import ProtocolError
@@ -422,3 +424,39 @@ def test_job_encoding_matches_msgspec_schema() -> None:
     """The job frame body decodes back into an identical Job with msgspec (no field is lost)."""
     job = Job(code=b"1", stdin=b"2", timeout=3.0, max_output_bytes=4)
     assert msgspec.json.decode(protocol.encode(job)[4:], type=Job) == job
+
+
+# decode, fuzzed -----------------------------------------------------------------------------------
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_TAGS = st.sampled_from(["hello", "output", "result", "error", "job", ""]) | st.text(max_size=8)
+
+
+@given(body=st.binary(max_size=512))
+@settings(max_examples=500, deadline=None)
+def test_decode_of_any_bytes_is_a_message_or_a_protocol_error(body: bytes) -> None:
+    """Whatever bytes a container sends as a frame body, decode returns an agent message or raises
+    the protocol's own error: never another exception."""
+    try:
+        message = protocol.decode(body)
+    except ProtocolError:
+        return
+    assert isinstance(message, Hello | Output | Result | AgentError)
+
+
+@given(tag=_TAGS, fields=st.dictionaries(st.text(max_size=20), _JSON, max_size=8))
+@settings(max_examples=500, deadline=None)
+def test_decode_of_any_json_object_is_a_message_or_a_protocol_error(tag: str, fields: dict[str, Any]) -> None:
+    """Objects that look like frames (a known or unknown ``type``, any fields and values) decode
+    to a valid message or raise ProtocolError."""
+    # NaN and infinities come out as bare words, which is not JSON either: also a ProtocolError.
+    body = json.dumps({**fields, "type": tag}).encode()
+    try:
+        message = protocol.decode(body)
+    except ProtocolError:
+        return
+    assert isinstance(message, Hello | Output | Result | AgentError)
