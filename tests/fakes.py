@@ -207,6 +207,16 @@ class FakeEngine:
         for closable in closables:
             await closable.aclose()
 
+    async def crash(self, container_id: str) -> None:
+        """End the container's agent by itself, as a kill from outside would: its sockets close,
+        and the container stays until it is removed."""
+        self.calls.append(("crash", container_id))
+        killed, closables = self._kills.pop(container_id, (None, []))
+        if killed is not None:
+            killed.set()
+        for closable in closables:
+            await closable.aclose()
+
     async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
         """Every live container carrying ``label``."""
         return [(cid, dict(labels)) for cid, labels in self.containers.items() if label in labels]

@@ -150,6 +150,27 @@ async def test_containers_carry_the_instance_labels(agents: TaskGroup, state_dir
 # Leasing --------------------------------------------------------------------------------------
 
 
+async def test_a_container_that_dies_while_idle_is_replaced_and_never_leased(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """An idle container whose agent hangs up leaves the pool at once and is removed, a new one
+    takes its place, and the next lease gets that one."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        (dead,) = engine.created
+        await engine.crash(dead)
+        await eventually(lambda: dead in engine.destroyed)
+        await eventually(lambda: pool.stats().ready == 1)
+        async with pool.lease() as sandbox:
+            assert sandbox.container_id != dead
+        assert (pool.stats().last_error or "").endswith(" died while idle")
+
+    await with_pool(pool, body)
+
+
 async def test_lease_hands_out_each_container_once_and_destroys_it(
     agents: TaskGroup, state_dir: Path
 ) -> None:
