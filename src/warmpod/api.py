@@ -84,9 +84,18 @@ def get_service(request: Request[Any, Any, Any]) -> Service:
     return service
 
 
+def check_query(request: Request[Any, Any, Any]) -> None:
+    """Refuse query parameters a run does not take: a misspelt ``wait`` would otherwise run it
+    blocking without a word, as unknown body fields would if they were not refused too."""
+    unknown = sorted(set(request.query_params) - {"wait"})
+    if unknown:
+        raise ValidationException(f"unknown query parameters {unknown}: the only one is 'wait'")
+
+
 async def check_json_body(request: Request[Any, Any, Any]) -> None:
     """Decode the body strictly before Litestar does, so every mistake gets a message that says
     what to fix (Litestar's own is terse for broken JSON and lenient about types)."""
+    check_query(request)
     body = await request.body()
     try:
         msgspec.json.decode(body, type=RunRequest)
@@ -134,7 +143,13 @@ class RunController(Controller):
         spec = service.runner.prepare(code, stdin, data.timeout, limits)
         return await _submit(request, service, spec, _both_waits(wait, data.wait))
 
-    @post("/run-file/", status_code=200, summary="Run an uploaded Python file", responses=_RUN_RESPONSES)
+    @post(
+        "/run-file/",
+        status_code=200,
+        summary="Run an uploaded Python file",
+        before_request=check_query,
+        responses=_RUN_RESPONSES,
+    )
     async def run_file(
         self,
         request: Request[Any, Any, Any],

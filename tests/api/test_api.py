@@ -574,6 +574,10 @@ async def test_wait_is_taken_from_the_query_or_the_form(
     "request_kwargs",
     [
         pytest.param({"url": "/run-json/?wait=maybe", "json": {"code": "pass"}}, id="query-word"),
+        pytest.param({"url": "/run-json/?wiat=false", "json": {"code": "pass"}}, id="query-unknown"),
+        pytest.param(
+            {"url": "/run-file/?wiat=false", "files": {"file": ("m.py", b"pass")}}, id="form-query-unknown"
+        ),
         pytest.param({"url": "/run-json/", "json": {"code": "pass", "wait": "no"}}, id="json-string"),
         pytest.param({"url": "/run-json/?wait=true", "json": {"code": "pass", "wait": False}}, id="conflict"),
         pytest.param(
@@ -585,7 +589,8 @@ async def test_wait_is_taken_from_the_query_or_the_form(
 async def test_a_bad_wait_is_a_400_problem(
     client: AsyncTestClient[Litestar], runner: RecordingRunner, request_kwargs: dict[str, Any]
 ) -> None:
-    """A wait that is not a boolean, or two that disagree, is a 400 problem naming it; nothing runs."""
+    """A wait that is not a boolean, a misspelt one, or two that disagree, is a 400 problem naming
+    it; nothing runs."""
     response = await client.post(**request_kwargs)
     assert_problem(response, 400, "wait")
     assert runner.calls == []

@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 from warmpod_live import WarmpodServer, stop_and_check_clean
 
 # Examples per operation and phase; with the coverage phase's cases this is a few thousand requests.
-EXAMPLES = int(os.environ.get("WARMPOD_FUZZ_EXAMPLES", "300"))
+EXAMPLES = int(os.environ.get("WARMPOD_FUZZ_EXAMPLES", "150"))
 # Short runs, so that the valid ones among the generated programs (mostly syntax errors) end fast.
 SETTINGS = {
     "WARMPOD_POOL__SIZE": "2",
@@ -92,11 +92,9 @@ def test_the_schema_has_every_operation(api_schema: Any) -> None:
 @pytest.mark.parametrize(
     ("label", "mode"),
     [(label, GenerationMode.POSITIVE) for label in OPERATIONS]
-    # Only these take input a schema can break (a path's string id cannot be): body, form, header.
-    + [
-        (label, GenerationMode.NEGATIVE)
-        for label in ["POST /run-json", "POST /run-file", "GET /status/{run_id}/stream"]
-    ],
+    # Only these take input a schema can break (a path's string id cannot be): a body, a query, a
+    # header. Not the form: its fields are text on the wire, so a "number" where text is due is text.
+    + [(label, GenerationMode.NEGATIVE) for label in ["POST /run-json", "GET /status/{run_id}/stream"]],
     ids=str,
 )
 def test_every_answer_is_as_documented(api_schema: Any, label: str, mode: GenerationMode) -> None:
