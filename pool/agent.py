@@ -511,7 +511,10 @@ def run_job(conn, proc, job_w, job):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             if not exited:
-                limits_hit.append("wall_time")
+                # Not when a limit killed it already and it is still dying (a large address space
+                # to free on a loaded host): that run ended by that limit, not its wall time.
+                if not limits_hit:
+                    limits_hit.append("wall_time")
                 kill_everything()
                 deadline = time.monotonic() + 0.5
                 exited = True
