@@ -106,13 +106,15 @@ def test_a_warm_container_that_dies_is_replaced_not_handed_to_a_run(start_server
     server = start_server()
     server.wait_healthy()
     server.wait_pool_full()
-    (name,) = instance_containers(server.instance())
+    # Read while it has a container: it is read from their labels, and for a moment it has none.
+    instance = server.instance()
+    (name,) = instance_containers(instance)
     # The pool unpauses the container the next run will take; kill it once it runs.
     assert wait_until(
         lambda: podman("inspect", "--format", "{{.State.Status}}", name).strip() == "running", 10
     )
     podman("kill", "--signal", "KILL", name)
-    assert wait_until(lambda: name not in instance_containers(server.instance()), 10 * SLOWNESS)
+    assert wait_until(lambda: name not in instance_containers(instance), 10 * SLOWNESS)
 
     with httpx.Client(base_url=server.url, timeout=60) as http:
         result = run_json(http, "import socket; print(socket.gethostname())")
