@@ -437,7 +437,7 @@ _TAGS = st.sampled_from(["hello", "output", "result", "error", "job", ""]) | st.
 
 
 @given(body=st.binary(max_size=512))
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, database=None)
 def test_decode_of_any_bytes_is_a_message_or_a_protocol_error(body: bytes) -> None:
     """Whatever bytes a container sends as a frame body, decode returns an agent message or raises
     the protocol's own error: never another exception."""
@@ -449,7 +449,7 @@ def test_decode_of_any_bytes_is_a_message_or_a_protocol_error(body: bytes) -> No
 
 
 @given(tag=_TAGS, fields=st.dictionaries(st.text(max_size=20), _JSON, max_size=8))
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=500, deadline=None, database=None)
 def test_decode_of_any_json_object_is_a_message_or_a_protocol_error(tag: str, fields: dict[str, Any]) -> None:
     """Objects that look like frames (a known or unknown ``type``, any fields and values) decode
     to a valid message or raise ProtocolError."""
