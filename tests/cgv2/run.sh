@@ -9,9 +9,10 @@
 # container, in seconds. Prints every suite's summary, the guest's kernel and the time of each
 # part; exits non-zero when a test or a check failed. Run as root on the host.
 #
-# The fork bomb runs wherever the kernel survives it: in the main boot on UML 7.x (what build.sh
-# picks on CPUs with AMX), else alone in a second boot on forky's 7.2 (WARMPOD_CGV2_72_DIR,
-# default /var/tmp/cgv2vm-72), because 6.x panics when a fork fails at the pids limit.
+# The fork bomb and the busy loops (security-time) run on a kernel that survives them: in the
+# main boots on UML 7.x (what build.sh picks on CPUs with AMX), else in a boot of their own on
+# forky's 7.2 (WARMPOD_CGV2_72_DIR, default /var/tmp/cgv2vm-72), after the security boot, because
+# 6.x panics when a fork fails at the pids limit or a process is killed mid-fork.
 # --deselect replaces that choice (`--deselect ''` deselects nothing); `-- ARGS` runs one pytest
 # with ARGS in the main boot instead of the suites, and no second boot.
 #
@@ -97,11 +98,16 @@ log "cgv2vm build.sh (idempotent)"
 "$CGV2VM/build.sh"
 KERNEL=$(ls "$MAIN_DIR/uml/usr/lib/uml/modules")
 # A fork failing at the pids limit panics 6.x (see job.sh); 7.x survives it.
-# job.sh leaves it out there; it runs as job.sh's fork-bomb suite in a boot of its own on 7.2.
+# job.sh leaves it out there; it runs as job.sh's fork-bomb suite in a boot of its own on 7.2,
+# with security-time: its spinners killed mid-fork panicked 6.12 in most runs (twice in a row in
+# stop 18's CI, which then had no boot left), and 7.2 survives that too.
 FORK_BOMB_BOOT=0
+MAIN_SUITES="integration security security-time"  # split between the two boots below when there are two cores
+SUITES_72="fork-bomb security-time"
 if [ "${KERNEL%%.*}" -lt 7 ] && [ ${#PYTEST_ARGS[@]} = 0 ] && [ "$DESELECT_SET" = 0 ]; then
     FORK_BOMB_BOOT=1
-    log "UML $KERNEL panics at a fork bomb: it gets a second boot on forky's 7.2 in $CGV2VM_72_DIR"
+    MAIN_SUITES="integration security"
+    log "UML $KERNEL panics at a fork bomb: it and security-time get a boot on forky's 7.2 in $CGV2VM_72_DIR"
     (export CGV2VM_DIR=$CGV2VM_72_DIR CGV2VM_UML_SUITE=forky; "$CGV2VM/build.sh")
 fi
 mark guest_build "$t"
@@ -220,22 +226,41 @@ fi
 log "booting the guest (UML $KERNEL)"
 
 # --- 6. the guests -------------------------------------------------------------------------------
+# boot72 SHARE: the 7.2 boot (fork bomb and security-time) in SHARE, after the 6.x boot that used
+# it; its out/ is kept as out.72 and its junit files join SHARE/out and so the summary.
+boot72() {
+    local share=$1 rc=0
+    if [ -d "$share/out" ]; then mv "$share/out" "$share/out.main"; fi
+    CGV2VM_DIR=$CGV2VM_72_DIR CGV2VM_UML_SUITE=forky \
+        "$CGV2VM/run.sh" "$share" "$HERE/job.sh" --mem "$MEM" --timeout 1800 -q \
+        --env WARMPOD_CGV2_BENCH=0 --env WARMPOD_CGV2_CHECKS=0 --env "WARMPOD_CGV2_SUITES=$SUITES_72" \
+        "${ENVS_TEST[@]}" "${KEEP[@]}" || rc=$?
+    rm -rf "$share/out.72"
+    mv "$share/out" "$share/out.72"
+    if [ -d "$share/out.main" ]; then mv "$share/out.main" "$share/out"; else mkdir "$share/out"; fi
+    cp "$share/out.72"/junit-*.xml "$share/out/" 2>/dev/null || true
+    return "$rc"
+}
+# A kernel panic is UML's bug, not a test's verdict (see job.sh: a fork that fails after copying
+# its memory map, e.g. one killed mid-fork, can panic 6.12): a 6.x guest boots again, up to
+# WARMPOD_CGV2_BOOTS times, each time with a fresh out/ (the panicked one is kept as out.panic-N).
+BOOTS=${WARMPOD_CGV2_BOOTS:-2}
 # A UML guest is one process on one CPU: on two cores the security suites run in a second guest
-# booted beside the main one (its own copy of the share, hard links; its out/ joins the summary).
+# booted beside the main one (its own copy of the share, hard links; its out/ joins the summary),
+# followed there by the 7.2 boot.
 SPLIT=0
 if [ ${#PYTEST_ARGS[@]} = 0 ] && [ "$(nproc)" -ge 2 ] && [ "${WARMPOD_CGV2_SPLIT:-1}" = 1 ]; then
     SPLIT=1
     SB=$W/share-security
     rm -rf "$SB"
     cp -al "$S" "$SB"
-    rm -rf "$SB/out"
-    t_sec=$(now)
+    rm -rf "$SB/out" "$W/security-boot.rc" "$W/boot72.rc"
     (
         set +e
-        # The same one-more-boot rule as the main boot's, for a panic (spinners killed mid-fork).
-        for boot in $(seq "${WARMPOD_CGV2_BOOTS:-2}"); do
+        t_sec=$(now)
+        for boot in $(seq "$BOOTS"); do
             "$CGV2VM/run.sh" "$SB" "$HERE/job.sh" --mem "$MEM" --timeout "$TIMEOUT" "${ENVS[@]}" "${KEEP[@]}" -q \
-                --env "WARMPOD_CGV2_SUITES=security security-time" --env WARMPOD_CGV2_CHECKS=0 \
+                --env "WARMPOD_CGV2_SUITES=${MAIN_SUITES#integration }" --env WARMPOD_CGV2_CHECKS=0 \
                 --env WARMPOD_CGV2_BENCH=0
             rc=$?
             if [ "$rc" = 0 ] || ! grep -q 'Kernel panic' "$SB/out/console.log" 2>/dev/null; then break; fi
@@ -245,14 +270,18 @@ if [ ${#PYTEST_ARGS[@]} = 0 ] && [ "$(nproc)" -ge 2 ] && [ "${WARMPOD_CGV2_SPLIT
         done
         echo "$rc" > "$W/security-boot.rc"
         echo $(( $(now) - t_sec )) > "$W/security-boot.ms"
+        if [ "$FORK_BOMB_BOOT" = 1 ]; then
+            t72=$(now) rc72=0
+            boot72 "$SB" || rc72=$?
+            echo "$rc72" > "$W/boot72.rc"
+            echo $(( $(now) - t72 )) > "$W/boot72.ms"
+        fi
     ) &
     SEC_PID=$!
     ENVS+=(--env "WARMPOD_CGV2_SUITES=integration")
+else
+    ENVS+=(--env "WARMPOD_CGV2_SUITES=$MAIN_SUITES")
 fi
-# A kernel panic is UML's bug, not a test's verdict (see job.sh: a fork that fails after copying
-# its memory map, e.g. one killed mid-fork, can panic 6.12): the guest boots again, up to
-# WARMPOD_CGV2_BOOTS times, each time with a fresh out/ (the panicked one is kept as out.panic-N).
-BOOTS=${WARMPOD_CGV2_BOOTS:-2}
 t=$(now)
 for boot in $(seq "$BOOTS"); do
     set +e
@@ -268,29 +297,20 @@ for boot in $(seq "$BOOTS"); do
 done
 mark guest "$t"
 RCSEC=0
+RC72=0
+SB72=$S
 if [ "$SPLIT" = 1 ]; then
     wait "$SEC_PID" || true
     RCSEC=$(cat "$W/security-boot.rc" 2>/dev/null || echo 125)
     TIMES[guest_security]=$(secs "$(cat "$W/security-boot.ms" 2>/dev/null || echo 0)")
-fi
-
-# --- 6b. the fork bomb, on a kernel that survives it -------------------------------------------
-# Same share, same snapshot; its out/ is kept as out.fork-bomb and its junit joins the summary.
-RC72=0
-if [ "$FORK_BOMB_BOOT" = 1 ]; then
+    if [ "$FORK_BOMB_BOOT" = 1 ]; then
+        SB72=$SB
+        RC72=$(cat "$W/boot72.rc" 2>/dev/null || echo 125)
+        TIMES[guest72]=$(secs "$(cat "$W/boot72.ms" 2>/dev/null || echo 0)")
+    fi
+elif [ "$FORK_BOMB_BOOT" = 1 ]; then
     t=$(now)
-    mv "$S/out" "$S/out.main"
-    set +e
-    CGV2VM_DIR=$CGV2VM_72_DIR CGV2VM_UML_SUITE=forky \
-        "$CGV2VM/run.sh" "$S" "$HERE/job.sh" --mem "$MEM" --timeout 900 -q \
-        --env WARMPOD_CGV2_BENCH=0 --env WARMPOD_CGV2_CHECKS=0 --env WARMPOD_CGV2_SUITES=fork-bomb \
-        "${ENVS_TEST[@]}" "${KEEP[@]}"
-    RC72=$?
-    set -e
-    rm -rf "$S/out.fork-bomb"
-    mv "$S/out" "$S/out.fork-bomb"
-    mv "$S/out.main" "$S/out"
-    cp "$S/out.fork-bomb"/junit-fork-bomb*.xml "$S/out/" 2>/dev/null || true
+    boot72 "$S" || RC72=$?
     mark guest72 "$t"
 fi
 
@@ -299,7 +319,10 @@ OUT=$S/out
 echo
 echo "==== the guest ===="
 echo "main boot: UML $(cat "$OUT/kernel.txt" 2>/dev/null || echo "$KERNEL (no kernel.txt)")"
-[ "$FORK_BOMB_BOOT" = 1 ] && echo "fork bomb boot: UML $(cat "$S/out.fork-bomb/kernel.txt" 2>/dev/null || echo '? (no kernel.txt)')"
+if [ "$FORK_BOMB_BOOT" = 1 ]; then
+    echo "7.2 boot ($SUITES_72): UML $(cat "$SB72/out.72/kernel.txt" 2>/dev/null || echo '? (no kernel.txt)'), exit $RC72"
+    cat "$SB72/out.72/speed.txt" 2>/dev/null || echo "(no speed.txt in $SB72/out.72)"
+fi
 cat "$OUT/speed.txt" 2>/dev/null || echo "(no speed.txt)"
 if [ "$SPLIT" = 1 ]; then
     echo "security boot beside it: UML $(cat "$SB/out/kernel.txt" 2>/dev/null || echo '? (no kernel.txt)'), exit $RCSEC"
@@ -392,7 +415,7 @@ else
 fi
 echo
 [ "$HOST_RC" = 0 ] || { echo "unit/API suites on Python 3.13 (host) exited $HOST_RC"; TESTS_OK=0; }
-log "total $(secs $(( $(now) - T0 )))s: prepare ${PREP}s, unit+API on 3.13 ${TIMES[py313]:-0}s, main boot (UML $KERNEL) ${TIMES[guest]}s, security boot beside it ${TIMES[guest_security]:-0}s, fork bomb boot (UML 7.2) ${TIMES[guest72]:-0}s; guest job exit codes $RC, $RCSEC, $RC72"
+log "total $(secs $(( $(now) - T0 )))s: prepare ${PREP}s, unit+API on 3.13 ${TIMES[py313]:-0}s, main boot (UML $KERNEL) ${TIMES[guest]}s, security boot beside it ${TIMES[guest_security]:-0}s, 7.2 boot ${TIMES[guest72]:-0}s; guest job exit codes $RC, $RCSEC, $RC72"
 if [ "$RC" = 0 ]; then RC=$RCSEC; fi
 if [ "$RC" = 0 ]; then RC=$RC72; fi
 if [ "$RC" != 0 ] || [ "$TESTS_OK" != 1 ]; then exit $(( RC != 0 ? RC : 1 )); fi
