@@ -246,6 +246,56 @@ def restrict_writes(abi):
         os.close(ruleset)
 
 
+# The seccomp profile keeps only the native architecture; a system call through another entry
+# point (int 0x80 or x32 on x86_64, AArch32 on aarch64) gets the runtime's bad-arch action, which
+# kills only the calling thread, so a program with other threads (OpenBLAS's, once numpy is
+# preloaded) lived on, hung until its timeout. This filter, stacked on the profile, makes such a
+# call kill the whole process (the strictest action of all filters wins). Seven BPF instructions,
+# so no libseccomp binding in the image for it.
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_X32_SYSCALL_BIT = 0x40000000
+_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
+_SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ALLOW = 0x80000000, 0x7FFF0000
+_BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
+
+
+def kill_foreign_syscalls():
+    """Install a seccomp filter that kills the process at any non-native system call."""
+    import ctypes
+    import platform
+
+    machine = platform.machine()
+    if machine not in _AUDIT_ARCH:
+        return
+    program = [
+        (_BPF_LD_W_ABS, 0, 0, 4),  # seccomp_data.arch
+        (_BPF_JEQ_K, 1, 0, _AUDIT_ARCH[machine]),
+        (_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS),
+        (_BPF_LD_W_ABS, 0, 0, 0),  # seccomp_data.nr
+    ]
+    if machine == "x86_64":
+        program += [(_BPF_JGE_K, 0, 1, _X32_SYSCALL_BIT), (_BPF_RET_K, 0, 0, _SECCOMP_RET_KILL_PROCESS)]
+    program.append((_BPF_RET_K, 0, 0, _SECCOMP_RET_ALLOW))
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    filters = (SockFilter * len(program))(*[SockFilter(*insn) for insn in program])
+    fprog = SockFprog(len(program), filters)
+    libc = ctypes.CDLL(None, use_errno=True)
+    # no_new_privs is already set (the container spec), which lets an unprivileged process do it.
+    if libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
 PR_CAPBSET_DROP = 24
 
 
@@ -290,6 +340,7 @@ def prepare_program():
         # Only where no memory cgroup applies: a coarse fallback.
         resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     restrict_writes(LANDLOCK_ABI)
+    kill_foreign_syscalls()
     nofile = env_int("WARMPOD_NOFILE")
     if nofile:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))

@@ -93,7 +93,8 @@ DENIALS = [
 
 # Why only native architectures stay: nothing in the image is 32-bit, the compat syscall table
 # doubles the kernel surface, and its socketcall() takes socket()'s arguments by pointer, where
-# seccomp cannot see them, so it would bypass the socket rules. A 32-bit syscall kills the thread.
+# seccomp cannot see them, so it would bypass the socket rules. A 32-bit syscall kills the thread
+# here, and the process through the agent's own filter (agent.py, kill_foreign_syscalls).
 ARCHES = {"SCMP_ARCH_X86_64", "SCMP_ARCH_AARCH64"}
 
 
