@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,7 +23,7 @@ from warmpod_live import (
     wait_until,
 )
 
-from warmpod import engine
+from warmpod import engine, image
 from warmpod.pool import LABEL_INSTANCE
 from warmpod.settings import from_env
 
@@ -212,15 +211,15 @@ def test_a_deleted_runner_image_is_reported_and_recovered_from(
     containers too): /health names the cause, a run submitted meanwhile waits in the queue rather
     than failing, and once the image is built again that run and later ones succeed. The image is
     a copy of the real one under its own name (one layer: a label), so the real one stays."""
-    real = json.loads(
-        podman("image", "ls", "--format", "json", "--filter", "reference=localhost/warmpod-runner")
+    # This checkout's image: older tags may still be in the store, and a copy of one of them
+    # would not be the image the server looks for (it would build its own and ignore the copy).
+    real = image.image_ref(from_env())
+    assert podman("image", "ls", "--quiet", "--filter", f"reference={real}").strip(), (
+        f"no runner image {real}: run `warmpod image build`"
     )
-    assert real, "no runner image: run `warmpod image build`"
-    tag = sorted(name for image in real for name in image.get("Names", []))[-1].rsplit(":", 1)[1]
+    tag = real.rsplit(":", 1)[1]
     ref = f"localhost/warmpod-fault-{os.getpid()}:{tag}"
-    (tmp_path / "Containerfile").write_text(
-        f"FROM localhost/warmpod-runner:{tag}\nLABEL io.warmpod.test=fault\n"
-    )
+    (tmp_path / "Containerfile").write_text(f"FROM {real}\nLABEL io.warmpod.test=fault\n")
 
     def build() -> None:
         podman("build", "--quiet", "--tag", ref, "--file", str(tmp_path / "Containerfile"), str(tmp_path))
@@ -233,8 +232,16 @@ def test_a_deleted_runner_image_is_reported_and_recovered_from(
         instance = server.instance()
         # With warmpod's runtime and containers.conf: the host's defaults cannot remove the
         # pool's paused containers, and rmi then only untags the image.
-        argv, env = engine.podman_command(from_env().engine, "rmi", "--force", ref)
-        subprocess.run(argv, env=env, capture_output=True, check=True, timeout=60)
+        # rmi removes the image's containers first, and a refill may make a new one before the
+        # image goes ("image is in use by a container"): again until the image is gone.
+        for _ in range(10):
+            argv, env = engine.podman_command(from_env().engine, "rmi", "--force", ref)
+            subprocess.run(argv, env=env, capture_output=True, check=False, timeout=60)
+            argv, env = engine.podman_command(from_env().engine, "image", "exists", ref)
+            if subprocess.run(argv, env=env, capture_output=True, check=False, timeout=60).returncode:
+                break
+        else:
+            pytest.fail(f"podman rmi --force could not remove {ref}")
         with httpx.Client(base_url=server.url, timeout=60) as http:
 
             def submit(code: str) -> str:
@@ -250,7 +257,7 @@ def test_a_deleted_runner_image_is_reported_and_recovered_from(
             first = submit("print('first')")
             assert wait_until(
                 lambda: ref in (http.get("/health").json()["last_error"] or ""), 20 * SLOWNESS
-            ), http.get("/health").json()
+            ), f"{http.get('/health').json()}\n{server.log_tail()}"
             assert wait_until(lambda: state_of(first) != "running", 10 * SLOWNESS)
             assert state_of(first) in ("queued", "succeeded", "error")
             waiting = submit("print('waited')")
