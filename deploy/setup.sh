@@ -18,6 +18,17 @@ if ((${#missing[@]})); then
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Rootful Podman gives each pool container a uid range of its own (WARMPOD_ENGINE__USERNS=auto)
+# from the `containers` entries; the usual 2^31 ids above every user range leave room for 32768 sandboxes.
+for file in /etc/subuid /etc/subgid; do
+    if ! grep -q '^containers:' "$file" 2>/dev/null; then
+        sudo=""
+        [[ $(id -u) -eq 0 ]] || sudo="sudo"
+        echo "setup: adding a containers range to $file" >&2
+        echo "containers:2147483647:2147483648" | $sudo tee -a "$file" >/dev/null
+    fi
+done
+
 if command -v uv >/dev/null 2>&1; then
     uv=(uv)
 else

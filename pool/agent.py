@@ -318,8 +318,9 @@ def env_int(name):
 
 def prepare_program():
     """Runs in the child before exec: OOM preference, then the unprivileged user, its niceness, limits."""
-    # The program, not the agent, is what the OOM killer should pick. Written while the process
-    # still holds CAP_SYS_RESOURCE, which also makes 1000 the floor the program cannot lower.
+    # The program, not the agent, is what the OOM killer should pick. Where this process's
+    # CAP_SYS_RESOURCE counts on the host (rootful, no user namespace) 1000 is also the floor the
+    # program cannot lower; elsewhere Landlock, where the kernel has it, keeps it out of /proc.
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write("1000")
     drop_bounding_set()
@@ -684,13 +685,7 @@ def main():
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     # Inherited by the interpreter: a crash must not leave a core file in the small tmpfs.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # The OOM killer must never pick the agent: its death would turn a memory kill into a lost
-    # result. Needs CAP_SYS_RESOURCE in the initial user namespace, so rootless it is best effort.
-    try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write("-1000")
-    except OSError:
-        pass
+    # The server lowers this agent's OOM score from the host once it connects (pool.py).
     global LANDLOCK_ABI
     LANDLOCK_ABI = landlock_abi()
     proc, job_w, ready_r = spawn_interpreter()

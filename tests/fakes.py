@@ -32,6 +32,7 @@ def probe_report(limits: LimitSettings) -> dict[str, Any]:
         "pid1": list(AGENT_COMMAND),
         "hostname": "warmpod-0123abcd-1",
         "uid": 65534,
+        "uid_map": "0 2147483647 65536",
         "interfaces": ["lo"],
         "root_writable": False,
         "seccomp": "2",

@@ -16,7 +16,11 @@ from types import FrameType
 from warmpod import __version__, engine, image
 from warmpod.enforcement import check, enforcement
 from warmpod.errors import WarmpodError
+from warmpod.sandbox import USERNS_SIZE
+from warmpod.service import own_user_namespaces
 from warmpod.settings import Settings, from_env
+
+CAP_SYS_RESOURCE = 24
 
 
 def _progress(message: str) -> None:
@@ -97,11 +101,26 @@ def doctor(settings: Settings) -> int:
     for row in rows:
         print(f"  {row.limit}: {row.layer or 'NOT ENFORCED'}, {row.mechanism}")
     print(f"Pause idle containers: {'yes' if can_limit else 'no: rootless Podman on cgroup v1 cannot pause'}")
+    userns_error = ""
     if rootless:
-        # The agent writes -1000 to its oom_score_adj; lowering one needs CAP_SYS_RESOURCE in the
-        # host's user namespace, so rootless the write fails and the agent keeps score 0.
+        print("User namespace: rootless Podman's: container root is this user, the program a subordinate uid")
+    else:
+        try:
+            own = own_user_namespaces(settings, rootless=False)
+        except WarmpodError as exc:
+            own, userns_error = False, str(exc)
+        if own:
+            print(
+                f"User namespace: one per container (userns=auto, {USERNS_SIZE} uids from the `containers` "
+                "range): container root is not host root, and no two sandboxes share a host uid"
+            )
+        else:
+            why = userns_error or "WARMPOD_ENGINE__USERNS=host"
+            print(f"User namespace: none ({why}): container root is host root")
+    if not _has_cap_sys_resource():
+        # Lowering the agent's oom_score_adj from the host (pool.py) needs CAP_SYS_RESOURCE there.
         print(
-            "OOM score: the agent cannot shield itself rootless (no CAP_SYS_RESOURCE on the host); "
+            "OOM score: warmpod cannot shield the agents (no CAP_SYS_RESOURCE); "
             "the program's 1000 still makes it the OOM killer's first pick"
         )
     profile = (image.context_dir(settings) / "seccomp.json").resolve()
@@ -116,12 +135,21 @@ def doctor(settings: Settings) -> int:
     if absent:
         print(f"warmpod serve would fail: Podman cannot set the {', '.join(absent)} limits for this user")
         return 1
+    if userns_error:
+        print(f"warmpod serve would refuse to start: {userns_error}")
+        return 1
     try:
         check(rows, allow_unenforced=settings.limits.allow_unenforced)
     except WarmpodError as exc:
         print(f"warmpod serve would refuse to start: {exc}")
         return 1
     return 0
+
+
+def _has_cap_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        caps = next((line.split()[1] for line in f if line.startswith("CapEff:")), "0")
+    return bool(int(caps, 16) >> CAP_SYS_RESOURCE & 1)
 
 
 def _landlock_abi() -> int:

@@ -26,6 +26,7 @@ SERVICE_RETRY_MAX = 10.0
 STATE_PREFIX = "warmpod-"
 log = logging.getLogger(__name__)
 OWNER_FILE = "owner.pid"
+SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,23 @@ def podman_command(settings: EngineSettings, *args: str) -> tuple[list[str], dic
     if runtime:
         argv += ["--runtime", runtime]
     return [*argv, *args], env
+
+
+def missing_subid_ranges(size: int) -> list[str]:
+    """Those of /etc/subuid and /etc/subgid with no ``containers`` range of at least ``size`` ids:
+    rootful Podman's ``userns=auto`` draws every container's uid and gid range from them."""
+    missing = []
+    for path in SUBID_FILES:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            lines = []
+        counts = [
+            line.split(":")[2] for line in lines if line.startswith("containers:") and line.count(":") == 2
+        ]
+        if not any(count.strip().isdigit() and int(count) >= size for count in counts):
+            missing.append(str(path))
+    return missing
 
 
 def state_dir(settings: EngineSettings) -> Path:

@@ -110,6 +110,7 @@ class Pool:
         instance: str,
         can_pause: bool,
         can_limit: bool,
+        userns: bool = False,
     ) -> None:
         self._settings = settings
         self._engine = engine
@@ -118,6 +119,7 @@ class Pool:
         self.instance = instance
         self.can_pause = can_pause and settings.pool.pause
         self._can_limit = can_limit
+        self.userns = userns
         self._seccomp_profile = (context_dir(settings) / "seccomp.json").resolve()
         self._ready: deque[Sandbox] = deque()
         self._busy: set[Sandbox] = set()
@@ -291,6 +293,7 @@ class Pool:
             agent_dir=directory,
             limits=self._settings.limits,
             cgroup_limits=self._can_limit,
+            userns=self.userns,
             preload=preload,
         )
         container_id = ""
@@ -485,8 +488,24 @@ async def _connect(path: Path, max_frame: int) -> Channel:
             except (ConnectionRefusedError, FileNotFoundError):
                 pass  # an older agent may still be between bind and listen
             else:
+                _shield_from_oom(stream.peer_pid())
                 return Channel(stream, max_frame=max_frame)
         await anyio.sleep(SOCKET_POLL)
+
+
+def _shield_from_oom(pid: int) -> None:
+    # The OOM killer must never pick the agent: its death would turn the program's memory kill
+    # into a lost result. Lowering a score takes CAP_SYS_RESOURCE on the host, which the agent
+    # never has in a user namespace and the server has when it is root. Without it (rootless, or
+    # a root that lacks it) the program's own score of 1000 still makes it the first pick.
+    # The pid is the listening agent's, read before any program code ran; 0 if it is not visible.
+    if pid <= 0:
+        return
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError:
+        pass
 
 
 def _alive(pid: str) -> bool:

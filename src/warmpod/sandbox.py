@@ -14,9 +14,12 @@ SOCKET_NAME = "agent.sock"
 CPU_PERIOD = 100_000
 SHM_MB = 16
 NPROC_WITH_CGROUPS = 4096
+# A user namespace of its own maps container uids 0..USERNS_SIZE-1: the program's 65534 included.
+USERNS_SIZE = 65536
 # The agent needs exactly these to start the program as an unprivileged user and to kill it.
-# CAP_SYS_RESOURCE lets it pin its own OOM score and the program's, CAP_SETPCAP empty the
-# program's bounding set (the program loses every capability when it changes uid).
+# CAP_SYS_RESOURCE makes the program's OOM score of 1000 a floor (only without a user namespace:
+# the kernel checks it on the host), CAP_SETPCAP empties the program's bounding set (the program
+# loses every capability when it changes uid).
 AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_RESOURCE", "CAP_SETPCAP"]
 # Podman 4.3 refuses tmpfs nr_inodes: inode exhaustion is bounded by the memory cgroup instead.
 # notmpcopyup: otherwise Podman copies the image directory's (root-owned 0755) mode onto the tmpfs.
@@ -32,6 +35,7 @@ def container_spec(
     agent_dir: Path,
     limits: LimitSettings,
     cgroup_limits: bool,
+    userns: bool = False,
     preload: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The spec of one pool container.
@@ -44,6 +48,7 @@ def container_spec(
         agent_dir: host directory bind-mounted at /run/warmpod for the agent's socket.
         limits: the server's limits.
         cgroup_limits: whether the engine can apply cgroup limits (it cannot rootless on v1).
+        userns: a user namespace with a uid range of its own (Podman's ``auto``; rootful only).
         preload: modules the program's interpreter imports before the container is paused.
     """
     tmpfs_size = f"size={limits.tmpfs_mb}m"
@@ -88,7 +93,9 @@ def container_spec(
                 "destination": AGENT_DIR,
                 "source": str(agent_dir),
                 "type": "bind",
-                "options": ["rw", "nosuid", "nodev", "noexec"],
+                # U: Podman chowns it to the container's root, which under a user namespace is
+                # not host root and could not create its socket in a root-owned 0700 directory.
+                "options": ["rw", "nosuid", "nodev", "noexec", *(["U"] if userns else [])],
             },
             {
                 "destination": "/work",
@@ -135,4 +142,8 @@ def container_spec(
             "pids": {"limit": limits.pids},
             "cpu": {"quota": int(limits.cpus * CPU_PERIOD), "period": CPU_PERIOD},
         }
+    if userns:
+        # Both halves are needed over the REST API: the CLI fills idmappings from --userns=auto.
+        spec["userns"] = {"nsmode": "auto", "value": f"size={USERNS_SIZE}"}
+        spec["idmappings"] = {"AutoUserNs": True, "AutoUserNsOpts": {"Size": USERNS_SIZE}}
     return spec

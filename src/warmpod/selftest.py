@@ -37,6 +37,7 @@ print(json.dumps({
     "pid1": [part.decode(errors="replace") for part in pid1 if part],
     "hostname": os.uname().nodename,
     "uid": os.getuid(),
+    "uid_map": read("/proc/self/uid_map"),
     "interfaces": sorted(os.listdir("/sys/class/net")),
     "root_writable": root_writable,
     "seccomp": status["Seccomp"].strip(),
@@ -54,7 +55,9 @@ class SelfTestFailed(WarmpodError):
     """Raised when the start-up probe finds a layer missing; warmpod then refuses to serve."""
 
 
-def failures(report: dict[str, Any], limits: LimitSettings, *, cgroups: bool) -> list[str]:
+def failures(
+    report: dict[str, Any], limits: LimitSettings, *, cgroups: bool, userns: bool = False
+) -> list[str]:
     """What the probe's report shows to be missing, in words; empty when every layer is on."""
     expected: list[tuple[str, object, str]] = [
         ("interfaces", ["lo"], "the sandbox has a network interface besides lo"),
@@ -82,6 +85,10 @@ def failures(report: dict[str, Any], limits: LimitSettings, *, cgroups: bool) ->
     ]
     if report.get("uid") in (0, None):
         found.append("the program runs as root")
+    # Container root is not host root: any map but the identity one ("0 0 4294967295").
+    uid_map = report.get("uid_map")
+    if userns and (not isinstance(uid_map, str) or uid_map.split()[:2] in ([], ["0", "0"])):
+        found.append(f"the sandbox has no user namespace of its own (uid_map {uid_map!r})")
     # Its own PID namespace (the agent's kill(-1) must reach only the sandbox) and UTS namespace.
     if report.get("pid1") != AGENT_COMMAND:
         found.append(f"PID 1 is not the agent: no PID namespace of its own (found {report.get('pid1')!r})")
@@ -94,7 +101,7 @@ def failures(report: dict[str, Any], limits: LimitSettings, *, cgroups: bool) ->
     return found + found_cpu
 
 
-async def self_test(pool: Pool, runner: Runner, settings: Settings, *, cgroups: bool) -> None:
+async def self_test(pool: Pool, runner: Runner, settings: Settings, *, cgroups: bool, userns: bool) -> None:
     """Wait for the pool's first sandbox, then run the probe in a sandbox from the pool.
 
     Raises:
@@ -113,6 +120,6 @@ async def self_test(pool: Pool, runner: Runner, settings: Settings, *, cgroups: 
         report = json.loads(result.stdout)
     except ValueError as exc:
         raise SelfTestFailed(f"the start-up probe printed no report: {result.stdout[:200]!r}") from exc
-    missing = failures(report, limits, cgroups=cgroups)
+    missing = failures(report, limits, cgroups=cgroups, userns=userns)
     if missing:
         raise SelfTestFailed("refusing to serve: " + "; ".join(missing))

@@ -15,11 +15,12 @@ import anyio
 
 from warmpod import engine, image
 from warmpod.enforcement import check, enforcement
-from warmpod.errors import ImageError
+from warmpod.errors import EngineError, ImageError
 from warmpod.models import Health, LimitEnforcement, PoolCounts, QueueCounts
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.runtime import EngineInfo, Runtime
+from warmpod.sandbox import USERNS_SIZE
 from warmpod.scheduler import Scheduler
 from warmpod.selftest import self_test
 from warmpod.settings import Settings
@@ -74,6 +75,26 @@ class Service:
         )
 
 
+def own_user_namespaces(settings: Settings, *, rootless: bool) -> bool:
+    """Whether warmpod asks rootful Podman for a user namespace per container (``engine.userns``).
+
+    Raises:
+        EngineError: it should, but this host has no ``containers`` range to draw them from.
+    """
+    if rootless or settings.engine.userns != "auto":
+        return False
+    # Only a local engine's ranges can be read here; a remote one reports its own error on create.
+    if settings.engine.url and not settings.engine.url.startswith("unix:"):
+        return True
+    missing = engine.missing_subid_ranges(USERNS_SIZE * settings.pool.bounds[1])
+    if missing:
+        raise EngineError(
+            f"{' and '.join(missing)} have no `containers` range of {USERNS_SIZE} ids per pool container: "
+            "run deploy/setup.sh, or set WARMPOD_ENGINE__USERNS=host to share the host's uids"
+        )
+    return True
+
+
 @contextlib.asynccontextmanager
 async def run_service(settings: Settings) -> AsyncIterator[Service]:
     """Start everything the service needs, yield it, and remove all of it on exit.
@@ -98,6 +119,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     raise ImageError(f"runner image {ref} is missing: run `warmpod image build`")
                 if not info.can_pause:
                     log.warning("idle containers stay running: rootless Podman on cgroup v1 cannot pause")
+                userns = own_user_namespaces(settings, rootless=info.rootless)
                 pool = Pool(
                     settings,
                     runtime,
@@ -106,6 +128,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     instance=uuid.uuid4().hex,
                     can_pause=info.can_pause,
                     can_limit=info.can_limit,
+                    userns=userns,
                 )
                 store = await SqliteStore.open(Path(settings.queue.store_path or default_path()))
                 try:
@@ -114,7 +137,9 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                         await tg.start(pool.run)
                         runner = Runner(pool, settings.limits)
                         # /health stays 503 until a real sandbox has shown every layer on.
-                        await self_test(pool, runner, settings, cgroups=info.can_limit)
+                        await self_test(
+                            pool, runner, settings, cgroups=info.can_limit, userns=userns or info.rootless
+                        )
                         log.info("self-test passed: no network, read-only root, non-root, limits on")
                         workers = settings.queue.workers or settings.pool.bounds[1]
                         scheduler = Scheduler(store, pool, runner, settings.queue, workers)

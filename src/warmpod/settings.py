@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, get_type_hints
+from typing import Annotated, Any, Literal, get_type_hints
 
 import msgspec
 from msgspec import Meta
@@ -56,6 +56,12 @@ class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     under ``$XDG_RUNTIME_DIR`` or ``/tmp`` (``WARMPOD_ENGINE__STATE_DIR``)."""
     api_concurrency: PositiveInt = 8
     """Podman API calls in flight at once (``WARMPOD_ENGINE__API_CONCURRENCY``)."""
+    userns: Literal["auto", "host"] = "auto"
+    """Rootful Podman: ``auto`` gives every container a user namespace and a uid range of its own
+    (container root is not host root; two sandboxes never share a host uid), from the
+    ``containers`` entries of /etc/subuid and /etc/subgid that ``deploy/setup.sh`` adds; ``host``
+    runs containers with the host's uids. Rootless Podman always maps containers into the user's
+    range and ignores it (``WARMPOD_ENGINE__USERNS``)."""
 
 
 class ImageSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 import anyio
 from anyio.abc import ByteStream
@@ -47,6 +48,12 @@ class UnixStream(ByteStream):
             sock.close()
             raise
         return cls(sock)
+
+    def peer_pid(self) -> int:
+        """The pid, in this process's PID namespace, of the process that made the listening socket."""
+        creds = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid: int = struct.unpack("3i", creds)[0]
+        return pid
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         await checkpoint()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from textwrap import dedent
@@ -73,3 +74,31 @@ def test_runs_beyond_the_pool_size_wait_for_a_container(server: WarmpodServer) -
     lines = [r["stdout"].splitlines() for r in results]
     assert [first for first, _ in lines] == [str(i) for i in range(runs)]
     assert len({hostname for _, hostname in lines}) == runs
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="rootful only: tests/rootless covers rootless Podman's map")
+def test_each_rootful_container_has_a_user_namespace_of_its_own(server: WarmpodServer) -> None:
+    """Container root is not host root, and two sandboxes alive at once never share a host uid."""
+    code = "import time\nprint(open('/proc/self/uid_map').read(), end='')\ntime.sleep(1)"
+
+    def one(_: int) -> list[tuple[int, int, int]]:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            result = run_json(http, code)
+        assert result["status"] == "succeeded", result
+        lines = result["stdout"].splitlines()
+        return [(int(a), int(b), int(c)) for a, b, c in (line.split() for line in lines)]
+
+    with ThreadPoolExecutor(max_workers=POOL_SIZE) as executor:
+        maps = list(executor.map(one, range(POOL_SIZE)))
+    ranges = []
+    for mapping in maps:
+        # One extent from container uid 0, wide enough for the program's 65534, far from host root.
+        assert len(mapping) == 1, maps
+        inside, start, size = mapping[0]
+        assert inside == 0, maps
+        assert size > 65534, maps
+        assert start >= 65536, maps
+        ranges.append(range(start, start + size))
+    for i, a in enumerate(ranges):
+        for b in ranges[i + 1 :]:
+            assert a.stop <= b.start or b.stop <= a.start, f"two sandboxes share host uids: {maps}"

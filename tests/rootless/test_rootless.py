@@ -106,7 +106,8 @@ def test_doctor_says_rootless_cgroup_v1_and_what_is_unenforced(user: User, tree:
     assert "  pids: rlimit, RLIMIT_NPROC" in out, out
     assert "  cpu_share: NOT ENFORCED," in out, out
     assert "Pause idle containers: no" in out, out
-    assert "OOM score: the agent cannot shield itself rootless" in out, out
+    assert "OOM score: warmpod cannot shield the agents (no CAP_SYS_RESOURCE)" in out, out
+    assert "User namespace: rootless Podman's" in out, out
     assert "warmpod serve would refuse to start: no layer on this host enforces cpu_share" in out, out
     allowed = user.run(*argv, env={**env, "WARMPOD_LIMITS__ALLOW_UNENFORCED": "true"}, check=False)
     assert allowed.returncode == 0, f"{allowed.stdout}\n{allowed.stderr}"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from warmpod import cli
+from warmpod import cli, engine
 from warmpod.settings import from_env
 
 
@@ -65,4 +66,40 @@ def test_rootless_cgroup_v2_with_delegation_enforces_by_cgroup(
     assert "  memory: cgroup, cgroup memory limit, swap capped at the same value" in out, out
     assert "  cpu_share: cgroup, cgroup cpu quota" in out, out
     assert "Pause idle containers: yes" in out, out
-    assert "OOM score: the agent cannot shield itself rootless" in out, out
+    assert "User namespace: rootless Podman's" in out, out
+
+
+def test_rootful_says_which_user_namespace_each_container_gets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Rootful: one user namespace per container where /etc/subuid and /etc/subgid have a
+    `containers` range; without one, doctor names both files and the fix, and fails."""
+    info = podman_info(rootless=False, cgroup="v2", controllers=["cpu", "memory", "pids"])
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    monkeypatch.setattr(engine, "SUBID_FILES", (subuid, subgid))
+    subuid.write_text("warmpod-ci:100000:65536\n")
+    subgid.write_text("warmpod-ci:100000:65536\n")
+    status, out = doctor(monkeypatch, capsys, info)
+    assert status == 1, out
+    assert f"{subuid} and {subgid} have no `containers` range" in out, out
+    assert "run deploy/setup.sh, or set WARMPOD_ENGINE__USERNS=host" in out, out
+    assert "container root is host root" in out, out
+    for path in (subuid, subgid):
+        path.write_text("warmpod-ci:100000:65536\ncontainers:2147483647:2147483648\n")
+    status, out = doctor(monkeypatch, capsys, info)
+    assert status == 0, out
+    assert "User namespace: one per container (userns=auto" in out, out
+
+
+def test_without_cap_sys_resource_doctor_says_the_agents_are_not_shielded(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The server lowers each agent's OOM score from the host: without CAP_SYS_RESOURCE, doctor says so."""
+    info = podman_info(rootless=True, cgroup="v2", controllers=["cpu", "io", "memory", "pids"])
+    monkeypatch.setattr(cli, "_has_cap_sys_resource", lambda: False)
+    status, out = doctor(monkeypatch, capsys, info)
+    assert status == 0, out
+    assert "OOM score: warmpod cannot shield the agents (no CAP_SYS_RESOURCE)" in out, out
+    monkeypatch.setattr(cli, "_has_cap_sys_resource", lambda: True)
+    status, out = doctor(monkeypatch, capsys, info)
+    assert "OOM score" not in out, out

@@ -334,7 +334,9 @@ async def test_self_test_waits_past_the_acquire_timeout_for_a_slow_first_sandbox
         started = anyio.current_time()
         async with anyio.create_task_group() as tg:
             tg.start_soon(open_the_gate)
-            await self_test(pool, Runner(pool, test_settings.limits), test_settings, cgroups=False)
+            await self_test(
+                pool, Runner(pool, test_settings.limits), test_settings, cgroups=False, userns=False
+            )
         assert anyio.current_time() - started >= 0.6
 
     await with_pool(pool, body)

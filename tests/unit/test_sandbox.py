@@ -10,7 +10,7 @@ from warmpod.settings import LimitSettings
 LIMITS = LimitSettings(memory_mb=256, pids=64, cpus=0.5, tmpfs_mb=32, cpu_time=5)
 
 
-def spec(*, cgroups: bool) -> dict[str, object]:
+def spec(*, cgroups: bool, userns: bool = False) -> dict[str, object]:
     return container_spec(
         image="img",
         seccomp_profile=Path("/p/seccomp.json"),
@@ -19,6 +19,7 @@ def spec(*, cgroups: bool) -> dict[str, object]:
         agent_dir=Path("/s/warmpod-x-1"),
         limits=LIMITS,
         cgroup_limits=cgroups,
+        userns=userns,
     )
 
 
@@ -76,3 +77,16 @@ def test_rlimit_fallbacks_without_cgroups() -> None:
     assert "WARMPOD_CGROUP_COUNTERS" not in spec(cgroups=True)["env"]  # type: ignore[operator]
     nproc = [r for r in s["r_limits"] if r["type"] == "nproc"]  # type: ignore[attr-defined]
     assert nproc == [{"type": "nproc", "soft": 64, "hard": 64}]
+
+
+def test_a_user_namespace_of_its_own_maps_the_program_and_owns_the_agent_directory() -> None:
+    """userns=auto with room for uid 65534, and the agent directory chowned to the container's root."""
+    s = spec(cgroups=True, userns=True)
+    assert s["userns"] == {"nsmode": "auto", "value": "size=65536"}
+    assert s["idmappings"] == {"AutoUserNs": True, "AutoUserNsOpts": {"Size": 65536}}
+    mounts = {m["destination"]: m for m in s["mounts"]}  # type: ignore[attr-defined]
+    assert "U" in mounts["/run/warmpod"]["options"]
+    plain = spec(cgroups=True)
+    assert "userns" not in plain
+    assert "idmappings" not in plain
+    assert "U" not in {m["destination"]: m for m in plain["mounts"]}["/run/warmpod"]["options"]  # type: ignore[attr-defined]

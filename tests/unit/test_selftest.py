@@ -53,3 +53,18 @@ def test_the_cpu_limit_may_sit_above_the_start_up_cpu() -> None:
     """RLIMIT_CPU counts from the program's start: the budget above the whole seconds preloading used."""
     assert failures({**GOOD, "rlimit_cpu": 6, "cpu_used": 0.62}, LIMITS, cgroups=True) == []
     assert failures({**GOOD, "rlimit_cpu": 7, "cpu_used": 0.62}, LIMITS, cgroups=True) != []
+
+
+@pytest.mark.parametrize("uid_map", ["0 0 4294967295", "0 0 65536\n65536 100000 65536", None])
+def test_container_root_as_host_root_fails_where_a_user_namespace_is_expected(uid_map: str | None) -> None:
+    """Where each container should have a user namespace, a map that keeps uid 0 as host uid 0 fails."""
+    found = failures({**GOOD, "uid_map": uid_map}, LIMITS, cgroups=True, userns=True)
+    assert len(found) == 1
+    assert "no user namespace of its own" in found[0]
+    assert failures({**GOOD, "uid_map": uid_map}, LIMITS, cgroups=True, userns=False) == []
+
+
+def test_a_rootless_map_passes() -> None:
+    """Rootless Podman's map (root is the user, the rest a subordinate range) is a user namespace."""
+    rootless = "         0       1000          1\n         1     100000      65536"
+    assert failures({**GOOD, "uid_map": rootless}, LIMITS, cgroups=True, userns=True) == []
