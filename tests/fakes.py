@@ -141,6 +141,7 @@ class FakeEngine:
         self.listen_delay = 0.0
         self.silent = False
         self.failing_unpause = False
+        self.failing_pause = False
         # What every fake agent prints instead of echoing the job's code, when set.
         self.stdout: bytes | None = None
         # Starts wait for this gate; set it to let them through.
@@ -178,8 +179,10 @@ class FakeEngine:
         await self._tg.start(self._agent, container_id, self._sockets[container_id])
 
     async def pause(self, container_id: str) -> None:
-        """Record the pause."""
+        """Record the pause; fail it, as runc does when cgroup v1's freezer gives up, if ``failing_pause``."""
         self.calls.append(("pause", container_id))
+        if self.failing_pause:
+            raise EngineError("podman pause failed: `/usr/bin/runc pause c001` failed: exit status 1")
 
     async def unpause(self, container_id: str) -> None:
         """Record the unpause; fail it if ``failing_unpause`` is set."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -19,7 +20,7 @@ import anyio
 from anyio.abc import TaskStatus
 
 from warmpod import protocol
-from warmpod.errors import InvalidRun, PoolUnavailable, ProtocolError, WarmpodError
+from warmpod.errors import EngineError, InvalidRun, PoolUnavailable, ProtocolError, WarmpodError
 from warmpod.image import context_dir
 from warmpod.protocol import Channel, Hello
 from warmpod.sandbox import SOCKET_NAME, container_spec
@@ -314,7 +315,16 @@ class Pool:
                 # A run already waits for it: pausing would only add two engine calls to its path.
                 paused = self.can_pause and not self._queue
                 if paused:
-                    await self._engine.pause(container_id)
+                    try:
+                        await self._engine.pause(container_id)
+                    except EngineError as exc:
+                        # runc thaws what it could not freeze (cgroup v1's freezer gives up on
+                        # a busy host: seen with 16 containers starting at once): a running
+                        # container serves as well, only idling costs a little CPU.
+                        log.warning("could not pause %s, keeping it running: %s", name, exc)
+                        paused = False
+                        with contextlib.suppress(EngineError):
+                            await self._engine.unpause(container_id)  # in case it stayed half frozen
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await channel.aclose()

@@ -532,6 +532,24 @@ async def test_container_that_cannot_be_unpaused_is_destroyed_not_leased(
     await with_pool(pool, body)
 
 
+async def test_a_container_that_cannot_be_paused_serves_running(agents: TaskGroup, state_dir: Path) -> None:
+    """A failed pause (runc's freezer giving up on a busy host) keeps the container ready, running,
+    and is no pool error: before, it was destroyed and /health named the failure."""
+    engine = FakeEngine(agents)
+    engine.failing_pause = True
+    pool = make_pool(engine, state_dir, size=2, can_pause=True)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 2)
+        assert engine.destroyed == []
+        assert pool.stats().last_error is None
+        async with pool.lease() as sandbox:
+            assert not sandbox.paused
+            assert sandbox.container_id in engine.created[:2]
+
+    await with_pool(pool, body)
+
+
 @pytest.mark.parametrize(("can_pause", "pause_setting"), [(False, True), (True, False)])
 async def test_no_pausing_when_the_engine_cannot_or_settings_forbid(
     agents: TaskGroup, state_dir: Path, can_pause: bool, pause_setting: bool
