@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import logging
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import anyio
 from litestar import Litestar, Request, Response
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
@@ -77,10 +79,13 @@ def _problem(status: int, title: str, slug: str) -> Callable[[WarmpodError], Pro
 
 
 def begin_drain(app: Litestar, grace: float) -> None:
-    """On SIGTERM, before the HTTP server stops: take no new runs and start no queued ones."""
+    """On SIGTERM, before the HTTP server stops: take no new runs and start no queued ones; during
+    start-up, stop starting (it may wait for its first sandbox up to the start-up timeout)."""
     service: Service | None = app.state.get("service")
     if service is not None:
         service.scheduler.begin_drain(grace)
+    elif (stop_starting := app.state.get("stop_starting")) is not None:
+        stop_starting()
 
 
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[str, Any]]:
@@ -96,12 +101,24 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with service_factory(settings) as service:
-            app.state.service = service
-            try:
-                yield
-            finally:
-                app.state.service = None
+        started = False
+        with anyio.CancelScope() as starting:
+            # Called from a signal handler, which must not touch the event loop's state itself.
+            loop = asyncio.get_running_loop()
+            app.state.stop_starting = functools.partial(loop.call_soon_threadsafe, starting.cancel)
+            async with service_factory(settings) as service:
+                app.state.stop_starting = None
+                app.state.service = service
+                started = True
+                try:
+                    yield
+                finally:
+                    app.state.service = None
+        if not started:
+            # uvicorn, told to exit, shuts down right after a start-up that ends: no traceback for
+            # a stop that was asked for, and the same exit as a stop after serving.
+            log.info("stopped during start-up (SIGTERM or Ctrl-C); every container removed")
+            yield
 
     problems = ProblemDetailsConfig(
         exception_to_problem_detail_map={

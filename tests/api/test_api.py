@@ -18,7 +18,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from warmpod import api
-from warmpod.app import create_app
+from warmpod.app import begin_drain, create_app
 from warmpod.errors import StoreError
 from warmpod.models import RunResult
 from warmpod.pool import Pool
@@ -728,3 +728,43 @@ async def test_a_keepalive_is_a_comment_without_data() -> None:
 
     messages = [m async for m in api._events(cast(Scheduler, Quiet()), "0" * 32, -1)]
     assert [m.encode() for m in messages] == [b": keepalive\r\n\r\n"]
+
+
+async def test_sigterm_during_start_up_stops_it_and_cleans_up(settings: Settings) -> None:
+    """begin_drain (what SIGTERM calls) while the service is still starting, say waiting for its
+    first sandbox up to the start-up timeout, ends the start-up at once and runs the service's
+    cleanup; uvicorn, told to exit, then shuts down. Before, start-up ignored it until the wait ended."""
+    entered, cleaned = anyio.Event(), anyio.Event()
+
+    @contextlib.asynccontextmanager
+    async def never_ready(given: Settings) -> AsyncIterator[Service]:
+        entered.set()
+        try:
+            await anyio.sleep_forever()
+            yield cast(Service, None)  # never reached
+        finally:
+            cleaned.set()
+
+    app = create_app(settings, service_factory=never_ready)
+    sent: list[str] = []
+    to_app = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    started = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if len(to_app) == 1:
+            await started.wait()
+        return to_app.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["type"])
+        started.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+            tg.start_soon(app, scope, receive, send)  # type: ignore[arg-type]
+            await entered.wait()
+            begin_drain(app, 1.0)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert cleaned.is_set()
+    assert app.state.get("service") is None

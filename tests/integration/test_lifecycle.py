@@ -24,7 +24,7 @@ from warmpod_live import (
 )
 
 from warmpod import engine, image
-from warmpod.pool import LABEL_INSTANCE
+from warmpod.pool import LABEL_INSTANCE, LABEL_PID
 from warmpod.settings import from_env
 
 pytestmark = pytest.mark.integration
@@ -71,6 +71,19 @@ def test_graceful_stop_leaves_nothing(start_server: ServerFactory, sig: signal.S
     assert instance_containers(instance) == [], server.log_tail()
     assert not process_alive(service_pid, "service")
     assert not state_dir.exists()
+
+
+def test_sigterm_during_start_up_stops_it_at_once(start_server: ServerFactory) -> None:
+    """SIGTERM while start-up still waits for its first sandbox (here none ever answers in time,
+    and start-up would wait its 600 s): the server exits within seconds and leaves no container."""
+    server = start_server(WARMPOD_POOL__START_TIMEOUT="0.001")
+    assert wait_until(lambda: "could not make a pool container" in server.log_tail(), 30 * SLOWNESS), (
+        server.log_tail()
+    )
+    status = server.stop(signal.SIGTERM, timeout=15 * SLOWNESS)
+    assert status in GRACEFUL_EXIT[signal.SIGTERM], f"exit status {status}:\n{server.log_tail()}"
+    assert "stopped during start-up" in server.log_tail(), server.log_tail()
+    assert containers(f"{LABEL_PID}={server.pid}") == [], server.log_tail()
 
 
 def test_crash_leftovers_are_removed_by_the_next_server(start_server: ServerFactory) -> None:
