@@ -57,8 +57,11 @@ def server(
         live.close()
         raise
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"tests/fuzz: {requests_sent} generated requests against {live.url}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is not None and capture is not None:
+        # Teardown output is captured (and shown only on failure) unless capture is off for it.
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"tests/fuzz: {requests_sent} generated requests against {live.url}")
     stop_and_check_clean(live, instance)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import zlib
+from pathlib import Path
 from textwrap import dedent
 from typing import Any
 
@@ -25,6 +26,9 @@ def test_memory_bomb_is_stopped_by_the_memory_limit(client: httpx.Client, code: 
     assert bomb.status == "failed", bomb.result
     assert bomb.exit_code == -9, bomb.result
     assert bomb.limits_hit == ["memory"], bomb.result
+    # conmon writes an empty 'oom' file into its working directory at an OOM kill: the server's
+    # directory (here the checkout's) must not be it (an 'oom' file got committed twice).
+    assert not Path("oom").exists(), f"an OOM kill left {Path('oom').resolve()}"
     assert_still_serves(client)
 
 
