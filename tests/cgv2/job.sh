@@ -76,6 +76,7 @@ end "$REF"
 # and fills containers (a refill that preloads numpy and pandas): measured, not a constant tuned
 # on one kernel. A WARMPOD_TEST_SLOWNESS given from outside wins.
 begin "speed against the host"
+GIVEN_SLOWNESS=${WARMPOD_TEST_SLOWNESS:-}
 "$VENV/bin/python" "$SRC/tests/cgv2/guest_checks.py" speed "$OUT/speed.json"
 measured=$("$VENV/bin/python" "$SRC/tests/cgv2/guest_checks.py" slowness "$SHARE/host-speed.json" "$OUT/speed.json")
 export WARMPOD_TEST_SLOWNESS=${WARMPOD_TEST_SLOWNESS:-$measured}
@@ -178,7 +179,17 @@ for name in "${runs[@]}"; do
         security-time) args=("$TIME_TESTS") ;;
         *) args=("tests/$name") ;;
     esac
-    begin "pytest $name"
+    # The probe again before each suite, and the slower figure wins: the guest beside this one
+    # loads the host's cores unevenly. The 7.2 guest measured 3 at its start, and its busy loops,
+    # run while the other guest ran the integration suite, then missed their bounds twice each;
+    # in a run where it measured 4 they passed.
+    if [ -z "$GIVEN_SLOWNESS" ] && [ "$name" != custom ]; then
+        "$VENV/bin/python" "$SRC/tests/cgv2/guest_checks.py" speed "$OUT/speed-$name.json" > /dev/null
+        again=$("$VENV/bin/python" "$SRC/tests/cgv2/guest_checks.py" slowness "$SHARE/host-speed.json" "$OUT/speed-$name.json")
+        if [ "$again" -gt "$WARMPOD_TEST_SLOWNESS" ]; then export WARMPOD_TEST_SLOWNESS=$again; fi
+        echo "before $name: measured $again, WARMPOD_TEST_SLOWNESS=$WARMPOD_TEST_SLOWNESS" >> "$OUT/speed.txt"
+    fi
+    begin "pytest $name (slowness $WARMPOD_TEST_SLOWNESS)"
     set +e
     (cd "$SRC" && WARMPOD_TEST_CPU_TIME=$cpu "$VENV/bin/python" -m pytest -p no:cacheprovider -v -rfEs --durations=15 \
         --basetemp "$HOME/pytest-$name" --junitxml "$OUT/junit-$name.xml" -o junit_family=xunit2 \
