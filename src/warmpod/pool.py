@@ -120,7 +120,7 @@ class Pool:
         self.instance = instance
         self.can_pause = can_pause and settings.pool.pause
         self._can_limit = can_limit
-        self.userns = userns
+        self._userns = userns
         self._seccomp_profile = (context_dir(settings) / "seccomp.json").resolve()
         self._ready: deque[Sandbox] = deque()
         self._busy: set[Sandbox] = set()
@@ -294,7 +294,7 @@ class Pool:
             agent_dir=directory,
             limits=self._settings.limits,
             cgroup_limits=self._can_limit,
-            userns=self.userns,
+            userns=self._userns,
             preload=preload,
         )
         container_id = ""

@@ -10,7 +10,7 @@
 # and speed.txt (the guest's speed against the host's, and the WARMPOD_TEST_SLOWNESS it gives),
 # junit-<suite>.xml and pytest-<suite>.txt (one pytest each for tests/integration, the security
 # suite but its busy loops, and those busy loops, tests/security/test_time.py, or the suites named
-# in $WARMPOD_CGV2_SUITES, `fork-bomb` among them; or one `custom` run of
+# in $WARMPOD_CGV2_SUITES; or one `custom` run of
 # $WARMPOD_CGV2_PYTEST_ARGS, split on \x1f), server-logs/<suite>/ (the live servers'
 # logs), latency.json and latency.txt
 # (bench/latency.py, unless WARMPOD_CGV2_BENCH=0) with latency-summary.txt (the p50s in one line),
@@ -136,7 +136,7 @@ fi
 # default): the fork bomb is left out on a 6.x kernel, which panics ("Kernel mode fault" in
 # tlb_flush via copy_process -> mmput) when forks keep failing at the pids limit, as a plain
 # `podman run --pids-limit 64` fork bomb does; 7.x survives it, and run.sh boots one for the
-# fork-bomb suite.
+# security suites.
 FORK_BOMB=tests/security/test_processes.py::test_fork_bomb_is_contained
 major=$(cut -d. -f1 "$OUT/kernel.txt")
 if [ "$major" -lt 7 ]; then DESELECT=${WARMPOD_CGV2_DESELECT-$FORK_BOMB}; else DESELECT=${WARMPOD_CGV2_DESELECT-}; fi
@@ -163,7 +163,7 @@ fi
 # creations), while the busy-loop tests fail with a limit of 30 s or more (their SIGXCPU came after
 # the container-wide kill, and their wall times outgrew the margins): so the suite runs in two
 # sessions, the busy loops (test_time.py) at 20 s and everything else at 120 s. The fork bomb (in
-# the security suite, or alone as the fork-bomb suite) needs the 120 s too: its timeout stays below
+# the security suite) needs the 120 s too: its timeout stays below
 # the CPU-time limit and must be long enough for forks that slow to reach the pids limit.
 TIME_TESTS=tests/security/test_time.py
 SECURITY_CPU_TIME=120
@@ -175,7 +175,6 @@ for name in "${runs[@]}"; do
     case $name in
         custom) ;;
         security) args=(tests/security --ignore "$TIME_TESTS"); cpu=$SECURITY_CPU_TIME ;;
-        fork-bomb) args=("$FORK_BOMB"); cpu=$SECURITY_CPU_TIME ;;
         security-time) args=("$TIME_TESTS") ;;
         *) args=("tests/$name") ;;
     esac

@@ -100,13 +100,14 @@ KERNEL=$(ls "$MAIN_DIR/uml/usr/lib/uml/modules")
 # A fork that fails after copying its memory map panics 6.x (see job.sh): at the pids limit (the
 # fork bomb), and when a forking process is killed. On 6.12 the security suites' guest panicked
 # so in most boots (both of one CI run, the first of the next), at the end of the security suite
-# (its server stopping 16 containers) as well as in the busy loops; 7.2 survives both. So on a 6.x host the security suites, fork bomb
-# included, run in a boot of their own on forky's 7.2, and the 6.x boot runs the integration suite.
-FORK_BOMB_BOOT=0
+# (its server stopping 16 containers) as well as in the busy loops; 7.2 survives both. So on a
+# 6.x host the security suites, fork bomb included, run in a boot of their own on forky's 7.2,
+# and the 6.x boot runs the integration suite.
+BOOT72=0
 MAIN_SUITES="integration security security-time"  # split between the two boots below when there are two cores
 SUITES_72="security security-time"
 if [ "${KERNEL%%.*}" -lt 7 ] && [ ${#PYTEST_ARGS[@]} = 0 ] && [ "$DESELECT_SET" = 0 ]; then
-    FORK_BOMB_BOOT=1
+    BOOT72=1
     MAIN_SUITES="integration"
     log "UML $KERNEL panics at a failed fork: the security suites get a boot on forky's 7.2 in $CGV2VM_72_DIR"
     (export CGV2VM_DIR=$CGV2VM_72_DIR CGV2VM_UML_SUITE=forky; "$CGV2VM/build.sh")
@@ -259,7 +260,7 @@ if [ ${#PYTEST_ARGS[@]} = 0 ] && [ "$(nproc)" -ge 2 ] && [ "${WARMPOD_CGV2_SPLIT
     (
         set +e
         t_sec=$(now) rc=0
-        if [ "$FORK_BOMB_BOOT" = 1 ]; then
+        if [ "$BOOT72" = 1 ]; then
             boot72 "$SB" || rc=$?
             echo "$rc" > "$W/boot72.rc"
             echo $(( $(now) - t_sec )) > "$W/boot72.ms"
@@ -302,7 +303,7 @@ RC72=0
 SB72=$S
 if [ "$SPLIT" = 1 ]; then
     wait "$SEC_PID" || true
-    if [ "$FORK_BOMB_BOOT" = 1 ]; then
+    if [ "$BOOT72" = 1 ]; then
         SB72=$SB
         RC72=$(cat "$W/boot72.rc" 2>/dev/null || echo 125)
         TIMES[guest72]=$(secs "$(cat "$W/boot72.ms" 2>/dev/null || echo 0)")
@@ -310,7 +311,7 @@ if [ "$SPLIT" = 1 ]; then
         RCSEC=$(cat "$W/security-boot.rc" 2>/dev/null || echo 125)
         TIMES[guest_security]=$(secs "$(cat "$W/security-boot.ms" 2>/dev/null || echo 0)")
     fi
-elif [ "$FORK_BOMB_BOOT" = 1 ]; then
+elif [ "$BOOT72" = 1 ]; then
     t=$(now)
     boot72 "$S" || RC72=$?
     mark guest72 "$t"
@@ -322,7 +323,7 @@ echo
 echo "==== the guest ===="
 echo "main boot: UML $(cat "$OUT/kernel.txt" 2>/dev/null || echo "$KERNEL (no kernel.txt)")"
 cat "$OUT/speed.txt" 2>/dev/null || echo "(no speed.txt)"
-if [ "$FORK_BOMB_BOOT" = 1 ]; then
+if [ "$BOOT72" = 1 ]; then
     echo "7.2 boot ($SUITES_72): UML $(cat "$SB72/out.72/kernel.txt" 2>/dev/null || echo '? (no kernel.txt)'), exit $RC72"
     cat "$SB72/out.72/speed.txt" 2>/dev/null || echo "(no speed.txt in $SB72/out.72)"
 elif [ "$SPLIT" = 1 ]; then
@@ -338,7 +339,7 @@ done
 echo
 echo "==== guest job steps ===="
 cat "$OUT/steps.txt" 2>/dev/null || echo "(no steps.txt)"
-if [ "$FORK_BOMB_BOOT" = 1 ]; then
+if [ "$BOOT72" = 1 ]; then
     echo "-- 7.2 boot ($SB72/out.72)"
     cat "$SB72/out.72/steps.txt" 2>/dev/null || echo "(no steps.txt)"
 elif [ "$SPLIT" = 1 ]; then
@@ -368,7 +369,7 @@ JUNIT=()
 for name in unit-py3.13 api-py3.13; do
     [ -f "$W/py313/junit-$name.xml" ] && JUNIT+=("$W/py313/junit-$name.xml")
 done
-for name in integration security security-time custom fork-bomb; do
+for name in integration security security-time custom; do
     [ -f "$OUT/junit-$name.xml" ] && JUNIT+=("$OUT/junit-$name.xml")
     [ "$SPLIT" = 1 ] && [ -f "$SB/out/junit-$name.xml" ] && JUNIT+=("$SB/out/junit-$name.xml")
 done
