@@ -18,6 +18,7 @@ import resource
 import select
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -27,20 +28,27 @@ SOCKET_PATH = os.environ.get("WARMPOD_AGENT_SOCKET", "/run/warmpod/agent.sock")
 WORKDIR = "/work"
 RUN_UID = 65534
 RUN_GID = 65534
+# matplotlib's directory for the program (MPLCONFIGDIR): writable, fresh with each container, with
+# links to the font cache the image build made (pool/finish_image.py), so that no run rebuilds it
+# (matplotlib reads the cache only from MPLCONFIGDIR, which must be writable, and /tmp is a tmpfs
+# the image cannot fill).
+MATPLOTLIB_DIR = "/tmp/matplotlib"
+IMAGE_MATPLOTLIB_DIR = "/opt/warmpod/matplotlib"
 # The program's niceness: the agent (0) keeps the CPU it needs to stream output, enforce the limits
 # and kill everything at the deadline however many processes the program spins up. At 19 a
 # spinner weighs 15 against the agent's 1024 (at 10 it was 110: 48 spinners left the agent 16% of
 # the container's CPU, too little on UML 7.2 to answer within the server's grace). Without
 # CAP_SYS_NICE and with RLIMIT_NICE at 0 the program cannot lower it again.
 PROGRAM_NICE = 19
-MAX_JOB_FRAME = 16 * 1024 * 1024
+# A job carries the program and its input files in base64 (files.in_bytes at most 48 MiB).
+MAX_JOB_FRAME = 128 * 1024 * 1024
 CHUNK = 65536
 CPU_CHECK_INTERVAL = 0.1
 # CPU seconds the interpreter may spend preloading, above the run's budget, before the program starts.
 START_CPU_SECONDS = 60
 JOB_FD = 3
 READY_FD = 4
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 LANDLOCK_ABI = 0
 
 # The interpreter the user's program runs in. It first imports the preload modules named in its
@@ -76,15 +84,39 @@ def _warmpod_boot():
     os.write(4, ("r" + ",".join(failed)).encode())
     os.close(4)
     del failed
-    parts = []
+    job = bytearray()
     while True:
         chunk = os.read(3, 1048576)
         if not chunk:
             break
-        parts.append(chunk)
+        job += chunk
     os.close(3)
-    header, _, source = b"".join(parts).partition(b"\n")
-    cpu_seconds, address_space = (int(v) for v in header.split())
+    # "cpu address_space len(source) then len(path) len(content) per file", a newline, the bytes.
+    newline = job.index(b"\n")
+    cpu_seconds, address_space, size, *lengths = (int(v) for v in job[:newline].split())
+    view = memoryview(job)[newline + 1:]
+    source = bytes(view[:size])
+    view = view[size:]
+    # The input files, written as this (the program's) user, before its CPU budget starts. The
+    # server checked every path; /work is a fresh tmpfs, so nothing in it can redirect a write.
+    os.mkdir("out", 0o755)
+    content = view
+    for name_size, content_size in zip(lengths[::2], lengths[1::2]):
+        name = bytes(view[:name_size]).decode()
+        content = view[name_size:name_size + content_size]
+        view = view[name_size + content_size:]
+        try:
+            parent = os.path.dirname(name)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            while content:
+                content = content[os.write(fd, content):]
+            os.close(fd)
+        except OSError as exc:
+            print(f"warmpod: could not write the input file {name!r}: {exc}", file=sys.stderr)
+            sys.exit(1)
+    del view, content, job
     if cpu_seconds or address_space:
         import resource
         if cpu_seconds:
@@ -94,7 +126,11 @@ def _warmpod_boot():
             start = int(-(-used // 1))
             resource.setrlimit(resource.RLIMIT_CPU, (start + cpu_seconds, start + cpu_seconds + 1))
         if address_space:
-            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+            # On top of what the preloaded interpreter maps already (numpy, pandas and pyarrow
+            # map some 350 MB of address space before the program allocates a byte).
+            with open("/proc/self/statm") as f:
+                mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            resource.setrlimit(resource.RLIMIT_AS, (mapped + address_space, mapped + address_space))
         del sys.modules["resource"], resource
     path = os.path.join(os.getcwd(), "main.py")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -318,6 +354,14 @@ def env_int(name):
     return int(value) if value.isdigit() else None
 
 
+def prepare_matplotlib():
+    """As the program's user: its MPLCONFIGDIR, linking the font cache the image build made."""
+    os.mkdir(MATPLOTLIB_DIR, 0o700)
+    if os.path.isdir(IMAGE_MATPLOTLIB_DIR):
+        for name in os.listdir(IMAGE_MATPLOTLIB_DIR):
+            os.symlink(os.path.join(IMAGE_MATPLOTLIB_DIR, name), os.path.join(MATPLOTLIB_DIR, name))
+
+
 def prepare_program():
     """Runs in the child before exec: OOM preference, then the unprivileged user, its niceness, limits."""
     # The program, not the agent, is what the OOM killer should pick. Where this process's
@@ -329,6 +373,7 @@ def prepare_program():
     os.setgroups([])
     os.setgid(RUN_GID)
     os.setuid(RUN_UID)
+    prepare_matplotlib()
     os.setpriority(os.PRIO_PROCESS, 0, PROGRAM_NICE)
     cpu = env_int("WARMPOD_CPU_SECONDS")
     if cpu:
@@ -338,10 +383,6 @@ def prepare_program():
     fsize = env_int("WARMPOD_FSIZE_BYTES")
     if fsize:
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-    address_space = env_int("WARMPOD_AS_BYTES")
-    if address_space:
-        # Only where no memory cgroup applies: a coarse fallback.
-        resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
     restrict_writes(LANDLOCK_ABI)
     kill_foreign_syscalls()
     nofile = env_int("WARMPOD_NOFILE")
@@ -440,6 +481,7 @@ def spawn_interpreter():
         "HOME": WORKDIR,
         "TMPDIR": "/tmp",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "MPLCONFIGDIR": MATPLOTLIB_DIR,
     }
     preload = [name for name in os.environ.get("WARMPOD_PRELOAD", "").split(",") if name]
     proc = subprocess.Popen(
@@ -514,9 +556,12 @@ def run_job(conn, proc, job_w, job):
     cpu_seconds = cpu_seconds if cpu_seconds and (not container_cpu or cpu_seconds < container_cpu) else 0
     # The interpreter's start-up is not the program's: its budget is counted from here on.
     startup_cpu = process_cpu_seconds(proc.pid)
-    address_space = int(job.get("address_space") or 0)
-    header = f"{cpu_seconds or container_cpu or 0} {address_space}\n".encode()
-    code = header + base64.b64decode(job["code"])
+    # Only where no memory cgroup applies, a coarse fallback: the bootstrap sets it once preloaded.
+    address_space = int(job.get("address_space") or 0) or env_int("WARMPOD_AS_BYTES") or 0
+    code = base64.b64decode(job.pop("code"))
+    files = [(path.encode(), base64.b64decode(content)) for path, content in job.pop("files", [])]
+    lengths = "".join(f" {len(path)} {len(content)}" for path, content in files)
+    header = f"{cpu_seconds or container_cpu or 0} {address_space} {len(code)}{lengths}\n".encode()
     oom_before, pids_before = oom_kills(), pids_max_hits()
     cpu_before = program_cpu_seconds()
     cpu_budget = (cpu_seconds or container_cpu) if cpu_before is not None else None
@@ -526,10 +571,12 @@ def run_job(conn, proc, job_w, job):
     started = time.monotonic()
     deadline = started + timeout
 
-    view = memoryview(code)
-    while view:
-        view = view[os.write(job_w, view) :]
+    for piece in (header, code, *(part for file in files for part in file)):
+        view = memoryview(piece)
+        while view:
+            view = view[os.write(job_w, view) :]
     os.close(job_w)
+    del code, files, view, piece
 
     outputs = (proc.stdout.fileno(), proc.stderr.fileno())
     sent = {"stdout": 0, "stderr": 0}
@@ -651,6 +698,10 @@ def run_job(conn, proc, job_w, job):
         limits_hit.append("pids")
     if returncode == -signal.SIGXFSZ or any(map(filesystem_full, (WORKDIR, "/tmp", "/dev/shm"))):
         limits_hit.append("disk")
+    # Nothing of the program may run while its files are read: none can swap one for a link.
+    kill_everything()
+    reap(proc)
+    files_truncated = send_files(conn, int(job.get("out_count") or 0), int(job.get("out_bytes") or 0))
     return {
         "type": "result",
         "exit_code": returncode,
@@ -659,7 +710,117 @@ def run_job(conn, proc, job_w, job):
         "limits_hit": limits_hit,
         "duration_ms": duration_ms,
         "error": None,
+        "files_truncated": files_truncated,
     }
+
+
+# What the program leaves in /work/out comes back with the result. Everything there is hostile: it
+# is read through directory descriptors, nothing is followed, and only regular files are read, at
+# most the size they had when opened. Entries past these bounds, names that are not UTF-8 or
+# that the server refuses (a backslash), and files of any other kind are left behind, flagged.
+OUT_DIR = "out"
+MAX_PATH = 1024
+MAX_DEPTH = 32
+MAX_ENTRIES = 10000
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+class Collected:
+    """What ``send_files`` has sent so far, and whether it left anything behind."""
+
+    def __init__(self, max_count, max_bytes):
+        self.count_left = max_count
+        self.bytes_left = max_bytes
+        self.entries_left = MAX_ENTRIES
+        self.truncated = False
+
+
+def send_files(conn, max_count, max_bytes):
+    """Send the regular files under WORKDIR/out, in path order, within the caps; True if any was
+    left behind."""
+    state = Collected(max_count, max_bytes)
+    try:
+        work = os.open(WORKDIR, _OPEN_DIR)
+    except OSError:
+        return False
+    try:
+        send_tree(conn, work, OUT_DIR, OUT_DIR, 0, state)
+    finally:
+        os.close(work)
+    return state.truncated
+
+
+def send_tree(conn, parent, name, path, depth, state):
+    try:
+        fd = os.open(name, _OPEN_DIR, dir_fd=parent)
+    except FileNotFoundError:
+        return
+    except OSError:  # a symlink, something that is not a directory, or no permission
+        state.truncated = True
+        return
+    try:
+        names = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                if state.entries_left <= 0:
+                    state.truncated = True
+                    break
+                state.entries_left -= 1
+                names.append(entry.name)
+        for child in sorted(names):
+            child_path = f"{path}/{child}"
+            try:
+                child_path.encode()
+            except UnicodeEncodeError:
+                state.truncated = True
+                continue
+            if len(child_path) > MAX_PATH or "\\" in child:
+                state.truncated = True
+                continue
+            try:
+                st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                state.truncated = True
+                continue
+            if stat.S_ISDIR(st.st_mode) and depth < MAX_DEPTH:
+                send_tree(conn, fd, child, child_path, depth + 1, state)
+            elif stat.S_ISREG(st.st_mode):
+                send_file(conn, fd, child, child_path, state)
+            else:
+                state.truncated = True
+    finally:
+        os.close(fd)
+
+
+def send_file(conn, parent, name, path, state):
+    if state.count_left <= 0:
+        state.truncated = True
+        return
+    try:
+        fd = os.open(name, _OPEN_FILE, dir_fd=parent)
+    except OSError:
+        state.truncated = True
+        return
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > state.bytes_left:
+            state.truncated = True
+            return
+        state.count_left -= 1
+        left = st.st_size
+        while True:
+            data = os.read(fd, min(CHUNK, left)) if left else b""
+            left -= len(data)
+            state.bytes_left -= len(data)
+            end = not data or not left
+            send_frame(conn, {"type": "file", "path": path, "data": b64(data), "end": end})
+            if end:
+                return
+    except OSError:
+        state.truncated = True
+    finally:
+        os.close(fd)
 
 
 def listen():

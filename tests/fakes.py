@@ -19,10 +19,10 @@ from warmpod import protocol
 from warmpod.errors import EngineError, PoolUnavailable
 from warmpod.models import RunResult, RunSpec
 from warmpod.pool import Sandbox
-from warmpod.protocol import MAX_FRAME, Channel, Output
+from warmpod.protocol import MAX_FRAME, Channel, FileChunk, Output
 from warmpod.runner import Leaser, RunLimits, Runner, RunOutput
 from warmpod.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME
-from warmpod.settings import LimitSettings
+from warmpod.settings import FileSettings, LimitSettings
 from warmpod.unix_stream import UnixStream
 
 
@@ -77,6 +77,16 @@ def output(stream: Literal["stdout", "stderr"], data: bytes) -> dict[str, Any]:
     return {"type": "output", "stream": stream, "data": base64.b64encode(data).decode()}
 
 
+def file_chunk(path: str, data: bytes, end: bool = True) -> dict[str, Any]:
+    """A FileChunk message: a piece of a file the program left in out/, sent after it ended."""
+    return {"type": "file", "path": path, "data": base64.b64encode(data).decode(), "end": end}
+
+
+def sleep(seconds: float) -> dict[str, Any]:
+    """Not a message: ``scripted_sandbox``'s agent pauses this long before its next one."""
+    return {"type": "sleep", "seconds": seconds}
+
+
 def result(**changes: Any) -> dict[str, Any]:
     """A Result message as ``agent.run_job`` builds it (exit 0, no limit hit), with ``changes``."""
     message: dict[str, Any] = {
@@ -102,15 +112,19 @@ def answer(stdout: bytes, stderr: bytes) -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def scripted_sandbox(*messages: dict[str, Any], hang_up: bool = False) -> AsyncIterator[Sandbox]:
-    """A leased sandbox whose agent answers the job with ``messages``, then waits to be hung up on
-    (or, with ``hang_up``, goes away itself, as an agent killed with its container does)."""
+    """A leased sandbox whose agent answers the job with ``messages`` (``sleep(seconds)`` pauses it),
+    then waits to be hung up on (or, with ``hang_up``, goes away itself, as an agent killed with its
+    container does)."""
     server_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     async with UnixStream(server_end) as server, UnixStream(agent_end) as agent:
 
         async def play() -> None:
             await receive_frame(agent)
             for message in messages:
-                await send_frame(agent, message)
+                if message["type"] == "sleep":
+                    await anyio.sleep(message["seconds"])
+                else:
+                    await send_frame(agent, message)
             if hang_up:
                 await agent.aclose()
 
@@ -354,9 +368,13 @@ class RecordingRunner(Runner):
     runs executing until it is set.
     """
 
-    def __init__(self, leaser: Leaser, limits: LimitSettings) -> None:
-        super().__init__(leaser, limits)
+    def __init__(self, leaser: Leaser, limits: LimitSettings, files: FileSettings | None = None) -> None:
+        super().__init__(leaser, limits, files)
         self.calls: list[tuple[bytes, bytes, float]] = []
+        self.files: list[tuple[tuple[str, bytes], ...]] = []
+        """The input files of each run."""
+        self.left: list[FileChunk] = []
+        """File chunks the agent sends, as it would after the program ended; the result lists them."""
         self.run_limits: list[RunLimits] = []
         self.result = CANNED
         self.error: Exception | None = None
@@ -367,6 +385,7 @@ class RecordingRunner(Runner):
         """Record the run, stream ``streamed`` into its output as the runner does, wait for ``hold``,
         and answer with the canned result."""
         self.calls.append((spec.code, spec.stdin, spec.timeout))
+        self.files.append(spec.files)
         self.run_limits.append(
             RunLimits(
                 cpu_time=spec.cpu_time, memory_mb=spec.memory_mb, max_output_bytes=spec.max_output_bytes
@@ -378,4 +397,6 @@ class RecordingRunner(Runner):
             await self.hold.wait()
         if self.error is not None:
             raise self.error
-        return msgspec.structs.replace(self.result, id=run_id)
+        for chunk in self.left:
+            output.files.add(chunk.path, chunk.data, chunk.end)
+        return msgspec.structs.replace(self.result, id=run_id, files=output.files.describe())

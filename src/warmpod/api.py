@@ -6,6 +6,7 @@ import codecs
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import msgspec
 from litestar import Controller, HttpMethod, Request, Response, delete, get, post, route
@@ -18,23 +19,24 @@ from litestar.params import Body, FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from warmpod.errors import RunNotFound
+from warmpod.files import decode_inputs
 from warmpod.models import Accepted, Health, Problem, RunRequest, RunResult, RunSpec
 from warmpod.runner import RunLimits
 from warmpod.scheduler import Scheduler
 from warmpod.service import Service
 
 _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
-_FORM_FIELDS = frozenset({"file", "stdin", "timeout", "wait", *_LIMIT_FIELDS})
+_FORM_FIELDS = frozenset({"file", "files", "stdin", "timeout", "wait", *_LIMIT_FIELDS})
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _WAIT_DOC = "false: answer 202 at once with the run's status URL (same as the body's `wait`)"
 # Every error answer is a Problem; the schema says which ones each operation gives, so that a
 # client (or schemathesis, tests/fuzz) can hold the service to it.
 _PROBLEMS = {
     400: "The request is malformed; `detail` says what to fix",
-    404: "No run has this id (or it expired)",
+    404: "No run has this id (or it expired), or no file has this path",
     409: "The run has already ended",
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
-    422: "A limit or the timeout is outside the server's range; `detail` names the maximum",
+    422: "A limit, the timeout or a file is not allowed; `detail` names the rule or the maximum",
     429: "The queue is full; retry after `Retry-After` seconds",
     503: "Starting, stopping, or the run store cannot be written; retry after `Retry-After` seconds",
 }
@@ -66,9 +68,14 @@ _RUN_REQUEST_SCHEMA = msgspec.json.schema_components([RunRequest])[1]["RunReques
 _RUN_FORM_SCHEMA = {
     "properties": {
         "file": {"type": "string", "format": "binary", "description": "The script, run as `main.py`"},
+        "files": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "Data files, one part each, its `filename` the path under the working directory",
+        },
         **{
             name: {"type": "string", "description": f"As `{name}` in /run-json/"}
-            for name in sorted(_FORM_FIELDS - {"file"})
+            for name in sorted(_FORM_FIELDS - {"file", "files"})
         },
     },
     "required": ["file"],
@@ -140,7 +147,8 @@ class RunController(Controller):
         limits = RunLimits(
             cpu_time=data.cpu_time, memory_mb=data.memory_mb, max_output_bytes=data.max_output_bytes
         )
-        spec = service.runner.prepare(code, stdin, data.timeout, limits)
+        files = decode_inputs(data.files)
+        spec = service.runner.prepare(code, stdin, data.timeout, limits, files)
         return await _submit(request, service, spec, _both_waits(wait, data.wait))
 
     @post(
@@ -157,7 +165,10 @@ class RunController(Controller):
             dict[str, Any],
             Body(
                 media_type=RequestEncodingType.MULTI_PART,
-                description="`file`: the script; the other fields as in /run-json/, `wait` true or false.",
+                description=(
+                    "`file`: the script; `files`: data files, their filenames their paths; the other "
+                    "fields as in /run-json/, `wait` true or false."
+                ),
                 schema_extra=_RUN_FORM_SCHEMA,
             ),
         ],
@@ -176,7 +187,8 @@ class RunController(Controller):
         timeout = _timeout_field(await _text_field(data.get("timeout"), "timeout"))
         values = {name: _int_field(await _text_field(data.get(name), name), name) for name in _LIMIT_FIELDS}
         form_wait = _bool_field(await _text_field(data.get("wait"), "wait"), "wait")
-        spec = service.runner.prepare(code, stdin, timeout, RunLimits(**values))
+        files = await _file_parts(data.get("files"))
+        spec = service.runner.prepare(code, stdin, timeout, RunLimits(**values), files)
         return await _submit(request, service, spec, _both_waits(wait, form_wait))
 
 
@@ -205,6 +217,32 @@ class StatusController(Controller):
         return Response(None, status_code=204, headers={"Allow": "DELETE, GET, OPTIONS"})
 
     @get(
+        "/files/{path:path}",
+        summary="A file the run left in out/, as raw bytes",
+        media_type="application/octet-stream",
+        responses={
+            200: ResponseSpec(bytes, description="The file's bytes", media_type="application/octet-stream"),
+            **_problems(400, 404, 503),
+        },
+    )
+    async def file(
+        self, run_id: FromPath[str], path: FromPath[str], service: NamedDependency[Service]
+    ) -> Response[bytes]:
+        """The bytes of ``out/...`` as the run left it, with the media type its name suggests."""
+        entry, data = await service.scheduler.file(_checked_id(run_id), path.lstrip("/"))
+        return Response(
+            data,
+            media_type=entry.media_type,
+            headers={
+                # What a program made is hostile: a browser must neither sniff it into HTML nor
+                # run what it holds as this origin's page.
+                "X-Content-Type-Options": "nosniff",
+                "Content-Security-Policy": "sandbox; default-src 'none'",
+                "Content-Disposition": _attachment(entry.path),
+            },
+        )
+
+    @get(
         "/stream",
         summary="A run's output as Server-Sent Events",
         responses={
@@ -219,8 +257,9 @@ class StatusController(Controller):
         last_event_id: Annotated[int | None, HeaderParameter(name="Last-Event-ID", ge=-1)] = None,
     ) -> ServerSentEvent:
         """``status`` events while it waits and starts, ``stdout``/``stderr`` events (``{"text"}``, in
-        print order, ``id`` their sequence number) as the program prints, then one ``result`` event
-        with the RunResult. A finished run replays what was kept."""
+        print order, ``id`` their sequence number) as the program prints, a ``file`` event
+        (``{"path", "size", "media_type"}``) per file it left, then one ``result`` event with the
+        RunResult. A finished run replays what was kept."""
         scheduler = service.scheduler
         await scheduler.status(_checked_id(run_id))
         return ServerSentEvent(_events(scheduler, run_id, -1 if last_event_id is None else last_event_id))
@@ -233,6 +272,9 @@ async def _events(scheduler: Scheduler, run_id: str, after: int) -> AsyncIterato
             text = decoders[update.chunk.stream].decode(update.chunk.data)
             data = msgspec.json.encode({"text": text}).decode()
             yield ServerSentEventMessage(data=data, event=update.chunk.stream, id=str(update.chunk.seq))
+        elif update.file is not None:
+            entry = {"path": update.file.path, "size": update.file.size, "media_type": update.file.media_type}
+            yield ServerSentEventMessage(data=msgspec.json.encode(entry).decode(), event="file")
         elif update.result is not None:
             yield ServerSentEventMessage(data=msgspec.json.encode(update.result).decode(), event="result")
         elif update.kind == "status":
@@ -289,6 +331,28 @@ async def _text_field(value: object, name: str) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8", "surrogatepass")
     raise ValidationException(f"form field {name!r} must be given once")
+
+
+async def _file_parts(value: object) -> list[tuple[str, bytes]]:
+    if value is None:
+        return []
+    parts = value if isinstance(value, list) else [value]
+    files = []
+    for part in parts:
+        if not isinstance(part, UploadFile):
+            raise ValidationException(
+                "each form part named 'files' must be a file whose filename is its path, "
+                'as in Content-Disposition: form-data; name="files"; filename="data/sales.csv"'
+            )
+        files.append((part.filename, await part.read()))
+    return files
+
+
+def _attachment(path: str) -> str:
+    # RFC 6266: an ASCII fallback and the UTF-8 name, percent-encoded.
+    name = path.rpartition("/")[2]
+    fallback = "".join(c if c.isascii() and c.isprintable() and c not in '"\\%' else "_" for c in name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def _int_field(raw: bytes, name: str) -> int | None:

@@ -29,7 +29,7 @@ def enforcement(*, cgroups: bool) -> list[Enforcement]:
             "cgroup" if cgroups else "rlimit",
             "cgroup memory limit, swap capped at the same value"
             if cgroups
-            else "RLIMIT_AS on the program (coarse: counts address space, not memory)",
+            else "RLIMIT_AS on the program past its preloaded interpreter (coarse: address space)",
         ),
         row(
             "pids",

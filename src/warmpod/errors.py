@@ -7,9 +7,11 @@ WarmpodError
 ├── PoolUnavailable    no container became free within the acquire timeout (the run stays queued)
 ├── ProtocolError      a frame from a container broke the agent protocol
 ├── InvalidRun         a run request is well formed but asks for something not allowed (422)
+│   └── InvalidFile    an input file's path, content or size is not allowed (422)
 ├── QueueFull          the queue holds as many runs as it may (429)
 ├── ShuttingDown       the server is stopping and takes no new runs (503)
 ├── RunNotFound        no run has this id, or its result has expired (404)
+├── NoSuchFile         the run left no file at this path, or has not ended (404)
 ├── RunFinished        a finished run cannot be cancelled (409)
 └── StoreError         the run store cannot be opened or used
 """
@@ -47,6 +49,10 @@ class InvalidRun(WarmpodError):
     """Raised when a run request asks for something the server does not allow."""
 
 
+class InvalidFile(InvalidRun):
+    """Raised when an input file breaks a path rule, is not base64, or goes past a cap."""
+
+
 class QueueFull(WarmpodError):
     """Raised when a run is submitted while the queue holds as many runs as it may."""
 
@@ -61,6 +67,10 @@ class ShuttingDown(WarmpodError):
 
 class RunNotFound(WarmpodError):
     """Raised when no run has the given id, or its result has expired."""
+
+
+class NoSuchFile(WarmpodError):
+    """Raised when a run's file is asked for that it did not leave (or not yet)."""
 
 
 class RunFinished(WarmpodError):

@@ -11,6 +11,28 @@ from msgspec import Meta
 RunStatus = Literal["queued", "running", "succeeded", "failed", "timeout", "error", "cancelled"]
 
 
+class InputFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A file written under the program's working directory before it starts."""
+
+    path: str
+    """A relative POSIX path such as ``data/sales.csv``; parent directories are created."""
+    content: str
+    """The file's bytes in base64."""
+
+
+class OutputFile(msgspec.Struct, kw_only=True):
+    """A file the program left under ``out/``, collected after it ended."""
+
+    path: str
+    """Its path from the working directory, ``out/...``."""
+    size: int
+    media_type: str
+    """Guessed from the name; ``application/octet-stream`` when unknown."""
+    content: str | None = None
+    """The bytes in base64, or null above the server's inline cap: then download it from
+    ``GET /status/{id}/files/{path}``."""
+
+
 class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A program to run, posted as JSON to ``/run-json/``."""
 
@@ -18,6 +40,8 @@ class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The Python source, run as ``main.py`` (``__main__``) in a fresh interpreter."""
     stdin: str = ""
     """What the program reads from standard input."""
+    files: list[InputFile] = []
+    """Data files written under the working directory before the program starts."""
     timeout: Annotated[float, Meta(gt=0)] | None = None
     """Wall-time limit in seconds; the server's default when absent, at most its maximum."""
     cpu_time: Annotated[int, Meta(gt=0)] | None = None
@@ -51,6 +75,8 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     cpu_time: int
     memory_mb: int
     max_output_bytes: int
+    files: tuple[tuple[str, bytes], ...] = ()
+    """``(path, content)`` of each input file, paths checked."""
 
 
 class RunResult(msgspec.Struct, kw_only=True):
@@ -75,6 +101,11 @@ class RunResult(msgspec.Struct, kw_only=True):
     """Wall time of the program itself (0 until it ends)."""
     error: str | None = None
     """What went wrong, when ``status`` is ``error``."""
+    files: list[OutputFile] = []
+    """What the program left under ``out/`` (regular files only, in path order)."""
+    files_truncated: bool = False
+    """Files were dropped, or left uncollected, because of the server's count or size caps, or
+    because their names are not UTF-8."""
 
     @classmethod
     def from_server(

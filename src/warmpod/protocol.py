@@ -20,7 +20,7 @@ from msgspec import Meta
 
 from warmpod.errors import ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")
 LimitName = Literal["wall_time", "cpu_time", "memory", "pids", "output", "disk"]
 # Bounds of what the agent sends; MAX_FRAME is sized from them.
@@ -29,10 +29,12 @@ AGENT_READ = 65536
 MAX_PRELOAD_FAILED = 64
 MAX_MODULE_NAME = 200
 MAX_MESSAGE = 4096
+MAX_PATH = 1024
+"""Longest file path, in characters (``files.MAX_PATH``)."""
 # The agent's json.dumps escapes a character outside ASCII as one \uXXXX, or two past U+FFFF.
 _ESCAPED_CHAR = 12
 MAX_FRAME = 1024 + max(
-    4 * ((AGENT_READ + 2) // 3),  # an Output's data in base64
+    4 * ((AGENT_READ + 2) // 3) + MAX_PATH * _ESCAPED_CHAR,  # a FileChunk's data and path
     MAX_PRELOAD_FAILED * (MAX_MODULE_NAME * _ESCAPED_CHAR + 3),  # a Hello's names, quoted, with commas
     MAX_MESSAGE * _ESCAPED_CHAR,  # an AgentError's message or a Result's error
 )
@@ -65,6 +67,12 @@ class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):
     """CPU seconds, when lower than the container's; 0 keeps the container's."""
     address_space: int = 0
     """RLIMIT_AS in bytes where no memory cgroup applies; 0 for none."""
+    files: list[tuple[str, bytes]] = []
+    """``(path, content)`` of the files to write under the working directory first."""
+    out_count: int = 0
+    """Files to collect from ``out/`` at most, once the program ended."""
+    out_bytes: int = 0
+    """Bytes to collect from ``out/`` at most."""
 
 
 class Output(msgspec.Struct, tag="output", forbid_unknown_fields=True):
@@ -72,6 +80,15 @@ class Output(msgspec.Struct, tag="output", forbid_unknown_fields=True):
 
     stream: Literal["stdout", "stderr"]
     data: bytes
+
+
+class FileChunk(msgspec.Struct, tag="file", forbid_unknown_fields=True):
+    """Agent -> server: the next piece of a file from ``out/``, after the program ended."""
+
+    path: Annotated[str, Meta(max_length=MAX_PATH)]
+    data: Annotated[bytes, Meta(max_length=AGENT_READ)]
+    end: bool
+    """The file's last piece."""
 
 
 class Result(msgspec.Struct, tag="result", forbid_unknown_fields=True):
@@ -83,6 +100,8 @@ class Result(msgspec.Struct, tag="result", forbid_unknown_fields=True):
     limits_hit: Annotated[list[LimitName], Meta(max_length=6)]
     duration_ms: Annotated[float, Meta(ge=0)]
     error: Annotated[str, Meta(max_length=MAX_MESSAGE)] | None = None
+    files_truncated: bool = False
+    """A cap, a name that is not UTF-8 or a file of another kind left something in ``out/`` behind."""
 
 
 class AgentError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
@@ -91,7 +110,7 @@ class AgentError(msgspec.Struct, tag="error", forbid_unknown_fields=True):
     message: Annotated[str, Meta(max_length=MAX_MESSAGE)]
 
 
-AgentMessage = Hello | Output | Result | AgentError
+AgentMessage = Hello | Output | FileChunk | Result | AgentError
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(AgentMessage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
@@ -12,15 +13,19 @@ import anyio
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, ProtocolError
+from warmpod.files import OutputFiles, check_inputs
 from warmpod.models import RunResult, RunSpec, RunStatus
 from warmpod.pool import Sandbox
-from warmpod.protocol import AgentError, Job, Output, Result
-from warmpod.settings import LimitSettings
+from warmpod.protocol import AgentError, FileChunk, Job, Output, Result
+from warmpod.settings import FileSettings, LimitSettings
 from warmpod.store import Chunk, Stream
 
 # The agent stops the program at its timeout and then drains pipes for up to 0.5 s; past this
 # extra margin the server stops waiting and the container is killed with whatever it held.
 SERVER_GRACE = 0.8
+# Once the agent starts sending the files the program left (the program has ended by then), they
+# get this long to arrive, however late in the run: 16 MiB is well under a second here.
+FILES_GRACE = 10.0
 # What a sandbox that broke (rather than the program in it) raises; the run is reported ``error``.
 SANDBOX_FAILURES = (ProtocolError, EngineError, OSError, anyio.BrokenResourceError)
 
@@ -84,11 +89,13 @@ def resolve_timeout(requested: float | None, limits: LimitSettings) -> float:
 class RunOutput:
     """A run's output as its agent streamed it, kept once: for its result, a cancel and the store."""
 
-    def __init__(self, cap: int) -> None:
+    def __init__(self, cap: int, files: FileSettings | None = None) -> None:
         self._cap = cap
         self._streams = {"stdout": bytearray(), "stderr": bytearray()}
         self._pending: list[Chunk] = []
         self._seq = 0
+        self.files = OutputFiles(files or FileSettings())
+        """The files the program left in ``out/``, as the agent sends them."""
 
     def add(self, stream: Stream, data: bytes) -> bool:
         """Keep a chunk; False, keeping nothing, if it takes its stream past the cap (the agent lied)."""
@@ -119,18 +126,26 @@ class RunOutput:
 class Runner:
     """Runs programs in single-use sandboxes."""
 
-    def __init__(self, leaser: Leaser, limits: LimitSettings) -> None:
+    def __init__(self, leaser: Leaser, limits: LimitSettings, files: FileSettings | None = None) -> None:
         self._leaser = leaser
         self._limits = limits
+        self._files = files or FileSettings()
 
     def prepare(
-        self, code: bytes, stdin: bytes, timeout: float | None, limits: RunLimits | None = None
+        self,
+        code: bytes,
+        stdin: bytes,
+        timeout: float | None,
+        limits: RunLimits | None = None,
+        files: Sequence[tuple[str, bytes]] = (),
     ) -> RunSpec:
         """The run as it will execute, every limit resolved against the server's.
 
         Raises:
             InvalidRun: the limits asked for are out of range.
+            InvalidFile: an input file's path or size is not allowed.
         """
+        checked = check_inputs(files, self._files)
         resolved = resolve_limits(limits or RunLimits(), self._limits)
         if resolved.memory_mb and resolved.memory_mb < self._limits.memory_mb:
             self._leaser.check_memory(resolved.memory_mb * 1024 * 1024)
@@ -141,7 +156,12 @@ class Runner:
             cpu_time=resolved.cpu_time or self._limits.cpu_time,
             memory_mb=resolved.memory_mb or self._limits.memory_mb,
             max_output_bytes=resolved.max_output_bytes or self._limits.max_output_bytes,
+            files=checked,
         )
+
+    def output(self, spec: RunSpec) -> RunOutput:
+        """A fresh RunOutput for ``spec``, held to its output cap and the server's file caps."""
+        return RunOutput(spec.max_output_bytes, self._files)
 
     async def run(
         self, code: bytes, stdin: bytes, timeout: float | None, limits: RunLimits | None = None
@@ -156,7 +176,7 @@ class Runner:
         run_id = uuid.uuid4().hex
         try:
             async with self._leaser.lease() as sandbox:
-                return await self.execute(run_id, spec, sandbox, RunOutput(spec.max_output_bytes))
+                return await self.execute(run_id, spec, sandbox, self.output(spec))
         except SANDBOX_FAILURES as exc:
             return _error(run_id, f"the sandbox failed: {exc}", 0)
 
@@ -170,6 +190,9 @@ class Runner:
             timeout=wall,
             max_output_bytes=spec.max_output_bytes,
             cpu_time=spec.cpu_time if spec.cpu_time < server.cpu_time else 0,
+            files=list(spec.files),
+            out_count=self._files.out_count,
+            out_bytes=self._files.out_bytes,
         )
         started = time.perf_counter()
         try:
@@ -184,14 +207,19 @@ class Runner:
                 return _error(run_id, str(exc), 0)
             started = time.perf_counter()
             await sandbox.channel.send(job)
-            with anyio.move_on_after(wall + SERVER_GRACE):
+            with anyio.move_on_after(wall + SERVER_GRACE) as scope:
                 try:
                     while True:
                         message = await sandbox.channel.receive()
-                        if not isinstance(message, Output):
+                        if isinstance(message, FileChunk):
+                            if not output.files.started:
+                                scope.deadline = max(scope.deadline, anyio.current_time() + FILES_GRACE)
+                            output.files.add(message.path, message.data, message.end)
+                        elif isinstance(message, Output):
+                            if not output.add(message.stream, message.data):
+                                return _error(run_id, "the agent sent more output than the cap allows", 0)
+                        else:
                             return _from_agent(run_id, message, output, _elapsed_ms(started))
-                        if not output.add(message.stream, message.data):
-                            return _error(run_id, "the agent sent more output than the cap allows", 0)
                 except ProtocolError as exc:
                     # The agent is PID 1: if the OOM killer took it, the container ended with it.
                     if await self._leaser.oom_killed(sandbox):
@@ -258,4 +286,6 @@ def _from_agent(
         stderr_truncated=message.stderr_truncated,
         limits_hit=limits,
         duration_ms=min(message.duration_ms, server_ms),
+        files=output.files.describe(),
+        files_truncated=message.files_truncated,
     )

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 
 from warmpod.errors import (
+    NoSuchFile,
     PoolUnavailable,
     QueueFull,
     RunFinished,
@@ -21,10 +23,11 @@ from warmpod.errors import (
     ShuttingDown,
     StoreError,
 )
-from warmpod.models import RunResult, RunSpec, RunStatus
+from warmpod.files import with_content
+from warmpod.models import OutputFile, RunResult, RunSpec, RunStatus
 from warmpod.pool import Sandbox
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
-from warmpod.settings import QueueSettings
+from warmpod.settings import FileSettings, QueueSettings
 from warmpod.store import Chunk, Record, Store, joined
 
 log = logging.getLogger(__name__)
@@ -64,11 +67,13 @@ class _LiveRun:
 
 @dataclass(frozen=True)
 class Update:
-    """One step of a run as ``follow`` sees it: a status, a chunk of output, the result, or nothing new."""
+    """One step of a run as ``follow`` sees it: a status, a chunk of output, a file it left, the
+    result, or nothing new."""
 
-    kind: Literal["status", "output", "result", "keepalive"]
+    kind: Literal["status", "output", "file", "result", "keepalive"]
     status: str = ""
     chunk: Chunk | None = None
+    file: OutputFile | None = None
     result: RunResult | None = None
 
 
@@ -76,12 +81,19 @@ class Scheduler:
     """Accepts runs into the store and runs them, oldest first, as sandboxes become free."""
 
     def __init__(
-        self, store: Store, leaser: Leaser, runner: Runner, settings: QueueSettings, workers: int
+        self,
+        store: Store,
+        leaser: Leaser,
+        runner: Runner,
+        settings: QueueSettings,
+        workers: int,
+        files: FileSettings | None = None,
     ) -> None:
         self._store = store
         self._leaser = leaser
         self._runner = runner
         self._settings = settings
+        self._inline_bytes = (files or FileSettings()).inline_bytes
         self._workers = workers
         # One token per run this node knows is queued: a worker takes a sandbox only for a token.
         self._work = anyio.Semaphore(0)
@@ -169,7 +181,7 @@ class Scheduler:
                 changed = self._watch(run_id)
                 record = await self._record(run_id)
                 if record.result is not None:
-                    return record.result
+                    return await self._with_files(record.result)
                 if self.draining and record.status == "queued":
                     raise ShuttingDown(
                         f"warmpod is shutting down before run {run_id} started: it stays queued and runs "
@@ -187,7 +199,7 @@ class Scheduler:
         """
         record = await self._record(run_id)
         if record.result is not None:
-            return record.result
+            return await self._with_files(record.result)
         # From the store, not this node's buffers: what is shown is what a crash would keep.
         stdout, stderr = joined((chunk.stream, chunk.data) for chunk in await self._store.output(run_id))
         status: RunStatus = "running" if record.status == "running" else "queued"
@@ -243,7 +255,9 @@ class Scheduler:
                 after = chunk.seq
                 yield Update("output", chunk=chunk)
             if record.result is not None:
-                yield Update("result", result=record.result)
+                for file in record.result.files:
+                    yield Update("file", file=file)
+                yield Update("result", result=await self._with_files(record.result))
                 return
             if chunks:
                 quiet_since = time.monotonic()
@@ -252,6 +266,34 @@ class Scheduler:
                 yield Update("keepalive")
             with anyio.move_on_after(RECHECK):
                 await changed.wait()
+
+    async def file(self, run_id: str, path: str) -> tuple[OutputFile, bytes]:
+        """A file the run left in ``out/``: its entry in the result and its content.
+
+        Raises:
+            RunNotFound: no such run, or its result has expired.
+            NoSuchFile: the run has not ended, or left no file at ``path``.
+        """
+        record = await self._record(run_id)
+        entry = next((f for f in record.result.files if f.path == path), None) if record.result else None
+        data = None if entry is None else await self._store.file(run_id, path)
+        if entry is None or data is None:
+            listed = ", ".join(f.path for f in record.result.files[:20]) if record.result else ""
+            raise NoSuchFile(
+                f"run {run_id} left no file {path[:1024]!r}"
+                + (f"; it left {listed}" if listed else " (files are listed once the run has ended)")
+            )
+        return entry, data
+
+    async def _with_files(self, result: RunResult) -> RunResult:
+        """The result with the content of its small files inline."""
+        if not result.files:
+            return result
+        small = await self._store.small_files(result.id, self._inline_bytes)
+        files = [
+            with_content(f, small[f.path], self._inline_bytes) if f.path in small else f for f in result.files
+        ]
+        return msgspec.structs.replace(result, files=files)
 
     async def _record(self, run_id: str) -> Record:
         record = await self._store.get(run_id)
@@ -309,7 +351,7 @@ class Scheduler:
                 retry = min(retry * 2, RETRY_MAX)
 
     async def _execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox) -> None:
-        live = self._live[run_id] = _LiveRun(RunOutput(spec.max_output_bytes))
+        live = self._live[run_id] = _LiveRun(self._runner.output(spec))
         self._notify(run_id)
         try:
             async with anyio.create_task_group() as tg:
@@ -341,10 +383,12 @@ class Scheduler:
         # until it is, holding this worker: no further run starts while none could be recorded.
         # Only a stopping server gives up on it; the next start reports the run as interrupted.
         chunks = live.output.take()
+        listed = {f.path for f in result.files}
+        files = [(f.path, bytes(f.data)) for f in live.output.files.complete if f.path in listed]
         delay = 0.5
         while True:
             try:
-                await self._store.finish(run_id, result, chunks)
+                await self._store.finish(run_id, result, chunks, files)
                 break
             except StoreError as exc:
                 if self.draining:

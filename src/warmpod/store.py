@@ -73,8 +73,23 @@ class Store(Protocol):
         """Keep more of a running run's output."""
         ...
 
-    async def finish(self, run_id: str, result: RunResult, chunks: Sequence[Chunk] = ()) -> bool:
-        """Record the run's last output and final result; False if it was already final."""
+    async def finish(
+        self,
+        run_id: str,
+        result: RunResult,
+        chunks: Sequence[Chunk] = (),
+        files: Sequence[tuple[str, bytes]] = (),
+    ) -> bool:
+        """Record the run's last output, final result and ``(path, content)`` of the files it
+        left (those ``result.files`` lists); False, keeping nothing, if it was already final."""
+        ...
+
+    async def file(self, run_id: str, path: str) -> bytes | None:
+        """The content of a file the run left, or None."""
+        ...
+
+    async def small_files(self, run_id: str, max_bytes: int) -> dict[str, bytes]:
+        """The content of each file the run left that is at most ``max_bytes`` long, by path."""
         ...
 
     async def get(self, run_id: str) -> Record | None:
@@ -127,6 +142,13 @@ CREATE TABLE IF NOT EXISTS output (
     data BLOB NOT NULL,
     PRIMARY KEY (run_id, seq)
 ) WITHOUT ROWID;
+-- A rowid table: the rows are large (SQLite advises WITHOUT ROWID only for small ones).
+CREATE TABLE IF NOT EXISTS files (
+    run_id TEXT NOT NULL,
+    path TEXT NOT NULL,
+    data BLOB NOT NULL,
+    UNIQUE (run_id, path)
+);
 """
 
 
@@ -259,9 +281,17 @@ class SqliteStore:
         if rows:
             await self._call(add)
 
-    async def finish(self, run_id: str, result: RunResult, chunks: Sequence[Chunk] = ()) -> bool:
-        """Record the run's last output and final result; False if it was already final."""
+    async def finish(
+        self,
+        run_id: str,
+        result: RunResult,
+        chunks: Sequence[Chunk] = (),
+        files: Sequence[tuple[str, bytes]] = (),
+    ) -> bool:
+        """Record the run's last output, final result and ``(path, content)`` of the files it
+        left (those ``result.files`` lists); False, keeping nothing, if it was already final."""
         rows = [(run_id, chunk.seq, chunk.stream, chunk.data) for chunk in chunks]
+        file_rows = [(run_id, path, data) for path, data in files]
         blob = msgspec.msgpack.encode(result)
 
         def finish(db: sqlite3.Connection) -> bool:
@@ -272,9 +302,34 @@ class SqliteStore:
                     "WHERE id = ? AND status IN ('queued', 'running')",
                     (result.status, blob, time.time(), run_id),
                 )
-                return cursor.rowcount == 1
+                if cursor.rowcount != 1:
+                    return False
+                db.executemany("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", file_rows)
+                return True
 
         return await self._call(finish)
+
+    async def file(self, run_id: str, path: str) -> bytes | None:
+        """The content of a file the run left, or None."""
+
+        def file(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute(
+                "SELECT data FROM files WHERE run_id = ? AND path = ?", (run_id, path)
+            ).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._call(file)
+
+    async def small_files(self, run_id: str, max_bytes: int) -> dict[str, bytes]:
+        """The content of each file the run left that is at most ``max_bytes`` long, by path."""
+
+        def small(db: sqlite3.Connection) -> dict[str, bytes]:
+            rows = db.execute(
+                "SELECT path, data FROM files WHERE run_id = ? AND length(data) <= ?", (run_id, max_bytes)
+            )
+            return {path: bytes(data) for path, data in rows}
+
+        return await self._call(small)
 
     async def get(self, run_id: str) -> Record | None:
         """The run's record, or None for an id never stored (or purged)."""
@@ -367,10 +422,11 @@ class SqliteStore:
 
         def purge(db: sqlite3.Connection) -> int:
             with _transaction(db):
-                db.execute(
-                    "DELETE FROM output WHERE run_id IN (SELECT id FROM runs WHERE finished < ?)",
-                    (finished_before,),
-                )
+                for table in ("output", "files"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE run_id IN (SELECT id FROM runs WHERE finished < ?)",  # noqa: S608
+                        (finished_before,),
+                    )
                 return db.execute("DELETE FROM runs WHERE finished < ?", (finished_before,)).rowcount
 
         return await self._call(purge)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import re
@@ -22,7 +23,7 @@ from warmpod.app import begin_drain, create_app
 from warmpod.errors import StoreError
 from warmpod.models import RunResult
 from warmpod.pool import Pool
-from warmpod.protocol import Output
+from warmpod.protocol import FileChunk, Output
 from warmpod.runner import RunLimits
 from warmpod.runtime import EngineInfo
 from warmpod.scheduler import Scheduler, Update
@@ -32,6 +33,10 @@ from warmpod.store import SqliteStore, Store
 
 MAX_BODY = 4096
 MAX_QUEUED = 5
+IN_COUNT = 4
+IN_FILE_BYTES = 600
+IN_BYTES = 1000
+INLINE = 16
 POOL_SIZE = 3
 IMAGE = "localhost/warmpod-runner:0123456789ab"
 PROBLEMS = "https://warmpod.dev/problems/"
@@ -49,7 +54,16 @@ INFO = EngineInfo(
 def settings() -> Settings:
     """Settings with a small body limit, pool and queue, as an operator could set them."""
     return from_env(
-        {}, server={"max_body_bytes": MAX_BODY}, pool={"size": POOL_SIZE}, queue={"max_queued": MAX_QUEUED}
+        {},
+        server={"max_body_bytes": MAX_BODY},
+        pool={"size": POOL_SIZE},
+        queue={"max_queued": MAX_QUEUED},
+        files={
+            "in_count": IN_COUNT,
+            "in_file_bytes": IN_FILE_BYTES,
+            "in_bytes": IN_BYTES,
+            "inline_bytes": INLINE,
+        },
     )
 
 
@@ -73,7 +87,7 @@ def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
         can_limit=True,
     )
     pool.serving = True
-    runner = RecordingRunner(leaser, settings.limits)
+    runner = RecordingRunner(leaser, settings.limits, settings.files)
     # Replaced by a started one in the app's lifespan; unstarted, it is what /health sees before.
     scheduler = Scheduler(cast(Store, None), leaser, runner, settings.queue, workers=POOL_SIZE)
     return Service(settings, IMAGE, INFO, pool, runner, scheduler)
@@ -90,7 +104,9 @@ def app(settings: Settings, service: Service, leaser: FakeLeaser, tmp_path: Path
         store = await SqliteStore.open(tmp_path / "runs.sqlite3")
         try:
             async with anyio.create_task_group() as tg:
-                scheduler = Scheduler(store, leaser, service.runner, settings.queue, workers=POOL_SIZE)
+                scheduler = Scheduler(
+                    store, leaser, service.runner, settings.queue, workers=POOL_SIZE, files=settings.files
+                )
                 service.scheduler = scheduler
                 await tg.start(scheduler.run)
                 yield service
@@ -155,6 +171,8 @@ async def test_run_json_returns_the_run_result(
         "limits_hit": [],
         "duration_ms": 3.5,
         "error": None,
+        "files": [],
+        "files_truncated": False,
     }
     assert runner.calls == [(b"print(1)", "é\n".encode(), 2.5)]
 
@@ -453,7 +471,11 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "memory_mb",
         "max_output_bytes",
         "wait",
+        "files",
     }
+    assert components["RunRequest"]["properties"]["files"]["items"]["$ref"].endswith("/InputFile")
+    assert set(components["InputFile"]["properties"]) == {"path", "content"}
+    assert set(components["OutputFile"]["properties"]) == {"path", "size", "media_type", "content"}
     assert set(components["RunResult"]["properties"]) == {
         "id",
         "status",
@@ -465,6 +487,8 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "limits_hit",
         "duration_ms",
         "error",
+        "files",
+        "files_truncated",
     }
 
 
@@ -768,3 +792,201 @@ async def test_sigterm_during_start_up_stops_it_and_cleans_up(settings: Settings
     assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert cleaned.is_set()
     assert app.state.get("service") is None
+
+
+# Files in and out -------------------------------------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    """``data`` in base64, as a client sends file contents."""
+    return base64.b64encode(data).decode()
+
+
+async def test_run_json_takes_files(client: AsyncTestClient[Litestar], runner: RecordingRunner) -> None:
+    """The JSON body's files reach the run decoded, in the order sent, each at its path."""
+    files = [
+        {"path": "data/sales.csv", "content": b64(b"a,b\n1,2\n")},
+        {"path": "c.json", "content": b64(b"\xff")},
+    ]
+    response = await client.post("/run-json/", json={"code": "pass", "files": files})
+    assert response.status_code == 200, response.text
+    assert runner.files == [(("data/sales.csv", b"a,b\n1,2\n"), ("c.json", b"\xff"))]
+
+
+async def test_run_file_takes_files_parts(client: AsyncTestClient[Litestar], runner: RecordingRunner) -> None:
+    """Each multipart part named files is an input file whose filename is its path."""
+    parts = [
+        ("file", ("main.py", b"pass")),
+        ("files", ("data/sales.csv", b"a,b\n")),
+        ("files", ("deep/er/x.bin", b"\x00\x01")),
+    ]
+    response = await client.post("/run-file/", files=parts)
+    assert response.status_code == 200, response.text
+    assert runner.files == [(("data/sales.csv", b"a,b\n"), ("deep/er/x.bin", b"\x00\x01"))]
+    single = await client.post(
+        "/run-file/", files=[("file", ("m.py", b"pass")), ("files", ("one.txt", b"1"))]
+    )
+    assert single.status_code == 200, single.text
+    assert runner.files[-1] == (("one.txt", b"1"),)
+
+
+@pytest.mark.parametrize(
+    ("path", "rule"),
+    [
+        ("", "empty"),
+        ("/etc/passwd", "absolute"),
+        ("../x", "'..'"),
+        ("a/../../x", "'..'"),
+        ("..", "'..'"),
+        ("a\\b", "backslash"),
+        ("a\x00b", "NUL"),
+        (".", "'.'"),
+        ("./a", "'.'"),
+        ("a//b", "empty"),
+        ("a/", "empty"),
+        ("main.py", "reserved"),
+        ("out", "reserved"),
+        ("out/chart.png", "reserved"),
+        ("x" * 256, "255 bytes"),
+        ("a/" * 600 + "b", "1024"),
+    ],
+)
+async def test_bad_file_paths_are_422_naming_the_rule(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, path: str, rule: str
+) -> None:
+    """Every input path rule, broken in JSON or a multipart part, is a 422 problem naming it and the path."""
+    body = json.dumps({"code": "pass", "files": [{"path": path, "content": ""}]})
+    response = await client.post("/run-json/", content=body, headers={"content-type": "application/json"})
+    problem = assert_problem(response, 422, rule, repr(path[:30])[1:-1][:20])
+    assert problem["type"] == PROBLEMS + "file"
+    if path and "\x00" not in path:
+        parts = [("file", ("m.py", b"pass")), ("files", (path, b""))]
+        assert_problem(await client.post("/run-file/", files=parts), 422, rule)
+    assert runner.calls == []
+
+
+async def test_a_filename_that_is_not_utf8_is_refused(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """A multipart filename in bytes that are not UTF-8 is a 4xx problem, not a file with a mangled name."""
+    boundary = "b0undary"
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="m.py"\r\n\r\npass\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="'.encode()
+        + b"\xff\xfe.csv"
+        + f'"\r\n\r\n1\r\n--{boundary}--\r\n'.encode()
+    )
+    response = await client.post(
+        "/run-file/", content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"}
+    )
+    assert 400 <= response.status_code < 500, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert runner.calls == []
+
+
+@pytest.mark.parametrize(
+    ("paths", "words"),
+    [
+        (["a.csv", "a.csv"], ["twice", "a.csv"]),
+        (["data", "data/x.csv"], ["directory", "data"]),
+        (["a/b/c", "a/b"], ["directory", "a/b"]),
+    ],
+)
+async def test_clashing_file_paths_are_422(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, paths: list[str], words: list[str]
+) -> None:
+    """A path given twice, or a file that is also another file's directory, is a 422 problem."""
+    files = [{"path": path, "content": ""} for path in paths]
+    assert_problem(await client.post("/run-json/", json={"code": "pass", "files": files}), 422, *words)
+    assert runner.calls == []
+
+
+async def test_bad_base64_and_caps_are_422_naming_the_maximum(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """Content that is not base64, and more files, a larger file or more bytes than allowed, are 422s."""
+    for content in ("not base64!", "YQ", "YQ==\n", "YWJj ZA=="):
+        files = [{"path": "a.txt", "content": content}]
+        assert_problem(
+            await client.post("/run-json/", json={"code": "pass", "files": files}), 422, "base64", "a.txt"
+        )
+    many = [{"path": f"f{i}", "content": ""} for i in range(IN_COUNT + 1)]
+    assert_problem(await client.post("/run-json/", json={"code": "pass", "files": many}), 422, str(IN_COUNT))
+    big = [{"path": "big", "content": b64(b"x" * (IN_FILE_BYTES + 1))}]
+    assert_problem(
+        await client.post("/run-json/", json={"code": "pass", "files": big}), 422, str(IN_FILE_BYTES), "big"
+    )
+    total = [{"path": f"f{i}", "content": b64(b"x" * 400)} for i in range(3)]
+    assert_problem(await client.post("/run-json/", json={"code": "pass", "files": total}), 422, str(IN_BYTES))
+    parts = [("file", ("m.py", b"pass")), ("files", ("big", b"x" * (IN_FILE_BYTES + 1)))]
+    assert_problem(await client.post("/run-file/", files=parts), 422, str(IN_FILE_BYTES))
+    text_part = await client.post("/run-file/", files=[("file", ("m.py", b"pass"))], data={"files": "x"})
+    assert_problem(text_part, 400, "filename")
+    assert runner.calls == []
+
+
+def left(path: str, data: bytes) -> list[FileChunk]:
+    """The frames an agent sends for one file: 7-byte pieces, the last one marked."""
+    pieces = [data[i : i + 7] for i in range(0, len(data), 7)] or [b""]
+    return [FileChunk(path=path, data=piece, end=i == len(pieces) - 1) for i, piece in enumerate(pieces)]
+
+
+async def test_files_left_in_out_come_back_and_download(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """Collected files are listed in path order with size and media type, inline up to the inline cap,
+    and each downloads as raw bytes with its media type and headers that keep a browser from running it."""
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 30
+    runner.left = [*left("out/summary.csv", b"a,b\n1,2\n"), *left("out/chart.png", png), *left("out/e", b"")]
+    body = (await client.post("/run-json/", json={"code": "pass"})).json()
+    assert body["files"] == [
+        {"path": "out/chart.png", "size": len(png), "media_type": "image/png", "content": None},
+        {"path": "out/e", "size": 0, "media_type": "application/octet-stream", "content": ""},
+        {"path": "out/summary.csv", "size": 8, "media_type": "text/csv", "content": b64(b"a,b\n1,2\n")},
+    ]
+    assert body["files_truncated"] is False
+    status = (await client.get(f"/status/{body['id']}")).json()
+    assert status == body
+    download = await client.get(f"/status/{body['id']}/files/out/chart.png")
+    assert download.status_code == 200
+    assert download.content == png
+    assert download.headers["content-type"] == "image/png"
+    assert download.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in download.headers["content-security-policy"]
+    assert download.headers["content-disposition"].startswith("attachment")
+    csv = await client.get(f"/status/{body['id']}/files/out/summary.csv")
+    assert csv.content == b"a,b\n1,2\n"
+    assert csv.headers["content-type"].startswith("text/csv")
+
+
+async def test_unknown_files_are_404_problems(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """A path the run did not leave, a run still going and an unknown run are 404 problems."""
+    runner.left = left("out/a.txt", b"a")
+    done = (await client.post("/run-json/", json={"code": "pass"})).json()
+    for path in ("out/b.txt", "out", "out/a.txt/x", "a.txt", "out/A.txt"):
+        body = assert_problem(await client.get(f"/status/{done['id']}/files/{path}"), 404)
+        assert body["type"] in (PROBLEMS + "no-such-file", PROBLEMS + "no-such-run")
+    assert_problem(await client.get(f"/status/{'f' * 32}/files/out/a.txt"), 404, "no run")
+    runner.hold = anyio.Event()
+    queued = (await client.post("/run-json/?wait=false", json={"code": "pass"})).json()
+    assert_problem(await client.get(f"/status/{queued['id']}/files/out/a.txt"), 404, "ended")
+    runner.hold.set()
+
+
+async def test_the_stream_sends_a_file_event_per_file_before_the_result(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner
+) -> None:
+    """The SSE stream sends one file event (path, size, media type, no content) per file, then the result."""
+    runner.left = [*left("out/a.txt", b"hello"), *left("out/b/c.json", b"{}")]
+    result = (await client.post("/run-json/", json={"code": "pass"})).json()
+    response = await client.get(f"/status/{result['id']}/stream")
+    blocks = [block for block in response.text.split("\r\n\r\n") if block.strip()]
+    parsed = [dict(line.split(": ", 1) for line in block.splitlines()) for block in blocks]
+    assert [event["event"] for event in parsed] == ["file", "file", "result"]
+    assert [json.loads(event["data"]) for event in parsed[:2]] == [
+        {"path": "out/a.txt", "size": 5, "media_type": "text/plain"},
+        {"path": "out/b/c.json", "size": 2, "media_type": "application/json"},
+    ]
+    assert json.loads(parsed[-1]["data"]) == result

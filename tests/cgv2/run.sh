@@ -321,7 +321,15 @@ fi
 OUT=$S/out
 echo
 echo "==== the guest ===="
-echo "main boot: UML $(cat "$OUT/kernel.txt" 2>/dev/null || echo "$KERNEL (no kernel.txt)")"
+echo "main boot: UML $(cat "$OUT/kernel.txt" 2>/dev/null || echo "$KERNEL (no kernel.txt)"), exit $RC"
+# A job that exits non-zero though each of its steps passed (seen once: exit 1, every step 0) was
+# ended by systemd or the guest, not by job.sh: the guest journal's last word on it says which.
+if [ "$RC" != 0 ] && [ -f "$OUT/guest-journal.log" ]; then
+    echo "guest journal, the job's unit and the kernel's kills:"
+    grep -E 'cgv2vm-job|oom|Killed process|Failed with result' "$OUT/guest-journal.log" | tail -n 15 | sed 's/^/    /'
+    echo "job.log's last lines:"
+    tail -n 5 "$OUT/job.log" 2>/dev/null | sed 's/^/    /'
+fi
 cat "$OUT/speed.txt" 2>/dev/null || echo "(no speed.txt)"
 if [ "$BOOT72" = 1 ]; then
     echo "7.2 boot ($SUITES_72): UML $(cat "$SB72/out.72/kernel.txt" 2>/dev/null || echo '? (no kernel.txt)'), exit $RC72"

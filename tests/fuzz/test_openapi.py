@@ -36,7 +36,9 @@ OPERATIONS = [
     "GET /status/{run_id}",
     "DELETE /status/{run_id}",
     "GET /status/{run_id}/stream",
+    "GET /status/{run_id}/files/{path}",
     "GET /health",
+    "GET /environment",
 ]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 

@@ -33,10 +33,13 @@ def test_files_do_not_survive_a_run(client: httpx.Client) -> None:
     first = run_json(client, write)
     assert first["status"] == "succeeded", first
     assert first["stdout"] == "True True\n"
-    look = "import os\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('/work')))"
+    look = (
+        "import os\nprint(sorted(os.listdir('/tmp')), sorted(os.listdir('/work')), os.listdir('/work/out'))"
+    )
     second = run_json(client, look)
     assert second["status"] == "succeeded", second
-    assert second["stdout"] == "[] ['main.py']\n"
+    # /tmp holds only the agent's fresh MPLCONFIGDIR, /work the program and its empty out/.
+    assert second["stdout"] == "['matplotlib'] ['main.py', 'out'] []\n"
 
 
 def test_every_run_has_its_own_hostname(server: WarmpodServer, client: httpx.Client) -> None:

@@ -212,7 +212,8 @@ def test_cpu_time_limit_kills_a_spin(client: httpx.Client) -> None:
 
 
 def test_memory_bomb_is_stopped_by_rlimit_as(client: httpx.Client) -> None:
-    """Without a memory cgroup, RLIMIT_AS (the memory limit) stops a bomb below the limit."""
+    """Without a memory cgroup, RLIMIT_AS (the memory limit on top of what the preloaded
+    interpreter maps) stops a bomb below the limit."""
     code = dedent(
         """
         import resource
@@ -229,7 +230,9 @@ def test_memory_bomb_is_stopped_by_rlimit_as(client: httpx.Client) -> None:
     assert result["exit_code"] == 1, result
     assert "MemoryError" in result["stderr"], result
     lines = result["stdout"].splitlines()
-    assert lines[0] == f"limit {MEMORY_MB}", result
+    limit = int(lines[0].removeprefix("limit "))
+    # numpy, pandas and pyarrow map some 350 MB before the program starts.
+    assert MEMORY_MB < limit < MEMORY_MB + 1024, result
     held = [int(line.split()[1]) for line in lines[1:]]
     assert held, "the bomb never got going, so this test proves nothing"
     assert max(held) < MEMORY_MB, result

@@ -192,12 +192,21 @@ def test_nothing_persists_between_runs(client: httpx.Client) -> None:
     look = dedent(
         f"""
         import json, os
-        print(json.dumps({{d: sorted(os.listdir(d)) for d in ("/tmp", "/work", "/dev/shm", {home!r})}}))
+        places = ("/tmp", "/work", "/work/out", "/dev/shm", {home!r})
+        print(json.dumps({{d: sorted(os.listdir(d)) for d in places}}))
         """
     )
     second = run(client, look)
     assert second.status == "succeeded", second.result
-    assert second.report() == {"/tmp": [], "/work": ["main.py"], "/dev/shm": [], home: ["main.py"]}
+    # /work holds the program and the empty out/ for the files it makes, /tmp the agent's fresh
+    # MPLCONFIGDIR (links to the image's font cache), and nothing else.
+    assert second.report() == {
+        "/tmp": ["matplotlib"],
+        "/work": ["main.py", "out"],
+        "/work/out": [],
+        "/dev/shm": [],
+        home: ["main.py", "out"],
+    }
     assert_still_serves(client)
 
 

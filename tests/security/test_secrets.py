@@ -25,7 +25,7 @@ ENOENT = errno.errorcode[errno.ENOENT]
 
 
 def test_environment_is_the_fixed_minimal_list(client: httpx.Client) -> None:
-    """The program's environment is exactly the agent's five variables: nothing of the server or host."""
+    """The program's environment is exactly the agent's six variables: nothing of the server or host."""
     attempt = run(client, "import json, os\nprint(json.dumps(dict(os.environ)))\n")
     assert attempt.status == "succeeded", attempt.result
     assert attempt.report() == {
@@ -34,6 +34,7 @@ def test_environment_is_the_fixed_minimal_list(client: httpx.Client) -> None:
         "HOME": "/work",
         "TMPDIR": "/tmp",
         "PYTHONDONTWRITEBYTECODE": "1",
+        "MPLCONFIGDIR": "/tmp/matplotlib",
     }
     assert_still_serves(client)
 

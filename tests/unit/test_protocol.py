@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import json
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
@@ -21,7 +23,9 @@ from hypothesis import strategies as st
 
 from warmpod import protocol
 from warmpod.errors import ProtocolError
-from warmpod.protocol import AgentError, Channel, Hello, Job, Output, Result
+from warmpod.files import OutputFiles
+from warmpod.protocol import AgentError, Channel, FileChunk, Hello, Job, Output, Result
+from warmpod.settings import FileSettings
 from warmpod.unix_stream import UnixStream
 
 AGENT_PATH = Path(__file__).resolve().parents[2] / "pool" / "agent.py"
@@ -87,7 +91,15 @@ async def receive_soon(channel: Channel) -> protocol.AgentMessage:
 def test_job_frame_decodes_as_the_agent_reads_it() -> None:
     """A Job frame is length-prefixed JSON tagged "job" whose code and stdin are base64 of the bytes sent."""
     code = "print('héllo')\n".encode() + b"\x00\xff\xfe raw bytes"
-    job = Job(code=code, stdin=b"line 1\nline 2\n\x00", timeout=2.5, max_output_bytes=4096)
+    job = Job(
+        code=code,
+        stdin=b"line 1\nline 2\n\x00",
+        timeout=2.5,
+        max_output_bytes=4096,
+        files=[("data/a.csv", b"x,y\n\xff")],
+        out_count=3,
+        out_bytes=1000,
+    )
     data = protocol.encode(job)
     (size,) = struct.unpack(">I", data[:4])
     assert size == len(data) - 4
@@ -100,6 +112,9 @@ def test_job_frame_decodes_as_the_agent_reads_it() -> None:
         "max_output_bytes": 4096,
         "cpu_time": 0,
         "address_space": 0,
+        "files": [["data/a.csv", base64.b64encode(b"x,y\n\xff").decode()]],
+        "out_count": 3,
+        "out_bytes": 1000,
     }
     assert base64.b64decode(message["code"]) == code
     assert base64.b64decode(message["stdin"]) == job.stdin
@@ -460,3 +475,87 @@ def test_decode_of_any_json_object_is_a_message_or_a_protocol_error(tag: str, fi
     except ProtocolError:
         return
     assert isinstance(message, Hello | Output | Result | AgentError)
+
+
+# The agent's collection of out/, on a directory of this host ------------------------------------
+
+
+async def collect(
+    agent: ModuleType,
+    work: Path,
+    full_size: tuple[Channel, socket.socket],
+    count: int = 100,
+    size: int = 1000,
+) -> tuple[OutputFiles, bool]:
+    """What the server makes of the agent's send_files over ``work``: the files and the truncation flag."""
+    channel, agent_end = full_size
+    setattr(agent, "WORKDIR", str(work))  # noqa: B010  (a module attribute mypy cannot see)
+    files = OutputFiles(FileSettings(out_count=count, out_bytes=size))
+
+    def send() -> bool:
+        truncated: bool = agent.send_files(agent_end, count, size)
+        agent_end.shutdown(socket.SHUT_WR)
+        return truncated
+
+    async def receive() -> None:
+        with contextlib.suppress(ProtocolError):
+            while True:
+                message = await channel.receive()
+                assert isinstance(message, FileChunk)
+                files.add(message.path, message.data, message.end)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receive)
+        truncated = await anyio.to_thread.run_sync(send)
+    return files, truncated
+
+
+async def test_the_agent_sends_regular_files_of_out_only(
+    agent: ModuleType, tmp_path: Path, full_size: tuple[Channel, socket.socket]
+) -> None:
+    """Regular files under out/ come in path order, whole; links, FIFOs, names that are not UTF-8 or
+    hold a backslash, and anything outside out/ are left behind, flagged."""
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "b.txt").write_bytes(b"b" * 100_000)
+    (out / "sub" / "a.csv").write_text("x\n")
+    (out / "empty").write_bytes(b"")
+    (tmp_path / "secret").write_text("not in out")
+    (out / "link").symlink_to(tmp_path / "secret")
+    (out / "dirlink").symlink_to(tmp_path)
+    os.mkfifo(out / "fifo")
+    (out / "back\\slash").write_text("x")
+    os.close(os.open(bytes(out) + b"/\xff", os.O_CREAT | os.O_WRONLY, 0o644))
+    files, truncated = await collect(agent, tmp_path, full_size, size=200_000)
+    assert [(f.path, bytes(f.data)) for f in files.complete] == [
+        ("out/b.txt", b"b" * 100_000),
+        ("out/empty", b""),
+        ("out/sub/a.csv", b"x\n"),
+    ]
+    assert truncated is True
+
+
+async def test_the_agent_keeps_to_the_count_and_byte_caps(
+    agent: ModuleType, tmp_path: Path, full_size: tuple[Channel, socket.socket]
+) -> None:
+    """Past the count cap the rest are flagged; a file larger than the bytes left is skipped, not cut."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, size in [("a", 300), ("b", 800), ("c", 300), ("d", 300), ("e", 1)]:
+        (out / name).write_bytes(b"x" * size)
+    files, truncated = await collect(agent, tmp_path, full_size, count=3, size=1000)
+    assert [(f.path, len(f.data)) for f in files.complete] == [("out/a", 300), ("out/c", 300), ("out/d", 300)]
+    assert truncated is True
+
+
+async def test_the_agent_sends_nothing_for_a_missing_or_linked_out(
+    agent: ModuleType, tmp_path: Path, full_size: tuple[Channel, socket.socket]
+) -> None:
+    """No out/ is no files and no flag; out/ swapped for a symlink is no files, flagged."""
+    files, truncated = await collect(agent, tmp_path, full_size)
+    assert (files.complete, truncated) == ([], False)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "x").write_text("x")
+    (tmp_path / "out").symlink_to(tmp_path / "elsewhere")
+    files, truncated = await collect(agent, tmp_path, full_size)
+    assert (files.complete, truncated) == ([], True)

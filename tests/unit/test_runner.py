@@ -264,3 +264,60 @@ async def test_an_agent_that_hangs_up_otherwise_is_a_sandbox_failure() -> None:
     assert run.error is not None
     assert run.error.startswith("the sandbox failed: agent connection lost")
     assert (run.stdout, run.stderr) == ("", "")
+
+
+# execute: the files the agent sends after the program ended -------------------------------------
+
+
+async def test_files_the_agent_sends_are_listed_in_the_result() -> None:
+    """Complete files come back in path order with size and media type (their bytes stay in the
+    output, for the store), and the agent's truncation flag is passed through."""
+    run, output = await execute(
+        fakes.file_chunk("out/b.csv", b"x,y\n", end=False),
+        fakes.file_chunk("out/b.csv", b"1,2\n"),
+        fakes.file_chunk("out/a/chart.png", b"\x89PNG"),
+        fakes.result(files_truncated=True),
+    )
+    assert run.status == "succeeded"
+    assert [(f.path, f.size, f.media_type, f.content) for f in run.files] == [
+        ("out/a/chart.png", 4, "image/png", None),
+        ("out/b.csv", 8, "text/csv", None),
+    ]
+    assert run.files_truncated is True
+    assert [bytes(f.data) for f in output.files.complete] == [b"\x89PNG", b"x,y\n1,2\n"]
+
+
+@pytest.mark.parametrize(
+    "path", ["main.py", "out", "out/../etc/passwd", "/out/a", "out//a", "out\\a", "data/x"]
+)
+async def test_a_file_from_outside_out_is_an_error(path: str) -> None:
+    """An agent that sends a file from anywhere but under out/ is not believed: the run is an error."""
+    run, _ = await execute(fakes.file_chunk(path, b"root:x:0:0"), fakes.result())
+    assert run.status == "error"
+    assert run.files == []
+    assert run.error is not None
+    assert "outside out/" in run.error
+
+
+async def test_a_file_cut_off_by_the_agent_is_left_out() -> None:
+    """A file whose last piece never came (its agent stopped mid-file) is not listed."""
+    run, _ = await execute(
+        fakes.file_chunk("out/a.txt", b"half", end=False), fakes.file_chunk("out/b.txt", b"b"), fakes.result()
+    )
+    assert [f.path for f in run.files] == ["out/b.txt"]
+
+
+async def test_files_extend_the_wait_past_the_timeout_and_its_grace() -> None:
+    """Once files start coming (the program has ended) the server waits for them past the run's
+    timeout and grace, instead of calling a run that ended in time a timeout."""
+    late = 0.1 + runner.SERVER_GRACE
+    run, _ = await execute(
+        fakes.sleep(late - 0.2),
+        fakes.file_chunk("out/a.bin", b"a", end=False),
+        fakes.sleep(0.4),
+        fakes.file_chunk("out/a.bin", b"b"),
+        fakes.result(),
+        timeout=0.1,
+    )
+    assert run.status == "succeeded"
+    assert [(f.path, f.size) for f in run.files] == [("out/a.bin", 2)]

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from warmpod.errors import StoreError
@@ -204,3 +205,23 @@ async def test_an_unreadable_queued_run_ends_in_error_and_the_queue_goes_on(stor
     assert record.result.status == "error"
     assert "could not be read" in (record.result.error or "")
     assert await store.claim() is None
+
+
+async def test_files_are_kept_with_the_result_once_and_purged_with_it(store: SqliteStore) -> None:
+    """A finish keeps the run's files (a second finish adds none); they read back whole or, under a
+    size, inline; a purge removes them with the run."""
+    files = (("out/a.png", b"\x89PNG" * 10), ("out/b.csv", b"x\n"))
+    spec = msgspec.structs.replace(SPEC, files=(("data/in.csv", b"1,2\n"),))
+    assert await store.add("r", spec, max_queued=10)
+    claimed = await store.claim()
+    assert claimed is not None
+    assert claimed[1].files == (("data/in.csv", b"1,2\n"),)
+    assert await store.finish("r", result("r"), files=files)
+    assert not await store.finish("r", result("r"), files=[("out/c", b"late")])
+    assert await store.file("r", "out/a.png") == b"\x89PNG" * 10
+    assert await store.file("r", "out/c") is None
+    assert await store.file("other", "out/a.png") is None
+    assert await store.small_files("r", 10) == {"out/b.csv": b"x\n"}
+    assert await store.purge(time.time() + 1) == 1
+    assert await store.file("r", "out/a.png") is None
+    assert await store.small_files("r", 1000) == {}
