@@ -24,8 +24,11 @@ from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_IN
 
 from warmpod import __version__
 from warmpod.api import RunController, StatusController, get_service, health
+from warmpod.environment import EnvironmentNotRecorded, environment
 from warmpod.errors import (
+    InvalidFile,
     InvalidRun,
+    NoSuchFile,
     QueueFull,
     RunFinished,
     RunNotFound,
@@ -125,15 +128,18 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             ValidationException: _validation_problem,
             HTTPException: functools.partial(_http_problem, settings.server.max_body_bytes),
             InvalidRun: _problem(422, "Limit out of range", "limit"),
+            InvalidFile: _problem(422, "File not allowed", "file"),
             QueueFull: _problem(429, "Queue full", "queue-full"),
             ShuttingDown: _problem(503, "Shutting down", "shutting-down"),
             RunNotFound: _problem(404, "No such run", "no-such-run"),
+            NoSuchFile: _problem(404, "No such file", "no-such-file"),
             RunFinished: _problem(409, "Run already ended", "run-finished"),
             StoreError: _problem(503, "Run store unavailable", "store-unavailable"),
+            EnvironmentNotRecorded: _problem(404, "No environment recorded", "no-environment"),
         }
     )
     return Litestar(
-        route_handlers=[RunController, StatusController, health],
+        route_handlers=[RunController, StatusController, health, environment],
         dependencies={"service": Provide(get_service, sync_to_thread=False)},
         lifespan=[lifespan],
         plugins=[ProblemDetailsPlugin(problems)],

@@ -1,4 +1,4 @@
-"""The ``warmpod`` command: serve, image build, doctor."""
+"""The ``warmpod`` command: serve, image build, image lock, doctor."""
 
 from __future__ import annotations
 
@@ -95,7 +95,10 @@ def doctor(settings: Settings) -> int:
                 f"{', '.join(absent)}: set Delegate=cpu memory pids for user@.service (systemd) and "
                 "loginctl enable-linger this user"
             )
-    print(f"Runner image: {image.image_ref(settings)}")
+    try:
+        print(f"Runner image: {image.image_ref(settings)}")
+    except WarmpodError as exc:  # a requirements file not resolved yet: `warmpod serve` resolves it
+        print(f"Runner image: not known yet ({exc})")
     print("Limits (limit: layer, mechanism):")
     rows = enforcement(cgroups=can_limit)
     for row in rows:
@@ -170,6 +173,11 @@ def _parser() -> argparse.ArgumentParser:
     image_cmds = image_cmd.add_subparsers(dest="image_command", required=True)
     image_cmds.add_parser("build", help="build the runner image (skips when built)")
     image_cmds.add_parser("ref", help="print the runner image reference")
+    image_cmds.add_parser(
+        "lock",
+        help="resolve the image's requirements.in (WARMPOD_IMAGE__REQUIREMENTS) again into its hashed lock, "
+        "newest versions with wheels",
+    )
     commands.add_parser("doctor", help="say what this host can enforce")
     return parser
 
@@ -190,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "image":
             if args.image_command == "ref":
                 print(image.image_ref(settings))
+                return 0
+            if args.image_command == "lock":
+                image.lock_requirements(settings, _progress, upgrade=True)
                 return 0
             image.build_image(settings, _progress)
             return 0

@@ -6,6 +6,7 @@ import collections
 import hashlib
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+
+from uv import find_uv_bin
 
 from warmpod.engine import podman_command
 from warmpod.errors import ImageError
@@ -31,8 +34,17 @@ PIP_REQUIREMENT = "pip==26.3 --hash=sha256:f3b60b20ffaadd4415ed7957212a38ac63fa4
 TIMEOUT = 20 * 60.0
 """Longest any one tool may run, in seconds."""
 
-CONTEXT_FILES = ("Containerfile", "agent.py", "requirements.lock")
-"""The build inputs taken from the pool directory; the image tag is a hash over them."""
+CONTEXT_FILES = ("Containerfile", "agent.py", "finish_image.py", "requirements.lock")
+"""The build inputs taken from the pool directory; the image tag is a hash over them. The lock is
+the one of ``WARMPOD_IMAGE__REQUIREMENTS`` instead when that is set."""
+LOCK_COMMAND = "warmpod image lock"
+"""Regenerates the lock; its header names it."""
+_LOCK_STAMP = "# warmpod: resolved from {name} sha256={digest}"
+# uv names a requirement without a usable wheel in one of these ways.
+_NO_WHEEL = (
+    re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:[=<>!~]=?[^\s,]*)? (?:has|have) no usable wheels"),
+    re.compile(r"Wheels are required for `([^`]+)`"),
+)
 _LOCAL_BASE = "localhost/warmpod-base"
 _ARCHES = frozenset({"x86_64", "aarch64"})
 _TAIL = 25
@@ -79,14 +91,110 @@ def image_ref(settings: Settings) -> str:
     reference, and changing any of them gives a new one.
 
     Raises:
-        ImageError: the context directory lacks one of the build inputs.
+        ImageError: the context directory lacks one of the build inputs, or the lock is missing or
+            older than its requirements (``warmpod image build`` or ``warmpod image lock`` makes it).
     """
     digest = hashlib.sha256()
-    for name, data in _inputs(context_dir(settings)):
+    for name, data in _inputs(settings):
         digest.update(f"{name}\0{len(data)}\0".encode())
         digest.update(data)
     digest.update(f"base\0{_base_ref(settings)}".encode())
     return f"{settings.image.name}:{digest.hexdigest()[:12]}"
+
+
+def requirements_file(settings: Settings) -> Path | None:
+    """The list of libraries the lock is resolved from, or None for a context holding only a lock.
+
+    Raises:
+        ImageError: ``WARMPOD_IMAGE__REQUIREMENTS`` names a file that is not there.
+    """
+    if settings.image.requirements:
+        path = Path(settings.image.requirements)
+        if not path.is_file():
+            raise ImageError(f"WARMPOD_IMAGE__REQUIREMENTS names {path}, which is not a file")
+        return path
+    bundled = context_dir(settings) / "requirements.in"
+    return bundled if bundled.is_file() else None
+
+
+def lock_file(settings: Settings) -> Path:
+    """The hashed lock the image installs: beside its requirements file, or the context's own."""
+    requirements = requirements_file(settings)
+    if requirements is None:
+        return context_dir(settings) / "requirements.lock"
+    if requirements.suffix == ".in":
+        return requirements.with_suffix(".lock")
+    return requirements.with_name(requirements.name + ".lock")
+
+
+def lock_is_current(requirements: Path, lock: Path) -> bool:
+    """Whether ``lock`` was resolved from ``requirements`` as they are now (its first line says)."""
+    try:
+        with lock.open() as file:
+            first = file.readline().rstrip("\n")
+    except OSError:
+        return False
+    return first == _stamp(requirements)
+
+
+def lock_requirements(settings: Settings, progress: Progress, *, upgrade: bool = False) -> Path:
+    """Resolve the requirements file into its hashed lock for the runner's CPython, wheels only.
+
+    Versions already in the lock are kept where they still fit, unless ``upgrade``: then every
+    requirement is resolved to the newest version that has a wheel.
+
+    Raises:
+        ImageError: there is no requirements file, a requirement has no wheel for the runner
+            (the message names it), or uv failed.
+    """
+    requirements = requirements_file(settings)
+    if requirements is None:
+        raise ImageError(
+            f"no requirements.in in {context_dir(settings)} to resolve: set WARMPOD_IMAGE__REQUIREMENTS"
+        )
+    lock = lock_file(settings)
+    arch = _arch()
+    stamp = _stamp(requirements)  # before resolving: an edit meanwhile leaves the lock stale
+    progress(f"resolving {requirements} for CPython {PYTHON_VERSION} on manylinux {arch}, wheels only...")
+    with tempfile.TemporaryDirectory(prefix="lock-", dir=_cache_dir(settings)) as tmp:
+        output = Path(tmp) / lock.name
+        if lock.is_file() and not upgrade:
+            shutil.copyfile(lock, output)  # uv prefers the versions pinned in its output file
+        argv = [
+            _uv(),
+            "pip",
+            "compile",
+            requirements.name,
+            "--output-file",
+            str(output),
+            "--python-version",
+            PYTHON_VERSION,
+            "--python-platform",
+            f"{arch}-manylinux_2_{GLIBC_MINOR}",
+            # The image is built offline from wheels: a requirement without one fails here, by name.
+            "--only-binary",
+            ":all:",
+            "--generate-hashes",
+            "--no-python-downloads",
+            "--quiet",
+            "--custom-compile-command",
+            LOCK_COMMAND,
+            *(["--upgrade"] if upgrade else []),
+        ]
+        try:
+            # From the file's directory, so the lock's "via -r" notes do not depend on where it ran.
+            _run(argv, what="uv pip compile", progress=progress, cwd=requirements.parent)
+        except ImageError as exc:
+            raise _resolution_error(requirements, arch, str(exc)) from exc
+        resolved = output.read_text()
+        staged = lock.with_name(f".{lock.name}.new")
+        try:
+            staged.write_text(f"{stamp}\n{resolved}")
+            staged.replace(lock)
+        except OSError as exc:
+            raise ImageError(f"cannot write the lock {lock}: {exc}") from exc
+    progress(f"locked {requirements} into {lock}")
+    return lock
 
 
 def build_image(settings: Settings, progress: Progress) -> str:
@@ -103,6 +211,9 @@ def build_image(settings: Settings, progress: Progress) -> str:
         ImageError: a build step failed or ran past its time limit; the message holds the last
             lines of the tool's output.
     """
+    requirements = requirements_file(settings)
+    if requirements is not None and not lock_is_current(requirements, lock_file(settings)):
+        lock_requirements(settings, progress)
     ref = image_ref(settings)
     if _image_exists(settings, ref):
         progress(f"runner image {ref} already built, skipping")
@@ -112,7 +223,7 @@ def build_image(settings: Settings, progress: Progress) -> str:
     wheels = _download_wheels(settings, progress)
     cache = _cache_dir(settings)
     with tempfile.TemporaryDirectory(prefix="build-", dir=cache) as tmp:
-        context = _assemble_context(context_dir(settings), wheels, Path(tmp))
+        context = _assemble_context(settings, wheels, Path(tmp))
         progress(f"building runner image {ref} on {base} (about 10 s)...")
         # --layers=false: one layer on top of the base and no build cache, which buildah would
         # reuse even after the bind-mounted wheels or lock changed.
@@ -134,17 +245,59 @@ def build_image(settings: Settings, progress: Progress) -> str:
     return ref
 
 
-def _inputs(context: Path) -> list[tuple[str, bytes]]:
+def _inputs(settings: Settings) -> list[tuple[str, bytes]]:
+    context = context_dir(settings)
+    requirements = requirements_file(settings)
+    lock = lock_file(settings)
+    if requirements is not None and not lock_is_current(requirements, lock):
+        state = "is older than" if lock.is_file() else "is not resolved from"
+        raise ImageError(
+            f"{lock} {state} {requirements}: `warmpod image build` resolves it, or run `{LOCK_COMMAND}`"
+        )
     inputs = []
     for name in CONTEXT_FILES:
+        path = lock if name == "requirements.lock" else context / name
         try:
-            inputs.append((name, (context / name).read_bytes()))
+            inputs.append((name, path.read_bytes()))
         except OSError as exc:
             raise ImageError(
-                f"cannot read {name} of the runner image from {context}: {exc.strerror}; "
+                f"cannot read {name} of the runner image from {path.parent}: {exc.strerror}; "
                 f"set WARMPOD_IMAGE__CONTEXT to a directory holding {', '.join(CONTEXT_FILES)}"
             ) from exc
     return inputs
+
+
+def _stamp(requirements: Path) -> str:
+    try:
+        data = requirements.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"cannot read the requirements {requirements}: {exc.strerror}") from exc
+    return _LOCK_STAMP.format(name=requirements.name, digest=hashlib.sha256(data).hexdigest())
+
+
+def _resolution_error(requirements: Path, arch: str, output: str) -> ImageError:
+    names = sorted({match for pattern in _NO_WHEEL for match in pattern.findall(output)})
+    if names:
+        return ImageError(
+            f"{', '.join(names)} in {requirements} {'has' if len(names) == 1 else 'have'} no wheel for "
+            f"CPython {PYTHON_VERSION} on manylinux_2_{GLIBC_MINOR} {arch}: the runner image installs "
+            "wheels only, offline; remove it, or pin a version that ships such a wheel.\n" + output
+        )
+    return ImageError(f"cannot resolve {requirements}: {output}")
+
+
+def _uv() -> str:
+    try:
+        return find_uv_bin()
+    except FileNotFoundError as exc:
+        raise ImageError(f"uv not found ({exc}): reinstall warmpod, which depends on it") from exc
+
+
+def _arch() -> str:
+    arch = platform.machine()
+    if arch not in _ARCHES:
+        raise ImageError(f"no runner image for {arch!r} hosts: wheels exist for {sorted(_ARCHES)}")
+    return arch
 
 
 def _base_ref(settings: Settings) -> str:
@@ -282,19 +435,16 @@ def _remove(path: Path) -> None:
 
 def _download_wheels(settings: Settings, progress: Progress) -> Path:
     """Fetch the locked wheels and pip's own into a cache directory named by their inputs."""
-    context = context_dir(settings)
-    lock = context / "requirements.lock"
-    arch = platform.machine()
-    if arch not in _ARCHES:
-        raise ImageError(f"no runner image for {arch!r} hosts: wheels exist for {sorted(_ARCHES)}")
-    key = hashlib.sha256(dict(_inputs(context))["requirements.lock"])
+    lock = lock_file(settings)
+    arch = _arch()
+    key = hashlib.sha256(dict(_inputs(settings))["requirements.lock"])
     key.update(f"\0{PIP_REQUIREMENT}\0{arch}\0{PYTHON_VERSION}\0{GLIBC_MINOR}".encode())
     cache = _cache_dir(settings)
     target = cache / f"wheels-{key.hexdigest()[:12]}"
     if target.is_dir():
         progress(f"wheels already downloaded to {target}, skipping")
         return target
-    progress(f"downloading the locked wheels for CPython {PYTHON_VERSION}/{arch} (30 MB, about 10 s)...")
+    progress(f"downloading the locked wheels for CPython {PYTHON_VERSION}/{arch} (140 MB, about 10 s)...")
     with tempfile.TemporaryDirectory(prefix="wheels-", dir=cache) as tmp:
         pip_requirement = Path(tmp) / "pip.txt"
         pip_requirement.write_text(PIP_REQUIREMENT + "\n")
@@ -353,8 +503,8 @@ def _platform_tags(arch: str) -> list[str]:
     return tags
 
 
-def _assemble_context(source: Path, wheels: Path, context: Path) -> Path:
-    for name, data in _inputs(source):
+def _assemble_context(settings: Settings, wheels: Path, context: Path) -> Path:
+    for name, data in _inputs(settings):
         (context / name).write_bytes(data)
     (context / "wheels").mkdir()
     for wheel in wheels.iterdir():
@@ -381,6 +531,7 @@ def _run(
     env: Mapping[str, str] | None = None,
     ok: tuple[int, ...] = (0,),
     timeout: float = TIMEOUT,
+    cwd: Path | None = None,
 ) -> int:
     """Run a tool, streaming its output lines to ``progress``; return its exit status.
 
@@ -393,6 +544,7 @@ def _run(
         proc = subprocess.Popen(
             argv,
             env=env,
+            cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

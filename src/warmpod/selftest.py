@@ -1,4 +1,7 @@
-"""The start-up self-test: a probe run in a real sandbox must find every layer on before serving."""
+"""The start-up self-test: a probe run in a real sandbox must find every layer on before serving.
+
+The same probe reads the image's record of what it installed, which ``GET /environment`` serves.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import math
 import socket
 from typing import Any
 
+from warmpod.environment import Environment
 from warmpod.errors import WarmpodError
 from warmpod.pool import Pool
 from warmpod.runner import Runner
@@ -33,6 +37,11 @@ try:
     pid1 = open("/proc/1/cmdline", "rb").read().split(b"\0")
 except OSError:
     pid1 = []
+try:
+    with open("/opt/warmpod/environment.json") as f:  # environment.ENVIRONMENT_FILE
+        environment = json.load(f)
+except (OSError, ValueError):
+    environment = None
 print(json.dumps({
     "pid1": [part.decode(errors="replace") for part in pid1 if part],
     "hostname": os.uname().nodename,
@@ -47,6 +56,7 @@ print(json.dumps({
     "cpu_used": sum(os.times()[:2]),
     "memory_max": read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
     "pids_max": read("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
+    "environment": environment,
 }))
 """
 
@@ -101,8 +111,13 @@ def failures(
     return found + found_cpu
 
 
-async def self_test(pool: Pool, runner: Runner, settings: Settings, *, cgroups: bool, userns: bool) -> None:
+async def self_test(
+    pool: Pool, runner: Runner, settings: Settings, *, cgroups: bool, userns: bool
+) -> Environment | None:
     """Wait for the pool's first sandbox, then run the probe in a sandbox from the pool.
+
+    Returns:
+        What the image recorded as installed (``ENVIRONMENT_FILE``), or None if it holds no record.
 
     Raises:
         PoolUnavailable: no sandbox was made within the start-up timeout.
@@ -123,3 +138,4 @@ async def self_test(pool: Pool, runner: Runner, settings: Settings, *, cgroups: 
     missing = failures(report, limits, cgroups=cgroups, userns=userns)
     if missing:
         raise SelfTestFailed("refusing to serve: " + "; ".join(missing))
+    return Environment.from_report(report.get("environment"))

@@ -15,6 +15,7 @@ import anyio
 
 from warmpod import engine, image
 from warmpod.enforcement import check, enforcement
+from warmpod.environment import Environment
 from warmpod.errors import EngineError, ImageError
 from warmpod.models import Health, LimitEnforcement, PoolCounts, QueueCounts
 from warmpod.pool import Pool
@@ -39,6 +40,8 @@ class Service:
     pool: Pool
     runner: Runner
     scheduler: Scheduler
+    environment: Environment | None = None
+    """What the runner image installed, as the start-up probe read it (``GET /environment``)."""
 
     def health(self) -> Health:
         """The service's state for ``GET /health``."""
@@ -135,16 +138,16 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(podman.keep_alive)
                         await tg.start(pool.run)
-                        runner = Runner(pool, settings.limits)
+                        runner = Runner(pool, settings.limits, settings.files)
                         # /health stays 503 until a real sandbox has shown every layer on.
-                        await self_test(
+                        environment = await self_test(
                             pool, runner, settings, cgroups=info.can_limit, userns=userns or info.rootless
                         )
                         log.info("self-test passed: no network, read-only root, non-root, limits on")
                         workers = settings.queue.workers or settings.pool.bounds[1]
-                        scheduler = Scheduler(store, pool, runner, settings.queue, workers)
+                        scheduler = Scheduler(store, pool, runner, settings.queue, workers, settings.files)
                         await tg.start(scheduler.run)
-                        yield Service(settings, ref, info, pool, runner, scheduler)
+                        yield Service(settings, ref, info, pool, runner, scheduler, environment)
                         await scheduler.drain(settings.server.shutdown_grace)
                         tg.cancel_scope.cancel()
                 finally:

@@ -28,9 +28,10 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """Address to listen on (``WARMPOD_SERVER__HOST``)."""
     port: Port = 8000
     """TCP port to listen on (``WARMPOD_SERVER__PORT``)."""
-    max_body_bytes: Annotated[int, Meta(ge=1024, le=8 * 1024 * 1024)] = 1024 * 1024
-    """Largest accepted request body, at most 8 MiB (the agent's job frame limit is 16 MiB
-    after base64); larger ones get 413 (``WARMPOD_SERVER__MAX_BODY_BYTES``)."""
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 32 * 1024 * 1024
+    """Largest accepted request body, at most 64 MiB (the agent's job frame limit is 128 MiB
+    after base64): room for ``files.in_bytes`` of files in base64; larger ones get 413
+    (``WARMPOD_SERVER__MAX_BODY_BYTES``)."""
     startup_timeout: Seconds = 600.0
     """How long start-up waits for the pool's first sandbox before it gives up; the first one,
     preloading numpy and pandas on a slow host, can take far longer than a run waits for a free one
@@ -82,6 +83,12 @@ class ImageSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     cache_dir: str = ""
     """Where downloaded wheels are kept between builds; empty means ``~/.cache/warmpod``
     (``WARMPOD_IMAGE__CACHE_DIR``)."""
+    requirements: str = ""
+    """The libraries user code can import, one requirement a line (a ``requirements.in``): warmpod
+    resolves it for the runner's CPython into a hashed lock beside it (``requirements.lock`` for
+    ``requirements.in``) when the lock is missing or older than the file, installs wheels only,
+    and tags the image with the lock's hash; empty uses the bundled set, the context's
+    ``requirements.in`` (``WARMPOD_IMAGE__REQUIREMENTS``)."""
 
 
 class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -166,6 +173,27 @@ class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     """Open files per process (``WARMPOD_LIMITS__OPEN_FILES``)."""
 
 
+class FileSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Files a run takes in and gives back."""
+
+    in_count: Annotated[int, Meta(ge=0, le=1000)] = 100
+    """Input files one run may take (``WARMPOD_FILES__IN_COUNT``)."""
+    in_file_bytes: Annotated[int, Meta(ge=0)] = 16 * 1024 * 1024
+    """Largest input file (``WARMPOD_FILES__IN_FILE_BYTES``)."""
+    in_bytes: Annotated[int, Meta(ge=0, le=48 * 1024 * 1024)] = 16 * 1024 * 1024
+    """All input files of one run together, within the working directory's tmpfs
+    (``WARMPOD_FILES__IN_BYTES``)."""
+    out_count: Annotated[int, Meta(ge=0, le=1000)] = 100
+    """Files collected from ``out/`` at most; past it the rest are dropped and the result says
+    ``files_truncated`` (``WARMPOD_FILES__OUT_COUNT``)."""
+    out_bytes: Annotated[int, Meta(ge=0, le=256 * 1024 * 1024)] = 16 * 1024 * 1024
+    """Bytes collected from ``out/`` at most; a file that would go past it is dropped
+    (``WARMPOD_FILES__OUT_BYTES``)."""
+    inline_bytes: Annotated[int, Meta(ge=0)] = 1024 * 1024
+    """Files up to this size come inline in the result, in base64; larger ones only from
+    ``GET /status/{id}/files/{path}`` (``WARMPOD_FILES__INLINE_BYTES``)."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """All of warmpod's configuration."""
 
@@ -175,6 +203,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pool: PoolSettings = msgspec.field(default_factory=PoolSettings)
     queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
+    files: FileSettings = msgspec.field(default_factory=FileSettings)
 
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -215,6 +244,11 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Sett
         raise SettingsError(
             "WARMPOD_LIMITS__TIMEOUT (limits.timeout) must not exceed WARMPOD_LIMITS__MAX_TIMEOUT "
             "(limits.max_timeout)"
+        )
+    if settings.files.in_bytes >= settings.limits.tmpfs_mb * 1024 * 1024:
+        raise SettingsError(
+            "WARMPOD_FILES__IN_BYTES (files.in_bytes) must be below the working directory's tmpfs, "
+            "WARMPOD_LIMITS__TMPFS_MB (limits.tmpfs_mb)"
         )
     low, high = settings.pool.bounds
     if low > high:

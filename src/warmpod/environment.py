@@ -1,0 +1,72 @@
+"""``GET /environment``: the Python and the libraries a run gets, as the runner image recorded them."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from litestar import Request, get
+from litestar.exceptions import ServiceUnavailableException
+from litestar.openapi.datastructures import ResponseSpec
+
+from warmpod.errors import WarmpodError
+from warmpod.models import Problem
+
+if TYPE_CHECKING:
+    from warmpod.service import Service
+
+ENVIRONMENT_FILE = "/opt/warmpod/environment.json"
+"""Written by ``pool/finish_image.py`` when the image is built; read by the start-up probe."""
+
+
+class Environment(msgspec.Struct, frozen=True, kw_only=True):
+    """What user code runs with: pin a script to these versions to get what it was written for."""
+
+    python: str
+    """The runner's CPython version, e.g. ``3.13.5``."""
+    packages: dict[str, str]
+    """Every installed distribution (its normalised name, PEP 503) and its version."""
+
+    @classmethod
+    def from_report(cls, value: object) -> Environment | None:
+        """The environment the start-up probe read from the image, or None if it found none."""
+        try:
+            return msgspec.convert(value, cls)
+        except msgspec.ValidationError:
+            return None
+
+
+class EnvironmentNotRecorded(WarmpodError):
+    """Raised by ``GET /environment`` when the runner image holds no record of what it installed."""
+
+
+@get(
+    "/environment",
+    sync_to_thread=False,
+    summary="Python and library versions",
+    responses={
+        404: ResponseSpec(
+            Problem,
+            description="The runner image records no environment (built from another Containerfile)",
+            media_type="application/problem+json",
+            generate_examples=False,
+        ),
+        503: ResponseSpec(
+            Problem,
+            description="Starting; retry after `Retry-After` seconds",
+            media_type="application/problem+json",
+            generate_examples=False,
+        ),
+    },
+)
+def environment(request: Request[Any, Any, Any]) -> Environment:
+    """The runner's Python version and every installed distribution with its version."""
+    service: Service | None = request.app.state.get("service")
+    if service is None:
+        raise ServiceUnavailableException("warmpod is starting", headers={"Retry-After": "1"})
+    if service.environment is None:
+        raise EnvironmentNotRecorded(
+            f"the runner image {service.image} has no {ENVIRONMENT_FILE}: build it with warmpod's "
+            "Containerfile (pool/), whose finish_image.py records it"
+        )
+    return service.environment
