@@ -42,18 +42,17 @@ from latency import (
     ROOT,
     Series,
     Server,
-    built_image,
     free_port,
-    host_facts,
     repeat,
     run_once,
     section,
+    setup,
     table,
     wait_pool_full,
 )
 
 from warmpod import engine
-from warmpod.settings import Settings, from_env
+from warmpod.settings import Settings
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "files.json"
 BASELINE = "90f8d5c0011bffb9de4b7eaca39d51072fb0b782"
@@ -208,12 +207,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--output", type=Path, default=DEFAULT_OUTPUT, help=f"JSON file (default {DEFAULT_OUTPUT})"
     )
     args = parser.parse_args(argv)
-    settings = from_env()
-    ref = built_image(settings)
-    if ref is None:
+    ready = setup(args.output)
+    if ready is None:
         return 1
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    facts = host_facts(settings, ref)
+    settings, ref, facts = ready
     csv = make_csv(args.csv_bytes)
 
     with tempfile.TemporaryDirectory(prefix="warmpod-baseline-") as tmp:
@@ -266,7 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in (trivial, baseline):
         program = item.extra.get("program_ms") or [0.0]
         print(
-            f"{item.name}: the program's own time inside warmpod (agent), p50 {statistics.median(program):.1f} ms"
+            f"{item.name}: the program's own time inside warmpod (agent), "
+            f"p50 {statistics.median(program):.1f} ms"
         )
     if p50["trivial"] and p50["baseline"]:
         print(

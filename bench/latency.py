@@ -115,6 +115,17 @@ def built_image(settings: Settings) -> str | None:
     return ref
 
 
+def setup(output: Path) -> tuple[Settings, str, dict[str, Any]] | None:
+    """The settings, the built runner image and the host's facts for a benchmark writing ``output``;
+    None (with a message) when the image is not built yet."""
+    settings = from_env()
+    ref = built_image(settings)
+    if ref is None:
+        return None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    return settings, ref, host_facts(settings, ref)
+
+
 class Server:
     """``warmpod serve`` as a child process on a private port."""
 
@@ -313,13 +324,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args = parse_args(argv)
-    settings = from_env()
-    ref = built_image(settings)
-    if ref is None:
+    ready = setup(args.output)
+    if ready is None:
         return 1
+    settings, ref, facts = ready
     python3 = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin") or "python3"
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    facts = host_facts(settings, ref)
 
     idle = Series("idle", "POST /run-json/ print(1), each once /health shows the pool full")
     sustained = Series("sustained", "POST /run-json/ print(1), back to back")

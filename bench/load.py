@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 from burst import FINAL
-from latency import ROOT, Series, Server, built_image, fmt, free_port, host_facts, podman, section
+from latency import ROOT, Series, Server, fmt, free_port, podman, section, setup
 from run import EXPECTED, PROGRAMS, rss
 
 from warmpod.pool import LABEL_INSTANCE, LABEL_PID
@@ -624,12 +624,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the load; return 1 if any check failed."""
     args = parse_args(argv)
-    settings = from_env()
-    ref = built_image(settings)
-    if ref is None:
+    ready = setup(args.output)
+    if ready is None:
         return 1
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    facts = host_facts(settings, ref)
+    settings, _ref, facts = ready
     with tempfile.TemporaryDirectory(prefix="warmpod-load-") as tmp:
         store = Path(tmp) / "runs.sqlite3"
         extra = {**server_settings(args.pool_size, args.max_queued), "WARMPOD_QUEUE__STORE_PATH": str(store)}

@@ -44,18 +44,17 @@ from latency import (
     ROOT,
     Series,
     Server,
-    built_image,
     free_port,
-    host_facts,
     podman,
     repeat,
     section,
+    setup,
     time_process,
     wait_pool_full,
 )
 
 from warmpod import engine
-from warmpod.settings import Settings, from_env
+from warmpod.settings import Settings
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "run.json"
 PROGRAMS = {
@@ -279,12 +278,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; return the exit status."""
     args = parse_args(argv)
-    settings = from_env()
-    ref = built_image(settings)
-    if ref is None:
+    ready = setup(args.output)
+    if ready is None:
         return 1
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    facts: dict[str, Any] = {"host": host_facts(settings, ref)}
+    settings, ref, host = ready
+    facts: dict[str, Any] = {"host": host}
     rows: list[Series] = []
     programs = Path(tempfile.mkdtemp(prefix="warmpod-bench-"))
     try:

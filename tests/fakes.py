@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import json
 import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal, cast
 
 import anyio
@@ -21,6 +23,7 @@ from warmpod.models import RunResult, RunSpec
 from warmpod.pool import Sandbox
 from warmpod.protocol import MAX_FRAME, Channel, FileChunk, Output
 from warmpod.runner import Leaser, RunLimits, Runner, RunOutput
+from warmpod.runtime import EngineInfo
 from warmpod.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME
 from warmpod.settings import FileSettings, LimitSettings
 from warmpod.unix_stream import UnixStream
@@ -132,6 +135,28 @@ async def scripted_sandbox(*messages: dict[str, Any], hang_up: bool = False) -> 
             tg.start_soon(play)
             yield Sandbox("c001", "warmpod-fake-1", Path("/nonexistent"), Channel(server, MAX_FRAME), False)
             tg.cancel_scope.cancel()
+
+
+POOL_DIR = Path(__file__).resolve().parents[1] / "pool"
+ROOTFUL_V1 = EngineInfo(
+    version="4.3.1",
+    api_version="4.3.1",
+    rootless=False,
+    cgroup_version=1,
+    cgroup_manager="systemd",
+    oci_runtime="runc",
+)
+"""What rootful Podman 4.3 on these cgroup v1 hosts reports."""
+
+
+def pool_module(name: str) -> ModuleType:
+    """``pool/<name>.py`` (the agent, the image's build step), loaded as a module of its own."""
+    spec = importlib.util.spec_from_file_location(f"warmpod_pool_{name}", POOL_DIR / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # Engines, leasers and runners ---------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any, cast
 import anyio
 import httpx
 import pytest
-from fakes import FakeLeaser, NoEngine, RecordingRunner
+from fakes import ROOTFUL_V1, FakeLeaser, NoEngine, RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -25,7 +25,6 @@ from warmpod.models import RunResult
 from warmpod.pool import Pool
 from warmpod.protocol import FileChunk, Output
 from warmpod.runner import RunLimits
-from warmpod.runtime import EngineInfo
 from warmpod.scheduler import Scheduler, Update
 from warmpod.service import Service
 from warmpod.settings import Settings, from_env
@@ -40,14 +39,7 @@ INLINE = 16
 POOL_SIZE = 3
 IMAGE = "localhost/warmpod-runner:0123456789ab"
 PROBLEMS = "https://warmpod.dev/problems/"
-INFO = EngineInfo(
-    version="4.3.1",
-    api_version="4.3.1",
-    rootless=False,
-    cgroup_version=1,
-    cgroup_manager="systemd",
-    oci_runtime="runc",
-)
+INFO = ROOTFUL_V1
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
+from fakes import ROOTFUL_V1
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -13,20 +14,12 @@ from warmpod.app import create_app
 from warmpod.environment import Environment
 from warmpod.pool import Pool
 from warmpod.runner import Runner
-from warmpod.runtime import EngineInfo
 from warmpod.scheduler import Scheduler
 from warmpod.service import Service
 from warmpod.settings import Settings, from_env
 
 IMAGE = "localhost/warmpod-runner:0123456789ab"
-INFO = EngineInfo(
-    version="4.3.1",
-    api_version="4.3.1",
-    rootless=False,
-    cgroup_version=1,
-    cgroup_manager="cgroupfs",
-    oci_runtime="runc",
-)
+INFO = ROOTFUL_V1
 RECORDED = Environment(python="3.13.5", packages={"numpy": "2.5.5", "tabulate": "0.9.0"})
 
 

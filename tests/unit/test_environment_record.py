@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import platform
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from fakes import pool_module
 
 from warmpod.environment import ENVIRONMENT_FILE, Environment
 from warmpod.selftest import PROBE
-
-FINISH_IMAGE = Path(__file__).resolve().parents[2] / "pool" / "finish_image.py"
 
 
 @pytest.fixture
 def finish_image() -> ModuleType:
     """pool/finish_image.py, the image's last build step, loaded as a module."""
-    spec = importlib.util.spec_from_file_location("finish_image", FINISH_IMAGE)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return pool_module("finish_image")
 
 
 def test_build_step_and_probe_agree_on_the_file(finish_image: ModuleType) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib.util
 import json
 import os
 import socket
@@ -17,7 +16,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from fakes import agent_body, output, result
+from fakes import agent_body, output, pool_module, result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -28,7 +27,6 @@ from warmpod.protocol import AgentError, Channel, FileChunk, Hello, Job, Output,
 from warmpod.settings import FileSettings
 from warmpod.unix_stream import UnixStream
 
-AGENT_PATH = Path(__file__).resolve().parents[2] / "pool" / "agent.py"
 TEST_FRAME = 1024
 # The widest character in the agent's JSON: outside the BMP, escaped as two \uXXXX.
 WIDE = "\U0001d41a"
@@ -37,12 +35,7 @@ WIDE = "\U0001d41a"
 @pytest.fixture(scope="module")
 def agent() -> ModuleType:
     """The real in-container agent, imported as a module so its own framing functions can be used."""
-    spec = importlib.util.spec_from_file_location("warmpod_agent_under_test", AGENT_PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return pool_module("agent")
 
 
 @pytest.fixture
