@@ -2,29 +2,41 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, ServerFactory, podman, run_json
+from warmpod_live import MAX_TIMEOUT, SLOWNESS, ServerFactory, podman, run_json
 
 from warmpod import image
 from warmpod.settings import from_env
 
 pytestmark = pytest.mark.integration
 
+# Importing scipy, pandas and matplotlib takes 8 s under UML (tests/cgv2): 10 s is not enough there.
+RUN_TIMEOUT = min(MAX_TIMEOUT, 10 * SLOWNESS)
 LOCK = Path(__file__).resolve().parents[2] / "pool" / "requirements.lock"
 REPORT_LIBRARIES = ("numpy", "pandas", "matplotlib", "scipy", "pyarrow")
 TEST_IMAGE = "localhost/warmpod-test-libraries"
-# A small pure-Python package, in no default set.
-EXTRA = "tabulate"
+# A small pure-Python package, in no default set, made here: the tests resolve and download from
+# a local directory only (no traffic leaves this machine).
+EXTRA = "warmpod-report-helper"
+MODULE = "warmpod_report_helper"
+HELPER_SOURCE = (
+    b'def tabulate(rows, headers):\n    return "\\n".join(" ".join(map(str, r)) for r in [headers, *rows])\n'
+)
 
 
 def pins(lock: Path) -> dict[str, str]:
@@ -71,7 +83,7 @@ def test_a_report_script_runs(client: httpx.Client) -> None:
         print(matplotlib.get_backend().lower(), png.getvalue()[:4] == b"\\x89PNG")
         """
     )
-    result = run_json(client, code)
+    result = run_json(client, code, timeout=RUN_TIMEOUT)
     assert result["status"] == "succeeded", result
     assert result["stdout"] == "{'a': 2450.0, 'b': 2500.0}\n1.0\nagg True\n"
     assert result["stderr"] == ""
@@ -97,7 +109,7 @@ FONT_CACHE_PROBE = dedent(
 
 def test_matplotlib_uses_the_font_cache_built_into_the_image(client: httpx.Client) -> None:
     """A run imports matplotlib.pyplot quickly, building no font cache and writing nothing in /work."""
-    result = run_json(client, FONT_CACHE_PROBE)
+    result = run_json(client, FONT_CACHE_PROBE, timeout=RUN_TIMEOUT)
     assert result["status"] == "succeeded", result
     report = json.loads(result["stdout"])
     assert report["cachedir"] == "/tmp/matplotlib"
@@ -105,6 +117,40 @@ def test_matplotlib_uses_the_font_cache_built_into_the_image(client: httpx.Clien
     assert "building the font cache" not in result["stderr"]
     assert not {".cache", ".config", "matplotlib"} & set(report["work"]), report["work"]
     assert report["seconds"] < 5.0 * SLOWNESS
+
+
+def write_wheel(directory: Path, name: str, module: str, version: str, source: bytes) -> None:
+    """A pure-Python wheel of one module, written by hand (building one needs setuptools from PyPI)."""
+    info = f"{module}-{version}.dist-info"
+    files = {
+        f"{module}.py": source,
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: warmpod-tests\nRoot-Is-Purelib: true\n"
+        b"Tag: py3-none-any\n",
+    }
+    record = [
+        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
+        for path, data in files.items()
+    ]
+    files[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,", ""]).encode()
+    with zipfile.ZipFile(directory / f"{module}-{version}-py3-none-any.whl", "w") as wheel:
+        for path, data in files.items():
+            wheel.writestr(path, data)
+
+
+@pytest.fixture
+def offline_index(tmp_path: Path) -> dict[str, str]:
+    """Settings that make uv and pip resolve and download from a local directory only, holding the
+    helper's wheel and a source-only package."""
+    links = tmp_path / "links"
+    links.mkdir()
+    write_wheel(links, EXTRA, MODULE, "1.0", HELPER_SOURCE)
+    source = tmp_path / "nowheel-1.0"
+    source.mkdir()
+    (source / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: nowheel\nVersion: 1.0\n")
+    with tarfile.open(links / "nowheel-1.0.tar.gz", "w:gz") as sdist:
+        sdist.add(source, arcname=source.name)
+    return {"UV_OFFLINE": "1", "UV_FIND_LINKS": str(links), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links)}
 
 
 @pytest.fixture
@@ -133,14 +179,28 @@ def warmpod_cli(*args: str, **settings: str) -> subprocess.CompletedProcess[str]
 
 
 def test_an_operator_s_own_set_is_built_offline_and_served(
-    test_image: str, start_server: ServerFactory, tmp_path: Path
+    test_image: str, start_server: ServerFactory, tmp_path: Path, offline_index: dict[str, str]
 ) -> None:
     """A custom requirements.in is locked beside itself, built into an image of its own, imported by runs
     and listed by /environment; an unchanged set is not resolved or built again."""
+    # The build downloads pip's own wheel too: from warmpod's wheel cache, where building the
+    # default image put it (the guest of tests/cgv2 has none, and no network: it skips).
+    pip_version = image.PIP_REQUIREMENT.split()[0].split("==")[1]
+    cached = sorted((Path.home() / ".cache" / "warmpod").glob(f"wheels-*/pip-{pip_version}-py3-none-any.whl"))
+    if not cached:
+        pytest.skip(
+            "no pip wheel in warmpod's wheel cache to build offline with: run `warmpod image build` once"
+        )
+    shutil.copy(cached[0], offline_index["PIP_FIND_LINKS"])
     requirements = tmp_path / "libraries" / "requirements.in"
     requirements.parent.mkdir()
     requirements.write_text(f"# a report helper\n{EXTRA}\n")
-    settings = {"WARMPOD_IMAGE__REQUIREMENTS": str(requirements), "WARMPOD_IMAGE__NAME": test_image}
+    settings = {
+        "WARMPOD_IMAGE__REQUIREMENTS": str(requirements),
+        "WARMPOD_IMAGE__NAME": test_image,
+        "WARMPOD_IMAGE__CACHE_DIR": str(tmp_path / "cache"),
+        **offline_index,
+    }
     live = start_server(WARMPOD_POOL__PRELOAD="", **settings)
     health = live.wait_healthy(timeout=240.0 * SLOWNESS)
     lock = requirements.with_suffix(".lock")
@@ -153,7 +213,7 @@ def test_an_operator_s_own_set_is_built_offline_and_served(
         environment = client.get("/environment").json()
         assert environment["packages"][EXTRA] == pins(lock)[EXTRA]
         assert "numpy" not in environment["packages"]
-        code = f"import {EXTRA}\nprint({EXTRA}.tabulate([[1, 2]], headers=['a', 'b']))\nimport numpy"
+        code = f"import {MODULE}\nprint({MODULE}.tabulate([[1, 2]], headers=['a', 'b']))\nimport numpy"
         result = run_json(client, code)
     assert result["stdout"].splitlines()[0].split() == ["a", "b"]
     assert "No module named 'numpy'" in result["stderr"]
@@ -165,11 +225,13 @@ def test_an_operator_s_own_set_is_built_offline_and_served(
     assert lock.stat().st_mtime_ns == stamp
 
 
-def test_a_requirement_without_a_wheel_is_refused_by_name(tmp_path: Path) -> None:
+def test_a_requirement_without_a_wheel_is_refused_by_name(
+    tmp_path: Path, offline_index: dict[str, str]
+) -> None:
     """Locking a set with a source-only package fails naming it, and writes no lock."""
     requirements = tmp_path / "requirements.in"
-    requirements.write_text("docopt\n")  # published as a source distribution only
-    result = warmpod_cli("image", "lock", WARMPOD_IMAGE__REQUIREMENTS=str(requirements))
+    requirements.write_text("nowheel\n")  # a source distribution only
+    result = warmpod_cli("image", "lock", WARMPOD_IMAGE__REQUIREMENTS=str(requirements), **offline_index)
     assert result.returncode == 1
-    assert f"warmpod: docopt in {requirements} has no wheel for CPython 3.13" in result.stderr
+    assert f"warmpod: nowheel in {requirements} has no wheel for CPython 3.13" in result.stderr
     assert not requirements.with_suffix(".lock").exists()
