@@ -68,7 +68,7 @@ def _session_server_intact(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="session")
 def client(server: WarmpodServer) -> Iterator[httpx.Client]:
     """An HTTP client for the session's server; runs may wait for a container, hence the long timeout."""
-    with httpx.Client(base_url=server.url, timeout=60) as http:
+    with httpx.Client(base_url=server.url, timeout=MAX_TIMEOUT + 60) as http:
         yield http
 
 
