@@ -8,6 +8,8 @@ import importlib.util
 import json
 import socket
 import struct
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -390,7 +392,8 @@ class RecordingRunner(Runner):
     """A Runner that records each run's program and timeout and answers ``result`` (or raises ``error``).
 
     ``prepare`` is the real one, so limits are resolved and checked as in the service; ``hold`` keeps
-    runs executing until it is set.
+    runs executing until it is set (an anyio.Event in the test's loop, or a threading.Event for a
+    server in a thread of its own); ``pause`` seconds pass between ``streamed`` chunks.
     """
 
     def __init__(self, leaser: Leaser, limits: LimitSettings, files: FileSettings | None = None) -> None:
@@ -403,8 +406,11 @@ class RecordingRunner(Runner):
         self.run_limits: list[RunLimits] = []
         self.result = CANNED
         self.error: Exception | None = None
-        self.hold: anyio.Event | None = None
+        self.hold: anyio.Event | threading.Event | None = None
         self.streamed: list[Output] = []
+        self.pause = 0.0
+        self.ended: list[float] = []
+        """When each run's result was made (time.monotonic())."""
 
     async def execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
         """Record the run, stream ``streamed`` into its output as the runner does, wait for ``hold``,
@@ -416,12 +422,17 @@ class RecordingRunner(Runner):
                 cpu_time=spec.cpu_time, memory_mb=spec.memory_mb, max_output_bytes=spec.max_output_bytes
             )
         )
-        for message in self.streamed:
+        for index, message in enumerate(self.streamed):
+            if index and self.pause:
+                await anyio.sleep(self.pause)
             assert output.add(message.stream, message.data)
-        if self.hold is not None:
+        if isinstance(self.hold, threading.Event):
+            await anyio.to_thread.run_sync(self.hold.wait, abandon_on_cancel=True)
+        elif self.hold is not None:
             await self.hold.wait()
         if self.error is not None:
             raise self.error
         for chunk in self.left:
             output.files.add(chunk.path, chunk.data, chunk.end)
+        self.ended.append(time.monotonic())
         return msgspec.structs.replace(self.result, id=run_id, files=output.files.describe())

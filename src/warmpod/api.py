@@ -20,7 +20,17 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from warmpod.errors import RunNotFound
 from warmpod.files import decode_inputs
-from warmpod.models import Accepted, Health, Problem, RunRequest, RunResult, RunSpec
+from warmpod.models import (
+    Accepted,
+    FileEvent,
+    Health,
+    OutputEvent,
+    Problem,
+    RunRequest,
+    RunResult,
+    RunSpec,
+    StatusEvent,
+)
 from warmpod.runner import RunLimits
 from warmpod.scheduler import Scheduler
 from warmpod.service import Service
@@ -269,22 +279,25 @@ async def _events(scheduler: Scheduler, run_id: str, after: int) -> AsyncIterato
     decoders = {stream: codecs.getincrementaldecoder("utf-8")("replace") for stream in ("stdout", "stderr")}
     async for update in scheduler.follow(run_id, after):
         if update.chunk is not None:
-            text = decoders[update.chunk.stream].decode(update.chunk.data)
-            data = msgspec.json.encode({"text": text}).decode()
-            yield ServerSentEventMessage(data=data, event=update.chunk.stream, id=str(update.chunk.seq))
+            chunk = update.chunk
+            text = decoders[chunk.stream].decode(chunk.data)
+            event = OutputEvent(stream=chunk.stream, text=text, seq=chunk.seq)
+            yield ServerSentEventMessage(data=_json(event), event=chunk.stream, id=str(chunk.seq))
         elif update.file is not None:
-            entry = {"path": update.file.path, "size": update.file.size, "media_type": update.file.media_type}
-            yield ServerSentEventMessage(data=msgspec.json.encode(entry).decode(), event="file")
+            entry = FileEvent(path=update.file.path, size=update.file.size, media_type=update.file.media_type)
+            yield ServerSentEventMessage(data=_json(entry), event="file")
         elif update.result is not None:
-            yield ServerSentEventMessage(data=msgspec.json.encode(update.result).decode(), event="result")
+            yield ServerSentEventMessage(data=_json(update.result), event="result")
         elif update.kind == "status":
-            yield ServerSentEventMessage(
-                data=msgspec.json.encode({"status": update.status}).decode(), event="status"
-            )
+            yield ServerSentEventMessage(data=_json(StatusEvent(status=update.status)), event="status")
         else:
             # data=None: Litestar would add an empty "data:" line, which a browser turns into an
             # empty message event (and a JSON client into a parse error).
             yield ServerSentEventMessage(data=None, comment="keepalive")
+
+
+def _json(value: object) -> str:
+    return msgspec.json.encode(value).decode()
 
 
 def _checked_id(run_id: str) -> str:

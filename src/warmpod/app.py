@@ -22,7 +22,7 @@ from litestar.plugins.problem_details import (
 )
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
-from warmpod import __version__
+from warmpod import __version__, web
 from warmpod.api import RunController, StatusController, get_service, health
 from warmpod.environment import EnvironmentNotRecorded, environment
 from warmpod.errors import (
@@ -139,12 +139,22 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
         }
     )
     return Litestar(
-        route_handlers=[RunController, StatusController, health, environment],
+        route_handlers=[
+            RunController,
+            StatusController,
+            health,
+            environment,
+            web.playground,
+            web.static_router(),
+        ],
         dependencies={"service": Provide(get_service, sync_to_thread=False)},
         lifespan=[lifespan],
         plugins=[ProblemDetailsPlugin(problems)],
         exception_handlers={Exception: _internal},
         request_max_body_size=settings.server.max_body_bytes,
-        openapi_config=OpenAPIConfig(title="warmpod", version=__version__),
+        openapi_config=OpenAPIConfig(
+            title="warmpod", version=__version__, render_plugins=[web.OfflineSwagger()]
+        ),
+        after_request=web.page_headers,
         state=None,
     )

@@ -1,4 +1,4 @@
-"""The ``warmpod`` command: serve, image build, image lock, doctor."""
+"""The ``warmpod`` command: serve, image, doctor; and run, status, cancel, logs (warmpod.terminal)."""
 
 from __future__ import annotations
 
@@ -12,13 +12,16 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from warmpod import __version__, engine, image
-from warmpod.enforcement import check, enforcement
+from warmpod import __version__, terminal
 from warmpod.errors import WarmpodError
-from warmpod.sandbox import USERNS_SIZE
-from warmpod.service import own_user_namespaces
-from warmpod.settings import Settings, from_env
+
+if TYPE_CHECKING:
+    from warmpod.settings import Settings
+
+# The server's modules (Podman's client among them) are imported by the commands that use them:
+# `warmpod run` on a laptop should start in a fraction of the second they take.
 
 CAP_SYS_RESOURCE = 24
 
@@ -31,6 +34,7 @@ def serve(settings: Settings) -> int:
     """Build the runner image if missing, then serve the API until SIGTERM or Ctrl-C."""
     import uvicorn
 
+    from warmpod import image
     from warmpod.app import begin_drain, create_app
 
     if settings.engine.url and shutil.which(settings.engine.podman) is None:
@@ -64,6 +68,11 @@ def serve(settings: Settings) -> int:
 
 def doctor(settings: Settings) -> int:
     """Say what this host offers and which limits it can enforce, in plain words."""
+    from warmpod import engine, image
+    from warmpod.enforcement import check, enforcement
+    from warmpod.sandbox import USERNS_SIZE
+    from warmpod.service import own_user_namespaces
+
     facts = engine.HostFacts.read()
     argv, env = engine.podman_command(settings.engine, "info", "--format", "json")
     try:
@@ -179,12 +188,21 @@ def _parser() -> argparse.ArgumentParser:
         "newest versions with wheels",
     )
     commands.add_parser("doctor", help="say what this host can enforce")
+    terminal.add_commands(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``warmpod`` console script."""
     args = _parser().parse_args(argv)
+    if args.command in terminal.COMMANDS:
+        try:
+            return terminal.main(args)
+        except KeyboardInterrupt:
+            return 130
+    from warmpod import image
+    from warmpod.settings import from_env
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         server: dict[str, object] = {}

@@ -4,36 +4,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 from litestar import Request, get
 from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi.datastructures import ResponseSpec
 
 from warmpod.errors import WarmpodError
-from warmpod.models import Problem
+from warmpod.models import Environment, Problem
 
 if TYPE_CHECKING:
     from warmpod.service import Service
 
 ENVIRONMENT_FILE = "/opt/warmpod/environment.json"
 """Written by ``pool/finish_image.py`` when the image is built; read by the start-up probe."""
-
-
-class Environment(msgspec.Struct, frozen=True, kw_only=True):
-    """What user code runs with: pin a script to these versions to get what it was written for."""
-
-    python: str
-    """The runner's CPython version, e.g. ``3.13.5``."""
-    packages: dict[str, str]
-    """Every installed distribution (its normalised name, PEP 503) and its version."""
-
-    @classmethod
-    def from_report(cls, value: object) -> Environment | None:
-        """The environment the start-up probe read from the image, or None if it found none."""
-        try:
-            return msgspec.convert(value, cls)
-        except msgspec.ValidationError:
-            return None
 
 
 class EnvironmentNotRecorded(WarmpodError):

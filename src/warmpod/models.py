@@ -189,3 +189,50 @@ class Problem(msgspec.Struct, kw_only=True):
     detail: str
     type: str = "about:blank"
     """A URI naming the kind of problem (``https://warmpod.dev/problems/...``); absent for HTTP's own."""
+
+
+class Environment(msgspec.Struct, frozen=True, kw_only=True):
+    """What user code runs with: pin a script to these versions to get what it was written for."""
+
+    python: str
+    """The runner's CPython version, e.g. ``3.13.5``."""
+    packages: dict[str, str]
+    """Every installed distribution (its normalised name, PEP 503) and its version."""
+
+    @classmethod
+    def from_report(cls, value: object) -> Environment | None:
+        """The environment the start-up probe read from the image, or None if it found none."""
+        try:
+            return msgspec.convert(value, cls)
+        except msgspec.ValidationError:
+            return None
+
+
+class StatusEvent(msgspec.Struct, kw_only=True):
+    """The ``data`` of a stream's ``status`` event: the run's state changed before it ended."""
+
+    status: RunStatus
+
+
+class OutputEvent(msgspec.Struct, kw_only=True):
+    """The ``data`` of a stream's ``stdout`` or ``stderr`` event: text in print order."""
+
+    stream: Literal["stdout", "stderr"]
+    text: str
+    """UTF-8 decoded as it arrives (invalid bytes replaced), so a character split between two
+    chunks arrives whole in the second."""
+    seq: int
+    """Its sequence number, also the event's ``id``: send the last one seen as ``Last-Event-ID`` to
+    resume after it."""
+
+
+class FileEvent(msgspec.Struct, kw_only=True):
+    """The ``data`` of a stream's ``file`` event: a file the run left under ``out/``."""
+
+    path: str
+    size: int
+    media_type: str
+
+
+StreamEvent = StatusEvent | OutputEvent | FileEvent | RunResult
+"""What a run's stream tells, in order: statuses, output, files, then the RunResult."""

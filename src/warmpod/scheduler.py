@@ -71,7 +71,7 @@ class Update:
     result, or nothing new."""
 
     kind: Literal["status", "output", "file", "result", "keepalive"]
-    status: str = ""
+    status: RunStatus = "queued"
     chunk: Chunk | None = None
     file: OutputFile | None = None
     result: RunResult | None = None
@@ -242,7 +242,7 @@ class Scheduler:
                 yield update
 
     async def _follow(self, run_id: str, after: int) -> AsyncIterator[Update]:
-        status = ""
+        status: RunStatus | None = None
         quiet_since = time.monotonic()
         while True:
             changed = self._watch(run_id)

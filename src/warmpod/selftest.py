@@ -10,8 +10,8 @@ import math
 import socket
 from typing import Any
 
-from warmpod.environment import Environment
 from warmpod.errors import WarmpodError
+from warmpod.models import Environment
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.sandbox import AGENT_COMMAND

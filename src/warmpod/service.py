@@ -15,9 +15,8 @@ import anyio
 
 from warmpod import engine, image
 from warmpod.enforcement import check, enforcement
-from warmpod.environment import Environment
 from warmpod.errors import EngineError, ImageError
-from warmpod.models import Health, LimitEnforcement, PoolCounts, QueueCounts
+from warmpod.models import Environment, Health, LimitEnforcement, PoolCounts, QueueCounts
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.runtime import EngineInfo, Runtime

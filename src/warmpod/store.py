@@ -16,7 +16,7 @@ import anyio
 import msgspec
 
 from warmpod.errors import StoreError
-from warmpod.models import RunResult, RunSpec
+from warmpod.models import RunResult, RunSpec, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     """What the store knows of one run."""
 
     id: str
-    status: str
+    status: RunStatus
     """``queued``, ``running`` or a final status of ``RunResult``."""
     created: float
     started: float | None
@@ -334,7 +334,9 @@ class SqliteStore:
     async def get(self, run_id: str) -> Record | None:
         """The run's record, or None for an id never stored (or purged)."""
 
-        def get(db: sqlite3.Connection) -> tuple[str, float, float | None, float | None, bytes | None] | None:
+        def get(
+            db: sqlite3.Connection,
+        ) -> tuple[RunStatus, float, float | None, float | None, bytes | None] | None:
             return db.execute(  # type: ignore[no-any-return]
                 "SELECT status, created, started, finished, result FROM runs WHERE id = ?", (run_id,)
             ).fetchone()

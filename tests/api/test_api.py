@@ -8,13 +8,23 @@ import json
 import re
 import warnings
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, cast
 
 import anyio
 import httpx
 import pytest
-from fakes import ROOTFUL_V1, FakeLeaser, NoEngine, RecordingRunner
+from apitest import (
+    IMAGE,
+    IN_BYTES,
+    IN_COUNT,
+    IN_FILE_BYTES,
+    MAX_BODY,
+    MAX_QUEUED,
+    POOL_SIZE,
+    PROBLEMS,
+    assert_problem,
+)
+from fakes import FakeLeaser, RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
@@ -22,123 +32,11 @@ from warmpod import api
 from warmpod.app import begin_drain, create_app
 from warmpod.errors import StoreError
 from warmpod.models import RunResult
-from warmpod.pool import Pool
 from warmpod.protocol import FileChunk, Output
 from warmpod.runner import RunLimits
 from warmpod.scheduler import Scheduler, Update
 from warmpod.service import Service
-from warmpod.settings import Settings, from_env
-from warmpod.store import SqliteStore, Store
-
-MAX_BODY = 4096
-MAX_QUEUED = 5
-IN_COUNT = 4
-IN_FILE_BYTES = 600
-IN_BYTES = 1000
-INLINE = 16
-POOL_SIZE = 3
-IMAGE = "localhost/warmpod-runner:0123456789ab"
-PROBLEMS = "https://warmpod.dev/problems/"
-INFO = ROOTFUL_V1
-
-
-@pytest.fixture
-def settings() -> Settings:
-    """Settings with a small body limit, pool and queue, as an operator could set them."""
-    return from_env(
-        {},
-        server={"max_body_bytes": MAX_BODY},
-        pool={"size": POOL_SIZE},
-        queue={"max_queued": MAX_QUEUED},
-        files={
-            "in_count": IN_COUNT,
-            "in_file_bytes": IN_FILE_BYTES,
-            "in_bytes": IN_BYTES,
-            "inline_bytes": INLINE,
-        },
-    )
-
-
-@pytest.fixture
-def leaser() -> FakeLeaser:
-    """Where the scheduler's workers get their (placeholder) sandboxes."""
-    return FakeLeaser()
-
-
-@pytest.fixture
-def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
-    """A service whose pool (over an engine never called) reports itself serving; its scheduler
-    is started by the app's lifespan."""
-    pool = Pool(
-        settings,
-        NoEngine(),
-        image=IMAGE,
-        state_dir=tmp_path,
-        instance="api-tests",
-        can_pause=True,
-        can_limit=True,
-    )
-    pool.serving = True
-    runner = RecordingRunner(leaser, settings.limits, settings.files)
-    # Replaced by a started one in the app's lifespan; unstarted, it is what /health sees before.
-    scheduler = Scheduler(cast(Store, None), leaser, runner, settings.queue, workers=POOL_SIZE)
-    return Service(settings, IMAGE, INFO, pool, runner, scheduler)
-
-
-@pytest.fixture
-def app(settings: Settings, service: Service, leaser: FakeLeaser, tmp_path: Path) -> Litestar:
-    """The real app, with a service factory that yields the fake service and runs a real scheduler
-    over a real SQLite store."""
-
-    @contextlib.asynccontextmanager
-    async def factory(given: Settings) -> AsyncIterator[Service]:
-        assert given is settings
-        store = await SqliteStore.open(tmp_path / "runs.sqlite3")
-        try:
-            async with anyio.create_task_group() as tg:
-                scheduler = Scheduler(
-                    store, leaser, service.runner, settings.queue, workers=POOL_SIZE, files=settings.files
-                )
-                service.scheduler = scheduler
-                await tg.start(scheduler.run)
-                yield service
-                await scheduler.drain(1.0)
-                tg.cancel_scope.cancel()
-        finally:
-            await store.aclose()
-
-    return create_app(settings, service_factory=factory)
-
-
-@pytest.fixture
-async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
-    """A client of the started app (its lifespan has run)."""
-    async with AsyncTestClient(app) as client:
-        yield client
-
-
-@pytest.fixture
-def runner(service: Service) -> RecordingRunner:
-    """The fake service's runner."""
-    assert isinstance(service.runner, RecordingRunner)
-    return service.runner
-
-
-def assert_problem(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
-    """Check ``response`` is an RFC 9457 problem of ``status`` (application/problem+json: status, title,
-    detail and, but for HTTP's own problems, a type) whose detail mentions each of ``words``."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    body: dict[str, Any] = response.json()
-    assert set(body) - {"type"} == {"status", "title", "detail"}, body
-    assert body["status"] == status
-    for field in ("title", "detail"):
-        assert isinstance(body[field], str), body
-        assert body[field], body
-    for word in words:
-        assert word.lower() in body["detail"].lower(), body["detail"]
-    return body
-
+from warmpod.settings import Settings
 
 # /run-json/ -------------------------------------------------------------------------------------
 

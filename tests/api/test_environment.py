@@ -11,7 +11,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from warmpod.app import create_app
-from warmpod.environment import Environment
+from warmpod.models import Environment
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.scheduler import Scheduler

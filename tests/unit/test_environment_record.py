@@ -11,7 +11,8 @@ from types import ModuleType
 import pytest
 from fakes import pool_module
 
-from warmpod.environment import ENVIRONMENT_FILE, Environment
+from warmpod.environment import ENVIRONMENT_FILE
+from warmpod.models import Environment
 from warmpod.selftest import PROBE
 
 

@@ -1,0 +1,253 @@
+"""``warmpod run``, ``status``, ``cancel`` and ``logs``: the client on a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import os
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+import msgspec
+
+from warmpod.client import Client, FileArg, ProblemError
+from warmpod.files import OUT_DIR, path_problem
+from warmpod.models import OutputEvent, RunResult, StatusEvent
+
+EXIT_TIMEOUT = 124
+"""The wall time or the CPU time ran out (as timeout(1) says it)."""
+EXIT_WARMPOD = 125
+"""warmpod could not run the program: unreachable, refused, an ``error`` or ``cancelled`` run."""
+EXIT_MEMORY = 137
+"""The memory limit killed the program (128 + SIGKILL)."""
+COMMANDS = ("run", "status", "cancel", "logs")
+
+
+def add_commands(commands: Any) -> None:
+    """Add this module's commands to the ``warmpod`` parser's subcommands."""
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--server", metavar="URL", help="the warmpod server (WARMPOD_URL, else %(default)s)")
+    server.add_argument("--api-key", metavar="KEY", help="sent as a bearer token (WARMPOD_API_KEY)")
+    run = commands.add_parser(
+        "run",
+        parents=[server],
+        help="run a Python file on a warmpod server, its output live on this terminal",
+        description="Exit status: the program's own; 124 for a wall or CPU timeout, 137 for a memory "
+        "kill, 128+N for signal N, 125 when warmpod could not run it.",
+    )
+    run.add_argument("script", help="the Python file to run (- reads it from standard input)")
+    run.add_argument("--stdin", metavar="FILE", help="what the program reads on standard input (- for ours)")
+    run.add_argument("--timeout", type=float, metavar="S", help="wall-time limit in seconds")
+    run.add_argument("--cpu-time", type=int, metavar="S", help="CPU-time limit in seconds")
+    run.add_argument("--memory-mb", type=int, metavar="N", help="memory limit in MiB")
+    run.add_argument(
+        "--file",
+        action="append",
+        default=[],
+        metavar="PATH[:DEST]",
+        help="a data file for the program, at DEST under its working directory (default: its name)",
+    )
+    run.add_argument("--out", default=OUT_DIR, metavar="DIR", help="where the files it leaves in out/ go")
+    run.add_argument("--no-wait", action="store_true", help="queue the run and print its id")
+    run.add_argument("--json", action="store_true", help="print the whole result as JSON, not the output")
+    for name, text in (
+        ("status", "print a run's result as JSON"),
+        ("cancel", "stop a queued or running run"),
+    ):
+        command = commands.add_parser(name, parents=[server], help=text)
+        command.add_argument("id", help="the run's id")
+    logs = commands.add_parser("logs", parents=[server], help="print a run's output so far")
+    logs.add_argument("id", help="the run's id")
+    logs.add_argument("--follow", "-f", action="store_true", help="then follow it until the run ends")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run one of this module's commands; warmpod's own failures exit 125 with the reason on stderr."""
+    try:
+        with Client(args.server, api_key=args.api_key) as client:
+            if args.command == "run":
+                return _run(client, args)
+            if args.command == "logs":
+                return _logs(client, args.id, args.follow)
+            result = client.status(args.id) if args.command == "status" else client.cancel(args.id)
+            _print_json(result)
+            return 0
+    except (ProblemError, httpx.HTTPError, OSError, ValueError) as exc:
+        print(f"warmpod: {exc or type(exc).__name__}", file=sys.stderr)
+        return EXIT_WARMPOD
+
+
+def exit_status(result: RunResult) -> int:
+    """The exit status ``warmpod run`` gives for ``result``."""
+    if result.status in ("error", "cancelled", "queued", "running") or result.exit_code is None:
+        return EXIT_WARMPOD
+    if "memory" in result.limits_hit:
+        return EXIT_MEMORY
+    if result.status == "timeout" or "cpu_time" in result.limits_hit or "wall_time" in result.limits_hit:
+        return EXIT_TIMEOUT
+    return 128 - result.exit_code if result.exit_code < 0 else result.exit_code
+
+
+def _run(client: Client, args: argparse.Namespace) -> int:
+    if args.script == "-" and args.stdin == "-":
+        raise ValueError("the script and --stdin cannot both be read from standard input")
+    code = sys.stdin.read() if args.script == "-" else Path(args.script).read_text(encoding="utf-8")
+    stdin = None
+    if args.stdin is not None:
+        stdin = sys.stdin.buffer.read() if args.stdin == "-" else Path(args.stdin).read_bytes()
+    accepted = client.submit(
+        code,
+        stdin=stdin,
+        files=[_file_arg(spec) for spec in args.file],
+        timeout=args.timeout,
+        cpu_time=args.cpu_time,
+        memory_mb=args.memory_mb,
+    )
+    if args.no_wait:
+        if args.json:
+            _print_json(accepted)
+        else:
+            print(accepted.id)
+        return 0
+    try:
+        result = _follow(client, accepted.id, show=not args.json)
+    except KeyboardInterrupt:
+        with contextlib.suppress(ProblemError, httpx.HTTPError):
+            client.cancel(accepted.id)
+        print(f"\nwarmpod: interrupted: run {accepted.id} cancelled", file=sys.stderr)
+        return 130
+    saved = _save_files(client, result, Path(args.out))
+    if args.json:
+        _print_json(result)
+    else:
+        _say_how_it_ended(result, saved, args.out)
+    return exit_status(result)
+
+
+def _logs(client: Client, run_id: str, follow: bool) -> int:
+    if follow:
+        return exit_status(_follow(client, run_id, show=True))
+    result = client.status(run_id)
+    _write(sys.stdout, result.stdout)
+    _write(sys.stderr, result.stderr)
+    return 0
+
+
+def _follow(client: Client, run_id: str, *, show: bool) -> RunResult:
+    """Follow the run's stream to its result, its output going live to our stdout and stderr."""
+    with _spinner(show and sys.stderr.isatty(), run_id) as waiting:
+        for event in client.stream(run_id):
+            if isinstance(event, StatusEvent):
+                waiting(event.status == "queued")
+            elif isinstance(event, OutputEvent):
+                waiting(False)
+                if show:
+                    _write(sys.stdout if event.stream == "stdout" else sys.stderr, event.text)
+            elif isinstance(event, RunResult):
+                return event
+    raise ProblemError(502, "Stream ended", "the run's stream ended without its result")
+
+
+@contextlib.contextmanager
+def _spinner(enabled: bool, run_id: str) -> Iterator[Any]:
+    """A ``waiting(bool)`` switch for a spinner on stderr while the run is queued (a terminal only)."""
+    if not enabled:
+        yield lambda on: None
+        return
+    on = threading.Event()
+    done = threading.Event()
+
+    def spin() -> None:
+        frames = "|/-\\"
+        shown = False
+        tick = 0
+        while not done.wait(0.1):
+            if on.is_set():
+                sys.stderr.write(f"\r{frames[tick % 4]} queued (run {run_id[:8]})")
+                sys.stderr.flush()
+                shown, tick = True, tick + 1
+            elif shown:
+                sys.stderr.write("\r\033[K")
+                sys.stderr.flush()
+                shown = False
+        if shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+    def waiting(queued: bool) -> None:
+        if queued:
+            on.set()
+        elif on.is_set():
+            on.clear()
+            done.wait(0.15)  # let the spinner wipe its line before output follows it
+
+    thread = threading.Thread(target=spin, daemon=True)
+    thread.start()
+    try:
+        yield waiting
+    finally:
+        done.set()
+        thread.join()
+
+
+def _file_arg(spec: str) -> FileArg:
+    """``PATH`` (sent under its name) or ``PATH:DEST``; a PATH that exists as given wins over a split."""
+    if os.path.exists(spec) or ":" not in spec:
+        return spec
+    local, _, dest = spec.partition(":")
+    return (dest, Path(local).read_bytes())
+
+
+def _save_files(client: Client, result: RunResult, directory: Path) -> list[Path]:
+    """Write the files the run left in out/ under ``directory``; a path that is not plainly under
+    out/ is refused (what a server relays from a sandbox is not trusted here either)."""
+    saved = []
+    for entry in result.files:
+        relative = entry.path.removeprefix(OUT_DIR + "/")
+        if path_problem(entry.path) is not None or relative == entry.path:
+            print(f"warmpod: not saving {entry.path!r}: not a plain path under out/", file=sys.stderr)
+            continue
+        data = base64.b64decode(entry.content) if entry.content is not None else None
+        if data is None:
+            data = client.file(result.id, entry.path)
+        target = directory / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        saved.append(target)
+    return saved
+
+
+def _say_how_it_ended(result: RunResult, saved: list[Path], out: str) -> None:
+    if saved:
+        print(f"warmpod: {len(saved)} file(s) saved in {out}/", file=sys.stderr)
+    if result.files_truncated:
+        print("warmpod: some files were left out (the server's file caps)", file=sys.stderr)
+    for stream in ("stdout", "stderr"):
+        if getattr(result, f"{stream}_truncated"):
+            print(f"warmpod: {stream} was cut at the output limit", file=sys.stderr)
+    if result.status == "succeeded":
+        return
+    how: str = result.status
+    if result.limits_hit:
+        how += f" ({', '.join(result.limits_hit)})"
+    if result.error:
+        how += f": {result.error}"
+    print(f"warmpod: run {result.id} ended {how}", file=sys.stderr)
+
+
+def _write(stream: TextIO, text: str) -> None:
+    # As bytes: the program's UTF-8 passes through whatever this terminal's locale says.
+    stream.flush()
+    stream.buffer.write(text.encode("utf-8", "replace"))
+    stream.buffer.flush()
+
+
+def _print_json(value: msgspec.Struct) -> None:
+    print(msgspec.json.format(msgspec.json.encode(value).decode(), indent=2))

@@ -1,0 +1,135 @@
+"""The API suites' app: the real Litestar app and scheduler over a real SQLite store, with a fake pool."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import cast
+
+import anyio
+import pytest
+import uvicorn
+from apitest import (
+    IMAGE,
+    IN_BYTES,
+    IN_COUNT,
+    IN_FILE_BYTES,
+    INFO,
+    INLINE,
+    MAX_BODY,
+    MAX_QUEUED,
+    POOL_SIZE,
+)
+from fakes import FakeLeaser, NoEngine, RecordingRunner
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from warmpod_live import free_port
+
+from warmpod.app import create_app
+from warmpod.pool import Pool
+from warmpod.scheduler import Scheduler
+from warmpod.service import Service
+from warmpod.settings import Settings, from_env
+from warmpod.store import SqliteStore, Store
+
+
+@pytest.fixture
+def settings() -> Settings:
+    """Settings with a small body limit, pool and queue, as an operator could set them."""
+    return from_env(
+        {},
+        server={"max_body_bytes": MAX_BODY},
+        pool={"size": POOL_SIZE},
+        queue={"max_queued": MAX_QUEUED},
+        files={
+            "in_count": IN_COUNT,
+            "in_file_bytes": IN_FILE_BYTES,
+            "in_bytes": IN_BYTES,
+            "inline_bytes": INLINE,
+        },
+    )
+
+
+@pytest.fixture
+def leaser() -> FakeLeaser:
+    """Where the scheduler's workers get their (placeholder) sandboxes."""
+    return FakeLeaser()
+
+
+@pytest.fixture
+def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
+    """A service whose pool (over an engine never called) reports itself serving; its scheduler
+    is started by the app's lifespan."""
+    pool = Pool(
+        settings,
+        NoEngine(),
+        image=IMAGE,
+        state_dir=tmp_path,
+        instance="api-tests",
+        can_pause=True,
+        can_limit=True,
+    )
+    pool.serving = True
+    runner = RecordingRunner(leaser, settings.limits, settings.files)
+    # Replaced by a started one in the app's lifespan; unstarted, it is what /health sees before.
+    scheduler = Scheduler(cast(Store, None), leaser, runner, settings.queue, workers=POOL_SIZE)
+    return Service(settings, IMAGE, INFO, pool, runner, scheduler)
+
+
+@pytest.fixture
+def app(settings: Settings, service: Service, leaser: FakeLeaser, tmp_path: Path) -> Litestar:
+    """The real app, with a service factory that yields the fake service and runs a real scheduler
+    over a real SQLite store."""
+
+    @contextlib.asynccontextmanager
+    async def factory(given: Settings) -> AsyncIterator[Service]:
+        assert given is settings
+        store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+        try:
+            async with anyio.create_task_group() as tg:
+                scheduler = Scheduler(
+                    store, leaser, service.runner, settings.queue, workers=POOL_SIZE, files=settings.files
+                )
+                service.scheduler = scheduler
+                await tg.start(scheduler.run)
+                yield service
+                await scheduler.drain(1.0)
+                tg.cancel_scope.cancel()
+        finally:
+            await store.aclose()
+
+    return create_app(settings, service_factory=factory)
+
+
+@pytest.fixture
+async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """A client of the started app (its lifespan has run)."""
+    async with AsyncTestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
+def runner(service: Service) -> RecordingRunner:
+    """The fake service's runner."""
+    assert isinstance(service.runner, RecordingRunner)
+    return service.runner
+
+
+@pytest.fixture
+def live(app: Litestar) -> Iterator[str]:
+    """The app served by uvicorn on a loopback port in a thread of its own: its URL. Streams arrive
+    as they are sent, which a test client's transport does not promise."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive(), "uvicorn stopped before it started"
+        assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
+        time.sleep(0.01)
+    yield f"http://127.0.0.1:{server.config.port}"
+    server.should_exit = True
+    thread.join(30)

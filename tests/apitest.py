@@ -1,0 +1,35 @@
+"""The API suites' settings (small numbers an operator could set) and their check of a problem answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from fakes import ROOTFUL_V1
+
+MAX_BODY = 4096
+MAX_QUEUED = 5
+IN_COUNT = 4
+IN_FILE_BYTES = 600
+IN_BYTES = 1000
+INLINE = 16
+POOL_SIZE = 3
+IMAGE = "localhost/warmpod-runner:0123456789ab"
+PROBLEMS = "https://warmpod.dev/problems/"
+INFO = ROOTFUL_V1
+
+
+def assert_problem(response: httpx.Response, status: int, *words: str) -> dict[str, Any]:
+    """Check ``response`` is an RFC 9457 problem of ``status`` (application/problem+json: status, title,
+    detail and, but for HTTP's own problems, a type) whose detail mentions each of ``words``."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert set(body) - {"type"} == {"status", "title", "detail"}, body
+    assert body["status"] == status
+    for field in ("title", "detail"):
+        assert isinstance(body[field], str), body
+        assert body[field], body
+    for word in words:
+        assert word.lower() in body["detail"].lower(), body["detail"]
+    return body
