@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
+# deploy/setup.sh [--test]
 # Prepares a fresh Debian/Ubuntu machine for warmpod: Podman and the tools that build the runner
-# image without a registry, uv, and the project's virtual environment at .venv/.
+# image without a registry, uv, and the project's virtual environment at .venv/. With --test, also
+# what the test suites need beyond that: Chromium and its chromedriver (the playground's tests).
 # Idempotent: it installs only what is missing. Run as root, or as a user with sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(podman runc conmon uidmap slirp4netns fuse-overlayfs catatonit debootstrap mmdebstrap)
+case "${1:-}" in
+    --test) packages+=(chromium chromium-driver) ;;
+    "") ;;
+    *) echo "usage: deploy/setup.sh [--test]" >&2; exit 2 ;;
+esac
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
