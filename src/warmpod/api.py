@@ -11,13 +11,14 @@ from urllib.parse import quote
 import msgspec
 from litestar import Controller, HttpMethod, Request, Response, delete, get, post, route
 from litestar.datastructures import UploadFile
-from litestar.di import NamedDependency
+from litestar.di import NamedDependency, Provide
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ServiceUnavailableException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
+from warmpod.auth import key_of
 from warmpod.errors import RunNotFound
 from warmpod.files import decode_inputs
 from warmpod.models import (
@@ -202,21 +203,31 @@ class RunController(Controller):
         return await _submit(request, service, spec, _both_waits(wait, form_wait))
 
 
+async def owned_run(
+    request: Request[Any, Any, Any], run_id: FromPath[str], service: NamedDependency[Service]
+) -> str:
+    """The path's run id, checked, once it is a run of the request's key (another key's is 404)."""
+    checked = _checked_id(run_id)
+    await service.scheduler.check_owner(checked, key_of(request))
+    return checked
+
+
 class StatusController(Controller):
     """Runs taken into the queue: their state, live output, and cancelling them."""
 
     path = "/status/{run_id:str}"
     tags = ["runs"]  # noqa: RUF012  (Litestar reads it as a class attribute)
+    dependencies = {"run": Provide(owned_run)}  # noqa: RUF012  (as tags)
 
     @get("/", summary="A run's state and result", responses=_problems(400, 404, 503))
-    async def status(self, run_id: FromPath[str], service: NamedDependency[Service]) -> RunResult:
+    async def status(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """The RunResult: ``queued`` or ``running`` (with the output so far) until the run ends."""
-        return await service.scheduler.status(_checked_id(run_id))
+        return await service.scheduler.status(run)
 
     @delete("/", status_code=200, summary="Cancel a run", responses=_problems(400, 404, 409, 503))
-    async def cancel(self, run_id: FromPath[str], service: NamedDependency[Service]) -> RunResult:
+    async def cancel(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """Stop a queued or running run (its container is killed); it ends ``cancelled``."""
-        return await service.scheduler.cancel(_checked_id(run_id))
+        return await service.scheduler.cancel(run)
 
     @route(
         "/", http_method=HttpMethod.OPTIONS, status_code=204, include_in_schema=False, sync_to_thread=False
@@ -236,10 +247,10 @@ class StatusController(Controller):
         },
     )
     async def file(
-        self, run_id: FromPath[str], path: FromPath[str], service: NamedDependency[Service]
+        self, run: NamedDependency[str], path: FromPath[str], service: NamedDependency[Service]
     ) -> Response[bytes]:
         """The bytes of ``out/...`` as the run left it, with the media type its name suggests."""
-        entry, data = await service.scheduler.file(_checked_id(run_id), path.lstrip("/"))
+        entry, data = await service.scheduler.file(run, path.lstrip("/"))
         return Response(
             data,
             media_type=entry.media_type,
@@ -262,7 +273,7 @@ class StatusController(Controller):
     )
     async def stream(
         self,
-        run_id: FromPath[str],
+        run: NamedDependency[str],
         service: NamedDependency[Service],
         last_event_id: Annotated[int | None, HeaderParameter(name="Last-Event-ID", ge=-1)] = None,
     ) -> ServerSentEvent:
@@ -270,9 +281,9 @@ class StatusController(Controller):
         print order, ``id`` their sequence number) as the program prints, a ``file`` event
         (``{"path", "size", "media_type"}``) per file it left, then one ``result`` event with the
         RunResult. A finished run replays what was kept."""
-        scheduler = service.scheduler
-        await scheduler.status(_checked_id(run_id))
-        return ServerSentEvent(_events(scheduler, run_id, -1 if last_event_id is None else last_event_id))
+        after = -1 if last_event_id is None else last_event_id
+        # Buffering proxies (nginx) would hold the events back; this asks them not to.
+        return ServerSentEvent(_events(service.scheduler, run, after), headers={"X-Accel-Buffering": "no"})
 
 
 async def _events(scheduler: Scheduler, run_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
@@ -310,7 +321,7 @@ async def _submit(
     request: Request[Any, Any, Any], service: Service, spec: RunSpec, wait: bool
 ) -> Response[RunResult | Accepted]:
     scheduler = service.scheduler
-    run_id = await scheduler.submit(spec)
+    run_id = await scheduler.submit(spec, key_of(request))
     if wait:
         result = await scheduler.wait(run_id, service.settings.queue.wait_timeout)
         if result is not None:

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import anyio
 from litestar import Litestar, Request, Response
+from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.problem_details import (
     ProblemDetailsConfig,
     ProblemDetailsException,
@@ -22,20 +26,23 @@ from litestar.plugins.problem_details import (
 )
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
-from warmpod import __version__, web
+from warmpod import __version__, auth, web
 from warmpod.api import RunController, StatusController, get_service, health
 from warmpod.environment import EnvironmentNotRecorded, environment
 from warmpod.errors import (
     InvalidFile,
     InvalidRun,
+    KeyBusy,
     NoSuchFile,
     QueueFull,
     RunFinished,
     RunNotFound,
+    SettingsError,
     ShuttingDown,
     StoreError,
     WarmpodError,
 )
+from warmpod.keys import KeyFile
 from warmpod.service import Service, run_service
 from warmpod.settings import Settings
 
@@ -99,8 +106,41 @@ def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[dict[
     ).to_response(request)
 
 
+def _exposed(host: str) -> bool:
+    if host == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name, or "" (every address)
+        return True
+
+
+def key_file(settings: Settings) -> KeyFile | None:
+    """The keys file in force, read now; None where keys are off.
+
+    Raises:
+        SettingsError: it cannot be read, or the server would listen beyond loopback with no keys
+            and no explicit opt-out.
+    """
+    server = settings.server
+    if server.api_keys_file:
+        return KeyFile(Path(server.api_keys_file))
+    if _exposed(server.host) and not server.allow_anonymous:
+        raise SettingsError(
+            f"warmpod would serve {server.host!r}, beyond loopback, to anyone who reaches it: create keys "
+            "(warmpod keys add NAME --file PATH) and set WARMPOD_SERVER__API_KEYS_FILE=PATH, or set "
+            "WARMPOD_SERVER__ALLOW_ANONYMOUS=true on a trusted network behind an authenticating proxy"
+        )
+    return None
+
+
 def create_app(settings: Settings, service_factory: ServiceFactory = run_service) -> Litestar:
-    """The warmpod app; its lifespan starts the service and removes every container on exit."""
+    """The warmpod app; its lifespan starts the service and removes every container on exit.
+
+    Raises:
+        SettingsError: as ``key_file``.
+    """
+    keys = key_file(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -129,6 +169,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             HTTPException: functools.partial(_http_problem, settings.server.max_body_bytes),
             InvalidRun: _problem(422, "Limit out of range", "limit"),
             InvalidFile: _problem(422, "File not allowed", "file"),
+            KeyBusy: _problem(429, "Key quota reached", "key-busy"),
             QueueFull: _problem(429, "Queue full", "queue-full"),
             ShuttingDown: _problem(503, "Shutting down", "shutting-down"),
             RunNotFound: _problem(404, "No such run", "no-such-run"),
@@ -153,8 +194,22 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
         exception_handlers={Exception: _internal},
         request_max_body_size=settings.server.max_body_bytes,
         openapi_config=OpenAPIConfig(
-            title="warmpod", version=__version__, render_plugins=[web.OfflineSwagger()]
+            title="warmpod",
+            version=__version__,
+            render_plugins=[web.OfflineSwagger()],
+            components=Components(
+                security_schemes={
+                    "apiKey": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="A key from `warmpod keys add`, needed when the server has a keys file "
+                        "(every operation but /health)",
+                    )
+                }
+            ),
+            security=[{"apiKey": []}],
         ),
+        middleware=[] if keys is None else [auth.middleware(keys)],
         after_request=web.page_headers,
-        state=None,
+        state=State({"key_file": keys}),
     )

@@ -8,9 +8,11 @@ import json
 import logging
 import math
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -18,6 +20,7 @@ from warmpod import __version__, terminal
 from warmpod.errors import WarmpodError
 
 if TYPE_CHECKING:
+    from warmpod.keys import KeyFile
     from warmpod.settings import Settings
 
 # The server's modules (Podman's client among them) are imported by the commands that use them:
@@ -48,6 +51,17 @@ def serve(settings: Settings) -> int:
     sys.setswitchinterval(0.001)
     app = create_app(settings)
     grace = settings.server.shutdown_grace
+    keys: KeyFile | None = app.state.key_file
+    if keys is not None:
+        # The file is also read again whenever it changes; SIGHUP forces it (and says so).
+        def reread(sig: int, frame: FrameType | None) -> None:
+            try:
+                keys.reload()
+                _progress(f"SIGHUP: {len(keys.current())} keys read from {keys.path}")
+            except WarmpodError as exc:
+                _progress(f"SIGHUP: {exc}; the keys read before stay in force")
+
+        signal.signal(signal.SIGHUP, reread)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -63,6 +77,31 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=math.ceil(grace),
     )
     Server(config).run()
+    return 0
+
+
+def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
+    """``warmpod keys add|list|remove``: the keys file, which the server re-reads when it changes."""
+    from warmpod import keys
+
+    path_text = args.file or settings.server.api_keys_file
+    if not path_text:
+        print("warmpod: name the keys file: --file PATH or WARMPOD_SERVER__API_KEYS_FILE", file=sys.stderr)
+        return 2
+    path = Path(path_text)
+    if args.keys_command == "add":
+        if args.max_active is not None and args.max_active < 1:
+            print("warmpod: --max-active must be at least 1", file=sys.stderr)
+            return 2
+        print(keys.add(path, args.name, args.max_active))
+        _progress(f"key {args.name!r} added to {path}; it is shown this once")
+    elif args.keys_command == "remove":
+        keys.remove(path, args.name)
+        _progress(f"key {args.name!r} removed from {path}")
+    else:
+        for key in keys.KeyFile(path).current() if path.exists() else []:
+            quota = "no limit" if key.max_active is None else f"max_active={key.max_active}"
+            print(f"{key.name}\t{quota}")
     return 0
 
 
@@ -188,6 +227,20 @@ def _parser() -> argparse.ArgumentParser:
         "newest versions with wheels",
     )
     commands.add_parser("doctor", help="say what this host can enforce")
+    keys_cmd = commands.add_parser("keys", help="manage the API keys file (WARMPOD_SERVER__API_KEYS_FILE)")
+    keys_cmds = keys_cmd.add_subparsers(dest="keys_command", required=True)
+    add_cmd = keys_cmds.add_parser("add", help="create a key, print it once, and add its hash to the file")
+    add_cmd.add_argument("name", help="what the key is called in logs and metrics")
+    add_cmd.add_argument(
+        "--max-active", type=int, metavar="N", help="runs of this key queued or running at once"
+    )
+    keys_cmds.add_parser("list", help="list the keys' names and quotas (never their hashes)")
+    remove_cmd = keys_cmds.add_parser("remove", help="remove a key: requests with it get 401 at once")
+    remove_cmd.add_argument("name")
+    for command in (add_cmd, keys_cmds.choices["list"], remove_cmd):
+        command.add_argument(
+            "--file", metavar="PATH", help="the keys file (default WARMPOD_SERVER__API_KEYS_FILE)"
+        )
     terminal.add_commands(commands)
     return parser
 
@@ -213,6 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = from_env(server=server) if server else from_env()
         if args.command == "serve":
             return serve(settings)
+        if args.command == "keys":
+            return manage_keys(args, settings)
         if args.command == "image":
             if args.image_command == "ref":
                 print(image.image_ref(settings))

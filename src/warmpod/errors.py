@@ -9,6 +9,7 @@ WarmpodError
 ├── InvalidRun         a run request is well formed but asks for something not allowed (422)
 │   └── InvalidFile    an input file's path, content or size is not allowed (422)
 ├── QueueFull          the queue holds as many runs as it may (429)
+│   └── KeyBusy        the run's API key has as many runs queued or running as it may (429)
 ├── ShuttingDown       the server is stopping and takes no new runs (503)
 ├── RunNotFound        no run has this id, or its result has expired (404)
 ├── NoSuchFile         the run left no file at this path, or has not ended (404)
@@ -57,6 +58,10 @@ class QueueFull(WarmpodError):
     """Raised when a run is submitted while the queue holds as many runs as it may."""
 
     retry_after: int = 1
+
+
+class KeyBusy(QueueFull):
+    """Raised when a run is submitted with a key that has ``max_active`` runs queued or running."""
 
 
 class ShuttingDown(WarmpodError):

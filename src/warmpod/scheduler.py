@@ -15,6 +15,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from warmpod.errors import (
+    KeyBusy,
     NoSuchFile,
     PoolUnavailable,
     QueueFull,
@@ -24,6 +25,7 @@ from warmpod.errors import (
     StoreError,
 )
 from warmpod.files import with_content
+from warmpod.keys import Key
 from warmpod.models import OutputFile, RunResult, RunSpec, RunStatus
 from warmpod.pool import Sandbox
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
@@ -150,11 +152,12 @@ class Scheduler:
         if self._live:
             log.warning("stopping %d run(s) still executing after the grace period", len(self._live))
 
-    async def submit(self, spec: RunSpec) -> str:
-        """Queue a run and return its id.
+    async def submit(self, spec: RunSpec, key: Key | None = None) -> str:
+        """Queue a run of ``key`` (None where keys are off) and return its id.
 
         Raises:
             ShuttingDown: the server is stopping.
+            KeyBusy: the key has its ``max_active`` runs queued or running.
             QueueFull: ``max_queued`` runs already wait.
         """
         if self.draining:
@@ -162,12 +165,35 @@ class Scheduler:
                 "warmpod is shutting down and takes no new runs; retry on another server or later"
             )
         run_id = uuid.uuid4().hex
-        if not await self._store.add(run_id, spec, max_queued=self._settings.max_queued):
+        added = await self._store.add(
+            run_id,
+            spec,
+            max_queued=self._settings.max_queued,
+            key=None if key is None else key.name,
+            max_active=None if key is None else key.max_active,
+        )
+        if added == "key-busy":
+            assert key is not None
+            raise KeyBusy(
+                f"the key {key.name!r} has {key.max_active} runs queued or running, its max_active: "
+                "retry when one has ended"
+            )
+        if added == "queue-full":
             raise QueueFull(
                 f"the queue is full: {self._settings.max_queued} runs are waiting (WARMPOD_QUEUE__MAX_QUEUED)"
             )
         self._work.release()
         return run_id
+
+    async def check_owner(self, run_id: str, key: Key | None) -> None:
+        """Check the run was submitted with ``key`` (None: with keys off).
+
+        Raises:
+            RunNotFound: no such run, or another key's: the answer is the same, so a key cannot
+                learn which ids exist.
+        """
+        if (await self._record(run_id)).key != (None if key is None else key.name):
+            raise self._not_found(run_id)
 
     async def wait(self, run_id: str, timeout: float) -> RunResult | None:
         """The run's result once it is final; None if it is not within ``timeout`` seconds.
@@ -300,11 +326,13 @@ class Scheduler:
         if record is None or (
             record.finished is not None and record.finished + self._settings.retention < time.time()
         ):
-            raise RunNotFound(
-                f"no run has the id {run_id} (results are kept {self._settings.retention:g} s "
-                "after the run ends)"
-            )
+            raise self._not_found(run_id)
         return record
+
+    def _not_found(self, run_id: str) -> RunNotFound:
+        return RunNotFound(
+            f"no run has the id {run_id} (results are kept {self._settings.retention:g} s after the run ends)"
+        )
 
     @contextlib.contextmanager
     def _watching(self, run_id: str) -> Iterator[None]:

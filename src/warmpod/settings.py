@@ -39,6 +39,13 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     shutdown_grace: Seconds = 30.0
     """On SIGTERM, how long running runs may take to finish before they are stopped and reported
     ``error``; queued runs stay in the store for the next start (``WARMPOD_SERVER__SHUTDOWN_GRACE``)."""
+    api_keys_file: str = ""
+    """The keys file (``warmpod keys add``): when set, every request but ``/health`` and the
+    playground's page needs ``Authorization: Bearer KEY`` of one of its keys; re-read when it
+    changes (``WARMPOD_SERVER__API_KEYS_FILE``)."""
+    allow_anonymous: bool = False
+    """Serve without keys on an address that is not loopback: only for a trusted network, behind a
+    proxy that authenticates (``WARMPOD_SERVER__ALLOW_ANONYMOUS``)."""
 
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -33,12 +33,18 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes
 
 
+Added = Literal["added", "queue-full", "key-busy"]
+"""What ``Store.add`` did with a run."""
+
+
 class Record(msgspec.Struct, frozen=True, kw_only=True):
     """What the store knows of one run."""
 
     id: str
     status: RunStatus
     """``queued``, ``running`` or a final status of ``RunResult``."""
+    key: str | None = None
+    """The name of the API key that submitted it; None where keys are off."""
     created: float
     started: float | None
     finished: float | None
@@ -53,8 +59,17 @@ class Store(Protocol):
     final exactly once: the first final status written wins.
     """
 
-    async def add(self, run_id: str, spec: RunSpec, *, max_queued: int) -> bool:
-        """Queue a run; False (nothing stored) when ``max_queued`` runs already wait."""
+    async def add(
+        self,
+        run_id: str,
+        spec: RunSpec,
+        *,
+        max_queued: int,
+        key: str | None = None,
+        max_active: int | None = None,
+    ) -> Added:
+        """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
+        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running."""
         ...
 
     async def queued(self) -> int:
@@ -131,7 +146,8 @@ CREATE TABLE IF NOT EXISTS runs (
     created REAL NOT NULL,
     started REAL,
     finished REAL,
-    cancel INTEGER NOT NULL DEFAULT 0
+    cancel INTEGER NOT NULL DEFAULT 0,
+    key TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, n);
 CREATE INDEX IF NOT EXISTS runs_by_finished ON runs (finished) WHERE finished IS NOT NULL;
@@ -200,6 +216,10 @@ class SqliteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.executescript(_SCHEMA)
+            # A store made before API keys: its runs belong to no key.
+            if "key" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+                db.execute("ALTER TABLE runs ADD COLUMN key TEXT")
+            db.execute("CREATE INDEX IF NOT EXISTS runs_by_key ON runs (key, status) WHERE key IS NOT NULL")
         except sqlite3.Error as exc:
             os.close(lock)
             raise StoreError(f"cannot open the run store {path}: {exc}") from exc
@@ -214,17 +234,33 @@ class SqliteStore:
 
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)
 
-    async def add(self, run_id: str, spec: RunSpec, *, max_queued: int) -> bool:
-        """Queue a run; False (nothing stored) when ``max_queued`` runs already wait."""
+    async def add(
+        self,
+        run_id: str,
+        spec: RunSpec,
+        *,
+        max_queued: int,
+        key: str | None = None,
+        max_active: int | None = None,
+    ) -> Added:
+        """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
+        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running."""
         blob = msgspec.msgpack.encode(spec)
 
-        def add(db: sqlite3.Connection) -> bool:
+        def add(db: sqlite3.Connection) -> Added:
+            # One call at a time on the one connection: the counts and the insert cannot interleave.
+            if max_active is not None:
+                (active,) = db.execute(
+                    "SELECT count(*) FROM runs WHERE key = ? AND status IN ('queued', 'running')", (key,)
+                ).fetchone()
+                if active >= max_active:
+                    return "key-busy"
             cursor = db.execute(
-                "INSERT INTO runs (id, status, spec, created) SELECT ?, 'queued', ?, ? "
+                "INSERT INTO runs (id, status, spec, created, key) SELECT ?, 'queued', ?, ?, ? "
                 "WHERE (SELECT count(*) FROM runs WHERE status = 'queued') < ?",
-                (run_id, blob, time.time(), max_queued),
+                (run_id, blob, time.time(), key, max_queued),
             )
-            return cursor.rowcount == 1
+            return "added" if cursor.rowcount == 1 else "queue-full"
 
         return await self._call(add)
 
@@ -336,18 +372,24 @@ class SqliteStore:
 
         def get(
             db: sqlite3.Connection,
-        ) -> tuple[RunStatus, float, float | None, float | None, bytes | None] | None:
+        ) -> tuple[RunStatus, str | None, float, float | None, float | None, bytes | None] | None:
             return db.execute(  # type: ignore[no-any-return]
-                "SELECT status, created, started, finished, result FROM runs WHERE id = ?", (run_id,)
+                "SELECT status, key, created, started, finished, result FROM runs WHERE id = ?", (run_id,)
             ).fetchone()
 
         row = await self._call(get)
         if row is None:
             return None
-        status, created, started, finished, blob = row
+        status, key, created, started, finished, blob = row
         result = None if blob is None else msgspec.msgpack.decode(blob, type=RunResult)
         return Record(
-            id=run_id, status=status, created=created, started=started, finished=finished, result=result
+            id=run_id,
+            status=status,
+            key=key,
+            created=created,
+            started=started,
+            finished=finished,
+            result=result,
         )
 
     async def output(self, run_id: str, after: int = -1) -> list[Chunk]:

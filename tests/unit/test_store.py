@@ -45,7 +45,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
 async def test_runs_are_claimed_oldest_first_with_their_spec(store: SqliteStore) -> None:
     """Claims follow submission order and hand back the spec byte for byte; then nothing is left."""
     for run_id in ("a", "b", "c"):
-        assert await store.add(run_id, SPEC, max_queued=10)
+        assert await store.add(run_id, SPEC, max_queued=10) == "added"
     assert await store.queued() == 3
     claimed = [await store.claim() for _ in range(3)]
     assert [c[0] for c in claimed if c] == ["a", "b", "c"]
@@ -59,12 +59,31 @@ async def test_runs_are_claimed_oldest_first_with_their_spec(store: SqliteStore)
 
 async def test_the_queue_is_bounded(store: SqliteStore) -> None:
     """A run past max_queued is refused and not stored; running runs do not count."""
-    assert await store.add("a", SPEC, max_queued=2)
-    assert await store.add("b", SPEC, max_queued=2)
-    assert not await store.add("c", SPEC, max_queued=2)
+    assert await store.add("a", SPEC, max_queued=2) == "added"
+    assert await store.add("b", SPEC, max_queued=2) == "added"
+    assert await store.add("c", SPEC, max_queued=2) == "queue-full"
     assert await store.get("c") is None
     await store.claim()
-    assert await store.add("c", SPEC, max_queued=2)
+    assert await store.add("c", SPEC, max_queued=2) == "added"
+
+
+async def test_a_keys_active_runs_are_bounded_and_other_keys_are_not(store: SqliteStore) -> None:
+    """max_active counts the key's queued and running runs; finished ones and other keys' do not."""
+    assert await store.add("a", SPEC, max_queued=10, key="alice", max_active=2) == "added"
+    assert await store.add("b", SPEC, max_queued=10, key="alice", max_active=2) == "added"
+    await store.claim()  # a runs, b waits: both count
+    assert await store.add("c", SPEC, max_queued=10, key="alice", max_active=2) == "key-busy"
+    assert await store.get("c") is None
+    assert await store.add("d", SPEC, max_queued=10, key="bob", max_active=1) == "added"
+    assert await store.add("e", SPEC, max_queued=10) == "added"
+    await store.finish("a", result("a"))
+    assert await store.add("c", SPEC, max_queued=10, key="alice", max_active=2) == "added"
+    record = await store.get("c")
+    assert record is not None
+    assert record.key == "alice"
+    keyless = await store.get("e")
+    assert keyless is not None
+    assert keyless.key is None
 
 
 async def test_concurrent_claims_never_hand_a_run_out_twice(store: SqliteStore) -> None:
@@ -193,7 +212,7 @@ async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
 async def test_an_unreadable_queued_run_ends_in_error_and_the_queue_goes_on(store: SqliteStore) -> None:
     """A queued row whose spec cannot be decoded ends ``error`` with a message; the next run is claimed."""
     for run_id in ("bad", "good"):
-        assert await store.add(run_id, SPEC, max_queued=10)
+        assert await store.add(run_id, SPEC, max_queued=10) == "added"
     await store._call(
         lambda db: db.execute("UPDATE runs SET spec = ? WHERE id = 'bad'", (b"\xc1not msgpack",))
     )

@@ -1,0 +1,166 @@
+"""API keys: the keys file, one ``NAME:SHA256_HEX[:max_active=N]`` per line, re-read when it changes."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmpod.errors import SettingsError
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_HASH = re.compile(r"[0-9a-f]{64}")
+KEY_BYTES = 32
+"""Entropy of a generated key; it is written as URL-safe base64 (43 characters)."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One key as the file holds it: never the key itself, only its SHA-256."""
+
+    name: str
+    digest: str
+    max_active: int | None = None
+    """Runs of this key queued or running at once; None for no limit of its own."""
+
+    def line(self) -> str:
+        """Its line in the keys file."""
+        quota = "" if self.max_active is None else f":max_active={self.max_active}"
+        return f"{self.name}:{self.digest}{quota}\n"
+
+
+def digest(key: str) -> str:
+    """The SHA-256 of a key, in hex, as the file keeps it."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def parse(text: str, source: str) -> list[Key]:
+    """The keys of a keys file's text; blank lines and ``#`` comments are skipped.
+
+    Raises:
+        SettingsError: a line is malformed or a name repeats (the line number is named, never its hash).
+    """
+    keys: list[Key] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, rest = line.partition(":")
+        hashed, _, options = rest.partition(":")
+        max_active = None
+        if options:
+            option, _, value = options.partition("=")
+            if option != "max_active" or not value.isdigit() or int(value) < 1:
+                raise SettingsError(f"{source} line {number}: the option must be max_active=N with N >= 1")
+            max_active = int(value)
+        if not _NAME.fullmatch(name) or not _HASH.fullmatch(hashed):
+            raise SettingsError(
+                f"{source} line {number}: expected NAME:SHA256_HEX[:max_active=N] "
+                "(NAME letters, digits, '.', '_' or '-'; the hash 64 lowercase hex digits)"
+            )
+        if any(key.name == name for key in keys):
+            raise SettingsError(f"{source} line {number}: the name {name!r} is given twice")
+        keys.append(Key(name, hashed, max_active))
+    return keys
+
+
+class KeyFile:
+    """The keys file, read again whenever it changed since the last look (or when told to)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._stamp: tuple[int, int, int, int] | None = None
+        self._keys: list[Key] = []
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the file now.
+
+        Raises:
+            SettingsError: it cannot be read or is malformed (the keys read before stay in force).
+        """
+        try:
+            info = self.path.stat()
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SettingsError(f"cannot read the keys file {self.path}: {exc}") from exc
+        self._keys = parse(text, str(self.path))
+        self._stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+    def current(self) -> list[Key]:
+        """The keys in force: the file is read again first if it changed (a rotation needs no restart).
+
+        A file that became unreadable or malformed keeps the keys it last held, so a half-written
+        edit never opens the service nor locks everyone out; the error is raised for the log.
+        """
+        try:
+            info = self.path.stat()
+            stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            self.reload()
+        return self._keys
+
+    def find(self, presented: str) -> Key | None:
+        """The key whose hash matches ``presented`` among those read last; every entry is
+        compared, each in constant time."""
+        hashed = digest(presented)
+        found = None
+        for key in self._keys:
+            if hmac.compare_digest(key.digest, hashed):
+                found = key
+        return found
+
+
+def add(path: Path, name: str, max_active: int | None = None) -> str:
+    """Create a key named ``name``, append its hash to the keys file (made 0600), and return the key.
+
+    Raises:
+        SettingsError: the name is not allowed, is taken, or the file cannot be written.
+    """
+    if not _NAME.fullmatch(name):
+        raise SettingsError(f"a key name is 1-64 letters, digits, '.', '_' or '-', not {name!r}")
+    existing = _read(path)
+    if any(key.name == name for key in existing):
+        raise SettingsError(f"{path} already has a key named {name!r}: remove it first to replace it")
+    key = secrets.token_urlsafe(KEY_BYTES)
+    line = Key(name, digest(key), max_active).line()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as out:
+            out.write(line)
+    except OSError as exc:
+        raise SettingsError(f"cannot write the keys file {path}: {exc}") from exc
+    return key
+
+
+def remove(path: Path, name: str) -> None:
+    """Remove the key named ``name`` from the keys file (rewritten whole, 0600, then renamed over it).
+
+    Raises:
+        SettingsError: no key has that name, or the file cannot be written.
+    """
+    keys = _read(path)
+    if not any(key.name == name for key in keys):
+        raise SettingsError(f"{path} has no key named {name!r}")
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.writelines(key.line() for key in keys if key.name != name)
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise SettingsError(f"cannot write the keys file {path}: {exc}") from exc
+
+
+def _read(path: Path) -> list[Key]:
+    if not path.exists():
+        return []
+    return KeyFile(path).current()
