@@ -9,6 +9,7 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ from warmpod.settings import Settings
 log = logging.getLogger(__name__)
 ServiceFactory = Callable[[Settings], AbstractAsyncContextManager[Service]]
 _PROBLEM = "https://warmpod.dev/problems/"
+_STATUSES = {status.value for status in HTTPStatus}
 
 
 def _validation_problem(exc: ValidationException) -> ProblemDetailsException:
@@ -70,8 +72,10 @@ def _http_problem(max_body: int, exc: HTTPException) -> ProblemDetailsException:
     detail = exc.detail
     if exc.status_code == HTTP_413_REQUEST_ENTITY_TOO_LARGE:
         detail = f"the request body exceeds the limit of {max_body} bytes (WARMPOD_SERVER__MAX_BODY_BYTES)"
+    # The title names the kind of problem (HTTP's phrase for its own); the detail says what happened.
+    title = HTTPStatus(exc.status_code).phrase if exc.status_code in _STATUSES else exc.detail
     return ProblemDetailsException(
-        status_code=exc.status_code, title=exc.detail, detail=detail, headers=exc.headers
+        status_code=exc.status_code, title=title, detail=detail, headers=exc.headers
     )
 
 

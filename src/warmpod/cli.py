@@ -38,7 +38,9 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from warmpod import image
-    from warmpod.app import begin_drain, create_app
+    from warmpod.app import begin_drain, create_app, key_file
+
+    key_file(settings)  # before the image build: refuse an exposed server without keys at once
 
     if settings.engine.url and shutil.which(settings.engine.podman) is None:
         # In the server's own container: the image must already be in the engine's storage.

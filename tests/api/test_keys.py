@@ -15,6 +15,8 @@ from litestar.testing import AsyncTestClient
 
 from warmpod import keys
 from warmpod.app import create_app
+from warmpod.cli import main
+from warmpod.client import Client, ProblemError
 from warmpod.errors import SettingsError
 from warmpod.settings import Settings, from_env
 
@@ -171,3 +173,23 @@ def test_loopback_needs_no_keys(host: str) -> None:
 def test_an_unreadable_keys_file_stops_the_start(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="cannot read the keys file"):
         create_app(from_env({}, server={"api_keys_file": str(tmp_path / "missing")}))
+
+
+def test_the_client_and_the_cli_send_the_key(
+    live: str, secrets: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Client(live, api_key=secrets["bob"]) as client:
+        assert client.run("print(1)").status == "succeeded"
+    with Client(live, api_key="wrong") as client, pytest.raises(ProblemError) as caught:
+        client.run("print(1)")
+    assert caught.value.status == 401
+    script = tmp_path / "main.py"
+    script.write_text("print(1)")
+    assert main(["run", "--server", live, str(script)]) == 125
+    assert "401 Unauthorized" in capsys.readouterr().err
+    assert main(["run", "--server", live, "--api-key", secrets["alice"], str(script)]) == 0
+
+
+def test_serve_refuses_an_exposed_address_before_anything_else(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--host", "0.0.0.0"]) == 1
+    assert "WARMPOD_SERVER__API_KEYS_FILE" in capsys.readouterr().err
