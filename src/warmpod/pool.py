@@ -492,7 +492,7 @@ class Pool:
 async def _connect(path: Path, max_frame: int) -> Channel:
     # Polling a stat is cheaper than a thread hop, and runs off any request's critical path.
     while True:
-        if os.path.exists(path):  # noqa: ASYNC240
+        if os.path.exists(path):  # noqa: ASYNC240  (a stat, as the comment above says)
             try:
                 stream = await UnixStream.connect(path)
             except (ConnectionRefusedError, FileNotFoundError):

@@ -1,0 +1,37 @@
+# The tasks CI runs (.ci/run runs `make ci`); each target is one step a contributor can run alone.
+.PHONY: setup lint typecheck image test test-fast guest guest-build ci seccomp lock
+VENV := .venv/bin
+
+setup:          ## packages, uv, .venv, and the test suites' extras (Chromium)
+	deploy/setup.sh --test
+
+lint:           ## ruff, lint and format
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+
+typecheck:      ## mypy --strict over src and tests
+	$(VENV)/mypy
+
+image:          ## the runner image (debootstrap base, offline wheels); skips when built
+	$(VENV)/warmpod image build
+
+test:           ## the README's test command: every host suite, coverage of the in-process code
+	$(VENV)/pytest --cov=warmpod --cov-report=term:skip-covered
+
+test-fast:      ## unit and API suites: no Podman, seconds
+	$(VENV)/pytest tests/unit tests/api
+
+guest-build:    ## the cgroup v2 guests (cgv2vm's build.sh: UML 6.12, or 7.2 where AMX needs it)
+	tests/cgv2/run.sh --build-only
+
+guest:          ## the integration and security suites rootless on cgroup v2, in the guest
+	tests/cgv2/run.sh
+
+ci: setup lint typecheck image test guest-build guest
+
+seccomp:        ## regenerate pool/seccomp.json from Podman's default profile and pool/seccomp.py's table
+	$(VENV)/python pool/seccomp.py
+
+lock:           ## regenerate uv.lock and the runner image's pool/requirements.lock
+	uv lock
+	$(VENV)/warmpod image lock
