@@ -4,6 +4,8 @@ Each exits non-zero with the reason when it fails.
 
 python guest_checks.py doctor DOCTOR_TXT   every limit a cgroup can enforce is enforced by one
 python guest_checks.py pause OUT_TXT       a real ``warmpod serve`` keeps its idle containers paused
+python guest_checks.py unit OUT_TXT        deploy/systemd/warmpod.service under the user's systemd runs
+                                           a program, and its stop leaves no container
 python guest_checks.py latency LATENCY_JSON  one line: warmpod idle p50 beside ``podman run --rm``
 python guest_checks.py failed JUNIT_XML    the node ids of the tests that failed, one per line
 python guest_checks.py speed OUT_JSON      median ms of a preloading ``podman run --rm`` of the runner image
@@ -120,6 +122,93 @@ def pause(out: Path) -> int:
     return 1 if failures else 0
 
 
+def _user_systemctl(*args: str) -> str:
+    env = {**os.environ}
+    env.setdefault("DBUS_SESSION_BUS_ADDRESS", f"unix:path={os.environ['XDG_RUNTIME_DIR']}/bus")
+    done = subprocess.run(
+        ["systemctl", "--user", *args], capture_output=True, text=True, env=env, timeout=120
+    )
+    if done.returncode != 0 and args[0] not in ("is-active", "show"):
+        raise RuntimeError(f"systemctl --user {' '.join(args)}: {done.stderr.strip() or done.returncode}")
+    return done.stdout.strip()
+
+
+def unit(out: Path) -> int:
+    """The systemd user unit as shipped, with a drop-in for this guest's venv and a free port:
+    start it, run a program through it, stop it, and find none of its containers left."""
+    repo = Path(__file__).resolve().parents[2]
+    units = Path.home() / ".config" / "systemd" / "user"
+    dropin = units / "warmpod.service.d"
+    dropin.mkdir(parents=True, exist_ok=True)
+    (units / "warmpod.service").write_text((repo / "deploy" / "systemd" / "warmpod.service").read_text())
+    port = _free_port()
+    (dropin / "guest.conf").write_text(
+        "[Service]\n"
+        f"WorkingDirectory={repo}\n"
+        "ExecStart=\n"
+        f"ExecStart={Path(sys.executable).parent / 'warmpod'} serve\n"
+        f"Environment=WARMPOD_SERVER__PORT={port}\n"
+        "Environment=WARMPOD_POOL__SIZE=2\n"
+    )
+    lines: list[str] = []
+    failures: list[str] = []
+    pid = ""
+    try:
+        _user_systemctl("daemon-reload")
+        _user_systemctl("start", "warmpod")
+        pid = _user_systemctl("show", "-p", "MainPID", "--value", "warmpod")
+        lines.append(f"started warmpod.service, MainPID {pid}")
+        deadline = time.monotonic() + 300
+        result: dict[str, Any] = {}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if _user_systemctl("is-active", "warmpod") not in ("active", "activating"):
+                    failures.append(f"the unit stopped: {_user_systemctl('status', '--no-pager', 'warmpod')}")
+                    break
+                time.sleep(0.5)
+            else:
+                failures.append("no healthy server within 300 s")
+            if not failures:
+                result = client.post("/run-json/", json={"code": "print(6 * 7)"}).json()
+                lines.append(f"run: status={result.get('status')} stdout={result.get('stdout')!r}")
+                if result.get("stdout") != "42\n":
+                    failures.append(f"the run answered {result}")
+    except RuntimeError as exc:
+        failures.append(str(exc))
+    finally:
+        try:
+            _user_systemctl("stop", "warmpod")
+        except RuntimeError as exc:
+            failures.append(str(exc))
+        state = _user_systemctl("is-active", "warmpod")
+        lines.append(
+            f"after stop: {state}, result {_user_systemctl('show', '-p', 'Result', '--value', 'warmpod')}"
+        )
+        if state not in ("inactive", "failed"):
+            failures.append(f"still {state} after stop")
+        left = subprocess.run(
+            ["podman", "ps", "-a", "--filter", f"label=io.warmpod.pid={pid or 0}", "--format", "{{.Names}}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        lines.append(f"containers left: {left}")
+        if left:
+            failures.append(f"its stop left {left}")
+        (units / "warmpod.service").unlink(missing_ok=True)
+        (dropin / "guest.conf").unlink(missing_ok=True)
+        _user_systemctl("daemon-reload")
+    lines += [f"FAIL unit: {failure}" for failure in failures] or ["PASS unit: started, ran, stopped clean"]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failures else 0
+
+
 def latency(path: Path) -> int:
     """Print warmpod's idle p50 beside the naive ``podman run --rm`` p50, from bench/latency.py."""
     results = json.loads(path.read_text())
@@ -208,7 +297,14 @@ def slowness(host: Path, guest: Path) -> int:
 
 def main(argv: list[str]) -> int:
     """Dispatch one check."""
-    checks = {"doctor": doctor, "pause": pause, "latency": latency, "failed": failed, "speed": speed}
+    checks = {
+        "doctor": doctor,
+        "pause": pause,
+        "unit": unit,
+        "latency": latency,
+        "failed": failed,
+        "speed": speed,
+    }
     if len(argv) == 3 and argv[0] in ("slowness", "host-suites"):
         two = {"slowness": slowness, "host-suites": host_suites}[argv[0]]
         return two(Path(argv[1]), Path(argv[2]))

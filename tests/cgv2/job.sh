@@ -6,7 +6,8 @@
 # snapshot's tests to ~/warmpod (the share is writable for runner only in out/), loads the runner
 # image into runner's own storage, then writes to $CGV2VM_OUT: doctor.txt (`warmpod doctor`) and
 # doctor-check.txt (every limit a cgroup can enforce is enforced by one), pause.txt (a real
-# `warmpod serve` keeps its idle containers paused; not for a custom run), kernel.txt, speed.json
+# `warmpod serve` keeps its idle containers paused; not for a custom run), unit.txt (the systemd
+# user unit deploy/systemd/warmpod.service started, used and stopped), kernel.txt, speed.json
 # and speed.txt (the guest's speed against the host's, and the WARMPOD_TEST_SLOWNESS it gives),
 # junit-<suite>.xml and pytest-<suite>.txt (one pytest each for tests/integration, the security
 # suite but its busy loops, and those busy loops, tests/security/test_time.py, or the suites named
@@ -126,6 +127,14 @@ if [ -z "${WARMPOD_CGV2_PYTEST_ARGS:-}" ] && [ "${WARMPOD_CGV2_CHECKS:-1}" = 1 ]
     begin "warmpod serve: idle containers paused"
     set +e
     (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py pause "$OUT/pause.txt")
+    rc=$?
+    set -e
+    [ "$rc" = 0 ] || checks_rc=$rc
+    end "exit $rc"
+    # deploy/systemd/warmpod.service as an operator installs it (issue 15: deploy files run for real).
+    begin "systemd user unit"
+    set +e
+    (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py unit "$OUT/unit.txt")
     rc=$?
     set -e
     [ "$rc" = 0 ] || checks_rc=$rc
