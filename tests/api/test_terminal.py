@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import select
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from apitest import POOL_SIZE
 from fakes import CANNED, RecordingRunner
 from warmpod_live import free_port
 
 from warmpod.cli import main
+from warmpod.client import Client
 from warmpod.protocol import FileChunk, Output
 
 
@@ -159,5 +166,40 @@ def test_cancel_stops_a_run(
         assert warmpod(live, "cancel", run_id) == 0
         assert json.loads(capsys.readouterr().out)["status"] == "cancelled"
         assert warmpod(live, "logs", run_id, "--follow") == 125
+    finally:
+        runner.hold.set()
+
+
+def test_a_spinner_shows_on_a_terminals_stderr_while_queued_and_never_on_stdout(
+    live: str, runner: RecordingRunner, script: Path
+) -> None:
+    runner.hold = threading.Event()
+    runner.streamed = [Output(stream="stdout", data=b"done\n")]
+    try:
+        with Client(live) as client:
+            for _ in range(POOL_SIZE):  # every worker busy: the next run waits in the queue
+                client.submit("x")
+        primary, secondary = os.openpty()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "warmpod", "run", "--server", live, str(script)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+        )
+        os.close(secondary)
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"queued (run" not in seen and time.monotonic() < deadline:
+            ready, _, _ = select.select([primary], [], [], 0.5)
+            if ready:
+                seen += os.read(primary, 4096)
+        assert b"queued (run" in seen
+        runner.hold.set()
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert out == b"done\n"
+        assert b"queued" not in out
+        assert b"\r" not in out
+        os.close(primary)
     finally:
         runner.hold.set()
