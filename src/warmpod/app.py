@@ -27,7 +27,7 @@ from litestar.plugins.problem_details import (
 )
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
-from warmpod import __version__, auth, web
+from warmpod import __version__, auth, metrics, web
 from warmpod.api import RunController, StatusController, get_service, health
 from warmpod.environment import EnvironmentNotRecorded, environment
 from warmpod.errors import (
@@ -189,6 +189,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             StatusController,
             health,
             environment,
+            metrics.MetricsController,
             web.playground,
             web.static_router(),
         ],
@@ -213,7 +214,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             ),
             security=[{"apiKey": []}],
         ),
-        middleware=[] if keys is None else [auth.middleware(keys)],
+        middleware=[metrics.PROMETHEUS.middleware, *([] if keys is None else [auth.middleware(keys)])],
         after_request=web.page_headers,
         state=State({"key_file": keys}),
     )

@@ -37,17 +37,21 @@ def serve(settings: Settings) -> int:
     """Build the runner image if missing, then serve the API until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    from warmpod import image
+    from warmpod import image, logs
     from warmpod.app import begin_drain, create_app, key_file
+
+    log_config = logs.configure(settings.server.log_format)
+    # In JSON, every line on stderr is an object: progress too goes through the log.
+    progress = _progress if settings.server.log_format == "text" else logging.getLogger("warmpod.serve").info
 
     key_file(settings)  # before the image build: refuse an exposed server without keys at once
 
     if settings.engine.url and shutil.which(settings.engine.podman) is None:
         # In the server's own container: the image must already be in the engine's storage.
-        _progress("no podman CLI here: expecting the runner image to be built already")
+        progress("no podman CLI here: expecting the runner image to be built already")
     else:
-        image.build_image(settings, _progress)
-    _progress(f"serving on http://{settings.server.host}:{settings.server.port}")
+        image.build_image(settings, progress)
+    progress(f"serving on http://{settings.server.host}:{settings.server.port}")
     # Engine and store calls run in worker threads; a 1 ms GIL switch interval (5 ms by default)
     # keeps the event loop, and so /health and /status, answering quickly while they are busy.
     sys.setswitchinterval(0.001)
@@ -59,9 +63,9 @@ def serve(settings: Settings) -> int:
         def reread(sig: int, frame: FrameType | None) -> None:
             try:
                 keys.reload()
-                _progress(f"SIGHUP: {len(keys.current())} keys read from {keys.path}")
+                progress(f"SIGHUP: {len(keys.current())} keys read from {keys.path}")
             except WarmpodError as exc:
-                _progress(f"SIGHUP: {exc}; the keys read before stay in force")
+                progress(f"SIGHUP: {exc}; the keys read before stay in force")
 
         signal.signal(signal.SIGHUP, reread)
 
@@ -76,6 +80,7 @@ def serve(settings: Settings) -> int:
         host=settings.server.host,
         port=settings.server.port,
         log_level="info",
+        log_config=log_config,
         timeout_graceful_shutdown=math.ceil(grace),
     )
     Server(config).run()

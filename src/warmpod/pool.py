@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import socket
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,7 +20,7 @@ from typing import Protocol
 import anyio
 from anyio.abc import TaskStatus
 
-from warmpod import protocol
+from warmpod import metrics, protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable, ProtocolError, WarmpodError
 from warmpod.image import context_dir
 from warmpod.protocol import Channel, Hello
@@ -78,9 +79,11 @@ class Sandbox:
 
 @dataclass
 class PoolStats:
-    """Counts for /health."""
+    """Counts for /health and /metrics."""
 
     ready: int
+    paused: int
+    """Of the ready ones, those paused."""
     busy: int
     starting: int
     target: int
@@ -152,6 +155,7 @@ class Pool:
         """The pool's counts now."""
         return PoolStats(
             ready=len(self._ready),
+            paused=sum(sandbox.paused for sandbox in self._ready),
             busy=len(self._busy),
             starting=self._starting,
             target=self.target,
@@ -239,9 +243,11 @@ class Pool:
             self._changed.notify_all()
 
     async def _fill_one(self) -> None:
+        started = time.perf_counter()
         try:
             sandbox = await self._make()
         except (WarmpodError, OSError) as exc:
+            metrics.REFILL_FAILURES.inc()
             self._failures += 1
             self._consecutive_failures += 1
             self._last_error = str(exc)
@@ -252,6 +258,7 @@ class Pool:
             self._starting -= 1
             await self._notify()
             return
+        metrics.CONTAINER_START.observe(time.perf_counter() - started)
         self._consecutive_failures = 0
         self._created += 1
         self._starting -= 1

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import msgspec
@@ -14,6 +14,7 @@ import requests
 from podman import PodmanClient
 from podman.errors import APIError, NotFound, PodmanError
 
+from warmpod import metrics
 from warmpod.errors import EngineError
 
 T = TypeVar("T")
@@ -62,12 +63,18 @@ class Runtime:
                 self._clients.append(client)
         return client
 
-    async def _call(self, fn: Callable[[PodmanClient], T], what: str) -> T:
+    async def _call(self, fn: Callable[[PodmanClient], T], what: metrics.PodmanCall) -> T:
+        # Timed in its thread: the engine's own time, not the wait for the limiter.
+        timer = metrics.PODMAN_CALL.labels(call=what)
+
         def work() -> T:
+            started = time.perf_counter()
             try:
                 return fn(self._client())
             except (APIError, PodmanError, requests.RequestException, OSError) as exc:
-                raise EngineError(f"podman {what} failed: {exc}") from exc
+                raise EngineError(f"podman {what.replace('_', ' ')} failed: {exc}") from exc
+            finally:
+                timer.observe(time.perf_counter() - started)
 
         return await anyio.to_thread.run_sync(work, limiter=self._limiter)
 
@@ -90,7 +97,7 @@ class Runtime:
 
     async def image_exists(self, ref: str) -> bool:
         """Whether ``ref`` is in the engine's image storage."""
-        return await self._call(lambda c: bool(c.images.exists(ref)), "image exists")
+        return await self._call(lambda c: bool(c.images.exists(ref)), "image_exists")
 
     async def create(self, spec: dict[str, Any]) -> str:
         """Create a container from a libpod spec and return its id."""
@@ -106,7 +113,9 @@ class Runtime:
 
         return await self._call(create, "create")
 
-    async def _post(self, container_id: str, action: str, **params: Any) -> None:
+    async def _post(
+        self, container_id: str, action: Literal["start", "pause", "unpause"], **params: Any
+    ) -> None:
         def post(client: PodmanClient) -> None:
             response = client.api.post(f"/containers/{container_id}/{action}", params=params)
             response.raise_for_status()

@@ -14,6 +14,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from warmpod import metrics
 from warmpod.errors import (
     KeyBusy,
     NoSuchFile,
@@ -99,6 +100,8 @@ class Scheduler:
         self._workers = workers
         # One token per run this node knows is queued: a worker takes a sandbox only for a token.
         self._work = anyio.Semaphore(0)
+        # Runs queued and not yet claimed (a worker holds a token while it waits for a sandbox).
+        self._queued = 0
         self._changed: dict[str, anyio.Event] = {}
         self._watchers: dict[str, int] = {}
         self._live: dict[str, _LiveRun] = {}
@@ -113,7 +116,7 @@ class Scheduler:
     @property
     def queued(self) -> int:
         """Runs waiting for a sandbox, as this node knows them."""
-        return self._work.value
+        return self._queued
 
     @property
     def running(self) -> int:
@@ -125,7 +128,10 @@ class Scheduler:
         lost = await self._store.recover(STOPPED_MESSAGE)
         if lost:
             log.warning("%d run(s) were executing when the last server stopped: reported error", len(lost))
+        for run_id in lost:
+            await self._report(run_id, None, executed=False)
         queued = await self._store.queued()
+        self._queued += queued
         if queued:
             log.info("%d queued run(s) kept from the last server will run now", queued)
         for _ in range(queued):
@@ -182,6 +188,7 @@ class Scheduler:
             raise QueueFull(
                 f"the queue is full: {self._settings.max_queued} runs are waiting (WARMPOD_QUEUE__MAX_QUEUED)"
             )
+        self._queued += 1
         self._work.release()
         return run_id
 
@@ -243,10 +250,12 @@ class Scheduler:
         if outcome == "unknown":
             raise RunNotFound(f"no run has the id {run_id}")
         if outcome == "cancelled":
+            self._queued -= 1
             self._notify(run_id)
             # Its token would otherwise send a worker to lease a sandbox for nothing.
             with contextlib.suppress(anyio.WouldBlock):
                 self._work.acquire_nowait()
+            await self._report(run_id, None, executed=False)
         elif outcome == "requested":
             live = self._live.get(run_id)
             if live is not None:
@@ -369,6 +378,7 @@ class Scheduler:
                         return
                     claimed = await self._store.claim()
                     if claimed is not None:
+                        self._queued -= 1
                         await self._execute(claimed[0], claimed[1], sandbox)
                 retry = 0.5
             except (PoolUnavailable, StoreError, *SANDBOX_FAILURES) as exc:
@@ -416,11 +426,13 @@ class Scheduler:
         delay = 0.5
         while True:
             try:
-                await self._store.finish(run_id, result, chunks, files)
+                recorded = await self._store.finish(run_id, result, chunks, files)
                 break
             except StoreError as exc:
                 if self.draining:
+                    # Not reported here: the next start reports it, as it records it.
                     log.error("could not record the result of run %s before stopping: %s", run_id, exc)
+                    recorded = False
                     break
                 log.warning(
                     "could not record the result of run %s (retrying in %.1f s): %s", run_id, delay, exc
@@ -428,6 +440,37 @@ class Scheduler:
                 await anyio.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX)
         self._notify(run_id)
+        if recorded:
+            await self._report(run_id, result, executed=True)
+
+    async def _report(self, run_id: str, result: RunResult | None, *, executed: bool) -> None:
+        """Count and log a run the store has just made final (once per run, however it ended):
+        ``result`` as it was recorded, None to read it back; ``executed`` on this server."""
+        try:
+            record = await self._store.get(run_id)
+        except StoreError as exc:
+            log.warning("could not read run %s back for its report: %s", run_id, exc)
+            record = None
+        if result is None and record is not None:
+            result = record.result
+        if result is None:
+            return
+        queue_wait = None
+        if record is not None:
+            queue_wait = (record.started or record.finished or time.time()) - record.created
+        metrics.run_ended(result, queue_wait=queue_wait, executed=executed)
+        # Never the code, its input or output, nor a key: only the key's name.
+        log.info(
+            "run finished",
+            extra={
+                "run_id": run_id,
+                "status": result.status,
+                "duration_ms": result.duration_ms,
+                "queue_ms": None if queue_wait is None else round(queue_wait * 1000, 1),
+                "limits_hit": list(result.limits_hit),
+                "key": None if record is None else record.key,
+            },
+        )
 
     async def _tend(self, run_id: str, live: _LiveRun) -> None:
         """While a run executes: move its output to the store and look for a cancel flag."""

@@ -46,6 +46,10 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     allow_anonymous: bool = False
     """Serve without keys on an address that is not loopback: only for a trusted network, behind a
     proxy that authenticates (``WARMPOD_SERVER__ALLOW_ANONYMOUS``)."""
+    log_format: Literal["text", "json"] = "text"
+    """How the server logs, on stderr: ``text`` for a terminal, ``json`` one object a line (``time``,
+    ``level``, ``logger``, ``event`` and the record's fields) for a log collector; uvicorn's lines
+    too (``WARMPOD_SERVER__LOG_FORMAT``)."""
 
 
 class EngineSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -19,6 +19,7 @@ import msgspec
 import pytest
 from anyio.abc import TaskGroup
 from fakes import FakeEngine, probe_report
+from prometheus_client import REGISTRY
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
@@ -412,6 +413,25 @@ async def test_pool_recovers_after_failed_creates(agents: TaskGroup, state_dir: 
         stats = pool.stats()
         assert stats.failures == 3
         assert stats.last_error == "podman create failed: no space left on device"
+
+    await with_pool(pool, body)
+
+
+async def test_metrics_time_each_container_made_count_failed_ones_and_paused_ready_ones(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """Each container made is timed once and each failed attempt counted; of the ready ones, those
+    still paused (not the head, thawed ahead of demand) are counted apart."""
+    engine = FakeEngine(agents)
+    engine.failing_creates = 2
+    pool = make_pool(engine, state_dir, size=2, backoff_max=0.05, can_pause=True)
+    starts = REGISTRY.get_sample_value("warmpod_container_start_seconds_count") or 0.0
+    failures = REGISTRY.get_sample_value("warmpod_refill_failures_total") or 0.0
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 2 and pool.stats().paused == 1)
+        assert REGISTRY.get_sample_value("warmpod_container_start_seconds_count") == starts + 2
+        assert REGISTRY.get_sample_value("warmpod_refill_failures_total") == failures + 2
 
     await with_pool(pool, body)
 
