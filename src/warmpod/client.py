@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import inspect
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -307,7 +308,7 @@ class Client:
         """The runner's Python version and installed distributions."""
         return _decoded(self._send("GET", "/environment"), Environment)
 
-    def stream(self, run_id: str, *, after: int | None = None) -> Iterator[StreamEvent]:
+    def stream(self, run_id: str, *, after: int | None = None) -> Generator[StreamEvent, None, None]:
         """The run's events as they happen (a finished run's replayed), ending with its RunResult;
         a dropped connection is resumed after the last output seen."""
         follow = _Follow(after)
@@ -361,12 +362,14 @@ class Client:
             memory_mb=memory_mb,
             max_output_bytes=max_output_bytes,
         )
-        for event in self.stream(accepted.id):
-            if isinstance(event, RunResult):
-                return event
-            call = _callback(event, on_stdout, on_stderr, on_file)
-            if call is not None:
-                call[0](call[1])
+        # Closed on the way out, a callback's exception included: its connection goes back at once.
+        with contextlib.closing(self.stream(accepted.id)) as events:
+            for event in events:
+                if isinstance(event, RunResult):
+                    return event
+                call = _callback(event, on_stdout, on_stderr, on_file)
+                if call is not None:
+                    call[0](call[1])
         raise AssertionError("unreachable: a stream ends with its result")
 
     def run_file(self, path: str | os.PathLike[str], **options: Any) -> RunResult:
@@ -460,7 +463,7 @@ class AsyncClient:
         """The runner's Python version and installed distributions."""
         return _decoded(await self._send("GET", "/environment"), Environment)
 
-    async def stream(self, run_id: str, *, after: int | None = None) -> AsyncIterator[StreamEvent]:
+    async def stream(self, run_id: str, *, after: int | None = None) -> AsyncGenerator[StreamEvent, None]:
         """The run's events as they happen (a finished run's replayed), ending with its RunResult;
         a dropped connection is resumed after the last output seen."""
         follow = _Follow(after)
@@ -514,14 +517,15 @@ class AsyncClient:
             memory_mb=memory_mb,
             max_output_bytes=max_output_bytes,
         )
-        async for event in self.stream(accepted.id):
-            if isinstance(event, RunResult):
-                return event
-            call = _callback(event, on_stdout, on_stderr, on_file)
-            if call is not None:
-                returned = call[0](call[1])
-                if inspect.isawaitable(returned):
-                    await returned
+        async with contextlib.aclosing(self.stream(accepted.id)) as events:
+            async for event in events:
+                if isinstance(event, RunResult):
+                    return event
+                call = _callback(event, on_stdout, on_stderr, on_file)
+                if call is not None:
+                    returned = call[0](call[1])
+                    if inspect.isawaitable(returned):
+                        await returned
         raise AssertionError("unreachable: a stream ends with its result")
 
     async def run_file(self, path: str | os.PathLike[str], **options: Any) -> RunResult:

@@ -140,8 +140,11 @@ def _logs(client: Client, run_id: str, follow: bool) -> int:
 
 def _follow(client: Client, run_id: str, *, show: bool) -> RunResult:
     """Follow the run's stream to its result, its output going live to our stdout and stderr."""
-    with _spinner(show and sys.stderr.isatty(), run_id) as waiting:
-        for event in client.stream(run_id):
+    with (
+        _spinner(show and sys.stderr.isatty(), run_id) as waiting,
+        contextlib.closing(client.stream(run_id)) as events,
+    ):
+        for event in events:
             if isinstance(event, StatusEvent):
                 waiting(event.status == "queued")
             elif isinstance(event, OutputEvent):
