@@ -124,7 +124,11 @@ class Pool:
         self.can_pause = can_pause and settings.pool.pause
         self._can_limit = can_limit
         self._userns = userns
-        self._seccomp_profile = (context_dir(settings) / "seccomp.json").resolve()
+        # The engine reads the profile by path on its own host: from inside a container (the server
+        # image against the host's socket) the package's path is not there, the state directory
+        # is (the agents' directories are bind-mounted from it at the same path).
+        self._seccomp_source = context_dir(settings) / "seccomp.json"
+        self._seccomp_profile = state_dir / "seccomp.json"
         self._ready: deque[Sandbox] = deque()
         self._busy: set[Sandbox] = set()
         self._starting = 0
@@ -186,6 +190,7 @@ class Pool:
             self._tg = None
             with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT):
                 await self._destroy_all()
+            self._seccomp_profile.unlink(missing_ok=True)
 
     async def remove_leftovers(self) -> int:
         """Destroy containers whose server on this host is no longer alive; return how many."""
@@ -286,6 +291,8 @@ class Pool:
         name = f"warmpod-{self.instance[:8]}-{next(self._serial)}"
         directory = self._state_dir / name
         directory.mkdir(mode=0o700)
+        if not self._seccomp_profile.exists():  # written once, again if the directory was emptied
+            shutil.copyfile(self._seccomp_source, self._seccomp_profile)
         # Preloading costs about 300 ms of CPU per container: worth it while the pool keeps up.
         # Once runs find it empty, CPU is the limit and a bare container serves them sooner.
         # After a failed start the next one is bare too, so a preload that crashes or hangs the

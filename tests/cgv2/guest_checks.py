@@ -6,6 +6,7 @@ python guest_checks.py doctor DOCTOR_TXT   every limit a cgroup can enforce is e
 python guest_checks.py pause OUT_TXT       a real ``warmpod serve`` keeps its idle containers paused
 python guest_checks.py unit OUT_TXT        deploy/systemd/warmpod.service under the user's systemd runs
                                            a program, and its stop leaves no container
+python guest_checks.py quadlet OUT_TXT     deploy/quadlet/warmpod.container (the server image) likewise
 python guest_checks.py latency LATENCY_JSON  one line: warmpod idle p50 beside ``podman run --rm``
 python guest_checks.py failed JUNIT_XML    the node ids of the tests that failed, one per line
 python guest_checks.py speed OUT_JSON      median ms of a preloading ``podman run --rm`` of the runner image
@@ -152,51 +153,11 @@ def unit(out: Path) -> int:
     )
     lines: list[str] = []
     failures: list[str] = []
-    pid = ""
+    before = set(_podman_names("label=io.warmpod.instance"))
     try:
-        _user_systemctl("daemon-reload")
-        _user_systemctl("start", "warmpod")
-        pid = _user_systemctl("show", "-p", "MainPID", "--value", "warmpod")
-        lines.append(f"started warmpod.service, MainPID {pid}")
-        deadline = time.monotonic() + 300
-        result: dict[str, Any] = {}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            while time.monotonic() < deadline:
-                try:
-                    if client.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if _user_systemctl("is-active", "warmpod") not in ("active", "activating"):
-                    failures.append(f"the unit stopped: {_user_systemctl('status', '--no-pager', 'warmpod')}")
-                    break
-                time.sleep(0.5)
-            else:
-                failures.append("no healthy server within 300 s")
-            if not failures:
-                result = client.post("/run-json/", json={"code": "print(6 * 7)"}).json()
-                lines.append(f"run: status={result.get('status')} stdout={result.get('stdout')!r}")
-                if result.get("stdout") != "42\n":
-                    failures.append(f"the run answered {result}")
-    except RuntimeError as exc:
-        failures.append(str(exc))
+        _serve_and_stop("warmpod.service", port, lines, failures)
     finally:
-        try:
-            _user_systemctl("stop", "warmpod")
-        except RuntimeError as exc:
-            failures.append(str(exc))
-        state = _user_systemctl("is-active", "warmpod")
-        lines.append(
-            f"after stop: {state}, result {_user_systemctl('show', '-p', 'Result', '--value', 'warmpod')}"
-        )
-        if state not in ("inactive", "failed"):
-            failures.append(f"still {state} after stop")
-        left = subprocess.run(
-            ["podman", "ps", "-a", "--filter", f"label=io.warmpod.pid={pid or 0}", "--format", "{{.Names}}"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.split()
+        left = [name for name in _podman_names("label=io.warmpod.instance") if name not in before]
         lines.append(f"containers left: {left}")
         if left:
             failures.append(f"its stop left {left}")
@@ -204,6 +165,98 @@ def unit(out: Path) -> int:
         (dropin / "guest.conf").unlink(missing_ok=True)
         _user_systemctl("daemon-reload")
     lines += [f"FAIL unit: {failure}" for failure in failures] or ["PASS unit: started, ran, stopped clean"]
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 1 if failures else 0
+
+
+SERVER_IMAGE = "localhost/warmpod-server:cgv2"
+"""The server image run.sh built from the snapshot and the guest loaded (job.sh)."""
+
+
+def _serve_and_stop(service: str, port: int, lines: list[str], failures: list[str]) -> None:
+    """Start the user unit ``service``, wait for /health on ``port``, run a program, stop it."""
+    try:
+        _user_systemctl("daemon-reload")
+        _user_systemctl("start", service)
+        lines.append(f"started {service}")
+        deadline = time.monotonic() + 300
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            while time.monotonic() < deadline:
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if _user_systemctl("is-active", service) not in ("active", "activating"):
+                    failures.append(f"the unit stopped: {_user_systemctl('status', '--no-pager', service)}")
+                    return
+                time.sleep(0.5)
+            else:
+                failures.append(
+                    f"no healthy server within 300 s: {_user_systemctl('status', '--no-pager', service)}"
+                )
+                return
+            result = client.post("/run-json/", json={"code": "print(6 * 7)"}).json()
+            lines.append(f"run: status={result.get('status')} stdout={result.get('stdout')!r}")
+            if result.get("stdout") != "42\n":
+                failures.append(f"the run answered {result}")
+    except RuntimeError as exc:
+        failures.append(str(exc))
+    finally:
+        try:
+            _user_systemctl("stop", service)
+        except RuntimeError as exc:
+            failures.append(str(exc))
+        state = _user_systemctl("is-active", service)
+        lines.append(
+            f"after stop: {state}, result {_user_systemctl('show', '-p', 'Result', '--value', service)}"
+        )
+        if state not in ("inactive", "failed"):
+            failures.append(f"still {state} after stop")
+
+
+def _podman_names(*filters: str) -> list[str]:
+    argv = ["podman", "ps", "-a", "--format", "{{.Names}}"]
+    for condition in filters:
+        argv += ["--filter", condition]
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+
+
+def quadlet(out: Path) -> int:
+    """The Quadlet unit as shipped, its image and port pointed at this guest's (as an operator
+    edits them): it starts the server container, serves a run, and its stop leaves no container."""
+    repo = Path(__file__).resolve().parents[2]
+    units = Path.home() / ".config" / "containers" / "systemd"
+    units.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    shipped = (repo / "deploy" / "quadlet" / "warmpod.container").read_text().splitlines()
+    edited = [
+        f"Image={SERVER_IMAGE}"
+        if line.startswith("Image=")
+        else f"PublishPort=127.0.0.1:{port}:8000"
+        if line.startswith("PublishPort=")
+        else line
+        for line in shipped
+    ]
+    unit_file = units / "warmpod.container"
+    unit_file.write_text("\n".join(edited) + "\n")
+    lines: list[str] = [f"installed {unit_file} (image {SERVER_IMAGE}, port {port})"]
+    failures: list[str] = []
+    before = set(_podman_names("label=io.warmpod.instance"))
+    try:
+        _serve_and_stop("warmpod.service", port, lines, failures)
+    finally:
+        left = [name for name in _podman_names("label=io.warmpod.instance") if name not in before]
+        server = _podman_names("name=systemd-warmpod")
+        lines.append(f"pool containers left: {left}; server container left: {server}")
+        if left or server:
+            failures.append(f"its stop left {left + server}")
+        unit_file.unlink(missing_ok=True)
+        _user_systemctl("daemon-reload")
+    lines += [f"FAIL quadlet: {failure}" for failure in failures] or [
+        "PASS quadlet: started, ran, stopped clean"
+    ]
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 1 if failures else 0
@@ -301,6 +354,7 @@ def main(argv: list[str]) -> int:
         "doctor": doctor,
         "pause": pause,
         "unit": unit,
+        "quadlet": quadlet,
         "latency": latency,
         "failed": failed,
         "speed": speed,

@@ -7,7 +7,8 @@
 # image into runner's own storage, then writes to $CGV2VM_OUT: doctor.txt (`warmpod doctor`) and
 # doctor-check.txt (every limit a cgroup can enforce is enforced by one), pause.txt (a real
 # `warmpod serve` keeps its idle containers paused; not for a custom run), unit.txt (the systemd
-# user unit deploy/systemd/warmpod.service started, used and stopped), kernel.txt, speed.json
+# user unit deploy/systemd/warmpod.service started, used and stopped), quadlet.txt (the same for
+# deploy/quadlet/warmpod.container and the server image), kernel.txt, speed.json
 # and speed.txt (the guest's speed against the host's, and the WARMPOD_TEST_SLOWNESS it gives),
 # junit-<suite>.xml and pytest-<suite>.txt (one pytest each for tests/integration, the security
 # suite but its busy loops, and those busy loops, tests/security/test_time.py, or the suites named
@@ -131,10 +132,21 @@ if [ -z "${WARMPOD_CGV2_PYTEST_ARGS:-}" ] && [ "${WARMPOD_CGV2_CHECKS:-1}" = 1 ]
     set -e
     [ "$rc" = 0 ] || checks_rc=$rc
     end "exit $rc"
-    # deploy/systemd/warmpod.service as an operator installs it (issue 15: deploy files run for real).
+fi
+# The deploy files as an operator installs them: the systemd user unit (deploy/systemd) and the
+# Quadlet unit (deploy/quadlet) with the server image run.sh built from the snapshot.
+if { [ -z "${WARMPOD_CGV2_PYTEST_ARGS:-}" ] && [ "${WARMPOD_CGV2_CHECKS:-1}" = 1 ]; } || [ "${WARMPOD_CGV2_DEPLOY_CHECKS:-0}" = 1 ]; then
     begin "systemd user unit"
     set +e
     (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py unit "$OUT/unit.txt")
+    rc=$?
+    set -e
+    [ "$rc" = 0 ] || checks_rc=$rc
+    end "exit $rc"
+    begin "Quadlet unit"
+    set +e
+    podman load --quiet --input "$SHARE/server.tar" &&
+        (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py quadlet "$OUT/quadlet.txt")
     rc=$?
     set -e
     [ "$rc" = 0 ] || checks_rc=$rc

@@ -126,7 +126,7 @@ mkdir -p "$S.new/repo"
 # for caches only).
 (cd "$ROOT" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude=.pytest_cache \
     --exclude=.mypy_cache --exclude=.ruff_cache --exclude=bench/results \
-    src pool tests bench deploy pyproject.toml uv.lock README.md $(ls SECURITY.md LICENSE* 2>/dev/null)) |
+    src pool tests bench deploy pyproject.toml uv.lock README.md Containerfile $(ls SECURITY.md LICENSE* 2>/dev/null)) |
     tar -xf - -C "$S.new/repo"
 {
     echo "commit $(git -C "$ROOT" rev-parse HEAD)"
@@ -190,6 +190,23 @@ fi
 ln "$TAR" "$S.new/runner.tar"
 mark image "$t"
 
+# --- 4a. the server image, from the snapshot, for the guest's Quadlet check ----------------------
+# The top-level Containerfile over the wheels above (the guest's own set, which holds warmpod's
+# runtime dependencies and pip): what deploy/build-server-image.sh makes, without a second download.
+t=$(now)
+CTX=$W/server-context
+rm -rf "$CTX"
+mkdir -p "$CTX/dist"
+cp "$REPO/Containerfile" "$CTX/"
+ln "$S.new"/wheels/*.whl "$CTX/dist/"
+# DIST_DIGEST keys Buildah's layer cache to the wheels, as in deploy/build-server-image.sh.
+digest=$(cd "$CTX/dist" && sha256sum -- *.whl | sha256sum | cut -d' ' -f1)
+podman build --quiet --network=none --build-arg "DIST_DIGEST=$digest" -t localhost/warmpod-server:cgv2 \
+    -f "$CTX/Containerfile" "$CTX" >/dev/null
+podman save --quiet --format docker-archive --output "$S.new/server.tar" localhost/warmpod-server:cgv2
+rm -rf "$CTX"
+mark server_image "$t"
+
 # --- 4b. the reference for the guest's speed ----------------------------------------------------
 t=$(now)
 PYTHONPATH="$REPO/src" "$PY" "$HERE/guest_checks.py" speed "$S.new/host-speed.json"
@@ -203,7 +220,7 @@ ENVS_TEST=()
 for name in WARMPOD_TEST_CPU_TIME WARMPOD_TEST_REFILL_WAIT WARMPOD_TEST_SLOWNESS; do
     if [ -n "${!name:-}" ]; then ENVS_TEST+=(--env "$name=${!name}"); fi
 done
-ENVS=(--env "WARMPOD_CGV2_BENCH=$BENCH" "${ENVS_TEST[@]}")
+ENVS=(--env "WARMPOD_CGV2_BENCH=$BENCH" --env "WARMPOD_CGV2_DEPLOY_CHECKS=${WARMPOD_CGV2_DEPLOY_CHECKS:-0}" "${ENVS_TEST[@]}")
 if [ ${#PYTEST_ARGS[@]} -gt 0 ]; then
     ENVS+=(--env "WARMPOD_CGV2_PYTEST_ARGS=$(IFS=$'\x1f'; echo "${PYTEST_ARGS[*]}")")
 fi
@@ -211,7 +228,7 @@ if [ "$DESELECT_SET" = 1 ]; then
     ENVS+=(--env "WARMPOD_CGV2_DESELECT=$(IFS=$'\x1f'; echo "${DESELECT[*]}")")
 fi
 PREP=$(secs $(( $(now) - T0 )))
-log "prepared in ${PREP}s (guest build ${TIMES[guest_build]}s, snapshot ${TIMES[snapshot]}s, wheels ${TIMES[wheels]}s, image ${TIMES[image]}s, speed ${TIMES[speed]}s)"
+log "prepared in ${PREP}s (guest build ${TIMES[guest_build]}s, snapshot ${TIMES[snapshot]}s, wheels ${TIMES[wheels]}s, image ${TIMES[image]}s, server image ${TIMES[server_image]}s, speed ${TIMES[speed]}s)"
 
 # --- 5b. unit and API suites on Python 3.13, on the host ----------------------------------------
 HOST_RC=0
