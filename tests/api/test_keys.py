@@ -72,7 +72,13 @@ async def test_only_health_and_the_playground_are_open(
 ) -> None:
     for path in ("/health", "/", "/static/playground.js", "/static/swagger-ui/swagger-ui.css"):
         assert (await anonymous.get(path)).status_code == 200, path
-    for path in ("/environment", "/schema/openapi.json", "/schema/swagger", f"/status/{'0' * 32}"):
+    for path in (
+        "/environment",
+        "/metrics",
+        "/schema/openapi.json",
+        "/schema/swagger",
+        f"/status/{'0' * 32}",
+    ):
         assert_problem(await anonymous.get(path), 401)
         assert (await anonymous.get(path, headers=bearer(secrets["bob"]))).status_code != 401, path
 
