@@ -39,11 +39,14 @@ from warmpod.service import Service
 _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
 _FORM_FIELDS = frozenset({"file", "files", "stdin", "timeout", "wait", *_LIMIT_FIELDS})
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+KEYED: list[dict[str, list[str]]] = [{"apiKey": []}]
+"""The schema's word that an operation needs a key where the server has a keys file (all but /health)."""
 _WAIT_DOC = "false: answer 202 at once with the run's status URL (same as the body's `wait`)"
 # Every error answer is a Problem; the schema says which ones each operation gives, so that a
 # client (or schemathesis, tests/fuzz) can hold the service to it.
 _PROBLEMS = {
     400: "The request is malformed; `detail` says what to fix",
+    401: "No API key, or not a valid one (where the server has a keys file); `WWW-Authenticate: Bearer`",
     404: "No run has this id (or it expired), or no file has this path",
     409: "The run has already ended",
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
@@ -70,7 +73,7 @@ _RUN_RESPONSES = {
     202: ResponseSpec(
         Accepted, description="Queued (`wait` false, or still not over after the wait timeout)"
     ),
-    **_problems(400, 413, 422, 429, 503),
+    **_problems(400, 401, 413, 422, 429, 503),
 }
 # Litestar drops the bounds of optional fields (`gt` inside `| None`) and the ban on unknown
 # fields from the schema; msgspec's own schema of the same type keeps both.
@@ -129,6 +132,7 @@ class RunController(Controller):
     """Running programs."""
 
     tags = ["runs"]  # noqa: RUF012  (Litestar reads it as a class attribute)
+    security = KEYED
 
     @post(
         "/run-json/",
@@ -217,14 +221,15 @@ class StatusController(Controller):
 
     path = "/status/{run_id:str}"
     tags = ["runs"]  # noqa: RUF012  (Litestar reads it as a class attribute)
+    security = KEYED
     dependencies = {"run": Provide(owned_run)}  # noqa: RUF012  (as tags)
 
-    @get("/", summary="A run's state and result", responses=_problems(400, 404, 503))
+    @get("/", summary="A run's state and result", responses=_problems(400, 401, 404, 503))
     async def status(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """The RunResult: ``queued`` or ``running`` (with the output so far) until the run ends."""
         return await service.scheduler.status(run)
 
-    @delete("/", status_code=200, summary="Cancel a run", responses=_problems(400, 404, 409, 503))
+    @delete("/", status_code=200, summary="Cancel a run", responses=_problems(400, 401, 404, 409, 503))
     async def cancel(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """Stop a queued or running run (its container is killed); it ends ``cancelled``."""
         return await service.scheduler.cancel(run)
@@ -243,7 +248,7 @@ class StatusController(Controller):
         media_type="application/octet-stream",
         responses={
             200: ResponseSpec(bytes, description="The file's bytes", media_type="application/octet-stream"),
-            **_problems(400, 404, 503),
+            **_problems(400, 401, 404, 503),
         },
     )
     async def file(
@@ -268,7 +273,7 @@ class StatusController(Controller):
         summary="A run's output as Server-Sent Events",
         responses={
             200: ResponseSpec(str, description="The run's events", media_type="text/event-stream"),
-            **_problems(400, 404, 503),
+            **_problems(400, 401, 404, 503),
         },
     )
     async def stream(

@@ -212,7 +212,6 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
                     )
                 }
             ),
-            security=[{"apiKey": []}],
         ),
         middleware=[metrics.PROMETHEUS.middleware, *([] if keys is None else [auth.middleware(keys)])],
         after_request=web.page_headers,

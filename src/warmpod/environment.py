@@ -8,6 +8,7 @@ from litestar import Request, get
 from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi.datastructures import ResponseSpec
 
+from warmpod.api import KEYED
 from warmpod.errors import WarmpodError
 from warmpod.models import Environment, Problem
 
@@ -24,9 +25,16 @@ class EnvironmentNotRecorded(WarmpodError):
 
 @get(
     "/environment",
+    security=KEYED,
     sync_to_thread=False,
     summary="Python and library versions",
     responses={
+        401: ResponseSpec(
+            Problem,
+            description="No API key, or not a valid one (where the server has a keys file)",
+            media_type="application/problem+json",
+            generate_examples=False,
+        ),
         404: ResponseSpec(
             Problem,
             description="The runner image records no environment (built from another Containerfile)",

@@ -17,6 +17,8 @@ from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 from warmpod_live import WarmpodServer, stop_and_check_clean
 
+from warmpod import keys
+
 # Examples per operation and phase; with the coverage phase's cases this is a few thousand requests.
 EXAMPLES = int(os.environ.get("WARMPOD_FUZZ_EXAMPLES", "150"))
 # Short runs, so that the valid ones among the generated programs (mostly syntax errors) end fast.
@@ -43,6 +45,8 @@ OPERATIONS = [
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 requests_sent = 0
+AUTH: dict[str, str] = {}
+"""The fuzz server's key, as a header (set by the server fixture)."""
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,12 @@ def server(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[WarmpodServer]:
     """One real server for the module; at the end it must stop cleanly and leave no container."""
-    live = WarmpodServer(tmp_path_factory.mktemp("fuzz"), SETTINGS)
+    directory = tmp_path_factory.mktemp("fuzz")
+    # Keys on, as a server on a network has them: every secured operation must then also refuse
+    # what schemathesis sends with a made-up key (its ignored-auth check), and accept AUTH.
+    key = keys.add(directory / "keys", "fuzz")
+    AUTH["Authorization"] = f"Bearer {key}"
+    live = WarmpodServer(directory, {**SETTINGS, "WARMPOD_SERVER__API_KEYS_FILE": str(directory / "keys")})
     try:
         live.wait_healthy()
         instance = live.instance()
@@ -71,7 +80,7 @@ def server(
 def api_schema(server: WarmpodServer) -> Any:
     """The schema the running service publishes (loaded here: schemathesis's own pytest loader
     does not work with pytest 9)."""
-    return schemathesis.openapi.from_url(f"{server.url}/schema/openapi.json")
+    return schemathesis.openapi.from_url(f"{server.url}/schema/openapi.json", headers=AUTH)
 
 
 def assert_problem(response: Any) -> None:
@@ -119,7 +128,7 @@ def test_every_answer_is_as_documented(api_schema: Any, label: str, mode: Genera
     def check(case: Any) -> None:
         global requests_sent
         requests_sent += 1
-        response = case.call_and_validate(excluded_checks=EXCLUDED, timeout=30)
+        response = case.call_and_validate(headers=AUTH, excluded_checks=EXCLUDED, timeout=30)
         if path != "/health":
             assert_problem(response)
 
