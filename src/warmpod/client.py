@@ -136,6 +136,22 @@ def _decoded(response: httpx.Response, type_: type[T]) -> T:
         ) from None
 
 
+def _health(response: httpx.Response) -> Health:
+    # 503 while the service cannot take runs, with the same body saying why.
+    if response.status_code == 503:
+        try:
+            return msgspec.json.decode(response.content, type=Health)
+        except msgspec.DecodeError:
+            pass
+    return _decoded(response, Health)
+
+
+def _content(response: httpx.Response) -> bytes:
+    if not response.is_success:
+        raise _problem(response)
+    return response.content
+
+
 def _retry_wait(response: httpx.Response, deadline: float) -> float | None:
     """Seconds to wait before sending the request again, or None to take this answer."""
     if response.status_code not in (429, 503):
@@ -289,20 +305,11 @@ class Client:
 
     def file(self, run_id: str, path: str) -> bytes:
         """The bytes of a file the run left (``out/...``), inline in its result or not."""
-        response = self._send("GET", _run_path(run_id, "/files/" + quote(path)))
-        if not response.is_success:
-            raise _problem(response)
-        return response.content
+        return _content(self._send("GET", _run_path(run_id, "/files/" + quote(path))))
 
     def health(self) -> Health:
         """The service's state; a server that cannot take runs answers it too (``status`` says so)."""
-        response = self._send("GET", "/health", retry=False)
-        if response.status_code == 503:
-            try:
-                return msgspec.json.decode(response.content, type=Health)
-            except msgspec.DecodeError:
-                pass
-        return _decoded(response, Health)
+        return _health(self._send("GET", "/health", retry=False))
 
     def environment(self) -> Environment:
         """The runner's Python version and installed distributions."""
@@ -444,20 +451,11 @@ class AsyncClient:
 
     async def file(self, run_id: str, path: str) -> bytes:
         """The bytes of a file the run left (``out/...``), inline in its result or not."""
-        response = await self._send("GET", _run_path(run_id, "/files/" + quote(path)))
-        if not response.is_success:
-            raise _problem(response)
-        return response.content
+        return _content(await self._send("GET", _run_path(run_id, "/files/" + quote(path))))
 
     async def health(self) -> Health:
         """The service's state; a server that cannot take runs answers it too (``status`` says so)."""
-        response = await self._send("GET", "/health", retry=False)
-        if response.status_code == 503:
-            try:
-                return msgspec.json.decode(response.content, type=Health)
-            except msgspec.DecodeError:
-                pass
-        return _decoded(response, Health)
+        return _health(await self._send("GET", "/health", retry=False))
 
     async def environment(self) -> Environment:
         """The runner's Python version and installed distributions."""
