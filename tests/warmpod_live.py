@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -154,24 +155,13 @@ class WarmpodServer:
 
     def wait_healthy(self, timeout: float = HEALTH_TIMEOUT) -> dict[str, Any]:
         """Wait until ``/health`` answers 200 and return its body; fail if the server dies first."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(
-                    f"warmpod exited with {self.proc.returncode} before it was healthy:\n{self.log_tail()}"
-                )
-            try:
-                response = self.health()
-            except httpx.TransportError as exc:
-                last = repr(exc)
-            else:
-                if response.status_code == 200:
-                    body: dict[str, Any] = response.json()
-                    return body
-                last = f"{response.status_code} {response.text}"
-            time.sleep(0.2)
-        raise AssertionError(f"warmpod not healthy after {timeout:.0f} s ({last}):\n{self.log_tail()}")
+
+        def exited() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            return f"warmpod exited with {self.proc.returncode} before it was healthy:\n{self.log_tail()}"
+
+        return wait_for_health(self.url, timeout, self.log_tail, exited)
 
     def wait_pool_full(self, timeout: float = 30.0 * SLOWNESS) -> dict[str, Any]:
         """Wait until every pool slot holds a ready container and return the health body.
@@ -255,6 +245,49 @@ def run_json(client: httpx.Client, code: str, **fields: object) -> dict[str, Any
     assert response.status_code == 200, response.text
     result: dict[str, Any] = response.json()
     return result
+
+
+def wait_for_health(
+    url: str,
+    timeout: float,
+    explain: Callable[[], str],
+    stopped: Callable[[], str | None] = lambda: None,
+    interval: float = 0.2,
+) -> dict[str, Any]:
+    """Poll ``url``/health until it answers 200 and return its body; ``explain`` says why it did
+    not (a log's end), ``stopped`` why waiting is pointless (a server that exited), if it is."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        reason = stopped()
+        if reason is not None:
+            raise AssertionError(reason)
+        try:
+            response = httpx.get(f"{url}/health", timeout=10)
+        except httpx.TransportError as exc:
+            last = repr(exc)
+        else:
+            if response.status_code == 200:
+                body: dict[str, Any] = response.json()
+                return body
+            last = f"{response.status_code} {response.text[:500]}"
+        time.sleep(interval)
+    raise AssertionError(f"not healthy after {timeout:.0f} s ({last}):\n{explain()}")
+
+
+@contextlib.contextmanager
+def serving(directory: Path, settings: Mapping[str, str]) -> Iterator[WarmpodServer]:
+    """A healthy server for a suite; at the end it must stop on SIGTERM and leave nothing (it is
+    only killed if the suite's set-up or body failed)."""
+    live = WarmpodServer(directory, settings)
+    try:
+        live.wait_healthy()
+        instance = live.instance()
+        yield live
+    except BaseException:
+        live.close()
+        raise
+    stop_and_check_clean(live, instance)
 
 
 def stop_and_check_clean(live: WarmpodServer, instance: str) -> None:

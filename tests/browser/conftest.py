@@ -11,7 +11,7 @@ import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
-from warmpod_live import MAX_TIMEOUT, WarmpodServer, stop_and_check_clean
+from warmpod_live import MAX_TIMEOUT, WarmpodServer, serving
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -40,18 +40,9 @@ def _needs_podman_and_chromium() -> None:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmpodServer]:
     """A real server with a pool of two; it must stop cleanly at the end."""
-    live = WarmpodServer(
-        tmp_path_factory.mktemp("warmpod"),
-        {"WARMPOD_POOL__SIZE": "2", "WARMPOD_LIMITS__MAX_TIMEOUT": str(MAX_TIMEOUT)},
-    )
-    try:
-        live.wait_healthy()
-        instance = live.instance()
+    settings = {"WARMPOD_POOL__SIZE": "2", "WARMPOD_LIMITS__MAX_TIMEOUT": str(MAX_TIMEOUT)}
+    with serving(tmp_path_factory.mktemp("warmpod"), settings) as live:
         yield live
-    except BaseException:
-        live.close()
-        raise
-    stop_and_check_clean(live, instance)
 
 
 @pytest.fixture

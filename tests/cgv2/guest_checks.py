@@ -153,14 +153,9 @@ def unit(out: Path) -> int:
     )
     lines: list[str] = []
     failures: list[str] = []
-    before = set(_podman_names("label=io.warmpod.instance"))
     try:
         _serve_and_stop("warmpod.service", port, lines, failures)
     finally:
-        left = [name for name in _podman_names("label=io.warmpod.instance") if name not in before]
-        lines.append(f"containers left: {left}")
-        if left:
-            failures.append(f"its stop left {left}")
         (units / "warmpod.service").unlink(missing_ok=True)
         (dropin / "guest.conf").unlink(missing_ok=True)
         _user_systemctl("daemon-reload")
@@ -175,7 +170,9 @@ SERVER_IMAGE = "localhost/warmpod-server:cgv2"
 
 
 def _serve_and_stop(service: str, port: int, lines: list[str], failures: list[str]) -> None:
-    """Start the user unit ``service``, wait for /health on ``port``, run a program, stop it."""
+    """Start the user unit ``service``, wait for /health on ``port``, run a program, stop it, and
+    fail if a pool container it made is left."""
+    before = set(_podman_names("label=io.warmpod.instance"))
     try:
         _user_systemctl("daemon-reload")
         _user_systemctl("start", service)
@@ -214,6 +211,10 @@ def _serve_and_stop(service: str, port: int, lines: list[str], failures: list[st
         )
         if state not in ("inactive", "failed"):
             failures.append(f"still {state} after stop")
+        left = [name for name in _podman_names("label=io.warmpod.instance") if name not in before]
+        lines.append(f"pool containers left: {left}")
+        if left:
+            failures.append(f"its stop left {left}")
 
 
 def _podman_names(*filters: str) -> list[str]:
@@ -243,15 +244,13 @@ def quadlet(out: Path) -> int:
     unit_file.write_text("\n".join(edited) + "\n")
     lines: list[str] = [f"installed {unit_file} (image {SERVER_IMAGE}, port {port})"]
     failures: list[str] = []
-    before = set(_podman_names("label=io.warmpod.instance"))
     try:
         _serve_and_stop("warmpod.service", port, lines, failures)
     finally:
-        left = [name for name in _podman_names("label=io.warmpod.instance") if name not in before]
         server = _podman_names("name=systemd-warmpod")
-        lines.append(f"pool containers left: {left}; server container left: {server}")
-        if left or server:
-            failures.append(f"its stop left {left + server}")
+        lines.append(f"server container left: {server}")
+        if server:
+            failures.append(f"its stop left {server}")
         unit_file.unlink(missing_ok=True)
         _user_systemctl("daemon-reload")
     lines += [f"FAIL quadlet: {failure}" for failure in failures] or [

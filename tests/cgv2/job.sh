@@ -124,33 +124,27 @@ set -e
 [ "$rc" = 0 ] || checks_rc=$rc
 end "exit $rc"
 
-if [ -z "${WARMPOD_CGV2_PYTEST_ARGS:-}" ] && [ "${WARMPOD_CGV2_CHECKS:-1}" = 1 ]; then
-    begin "warmpod serve: idle containers paused"
+# check NAME CHECK OUT: one of guest_checks.py's checks as a step; a failure fails the job at its end.
+check() {
+    begin "$1"
     set +e
-    (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py pause "$OUT/pause.txt")
+    (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py "$2" "$3")
     rc=$?
     set -e
     [ "$rc" = 0 ] || checks_rc=$rc
     end "exit $rc"
+}
+all_checks=0
+if [ -z "${WARMPOD_CGV2_PYTEST_ARGS:-}" ] && [ "${WARMPOD_CGV2_CHECKS:-1}" = 1 ]; then
+    all_checks=1
+    check "warmpod serve: idle containers paused" pause "$OUT/pause.txt"
 fi
 # The deploy files as an operator installs them: the systemd user unit (deploy/systemd) and the
 # Quadlet unit (deploy/quadlet) with the server image run.sh built from the snapshot.
-if { [ -z "${WARMPOD_CGV2_PYTEST_ARGS:-}" ] && [ "${WARMPOD_CGV2_CHECKS:-1}" = 1 ]; } || [ "${WARMPOD_CGV2_DEPLOY_CHECKS:-0}" = 1 ]; then
-    begin "systemd user unit"
-    set +e
-    (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py unit "$OUT/unit.txt")
-    rc=$?
-    set -e
-    [ "$rc" = 0 ] || checks_rc=$rc
-    end "exit $rc"
-    begin "Quadlet unit"
-    set +e
-    podman load --quiet --input "$SHARE/server.tar" &&
-        (cd "$SRC" && "$VENV/bin/python" tests/cgv2/guest_checks.py quadlet "$OUT/quadlet.txt")
-    rc=$?
-    set -e
-    [ "$rc" = 0 ] || checks_rc=$rc
-    end "exit $rc"
+if [ "$all_checks" = 1 ] || [ "${WARMPOD_CGV2_DEPLOY_CHECKS:-0}" = 1 ]; then
+    check "systemd user unit" unit "$OUT/unit.txt"
+    podman load --quiet --input "$SHARE/server.tar" || checks_rc=3
+    check "Quadlet unit" quadlet "$OUT/quadlet.txt"
 fi
 
 # Tests left out, node ids split on \x1f (WARMPOD_CGV2_DESELECT, set even if empty, replaces the

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, containers, free_port, podman, run_json, wait_until
+from warmpod_live import SLOWNESS, containers, free_port, podman, run_json, wait_for_health, wait_until
 
 from warmpod.pool import LABEL_HOST, LABEL_INSTANCE
 
@@ -197,20 +196,7 @@ class Stack:
 
     def wait_healthy(self) -> dict[str, Any]:
         """Wait, bounded, until GET /health answers 200 on the published port; return its body."""
-        deadline = time.monotonic() + HEALTH_TIMEOUT
-        last = "no answer"
-        while time.monotonic() < deadline:
-            try:
-                response = httpx.get(f"{self.url}/health", timeout=10)
-            except httpx.TransportError as exc:
-                last = repr(exc)
-            else:
-                if response.status_code == 200:
-                    body: dict[str, Any] = response.json()
-                    return body
-                last = f"{response.status_code} {response.text[:500]}"
-            time.sleep(0.5)
-        raise AssertionError(f"not healthy after {HEALTH_TIMEOUT:.0f} s ({last}):\n{self.logs()}")
+        return wait_for_health(self.url, HEALTH_TIMEOUT, self.logs, interval=0.5)
 
     def remove_all(self) -> None:
         """Remove by force whatever of the stack is left, its pool's containers included."""

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from warmpod_live import WarmpodServer, stop_and_check_clean
+from warmpod_live import WarmpodServer, serving
 
 from warmpod import keys
 
@@ -59,21 +59,14 @@ def server(
     # what schemathesis sends with a made-up key (its ignored-auth check), and accept AUTH.
     key = keys.add(directory / "keys", "fuzz")
     AUTH["Authorization"] = f"Bearer {key}"
-    live = WarmpodServer(directory, {**SETTINGS, "WARMPOD_SERVER__API_KEYS_FILE": str(directory / "keys")})
-    try:
-        live.wait_healthy()
-        instance = live.instance()
+    with serving(directory, {**SETTINGS, "WARMPOD_SERVER__API_KEYS_FILE": str(directory / "keys")}) as live:
         yield live
-    except BaseException:
-        live.close()
-        raise
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and capture is not None:
-        # Teardown output is captured (and shown only on failure) unless capture is off for it.
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"tests/fuzz: {requests_sent} generated requests against {live.url}")
-    stop_and_check_clean(live, instance)
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        capture = request.config.pluginmanager.get_plugin("capturemanager")
+        if reporter is not None and capture is not None:
+            # Teardown output is captured (and shown only on failure) unless capture is off for it.
+            with capture.global_and_fixture_disabled():
+                reporter.write_line(f"tests/fuzz: {requests_sent} generated requests against {live.url}")
 
 
 @pytest.fixture(scope="module")

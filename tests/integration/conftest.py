@@ -15,7 +15,7 @@ from warmpod_live import (
     POOL_SIZE,
     ServerFactory,
     WarmpodServer,
-    stop_and_check_clean,
+    serving,
 )
 
 SESSION_SETTINGS = {
@@ -36,16 +36,9 @@ def _podman_on_path() -> None:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WarmpodServer]:
     """One real server for the whole session; at the end it must stop on SIGTERM and leave nothing."""
-    live = WarmpodServer(tmp_path_factory.mktemp("warmpod"), SESSION_SETTINGS)
-    try:
-        live.wait_healthy()
-        instance = live.instance()
-        live.podman_service()
+    with serving(tmp_path_factory.mktemp("warmpod"), SESSION_SETTINGS) as live:
+        live.podman_service()  # found now, while it surely runs (see _session_server_intact)
         yield live
-    except BaseException:
-        live.close()
-        raise
-    stop_and_check_clean(live, instance)
 
 
 @pytest.fixture(autouse=True)
