@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 packages=(podman runc conmon uidmap slirp4netns fuse-overlayfs catatonit debootstrap mmdebstrap)
 case "${1:-}" in
-    --test) packages+=(chromium chromium-driver make podman-compose) ;;
+    --test) packages+=(chromium chromium-driver make podman-compose postgresql) ;;
     "") ;;
     *) echo "usage: deploy/setup.sh [--test]" >&2; exit 2 ;;
 esac
