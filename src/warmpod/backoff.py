@@ -9,9 +9,10 @@ class Backoff:
     """Delays of ``first``, twice that, ... at most ``maximum`` seconds; ``reset`` after a success."""
 
     def __init__(self, first: float = 0.5, maximum: float = 30.0) -> None:
-        self._first = first
+        # A maximum below the first delay caps that one too (settings may allow 0.05 s).
+        self._first = min(first, maximum)
         self._maximum = maximum
-        self._next = first
+        self._next = self._first
 
     @property
     def delay(self) -> float:
