@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 from latency import ROOT, Server, built_image, free_port, percentile
 
-from warmpod import engine, image
+from warmpod import host, image
 from warmpod.settings import from_env
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "burst.json"
@@ -169,7 +169,7 @@ def naive_burst(runs: int, concurrency: int) -> dict[str, Any]:
 
     def one(i: int) -> None:
         token = f"token-{i:04d}"
-        argv, env = engine.podman_command(
+        argv, env = host.podman_command(
             settings.engine, "run", "--rm", "--network", "none", ref, "python3", "-c", program(token)
         )
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)

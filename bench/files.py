@@ -51,7 +51,7 @@ from latency import (
     wait_pool_full,
 )
 
-from warmpod import engine
+from warmpod import host
 from warmpod.settings import Settings
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "files.json"
@@ -112,7 +112,7 @@ def naive_once(settings: Settings, ref: str, csv: bytes, series: Series) -> None
         (work / "out").mkdir()
         work.chmod(0o777)
         (work / "out").chmod(0o777)
-        argv, env = engine.podman_command(
+        argv, env = host.podman_command(
             settings.engine,
             "run",
             "--rm",

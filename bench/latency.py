@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from warmpod import engine, image
+from warmpod import host, image
 from warmpod.settings import Settings, from_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def free_port() -> int:
 
 def podman(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """Run the podman CLI the way warmpod does (its containers.conf and OCI runtime)."""
-    argv, env = engine.podman_command(settings.engine, *args)
+    argv, env = host.podman_command(settings.engine, *args)
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -288,7 +288,7 @@ def table(series: Sequence[Series]) -> str:
 def host_facts(settings: Settings, ref: str) -> dict[str, Any]:
     """What the figures were measured on."""
     version = podman(settings, "version", "--format", "{{.Client.Version}}").stdout.strip()
-    runtime = engine.pick_runtime(settings.engine, engine.HostFacts.read()) or "podman default"
+    runtime = host.pick_runtime(settings.engine, host.HostFacts.read()) or "podman default"
     load = os.getloadavg()
     return {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             # Let the refill after (b) finish so it does not slow the baselines down.
             wait_pool_full(client)
-            naive_argv, naive_env = engine.podman_command(
+            naive_argv, naive_env = host.podman_command(
                 settings.engine, "run", "--rm", "--network", "none", ref, "python3", "-c", PROGRAM
             )
             naive.extra["argv"] = naive_argv

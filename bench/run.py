@@ -53,7 +53,7 @@ from latency import (
     wait_pool_full,
 )
 
-from warmpod import engine
+from warmpod.host import podman_command
 from warmpod.settings import Settings
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "run.json"
@@ -72,7 +72,7 @@ MODES = {"preload": "numpy,pandas", "bare": ""}
 
 def naive(settings: Settings, ref: str, programs: Path, program: str) -> Callable[[Series], None]:
     """One timed ``podman run --rm`` of a program file, the way warmpod's own Podman is configured."""
-    argv, env = engine.podman_command(
+    argv, env = podman_command(
         settings.engine,
         "run",
         "--rm",

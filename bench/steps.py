@@ -20,7 +20,7 @@ from pathlib import Path
 
 import anyio
 
-from warmpod import engine, image, protocol
+from warmpod import image, podman_service, protocol
 from warmpod.image import context_dir
 from warmpod.pool import _connect
 from warmpod.runtime import Runtime
@@ -36,7 +36,7 @@ async def measure(count: int, preload: tuple[str, ...]) -> dict[str, list[float]
     state = Path(tempfile.mkdtemp(prefix="wp-steps-", dir="/tmp"))
     times: dict[str, list[float]] = {step: [] for step in STEPS}
     try:
-        async with engine.podman_service(settings.engine, state) as podman:
+        async with podman_service.running(settings.engine, state) as podman:
             runtime = Runtime(podman.url, settings.engine.api_concurrency)
             seccomp = (context_dir(settings) / "seccomp.json").resolve()
             try:

@@ -114,13 +114,14 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
 
 def doctor(settings: Settings) -> int:
     """Say what this host offers and which limits it can enforce, in plain words."""
-    from warmpod import engine, image
+    from warmpod import image
     from warmpod.enforcement import check, enforcement
+    from warmpod.host import HostFacts, podman_command
     from warmpod.sandbox import USERNS_SIZE
     from warmpod.service import own_user_namespaces
 
-    facts = engine.HostFacts.read()
-    argv, env = engine.podman_command(settings.engine, "info", "--format", "json")
+    facts = HostFacts.read()
+    argv, env = podman_command(settings.engine, "info", "--format", "json")
     try:
         out = subprocess.run(argv, env=env, capture_output=True, check=True, timeout=60).stdout
         info = json.loads(out)

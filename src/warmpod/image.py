@@ -19,8 +19,8 @@ from pathlib import Path
 
 from uv import find_uv_bin
 
-from warmpod.engine import podman_command
 from warmpod.errors import ImageError
+from warmpod.host import podman_command
 from warmpod.settings import Settings
 
 Progress = Callable[[str], None]

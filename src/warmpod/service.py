@@ -13,7 +13,7 @@ from typing import Literal
 
 import anyio
 
-from warmpod import engine, image
+from warmpod import host, image, podman_service
 from warmpod.enforcement import check, enforcement
 from warmpod.errors import EngineError, ImageError
 from warmpod.models import Environment, Health, LimitEnforcement, PoolCounts, QueueCounts
@@ -88,7 +88,7 @@ def own_user_namespaces(settings: Settings, *, rootless: bool) -> bool:
     # Only a local engine's ranges can be read here; a remote one reports its own error on create.
     if settings.engine.url and not settings.engine.url.startswith("unix:"):
         return True
-    missing = engine.missing_subid_ranges(USERNS_SIZE * settings.pool.bounds[1])
+    missing = host.missing_subid_ranges(USERNS_SIZE * settings.pool.bounds[1])
     if missing:
         raise EngineError(
             f"{' and '.join(missing)} have no `containers` range of {USERNS_SIZE} ids per pool container: "
@@ -105,9 +105,9 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
         EngineError: Podman cannot be reached.
         ImageError: the runner image has not been built.
     """
-    state = engine.state_dir(settings.engine)
+    state = podman_service.state_dir(settings.engine)
     try:
-        async with engine.podman_service(settings.engine, state) as podman:
+        async with podman_service.running(settings.engine, state) as podman:
             runtime = Runtime(podman.url, settings.engine.api_concurrency)
             try:
                 info = await runtime.info()

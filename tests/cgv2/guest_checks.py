@@ -30,7 +30,7 @@ from typing import Any
 
 import httpx
 
-from warmpod import engine, image
+from warmpod import host, image
 from warmpod.settings import from_env
 
 # What `warmpod doctor` must print on a cgroup v2 host with delegation, rootless.
@@ -295,9 +295,7 @@ def speed(path: Path) -> int:
     ref = image.image_ref(settings)
     times: list[float] = []
     for _ in range(SPEED_RUNS + 1):
-        argv, env = engine.podman_command(
-            settings.engine, *SPEED_PROBE, ref, "python3", "-I", "-c", SPEED_CODE
-        )
+        argv, env = host.podman_command(settings.engine, *SPEED_PROBE, ref, "python3", "-I", "-c", SPEED_CODE)
         started = time.perf_counter()
         subprocess.run(argv, env=env, check=True, capture_output=True, timeout=600)
         times.append((time.perf_counter() - started) * 1000)
@@ -330,7 +328,7 @@ def host_suites(share: Path, out: Path) -> int:
         "PYTHONPATH=/tmp/site python3 -m pytest -p no:cacheprovider -q -rfEs --basetemp /tmp/pytest-$suite "
         "--junitxml /out/junit-$suite-py3.13.xml -o junit_family=xunit2 tests/$suite || rc=$?; done; exit $rc"
     )
-    argv, env = engine.podman_command(
+    argv, env = host.podman_command(
         settings.engine,
         *("run", "--rm", "--network", "none", "--workdir", "/share/repo"),
         *("--env", "PYTHONDONTWRITEBYTECODE=1"),

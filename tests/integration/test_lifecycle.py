@@ -23,7 +23,7 @@ from warmpod_live import (
     wait_until,
 )
 
-from warmpod import engine, image
+from warmpod import host, image
 from warmpod.pool import LABEL_INSTANCE, LABEL_PID
 from warmpod.settings import from_env
 
@@ -248,9 +248,9 @@ def test_a_deleted_runner_image_is_reported_and_recovered_from(
         # rmi removes the image's containers first, and a refill may make a new one before the
         # image goes ("image is in use by a container"): again until the image is gone.
         for _ in range(10):
-            argv, env = engine.podman_command(from_env().engine, "rmi", "--force", ref)
+            argv, env = host.podman_command(from_env().engine, "rmi", "--force", ref)
             subprocess.run(argv, env=env, capture_output=True, check=False, timeout=60)
-            argv, env = engine.podman_command(from_env().engine, "image", "exists", ref)
+            argv, env = host.podman_command(from_env().engine, "image", "exists", ref)
             if subprocess.run(argv, env=env, capture_output=True, check=False, timeout=60).returncode:
                 break
         else:

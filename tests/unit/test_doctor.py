@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from warmpod import cli, engine
+from warmpod import cli, host
 from warmpod.settings import from_env
 
 
@@ -76,7 +76,7 @@ def test_rootful_says_which_user_namespace_each_container_gets(
     `containers` range; without one, doctor names both files and the fix, and fails."""
     info = podman_info(rootless=False, cgroup="v2", controllers=["cpu", "memory", "pids"])
     subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
-    monkeypatch.setattr(engine, "SUBID_FILES", (subuid, subgid))
+    monkeypatch.setattr(host, "SUBID_FILES", (subuid, subgid))
     subuid.write_text("warmpod-ci:100000:65536\n")
     subgid.write_text("warmpod-ci:100000:65536\n")
     status, out = doctor(monkeypatch, capsys, info)

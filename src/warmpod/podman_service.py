@@ -1,4 +1,4 @@
-"""Finding Podman: the host's cgroup layout, the podman CLI, and a private ``podman system service``."""
+"""The private ``podman system service`` warmpod starts, keeps alive and stops, and its state directory."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 
+from warmpod.backoff import Backoff
 from warmpod.errors import EngineError
+from warmpod.host import podman_command
 from warmpod.settings import EngineSettings
 
 _PR_SET_PDEATHSIG = 1
@@ -26,71 +27,6 @@ SERVICE_RETRY_MAX = 10.0
 STATE_PREFIX = "warmpod-"
 log = logging.getLogger(__name__)
 OWNER_FILE = "owner.pid"
-SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    """What this host offers containers, read from the kernel and the environment."""
-
-    cgroup_version: int
-    hybrid: bool
-    rootless: bool
-
-    @classmethod
-    def read(cls) -> HostFacts:
-        """Read the facts of the host this process runs on."""
-        unified = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-        hybrid = not unified and Path("/sys/fs/cgroup/unified").is_dir()
-        return cls(cgroup_version=2 if unified else 1, hybrid=hybrid, rootless=os.geteuid() != 0)
-
-
-def containers_conf() -> Path:
-    """The containers.conf warmpod owns (bundled in the wheel, or ``deploy/`` in a checkout)."""
-    bundled = Path(__file__).with_name("containers.conf")
-    if bundled.exists():
-        return bundled
-    return Path(__file__).resolve().parents[2] / "deploy" / "containers.conf"
-
-
-def pick_runtime(settings: EngineSettings, facts: HostFacts) -> str:
-    """The OCI runtime to ask for, or '' for Podman's default.
-
-    crun refuses cgroup v1 hybrid hosts ("cgroups in hybrid mode not supported") while runc works.
-    """
-    if settings.runtime:
-        return settings.runtime
-    if facts.cgroup_version == 1 and shutil.which("runc"):
-        return "runc"
-    return ""
-
-
-def podman_command(settings: EngineSettings, *args: str) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment to run the podman CLI with warmpod's configuration."""
-    env = dict(os.environ)
-    env.setdefault("CONTAINERS_CONF", str(containers_conf()))
-    argv = [settings.podman]
-    runtime = pick_runtime(settings, HostFacts.read())
-    if runtime:
-        argv += ["--runtime", runtime]
-    return [*argv, *args], env
-
-
-def missing_subid_ranges(size: int) -> list[str]:
-    """Those of /etc/subuid and /etc/subgid with no ``containers`` range of at least ``size`` ids:
-    rootful Podman's ``userns=auto`` draws every container's uid and gid range from them."""
-    missing = []
-    for path in SUBID_FILES:
-        try:
-            lines = path.read_text().splitlines()
-        except OSError:
-            lines = []
-        counts = [
-            line.split(":")[2] for line in lines if line.startswith("containers:") and line.count(":") == 2
-        ]
-        if not any(count.strip().isdigit() and int(count) >= size for count in counts):
-            missing.append(str(path))
-    return missing
 
 
 def state_dir(settings: EngineSettings) -> Path:
@@ -121,7 +57,7 @@ def _remove_dead_state_dirs(base: Path) -> None:
 
 def _die_with_parent() -> None:
     # The private service must not outlive a server killed with SIGKILL. The signal fires when
-    # the *thread* that forked it ends, hence podman_service must run on the event loop's thread.
+    # the *thread* that forked it ends, hence `running` must be entered on the event loop's thread.
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -181,20 +117,21 @@ class _PrivateService:
         their agent connections do not depend on it: runs go on, and only the engine calls made
         while it is down fail (the pool retries them).
         """
-        delay = SERVICE_POLL
+        retry = Backoff(SERVICE_POLL, SERVICE_RETRY_MAX)
         while True:
-            await anyio.sleep(delay)
+            await anyio.sleep(SERVICE_POLL)
             if self._proc is None or self._proc.poll() is None:
-                delay = SERVICE_POLL
                 continue
             log.error("podman system service exited with %s: starting it again", self._proc.returncode)
-            try:
-                await self.start()
-            except EngineError as exc:
-                delay = min(delay * 2, SERVICE_RETRY_MAX)
-                log.error("%s (next try in %.1f s)", exc, delay)
-            else:
-                log.info("podman system service is back on %s", self.sock)
+            while True:
+                try:
+                    await self.start()
+                    break
+                except EngineError as exc:
+                    log.error("%s (next try in %.1f s)", exc, retry.delay)
+                    await retry.sleep()
+            retry.reset()
+            log.info("podman system service is back on %s", self.sock)
 
     async def stop(self) -> None:
         """Terminate the service, killing it if it does not exit within 10 s."""
@@ -220,7 +157,7 @@ class ExternalService:
 
 
 @contextlib.asynccontextmanager
-async def podman_service(
+async def running(
     settings: EngineSettings, directory: Path, timeout: float = 30.0
 ) -> AsyncIterator[_PrivateService | ExternalService]:
     """Run ``podman system service`` on a private socket for the duration of the block.
