@@ -1,0 +1,262 @@
+"""Two real ``warmpod serve`` nodes on one PostgreSQL queue, and what their HTTP, logs and tables say.
+
+Each node is a :class:`warmpod_live.WarmpodServer` of its own: its own private Podman service,
+pool of one sandbox, port and JSON log; both share one database. The tests read the ``runs`` and
+``output`` tables directly (psycopg) to see what the HTTP answers cannot: how many times a run was
+claimed and whether its output still grows.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from psycopg.rows import dict_row
+from warmpod_live import SLOWNESS, WarmpodServer, containers, podman, process_alive, wait_until
+
+from warmpod.pool import LABEL_PID
+
+NAMES = ("node-a", "node-b")
+# Short, so a dead node's runs are reaped in seconds; heartbeats come every second.
+LEASE = 3.0
+MAX_TIMEOUT = 120
+FINAL = {"succeeded", "failed", "timeout", "error", "cancelled"}
+# How long past the lease a dead node's run may stay "running" before the survivor reports it:
+# one reaper pass (a third of the lease) and a store round trip, on a machine perhaps 2x slower.
+REAP_MARGIN = 6.0 * SLOWNESS
+# Answers that need no container: status, cancel, a node's health.
+PROMPT = 5.0 * SLOWNESS
+HTTP_TIMEOUT = MAX_TIMEOUT + 60
+
+
+def node_settings(store_url: str, name: str) -> dict[str, str]:
+    """The environment of one node: the shared store, its own name, one sandbox, JSON logs."""
+    return {
+        "WARMPOD_QUEUE__STORE_URL": store_url,
+        "WARMPOD_NODE__NAME": name,
+        "WARMPOD_NODE__LEASE": str(LEASE),
+        # One sandbox and so one worker per node: which node is busy is known exactly.
+        "WARMPOD_POOL__MIN_SIZE": "1",
+        "WARMPOD_POOL__MAX_SIZE": "1",
+        # No numpy and pandas imports before each run: refills in about a second, not three.
+        "WARMPOD_POOL__PRELOAD": "",
+        "WARMPOD_LIMITS__MAX_TIMEOUT": str(MAX_TIMEOUT),
+        "WARMPOD_SERVER__LOG_FORMAT": "json",
+    }
+
+
+def submit(node: WarmpodServer, code: str, **fields: object) -> str:
+    """POST ``code`` to ``node`` with ``wait`` false; it must answer 202; return the run's id."""
+    response = httpx.post(
+        f"{node.url}/run-json/", json={"code": code, "wait": False, **fields}, timeout=HTTP_TIMEOUT
+    )
+    assert response.status_code == 202, response.text
+    run_id: str = response.json()["id"]
+    return run_id
+
+
+def run(node: WarmpodServer, code: str, **fields: object) -> dict[str, Any]:
+    """POST ``code`` to ``node`` and wait for its RunResult, which must come with a 200."""
+    response = httpx.post(f"{node.url}/run-json/", json={"code": code, **fields}, timeout=HTTP_TIMEOUT)
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def status(node: WarmpodServer, run_id: str) -> dict[str, Any]:
+    """One ``GET /status/{id}`` on ``node``, which must answer 200."""
+    response = httpx.get(f"{node.url}/status/{run_id}", timeout=PROMPT * 2)
+    assert response.status_code == 200, f"{node.env['WARMPOD_NODE__NAME']}: {response.text}"
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def cancel(node: WarmpodServer, run_id: str) -> httpx.Response:
+    """One ``DELETE /status/{id}`` on ``node``."""
+    return httpx.delete(f"{node.url}/status/{run_id}", timeout=PROMPT * 2)
+
+
+def until(
+    node: WarmpodServer, run_id: str, done: Callable[[dict[str, Any]], bool], timeout: float, what: str
+) -> dict[str, Any]:
+    """Poll ``node``'s status of the run until ``done`` holds for it; return that body."""
+    deadline = time.monotonic() + timeout
+    while True:
+        body = status(node, run_id)
+        if done(body):
+            return body
+        assert time.monotonic() < deadline, f"run {run_id} not {what} after {timeout:.0f} s: {body}"
+        time.sleep(0.05)
+
+
+def until_running(node: WarmpodServer, run_id: str, timeout: float = 60.0 * SLOWNESS) -> dict[str, Any]:
+    """Wait until the run executes and has printed something; it must not end first."""
+
+    def running(body: dict[str, Any]) -> bool:
+        assert body["status"] not in FINAL, f"run {run_id} ended before it ran for long: {body}"
+        return body["status"] == "running" and bool(body["stdout"])
+
+    return until(node, run_id, running, timeout, "running")
+
+
+def final(node: WarmpodServer, run_id: str, timeout: float = 60.0 * SLOWNESS) -> dict[str, Any]:
+    """Wait until the run has ended; return its RunResult."""
+    return until(node, run_id, lambda body: body["status"] in FINAL, timeout, "over")
+
+
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a node's log (anything else it printed, such as an image build, skipped)."""
+    lines = []
+    for text in path.read_text(errors="replace").splitlines():
+        try:
+            line = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict):
+            lines.append(line)
+    return lines
+
+
+def node_names(health: dict[str, Any]) -> set[str]:
+    """The names of the nodes a /health body lists as alive."""
+    return {node["name"] for node in health.get("nodes", [])}
+
+
+class Cluster:
+    """Nodes ``node-a`` and ``node-b`` on one database, restarted as tests kill them."""
+
+    def __init__(self, directory: Path, store_url: str) -> None:
+        """Nothing starts until :meth:`ensure`."""
+        self.directory = directory
+        self.store_url = store_url
+        self.nodes: dict[str, WarmpodServer] = {}
+        # Every server ever started, killed ones included: their logs and their containers.
+        self.started: list[WarmpodServer] = []
+        self.stopped: set[str] = set()
+        self.db = psycopg.connect(store_url, autocommit=True, row_factory=dict_row)
+
+    def __getitem__(self, name: str) -> WarmpodServer:
+        """The server now running as node ``name``."""
+        return self.nodes[name]
+
+    def start(self, name: str) -> WarmpodServer:
+        """Start node ``name`` (a new incarnation if it ran before) and wait for its health."""
+        live = WarmpodServer(self.directory, node_settings(self.store_url, name))
+        self.nodes[name] = live
+        self.started.append(live)
+        live.wait_healthy()
+        return live
+
+    def ensure(self) -> None:
+        """Both nodes up, each with its sandbox ready and the other in its /health, nothing in the
+        queue: what every test starts from, whatever the last one killed or stopped."""
+        for name in NAMES:
+            self.resume(name)
+            live = self.nodes.get(name)
+            if live is None or live.proc.poll() is not None:
+                # One at a time: the first start of a session may build the runner image.
+                self.start(name)
+        self.drain()
+        for name in NAMES:
+            self.wait_pool_full(name)
+        for name in NAMES:
+            self.wait_lists_both(name)
+
+    def wait_lists_both(self, name: str) -> None:
+        """Wait until node ``name``'s /health lists both nodes as alive."""
+        live = self.nodes[name]
+
+        def both() -> bool:
+            return node_names(live.health().json()) >= set(NAMES)
+
+        assert wait_until(both, 10 * SLOWNESS), (
+            f"{name} does not list both nodes: {live.health().json()}\n{live.log_tail()}"
+        )
+
+    def wait_pool_full(self, name: str) -> dict[str, Any]:
+        """Wait until node ``name`` holds a ready sandbox."""
+        return self.nodes[name].wait_pool_full()
+
+    def drain(self) -> None:
+        """Cancel whatever an earlier test left queued or running, and wait until it has ended."""
+        rows = self.db.execute("SELECT id FROM runs WHERE status IN ('queued', 'running')").fetchall()
+        node = self.nodes[NAMES[0]]
+        for row in rows:
+            response = cancel(node, row["id"])
+            assert response.status_code in {200, 409}, response.text
+        for row in rows:
+            final(node, row["id"], timeout=REAP_MARGIN + LEASE)
+
+    def kill(self, name: str) -> int:
+        """kill -9 node ``name``; return its pid (the label of the containers it leaves)."""
+        live = self.nodes[name]
+        live.proc.kill()
+        live.proc.wait(timeout=10)
+        return live.pid
+
+    def pause(self, name: str) -> None:
+        """SIGSTOP node ``name`` (its Podman service and containers go on)."""
+        self.nodes[name].proc.send_signal(signal.SIGSTOP)
+        self.stopped.add(name)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT node ``name`` if it was stopped."""
+        if name in self.stopped:
+            self.stopped.discard(name)
+            live = self.nodes[name]
+            if live.proc.poll() is None:
+                live.proc.send_signal(signal.SIGCONT)
+
+    def row(self, run_id: str) -> dict[str, Any]:
+        """The run's row in ``runs``: status, node, incarnation, attempt, lease_until."""
+        found = self.db.execute(
+            "SELECT id, status, node, incarnation, attempt, lease_until FROM runs WHERE id = %s", (run_id,)
+        ).fetchone()
+        assert found is not None, f"run {run_id} is not in the runs table"
+        return found
+
+    def rows(self, run_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The ``runs`` rows of many runs, by id."""
+        found = self.db.execute(
+            "SELECT id, status, node, attempt FROM runs WHERE id = ANY(%s)", (list(run_ids),)
+        ).fetchall()
+        return {row["id"]: row for row in found}
+
+    def output_rows(self, run_id: str) -> int:
+        """How many chunks of output the store holds for the run."""
+        found = self.db.execute("SELECT count(*) AS n FROM output WHERE run_id = %s", (run_id,)).fetchone()
+        assert found is not None
+        count: int = found["n"]
+        return count
+
+    def output_text(self, run_id: str, stream: str) -> str:
+        """The run's stored output on ``stream``, in order, as text."""
+        chunks = self.db.execute(
+            "SELECT data FROM output WHERE run_id = %s AND stream = %s ORDER BY seq", (run_id, stream)
+        ).fetchall()
+        return b"".join(bytes(chunk["data"]) for chunk in chunks).decode(errors="replace")
+
+    def finished_lines(self) -> list[dict[str, Any]]:
+        """Every ``run finished`` log line of every node this session started."""
+        lines = []
+        for live in self.started:
+            lines += [line for line in log_lines(live.log_path) if line.get("event") == "run finished"]
+        return lines
+
+    def close(self) -> None:
+        """Stop every node (gracefully, so each removes its containers) and remove what killed ones left."""
+        for name in list(self.stopped):
+            self.resume(name)
+        for live in self.nodes.values():
+            live.close()
+        for live in self.started:
+            left = [c["Id"] for c in containers(f"{LABEL_PID}={live.pid}")]
+            if left and not process_alive(live.pid, "serve"):
+                podman("rm", "--force", "--time", "0", *left)
+        self.db.close()

@@ -1,0 +1,319 @@
+"""Two nodes on one PostgreSQL queue: who runs what, dead and zombie nodes, cross-node cancel, once only."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+from warmpod_live import SLOWNESS, containers, wait_until
+
+from warmpod.pool import LABEL_PID
+
+from .nodes import (
+    HTTP_TIMEOUT,
+    LEASE,
+    NAMES,
+    PROMPT,
+    REAP_MARGIN,
+    Cluster,
+    cancel,
+    final,
+    log_lines,
+    node_names,
+    run,
+    status,
+    submit,
+    until,
+    until_running,
+)
+
+pytestmark = pytest.mark.integration
+
+# Prints to both streams, then sleeps far past every test's end.
+SLEEPER = (
+    "import sys, time\n"
+    "print('started', flush=True)\n"
+    "print('warn', file=sys.stderr, flush=True)\n"
+    "time.sleep(100)\n"
+)
+# A line every 0.2 s for about 100 s: output that would keep growing if anything still took it.
+TICKER = "import time\nfor i in range(500):\n    print(i, flush=True)\n    time.sleep(0.2)\n"
+LONG = {"timeout": 110}
+
+
+def occupy(cluster: Cluster, code: str, targets: set[str]) -> dict[str, str]:
+    """Start ``code`` executing on each node of ``targets`` (and on no other); return node -> run id.
+
+    Which node claims a run is up to the nodes, not to where it was submitted: runs are submitted
+    until each target holds one, and any that landed on another node are cancelled.
+    """
+    held: dict[str, str] = {}
+    while not targets <= held.keys():
+        wanted = sorted(targets - held.keys())[0]
+        run_id = submit(cluster[wanted], code, **LONG)
+        body = until_running(cluster[wanted], run_id)
+        node = body["node"]
+        assert node in NAMES, body
+        assert node not in held, f"{node} runs two runs with one sandbox: {held[node]} and {run_id}"
+        held[node] = run_id
+    for node, run_id in held.items():
+        if node not in targets:
+            assert cancel(cluster[node], run_id).status_code == 200
+            final(cluster[node], run_id)
+            cluster.wait_pool_full(node)
+    return {node: held[node] for node in targets}
+
+
+def finished_once(cluster: Cluster, run_id: str) -> dict[str, Any]:
+    """The one ``run finished`` line of the run across every node's log (there must be exactly one)."""
+    lines = [line for line in cluster.finished_lines() if line.get("run_id") == run_id]
+    assert len(lines) == 1, f"run {run_id} has {len(lines)} 'run finished' lines: {lines}"
+    return lines[0]
+
+
+def test_health_names_this_node_and_lists_both(cluster: Cluster) -> None:
+    """Each node's /health names it with its incarnation and lists both nodes seen within the lease."""
+    incarnations = {}
+    for name in NAMES:
+        health = cluster[name].health().json()
+        assert health["node"]["name"] == name, health
+        incarnations[name] = health["node"]["incarnation"]
+        seen = {node["name"]: node for node in health["nodes"]}
+        assert set(seen) == set(NAMES), health
+        for node in seen.values():
+            assert 0 <= node["seen_ago"] < LEASE, health
+            assert isinstance(node["running"], int), health
+        assert seen[name]["incarnation"] == health["node"]["incarnation"]
+    assert incarnations["node-a"] != incarnations["node-b"]
+    # Each sees the other's incarnation as the other states it.
+    for name, other in (NAMES, NAMES[::-1]):
+        seen = {node["name"]: node for node in cluster[name].health().json()["nodes"]}
+        assert seen[other]["incarnation"] == incarnations[other]
+
+
+def test_a_run_submitted_to_a_busy_node_runs_on_the_other(cluster: Cluster) -> None:
+    """A run posted to node A while A's only sandbox holds a long run is run by node B, promptly,
+    and both nodes answer its status with B's name."""
+    a, b = cluster["node-a"], cluster["node-b"]
+    busy = occupy(cluster, SLEEPER, {"node-a"})["node-a"]
+    cluster.wait_pool_full("node-b")
+    started = time.monotonic()
+    result = run(a, "print('where')")
+    elapsed = time.monotonic() - started
+    assert result["status"] == "succeeded", result
+    assert result["stdout"] == "where\n"
+    assert result["node"] == "node-b", result
+    # B had a ready sandbox: nothing waited for A, nor for a container to start.
+    assert elapsed < 10 * SLOWNESS, f"{elapsed:.1f} s for a run on a node with a ready sandbox"
+    assert status(a, result["id"]) == status(b, result["id"]) == result
+    row = cluster.row(result["id"])
+    assert (row["status"], row["node"], row["attempt"]) == ("succeeded", "node-b", 1), row
+    # A's long run was not disturbed by any of it.
+    assert status(b, busy)["status"] == "running"
+    assert status(b, busy)["node"] == "node-a"
+
+
+def test_a_node_killed_mid_run_is_reported_by_the_survivor_and_never_rerun(cluster: Cluster) -> None:
+    """kill -9 of node A while it runs a program: B reports that run error, with what it had
+    printed, within the lease and a few seconds; it never runs again (one claim, no more output,
+    one "run finished" line) and a restarted A leaves B's result as it is; the runs queued at A
+    when it died finish on B."""
+    a, b = cluster["node-a"], cluster["node-b"]
+    held = occupy(cluster, SLEEPER, set(NAMES))
+    victim, keeper = held["node-a"], held["node-b"]
+    queued = [submit(a, f"print('queued {i}')") for i in range(3)]
+    for run_id in queued:
+        body = status(b, run_id)
+        assert (body["status"], body["node"]) == ("queued", None), body
+    incarnation = a.health().json()["node"]["incarnation"]
+    assert cluster.row(victim)["incarnation"] == incarnation
+
+    pid = cluster.kill("node-a")
+    killed = time.monotonic()
+    result = until(b, victim, lambda body: body["status"] != "running", LEASE + REAP_MARGIN, "reaped")
+    reaped = time.monotonic() - killed
+    assert result["status"] == "error", result
+    assert result["error"] == "node node-a stopped while this run was executing; it was not retried"
+    assert (result["stdout"], result["stderr"]) == ("started\n", "warn\n"), result
+    assert result["node"] == "node-a"
+    assert reaped > LEASE * 0.9, f"reported after {reaped:.1f} s, inside the lease of {LEASE} s"
+    assert wait_until(lambda: "node-a" not in node_names(b.health().json()), LEASE + REAP_MARGIN), (
+        f"B still lists the dead A: {b.health().json()}"
+    )
+    chunks = cluster.output_rows(victim)
+
+    # B is free once its own long run is cancelled: what was queued at A runs there.
+    assert cancel(b, keeper).status_code == 200
+    for index, run_id in enumerate(queued):
+        done = final(b, run_id)
+        assert (done["status"], done["stdout"], done["node"]) == ("succeeded", f"queued {index}\n", "node-b")
+
+    # A comes back as a new incarnation, removes what the dead one left, and changes nothing of it.
+    restarted = cluster.start("node-a")
+    assert restarted.health().json()["node"]["incarnation"] != incarnation
+    assert containers(f"{LABEL_PID}={pid}") == [], "the killed node's containers outlived its restart"
+    cluster.wait_pool_full("node-a")
+    time.sleep(LEASE)
+    assert status(restarted, victim) == status(b, victim) == result
+    row = cluster.row(victim)
+    assert (row["status"], row["node"], row["attempt"]) == ("error", "node-a", 1), row
+    assert cluster.output_rows(victim) == chunks
+    line = finished_once(cluster, victim)
+    assert line["status"] == "error"
+    for run_id in queued:
+        assert cluster.row(run_id)["attempt"] == 1
+
+
+def test_a_cancel_sent_to_one_node_stops_a_run_on_the_other(cluster: Cluster) -> None:
+    """DELETE at node B of a run executing on node A ends it cancelled within a few seconds: A's
+    sandbox is freed, its output stops growing, and both nodes say cancelled with what it printed."""
+    a, b = cluster["node-a"], cluster["node-b"]
+    run_id = occupy(cluster, TICKER, {"node-a"})["node-a"]
+    started = time.monotonic()
+    response = cancel(b, run_id)
+    assert response.status_code == 200, response.text
+    assert time.monotonic() - started < PROMPT
+    assert wait_until(lambda: status(a, run_id)["status"] == "cancelled", PROMPT), status(a, run_id)
+    assert wait_until(lambda: a.health().json()["queue"]["running"] == 0, PROMPT), (
+        f"A still runs the cancelled run: {a.health().json()}\n{a.log_tail()}"
+    )
+    stopped = time.monotonic() - started
+    chunks = cluster.output_rows(run_id)
+    time.sleep(1.0)
+    assert cluster.output_rows(run_id) == chunks, "the cancelled run's output still grows"
+    result = status(b, run_id)
+    assert result == status(a, run_id)
+    assert result["status"] == "cancelled", result
+    assert result["node"] == "node-a"
+    assert result["stdout"].startswith("0\n1\n"), result
+    assert result["stdout"] == cluster.output_text(run_id, "stdout")
+    assert stopped < PROMPT * 2, f"stopped {stopped:.1f} s after the DELETE"
+    assert cluster.row(run_id)["attempt"] == 1
+    finished_once(cluster, run_id)
+
+
+def test_a_zombie_node_is_fenced_and_stops_its_lost_run(cluster: Cluster) -> None:
+    """Node A stopped (SIGSTOP) past its lease while it runs a chatty program: B reports the run
+    error; once A continues its writes are refused, it kills the run's container and logs
+    "lost run <id>", and B's error result stands, with no output added after it."""
+    a, b = cluster["node-a"], cluster["node-b"]
+    run_id = occupy(cluster, TICKER, {"node-a"})["node-a"]
+    cluster.pause("node-a")
+    paused = time.monotonic()
+    result = until(b, run_id, lambda body: body["status"] != "running", LEASE + REAP_MARGIN, "reaped")
+    assert result["status"] == "error", result
+    assert result["error"] == "node node-a stopped while this run was executing; it was not retried"
+    assert result["node"] == "node-a"
+    assert time.monotonic() - paused > LEASE * 0.9
+    chunks = cluster.output_rows(run_id)
+    assert result["stdout"] == cluster.output_text(run_id, "stdout"), (
+        "the error result is not what was stored"
+    )
+    # Long enough past the lease that A's container has printed much more meanwhile.
+    time.sleep(1.0)
+
+    cluster.resume("node-a")
+    woke = time.monotonic()
+
+    def lost() -> list[dict[str, Any]]:
+        return [line for line in log_lines(a.log_path) if f"lost run {run_id}" in str(line.get("event"))]
+
+    assert wait_until(lost, PROMPT), f"A never logged 'lost run {run_id}':\n{a.log_tail()}"
+    (line,) = lost()
+    assert (line["level"], line["logger"]) == ("warning", "warmpod.scheduler"), line
+    assert wait_until(lambda: a.health().json()["queue"]["running"] == 0, PROMPT), (
+        f"A still runs its lost run {time.monotonic() - woke:.1f} s after it woke: {a.health().json()}"
+    )
+    time.sleep(1.0)
+    assert cluster.output_rows(run_id) == chunks, "the zombie's output was taken after B reported the run"
+    assert status(a, run_id) == status(b, run_id) == result
+    row = cluster.row(run_id)
+    assert (row["status"], row["attempt"]) == ("error", 1), row
+    assert finished_once(cluster, run_id)["status"] == "error"
+
+
+def test_live_output_streams_from_the_node_that_does_not_run_it(cluster: Cluster) -> None:
+    """GET /status/{id}/stream at node B of a run on node A gives A's output as it is printed, in
+    order, then the result naming A."""
+    a, b = cluster["node-a"], cluster["node-b"]
+    code = "import time\nfor i in range(5):\n    print(f'line {i}', flush=True)\n    time.sleep(0.3)\n"
+    busy = occupy(cluster, SLEEPER, {"node-b"})["node-b"]
+    run_id = submit(a, code)
+    events: list[tuple[float, str, dict[str, Any]]] = []
+    with httpx.stream(
+        "GET",
+        f"{b.url}/status/{run_id}/stream",
+        headers={"accept": "text/event-stream"},
+        timeout=HTTP_TIMEOUT,
+    ) as response:
+        assert response.status_code == 200, response.read()
+        event, data = "message", list[str]()
+        for text in response.iter_lines():
+            if text == "":
+                if data:
+                    events.append((time.monotonic(), event, json.loads("\n".join(data))))
+                event, data = "message", []
+            elif text.startswith("event:"):
+                event = text.removeprefix("event:").strip()
+            elif text.startswith("data:"):
+                data.append(text.removeprefix("data:").removeprefix(" "))
+    assert events[-1][1] == "result", events
+    result = events[-1][2]
+    assert (result["status"], result["node"]) == ("succeeded", "node-a"), result
+    printed = "".join(data["text"] for _, event, data in events if event == "stdout")
+    assert printed == "".join(f"line {i}\n" for i in range(5))
+    first = next(at for at, event, _ in events if event == "stdout")
+    # The first line came while the program still ran (1.2 s of sleeps after it), not at the end.
+    assert events[-1][0] - first > 0.6, "the output arrived only with the result"
+    assert cancel(b, busy).status_code == 200
+
+
+@pytest.mark.timeout(900)
+def test_no_run_is_claimed_by_two_nodes(cluster: Cluster) -> None:
+    """Hundreds of short runs posted alternately to both nodes, several at a time, all succeed,
+    each claimed once (attempt 1) and reported by exactly one "run finished" line, and both nodes
+    ran some."""
+    count = 300
+    urls = [cluster[name].url for name in NAMES]
+
+    def one(index: int) -> dict[str, Any]:
+        response = httpx.post(
+            f"{urls[index % 2]}/run-json/", json={"code": f"print({index})"}, timeout=HTTP_TIMEOUT * 2
+        )
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=8) as executor:
+        results = list(executor.map(one, range(count)))
+    elapsed = time.monotonic() - started
+    wrong = [
+        (i, r["status"], r["stdout"], r.get("error"))
+        for i, r in enumerate(results)
+        if r["stdout"] != f"{i}\n"
+    ]
+    assert not wrong, wrong[:10]
+    assert all(r["status"] == "succeeded" for r in results)
+    ids = [r["id"] for r in results]
+    assert len(set(ids)) == count
+    rows = cluster.rows(ids)
+    assert len(rows) == count
+    claimed_twice = [row for row in rows.values() if row["attempt"] != 1]
+    assert not claimed_twice, claimed_twice[:10]
+    assert all(rows[r["id"]]["node"] == r["node"] for r in results)
+    by_node = Counter(r["node"] for r in results)
+    assert set(by_node) == set(NAMES), by_node
+
+    lines = [line for line in cluster.finished_lines() if line.get("run_id") in rows]
+    reported = Counter(line["run_id"] for line in lines)
+    assert not [run_id for run_id in ids if reported[run_id] != 1], Counter(reported.values())
+    for line in lines:
+        assert line["status"] == "succeeded", line
+        assert line["node"] == rows[line["run_id"]]["node"], line
+    print(f"{count} runs in {elapsed:.1f} s ({count / elapsed:.1f} runs/s), by node {dict(by_node)}")
