@@ -22,9 +22,8 @@ import anyio
 
 from warmpod import image, podman_service, protocol
 from warmpod.image import context_dir
-from warmpod.pool import _connect
 from warmpod.runtime import Runtime
-from warmpod.sandbox import SOCKET_NAME, container_spec
+from warmpod.sandbox import SOCKET_NAME, connect, container_spec
 from warmpod.settings import from_env
 
 STEPS = ("create", "start", "ready", "pause", "unpause", "run", "remove")
@@ -65,7 +64,7 @@ async def measure(count: int, preload: tuple[str, ...]) -> dict[str, list[float]
                     lap("create")
                     await runtime.start(container_id)
                     lap("start")
-                    channel = await _connect(directory / SOCKET_NAME, 1 << 20)
+                    channel = await connect(directory / SOCKET_NAME, 1 << 20)
                     await channel.receive()
                     lap("ready")
                     await runtime.pause(container_id)

@@ -22,11 +22,10 @@ from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, Ta
 from warmpod import protocol
 from warmpod.errors import EngineError, PoolUnavailable
 from warmpod.models import RunResult, RunSpec
-from warmpod.pool import Sandbox
 from warmpod.protocol import MAX_FRAME, Channel, FileChunk, Output
 from warmpod.runner import Leaser, RunLimits, Runner, RunOutput
 from warmpod.runtime import EngineInfo
-from warmpod.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME
+from warmpod.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME, Sandbox
 from warmpod.settings import FileSettings, LimitSettings
 from warmpod.unix_stream import UnixStream
 
@@ -116,10 +115,12 @@ def answer(stdout: bytes, stderr: bytes) -> list[dict[str, Any]]:
 
 
 @contextlib.asynccontextmanager
-async def scripted_sandbox(*messages: dict[str, Any], hang_up: bool = False) -> AsyncIterator[Sandbox]:
+async def scripted_sandbox(
+    *messages: dict[str, Any], hang_up: bool = False, oom: bool = False
+) -> AsyncIterator[Sandbox]:
     """A leased sandbox whose agent answers the job with ``messages`` (``sleep(seconds)`` pauses it),
     then waits to be hung up on (or, with ``hang_up``, goes away itself, as an agent killed with its
-    container does)."""
+    container does); its engine can lower its memory limit, and says it was OOM-killed if ``oom``."""
     server_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     async with UnixStream(server_end) as server, UnixStream(agent_end) as agent:
 
@@ -134,8 +135,17 @@ async def scripted_sandbox(*messages: dict[str, Any], hang_up: bool = False) -> 
                 await agent.aclose()
 
         async with anyio.create_task_group() as tg:
+            engine = FakeEngine(tg)
+            engine.oom = oom
             tg.start_soon(play)
-            yield Sandbox("c001", "warmpod-fake-1", Path("/nonexistent"), Channel(server, MAX_FRAME), False)
+            yield Sandbox(
+                "c001",
+                "warmpod-fake-1",
+                Path("/nonexistent"),
+                Channel(server, MAX_FRAME),
+                engine,
+                can_limit=True,
+            )
             tg.cancel_scope.cancel()
 
 
@@ -165,7 +175,7 @@ def pool_module(name: str) -> ModuleType:
 
 
 class FakeEngine:
-    """A ``pool.Engine`` whose containers are fake agents on unix sockets, run in the test's task group."""
+    """A ``sandbox.Engine`` whose containers are fake agents on unix sockets, run in the test's task group."""
 
     def __init__(self, tg: TaskGroup) -> None:
         self._tg = tg
@@ -183,6 +193,8 @@ class FakeEngine:
         self.silent = False
         self.failing_unpause = False
         self.failing_pause = False
+        self.oom = False
+        """Whether containers were OOM-killed, as ``oom_killed`` says."""
         # What every fake agent prints instead of echoing the job's code, when set.
         self.stdout: bytes | None = None
         # Starts wait for this gate; set it to let them through.
@@ -236,9 +248,9 @@ class FakeEngine:
         self.calls.append(("update_memory", container_id))
 
     async def oom_killed(self, container_id: str) -> bool:
-        """Fake containers are never OOM-killed."""
+        """Record the inspection; ``oom`` says whether the container was OOM-killed."""
         self.calls.append(("oom_killed", container_id))
-        return False
+        return self.oom
 
     async def destroy(self, container_id: str) -> None:
         """Record the removal and stop the container's agent; removing twice is harmless, as in Podman."""
@@ -348,11 +360,10 @@ class NoEngine:
 
 
 class FakeLeaser:
-    """A Leaser of placeholder sandboxes (``failures`` leases fail) that can always limit memory."""
+    """A Leaser of placeholder sandboxes (``failures`` leases fail) that takes any memory limit."""
 
     def __init__(self) -> None:
         self.failures = 0
-        self.oom = False
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Sandbox]:
@@ -361,14 +372,6 @@ class FakeLeaser:
             self.failures -= 1
             raise PoolUnavailable("no sandbox became free within 30 s")
         yield cast(Sandbox, object())
-
-    async def oom_killed(self, sandbox: Sandbox) -> bool:
-        """Whether ``oom`` is set."""
-        return self.oom
-
-    async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool:
-        """Always possible."""
-        return True
 
     def check_memory(self, limit_bytes: int) -> None:
         """Any limit will do."""

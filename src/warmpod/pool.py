@@ -1,4 +1,4 @@
-"""The warm pool: single-use containers created ahead of demand, paused, leased once, destroyed."""
+"""The warm pool: sizes the set of sandboxes made ahead of demand, and leases each to one run."""
 
 from __future__ import annotations
 
@@ -13,68 +13,37 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import anyio
 from anyio.abc import TaskStatus
 
 from warmpod import metrics, protocol
-from warmpod.errors import EngineError, InvalidRun, PoolUnavailable, ProtocolError, WarmpodError
+from warmpod.backoff import Backoff
+from warmpod.errors import EngineError, PoolUnavailable, ProtocolError, WarmpodError
 from warmpod.image import context_dir
-from warmpod.protocol import Channel, Hello
-from warmpod.sandbox import SOCKET_NAME, container_spec
+from warmpod.protocol import Hello
+from warmpod.sandbox import (
+    DESTROY_TIMEOUT,
+    MEMORY_HEADROOM,
+    SOCKET_NAME,
+    Engine,
+    Sandbox,
+    check_memory_floor,
+    connect,
+    container_spec,
+    remove,
+)
 from warmpod.settings import Settings
-from warmpod.unix_stream import UnixStream
 
 log = logging.getLogger(__name__)
 
 LABEL_INSTANCE = "io.warmpod.instance"
 LABEL_HOST = "io.warmpod.host"
 LABEL_PID = "io.warmpod.pid"
-DESTROY_TIMEOUT = 30.0
-SOCKET_POLL = 0.005
 # Seconds since a run last found the pool empty before new containers are preloaded again.
 PRELOAD_CALM = 5.0
-# Room above a sandbox's memory at rest for writing main.py and starting the program.
-MEMORY_HEADROOM = 4 * 1024 * 1024
-
-
-class Engine(Protocol):
-    """The container calls the pool needs (``runtime.Runtime`` in production, fakes in tests)."""
-
-    async def create(self, spec: dict[str, object]) -> str: ...
-    async def start(self, container_id: str) -> None: ...
-    async def pause(self, container_id: str) -> None: ...
-    async def unpause(self, container_id: str) -> None: ...
-    async def destroy(self, container_id: str) -> None: ...
-    async def oom_killed(self, container_id: str) -> bool: ...
-    async def update_memory(self, container_id: str, limit_bytes: int) -> None: ...
-    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]: ...
-
-
-@dataclass(eq=False)
-class Sandbox:
-    """One pool container and the server's end of its agent connection."""
-
-    container_id: str
-    name: str
-    directory: Path
-    channel: Channel
-    paused: bool
-    memory: int = 0
-    """Bytes the container held before its run, as its agent reported."""
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    idle: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    """Scope of the task watching it while it waits in the pool; cancelled once it is leased."""
-
-    async def thaw(self, engine: Engine) -> None:
-        """Unpause, once, however many tasks ask."""
-        async with self.lock:
-            if self.paused:
-                await engine.unpause(self.container_id)
-                self.paused = False
 
 
 @dataclass
@@ -141,6 +110,8 @@ class Pool:
         self._failures = 0
         self._consecutive_failures = 0
         self._last_error: str | None = None
+        # One delay for every refill slot: failures in parallel slow them all down together.
+        self._retry = Backoff(0.5, settings.pool.backoff_max)
         self._serial = itertools.count(1)
         self._changed = anyio.Condition()
         self._tg: anyio.abc.TaskGroup | None = None
@@ -232,12 +203,7 @@ class Pool:
         self._resized = anyio.current_time()
         while len(self._ready) > self._target:
             # The newest first: the head may already be thawed for the next run.
-            tg.start_soon(self._retire, self._ready.pop())
-
-    async def _retire(self, sandbox: Sandbox) -> None:
-        with anyio.CancelScope(shield=True):
-            await sandbox.channel.aclose()
-        await self._discard(sandbox.container_id, sandbox.directory)
+            tg.start_soon(self._ready.pop().close)
 
     def _grow(self) -> None:
         self._target = min(self._target * 2, self._ceiling)
@@ -256,15 +222,15 @@ class Pool:
             self._failures += 1
             self._consecutive_failures += 1
             self._last_error = str(exc)
-            delay = min(0.5 * 2 ** (self._consecutive_failures - 1), self._settings.pool.backoff_max)
-            log.error("could not make a pool container (retrying in %.1f s): %s", delay, exc)
+            log.error("could not make a pool container (retrying in %.1f s): %s", self._retry.delay, exc)
             # The slot stays taken while backing off, so failures never loop hot.
-            await anyio.sleep(delay)
+            await self._retry.sleep()
             self._starting -= 1
             await self._notify()
             return
         metrics.CONTAINER_START.observe(time.perf_counter() - started)
         self._consecutive_failures = 0
+        self._retry.reset()
         self._created += 1
         self._starting -= 1
         self._ready.append(sandbox)
@@ -284,7 +250,7 @@ class Pool:
             self._ready.remove(sandbox)
             self._last_error = f"{sandbox.name} died while idle"
             log.warning("%s died while idle: replacing it", sandbox.name)
-            await self._retire(sandbox)
+            await sandbox.close()
             await self._notify()
 
     async def _make(self) -> Sandbox:
@@ -316,7 +282,7 @@ class Pool:
             container_id = await self._engine.create(spec)
             await self._engine.start(container_id)
             with anyio.fail_after(self._settings.pool.start_timeout):
-                channel = await _connect(directory / SOCKET_NAME, protocol.MAX_FRAME)
+                channel = await connect(directory / SOCKET_NAME, protocol.MAX_FRAME)
             try:
                 with anyio.fail_after(self._settings.pool.start_timeout):
                     hello = await channel.receive()
@@ -344,14 +310,24 @@ class Pool:
                     await channel.aclose()
                 raise
         except TimeoutError as exc:
-            await self._discard(container_id, directory)
+            await remove(self._engine, container_id, directory)
             raise ProtocolError(f"agent of {name} did not answer in time") from exc
         except BaseException:
-            await self._discard(container_id, directory)
+            await remove(self._engine, container_id, directory)
             raise
         if self._can_limit:
             self.memory_floor = max(self.memory_floor, hello.memory + MEMORY_HEADROOM)
-        return Sandbox(container_id, name, directory, channel, paused=paused, memory=hello.memory)
+        return Sandbox(
+            container_id,
+            name,
+            directory,
+            channel,
+            self._engine,
+            paused=paused,
+            memory=hello.memory,
+            can_limit=self._can_limit,
+            preload=tuple(preload),
+        )
 
     def _warm_next(self) -> None:
         # Thaw the container the next run will take, off that run's critical path.
@@ -360,7 +336,7 @@ class Pool:
 
     async def _thaw_quietly(self, sandbox: Sandbox) -> None:
         try:
-            await sandbox.thaw(self._engine)
+            await sandbox.thaw()
         except WarmpodError as exc:
             log.warning("could not unpause %s ahead of demand: %s", sandbox.name, exc)
 
@@ -423,113 +399,35 @@ class Pool:
             ) from exc
         try:
             self._warm_next()
-            await sandbox.thaw(self._engine)
+            await sandbox.thaw()
             yield sandbox
         finally:
             self._busy.discard(sandbox)
             with anyio.CancelScope(shield=True):
                 await self._notify()
-                await sandbox.channel.aclose()
                 if self._tg is not None:
-                    self._tg.start_soon(self._discard, sandbox.container_id, sandbox.directory)
+                    self._tg.start_soon(sandbox.close)
                 else:
-                    await self._discard(sandbox.container_id, sandbox.directory)
+                    await sandbox.close()
 
-    async def oom_killed(self, sandbox: Sandbox) -> bool:
-        """Whether the OOM killer ended ``sandbox``'s container (its agent, PID 1)."""
-        try:
-            return await self._engine.oom_killed(sandbox.container_id)
-        except WarmpodError as exc:
-            log.warning("could not inspect %s: %s", sandbox.name, exc)
-            return False
-
-    async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool:
-        """Lower ``sandbox``'s memory cgroup limit (swap included); False where there is none.
+    def check_memory(self, limit_bytes: int) -> None:
+        """Refuse a memory limit below what the largest sandbox seen holds at rest (plus headroom).
 
         Raises:
-            InvalidRun: the limit is below what the sandbox holds before the program starts
-                (preloaded modules), which the kernel would refuse or answer with an OOM kill.
+            InvalidRun: the limit is below that floor; the message names the minimum.
         """
-        if not self._can_limit:
-            return False
-        self.check_memory(limit_bytes, sandbox.memory + MEMORY_HEADROOM)
-        await self._engine.update_memory(sandbox.container_id, limit_bytes)
-        return True
-
-    def check_memory(self, limit_bytes: int, floor: int | None = None) -> None:
-        """Refuse a memory limit below what a sandbox holds at rest (by default the largest seen).
-
-        Raises:
-            InvalidRun: the limit is below the floor; the message names the minimum.
-        """
-        floor = self.memory_floor if floor is None else floor
-        if limit_bytes < floor:
-            mib = 1024 * 1024
-            preloaded = ", ".join(self._settings.pool.preload) or "nothing"
-            raise InvalidRun(
-                f"memory_mb must be at least {-(-floor // mib)} MiB here: a sandbox holds "
-                f"{(floor - MEMORY_HEADROOM) / mib:.0f} MiB before the program starts (preloaded: "
-                f"{preloaded}; WARMPOD_POOL__PRELOAD)"
-            )
-
-    async def _discard(self, container_id: str, directory: Path) -> None:
-        with anyio.CancelScope(shield=True):
-            with anyio.move_on_after(DESTROY_TIMEOUT) as scope:
-                delay = 0.2
-                while container_id:
-                    try:
-                        await self._engine.destroy(container_id)
-                        break
-                    except WarmpodError as exc:
-                        # E.g. while the engine's service restarts: a container given up on
-                        # would hold its memory until the server stops.
-                        log.warning("could not remove container %s (retrying): %s", container_id[:12], exc)
-                        await anyio.sleep(delay)
-                        delay = min(delay * 2, 5.0)
-            if scope.cancelled_caught:
-                log.error("gave up removing container %s after %.0f s", container_id[:12], DESTROY_TIMEOUT)
-            shutil.rmtree(directory, ignore_errors=True)
+        check_memory_floor(limit_bytes, self.memory_floor, self._settings.pool.preload)
 
     async def _destroy_all(self) -> None:
         sandboxes = [*self._ready, *self._busy]
         self._ready.clear()
         async with anyio.create_task_group() as tg:
             for sandbox in sandboxes:
-                await sandbox.channel.aclose()
-                tg.start_soon(self._discard, sandbox.container_id, sandbox.directory)
+                tg.start_soon(sandbox.close)
         # Containers still being created when cancelled carry our label: sweep them too.
         for container_id, labels in await self._engine.list_labelled(LABEL_INSTANCE):
             if labels.get(LABEL_INSTANCE) == self.instance:
                 await self._engine.destroy(container_id)
-
-
-async def _connect(path: Path, max_frame: int) -> Channel:
-    # Polling a stat is cheaper than a thread hop, and runs off any request's critical path.
-    while True:
-        if os.path.exists(path):  # noqa: ASYNC240  (a stat, as the comment above says)
-            try:
-                stream = await UnixStream.connect(path)
-            except (ConnectionRefusedError, FileNotFoundError):
-                pass  # an older agent may still be between bind and listen
-            else:
-                _shield_from_oom(stream.peer_pid())
-                return Channel(stream, max_frame=max_frame)
-        await anyio.sleep(SOCKET_POLL)
-
-
-def _shield_from_oom(pid: int) -> None:
-    # The OOM killer must never pick the agent: its death would turn the program's memory kill
-    # into a lost result. Lowering a score takes CAP_SYS_RESOURCE on the host, which the agent
-    # never has in a user namespace and the server has when it is root. Without it (rootless, or
-    # a root that lacks it) the program's own score of 1000 still makes it the first pick.
-    # The pid is the listening agent's, read before any program code ran; 0 if it is not visible.
-    if pid <= 0:
-        return
-    try:
-        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-            f.write("-1000")
-    except OSError:
-        pass
 
 
 def _alive(pid: str) -> bool:

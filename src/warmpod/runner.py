@@ -15,8 +15,8 @@ from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, ProtocolError
 from warmpod.files import OutputFiles, check_inputs
 from warmpod.models import RunResult, RunSpec, RunStatus
-from warmpod.pool import Sandbox
 from warmpod.protocol import AgentError, FileChunk, Job, Output, Result
+from warmpod.sandbox import Sandbox
 from warmpod.settings import FileSettings, LimitSettings
 from warmpod.store import Chunk, Stream
 
@@ -31,11 +31,9 @@ SANDBOX_FAILURES = (ProtocolError, EngineError, OSError, anyio.BrokenResourceErr
 
 
 class Leaser(Protocol):
-    """Where sandboxes come from (``pool.Pool``)."""
+    """Where sandboxes come from (``pool.Pool``), and the memory floor they set for a request."""
 
     def lease(self) -> AbstractAsyncContextManager[Sandbox]: ...
-    async def oom_killed(self, sandbox: Sandbox) -> bool: ...
-    async def limit_memory(self, sandbox: Sandbox, limit_bytes: int) -> bool: ...
     def check_memory(self, limit_bytes: int) -> None: ...
 
 
@@ -195,10 +193,12 @@ class Runner:
             out_bytes=self._files.out_bytes,
         )
         started = time.perf_counter()
+        # Before anything is done to it: from here on it can serve no other run.
+        sandbox.used = True
         try:
             try:
-                if spec.memory_mb < server.memory_mb and not await self._leaser.limit_memory(
-                    sandbox, spec.memory_mb * 1024 * 1024
+                if spec.memory_mb < server.memory_mb and not await sandbox.limit_memory(
+                    spec.memory_mb * 1024 * 1024
                 ):
                     # No memory cgroup to lower: the program's address space is the fallback.
                     job.address_space = spec.memory_mb * 1024 * 1024
@@ -222,7 +222,7 @@ class Runner:
                             return _from_agent(run_id, message, output, _elapsed_ms(started))
                 except ProtocolError as exc:
                     # The agent is PID 1: if the OOM killer took it, the container ended with it.
-                    if await self._leaser.oom_killed(sandbox):
+                    if await sandbox.oom_killed():
                         return _memory_kill(run_id, output, _elapsed_ms(started))
                     return _error(run_id, f"the sandbox failed: {exc}", _elapsed_ms(started))
         except SANDBOX_FAILURES as exc:

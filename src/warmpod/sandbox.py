@@ -1,12 +1,24 @@
-"""The locked-down container spec every pool container is created from (a libpod SpecGenerator)."""
+"""One sandbox: the locked-down spec its container is made from, its agent connection, and what it does."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import anyio
+
+from warmpod.backoff import Backoff
+from warmpod.errors import InvalidRun, WarmpodError
+from warmpod.protocol import Channel
 from warmpod.settings import LimitSettings
+from warmpod.unix_stream import UnixStream
+
+log = logging.getLogger(__name__)
 
 AGENT_COMMAND = ["python3", "-I", "/opt/warmpod/agent.py"]
 AGENT_DIR = "/run/warmpod"
@@ -21,6 +33,10 @@ USERNS_SIZE = 65536
 # the kernel checks it on the host), CAP_SETPCAP empties the program's bounding set (the program
 # loses every capability when it changes uid).
 AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_RESOURCE", "CAP_SETPCAP"]
+# Room above a sandbox's memory at rest for writing main.py and starting the program.
+MEMORY_HEADROOM = 4 * 1024 * 1024
+DESTROY_TIMEOUT = 30.0
+SOCKET_POLL = 0.005
 # Podman 4.3 refuses tmpfs nr_inodes: inode exhaustion is bounded by the memory cgroup instead.
 # notmpcopyup: otherwise Podman copies the image directory's (root-owned 0755) mode onto the tmpfs.
 _TMPFS_OPTS = ["rw", "nosuid", "nodev", "noexec", "notmpcopyup", "mode=1777"]
@@ -147,3 +163,142 @@ def container_spec(
         spec["userns"] = {"nsmode": "auto", "value": f"size={USERNS_SIZE}"}
         spec["idmappings"] = {"AutoUserNs": True, "AutoUserNsOpts": {"Size": USERNS_SIZE}}
     return spec
+
+
+class Engine(Protocol):
+    """The container calls a sandbox and its pool need (``runtime.Runtime`` in production, fakes in tests)."""
+
+    async def create(self, spec: dict[str, object]) -> str: ...
+    async def start(self, container_id: str) -> None: ...
+    async def pause(self, container_id: str) -> None: ...
+    async def unpause(self, container_id: str) -> None: ...
+    async def destroy(self, container_id: str) -> None: ...
+    async def oom_killed(self, container_id: str) -> bool: ...
+    async def update_memory(self, container_id: str, limit_bytes: int) -> None: ...
+    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]: ...
+
+
+@dataclass(eq=False)
+class Sandbox:
+    """One pool container, the server's end of its agent connection, and the engine that runs it."""
+
+    container_id: str
+    name: str
+    directory: Path
+    channel: Channel
+    engine: Engine
+    paused: bool = False
+    memory: int = 0
+    """Bytes the container held before its run, as its agent reported."""
+    can_limit: bool = False
+    """Whether the engine applies cgroup limits to it (and so can lower its memory limit)."""
+    preload: tuple[str, ...] = ()
+    """The modules its interpreter imported before the run."""
+    used: bool = False
+    """Something was done to it for a run (a limit lowered, a job sent): it can serve no other."""
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    idle: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    """Scope of the task watching it while it waits in the pool; cancelled once it is leased."""
+
+    async def thaw(self) -> None:
+        """Unpause, once, however many tasks ask."""
+        async with self.lock:
+            if self.paused:
+                await self.engine.unpause(self.container_id)
+                self.paused = False
+
+    async def limit_memory(self, limit_bytes: int) -> bool:
+        """Lower the memory cgroup limit (swap included); False where cgroups limit nothing here.
+
+        Raises:
+            InvalidRun: the limit is below what the sandbox holds before the program starts
+                (preloaded modules), which the kernel would refuse or answer with an OOM kill.
+        """
+        if not self.can_limit:
+            return False
+        check_memory_floor(limit_bytes, self.memory + MEMORY_HEADROOM, self.preload)
+        # A lowered limit stays with the container: it must not go back to the pool for another run.
+        self.used = True
+        await self.engine.update_memory(self.container_id, limit_bytes)
+        return True
+
+    async def oom_killed(self) -> bool:
+        """Whether the OOM killer ended the container (its agent, PID 1); False if that is unknown."""
+        try:
+            return await self.engine.oom_killed(self.container_id)
+        except WarmpodError as exc:
+            log.warning("could not inspect %s: %s", self.name, exc)
+            return False
+
+    async def close(self) -> None:
+        """Hang up on the agent, then remove the container and its directory (shielded, bounded)."""
+        with anyio.CancelScope(shield=True):
+            await self.channel.aclose()
+        await remove(self.engine, self.container_id, self.directory)
+
+
+def check_memory_floor(limit_bytes: int, floor: int, preload: Sequence[str]) -> None:
+    """Refuse a memory limit below ``floor``, what a sandbox holds at rest plus ``MEMORY_HEADROOM``.
+
+    Raises:
+        InvalidRun: the limit is below the floor; the message names the minimum.
+    """
+    if limit_bytes < floor:
+        mib = 1024 * 1024
+        raise InvalidRun(
+            f"memory_mb must be at least {-(-floor // mib)} MiB here: a sandbox holds "
+            f"{(floor - MEMORY_HEADROOM) / mib:.0f} MiB before the program starts (preloaded: "
+            f"{', '.join(preload) or 'nothing'}; WARMPOD_POOL__PRELOAD)"
+        )
+
+
+async def remove(engine: Engine, container_id: str, directory: Path) -> None:
+    """Destroy a container (none if ``container_id`` is empty), retrying, and remove its directory.
+
+    Shielded from cancellation and bounded by ``DESTROY_TIMEOUT``: a container given up on would
+    hold its memory until the server stops.
+    """
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(DESTROY_TIMEOUT) as scope:
+            retry = Backoff(0.2, 5.0)
+            while container_id:
+                try:
+                    await engine.destroy(container_id)
+                    break
+                except WarmpodError as exc:
+                    # E.g. while the engine's service restarts.
+                    log.warning("could not remove container %s (retrying): %s", container_id[:12], exc)
+                    await retry.sleep()
+        if scope.cancelled_caught:
+            log.error("gave up removing container %s after %.0f s", container_id[:12], DESTROY_TIMEOUT)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def connect(path: Path, max_frame: int) -> Channel:
+    """The server's end of the agent's connection on ``path``, once the agent listens there."""
+    # Polling a stat is cheaper than a thread hop, and runs off any request's critical path.
+    while True:
+        if os.path.exists(path):  # noqa: ASYNC240  (a stat, as the comment above says)
+            try:
+                stream = await UnixStream.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                pass  # an older agent may still be between bind and listen
+            else:
+                _shield_from_oom(stream.peer_pid())
+                return Channel(stream, max_frame=max_frame)
+        await anyio.sleep(SOCKET_POLL)
+
+
+def _shield_from_oom(pid: int) -> None:
+    # The OOM killer must never pick the agent: its death would turn the program's memory kill
+    # into a lost result. Lowering a score takes CAP_SYS_RESOURCE on the host, which the agent
+    # never has in a user namespace and the server has when it is root. Without it (rootless, or
+    # a root that lacks it) the program's own score of 1000 still makes it the first pick.
+    # The pid is the listening agent's, read before any program code ran; 0 if it is not visible.
+    if pid <= 0:
+        return
+    try:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write("-1000")
+    except OSError:
+        pass

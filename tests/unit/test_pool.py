@@ -803,9 +803,9 @@ async def test_memory_below_what_the_sandbox_holds_is_refused(agents: TaskGroup,
         async with pool.lease() as sandbox:
             assert sandbox.memory == 60 * 1024 * 1024
             with pytest.raises(InvalidRun, match="memory_mb must be at least 64 MiB"):
-                await pool.limit_memory(sandbox, 32 * 1024 * 1024)
+                await sandbox.limit_memory(32 * 1024 * 1024)
             assert engine.count("update_memory") == 0
-            assert await pool.limit_memory(sandbox, 128 * 1024 * 1024)
+            assert await sandbox.limit_memory(128 * 1024 * 1024)
             assert engine.count("update_memory") == 1
 
     await with_pool(pool, body)

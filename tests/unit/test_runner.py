@@ -46,14 +46,14 @@ async def execute(
     *messages: dict[str, Any],
     timeout: float | None = None,
     hang_up: bool = False,
-    leaser: fakes.FakeLeaser | None = None,
+    oom: bool = False,
 ) -> tuple[RunResult, RunOutput]:
-    """What Runner.execute makes of an agent that answers the job with ``messages``, and the output
-    it collected."""
-    run = runner.Runner(leaser or fakes.FakeLeaser(), LIMITS)
+    """What Runner.execute makes of an agent that answers the job with ``messages`` (in a container
+    the OOM killer ended, if ``oom``), and the output it collected."""
+    run = runner.Runner(fakes.FakeLeaser(), LIMITS)
     spec = run.prepare(b"pass", b"", timeout)
     output = RunOutput(spec.max_output_bytes)
-    async with fakes.scripted_sandbox(*messages, hang_up=hang_up) as sandbox:
+    async with fakes.scripted_sandbox(*messages, hang_up=hang_up, oom=oom) as sandbox:
         return await run.execute("id", spec, sandbox, output), output
 
 
@@ -248,10 +248,8 @@ async def test_a_run_past_its_timeout_keeps_what_it_printed() -> None:
 async def test_an_agent_killed_for_memory_ends_the_run_with_what_it_printed() -> None:
     """When the agent's connection drops and the container was OOM-killed, the run failed on memory
     with the output streamed before."""
-    leaser = fakes.FakeLeaser()
-    leaser.oom = True
     run, _ = await execute(
-        fakes.output("stdout", b"allocating\n"), fakes.output("stderr", b"x"), hang_up=True, leaser=leaser
+        fakes.output("stdout", b"allocating\n"), fakes.output("stderr", b"x"), hang_up=True, oom=True
     )
     assert (run.status, run.exit_code, run.limits_hit) == ("failed", -9, ["memory"])
     assert (run.stdout, run.stderr) == ("allocating\n", "x")
