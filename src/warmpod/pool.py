@@ -70,7 +70,9 @@ class Pool:
     The ready target starts at ``min_size``. A run that finds no container ready doubles it (at
     most ``max_size``); each ``shrink_after`` seconds without such a run halves it (at least
     ``min_size``). Ready, starting and running containers together never exceed ``max_size``.
-    Runs get containers in the order they asked.
+    Runs get containers in the order they asked. A container leased and given back with nothing
+    done to it (no job: another node claimed the run) has served no run: it goes back to the head
+    of the ready queue, and the next lease takes it instead of a new one.
     """
 
     def __init__(
@@ -371,6 +373,9 @@ class Pool:
     async def lease(self) -> AsyncIterator[Sandbox]:
         """Take a ready container for one run; it is destroyed when the block exits.
 
+        Unless the block ended normally while the pool runs and left the sandbox unused (see
+        ``Sandbox.used``): then it is given back, first in line for the next lease.
+
         Raises:
             PoolUnavailable: none became ready within the acquire timeout.
         """
@@ -397,18 +402,32 @@ class Pool:
             raise PoolUnavailable(
                 f"no sandbox became free within {self._settings.pool.acquire_timeout:.0f} s"
             ) from exc
+        unused = False
         try:
             self._warm_next()
             await sandbox.thaw()
             yield sandbox
+            unused = not sandbox.used
         finally:
             self._busy.discard(sandbox)
             with anyio.CancelScope(shield=True):
-                await self._notify()
-                if self._tg is not None:
+                # A block that raised may have left the sandbox in any state; a stopping pool
+                # (no task group) destroys what it holds.
+                if unused and self._tg is not None:
+                    self._give_back(sandbox, self._tg)
+                elif self._tg is not None:
                     self._tg.start_soon(sandbox.close)
                 else:
                     await sandbox.close()
+                await self._notify()
+
+    def _give_back(self, sandbox: Sandbox, tg: anyio.abc.TaskGroup) -> None:
+        # At the head, where the next lease takes it: it is thawed already, as _warm_next leaves
+        # the head. Its old idle watch was cancelled by the lease (and has ended: the lease
+        # passed checkpoints since), so a new one gets a scope of its own.
+        self._ready.appendleft(sandbox)
+        sandbox.idle = anyio.CancelScope()
+        tg.start_soon(self._watch_idle, sandbox)
 
     def check_memory(self, limit_bytes: int) -> None:
         """Refuse a memory limit below what the largest sandbox seen holds at rest (plus headroom).

@@ -183,6 +183,7 @@ async def test_lease_hands_out_each_container_once_and_destroys_it(
     async def body() -> None:
         for _ in range(5):
             async with pool.lease() as sandbox:
+                sandbox.used = True  # as a run does before it acts on the sandbox
                 assert sandbox.container_id not in engine.destroyed
                 assert pool.stats().busy == 1
                 leased.append(sandbox.container_id)
@@ -193,6 +194,83 @@ async def test_lease_hands_out_each_container_once_and_destroys_it(
     await with_pool(pool, body)
     assert len(set(leased)) == 5
     assert all(engine.count("destroy", cid) >= 1 for cid in leased)
+
+
+async def test_a_sandbox_leased_but_given_no_job_goes_back_to_the_front(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """A lease whose block ends without using its sandbox (another node claimed the run) gives it back:
+    not destroyed, first in line for the next lease, and watched again while it waits."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=2, can_pause=True)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 2)
+        async with pool.lease() as sandbox:
+            unused = sandbox.container_id
+        assert pool.stats().busy == 0
+        assert pool._ready[0] is sandbox
+        assert not sandbox.paused  # still thawed, as the head of the queue is anyway
+        await anyio.sleep(0.05)  # the sleep is the test: a destroy in the background would run now
+        assert unused not in engine.destroyed
+        assert sandbox.directory.exists()
+        async with pool.lease() as again:
+            assert again is sandbox
+            again.used = True
+        await eventually(lambda: unused in engine.destroyed)
+        # The next one given back is watched while it waits: if it dies, it is replaced.
+        await eventually(lambda: pool.stats().ready == 2)
+        async with pool.lease() as sandbox:
+            pass
+        await engine.crash(sandbox.container_id)
+        await eventually(lambda: sandbox.container_id in engine.destroyed)
+        await eventually(lambda: pool.stats().ready == 2 and sandbox not in pool._ready)
+        assert (pool.stats().last_error or "").endswith(" died while idle")
+
+    await with_pool(pool, body)
+
+
+async def test_a_lease_that_raised_or_outlived_the_pool_destroys_its_unused_sandbox(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """A sandbox is never given back when its lease ended by an exception, or once the pool has stopped:
+    both are destroyed, though nothing was done to them."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=2)
+    holding, release, done = anyio.Event(), anyio.Event(), anyio.Event()
+    held: list[str] = []
+    failed: list[str] = []
+
+    async def fail() -> None:
+        async with pool.lease() as sandbox:
+            failed.append(sandbox.container_id)
+            raise RuntimeError("the run's caller failed")
+
+    async def hold() -> None:
+        async with pool.lease() as sandbox:
+            held.append(sandbox.container_id)
+            holding.set()
+            await release.wait()
+        done.set()
+
+    async with anyio.create_task_group() as outside:
+        async with anyio.create_task_group() as tg:
+            await tg.start(pool.run)
+            await eventually(lambda: pool.stats().ready == 2)
+            with pytest.raises(RuntimeError):
+                await fail()
+            (raised,) = failed
+            await eventually(lambda: raised in engine.destroyed)
+            assert all(s.container_id != raised for s in pool._ready)
+            outside.start_soon(hold)  # a lease the pool's cancellation does not reach
+            await holding.wait()
+            tg.cancel_scope.cancel()
+        release.set()
+        await done.wait()
+    assert pool.stats().ready == 0
+    assert held[0] in engine.destroyed
+    assert engine.containers == {}
+    assert list(state_dir.iterdir()) == []
 
 
 async def test_concurrent_leases_never_share_a_container(agents: TaskGroup, state_dir: Path) -> None:
@@ -226,6 +304,7 @@ async def test_leased_container_runs_a_job(agents: TaskGroup, state_dir: Path) -
 
     async def body() -> None:
         async with pool.lease() as sandbox:
+            sandbox.used = True
             await sandbox.channel.send(Job(code=b"print(1)", stdin=b"in", timeout=1.0, max_output_bytes=100))
             with anyio.fail_after(WAIT):
                 messages = [await sandbox.channel.receive() for _ in range(3)]
@@ -248,6 +327,8 @@ async def test_runner_runs_a_program_through_the_pool(agents: TaskGroup, state_d
 
     async def body() -> None:
         run_results.append(await Runner(pool, settings().limits).run(b"print(2)", b"", 1.0))
+        # Used by its run: destroyed, never given back for another.
+        await eventually(lambda: engine.created[0] in engine.destroyed)
 
     await with_pool(pool, body)
     (run,) = run_results
@@ -675,7 +756,8 @@ async def test_target_grows_under_demand_but_never_past_max_size(agents: TaskGro
     peak: list[int] = []
 
     async def hold() -> None:
-        async with pool.lease():
+        async with pool.lease() as sandbox:
+            sandbox.used = True
             await release.wait()
 
     async def body() -> None:
@@ -705,9 +787,10 @@ async def test_target_shrinks_back_to_min_size_when_idle(agents: TaskGroup, stat
 
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
-        async with pool.lease():
-            pass
-        async with pool.lease():  # finds the pool empty: the target doubles
+        async with pool.lease() as sandbox:
+            sandbox.used = True
+        async with pool.lease() as sandbox:  # finds the pool empty: the target doubles
+            sandbox.used = True
             assert pool.target == 2
         await eventually(lambda: pool.stats().ready == 2)
         await eventually(lambda: pool.target == 1)
@@ -724,13 +807,15 @@ async def test_waiting_runs_get_containers_in_arrival_order(agents: TaskGroup, s
     order: list[int] = []
 
     async def take(index: int) -> None:
-        async with pool.lease():
+        async with pool.lease() as sandbox:
+            sandbox.used = True
             order.append(index)
 
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
         engine.gate = anyio.Event()
-        async with pool.lease(), anyio.create_task_group() as tg:
+        async with pool.lease() as first, anyio.create_task_group() as tg:
+            first.used = True
             for index in range(6):
                 tg.start_soon(take, index)
                 await eventually(waiting(pool, index + 1))
@@ -752,7 +837,8 @@ async def test_containers_preload_while_calm_and_start_bare_for_waiting_runs(
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
         engine.gate = anyio.Event()
-        async with pool.lease(), anyio.create_task_group() as tg:
+        async with pool.lease() as sandbox, anyio.create_task_group() as tg:
+            sandbox.used = True
             await eventually(lambda: len(engine.created) == 2)  # the replacement, held at the gate
             tg.start_soon(take_one, pool, got)
             await eventually(lambda: len(engine.created) >= 3)
@@ -770,8 +856,9 @@ async def test_containers_preload_while_calm_and_start_bare_for_waiting_runs(
 
 
 async def take_one(pool: Pool, got: list[str]) -> None:
-    """Lease a container, note which, and give it back at once."""
+    """Lease a container, note which, and use it (so that it is destroyed after the block)."""
     async with pool.lease() as sandbox:
+        sandbox.used = True
         got.append(sandbox.container_id)
 
 
@@ -819,8 +906,8 @@ async def test_after_a_failed_start_the_next_container_is_bare(agents: TaskGroup
 
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
-        async with pool.lease():
-            pass
+        async with pool.lease() as sandbox:
+            sandbox.used = True
         await eventually(lambda: len(engine.created) == 2)
 
     await with_pool(pool, body)

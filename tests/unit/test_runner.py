@@ -264,6 +264,17 @@ async def test_an_agent_that_hangs_up_otherwise_is_a_sandbox_failure() -> None:
     assert (run.stdout, run.stderr) == ("", "")
 
 
+async def test_a_run_marks_its_sandbox_used() -> None:
+    """Executing a run marks its sandbox used, so the pool destroys it instead of giving it back."""
+    run = runner.Runner(fakes.FakeLeaser(), LIMITS)
+    spec = run.prepare(b"pass", b"", None)
+    async with fakes.scripted_sandbox(fakes.result()) as sandbox:
+        assert not sandbox.used
+        result = await run.execute("id", spec, sandbox, RunOutput(spec.max_output_bytes))
+        assert result.status == "succeeded"
+        assert sandbox.used
+
+
 # execute: the files the agent sends after the program ended -------------------------------------
 
 
