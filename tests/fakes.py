@@ -21,9 +21,10 @@ from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, Ta
 
 from warmpod import protocol
 from warmpod.errors import EngineError, PoolUnavailable
+from warmpod.limits import RunLimits
 from warmpod.models import RunResult, RunSpec
 from warmpod.protocol import MAX_FRAME, Channel, FileChunk, Output
-from warmpod.runner import Leaser, RunLimits, Runner, RunOutput
+from warmpod.runner import Leaser, Runner, RunOutput
 from warmpod.runtime import EngineInfo
 from warmpod.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME, Sandbox
 from warmpod.settings import FileSettings, LimitSettings

@@ -21,6 +21,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage
 from warmpod.auth import key_of
 from warmpod.errors import RunNotFound
 from warmpod.files import decode_inputs
+from warmpod.limits import RunLimits
 from warmpod.models import (
     Accepted,
     FileEvent,
@@ -32,7 +33,6 @@ from warmpod.models import (
     RunSpec,
     StatusEvent,
 )
-from warmpod.runner import RunLimits
 from warmpod.scheduler import Scheduler
 from warmpod.service import Service
 

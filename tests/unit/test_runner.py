@@ -1,4 +1,4 @@
-"""Unit tests of the runner's rules: timeouts a request may ask for, and how an agent's answer is judged."""
+"""Unit tests of the runner's rules: how an agent's answer is judged, and what a run keeps of it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import fakes
 import pytest
 
 from warmpod import runner
-from warmpod.errors import InvalidRun
 from warmpod.models import RunResult
 from warmpod.protocol import AgentError, Hello, LimitName, Result
 from warmpod.runner import RunOutput
@@ -55,27 +54,6 @@ async def execute(
     output = RunOutput(spec.max_output_bytes)
     async with fakes.scripted_sandbox(*messages, hang_up=hang_up, oom=oom) as sandbox:
         return await run.execute("id", spec, sandbox, output), output
-
-
-# resolve_timeout --------------------------------------------------------------------------------
-
-
-def test_absent_timeout_is_the_default() -> None:
-    """A request without a timeout gets the server's default."""
-    assert runner.resolve_timeout(None, LIMITS) == 10.0
-
-
-@pytest.mark.parametrize("requested", [0.001, 1.0, 59.99, 60.0])
-def test_timeout_within_range_is_kept(requested: float) -> None:
-    """A timeout above 0 and up to the maximum is used as asked."""
-    assert runner.resolve_timeout(requested, LIMITS) == requested
-
-
-@pytest.mark.parametrize("requested", [0.0, -1.0, 60.0001, 3600.0, float("inf"), float("nan")])
-def test_timeout_out_of_range_is_refused_naming_the_maximum(requested: float) -> None:
-    """A timeout of 0 or less, above the maximum, or not a number raises InvalidRun naming the maximum."""
-    with pytest.raises(InvalidRun, match="at most 60 seconds"):
-        runner.resolve_timeout(requested, LIMITS)
 
 
 # _from_agent: status --------------------------------------------------------------------------
