@@ -14,6 +14,7 @@ IN_FILE_BYTES = 600
 IN_BYTES = 1000
 INLINE = 16
 POOL_SIZE = 3
+NODE = "api-node"
 IMAGE = "localhost/warmpod-runner:0123456789ab"
 PROBLEMS = "https://warmpod.dev/problems/"
 INFO = ROOTFUL_V1

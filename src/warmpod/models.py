@@ -106,6 +106,8 @@ class RunResult(msgspec.Struct, kw_only=True):
     files_truncated: bool = False
     """Files were dropped, or left uncollected, because of the server's count or size caps, or
     because their names are not UTF-8."""
+    node: str | None = None
+    """The node that ran it (``WARMPOD_NODE__NAME``); null while it is queued."""
 
     @classmethod
     def from_server(
@@ -119,6 +121,7 @@ class RunResult(msgspec.Struct, kw_only=True):
         limits_hit: Sequence[str] = (),
         duration_ms: float = 0.0,
         error: str | None = None,
+        node: str | None = None,
     ) -> RunResult:
         """A result the server states itself, with no result from the agent: nothing marked truncated."""
         return cls(
@@ -132,6 +135,7 @@ class RunResult(msgspec.Struct, kw_only=True):
             limits_hit=list(limits_hit),
             duration_ms=duration_ms,
             error=error,
+            node=node,
         )
 
 
@@ -145,11 +149,29 @@ class PoolCounts(msgspec.Struct, kw_only=True):
 
 
 class QueueCounts(msgspec.Struct, kw_only=True):
-    """Runs waiting and executing on this server."""
+    """Runs waiting in the queue (every node's, which all share it) and executing on this node."""
 
     queued: int
     running: int
     max_queued: int
+
+
+class NodeInfo(msgspec.Struct, kw_only=True):
+    """This warmpod node: its name and the id of this start of it."""
+
+    name: str
+    incarnation: str
+
+
+class NodeSeen(msgspec.Struct, kw_only=True):
+    """A node of the same queue whose heartbeat the store holds within the lease."""
+
+    name: str
+    incarnation: str
+    seen_ago: float
+    """Seconds since its last heartbeat, by the store's clock."""
+    running: int
+    """Runs it holds now."""
 
 
 class LimitEnforcement(msgspec.Struct, kw_only=True):
@@ -179,6 +201,10 @@ class Health(msgspec.Struct, kw_only=True):
     """Modules every pooled interpreter imports before its run (``WARMPOD_POOL__PRELOAD``)."""
     preload_failed: list[str] = []
     """Of those, the ones that failed to import: runs work, but pay for them themselves."""
+    node: NodeInfo | None = None
+    """This node."""
+    nodes: list[NodeSeen] = []
+    """Every node seen alive on the same queue, this one included (one with SQLite)."""
 
 
 class Problem(msgspec.Struct, kw_only=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -15,6 +16,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from warmpod import metrics
+from warmpod.backoff import Backoff
 from warmpod.errors import (
     KeyBusy,
     NoSuchFile,
@@ -27,18 +29,17 @@ from warmpod.errors import (
 )
 from warmpod.files import with_content
 from warmpod.keys import Key
-from warmpod.models import OutputFile, RunResult, RunSpec, RunStatus
-from warmpod.pool import Sandbox
+from warmpod.models import NodeSeen, OutputFile, RunResult, RunSpec, RunStatus
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
-from warmpod.settings import FileSettings, QueueSettings
-from warmpod.store import Chunk, Record, Store, joined
+from warmpod.sandbox import Sandbox
+from warmpod.settings import FileSettings, NodeSettings, QueueSettings
+from warmpod.store import Chunk, Claim, Fence, Notice, Owner, Record, Store, joined
 
 log = logging.getLogger(__name__)
 
-# Output reaches the store (and so `/status/{id}/stream`) at most this long after it was printed.
-FLUSH_INTERVAL = 0.05
-# How often a running run looks for a cancel flag another node may have set in the store.
-CANCEL_POLL = 0.5
+# Output reaches the store (and so `/status/{id}/stream`) at most this long after it was printed:
+# one write per running run per interval, however much it printed (64 KiB chunks from the agent).
+FLUSH_INTERVAL = 0.1
 # Waiters and streams re-read the store this often even without a local signal.
 RECHECK = 1.0
 # A stream sends a comment this often when nothing else happens, so proxies keep it open.
@@ -46,16 +47,21 @@ KEEPALIVE = 15.0
 # How long DELETE waits for a running run to be stopped before it answers.
 CANCEL_WAIT = 10.0
 RETRY_MAX = 30.0
-STOPPED_MESSAGE = "the server stopped while this run was executing; it was not retried"
+STOPPED_MESSAGE = "node {node} stopped while this run was executing; it was not retried"
+# How long a stopping node may take to tell the store it left.
+LEAVE_TIMEOUT = 5.0
 
 
 @dataclass
 class _LiveRun:
-    """A run executing here: its output so far and the scope that cancels it."""
+    """A run executing here: its claim, its output so far and the scope that cancels it."""
 
+    fence: Fence
     output: RunOutput
     started: float = field(default_factory=time.perf_counter)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    lost: str | None = None
+    """Why this node no longer holds the run (its lease ran out): nothing more of it is written."""
 
     def ended(self, run_id: str, status: Literal["cancelled", "error"], error: str | None) -> RunResult:
         return RunResult.from_server(
@@ -81,7 +87,11 @@ class Update:
 
 
 class Scheduler:
-    """Accepts runs into the store and runs them, oldest first, as sandboxes become free."""
+    """Accepts runs into the store and runs them, oldest first, as sandboxes become free here.
+
+    Several nodes may share the store: each claims a queued run only once it holds a ready
+    sandbox, keeps the run by a lease it renews, and reports runs whose node stopped renewing.
+    """
 
     def __init__(
         self,
@@ -91,6 +101,7 @@ class Scheduler:
         settings: QueueSettings,
         workers: int,
         files: FileSettings | None = None,
+        node: NodeSettings | None = None,
     ) -> None:
         self._store = store
         self._leaser = leaser
@@ -98,10 +109,21 @@ class Scheduler:
         self._settings = settings
         self._inline_bytes = (files or FileSettings()).inline_bytes
         self._workers = workers
-        # One token per run this node knows is queued: a worker takes a sandbox only for a token.
+        node = node or NodeSettings()
+        self.owner = Owner(node=node.name or socket.gethostname(), incarnation=uuid.uuid4().hex)
+        """This node, and this start of it."""
+        self._lease = node.lease
+        self.nodes: list[NodeSeen] = [
+            NodeSeen(name=self.owner.node, incarnation=self.owner.incarnation, seen_ago=0.0, running=0)
+        ]
+        """The nodes seen alive at the last heartbeat."""
+        # One token per run the store announced queued: a worker takes a sandbox only for a token.
         self._work = anyio.Semaphore(0)
-        # Runs queued and not yet claimed (a worker holds a token while it waits for a sandbox).
+        # Workers that took a token and have not yet claimed (they may wait for a sandbox).
+        self._seeking = 0
+        # Runs waiting in the shared queue: counted on notices here, read back at every heartbeat.
         self._queued = 0
+        self._tg: anyio.abc.TaskGroup | None = None
         self._changed: dict[str, anyio.Event] = {}
         self._watchers: dict[str, int] = {}
         self._live: dict[str, _LiveRun] = {}
@@ -115,8 +137,8 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        """Runs waiting for a sandbox, as this node knows them."""
-        return self._queued
+        """Runs waiting for a sandbox, on any node."""
+        return max(0, self._queued)
 
     @property
     def running(self) -> int:
@@ -124,23 +146,37 @@ class Scheduler:
         return len(self._live)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Recover what a previous server left, then run queued runs until cancelled."""
-        lost = await self._store.recover(STOPPED_MESSAGE)
+        """Join the store, report what this node's last start left running, then run queued runs
+        until cancelled.
+
+        Raises:
+            StoreError: the store cannot be reached, or another node of this name is alive.
+        """
+        lost = await self._store.join(self.owner, self._lease, STOPPED_MESSAGE)
         if lost:
-            log.warning("%d run(s) were executing when the last server stopped: reported error", len(lost))
+            log.warning("%d run(s) were executing when this node last stopped: reported error", len(lost))
         for run_id in lost:
             await self._report(run_id, None, executed=False)
-        queued = await self._store.queued()
-        self._queued += queued
-        if queued:
-            log.info("%d queued run(s) kept from the last server will run now", queued)
-        for _ in range(queued):
-            self._work.release()
-        async with anyio.create_task_group() as tg:
-            for _ in range(self._workers):
-                tg.start_soon(self._worker)
-            tg.start_soon(self._purge)
-            task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(self._store.listen, self._on_notice)
+                queued = self._queued = await self._store.queued()
+                if queued:
+                    log.info("%d queued run(s) wait in the store and will run now", queued)
+                self._top_up(queued)
+                for _ in range(self._workers):
+                    tg.start_soon(self._worker)
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(self._purge)
+                task_status.started()
+        finally:
+            self._tg = None
+            with anyio.CancelScope(shield=True), anyio.move_on_after(LEAVE_TIMEOUT):
+                try:
+                    await self._store.leave(self.owner)
+                except StoreError as exc:
+                    log.warning("could not tell the store this node left: %s", exc)
 
     def begin_drain(self, grace: float) -> None:
         """Stop taking and starting runs; running ones get ``grace`` seconds (safe in a signal handler)."""
@@ -188,8 +224,6 @@ class Scheduler:
             raise QueueFull(
                 f"the queue is full: {self._settings.max_queued} runs are waiting (WARMPOD_QUEUE__MAX_QUEUED)"
             )
-        self._queued += 1
-        self._work.release()
         return run_id
 
     async def check_owner(self, run_id: str, key: Key | None) -> None:
@@ -236,7 +270,7 @@ class Scheduler:
         # From the store, not this node's buffers: what is shown is what a crash would keep.
         stdout, stderr = joined((chunk.stream, chunk.data) for chunk in await self._store.output(run_id))
         status: RunStatus = "running" if record.status == "running" else "queued"
-        return RunResult.from_server(run_id, status, stdout=stdout, stderr=stderr)
+        return RunResult.from_server(run_id, status, stdout=stdout, stderr=stderr, node=record.node)
 
     async def cancel(self, run_id: str) -> RunResult:
         """Stop a queued or running run; it ends ``cancelled`` with the output it had printed.
@@ -251,15 +285,12 @@ class Scheduler:
             raise RunNotFound(f"no run has the id {run_id}")
         if outcome == "cancelled":
             self._queued -= 1
-            self._notify(run_id)
             # Its token would otherwise send a worker to lease a sandbox for nothing.
             with contextlib.suppress(anyio.WouldBlock):
                 self._work.acquire_nowait()
             await self._report(run_id, None, executed=False)
         elif outcome == "requested":
-            live = self._live.get(run_id)
-            if live is not None:
-                live.scope.cancel()
+            # The run's node (this one or another) stops it on the store's notice.
             await self.wait(run_id, CANCEL_WAIT)
         record = await self._record(run_id)
         if record.result is not None and record.result.status != "cancelled":
@@ -364,33 +395,114 @@ class Scheduler:
         if event is not None:
             event.set()
 
+    def _on_notice(self, notice: Notice, run_id: str) -> None:
+        """What the store reports any node did (called on the event loop, so it must not block)."""
+        if notice == "queued":
+            self._queued += 1
+            self._work.release()
+        elif notice == "changed":
+            self._notify(run_id)
+        elif notice == "cancel":
+            live = self._live.get(run_id)
+            if live is not None:
+                live.scope.cancel()
+        elif self._tg is not None:  # reconnected: look for what was missed meanwhile
+            self._tg.start_soon(self._resync)
+
+    async def _resync(self) -> None:
+        """After notices may have been missed: wake every waiter, look for cancels and work."""
+        for run_id in list(self._changed):
+            self._notify(run_id)
+        try:
+            for run_id, live in list(self._live.items()):
+                if await self._store.cancel_requested(run_id):
+                    live.scope.cancel()
+            self._top_up(await self._store.queued())
+        except StoreError as exc:
+            log.warning("could not look for missed changes in the store: %s", exc)
+
+    def _top_up(self, queued: int) -> None:
+        """Give workers a token for each run the store holds queued that no token stands for."""
+        for _ in range(min(queued, self._workers) - self._work.value - self._seeking):
+            self._work.release()
+
+    def _lose(self, run_id: str, live: _LiveRun, why: str) -> None:
+        """Stop a run this node no longer holds: its container goes at once, nothing more is written."""
+        if live.lost is None:
+            live.lost = why
+            log.warning("lost run %s (%s): stopping its container", run_id, why)
+            live.scope.cancel()
+
+    async def _heartbeat(self) -> None:
+        """Renew this node's leases every third of a lease; stop runs it lost; report others'
+        runs whose lease ran out."""
+        renewed = time.monotonic()
+        while True:
+            held = dict(self._live)
+            began = time.monotonic()
+            try:
+                beat = await self._store.heartbeat(
+                    self.owner, self._lease, [live.fence for live in held.values()]
+                )
+            except StoreError as exc:
+                log.warning("could not renew this node's leases: %s", exc)
+                # Past the lease another node may report these runs; they must not go on unseen.
+                if time.monotonic() - renewed >= self._lease:
+                    why = f"the run store was out of reach for its lease of {self._lease:g} s"
+                    for run_id, live in list(self._live.items()):
+                        self._lose(run_id, live, why)
+            else:
+                renewed = began
+                self.nodes = beat.nodes
+                self._queued = beat.queued
+                for run_id, live in held.items():
+                    # One that ended since the snapshot left ``_live`` before its result was written.
+                    if run_id in self._live and run_id not in beat.held:
+                        self._lose(run_id, live, "its lease ran out and another node reported it ended")
+                self._top_up(beat.queued)
+                try:
+                    for run_id in await self._store.reap(STOPPED_MESSAGE):
+                        log.warning("run %s lost its node (its lease ran out): reported error", run_id)
+                        await self._report(run_id, None, executed=False)
+                except StoreError as exc:
+                    log.warning("could not look for runs whose node stopped: %s", exc)
+            await anyio.sleep(self._lease / 3)
+
     async def _worker(self) -> None:
-        retry = 0.5
+        backoff = Backoff(0.5, RETRY_MAX)
         while True:
             await self._work.acquire()
             if self.draining:
                 self._work.release()
                 return
+            self._seeking += 1
+            seeking = True
             try:
+                # The sandbox first: a node claims a run only when it can start it at once, so
+                # runs go to the nodes with a free sandbox. One left unused goes back to the pool.
                 async with self._leaser.lease() as sandbox:
                     if self.draining:
                         self._work.release()
                         return
-                    claimed = await self._store.claim()
+                    claimed = await self._store.claim(self.owner, self._lease)
+                    self._seeking -= 1
+                    seeking = False
                     if claimed is not None:
                         self._queued -= 1
-                        await self._execute(claimed[0], claimed[1], sandbox)
-                retry = 0.5
+                        await self._execute(claimed, sandbox)
+                backoff.reset()
             except (PoolUnavailable, StoreError, *SANDBOX_FAILURES) as exc:
                 # The run (if any was claimed, it was finished) stays queued for the next try.
                 self._work.release()
-                log.warning("no sandbox for the next queued run (retrying in %.1f s): %s", retry, exc)
-                await anyio.sleep(retry)
-                retry = min(retry * 2, RETRY_MAX)
+                log.warning("no sandbox for the next queued run (retrying in %.1f s): %s", backoff.delay, exc)
+                await backoff.sleep()
+            finally:
+                if seeking:
+                    self._seeking -= 1
 
-    async def _execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox) -> None:
-        live = self._live[run_id] = _LiveRun(self._runner.output(spec))
-        self._notify(run_id)
+    async def _execute(self, claim: Claim, sandbox: Sandbox) -> None:
+        run_id, spec = claim.fence.run_id, claim.spec
+        live = self._live[run_id] = _LiveRun(claim.fence, self._runner.output(spec))
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._tend, run_id, live)
@@ -401,18 +513,21 @@ class Scheduler:
                         log.exception("run %s failed inside warmpod", run_id)
                         result = live.ended(run_id, "error", "internal error; see the server log")
                 tg.cancel_scope.cancel()
-            if live.scope.cancelled_caught:
+            if live.scope.cancelled_caught and live.lost is None:
                 result = live.ended(run_id, "cancelled", None)
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
-                await self._finish(
-                    run_id, live.ended(run_id, "error", "the server stopped before the run ended"), live
-                )
+                if live.lost is None:
+                    await self._finish(
+                        run_id, live.ended(run_id, "error", "the server stopped before the run ended"), live
+                    )
             raise
         finally:
             del self._live[run_id]
             if not self._live:
                 self._quiet.set()
+        if live.lost is not None:
+            return  # another node reported it; the sandbox is destroyed as the lease ends
         with anyio.CancelScope(shield=True):
             await self._finish(run_id, result, live)
 
@@ -423,25 +538,31 @@ class Scheduler:
         chunks = live.output.take()
         listed = {f.path for f in result.files}
         files = [(f.path, bytes(f.data)) for f in live.output.files.complete if f.path in listed]
-        delay = 0.5
+        result = msgspec.structs.replace(result, node=self.owner.node)
+        backoff = Backoff(0.5, RETRY_MAX)
         while True:
             try:
-                recorded = await self._store.finish(run_id, result, chunks, files)
+                recorded = await self._store.finish(run_id, result, chunks, files, fence=live.fence)
                 break
             except StoreError as exc:
                 if self.draining:
                     # Not reported here: the next start reports it, as it records it.
                     log.error("could not record the result of run %s before stopping: %s", run_id, exc)
-                    recorded = False
-                    break
+                    return
                 log.warning(
-                    "could not record the result of run %s (retrying in %.1f s): %s", run_id, delay, exc
+                    "could not record the result of run %s (retrying in %.1f s): %s",
+                    run_id,
+                    backoff.delay,
+                    exc,
                 )
-                await anyio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX)
-        self._notify(run_id)
+                await backoff.sleep()
         if recorded:
             await self._report(run_id, result, executed=True)
+        else:
+            log.warning(
+                "lost run %s: its lease ran out before its result was written; another node reported it",
+                run_id,
+            )
 
     async def _report(self, run_id: str, result: RunResult | None, *, executed: bool) -> None:
         """Count and log a run the store has just made final (once per run, however it ended):
@@ -469,39 +590,32 @@ class Scheduler:
                 "queue_ms": None if queue_wait is None else round(queue_wait * 1000, 1),
                 "limits_hit": list(result.limits_hit),
                 "key": None if record is None else record.key,
+                "node": result.node,
             },
         )
 
     async def _tend(self, run_id: str, live: _LiveRun) -> None:
-        """While a run executes: move its output to the store and look for a cancel flag."""
-        # Not at once: a cancel on this node stops the run directly; the flag is for other nodes.
-        next_poll = time.monotonic() + CANCEL_POLL
+        """While a run executes: move its output to the store, as long as this node holds the run."""
         while True:
             chunks = live.output.take()
             if chunks:
                 # Shielded: chunks taken from ``live`` must reach the store even if the run ends now.
                 with anyio.CancelScope(shield=True):
                     try:
-                        await self._store.add_output(run_id, chunks)
+                        held = await self._store.add_output(live.fence, chunks)
                     except StoreError:
+                        # The run goes on (its result keeps all of its output); so does the service.
                         log.exception("could not keep the output of run %s", run_id)
-                self._notify(run_id)
-            if time.monotonic() >= next_poll:
-                next_poll = time.monotonic() + CANCEL_POLL
-                # A store failure here must not escape the run's task group (as an ExceptionGroup
-                # no handler catches, it ended the service): the run goes on, the flag is polled again.
-                try:
-                    if await self._store.cancel_requested(run_id):
-                        live.scope.cancel()
-                except StoreError:
-                    log.exception("could not look for a cancel of run %s", run_id)
+                    else:
+                        if not held:
+                            self._lose(run_id, live, "another node reported it ended: its lease ran out")
             await anyio.sleep(FLUSH_INTERVAL)
 
     async def _purge(self) -> None:
         retention = self._settings.retention
         while True:
             try:
-                purged = await self._store.purge(time.time() - retention)
+                purged = await self._store.purge(retention)
             except StoreError:
                 log.exception("could not purge expired runs")
             else:

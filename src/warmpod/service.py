@@ -16,7 +16,8 @@ import anyio
 from warmpod import host, image, podman_service
 from warmpod.enforcement import check, enforcement
 from warmpod.errors import EngineError, ImageError
-from warmpod.models import Environment, Health, LimitEnforcement, PoolCounts, QueueCounts
+from warmpod.models import Environment, Health, LimitEnforcement, NodeInfo, PoolCounts, QueueCounts
+from warmpod.pgstore import PostgresStore
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.runtime import EngineInfo, Runtime
@@ -24,7 +25,7 @@ from warmpod.sandbox import USERNS_SIZE
 from warmpod.scheduler import Scheduler
 from warmpod.selftest import self_test
 from warmpod.settings import Settings
-from warmpod.store import SqliteStore, default_path
+from warmpod.store import SqliteStore, Store, default_path
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,20 @@ class Service:
             last_error=stats.last_error,
             preload=list(self.settings.pool.preload),
             preload_failed=stats.preload_failed,
+            node=NodeInfo(name=self.scheduler.owner.node, incarnation=self.scheduler.owner.incarnation),
+            nodes=self.scheduler.nodes,
         )
+
+
+async def open_store(settings: Settings) -> Store:
+    """The store the settings name: PostgreSQL at ``queue.store_url``, else the SQLite file.
+
+    Raises:
+        StoreError: it cannot be opened.
+    """
+    if settings.queue.store_url:
+        return await PostgresStore.open(settings.queue.store_url)
+    return await SqliteStore.open(Path(settings.queue.store_path or default_path()))
 
 
 def own_user_namespaces(settings: Settings, *, rootless: bool) -> bool:
@@ -132,7 +146,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     can_limit=info.can_limit,
                     userns=userns,
                 )
-                store = await SqliteStore.open(Path(settings.queue.store_path or default_path()))
+                store = await open_store(settings)
                 try:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(podman.keep_alive)
@@ -144,7 +158,9 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                         )
                         log.info("self-test passed: no network, read-only root, non-root, limits on")
                         workers = settings.queue.workers or settings.pool.bounds[1]
-                        scheduler = Scheduler(store, pool, runner, settings.queue, workers, settings.files)
+                        scheduler = Scheduler(
+                            store, pool, runner, settings.queue, workers, settings.files, settings.node
+                        )
                         await tg.start(scheduler.run)
                         yield Service(settings, ref, info, pool, runner, scheduler, environment)
                         await scheduler.drain(settings.server.shutdown_grace)

@@ -144,6 +144,10 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
 class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """The durable queue and run records."""
 
+    store_url: str = ""
+    """``postgresql://USER@HOST/DB``: the queue and results live in PostgreSQL, shared by every
+    node given the same URL; empty keeps them in the SQLite file of ``store_path``, for one node
+    (``WARMPOD_QUEUE__STORE_URL``)."""
     store_path: str = ""
     """SQLite file holding the queue and the results; empty means
     ``$XDG_STATE_HOME/warmpod/runs.sqlite3`` (``~/.local/state/...``) (``WARMPOD_QUEUE__STORE_PATH``)."""
@@ -156,6 +160,19 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     wait_timeout: Seconds = 300.0
     """How long a blocking request waits for its result before it is answered 202 with the run's
     status URL (``WARMPOD_QUEUE__WAIT_TIMEOUT``)."""
+
+
+class NodeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """This server as one node of a shared queue."""
+
+    name: str = ""
+    """The node's name in results, logs and ``/health``; empty means the host name. Nodes sharing
+    a store need distinct names: a node that starts reports its own name's earlier runs as
+    stopped (``WARMPOD_NODE__NAME``)."""
+    lease: Annotated[float, Meta(ge=1, le=3600)] = 15.0
+    """Seconds a claimed run stays this node's without a heartbeat, renewed every third of it by
+    the store's clock; past it another node reports the run ``error`` and this one, should it
+    wake, stops the run's container (``WARMPOD_NODE__LEASE``)."""
 
 
 class LimitSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -213,6 +230,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     image: ImageSettings = msgspec.field(default_factory=ImageSettings)
     pool: PoolSettings = msgspec.field(default_factory=PoolSettings)
     queue: QueueSettings = msgspec.field(default_factory=QueueSettings)
+    node: NodeSettings = msgspec.field(default_factory=NodeSettings)
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     files: FileSettings = msgspec.field(default_factory=FileSettings)
 

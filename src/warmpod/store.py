@@ -1,4 +1,5 @@
-"""Durable run records, their output and the queue: the ``Store`` interface and its SQLite default."""
+"""Durable run records, their output and the queue: the ``Store`` interface and its SQLite default
+(``pgstore`` has the PostgreSQL one that several nodes share)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,19 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 import msgspec
+from anyio.abc import TaskStatus
 
 from warmpod.errors import StoreError
-from warmpod.models import RunResult, RunSpec, RunStatus
+from warmpod.models import NodeSeen, RunResult, RunSpec, RunStatus
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+B = TypeVar("B", RunSpec, RunResult)
 Stream = Literal["stdout", "stderr"]
 CancelOutcome = Literal["cancelled", "requested", "finished", "unknown"]
 
@@ -50,14 +53,67 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     finished: float | None
     result: RunResult | None
     """Set once the run is final."""
+    node: str | None = None
+    """The node that claimed it; None while it waits."""
+
+
+class Owner(msgspec.Struct, frozen=True, kw_only=True):
+    """A node as the store knows it: its name and the id of this start of it."""
+
+    node: str
+    incarnation: str
+
+
+class Fence(msgspec.Struct, frozen=True, kw_only=True):
+    """The proof a claim gives: every later write of the run carries it, and one that no longer
+    matches the run's owner and attempt changes nothing, so a node that lost the run finds out."""
+
+    run_id: str
+    incarnation: str
+    attempt: int
+
+
+class Claim(msgspec.Struct, frozen=True, kw_only=True):
+    """A queued run this node now holds, under a lease."""
+
+    fence: Fence
+    spec: RunSpec
+
+
+class Beat(msgspec.Struct, frozen=True, kw_only=True):
+    """What a heartbeat learns: which of the node's runs it still holds, how many runs wait, and
+    the nodes seen alive."""
+
+    held: frozenset[str]
+    queued: int
+    nodes: list[NodeSeen]
+
+
+Notice = Literal["queued", "changed", "cancel", "reconnected"]
+"""What ``listen`` reports, with a run id: a run was queued; a run changed (claimed, output,
+final); a running run was asked to stop; or, with no id, notices may have been missed."""
 
 
 class Store(Protocol):
-    """Where runs wait and results stay; everything several warmpod nodes would share lives here.
+    """Where runs wait and results stay; everything several warmpod nodes share lives here.
 
-    Implementations must make ``claim`` hand each queued run to exactly one caller, and ``finish``
-    final exactly once: the first final status written wins.
+    Implementations must make ``claim`` hand each queued run to exactly one caller, accept a
+    fenced write only from the run's current owner and attempt, and make ``finish`` final
+    exactly once: the first final status written wins. Times are the store's clock.
     """
+
+    async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
+        """At start: register ``owner``, and make runs its node's earlier starts held ``error``
+        with ``message`` (``{node}`` filled in) and their output; return their ids.
+
+        Raises:
+            StoreError: another start of a node of the same name is alive.
+        """
+        ...
+
+    async def leave(self, owner: Owner) -> None:
+        """At a clean stop: drop ``owner`` from the nodes seen alive."""
+        ...
 
     async def add(
         self,
@@ -76,16 +132,26 @@ class Store(Protocol):
         """How many runs wait."""
         ...
 
-    async def claim(self) -> tuple[str, RunSpec] | None:
-        """Mark the oldest queued run running and return it; None when none waits."""
+    async def claim(self, owner: Owner, lease: float) -> Claim | None:
+        """Give the oldest queued run to ``owner`` for ``lease`` seconds; None when none waits."""
         ...
 
-    async def requeue(self, run_id: str) -> None:
+    async def release(self, fence: Fence) -> None:
         """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
         ...
 
-    async def add_output(self, run_id: str, chunks: Sequence[Chunk]) -> None:
-        """Keep more of a running run's output."""
+    async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
+        """Renew the leases of the runs ``owner`` holds by ``fences`` for ``lease`` seconds and
+        record that it is alive."""
+        ...
+
+    async def reap(self, message: str) -> list[str]:
+        """Make runs whose lease ran out ``error`` with ``message`` (``{node}``: their node's name)
+        and the output they had printed; return their ids. They are never queued again."""
+        ...
+
+    async def add_output(self, fence: Fence, chunks: Sequence[Chunk]) -> bool:
+        """Keep more of a running run's output; False, keeping nothing, if ``fence`` lost the run."""
         ...
 
     async def finish(
@@ -94,9 +160,12 @@ class Store(Protocol):
         result: RunResult,
         chunks: Sequence[Chunk] = (),
         files: Sequence[tuple[str, bytes]] = (),
+        *,
+        fence: Fence | None = None,
     ) -> bool:
         """Record the run's last output, final result and ``(path, content)`` of the files it
-        left (those ``result.files`` lists); False, keeping nothing, if it was already final."""
+        left (those ``result.files`` lists); False, keeping nothing, if it was already final or
+        ``fence`` lost it. Without a fence (a run that never started) any owner's run is ended."""
         ...
 
     async def file(self, run_id: str, path: str) -> bytes | None:
@@ -123,12 +192,17 @@ class Store(Protocol):
         """Whether ``cancel`` flagged this running run."""
         ...
 
-    async def recover(self, message: str) -> list[str]:
-        """At start: runs left ``running`` by a server that died become ``error`` with ``message``."""
+    async def purge(self, retention: float) -> int:
+        """Delete runs that ended more than ``retention`` seconds ago; return how many."""
         ...
 
-    async def purge(self, finished_before: float) -> int:
-        """Delete runs that ended before ``finished_before``; return how many."""
+    async def listen(
+        self,
+        notice: Callable[[Notice, str], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``notice`` for every change any node makes, until cancelled."""
         ...
 
     async def aclose(self) -> None:
@@ -136,36 +210,90 @@ class Store(Protocol):
         ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    n INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    status TEXT NOT NULL,
-    spec BLOB,
-    result BLOB,
-    created REAL NOT NULL,
-    started REAL,
-    finished REAL,
-    cancel INTEGER NOT NULL DEFAULT 0,
-    key TEXT
-);
-CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, n);
-CREATE INDEX IF NOT EXISTS runs_by_finished ON runs (finished) WHERE finished IS NOT NULL;
-CREATE TABLE IF NOT EXISTS output (
-    run_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    stream TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (run_id, seq)
-) WITHOUT ROWID;
--- A rowid table: the rows are large (SQLite advises WITHOUT ROWID only for small ones).
-CREATE TABLE IF NOT EXISTS files (
-    run_id TEXT NOT NULL,
-    path TEXT NOT NULL,
-    data BLOB NOT NULL,
-    UNIQUE (run_id, path)
-);
-"""
+def encode_blob(value: RunSpec | RunResult) -> bytes:
+    """A spec or result as stored: ``[BLOB_VERSION, value]`` in msgpack."""
+    return msgspec.msgpack.encode((BLOB_VERSION, value))
+
+
+def decode_blob(raw: bytes, kind: type[B]) -> B:
+    """The value ``encode_blob`` stored, or that a store before blob versions did (a bare map).
+
+    Raises:
+        msgspec.DecodeError: not one this version can read.
+    """
+    if raw[:1] != b"\x92":  # no fixarray of two: a bare struct of before versions
+        return msgspec.msgpack.decode(raw, type=kind)
+    version, value = msgspec.msgpack.decode(raw, type=tuple[int, msgspec.Raw])
+    if version > BLOB_VERSION:
+        raise msgspec.DecodeError(f"stored by a newer warmpod (blob version {version} > {BLOB_VERSION})")
+    return msgspec.msgpack.decode(value, type=kind)
+
+
+def run_ended(run_id: str, node: str | None, message: str, chunks: Iterable[tuple[str, bytes]]) -> RunResult:
+    """The ``error`` result of a run its node stopped holding, with the output it had printed."""
+    stdout, stderr = joined(chunks)
+    return RunResult.from_server(
+        run_id,
+        "error",
+        stdout=stdout,
+        stderr=stderr,
+        error=message.format(node=node or "?"),
+        node=node,
+    )
+
+
+# Each step takes a store from the version before it (PRAGMA user_version) to its own number.
+_MIGRATIONS = (
+    # 1: runs, their output and files (stores made before versions begin here, ``key`` aside).
+    """
+    CREATE TABLE IF NOT EXISTS runs (
+        n INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        status TEXT NOT NULL,
+        spec BLOB,
+        result BLOB,
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL,
+        cancel INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, n);
+    CREATE INDEX IF NOT EXISTS runs_by_finished ON runs (finished) WHERE finished IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS output (
+        run_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        stream TEXT NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;
+    -- A rowid table: the rows are large (SQLite advises WITHOUT ROWID only for small ones).
+    CREATE TABLE IF NOT EXISTS files (
+        run_id TEXT NOT NULL,
+        path TEXT NOT NULL,
+        data BLOB NOT NULL,
+        UNIQUE (run_id, path)
+    );
+    """,
+    # 2: API keys (a store that has the column already got it before versions).
+    "ALTER TABLE runs ADD COLUMN key TEXT;"
+    "CREATE INDEX IF NOT EXISTS runs_by_key ON runs (key, status) WHERE key IS NOT NULL;",
+    # 3: nodes, claims under a lease, fencing.
+    """
+    ALTER TABLE runs ADD COLUMN node TEXT;
+    ALTER TABLE runs ADD COLUMN incarnation TEXT;
+    ALTER TABLE runs ADD COLUMN attempt INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN lease_until REAL;
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        incarnation TEXT NOT NULL,
+        seen REAL NOT NULL,
+        running INTEGER NOT NULL DEFAULT 0
+    );
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+BLOB_VERSION = 1
+"""Of the msgpack specs and results in a store: ``decode_blob`` reads this one and older."""
 
 
 def default_path() -> Path:
@@ -175,24 +303,27 @@ def default_path() -> Path:
 
 
 class SqliteStore:
-    """The embedded store: one SQLite file in WAL mode, owned by one server at a time.
+    """The embedded store: one SQLite file in WAL mode, owned by one node at a time.
 
     Every call runs in a worker thread, one at a time, so the event loop never waits on the disk.
     WAL with ``synchronous=NORMAL`` survives the server being killed at any point (not a power loss
     between checkpoints: the operator can set ``PRAGMA synchronous=FULL`` on the file if that matters).
+    Notices come from this process's own calls: no other node writes the file.
     """
 
     def __init__(self, connection: sqlite3.Connection, lock: int) -> None:
         self._db = connection
         self._lock = lock
         self._limiter = anyio.CapacityLimiter(1)
+        self._listeners: list[Callable[[Notice, str], None]] = []
 
     @classmethod
     async def open(cls, path: Path) -> SqliteStore:
-        """Open (or create) the store at ``path``.
+        """Open (or create, or migrate) the store at ``path``.
 
         Raises:
-            StoreError: the file cannot be opened, or another warmpod server holds it.
+            StoreError: the file cannot be opened, another warmpod server holds it, or a newer
+                warmpod made it.
         """
         return await anyio.to_thread.run_sync(cls._open, path)
 
@@ -209,19 +340,17 @@ class SqliteStore:
             os.close(lock)
             raise StoreError(
                 f"another warmpod server uses the run store {path}: give each server its own "
-                "WARMPOD_QUEUE__STORE_PATH"
+                "WARMPOD_QUEUE__STORE_PATH, or share a PostgreSQL store (WARMPOD_QUEUE__STORE_URL)"
             ) from None
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
-            # A store made before API keys: its runs belong to no key.
-            if "key" not in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
-                db.execute("ALTER TABLE runs ADD COLUMN key TEXT")
-            db.execute("CREATE INDEX IF NOT EXISTS runs_by_key ON runs (key, status) WHERE key IS NOT NULL")
-        except sqlite3.Error as exc:
+            _migrate(db, path)
+        except (sqlite3.Error, StoreError) as exc:
             os.close(lock)
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"cannot open the run store {path}: {exc}") from exc
         return cls(db, lock)
 
@@ -234,6 +363,46 @@ class SqliteStore:
 
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)
 
+    def _notify(self, notice: Notice, run_id: str) -> None:
+        for listener in self._listeners:
+            listener(notice, run_id)
+
+    async def listen(
+        self,
+        notice: Callable[[Notice, str], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``notice`` for every change made through this store, until cancelled."""
+        self._listeners.append(notice)
+        try:
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            self._listeners.remove(notice)
+
+    async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
+        """At start: register ``owner``; every run left running is its own earlier start's (one
+        node holds the file), so each becomes ``error`` with ``message`` and its output."""
+
+        def join(db: sqlite3.Connection) -> list[str]:
+            with _transaction(db):
+                db.execute("DELETE FROM nodes")
+                db.execute(
+                    "INSERT INTO nodes (name, incarnation, seen) VALUES (?, ?, ?)",
+                    (owner.node, owner.incarnation, time.time()),
+                )
+                rows = db.execute("SELECT id, node FROM runs WHERE status = 'running'").fetchall()
+                return [_end_lost(db, run_id, node, message) for run_id, node in rows]
+
+        return await self._call(join)
+
+    async def leave(self, owner: Owner) -> None:
+        """At a clean stop: drop ``owner`` from the nodes seen alive."""
+        await self._call(
+            lambda db: db.execute("DELETE FROM nodes WHERE incarnation = ?", (owner.incarnation,))
+        )
+
     async def add(
         self,
         run_id: str,
@@ -245,7 +414,7 @@ class SqliteStore:
     ) -> Added:
         """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
         ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running."""
-        blob = msgspec.msgpack.encode(spec)
+        blob = encode_blob(spec)
 
         def add(db: sqlite3.Connection) -> Added:
             # One call at a time on the one connection: the counts and the insert cannot interleave.
@@ -262,60 +431,115 @@ class SqliteStore:
             )
             return "added" if cursor.rowcount == 1 else "queue-full"
 
-        return await self._call(add)
+        added = await self._call(add)
+        if added == "added":
+            self._notify("queued", run_id)
+        return added
 
     async def queued(self) -> int:
         """How many runs wait."""
+        return await self._call(_count_queued)
 
-        def count(db: sqlite3.Connection) -> int:
-            row = db.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
-            return int(row[0])
+    async def claim(self, owner: Owner, lease: float) -> Claim | None:
+        """Give the oldest queued run to ``owner`` for ``lease`` seconds; None when none waits."""
 
-        return await self._call(count)
-
-    async def claim(self) -> tuple[str, RunSpec] | None:
-        """Mark the oldest queued run running and return it; None when none waits."""
-
-        def claim(db: sqlite3.Connection) -> tuple[str, bytes] | None:
-            row = db.execute(
-                "UPDATE runs SET status = 'running', started = ? WHERE n = "
-                "(SELECT n FROM runs WHERE status = 'queued' ORDER BY n LIMIT 1) RETURNING id, spec",
-                (time.time(),),
+        def claim(db: sqlite3.Connection) -> tuple[str, bytes, int] | None:
+            now = time.time()
+            return db.execute(  # type: ignore[no-any-return]
+                "UPDATE runs SET status = 'running', started = ?, node = ?, incarnation = ?, "
+                "attempt = attempt + 1, lease_until = ? WHERE n = "
+                "(SELECT n FROM runs WHERE status = 'queued' ORDER BY n LIMIT 1) "
+                "RETURNING id, spec, attempt",
+                (now, owner.node, owner.incarnation, now + lease),
             ).fetchone()
-            return None if row is None else (row[0], row[1])
 
         while True:
-            claimed = await self._call(claim)
-            if claimed is None:
+            row = await self._call(claim)
+            if row is None:
                 return None
-            run_id, raw = claimed
+            run_id, raw, attempt = row
+            self._notify("changed", run_id)
+            fence = Fence(run_id=run_id, incarnation=owner.incarnation, attempt=attempt)
             try:
-                return run_id, msgspec.msgpack.decode(raw, type=RunSpec)
+                return Claim(fence=fence, spec=decode_blob(raw, RunSpec))
             except msgspec.DecodeError as exc:
-                # Queued runs outlive restarts: one row this version cannot read must end, or it
-                # would stop every start; the rest of the queue goes on.
-                log.error("queued run %s cannot be read from the store: %s", run_id, exc)
-                message = f"the queued run could not be read from the run store: {exc}"
-                await self.finish(run_id, RunResult.from_server(run_id, "error", error=message))
+                await unreadable(self, fence, exc)
 
-    async def requeue(self, run_id: str) -> None:
+    async def release(self, fence: Fence) -> None:
         """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
-        await self._call(
-            lambda db: db.execute(
-                "UPDATE runs SET status = 'queued', started = NULL WHERE id = ? AND status = 'running'",
-                (run_id,),
-            )
-        )
 
-    async def add_output(self, run_id: str, chunks: Sequence[Chunk]) -> None:
-        """Keep more of a running run's output."""
-        rows = [(run_id, chunk.seq, chunk.stream, chunk.data) for chunk in chunks]
+        def release(db: sqlite3.Connection) -> int:
+            return db.execute(
+                "UPDATE runs SET status = 'queued', started = NULL, node = NULL, incarnation = NULL, "
+                "lease_until = NULL WHERE id = ? AND status = 'running' AND incarnation = ? AND attempt = ?",
+                (fence.run_id, fence.incarnation, fence.attempt),
+            ).rowcount
 
-        def add(db: sqlite3.Connection) -> None:
-            db.executemany("INSERT OR IGNORE INTO output VALUES (?, ?, ?, ?)", rows)
+        if await self._call(release):
+            self._notify("queued", fence.run_id)
 
-        if rows:
-            await self._call(add)
+    async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
+        """Renew the leases of the runs ``owner`` holds by ``fences`` and record it alive."""
+
+        def beat(db: sqlite3.Connection) -> Beat:
+            now = time.time()
+            held = set()
+            with _transaction(db):
+                for fence in fences:
+                    cursor = db.execute(
+                        "UPDATE runs SET lease_until = ? WHERE id = ? AND status = 'running' "
+                        "AND incarnation = ? AND attempt = ?",
+                        (now + lease, fence.run_id, fence.incarnation, fence.attempt),
+                    )
+                    if cursor.rowcount:
+                        held.add(fence.run_id)
+                db.execute(
+                    "INSERT INTO nodes (name, incarnation, seen, running) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
+                    "seen = excluded.seen, running = excluded.running",
+                    (owner.node, owner.incarnation, now, len(held)),
+                )
+                nodes = [
+                    NodeSeen(name=name, incarnation=inc, seen_ago=max(0.0, now - seen), running=running)
+                    for name, inc, seen, running in db.execute(
+                        "SELECT name, incarnation, seen, running FROM nodes WHERE seen > ? ORDER BY name",
+                        (now - lease,),
+                    )
+                ]
+                return Beat(held=frozenset(held), queued=_count_queued(db), nodes=nodes)
+
+        return await self._call(beat)
+
+    async def reap(self, message: str) -> list[str]:
+        """Make runs whose lease ran out ``error`` with ``message`` and their output."""
+
+        def reap(db: sqlite3.Connection) -> list[str]:
+            with _transaction(db):
+                rows = db.execute(
+                    "SELECT id, node FROM runs WHERE status = 'running' AND lease_until < ?", (time.time(),)
+                ).fetchall()
+                return [_end_lost(db, run_id, node, message) for run_id, node in rows]
+
+        reaped = await self._call(reap)
+        for run_id in reaped:
+            self._notify("changed", run_id)
+        return reaped
+
+    async def add_output(self, fence: Fence, chunks: Sequence[Chunk]) -> bool:
+        """Keep more of a running run's output; False, keeping nothing, if ``fence`` lost the run."""
+        rows = [(fence.run_id, chunk.seq, chunk.stream, chunk.data) for chunk in chunks]
+
+        def add(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                if not _holds(db, fence):
+                    return False
+                db.executemany("INSERT OR IGNORE INTO output VALUES (?, ?, ?, ?)", rows)
+                return True
+
+        held = await self._call(add)
+        if held and rows:
+            self._notify("changed", fence.run_id)
+        return held
 
     async def finish(
         self,
@@ -323,27 +547,34 @@ class SqliteStore:
         result: RunResult,
         chunks: Sequence[Chunk] = (),
         files: Sequence[tuple[str, bytes]] = (),
+        *,
+        fence: Fence | None = None,
     ) -> bool:
         """Record the run's last output, final result and ``(path, content)`` of the files it
-        left (those ``result.files`` lists); False, keeping nothing, if it was already final."""
+        left; False, keeping nothing, if it was already final or ``fence`` lost it."""
         rows = [(run_id, chunk.seq, chunk.stream, chunk.data) for chunk in chunks]
         file_rows = [(run_id, path, data) for path, data in files]
-        blob = msgspec.msgpack.encode(result)
+        blob = encode_blob(result)
 
         def finish(db: sqlite3.Connection) -> bool:
             with _transaction(db):
-                db.executemany("INSERT OR IGNORE INTO output VALUES (?, ?, ?, ?)", rows)
+                if fence is not None and not _holds(db, fence):
+                    return False
                 cursor = db.execute(
-                    "UPDATE runs SET status = ?, result = ?, finished = ?, spec = NULL "
+                    "UPDATE runs SET status = ?, result = ?, finished = ?, spec = NULL, lease_until = NULL "
                     "WHERE id = ? AND status IN ('queued', 'running')",
                     (result.status, blob, time.time(), run_id),
                 )
                 if cursor.rowcount != 1:
                     return False
+                db.executemany("INSERT OR IGNORE INTO output VALUES (?, ?, ?, ?)", rows)
                 db.executemany("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", file_rows)
                 return True
 
-        return await self._call(finish)
+        finished = await self._call(finish)
+        if finished:
+            self._notify("changed", run_id)
+        return finished
 
     async def file(self, run_id: str, path: str) -> bytes | None:
         """The content of a file the run left, or None."""
@@ -370,27 +601,14 @@ class SqliteStore:
     async def get(self, run_id: str) -> Record | None:
         """The run's record, or None for an id never stored (or purged)."""
 
-        def get(
-            db: sqlite3.Connection,
-        ) -> tuple[RunStatus, str | None, float, float | None, float | None, bytes | None] | None:
+        def get(db: sqlite3.Connection) -> tuple[Any, ...] | None:
             return db.execute(  # type: ignore[no-any-return]
-                "SELECT status, key, created, started, finished, result FROM runs WHERE id = ?", (run_id,)
+                "SELECT status, key, created, started, finished, result, node FROM runs WHERE id = ?",
+                (run_id,),
             ).fetchone()
 
         row = await self._call(get)
-        if row is None:
-            return None
-        status, key, created, started, finished, blob = row
-        result = None if blob is None else msgspec.msgpack.decode(blob, type=RunResult)
-        return Record(
-            id=run_id,
-            status=status,
-            key=key,
-            created=created,
-            started=started,
-            finished=finished,
-            result=result,
-        )
+        return None if row is None else record(run_id, *row)
 
     async def output(self, run_id: str, after: int = -1) -> list[Chunk]:
         """The run's output chunks with ``seq`` above ``after``, in order."""
@@ -401,15 +619,11 @@ class SqliteStore:
                 (run_id, after),
             ).fetchall()
 
-        rows = await self._call(output)
-        return [
-            Chunk(seq=seq, stream="stderr" if stream == "stderr" else "stdout", data=data)
-            for seq, stream, data in rows
-        ]
+        return chunks(await self._call(output))
 
     async def cancel(self, run_id: str, result: RunResult) -> CancelOutcome:
         """Cancel a queued run (it becomes ``result``) or flag a running one to be stopped."""
-        blob = msgspec.msgpack.encode(result)
+        blob = encode_blob(result)
 
         def cancel(db: sqlite3.Connection) -> CancelOutcome:
             with _transaction(db):
@@ -428,7 +642,12 @@ class SqliteStore:
                     return "requested"
                 return "finished"
 
-        return await self._call(cancel)
+        outcome = await self._call(cancel)
+        if outcome == "cancelled":
+            self._notify("changed", run_id)
+        elif outcome == "requested":
+            self._notify("cancel", run_id)
+        return outcome
 
     async def cancel_requested(self, run_id: str) -> bool:
         """Whether ``cancel`` flagged this running run."""
@@ -439,38 +658,17 @@ class SqliteStore:
 
         return await self._call(flagged)
 
-    async def recover(self, message: str) -> list[str]:
-        """At start: runs left ``running`` by a server that died become ``error`` with ``message``."""
-
-        def recover(db: sqlite3.Connection) -> list[str]:
-            with _transaction(db):
-                ids = [row[0] for row in db.execute("SELECT id FROM runs WHERE status = 'running'")]
-                for run_id in ids:
-                    stdout, stderr = joined(
-                        db.execute("SELECT stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
-                    )
-                    result = RunResult.from_server(
-                        run_id, "error", stdout=stdout, stderr=stderr, error=message
-                    )
-                    db.execute(
-                        "UPDATE runs SET status = 'error', result = ?, finished = ?, spec = NULL "
-                        "WHERE id = ?",
-                        (msgspec.msgpack.encode(result), time.time(), run_id),
-                    )
-                return ids
-
-        return await self._call(recover)
-
-    async def purge(self, finished_before: float) -> int:
-        """Delete runs that ended before ``finished_before``; return how many."""
+    async def purge(self, retention: float) -> int:
+        """Delete runs that ended more than ``retention`` seconds ago; return how many."""
 
         def purge(db: sqlite3.Connection) -> int:
+            before = time.time() - retention
             with _transaction(db):
                 for table in ("output", "files"):
                     # The table name is one of the two literals above, never input.
                     query = f"DELETE FROM {table} WHERE run_id IN (SELECT id FROM runs WHERE finished < ?)"  # noqa: S608
-                    db.execute(query, (finished_before,))
-                return db.execute("DELETE FROM runs WHERE finished < ?", (finished_before,)).rowcount
+                    db.execute(query, (before,))
+                return db.execute("DELETE FROM runs WHERE finished < ?", (before,)).rowcount
 
         return await self._call(purge)
 
@@ -483,6 +681,93 @@ class SqliteStore:
 
         with anyio.CancelScope(shield=True):
             await self._call(close)
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"the run store {path} has schema version {version}, made by a newer warmpod "
+            f"(this one reads up to {SCHEMA_VERSION})"
+        )
+    columns = {row[1] for row in db.execute("PRAGMA table_info(runs)")}
+    for number, script in enumerate(_MIGRATIONS, start=1):
+        if number <= version:
+            continue
+        if number == 2 and "key" in columns:  # added on open before stores had versions
+            script = "CREATE INDEX IF NOT EXISTS runs_by_key ON runs (key, status) WHERE key IS NOT NULL;"
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in filter(str.strip, script.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+
+def _count_queued(db: sqlite3.Connection) -> int:
+    (count,) = db.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
+    return int(count)
+
+
+def _holds(db: sqlite3.Connection, fence: Fence) -> bool:
+    row = db.execute(
+        "SELECT 1 FROM runs WHERE id = ? AND status = 'running' AND incarnation = ? AND attempt = ?",
+        (fence.run_id, fence.incarnation, fence.attempt),
+    ).fetchone()
+    return row is not None
+
+
+def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: str) -> str:
+    output = db.execute("SELECT stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
+    result = run_ended(run_id, node, message, output)
+    db.execute(
+        "UPDATE runs SET status = 'error', result = ?, finished = ?, spec = NULL, lease_until = NULL "
+        "WHERE id = ?",
+        (encode_blob(result), time.time(), run_id),
+    )
+    return run_id
+
+
+async def unreadable(store: Store, fence: Fence, exc: msgspec.DecodeError) -> None:
+    """End a claimed run whose spec this version cannot read: queued runs outlive restarts and
+    upgrades, and one such row must not stop every start; the rest of the queue goes on."""
+    log.error("queued run %s cannot be read from the store: %s", fence.run_id, exc)
+    message = f"the queued run could not be read from the run store: {exc}"
+    await store.finish(fence.run_id, RunResult.from_server(fence.run_id, "error", error=message), fence=fence)
+
+
+def record(
+    run_id: str,
+    status: RunStatus,
+    key: str | None,
+    created: float,
+    started: float | None,
+    finished: float | None,
+    blob: bytes | None,
+    node: str | None,
+) -> Record:
+    """A run's record from its stored row."""
+    return Record(
+        id=run_id,
+        status=status,
+        key=key,
+        created=created,
+        started=started,
+        finished=finished,
+        result=None if blob is None else decode_blob(bytes(blob), RunResult),
+        node=node,
+    )
+
+
+def chunks(rows: Iterable[tuple[int, str, bytes]]) -> list[Chunk]:
+    """Output chunks from stored ``(seq, stream, data)`` rows."""
+    return [
+        Chunk(seq=seq, stream="stderr" if stream == "stderr" else "stdout", data=bytes(data))
+        for seq, stream, data in rows
+    ]
 
 
 @contextlib.contextmanager

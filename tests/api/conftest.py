@@ -21,6 +21,7 @@ from apitest import (
     INLINE,
     MAX_BODY,
     MAX_QUEUED,
+    NODE,
     POOL_SIZE,
 )
 from fakes import FakeLeaser, NoEngine, RecordingRunner
@@ -44,6 +45,7 @@ def settings() -> Settings:
         server={"max_body_bytes": MAX_BODY},
         pool={"size": POOL_SIZE},
         queue={"max_queued": MAX_QUEUED},
+        node={"name": NODE},
         files={
             "in_count": IN_COUNT,
             "in_file_bytes": IN_FILE_BYTES,
@@ -91,7 +93,13 @@ def app(settings: Settings, service: Service, leaser: FakeLeaser, tmp_path: Path
         try:
             async with anyio.create_task_group() as tg:
                 scheduler = Scheduler(
-                    store, leaser, service.runner, settings.queue, workers=POOL_SIZE, files=settings.files
+                    store,
+                    leaser,
+                    service.runner,
+                    settings.queue,
+                    workers=POOL_SIZE,
+                    files=settings.files,
+                    node=settings.node,
                 )
                 service.scheduler = scheduler
                 await tg.start(scheduler.run)

@@ -7,7 +7,7 @@ import contextlib
 import json
 import re
 import warnings
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import anyio
@@ -20,6 +20,7 @@ from apitest import (
     IN_FILE_BYTES,
     MAX_BODY,
     MAX_QUEUED,
+    NODE,
     POOL_SIZE,
     PROBLEMS,
     assert_problem,
@@ -31,12 +32,13 @@ from litestar.testing import AsyncTestClient
 from warmpod import api
 from warmpod.app import begin_drain, create_app
 from warmpod.errors import StoreError
+from warmpod.limits import RunLimits
 from warmpod.models import RunResult
 from warmpod.protocol import FileChunk, Output
-from warmpod.runner import RunLimits
 from warmpod.scheduler import Scheduler, Update
 from warmpod.service import Service
 from warmpod.settings import Settings
+from warmpod.store import Chunk, Fence
 
 # /run-json/ -------------------------------------------------------------------------------------
 
@@ -63,6 +65,7 @@ async def test_run_json_returns_the_run_result(
         "error": None,
         "files": [],
         "files_truncated": False,
+        "node": NODE,
     }
     assert runner.calls == [(b"print(1)", "é\n".encode(), 2.5)]
 
@@ -379,6 +382,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "error",
         "files",
         "files_truncated",
+        "node",
     }
 
 
@@ -609,15 +613,18 @@ async def test_a_store_failure_during_a_run_does_not_stop_the_service(
     runner: RecordingRunner,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A StoreError while a run executes (the cancel-flag poll) is logged; the run and the service go on."""
+    """A StoreError while a run executes (writing its output) is logged; the run and the service go on."""
 
     polls: list[str] = []
 
-    async def broken(run_id: str) -> bool:
-        polls.append(run_id)
+    async def broken(fence: Fence, chunks: Sequence[Chunk]) -> bool:
+        polls.append(fence.run_id)
         raise StoreError("database is locked")
 
-    monkeypatch.setattr(service.scheduler._store, "cancel_requested", broken)
+    monkeypatch.setattr(service.scheduler._store, "add_output", broken)
+    # Two chunks apart by more than a flush: two writes, both failing.
+    runner.streamed = [Output(stream="stdout", data=b"a"), Output(stream="stdout", data=b"b")]
+    runner.pause = 0.3
     runner.hold = anyio.Event()
     submitted = await client.post("/run-json/", json={"code": "pass", "wait": False})
     assert submitted.status_code == 202, submitted.text

@@ -9,7 +9,7 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-from apitest import MAX_QUEUED, POOL_SIZE
+from apitest import MAX_QUEUED, NODE, POOL_SIZE
 from fakes import CANNED, RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -19,7 +19,7 @@ from warmpod.logs import JsonFormatter
 from warmpod.models import RunSpec
 from warmpod.protocol import Output
 from warmpod.settings import Settings, from_env
-from warmpod.store import SqliteStore
+from warmpod.store import Owner, SqliteStore
 
 CODE = "print('code-marker-91c2')"
 STDIN = "stdin-marker-91c2"
@@ -36,7 +36,9 @@ def secret(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
 def settings(secret: str | None, tmp_path: Path) -> Settings:
     """The API suite's settings, with the keys file on where there is a key."""
     server: dict[str, object] = {} if secret is None else {"api_keys_file": str(tmp_path / "keys")}
-    return from_env({}, server=server, pool={"size": POOL_SIZE}, queue={"max_queued": MAX_QUEUED})
+    return from_env(
+        {}, server=server, pool={"size": POOL_SIZE}, queue={"max_queued": MAX_QUEUED}, node={"name": NODE}
+    )
 
 
 async def test_each_run_logs_one_finished_line_and_nothing_of_its_code(
@@ -91,7 +93,10 @@ async def test_each_run_logs_one_finished_line_and_nothing_of_its_code(
             "queue_ms",
             "limits_hit",
             "key",
+            "node",
         }
+        # Every run but the one cancelled while it waited ran on this node.
+        assert line["node"] == (None if line["status"] == "cancelled" else NODE)
         assert (line["level"], line["logger"], line["event"]) == ("info", "warmpod.scheduler", "run finished")
         assert line["key"] == (None if secret is None else "ops")
         assert line["limits_hit"] == (["memory"] if line["status"] == "failed" else [])
@@ -113,7 +118,7 @@ async def test_a_run_the_last_server_left_executing_is_reported_once_at_start(
     spec = RunSpec(code=CODE.encode(), stdin=b"", timeout=1.0, cpu_time=1, memory_mb=64, max_output_bytes=64)
     key = None if secret is None else "ops"
     await store.add("a" * 32, spec, max_queued=MAX_QUEUED, key=key)
-    assert await store.claim() is not None
+    assert await store.claim(Owner(node="gone", incarnation="gone-1"), 15.0) is not None
     await store.aclose()
     async with AsyncTestClient(app):
         pass

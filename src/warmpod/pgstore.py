@@ -1,0 +1,531 @@
+"""The shared store: runs, their output and the queue in PostgreSQL, for several warmpod nodes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import anyio
+import msgspec
+import psycopg
+import psycopg_pool
+from anyio.abc import TaskStatus
+from psycopg.rows import TupleRow
+
+from warmpod.backoff import Backoff
+from warmpod.errors import StoreError
+from warmpod.models import NodeSeen, RunResult, RunSpec
+from warmpod.store import (
+    Added,
+    Beat,
+    CancelOutcome,
+    Chunk,
+    Claim,
+    Fence,
+    Notice,
+    Owner,
+    Record,
+    chunks,
+    decode_blob,
+    encode_blob,
+    record,
+    run_ended,
+    unreadable,
+)
+
+log = logging.getLogger(__name__)
+
+Connection = psycopg.AsyncConnection[TupleRow]
+# Taken in every transaction that adds a run, so the counts of the queue bound and the key
+# quotas cannot interleave with another node's add (READ COMMITTED sees no uncommitted rows).
+ADD_LOCK: Final = 0x77617270  # "warp"
+# Taken while the schema is created or migrated, so two nodes starting together do it once.
+SCHEMA_LOCK: Final = 0x77617271
+CHANNELS: Final[dict[str, Notice]] = {
+    "warmpod_queued": "queued",
+    "warmpod_changed": "changed",
+    "warmpod_cancel": "cancel",
+}
+CONNECT_TIMEOUT = 5.0
+
+# Each step takes the schema from the version before it (table warmpod_schema) to its own number.
+_MIGRATIONS = (
+    """
+    -- The database's clock in seconds since the epoch: the one clock every node's lease is read by.
+    CREATE FUNCTION warmpod_now() RETURNS float8 LANGUAGE sql VOLATILE
+        AS 'SELECT extract(epoch FROM clock_timestamp())::float8';
+    CREATE TABLE runs (
+        n bigserial PRIMARY KEY,
+        id text NOT NULL UNIQUE,
+        status text NOT NULL,
+        spec bytea,
+        result bytea,
+        created float8 NOT NULL,
+        started float8,
+        finished float8,
+        cancel boolean NOT NULL DEFAULT false,
+        key text,
+        node text,
+        incarnation text,
+        attempt integer NOT NULL DEFAULT 0,
+        lease_until float8
+    );
+    CREATE INDEX runs_queued ON runs (n) WHERE status = 'queued';
+    CREATE INDEX runs_running ON runs (lease_until) WHERE status = 'running';
+    CREATE INDEX runs_active_by_key ON runs (key) WHERE key IS NOT NULL AND status IN ('queued', 'running');
+    CREATE INDEX runs_by_finished ON runs (finished) WHERE finished IS NOT NULL;
+    CREATE TABLE output (
+        run_id text NOT NULL,
+        seq integer NOT NULL,
+        stream text NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    );
+    CREATE TABLE files (
+        run_id text NOT NULL,
+        path text NOT NULL,
+        data bytea NOT NULL,
+        PRIMARY KEY (run_id, path)
+    );
+    CREATE TABLE nodes (
+        name text PRIMARY KEY,
+        incarnation text NOT NULL,
+        seen float8 NOT NULL,
+        running integer NOT NULL DEFAULT 0
+    );
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+class PostgresStore:
+    """The store several nodes share: one PostgreSQL database, through a pool of connections, and
+    one connection of its own per node for LISTEN (a pooled one would lose its notifications)."""
+
+    def __init__(self, url: str, pool: psycopg_pool.AsyncConnectionPool[Connection]) -> None:
+        self._url = url
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str, max_connections: int = 8) -> PostgresStore:
+        """Connect to the database at ``url`` and create or migrate its schema.
+
+        Raises:
+            StoreError: it cannot be reached, or a newer warmpod made its schema.
+        """
+        pool: psycopg_pool.AsyncConnectionPool[Connection] = psycopg_pool.AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_connections,
+            timeout=CONNECT_TIMEOUT,
+            kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
+            open=False,
+        )
+        store = cls(url, pool)
+        try:
+            await pool.open(wait=True, timeout=CONNECT_TIMEOUT * 2)
+            await store._migrate()
+        except (psycopg.Error, psycopg_pool.PoolTimeout, StoreError) as exc:
+            await pool.close()
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(
+                f"cannot open the run store {_safe(url)}: {exc} (WARMPOD_QUEUE__STORE_URL)"
+            ) from exc
+        return store
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Connection]:
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                yield conn
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
+            raise StoreError(f"the run store failed: {exc}") from exc
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
+            await db.execute("CREATE TABLE IF NOT EXISTS warmpod_schema (version integer NOT NULL)")
+            row = await (await db.execute("SELECT max(version) FROM warmpod_schema")).fetchone()
+            version = (row[0] if row else None) or 0
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the run store {_safe(self._url)} has schema version {version}, made by a newer "
+                    f"warmpod (this one reads up to {SCHEMA_VERSION})"
+                )
+            for number, script in enumerate(_MIGRATIONS, start=1):
+                if number > version:
+                    for statement in filter(str.strip, script.split(";")):
+                        await db.execute(statement.encode())
+            if version < SCHEMA_VERSION:
+                await db.execute("DELETE FROM warmpod_schema")
+                await db.execute("INSERT INTO warmpod_schema VALUES (%s)", (SCHEMA_VERSION,))
+
+    async def listen(
+        self,
+        notice: Callable[[Notice, str], None],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Call ``notice`` for every NOTIFY any node sends, on a connection of its own; after a
+        lost connection, ``reconnected`` once it is back, for the caller to look for what it missed."""
+        backoff = Backoff(0.5, 10.0)
+        started = False
+        while True:
+            try:
+                conn = await psycopg.AsyncConnection.connect(
+                    self._url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)
+                )
+                async with conn:
+                    for channel in CHANNELS:
+                        await conn.execute(f"LISTEN {channel}".encode())
+                    backoff.reset()
+                    if started:
+                        notice("reconnected", "")
+                    else:
+                        started = True
+                        task_status.started()
+                    async for note in conn.notifies():
+                        kind = CHANNELS.get(note.channel)
+                        if kind is not None and len(note.payload) <= 64:
+                            notice(kind, note.payload)
+            except psycopg.Error as exc:
+                log.warning("lost the run store's notifications (retrying in %.1f s): %s", backoff.delay, exc)
+            if not started:
+                # Start anyway: a node without notifications still finds work by its heartbeat's poll.
+                started = True
+                task_status.started()
+            await backoff.sleep()
+
+    async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
+        """At start: register ``owner`` and end what its node's earlier starts held.
+
+        Raises:
+            StoreError: a node of the same name with another incarnation is alive.
+        """
+        async with self._transaction() as db:
+            row = await (
+                await db.execute(
+                    "SELECT incarnation, warmpod_now() - seen FROM nodes WHERE name = %s FOR UPDATE",
+                    (owner.node,),
+                )
+            ).fetchone()
+            if row is not None and row[0] != owner.incarnation and row[1] < lease:
+                raise StoreError(
+                    f"another node named {owner.node!r} is alive on this queue (seen {row[1]:.1f} s ago): "
+                    "give each node its own WARMPOD_NODE__NAME"
+                )
+            await db.execute(
+                "INSERT INTO nodes (name, incarnation, seen) VALUES (%s, %s, warmpod_now()) "
+                "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, seen = excluded.seen, "
+                "running = 0",
+                (owner.node, owner.incarnation),
+            )
+            rows = await (
+                await db.execute(
+                    "SELECT id, node FROM runs WHERE status = 'running' AND node = %s AND incarnation <> %s "
+                    "FOR UPDATE",
+                    (owner.node, owner.incarnation),
+                )
+            ).fetchall()
+            return [await _end_lost(db, run_id, node, message) for run_id, node in rows]
+
+    async def leave(self, owner: Owner) -> None:
+        """At a clean stop: drop ``owner`` from the nodes seen alive."""
+        async with self._transaction() as db:
+            await db.execute("DELETE FROM nodes WHERE incarnation = %s", (owner.incarnation,))
+
+    async def add(
+        self,
+        run_id: str,
+        spec: RunSpec,
+        *,
+        max_queued: int,
+        key: str | None = None,
+        max_active: int | None = None,
+    ) -> Added:
+        """Queue a run of ``key``, within the queue bound and the key's quota over every node."""
+        async with self._transaction() as db:
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (ADD_LOCK,))
+            if max_active is not None:
+                active = await _one(
+                    db, "SELECT count(*) FROM runs WHERE key = %s AND status IN ('queued', 'running')", (key,)
+                )
+                if active >= max_active:
+                    return "key-busy"
+            if await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'") >= max_queued:
+                return "queue-full"
+            await db.execute(
+                "INSERT INTO runs (id, status, spec, created, key) "
+                "VALUES (%s, 'queued', %s, warmpod_now(), %s)",
+                (run_id, encode_blob(spec), key),
+            )
+            await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
+        return "added"
+
+    async def queued(self) -> int:
+        """How many runs wait."""
+        async with self._transaction() as db:
+            return await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'")
+
+    async def claim(self, owner: Owner, lease: float) -> Claim | None:
+        """Give the oldest queued run to ``owner``; SKIP LOCKED lets other nodes take the next one."""
+        while True:
+            async with self._transaction() as db:
+                row = await (
+                    await db.execute(
+                        "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "
+                        "incarnation = %s, attempt = attempt + 1, lease_until = warmpod_now() + %s "
+                        "WHERE n = (SELECT n FROM runs WHERE status = 'queued' ORDER BY n LIMIT 1 "
+                        "FOR UPDATE SKIP LOCKED) "
+                        "RETURNING id, spec, attempt",
+                        (owner.node, owner.incarnation, lease),
+                    )
+                ).fetchone()
+                if row is None:
+                    return None
+                await db.execute("SELECT pg_notify('warmpod_changed', %s)", (row[0],))
+            run_id, raw, attempt = row
+            fence = Fence(run_id=run_id, incarnation=owner.incarnation, attempt=attempt)
+            try:
+                return Claim(fence=fence, spec=decode_blob(bytes(raw), RunSpec))
+            except msgspec.DecodeError as exc:
+                await unreadable(self, fence, exc)
+
+    async def release(self, fence: Fence) -> None:
+        """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(
+                "UPDATE runs SET status = 'queued', started = NULL, node = NULL, incarnation = NULL, "
+                "lease_until = NULL "
+                "WHERE id = %s AND status = 'running' AND incarnation = %s AND attempt = %s",
+                (fence.run_id, fence.incarnation, fence.attempt),
+            )
+            if cursor.rowcount:
+                await db.execute("SELECT pg_notify('warmpod_queued', %s)", (fence.run_id,))
+
+    async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
+        """Renew ``owner``'s leases by the database's clock and record it alive, in one transaction."""
+        async with self._transaction() as db:
+            held: set[str] = set()
+            if fences:
+                rows = await (
+                    await db.execute(
+                        "UPDATE runs SET lease_until = warmpod_now() + %s FROM unnest(%s::text[], %s::int[]) "
+                        "AS held(id, attempt) WHERE runs.id = held.id AND runs.attempt = held.attempt "
+                        "AND runs.status = 'running' AND runs.incarnation = %s RETURNING runs.id",
+                        (
+                            lease,
+                            [f.run_id for f in fences],
+                            [f.attempt for f in fences],
+                            owner.incarnation,
+                        ),
+                    )
+                ).fetchall()
+                held = {row[0] for row in rows}
+            await db.execute(
+                "INSERT INTO nodes (name, incarnation, seen, running) VALUES (%s, %s, warmpod_now(), %s) "
+                "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, seen = excluded.seen, "
+                "running = excluded.running",
+                (owner.node, owner.incarnation, len(held)),
+            )
+            nodes = [
+                NodeSeen(name=name, incarnation=inc, seen_ago=max(0.0, ago), running=running)
+                for name, inc, ago, running in await (
+                    await db.execute(
+                        "SELECT name, incarnation, warmpod_now() - seen, running FROM nodes "
+                        "WHERE seen > warmpod_now() - %s ORDER BY name",
+                        (lease,),
+                    )
+                ).fetchall()
+            ]
+            queued = await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'")
+        return Beat(held=frozenset(held), queued=queued, nodes=nodes)
+
+    async def reap(self, message: str) -> list[str]:
+        """End runs whose lease ran out; SKIP LOCKED: two reapers never end the same run twice."""
+        async with self._transaction() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT id, node FROM runs WHERE status = 'running' AND lease_until < warmpod_now() "
+                    "FOR UPDATE SKIP LOCKED"
+                )
+            ).fetchall()
+            return [await _end_lost(db, run_id, node, message) for run_id, node in rows]
+
+    async def add_output(self, fence: Fence, chunks: Sequence[Chunk]) -> bool:
+        """Keep more of a running run's output, if ``fence`` still holds it."""
+        async with self._transaction() as db:
+            if not await _holds(db, fence):
+                return False
+            if chunks:
+                async with db.cursor() as cursor:
+                    await cursor.executemany(
+                        "INSERT INTO output VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        [(fence.run_id, c.seq, c.stream, c.data) for c in chunks],
+                    )
+                await db.execute("SELECT pg_notify('warmpod_changed', %s)", (fence.run_id,))
+        return True
+
+    async def finish(
+        self,
+        run_id: str,
+        result: RunResult,
+        chunks: Sequence[Chunk] = (),
+        files: Sequence[tuple[str, bytes]] = (),
+        *,
+        fence: Fence | None = None,
+    ) -> bool:
+        """Record the run's final result, its last output and its files, once."""
+        async with self._transaction() as db:
+            if fence is not None and not await _holds(db, fence):
+                return False
+            cursor = await db.execute(
+                "UPDATE runs SET status = %s, result = %s, finished = warmpod_now(), spec = NULL, "
+                "lease_until = NULL WHERE id = %s AND status IN ('queued', 'running')",
+                (result.status, encode_blob(result), run_id),
+            )
+            if cursor.rowcount != 1:
+                return False
+            async with db.cursor() as rows:
+                if chunks:
+                    await rows.executemany(
+                        "INSERT INTO output VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                        [(run_id, c.seq, c.stream, c.data) for c in chunks],
+                    )
+                if files:
+                    await rows.executemany(
+                        "INSERT INTO files VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                        [(run_id, path, data) for path, data in files],
+                    )
+            await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
+        return True
+
+    async def file(self, run_id: str, path: str) -> bytes | None:
+        """The content of a file the run left, or None."""
+        async with self._transaction() as db:
+            row = await (
+                await db.execute("SELECT data FROM files WHERE run_id = %s AND path = %s", (run_id, path))
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def small_files(self, run_id: str, max_bytes: int) -> dict[str, bytes]:
+        """The content of each file the run left that is at most ``max_bytes`` long, by path."""
+        async with self._transaction() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT path, data FROM files WHERE run_id = %s AND length(data) <= %s",
+                    (run_id, max_bytes),
+                )
+            ).fetchall()
+        return {path: bytes(data) for path, data in rows}
+
+    async def get(self, run_id: str) -> Record | None:
+        """The run's record, or None for an id never stored (or purged)."""
+        async with self._transaction() as db:
+            row = await (
+                await db.execute(
+                    "SELECT status, key, created, started, finished, result, node FROM runs WHERE id = %s",
+                    (run_id,),
+                )
+            ).fetchone()
+        return None if row is None else record(run_id, *row)
+
+    async def output(self, run_id: str, after: int = -1) -> list[Chunk]:
+        """The run's output chunks with ``seq`` above ``after``, in order."""
+        async with self._transaction() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT seq, stream, data FROM output WHERE run_id = %s AND seq > %s ORDER BY seq",
+                    (run_id, after),
+                )
+            ).fetchall()
+        return chunks(rows)
+
+    async def cancel(self, run_id: str, result: RunResult) -> CancelOutcome:
+        """Cancel a queued run, or flag a running one and tell its node."""
+        async with self._transaction() as db:
+            row = await (
+                await db.execute("SELECT status FROM runs WHERE id = %s FOR UPDATE", (run_id,))
+            ).fetchone()
+            if row is None:
+                return "unknown"
+            if row[0] == "queued":
+                await db.execute(
+                    "UPDATE runs SET status = 'cancelled', result = %s, finished = warmpod_now(), "
+                    "spec = NULL WHERE id = %s",
+                    (encode_blob(result), run_id),
+                )
+                await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
+                return "cancelled"
+            if row[0] == "running":
+                await db.execute("UPDATE runs SET cancel = true WHERE id = %s", (run_id,))
+                await db.execute("SELECT pg_notify('warmpod_cancel', %s)", (run_id,))
+                return "requested"
+            return "finished"
+
+    async def cancel_requested(self, run_id: str) -> bool:
+        """Whether ``cancel`` flagged this running run."""
+        async with self._transaction() as db:
+            row = await (await db.execute("SELECT cancel FROM runs WHERE id = %s", (run_id,))).fetchone()
+        return bool(row and row[0])
+
+    async def purge(self, retention: float) -> int:
+        """Delete runs that ended more than ``retention`` seconds ago, by the database's clock."""
+        async with self._transaction() as db:
+            return await _one(
+                db,
+                "WITH gone AS (DELETE FROM runs WHERE finished < warmpod_now() - %s RETURNING id), "
+                "o AS (DELETE FROM output WHERE run_id IN (SELECT id FROM gone)), "
+                "f AS (DELETE FROM files WHERE run_id IN (SELECT id FROM gone)) "
+                "SELECT count(*) FROM gone",
+                (retention,),
+            )
+
+    async def aclose(self) -> None:
+        """Close every connection."""
+        with anyio.CancelScope(shield=True):
+            await self._pool.close()
+
+
+async def _one(db: Connection, query: str, params: tuple[Any, ...] = ()) -> int:
+    row = await (await db.execute(query.encode(), params)).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def _holds(db: Connection, fence: Fence) -> bool:
+    # FOR SHARE: a reaper's FOR UPDATE waits for this write, or this waits for it and sees `error`.
+    row = await (
+        await db.execute(
+            "SELECT 1 FROM runs WHERE id = %s AND status = 'running' AND incarnation = %s AND attempt = %s "
+            "FOR SHARE",
+            (fence.run_id, fence.incarnation, fence.attempt),
+        )
+    ).fetchone()
+    return row is not None
+
+
+async def _end_lost(db: Connection, run_id: str, node: str | None, message: str) -> str:
+    rows = await (
+        await db.execute("SELECT stream, data FROM output WHERE run_id = %s ORDER BY seq", (run_id,))
+    ).fetchall()
+    result = run_ended(run_id, node, message, ((stream, bytes(data)) for stream, data in rows))
+    await db.execute(
+        "UPDATE runs SET status = 'error', result = %s, finished = warmpod_now(), spec = NULL, "
+        "lease_until = NULL WHERE id = %s",
+        (encode_blob(result), run_id),
+    )
+    await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
+    return run_id
+
+
+def _safe(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "(unparsable URL)"
+    info.pop("password", None)
+    return psycopg.conninfo.make_conninfo("", **{k: v for k, v in info.items() if v is not None})
