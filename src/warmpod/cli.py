@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
 import logging
 import math
 import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +22,6 @@ if TYPE_CHECKING:
 
 # The server's modules (Podman's client among them) are imported by the commands that use them:
 # `warmpod run` on a laptop should start in a fraction of the second they take.
-
-CAP_SYS_RESOURCE = 24
 
 
 def _progress(message: str) -> None:
@@ -112,112 +107,6 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def doctor(settings: Settings) -> int:
-    """Say what this host offers and which limits it can enforce, in plain words."""
-    from warmpod import image
-    from warmpod.enforcement import check, enforcement
-    from warmpod.host import HostFacts, podman_command
-    from warmpod.sandbox import USERNS_SIZE
-    from warmpod.service import own_user_namespaces
-
-    facts = HostFacts.read()
-    argv, env = podman_command(settings.engine, "info", "--format", "json")
-    try:
-        out = subprocess.run(argv, env=env, capture_output=True, check=True, timeout=60).stdout
-        info = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError) as exc:
-        print(f"Podman: not usable ({exc}). Install it: apt-get install podman")
-        return 1
-    host = info.get("host", {})
-    rootless = bool(host.get("security", {}).get("rootless"))
-    cgroup = host.get("cgroupVersion", "v1")
-    runtime = host.get("ociRuntime", {})
-    mode = "rootless" if rootless else "rootful"
-    hybrid = " (hybrid: v1 controllers with a v2 mount)" if facts.hybrid else ""
-    can_limit = not (rootless and cgroup == "v1")
-    print(f"Podman {info.get('version', {}).get('Version', '?')}, {mode}")
-    print(f"cgroups: {cgroup}{hybrid}, manager {host.get('cgroupManager', '?')}")
-    version = (runtime.get("version") or "").splitlines()
-    print(f"OCI runtime: {runtime.get('name', '?')} ({version[0] if version else 'version unknown'})")
-    absent: list[str] = []
-    if rootless and cgroup == "v2":
-        # Rootless limits need the controllers delegated to the user's systemd manager; without
-        # them container creation (and so `warmpod serve`'s self-test) fails.
-        have = set(host.get("cgroupControllers") or [])
-        absent = [name for name in ("cpu", "memory", "pids") if name not in have]
-        if absent:
-            print(
-                f"Delegated cgroup controllers: {', '.join(sorted(have)) or 'none'}; missing "
-                f"{', '.join(absent)}: set Delegate=cpu memory pids for user@.service (systemd) and "
-                "loginctl enable-linger this user"
-            )
-    try:
-        print(f"Runner image: {image.image_ref(settings)}")
-    except WarmpodError as exc:  # a requirements file not resolved yet: `warmpod serve` resolves it
-        print(f"Runner image: not known yet ({exc})")
-    print("Limits (limit: layer, mechanism):")
-    rows = enforcement(cgroups=can_limit)
-    for row in rows:
-        print(f"  {row.limit}: {row.layer or 'NOT ENFORCED'}, {row.mechanism}")
-    print(f"Pause idle containers: {'yes' if can_limit else 'no: rootless Podman on cgroup v1 cannot pause'}")
-    userns_error = ""
-    if rootless:
-        print("User namespace: rootless Podman's: container root is this user, the program a subordinate uid")
-    else:
-        try:
-            own = own_user_namespaces(settings, rootless=False)
-        except WarmpodError as exc:
-            own, userns_error = False, str(exc)
-        if own:
-            print(
-                f"User namespace: one per container (userns=auto, {USERNS_SIZE} uids from the `containers` "
-                "range): container root is not host root, and no two sandboxes share a host uid"
-            )
-        else:
-            why = userns_error or "WARMPOD_ENGINE__USERNS=host"
-            print(f"User namespace: none ({why}): container root is host root")
-    if not _has_cap_sys_resource():
-        # Lowering the agent's oom_score_adj from the host (pool.py) needs CAP_SYS_RESOURCE there.
-        print(
-            "OOM score: warmpod cannot shield the agents (no CAP_SYS_RESOURCE); "
-            "the program's 1000 still makes it the OOM killer's first pick"
-        )
-    profile = (image.context_dir(settings) / "seccomp.json").resolve()
-    print(f"Seccomp profile: {profile}")
-    abi = _landlock_abi()
-    allowed = "landlock_restrict_self" in profile.read_text()
-    if abi and allowed:
-        print(f"Landlock: active (ABI {abi}): the program may write only under /work, /tmp, /dev/shm")
-    else:
-        why = "the kernel has no Landlock" if not abi else "the seccomp profile blocks it"
-        print(f"Landlock: not active ({why}); the other layers still apply")
-    if absent:
-        print(f"warmpod serve would fail: Podman cannot set the {', '.join(absent)} limits for this user")
-        return 1
-    if userns_error:
-        print(f"warmpod serve would refuse to start: {userns_error}")
-        return 1
-    try:
-        check(rows, allow_unenforced=settings.limits.allow_unenforced)
-    except WarmpodError as exc:
-        print(f"warmpod serve would refuse to start: {exc}")
-        return 1
-    return 0
-
-
-def _has_cap_sys_resource() -> bool:
-    with open("/proc/self/status") as f:
-        caps = next((line.split()[1] for line in f if line.startswith("CapEff:")), "0")
-    return bool(int(caps, 16) >> CAP_SYS_RESOURCE & 1)
-
-
-def _landlock_abi() -> int:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
-    version = libc.syscall(444, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # create_ruleset
-    return max(int(version), 0)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warmpod", description=__doc__)
     parser.add_argument("--version", action="version", version=f"warmpod {__version__}")
@@ -285,7 +174,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             image.build_image(settings, _progress)
             return 0
-        return doctor(settings)
+        from warmpod import doctor
+
+        return doctor.main(settings)
     except WarmpodError as exc:
         print(f"warmpod: {exc}", file=sys.stderr)
         return 1

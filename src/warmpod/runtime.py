@@ -31,6 +31,25 @@ class EngineInfo:
     cgroup_version: int
     cgroup_manager: str
     oci_runtime: str
+    oci_runtime_version: str = ""
+    cgroup_controllers: tuple[str, ...] = ()
+    """The cgroup controllers containers get (rootless: those delegated to the user)."""
+
+    @classmethod
+    def from_podman(cls, data: dict[str, Any]) -> EngineInfo:
+        """The facts in Podman's info document (``GET /info``, as ``podman info --format json``)."""
+        host, version = data.get("host", {}), data.get("version", {})
+        runtime = host.get("ociRuntime") or {}
+        return cls(
+            version=version.get("Version", "?"),
+            api_version=version.get("APIVersion", ""),
+            rootless=bool(host.get("security", {}).get("rootless")),
+            cgroup_version=2 if host.get("cgroupVersion") == "v2" else 1,
+            cgroup_manager=host.get("cgroupManager", ""),
+            oci_runtime=runtime.get("name", ""),
+            oci_runtime_version=runtime.get("version") or "",
+            cgroup_controllers=tuple(host.get("cgroupControllers") or ()),
+        )
 
     @property
     def can_limit(self) -> bool:
@@ -82,16 +101,9 @@ class Runtime:
         """The engine's version and host facts."""
 
         def get(client: PodmanClient) -> EngineInfo:
-            data = client.api.get("/info").json()
-            host, version = data["host"], data["version"]
-            return EngineInfo(
-                version=version["Version"],
-                api_version=version.get("APIVersion", ""),
-                rootless=bool(host["security"]["rootless"]),
-                cgroup_version=2 if host.get("cgroupVersion") == "v2" else 1,
-                cgroup_manager=host.get("cgroupManager", ""),
-                oci_runtime=host.get("ociRuntime", {}).get("name", ""),
-            )
+            response = client.api.get("/info")
+            response.raise_for_status()
+            return EngineInfo.from_podman(response.json())
 
         return await self._call(get, "info")
 

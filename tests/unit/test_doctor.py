@@ -2,43 +2,42 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from warmpod import cli, host
-from warmpod.settings import from_env
+from warmpod import doctor as doctor_command
+from warmpod import host
+from warmpod.errors import EngineError
+from warmpod.runtime import EngineInfo
+from warmpod.settings import Settings, from_env
 
 
-def podman_info(*, rootless: bool, cgroup: str, controllers: list[str]) -> bytes:
-    """A `podman info --format json` document with only what doctor reads."""
-    return json.dumps(
-        {
-            "host": {
-                "security": {"rootless": rootless},
-                "cgroupVersion": cgroup,
-                "cgroupManager": "systemd",
-                "cgroupControllers": controllers,
-                "ociRuntime": {"name": "crun", "version": "crun version 1.21"},
-            },
-            "version": {"Version": "5.4.2"},
-        }
-    ).encode()
+def podman_info(*, rootless: bool, cgroup: str, controllers: list[str]) -> dict[str, Any]:
+    """A `podman info --format json` document (Podman's ``GET /info``) with only what doctor reads."""
+    return {
+        "host": {
+            "security": {"rootless": rootless},
+            "cgroupVersion": cgroup,
+            "cgroupManager": "systemd",
+            "cgroupControllers": controllers,
+            "ociRuntime": {"name": "crun", "version": "crun version 1.21"},
+        },
+        "version": {"Version": "5.4.2"},
+    }
 
 
 def doctor(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], info: bytes
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], info: dict[str, Any]
 ) -> tuple[int, str]:
-    """Run doctor against ``info`` and return its exit status and output."""
+    """Run doctor against an engine that answers ``info`` and return its exit status and output."""
 
-    def fake_run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.CompletedProcess(argv, 0, stdout=info, stderr=b"")
+    async def engine_info(settings: Settings) -> EngineInfo:
+        return EngineInfo.from_podman(info)
 
-    monkeypatch.setattr(subprocess, "run", fake_run)
-    status = cli.doctor(from_env())
+    monkeypatch.setattr(doctor_command, "engine_info", engine_info)
+    status = doctor_command.main(from_env())
     return status, capsys.readouterr().out
 
 
@@ -63,6 +62,8 @@ def test_rootless_cgroup_v2_with_delegation_enforces_by_cgroup(
     status, out = doctor(monkeypatch, capsys, info)
     assert status == 0, out
     assert "Delegated cgroup controllers" not in out, out
+    assert "Podman 5.4.2, rootless\ncgroups: v2" in out, out
+    assert "OCI runtime: crun (crun version 1.21)" in out, out
     assert "  memory: cgroup, cgroup memory limit, swap capped at the same value" in out, out
     assert "  cpu_share: cgroup, cgroup cpu quota" in out, out
     assert "Pause idle containers: yes" in out, out
@@ -96,10 +97,24 @@ def test_without_cap_sys_resource_doctor_says_the_agents_are_not_shielded(
 ) -> None:
     """The server lowers each agent's OOM score from the host: without CAP_SYS_RESOURCE, doctor says so."""
     info = podman_info(rootless=True, cgroup="v2", controllers=["cpu", "io", "memory", "pids"])
-    monkeypatch.setattr(cli, "_has_cap_sys_resource", lambda: False)
+    monkeypatch.setattr(doctor_command, "_has_cap_sys_resource", lambda: False)
     status, out = doctor(monkeypatch, capsys, info)
     assert status == 0, out
     assert "OOM score: warmpod cannot shield the agents (no CAP_SYS_RESOURCE)" in out, out
-    monkeypatch.setattr(cli, "_has_cap_sys_resource", lambda: True)
+    monkeypatch.setattr(doctor_command, "_has_cap_sys_resource", lambda: True)
     status, out = doctor(monkeypatch, capsys, info)
     assert "OOM score" not in out, out
+
+
+def test_a_podman_that_cannot_be_asked_is_said_to_be_unusable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """When no Podman service answers (none installed, or its service did not start), doctor says how
+    to install it and fails."""
+
+    async def engine_info(settings: Settings) -> EngineInfo:
+        raise EngineError("'podman' not found: install Podman (apt-get install podman)")
+
+    monkeypatch.setattr(doctor_command, "engine_info", engine_info)
+    assert doctor_command.main(from_env()) == 1
+    assert "Podman: not usable ('podman' not found" in capsys.readouterr().out
