@@ -1,0 +1,148 @@
+"""Two schedulers on one PostgreSQL store, as two nodes: where runs go, cancels across nodes, and
+what a node that loses its lease does (fake sandboxes, the real store and scheduler)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import pytest
+from fakes import FakeLeaser, RecordingRunner
+
+from warmpod.errors import StoreError
+from warmpod.models import RunSpec
+from warmpod.pgstore import PostgresStore
+from warmpod.protocol import Output
+from warmpod.scheduler import Scheduler
+from warmpod.settings import LimitSettings, NodeSettings, QueueSettings
+from warmpod.store import Beat, Fence, Owner
+
+LEASE = 1.5
+SPEC = RunSpec(code=b"pass", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=1 << 20)
+
+
+@dataclass
+class Node:
+    """One node: its store connection, scheduler, sandboxes and runner."""
+
+    store: PostgresStore
+    scheduler: Scheduler
+    leaser: FakeLeaser
+    runner: RecordingRunner
+
+
+@pytest.fixture
+async def nodes(postgres_db: str) -> AsyncIterator[tuple[Node, Node]]:
+    """Nodes ``a`` and ``b``, started, on one fresh database; stopped after the test."""
+    made: list[Node] = []
+    async with anyio.create_task_group() as tg:
+        for name in ("a", "b"):
+            store = await PostgresStore.open(postgres_db)
+            leaser = FakeLeaser()
+            runner = RecordingRunner(leaser, LimitSettings())
+            scheduler = Scheduler(
+                store, leaser, runner, QueueSettings(), 2, node=NodeSettings(name=name, lease=LEASE)
+            )
+            await tg.start(scheduler.run)
+            made.append(Node(store, scheduler, leaser, runner))
+        yield made[0], made[1]
+        tg.cancel_scope.cancel()
+    for node in made:
+        await node.store.aclose()
+
+
+async def running_on(node: Node, run_id: str) -> None:
+    """Wait until ``run_id`` runs, on ``node``."""
+    with anyio.fail_after(10):
+        while (status := await node.scheduler.status(run_id)).status != "running":
+            await anyio.sleep(0.02)
+    assert status.node == node.scheduler.owner.node
+
+
+async def test_a_run_submitted_where_no_sandbox_is_free_runs_on_the_node_that_has_one(
+    nodes: tuple[Node, Node],
+) -> None:
+    """Node a has no sandbox; what it takes is run by b, and a answers with b's result."""
+    a, b = nodes
+    a.leaser.failures = 10**6
+    run_ids = [await a.scheduler.submit(SPEC) for _ in range(5)]
+    for run_id in run_ids:
+        result = await a.scheduler.wait(run_id, 10)
+        assert result is not None
+        assert (result.status, result.node) == ("succeeded", "b")
+    assert len(b.runner.calls) == 5
+    assert a.runner.calls == []
+    assert {n.name for n in a.scheduler.nodes} <= {"a", "b"}
+
+
+async def test_a_cancel_sent_to_one_node_stops_the_run_on_the_other(nodes: tuple[Node, Node]) -> None:
+    """DELETE at a stops a run b executes, promptly, with what it printed."""
+    a, b = nodes
+    a.leaser.failures = 10**6
+    b.runner.streamed = [Output(stream="stdout", data=b"started\n")]
+    b.runner.hold = anyio.Event()
+    run_id = await a.scheduler.submit(SPEC)
+    await running_on(b, run_id)
+    with anyio.fail_after(5):
+        result = await a.scheduler.cancel(run_id)
+    assert (result.status, result.stdout, result.node) == ("cancelled", "started\n", "b")
+
+
+async def test_a_node_out_of_reach_of_the_store_stops_its_runs_and_another_reports_them(
+    nodes: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """b cannot renew its lease: past it b stops the run itself (nothing more written), and a's
+    reaper reports it error with the output it had printed, naming b; it never runs again."""
+    a, b = nodes
+    a.leaser.failures = 10**6
+    b.runner.streamed = [Output(stream="stdout", data=b"partial\n")]
+    b.runner.hold = anyio.Event()
+
+    async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+        raise StoreError("connection refused")
+
+    run_id = await a.scheduler.submit(SPEC)
+    await running_on(b, run_id)
+    monkeypatch.setattr(b.store, "heartbeat", unreachable)
+    with caplog.at_level(logging.WARNING, "warmpod.scheduler"):
+        result = await a.scheduler.wait(run_id, LEASE * 4)
+        with anyio.fail_after(LEASE * 2):
+            while not any(f"lost run {run_id}" in r.getMessage() for r in caplog.records):
+                await anyio.sleep(0.05)
+    assert result is not None
+    assert (result.status, result.stdout, result.node) == ("error", "partial\n", "b")
+    assert result.error == "node b stopped while this run was executing; it was not retried"
+    assert b.scheduler.running == 0
+    assert len(b.runner.calls) == 1
+
+
+async def test_a_zombie_node_finds_its_writes_refused_and_stops_the_run(
+    nodes: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """b stops renewing (as if frozen) while its run keeps printing: once a reports the run, b's
+    next output write is refused and b stops the run; the reported output stays as it was."""
+    a, b = nodes
+    a.leaser.failures = 10**6
+    b.runner.streamed = [Output(stream="stdout", data=f"{i}\n".encode()) for i in range(1000)]
+    b.runner.pause = 0.05
+
+    async def frozen(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    run_id = await a.scheduler.submit(SPEC)
+    await running_on(b, run_id)
+    monkeypatch.setattr(b.store, "heartbeat", frozen)
+    with caplog.at_level(logging.WARNING, "warmpod.scheduler"):
+        result = await a.scheduler.wait(run_id, LEASE * 4)
+        assert result is not None
+        with anyio.fail_after(2):
+            while b.scheduler.running:
+                await anyio.sleep(0.02)
+    assert (result.status, result.node) == ("error", "b")
+    assert any(f"lost run {run_id}" in r.getMessage() for r in caplog.records)
+    kept = await a.scheduler.status(run_id)
+    assert kept == result
+    assert b.runner.ended == []  # stopped, not left to finish
