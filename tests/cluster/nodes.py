@@ -33,14 +33,17 @@ REAP_MARGIN = 6.0 * SLOWNESS
 # Answers that need no container: status, cancel, a node's health.
 PROMPT = 5.0 * SLOWNESS
 HTTP_TIMEOUT = MAX_TIMEOUT + 60
+# The earliest a run may be reaped after its node stopped: the lease runs from the node's last
+# heartbeat, which may have come a third of the lease before it stopped (less a little clock slack).
+EARLIEST_REAP = LEASE * 2 / 3 - 0.25
 
 
-def node_settings(store_url: str, name: str) -> dict[str, str]:
+def node_settings(store_url: str, name: str, lease: float = LEASE) -> dict[str, str]:
     """The environment of one node: the shared store, its own name, one sandbox, JSON logs."""
     return {
         "WARMPOD_QUEUE__STORE_URL": store_url,
         "WARMPOD_NODE__NAME": name,
-        "WARMPOD_NODE__LEASE": str(LEASE),
+        "WARMPOD_NODE__LEASE": str(lease),
         # One sandbox and so one worker per node: which node is busy is known exactly.
         "WARMPOD_POOL__MIN_SIZE": "1",
         "WARMPOD_POOL__MAX_SIZE": "1",
@@ -131,10 +134,11 @@ def node_names(health: dict[str, Any]) -> set[str]:
 class Cluster:
     """Nodes ``node-a`` and ``node-b`` on one database, restarted as tests kill them."""
 
-    def __init__(self, directory: Path, store_url: str) -> None:
-        """Nothing starts until :meth:`ensure`."""
+    def __init__(self, directory: Path, store_url: str, lease: float = LEASE) -> None:
+        """Nothing starts until :meth:`ensure` or :meth:`start`."""
         self.directory = directory
         self.store_url = store_url
+        self.lease = lease
         self.nodes: dict[str, WarmpodServer] = {}
         # Every server ever started, killed ones included: their logs and their containers.
         self.started: list[WarmpodServer] = []
@@ -145,11 +149,16 @@ class Cluster:
         """The server now running as node ``name``."""
         return self.nodes[name]
 
-    def start(self, name: str) -> WarmpodServer:
-        """Start node ``name`` (a new incarnation if it ran before) and wait for its health."""
-        live = WarmpodServer(self.directory, node_settings(self.store_url, name))
+    def launch(self, name: str) -> WarmpodServer:
+        """Start node ``name`` (a new incarnation if it ran before), not waiting for it."""
+        live = WarmpodServer(self.directory, node_settings(self.store_url, name, self.lease))
         self.nodes[name] = live
         self.started.append(live)
+        return live
+
+    def start(self, name: str) -> WarmpodServer:
+        """Start node ``name`` and wait for its health; fail if it exits first."""
+        live = self.launch(name)
         live.wait_healthy()
         return live
 
@@ -191,13 +200,14 @@ class Cluster:
             response = cancel(node, row["id"])
             assert response.status_code in {200, 409}, response.text
         for row in rows:
-            final(node, row["id"], timeout=REAP_MARGIN + LEASE)
+            final(node, row["id"], timeout=REAP_MARGIN + self.lease)
 
     def kill(self, name: str) -> int:
         """kill -9 node ``name``; return its pid (the label of the containers it leaves)."""
         live = self.nodes[name]
         live.proc.kill()
         live.proc.wait(timeout=10)
+        live.close()  # only its log file is left to close
         return live.pid
 
     def pause(self, name: str) -> None:
@@ -227,6 +237,16 @@ class Cluster:
             "SELECT id, status, node, attempt FROM runs WHERE id = ANY(%s)", (list(run_ids),)
         ).fetchall()
         return {row["id"]: row for row in found}
+
+    def drop_connections(self) -> int:
+        """End every other session of the database, as a failover or an operator would; return how many."""
+        found = self.db.execute(
+            "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchone()
+        assert found is not None
+        count: int = found["n"]
+        return count
 
     def output_rows(self, run_id: str) -> int:
         """How many chunks of output the store holds for the run."""

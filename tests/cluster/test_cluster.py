@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,6 +17,7 @@ from warmpod_live import SLOWNESS, containers, wait_until
 from warmpod.pool import LABEL_PID
 
 from .nodes import (
+    EARLIEST_REAP,
     HTTP_TIMEOUT,
     LEASE,
     NAMES,
@@ -141,7 +144,7 @@ def test_a_node_killed_mid_run_is_reported_by_the_survivor_and_never_rerun(clust
     assert result["error"] == "node node-a stopped while this run was executing; it was not retried"
     assert (result["stdout"], result["stderr"]) == ("started\n", "warn\n"), result
     assert result["node"] == "node-a"
-    assert reaped > LEASE * 0.9, f"reported after {reaped:.1f} s, inside the lease of {LEASE} s"
+    assert reaped > EARLIEST_REAP, f"reported {reaped:.1f} s after the kill, inside the lease of {LEASE} s"
     assert wait_until(lambda: "node-a" not in node_names(b.health().json()), LEASE + REAP_MARGIN), (
         f"B still lists the dead A: {b.health().json()}"
     )
@@ -197,24 +200,34 @@ def test_a_cancel_sent_to_one_node_stops_a_run_on_the_other(cluster: Cluster) ->
     finished_once(cluster, run_id)
 
 
-def test_a_zombie_node_is_fenced_and_stops_its_lost_run(cluster: Cluster) -> None:
-    """Node A stopped (SIGSTOP) past its lease while it runs a chatty program: B reports the run
-    error; once A continues its writes are refused, it kills the run's container and logs
-    "lost run <id>", and B's error result stands, with no output added after it."""
+# What a zombie's run does while its node is stopped, and so which write of the node's is refused
+# first when it continues: more output, only the heartbeat, or the final result.
+ZOMBIE_RUNS = {
+    "chatty": TICKER,
+    "silent": SLEEPER,
+    "ends-meanwhile": "import time\nprint('started', flush=True)\ntime.sleep(1.5)\nprint('done')\n",
+}
+
+
+@pytest.mark.parametrize("program", list(ZOMBIE_RUNS))
+def test_a_zombie_node_is_fenced_and_stops_its_lost_run(cluster: Cluster, program: str) -> None:
+    """Node A stopped (SIGSTOP) past its lease while it runs a program: B reports the run error;
+    once A continues, its writes are refused (output, heartbeat or final result), it stops the
+    run's container and logs "lost run <id>", and B's error result stands, with no output and no
+    second "run finished" added after it."""
     a, b = cluster["node-a"], cluster["node-b"]
-    run_id = occupy(cluster, TICKER, {"node-a"})["node-a"]
+    run_id = occupy(cluster, ZOMBIE_RUNS[program], {"node-a"})["node-a"]
     cluster.pause("node-a")
     paused = time.monotonic()
     result = until(b, run_id, lambda body: body["status"] != "running", LEASE + REAP_MARGIN, "reaped")
     assert result["status"] == "error", result
     assert result["error"] == "node node-a stopped while this run was executing; it was not retried"
     assert result["node"] == "node-a"
-    assert time.monotonic() - paused > LEASE * 0.9
+    reaped = time.monotonic() - paused
+    assert reaped > EARLIEST_REAP, f"reported {reaped:.1f} s after the stop, inside the lease of {LEASE} s"
     chunks = cluster.output_rows(run_id)
-    assert result["stdout"] == cluster.output_text(run_id, "stdout"), (
-        "the error result is not what was stored"
-    )
-    # Long enough past the lease that A's container has printed much more meanwhile.
+    assert result["stdout"] == cluster.output_text(run_id, "stdout"), "the error is not what was stored"
+    # Long enough that A's program has printed much more meanwhile (or ended, for ends-meanwhile).
     time.sleep(1.0)
 
     cluster.resume("node-a")
@@ -235,6 +248,83 @@ def test_a_zombie_node_is_fenced_and_stops_its_lost_run(cluster: Cluster) -> Non
     row = cluster.row(run_id)
     assert (row["status"], row["attempt"]) == ("error", 1), row
     assert finished_once(cluster, run_id)["status"] == "error"
+    # A is a node again: it takes the next run.
+    cluster.wait_pool_full("node-a")
+    assert run(a, "print('after')")["stdout"] == "after\n"
+
+
+def test_a_node_restarted_at_once_after_kill_9_comes_back(tmp_path: Path, postgres_db: str) -> None:
+    """A node killed with -9 and started again at once under its name, as a unit with
+    Restart=on-failure does, well within its dead incarnation's lease, comes up (waiting the lease
+    out if it must) rather than exiting; the run the dead one held ends error, reported once."""
+    # A lease longer than a start takes (about 6 s here), so the restart does come within it.
+    lease = 20.0
+    alone = Cluster(tmp_path, postgres_db, lease=lease)
+    try:
+        alone.start("node-a").wait_pool_full()
+        run_id = occupy(alone, SLEEPER, {"node-a"})["node-a"]
+        alone.kill("node-a")
+        killed = time.monotonic()
+        restarted = alone.launch("node-a")
+        restarted.wait_healthy()
+        result = final(restarted, run_id, max(0.0, killed + lease + REAP_MARGIN - time.monotonic()))
+        assert result["status"] == "error", result
+        assert re.fullmatch(r".*stopped while this run was executing; it was not retried", result["error"])
+        assert (result["stdout"], result["stderr"]) == ("started\n", "warn\n"), result
+        assert alone.row(run_id)["attempt"] == 1
+        finished_once(alone, run_id)
+    finally:
+        alone.close()
+
+
+def test_runs_go_on_when_the_database_drops_every_connection(cluster: Cluster) -> None:
+    """PostgreSQL ending every session of both nodes (a failover, an operator's restart) while a
+    run prints: both nodes still answer its status (no stale pooled connection turned into a 503),
+    the run ends succeeded with all of its output, in its result and in the store (what a stream
+    replays), on its one claim, nothing is reported lost, and both nodes take new runs."""
+    a = cluster["node-a"]
+    code = "import time\nfor i in range(20):\n    print(i, flush=True)\n    time.sleep(0.2)\n"
+    run_id = occupy(cluster, code, {"node-a"})["node-a"]
+    assert cluster.drop_connections() > 0
+    time.sleep(0.5)
+    assert cluster.drop_connections() > 0
+    for name in NAMES:
+        # Several reads: each may be handed another of the pool's connections.
+        for _ in range(10):
+            response = httpx.get(f"{cluster[name].url}/status/{run_id}", timeout=PROMPT * 2)
+            assert response.status_code == 200, f"{name} after the connections dropped: {response.text}"
+    result = final(a, run_id)
+    assert result["status"] == "succeeded", f"{result}\n{a.log_tail()}"
+    assert result["stdout"] == "".join(f"{i}\n" for i in range(20))
+    assert result["node"] == "node-a"
+    assert cluster.output_text(run_id, "stdout") == result["stdout"], "the store lost output it was sent"
+    assert cluster.row(run_id)["attempt"] == 1
+    lost = [
+        line
+        for live in cluster.started
+        for line in log_lines(live.log_path)
+        if f"lost run {run_id}" in str(line.get("event"))
+    ]
+    assert not lost, lost
+    for name in NAMES:
+        cluster.wait_pool_full(name)
+        assert run(cluster[name], "print('still')")["stdout"] == "still\n"
+
+
+def test_two_nodes_started_at_once_on_an_empty_database(tmp_path: Path, postgres_db: str) -> None:
+    """Two nodes started together on a database no warmpod has used both create-or-find its tables
+    and come up, and each lists the other."""
+    pair = Cluster(tmp_path, postgres_db)
+    try:
+        for name in NAMES:
+            pair.launch(name)
+        for name in NAMES:
+            pair[name].wait_healthy()
+        for name in NAMES:
+            pair.wait_lists_both(name)
+        assert run(pair["node-b"], "print('fresh')")["stdout"] == "fresh\n"
+    finally:
+        pair.close()
 
 
 def test_live_output_streams_from_the_node_that_does_not_run_it(cluster: Cluster) -> None:
