@@ -8,10 +8,13 @@ claimed and whether its output still grows.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +137,15 @@ def node_names(health: dict[str, Any]) -> set[str]:
 class Cluster:
     """Nodes ``node-a`` and ``node-b`` on one database, restarted as tests kill them."""
 
-    def __init__(self, directory: Path, store_url: str, lease: float = LEASE) -> None:
-        """Nothing starts until :meth:`ensure` or :meth:`start`."""
+    def __init__(
+        self, directory: Path, store_url: str, lease: float = LEASE, via: Mapping[str, str] | None = None
+    ) -> None:
+        """Nothing starts until :meth:`ensure` or :meth:`start`; ``via`` gives a node another URL
+        of the same database (through a :class:`Link`)."""
         self.directory = directory
         self.store_url = store_url
         self.lease = lease
+        self.via = dict(via or {})
         self.nodes: dict[str, WarmpodServer] = {}
         # Every server ever started, killed ones included: their logs and their containers.
         self.started: list[WarmpodServer] = []
@@ -151,7 +158,9 @@ class Cluster:
 
     def launch(self, name: str) -> WarmpodServer:
         """Start node ``name`` (a new incarnation if it ran before), not waiting for it."""
-        live = WarmpodServer(self.directory, node_settings(self.store_url, name, self.lease))
+        live = WarmpodServer(
+            self.directory, node_settings(self.via.get(name, self.store_url), name, self.lease)
+        )
         self.nodes[name] = live
         self.started.append(live)
         return live
@@ -280,3 +289,76 @@ class Cluster:
             if left and not process_alive(live.pid, "serve"):
                 podman("rm", "--force", "--time", "0", *left)
         self.db.close()
+
+
+class Link:
+    """A TCP relay on 127.0.0.1 in front of PostgreSQL that a test can cut, as a network partition
+    does: nothing is refused or reset, bytes just stop arriving both ways (and new connections
+    are accepted but never answered) until it is mended, when the held bytes flow on."""
+
+    def __init__(self, target_port: int) -> None:
+        """Listen on a free port at once; relay to ``target_port``."""
+        self._target = target_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database_url: str) -> str:
+        """``database_url`` (a 127.0.0.1 URL) through this link."""
+        host, _, rest = database_url.partition("@127.0.0.1:")
+        return f"{host}@127.0.0.1:{self.port}/{rest.split('/', 1)[1]}"
+
+    def cut(self) -> None:
+        """Stop every byte, both ways, on every connection, old and new."""
+        self._flowing.clear()
+
+    def mend(self) -> None:
+        """Let the held bytes, and everything after them, through again."""
+        self._flowing.set()
+
+    def close(self) -> None:
+        """Close the listener and every relayed connection."""
+        self._closed = True
+        self._flowing.set()
+        with self._lock:
+            for sock in [self._listener, *self._sockets]:
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        self._flowing.wait()
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self._target), timeout=10)
+        except OSError:
+            client.close()
+            return
+        upstream.settimeout(None)
+        with self._lock:
+            self._sockets += [client, upstream]
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self._flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)

@@ -12,7 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, containers, wait_until
+from postgres import PostgresServer
+from warmpod_live import SLOWNESS, container_names, containers, wait_until
 
 from warmpod.pool import LABEL_PID
 
@@ -24,6 +25,7 @@ from .nodes import (
     PROMPT,
     REAP_MARGIN,
     Cluster,
+    Link,
     cancel,
     final,
     log_lines,
@@ -309,6 +311,59 @@ def test_runs_go_on_when_the_database_drops_every_connection(cluster: Cluster) -
     for name in NAMES:
         cluster.wait_pool_full(name)
         assert run(cluster[name], "print('still')")["stdout"] == "still\n"
+
+
+def test_a_node_cut_off_from_the_database_stops_its_runs_within_its_lease(
+    tmp_path: Path, postgres_server: PostgresServer, postgres_db: str
+) -> None:
+    """Node A's path to PostgreSQL silently drops every packet (a partition: no reset, no refusal)
+    while it runs a chatty program: within its lease and a little A stops that run's container
+    itself and B reports the run error; a submission to A is answered 503 with Retry-After, not
+    left hanging; once the path is back, A's held writes change nothing of B's result and A takes
+    runs again."""
+    link = Link(postgres_server.port)
+    pair = Cluster(tmp_path, postgres_db, via={"node-a": link.url(postgres_db)})
+    try:
+        for name in NAMES:
+            pair.start(name)
+        for name in NAMES:
+            pair.wait_pool_full(name)
+            pair.wait_lists_both(name)
+        a, b = pair["node-a"], pair["node-b"]
+        run_id = occupy(pair, TICKER, {"node-a"})["node-a"]
+        (busy,) = container_names(f"{LABEL_PID}={a.pid}")
+
+        link.cut()
+        cut = time.monotonic()
+        result = until(b, run_id, lambda body: body["status"] != "running", LEASE + REAP_MARGIN, "reaped")
+        assert result["status"] == "error", result
+        assert result["error"] == "node node-a stopped while this run was executing; it was not retried"
+        assert wait_until(lambda: busy not in container_names(f"{LABEL_PID}={a.pid}"), LEASE + REAP_MARGIN), (
+            f"A still runs the container of its run {time.monotonic() - cut:.1f} s after it lost the "
+            f"database, though B reported the run error:\n{a.log_tail()}"
+        )
+        chunks = pair.output_rows(run_id)
+        asked = time.monotonic()
+        try:
+            response = httpx.post(f"{a.url}/run-json/", json={"code": "print(1)", "wait": False}, timeout=30)
+        except httpx.TimeoutException:
+            raise AssertionError("a submission to the cut-off node was left hanging for 30 s") from None
+        assert response.status_code == 503, response.text
+        assert "retry-after" in response.headers
+        assert time.monotonic() - asked < 15 * SLOWNESS
+
+        link.mend()
+        pair.wait_lists_both("node-a")
+        pair.wait_pool_full("node-a")
+        assert run(a, "print('back')")["stdout"] == "back\n"
+        assert status(a, run_id) == status(b, run_id) == result
+        assert pair.output_rows(run_id) == chunks
+        assert pair.row(run_id)["attempt"] == 1
+        assert finished_once(pair, run_id)["status"] == "error"
+    finally:
+        link.mend()
+        pair.close()
+        link.close()
 
 
 def test_two_nodes_started_at_once_on_an_empty_database(tmp_path: Path, postgres_db: str) -> None:
