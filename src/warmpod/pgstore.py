@@ -49,6 +49,9 @@ CHANNELS: Final[dict[str, Notice]] = {
     "warmpod_cancel": "cancel",
 }
 CONNECT_TIMEOUT = 5.0
+# A call that takes longer fails: a path to the database that drops packets silently would hold
+# it (and the task waiting on it) for TCP's own timeout, many minutes.
+CALL_TIMEOUT = 10.0
 
 # Each step takes the schema from the version before it (table warmpod_schema) to its own number.
 _MIGRATIONS = (
@@ -115,6 +118,10 @@ class PostgresStore:
         Raises:
             StoreError: it cannot be reached, or a newer warmpod made its schema.
         """
+        # An idle connection that lost its path is noticed within about 11 s (LISTEN waits idle).
+        url = psycopg.conninfo.make_conninfo(
+            url, keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3
+        )
         pool: psycopg_pool.AsyncConnectionPool[Connection] = psycopg_pool.AsyncConnectionPool(
             url,
             min_size=1,
@@ -139,8 +146,11 @@ class PostgresStore:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:
         try:
-            async with self._pool.connection() as conn, conn.transaction():
-                yield conn
+            with anyio.fail_after(CALL_TIMEOUT):
+                async with self._pool.connection() as conn, conn.transaction():
+                    yield conn
+        except TimeoutError as exc:
+            raise StoreError(f"the run store did not answer within {CALL_TIMEOUT:g} s") from exc
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise StoreError(f"the run store failed: {exc}") from exc
 

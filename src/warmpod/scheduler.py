@@ -441,11 +441,13 @@ class Scheduler:
             held = dict(self._live)
             began = time.monotonic()
             try:
-                beat = await self._store.heartbeat(
-                    self.owner, self._lease, [live.fence for live in held.values()]
-                )
-            except StoreError as exc:
-                log.warning("could not renew this node's leases: %s", exc)
+                # Bounded by the next beat's time: a store that hangs counts as one out of reach.
+                with anyio.fail_after(self._lease / 3):
+                    beat = await self._store.heartbeat(
+                        self.owner, self._lease, [live.fence for live in held.values()]
+                    )
+            except (StoreError, TimeoutError) as exc:
+                log.warning("could not renew this node's leases: %s", exc or "no answer in time")
                 # Past the lease another node may report these runs; they must not go on unseen.
                 if time.monotonic() - renewed >= self._lease:
                     why = f"the run store was out of reach for its lease of {self._lease:g} s"
