@@ -74,3 +74,16 @@ def missing_subid_ranges(size: int) -> list[str]:
         if not any(count.strip().isdigit() and int(count) >= size for count in counts):
             missing.append(str(path))
     return missing
+
+
+def process_alive(pid: str | int) -> bool:
+    """Whether a process of this pid (a decimal string from a label or a row) is alive on this host."""
+    if not str(pid).isdigit() or int(pid) <= 0:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

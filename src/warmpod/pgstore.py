@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -14,6 +16,7 @@ import psycopg_pool
 from anyio.abc import TaskStatus
 from psycopg.rows import TupleRow
 
+from warmpod import host
 from warmpod.backoff import Backoff
 from warmpod.errors import StoreError
 from warmpod.models import NodeSeen, RunResult, RunSpec
@@ -96,7 +99,9 @@ _MIGRATIONS = (
         name text PRIMARY KEY,
         incarnation text NOT NULL,
         seen float8 NOT NULL,
-        running integer NOT NULL DEFAULT 0
+        running integer NOT NULL DEFAULT 0,
+        host text,
+        pid integer
     );
     """,
 )
@@ -127,6 +132,9 @@ class PostgresStore:
             min_size=1,
             max_size=max_connections,
             timeout=CONNECT_TIMEOUT,
+            # A connection the server ended (a failover, pg_terminate_backend) is found out and
+            # replaced when it is taken, not handed to a call that then fails.
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
             kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
             open=False,
         )
@@ -212,35 +220,54 @@ class PostgresStore:
     async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
         """At start: register ``owner`` and end what its node's earlier starts held.
 
+        A start of the same name whose heartbeat is within the lease is waited out, up to the
+        lease: a node restarted after a crash gets in once the dead start's lease has run out,
+        at once when that start was on this host and its process is gone.
+
         Raises:
-            StoreError: a node of the same name with another incarnation is alive.
+            StoreError: a node of the same name with another incarnation stays alive.
         """
-        async with self._transaction() as db:
-            row = await (
-                await db.execute(
-                    "SELECT incarnation, warmpod_now() - seen FROM nodes WHERE name = %s FOR UPDATE",
-                    (owner.node,),
+        hostname, pid = socket.gethostname(), os.getpid()
+        deadline = anyio.current_time() + lease + 1.0
+        while True:
+            async with self._transaction() as db:
+                row = await (
+                    await db.execute(
+                        "SELECT incarnation, warmpod_now() - seen, host, pid FROM nodes WHERE name = %s "
+                        "FOR UPDATE",
+                        (owner.node,),
+                    )
+                ).fetchone()
+                alive = (
+                    row is not None
+                    and row[0] != owner.incarnation
+                    and row[1] < lease
+                    and not (row[2] == hostname and not host.process_alive(row[3] or 0))
                 )
-            ).fetchone()
-            if row is not None and row[0] != owner.incarnation and row[1] < lease:
+                if not alive:
+                    await db.execute(
+                        "INSERT INTO nodes (name, incarnation, seen, host, pid) "
+                        "VALUES (%s, %s, warmpod_now(), %s, %s) "
+                        "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
+                        "seen = excluded.seen, running = 0, host = excluded.host, pid = excluded.pid",
+                        (owner.node, owner.incarnation, hostname, pid),
+                    )
+                    rows = await (
+                        await db.execute(
+                            "SELECT id, node FROM runs WHERE status = 'running' AND node = %s "
+                            "AND incarnation <> %s FOR UPDATE",
+                            (owner.node, owner.incarnation),
+                        )
+                    ).fetchall()
+                    return [await _end_lost(db, run_id, node, message) for run_id, node in rows]
+            assert row is not None
+            if anyio.current_time() >= deadline:
                 raise StoreError(
-                    f"another node named {owner.node!r} is alive on this queue (seen {row[1]:.1f} s ago): "
-                    "give each node its own WARMPOD_NODE__NAME"
+                    f"another node named {owner.node!r} is alive on this queue (seen {row[1]:.1f} s ago, on "
+                    f"{row[2]}): give each node its own WARMPOD_NODE__NAME"
                 )
-            await db.execute(
-                "INSERT INTO nodes (name, incarnation, seen) VALUES (%s, %s, warmpod_now()) "
-                "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, seen = excluded.seen, "
-                "running = 0",
-                (owner.node, owner.incarnation),
-            )
-            rows = await (
-                await db.execute(
-                    "SELECT id, node FROM runs WHERE status = 'running' AND node = %s AND incarnation <> %s "
-                    "FOR UPDATE",
-                    (owner.node, owner.incarnation),
-                )
-            ).fetchall()
-            return [await _end_lost(db, run_id, node, message) for run_id, node in rows]
+            log.info("waiting for the lease of an earlier start of node %r to run out", owner.node)
+            await anyio.sleep(1.0)
 
     async def leave(self, owner: Owner) -> None:
         """At a clean stop: drop ``owner`` from the nodes seen alive."""
@@ -337,8 +364,10 @@ class PostgresStore:
                 held = {row[0] for row in rows}
             await db.execute(
                 "INSERT INTO nodes (name, incarnation, seen, running) VALUES (%s, %s, warmpod_now(), %s) "
-                "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, seen = excluded.seen, "
-                "running = excluded.running",
+                # A start that a later one of the same name took over (it was frozen past its
+                # lease) does not take the row back.
+                "ON CONFLICT (name) DO UPDATE SET seen = excluded.seen, running = excluded.running "
+                "WHERE nodes.incarnation = excluded.incarnation",
                 (owner.node, owner.incarnation, len(held)),
             )
             nodes = [

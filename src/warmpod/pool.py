@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 
-from warmpod import metrics, protocol
+from warmpod import host, metrics, protocol
 from warmpod.backoff import Backoff
 from warmpod.errors import EngineError, PoolUnavailable, ProtocolError, WarmpodError
 from warmpod.image import context_dir
@@ -167,12 +167,12 @@ class Pool:
 
     async def remove_leftovers(self) -> int:
         """Destroy containers whose server on this host is no longer alive; return how many."""
-        host = socket.gethostname()
+        hostname = socket.gethostname()
         removed = 0
         for container_id, labels in await self._engine.list_labelled(LABEL_INSTANCE):
-            if labels.get(LABEL_INSTANCE) == self.instance or labels.get(LABEL_HOST) != host:
+            if labels.get(LABEL_INSTANCE) == self.instance or labels.get(LABEL_HOST) != hostname:
                 continue
-            if _alive(labels.get(LABEL_PID, "")):
+            if host.process_alive(labels.get(LABEL_PID, "")):
                 continue
             log.warning("removing container %s left by a dead warmpod", container_id[:12])
             try:
@@ -447,15 +447,3 @@ class Pool:
         for container_id, labels in await self._engine.list_labelled(LABEL_INSTANCE):
             if labels.get(LABEL_INSTANCE) == self.instance:
                 await self._engine.destroy(container_id)
-
-
-def _alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -223,7 +223,8 @@ async def test_a_heartbeat_keeps_the_lease_and_reports_what_it_holds(store: Stor
 
 async def test_join_reports_its_own_earlier_runs_only(store: Store, request: pytest.FixtureRequest) -> None:
     """A node's new start ends what its earlier starts held, with their output; on a shared store
-    another node's live runs are left alone, and a second live node of the same name is refused."""
+    another node's live runs are left alone, and a second live node of the same name is refused
+    once it has waited out the lease."""
     for run_id in ("mine", "theirs", "waits"):
         await store.add(run_id, SPEC, max_queued=10)
     mine = (await claim(store)).fence
@@ -238,8 +239,18 @@ async def test_join_reports_its_own_earlier_runs_only(store: Store, request: pyt
         record = await store.get("theirs")
         assert record is not None
         assert record.status == "running"
-        with pytest.raises(StoreError, match="WARMPOD_NODE__NAME"):
-            await store.join(Owner(node="a", incarnation="a-3"), LEASE, LOST)
+        # While a-2 beats, a third start of the name waits out its lease (1 s here), then gives up.
+        async with anyio.create_task_group() as tg:
+
+            async def beat() -> None:
+                while True:
+                    await store.heartbeat(restarted, 1.0, [])
+                    await anyio.sleep(0.2)
+
+            tg.start_soon(beat)
+            with pytest.raises(StoreError, match="WARMPOD_NODE__NAME"):
+                await store.join(Owner(node="a", incarnation="a-3"), 1.0, LOST)
+            tg.cancel_scope.cancel()
     record = await store.get("mine")
     assert record is not None
     assert record.result is not None
