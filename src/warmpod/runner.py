@@ -63,6 +63,10 @@ class RunOutput:
         chunks, self._pending = self._pending, []
         return chunks
 
+    def untake(self, chunks: list[Chunk]) -> None:
+        """Put chunks the store could not keep back ahead of newer ones, for the next take."""
+        self._pending[:0] = chunks
+
     @property
     def stdout(self) -> str:
         """The program's stdout so far, as text."""

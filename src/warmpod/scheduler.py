@@ -605,9 +605,11 @@ class Scheduler:
                 with anyio.CancelScope(shield=True):
                     try:
                         held = await self._store.add_output(live.fence, chunks)
-                    except StoreError:
-                        # The run goes on (its result keeps all of its output); so does the service.
-                        log.exception("could not keep the output of run %s", run_id)
+                    except StoreError as exc:
+                        # The run goes on, and so does the service; the chunks are written with
+                        # the next ones (rewriting one already kept changes nothing).
+                        live.output.untake(chunks)
+                        log.warning("could not keep the output of run %s (trying again): %s", run_id, exc)
                     else:
                         if not held:
                             self._lose(run_id, live, "another node reported it ended: its lease ran out")

@@ -308,3 +308,13 @@ async def test_files_extend_the_wait_past_the_timeout_and_its_grace() -> None:
     )
     assert run.status == "succeeded"
     assert [(f.path, f.size) for f in run.files] == [("out/a.bin", 2)]
+
+
+def test_chunks_the_store_could_not_keep_come_back_first() -> None:
+    """Chunks put back after a failed write are taken again ahead of newer ones, unchanged."""
+    output = streamed(b"one ", b"err")
+    failed = output.take()
+    assert output.add("stdout", b"two")
+    output.untake(failed)
+    assert [c.seq for c in output.take()] == [0, 1, 2]
+    assert output.take() == []
