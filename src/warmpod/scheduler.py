@@ -62,6 +62,9 @@ class _LiveRun:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     lost: str | None = None
     """Why this node no longer holds the run (its lease ran out): nothing more of it is written."""
+    finishing: bool = False
+    """Its result is being written: a heartbeat renews it, and the result's write learns whether
+    it was lost (a heartbeat racing that write would take the written run for a lost one)."""
 
     def ended(self, run_id: str, status: Literal["cancelled", "error"], error: str | None) -> RunResult:
         return RunResult.from_server(
@@ -458,8 +461,8 @@ class Scheduler:
                 self.nodes = beat.nodes
                 self._queued = beat.queued
                 for run_id, live in held.items():
-                    # One that ended since the snapshot left ``_live`` before its result was written.
-                    if run_id in self._live and run_id not in beat.held:
+                    # One whose result is being written finds out from that write.
+                    if not live.finishing and run_id not in beat.held:
                         self._lose(run_id, live, "its lease ran out and another node reported it ended")
                 self._top_up(beat.queued)
                 try:
@@ -504,39 +507,42 @@ class Scheduler:
 
     async def _execute(self, claim: Claim, sandbox: Sandbox) -> None:
         run_id, spec = claim.fence.run_id, claim.spec
+        # The run stays in ``_live`` until its result is written, so heartbeats renew its lease
+        # while a result waits for room in the store (or this node's own reaper would end it).
         live = self._live[run_id] = _LiveRun(claim.fence, self._runner.output(spec))
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._tend, run_id, live)
-                with live.scope:
-                    try:
-                        result = await self._runner.execute(run_id, spec, sandbox, live.output)
-                    except Exception:
-                        log.exception("run %s failed inside warmpod", run_id)
-                        result = live.ended(run_id, "error", "internal error; see the server log")
-                tg.cancel_scope.cancel()
-            if live.scope.cancelled_caught and live.lost is None:
-                result = live.ended(run_id, "cancelled", None)
-        except anyio.get_cancelled_exc_class():
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._tend, run_id, live)
+                    with live.scope:
+                        try:
+                            result = await self._runner.execute(run_id, spec, sandbox, live.output)
+                        except Exception:
+                            log.exception("run %s failed inside warmpod", run_id)
+                            result = live.ended(run_id, "error", "internal error; see the server log")
+                    tg.cancel_scope.cancel()
+                if live.scope.cancelled_caught and live.lost is None:
+                    result = live.ended(run_id, "cancelled", None)
+            except anyio.get_cancelled_exc_class():
+                with anyio.CancelScope(shield=True):
+                    if live.lost is None:
+                        stopped = live.ended(run_id, "error", "the server stopped before the run ended")
+                        await self._finish(run_id, stopped, live)
+                raise
+            if live.lost is not None:
+                return  # another node reported it; the sandbox is destroyed as the lease ends
             with anyio.CancelScope(shield=True):
-                if live.lost is None:
-                    await self._finish(
-                        run_id, live.ended(run_id, "error", "the server stopped before the run ended"), live
-                    )
-            raise
+                await self._finish(run_id, result, live)
         finally:
             del self._live[run_id]
             if not self._live:
                 self._quiet.set()
-        if live.lost is not None:
-            return  # another node reported it; the sandbox is destroyed as the lease ends
-        with anyio.CancelScope(shield=True):
-            await self._finish(run_id, result, live)
 
     async def _finish(self, run_id: str, result: RunResult, live: _LiveRun) -> None:
         # A result that cannot be written (the store's disk is full) is kept and tried again
         # until it is, holding this worker: no further run starts while none could be recorded.
         # Only a stopping server gives up on it; the next start reports the run as interrupted.
+        live.finishing = True
         chunks = live.output.take()
         listed = {f.path for f in result.files}
         files = [(f.path, bytes(f.data)) for f in live.output.files.complete if f.path in listed]
