@@ -16,6 +16,7 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -29,16 +30,21 @@ from warmpod.settings import from_env
 STEPS = ("create", "start", "ready", "pause", "unpause", "run", "remove")
 
 
-async def measure(count: int, preload: tuple[str, ...]) -> dict[str, list[float]]:
-    """Seconds each step took, for ``count`` containers made and removed one after another."""
+async def measure(
+    count: int, preload: tuple[str, ...], probe: Callable[[Path], float] | None = None
+) -> tuple[dict[str, list[float]], float]:
+    """Seconds each step took, for ``count`` containers made and removed one after another, and
+    what ``probe(state_dir)`` (bench/lifecycle.py: the private service's CPU) grew by meanwhile."""
     settings = from_env()
     state = Path(tempfile.mkdtemp(prefix="wp-steps-", dir="/tmp"))
     times: dict[str, list[float]] = {step: [] for step in STEPS}
+    probed = 0.0
     try:
         async with podman_service.running(settings.engine, state) as podman:
             runtime = Runtime(podman.url, settings.engine.api_concurrency)
             seccomp = (context_dir(settings) / "seccomp.json").resolve()
             try:
+                probed = -probe(state) if probe else 0.0
                 for index in range(count):
                     directory = state / str(index)
                     directory.mkdir()
@@ -81,11 +87,12 @@ async def measure(count: int, preload: tuple[str, ...]) -> dict[str, list[float]
                     started = time.perf_counter()
                     await runtime.destroy(container_id)
                     lap("remove")
+                probed += probe(state) if probe else 0.0
             finally:
                 runtime.close()
     finally:
         shutil.rmtree(state, ignore_errors=True)
-    return times
+    return times, probed
 
 
 def main() -> None:
@@ -97,7 +104,7 @@ def main() -> None:
     parser.add_argument("--preload", default="", help="modules to preload, comma-separated (none)")
     args = parser.parse_args()
     preload = tuple(name for name in args.preload.split(",") if name)
-    times = anyio.run(measure, args.count, preload)
+    times, _ = anyio.run(measure, args.count, preload)
     print(f"preload: {', '.join(preload) or 'none'}; {args.count} containers, one at a time (ms)")
     for step, samples in times.items():
         print(f"{step:<8} median {statistics.median(samples) * 1000:7.1f}   min {min(samples) * 1000:7.1f}")
