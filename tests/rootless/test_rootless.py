@@ -157,15 +157,23 @@ def test_container_root_is_the_user_not_host_root(
     )
     assert program_host_uid not in (0, 65534, user.uid), uid_map
     # On the host: each idle pool container's PID 1, the agent, runs as the user, not as root.
+    # The pool of two may be refilling after the runs before (both containers still starting):
+    # look again until one is running.
     checked = 0
-    for container in user.containers(f"{LABEL_PID}={server.pid}"):
-        if container["State"] == "running" and container.get("Pid"):
-            try:
-                uid = status_uid(int(container["Pid"]))
-            except FileNotFoundError:
-                continue  # listed while it went: the container that served the run above
-            assert uid == user.uid, container["Names"]
-            checked += 1
+
+    def check_agents() -> int:
+        nonlocal checked
+        for container in user.containers(f"{LABEL_PID}={server.pid}"):
+            if container["State"] == "running" and container.get("Pid"):
+                try:
+                    uid = status_uid(int(container["Pid"]))
+                except FileNotFoundError:
+                    continue  # listed while it went: the container that served the run above
+                assert uid == user.uid, container["Names"]
+                checked += 1
+        return checked
+
+    wait_until(check_agents, timeout=60, interval=0.5)
     assert checked, "no pool container's agent was running to look at"
 
 
