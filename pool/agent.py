@@ -7,10 +7,12 @@ listens on /run/warmpod/agent.sock for one connection, says hello, waits for one
 job to the interpreter, collects stdout and stderr separately up to a cap, and sends one result.
 
 Frames on the socket are a 4-byte big-endian length followed by a JSON object with a "type"
-field. Stdlib only: the runner image carries nothing warmpod-specific besides this file.
+field. Stdlib only: the runner image carries nothing warmpod-specific besides this file and the
+program's bootstrap (pool/bootstrap.py), both compiled to bytecode by the image build and run from it
+(``python3 -I -S agent.pyc``: no site, no compile at start; every container pays its start-up).
 """
 
-import base64
+import binascii
 import fcntl
 import json
 import os
@@ -20,7 +22,6 @@ import signal
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import time
 
@@ -48,145 +49,10 @@ CPU_CHECK_INTERVAL = 0.1
 START_CPU_SECONDS = 60
 JOB_FD = 3
 READY_FD = 4
+# The program's interpreter runs this (pool/bootstrap.py, compiled by the image build).
+BOOTSTRAP = "/opt/warmpod/bootstrap.pyc"
 PROTOCOL_VERSION = 2
 LANDLOCK_ABI = 0
-
-# The interpreter the user's program runs in. It first imports the preload modules named in its
-# arguments (the program's own process pays for them, before the container is paused), reports
-# readiness and any module that failed on fd 4, then waits for the job on fd 3, writes main.py
-# into its working directory and runs it as __main__ the way `python3 -I main.py` would: a fresh
-# module, __file__ set, sys.argv == ["main.py"], tracebacks without this bootstrap's frame.
-# With modules preloaded it ends the way Py_Finalize does up to module teardown: threads joined,
-# atexit handlers run, the program's globals released, stdout and stderr flushed. Tearing pandas
-# down would cost about 50 ms more, and nothing of the process outlives it.
-BOOTSTRAP = r"""
-def _warmpod_boot():
-    import sys, os, builtins
-    failed = []
-    preloaded = len(sys.argv) > 1
-    if preloaded:
-        # What the imports print or warn would otherwise reach the run's output as the program's.
-        saved = [os.dup(1), os.dup(2)]
-        quiet = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(quiet, 1)
-        os.dup2(quiet, 2)
-        os.close(quiet)
-        for name in sys.argv[1:]:
-            try:
-                __import__(name)
-            except BaseException:
-                failed.append(name)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, copy in enumerate(saved, 1):
-            os.dup2(copy, fd)
-            os.close(copy)
-    os.write(4, ("r" + ",".join(failed)).encode())
-    os.close(4)
-    del failed
-    job = bytearray()
-    while True:
-        chunk = os.read(3, 1048576)
-        if not chunk:
-            break
-        job += chunk
-    os.close(3)
-    # "cpu address_space len(source) then len(path) len(content) per file", a newline, the bytes.
-    newline = job.index(b"\n")
-    cpu_seconds, address_space, size, *lengths = (int(v) for v in job[:newline].split())
-    view = memoryview(job)[newline + 1:]
-    source = bytes(view[:size])
-    view = view[size:]
-    # The input files, written as this (the program's) user, before its CPU budget starts. The
-    # server checked every path; /work is a fresh tmpfs, so nothing in it can redirect a write.
-    os.mkdir("out", 0o755)
-    content = view
-    for name_size, content_size in zip(lengths[::2], lengths[1::2]):
-        name = bytes(view[:name_size]).decode()
-        content = view[name_size:name_size + content_size]
-        view = view[name_size + content_size:]
-        try:
-            parent = os.path.dirname(name)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            while content:
-                content = content[os.write(fd, content):]
-            os.close(fd)
-        except OSError as exc:
-            print(f"warmpod: could not write the input file {name!r}: {exc}", file=sys.stderr)
-            sys.exit(1)
-    del view, content, job
-    if cpu_seconds or address_space:
-        import resource
-        if cpu_seconds:
-            # RLIMIT_CPU counts this process's CPU since it started, preloading included: the
-            # program's budget starts now (rounded up to the whole second the limit counts in).
-            used = sum(os.times()[:2])
-            start = int(-(-used // 1))
-            resource.setrlimit(resource.RLIMIT_CPU, (start + cpu_seconds, start + cpu_seconds + 1))
-        if address_space:
-            # On top of what the preloaded interpreter maps already (numpy, pandas and pyarrow
-            # map some 350 MB of address space before the program allocates a byte).
-            with open("/proc/self/statm") as f:
-                mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-            resource.setrlimit(resource.RLIMIT_AS, (mapped + address_space, mapped + address_space))
-        del sys.modules["resource"], resource
-    path = os.path.join(os.getcwd(), "main.py")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    view = memoryview(source)
-    while view:
-        view = view[os.write(fd, view):]
-    os.close(fd)
-    module = type(sys)("__main__")
-    module.__dict__.update(__file__=path, __builtins__=builtins, __cached__=None,
-                           __annotations__={}, __loader__=None, __spec__=None,
-                           __package__=None)
-    sys.modules["__main__"] = module
-    sys.argv[:] = ["main.py"]
-    sys.orig_argv[:] = [sys.executable, "-I", "main.py"]
-    try:
-        code = compile(source, path, "exec", dont_inherit=True)
-    except SyntaxError as exc:
-        # Python 3.12+ prints exc.__traceback__ whatever tb is passed: drop this frame from it.
-        sys.excepthook(type(exc), exc.with_traceback(None), None)
-        sys.exit(1)
-    status = 0
-    try:
-        exec(code, module.__dict__)
-    except SystemExit as exc:
-        if not preloaded:
-            raise
-        status = exc.code
-    except BaseException as exc:
-        if exc.__traceback__ is not None:
-            exc.__traceback__ = exc.__traceback__.tb_next
-        sys.excepthook(type(exc), exc, exc.__traceback__)
-        status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        if not preloaded:
-            sys.exit(status)
-    if not preloaded:
-        return
-    if status is None:
-        status = 0
-    elif not isinstance(status, int):
-        print(status, file=sys.stderr)
-        status = 1
-    if "threading" in sys.modules:
-        sys.modules["threading"]._shutdown()
-    import atexit
-    atexit._run_exitfuncs()
-    module.__dict__.clear()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            status = status or 120
-    os._exit(status & 255)
-_warmpod_boot()
-del _warmpod_boot
-"""
 
 
 def send_frame(conn, message):
@@ -300,9 +166,8 @@ _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
 def kill_foreign_syscalls():
     """Install a seccomp filter that kills the process at any non-native system call."""
     import ctypes
-    import platform
 
-    machine = platform.machine()
+    machine = os.uname().machine
     if machine not in _AUDIT_ARCH:
         return
     program = [
@@ -466,15 +331,51 @@ def filesystem_full(path):
     return st.f_bavail == 0 or (st.f_files > 0 and st.f_favail == 0)
 
 
+class Program:
+    """The interpreter's process and the agent's ends of its stdin, stdout and stderr pipes."""
+
+    def __init__(self, pid, stdin, stdout, stderr):
+        self.pid = pid
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.returncode = None
+
+    def collect(self, options):
+        """Wait for the process with ``os.waitpid`` ``options``; its exit code, or None while it runs."""
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, options)
+            except ChildProcessError:  # reaped already, by reap(), which kept its code
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def poll(self):
+        return self.collect(os.WNOHANG)
+
+    def wait(self):
+        return self.collect(0)
+
+    def close_stdin(self):
+        if self.stdin >= 0:
+            os.close(self.stdin)
+            self.stdin = -1
+
+
 def spawn_interpreter():
-    """Start the user's interpreter now, so a job does not wait for its start-up."""
+    """Start the user's interpreter now, so a job does not wait for its start-up.
+
+    A plain fork and exec: the subprocess module (and what it imports) would cost every container
+    several milliseconds of CPU at the agent's start, and a preexec function forces a fork anyway.
+    """
+    # All above 10, so that placing them on 0-4 in the child overwrites none of them.
+    stdin_r, stdin_w = pipe_above(10)
+    stdout_r, stdout_w = pipe_above(10)
+    stderr_r, stderr_w = pipe_above(10)
     job_r, job_w = pipe_above(10)
     ready_r, ready_w = pipe_above(10)
-    # pass_fds keeps descriptors by number: the bootstrap expects the job on 3, readiness on 4.
-    os.dup2(job_r, JOB_FD)
-    os.dup2(ready_w, READY_FD)
-    os.close(job_r)
-    os.close(ready_w)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
@@ -484,20 +385,30 @@ def spawn_interpreter():
         "MPLCONFIGDIR": MATPLOTLIB_DIR,
     }
     preload = [name for name in os.environ.get("WARMPOD_PRELOAD", "").split(",") if name]
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-c", BOOTSTRAP, *preload],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        cwd=WORKDIR,
-        env=env,
-        pass_fds=(JOB_FD, READY_FD),
-        start_new_session=True,
-        preexec_fn=prepare_program,
-    )
-    os.close(JOB_FD)
-    os.close(READY_FD)
-    return proc, job_w, ready_r
+    argv = [sys.executable, "-I", BOOTSTRAP, *preload]
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    pid = os.fork()
+    if pid == 0:
+        # The child never returns into the agent: it execs or exits, reporting why on the ready pipe.
+        try:
+            # The bootstrap expects the job on 3 and reports readiness on 4 (dup2 clears close-on-exec).
+            placed = ((stdin_r, 0), (stdout_w, 1), (stderr_w, 2), (job_r, JOB_FD), (ready_w, READY_FD))
+            for source, target in placed:
+                os.dup2(source, target)
+            os.chdir(WORKDIR)
+            os.setsid()
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            prepare_program()
+            os.closerange(READY_FD + 1, open_files)
+            os.execve(sys.executable, argv, env)
+        except BaseException as exc:
+            try:
+                os.write(READY_FD, b"e" + repr(exc).encode(errors="replace")[:1000])
+            finally:
+                os._exit(127)
+    for fd in (stdin_r, stdout_w, stderr_w, job_r, ready_w):
+        os.close(fd)
+    return Program(pid, stdin_w, stdout_r, stderr_r), job_w, ready_r
 
 
 def process_cpu_seconds(pid):
@@ -517,7 +428,8 @@ def wait_ready(ready_r, proc):
         report += chunk
     os.close(ready_r)
     if proc.poll() is not None or not report.startswith(b"r"):
-        raise RuntimeError(f"interpreter exited during start-up with {proc.wait()}")
+        detail = report[1:].decode(errors="replace")
+        raise RuntimeError(f"interpreter exited during start-up with {proc.wait()}: {detail}")
     return [name for name in report[1:].decode(errors="replace").split(",") if name]
 
 
@@ -544,11 +456,11 @@ def kill_everything():
 
 
 def b64(data):
-    return base64.b64encode(data).decode()
+    return binascii.b2a_base64(data, newline=False).decode()
 
 
 def run_job(conn, proc, job_w, job):
-    stdin = base64.b64decode(job["stdin"])
+    stdin = binascii.a2b_base64(job["stdin"])
     timeout = float(job["timeout"])
     cap = int(job["max_output_bytes"])
     container_cpu = env_int("WARMPOD_CPU_SECONDS")
@@ -558,8 +470,8 @@ def run_job(conn, proc, job_w, job):
     startup_cpu = process_cpu_seconds(proc.pid)
     # Only where no memory cgroup applies, a coarse fallback: the bootstrap sets it once preloaded.
     address_space = int(job.get("address_space") or 0) or env_int("WARMPOD_AS_BYTES") or 0
-    code = base64.b64decode(job.pop("code"))
-    files = [(path.encode(), base64.b64decode(content)) for path, content in job.pop("files", [])]
+    code = binascii.a2b_base64(job.pop("code"))
+    files = [(path.encode(), binascii.a2b_base64(content)) for path, content in job.pop("files", [])]
     lengths = "".join(f" {len(path)} {len(content)}" for path, content in files)
     header = f"{cpu_seconds or container_cpu or 0} {address_space} {len(code)}{lengths}\n".encode()
     oom_before, pids_before = oom_kills(), pids_max_hits()
@@ -578,22 +490,22 @@ def run_job(conn, proc, job_w, job):
     os.close(job_w)
     del code, files, view, piece
 
-    outputs = (proc.stdout.fileno(), proc.stderr.fileno())
+    outputs = (proc.stdout, proc.stderr)
     sent = {"stdout": 0, "stderr": 0}
-    names = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
+    names = {proc.stdout: "stdout", proc.stderr: "stderr"}
     truncated = {"stdout": False, "stderr": False}
     limits_hit = []
     poller = select.poll()
     for fd in outputs:
         os.set_blocking(fd, False)
         poller.register(fd, select.POLLIN)
-    stdin_fd = proc.stdin.fileno()
+    stdin_fd = proc.stdin
     stdin_view = memoryview(stdin)
     if stdin_view:
         os.set_blocking(stdin_fd, False)
         poller.register(stdin_fd, select.POLLOUT)
     else:
-        proc.stdin.close()
+        proc.close_stdin()
         stdin_fd = -1
     pidfd = os.pidfd_open(proc.pid)
     poller.register(pidfd, select.POLLIN)
@@ -604,7 +516,7 @@ def run_job(conn, proc, job_w, job):
         nonlocal stdin_fd
         if stdin_fd >= 0:
             poller.unregister(stdin_fd)
-            proc.stdin.close()
+            proc.close_stdin()
             stdin_fd = -1
 
     while open_streams or not exited:

@@ -34,7 +34,7 @@ PIP_REQUIREMENT = "pip==26.3 --hash=sha256:f3b60b20ffaadd4415ed7957212a38ac63fa4
 TIMEOUT = 20 * 60.0
 """Longest any one tool may run, in seconds."""
 
-CONTEXT_FILES = ("Containerfile", "agent.py", "finish_image.py", "requirements.lock")
+CONTEXT_FILES = ("Containerfile", "agent.py", "bootstrap.py", "finish_image.py", "requirements.lock")
 """The build inputs taken from the pool directory; the image tag is a hash over them. The lock is
 the one of ``WARMPOD_IMAGE__REQUIREMENTS`` instead when that is set."""
 LOCK_COMMAND = "warmpod image lock"

@@ -22,6 +22,7 @@ def context(tmp_path: Path) -> Path:
     path.mkdir()
     (path / "Containerfile").write_text("ARG BASE\nFROM ${BASE}\n")
     (path / "agent.py").write_text('"""agent"""\n')
+    (path / "bootstrap.py").write_text('"""bootstrap"""\n')
     (path / "finish_image.py").write_text('"""finish"""\n')
     (path / "requirements.lock").write_text("numpy==2.0.0 --hash=sha256:00\n")
     (path / "README").write_text("not a build input\n")
