@@ -11,6 +11,7 @@ median and minimum of each step in milliseconds. Under load these steps, not the
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
@@ -25,17 +26,26 @@ from warmpod import image, podman_service, protocol
 from warmpod.image import context_dir
 from warmpod.runtime import Runtime
 from warmpod.sandbox import SOCKET_NAME, connect, container_spec
+from warmpod.service import own_user_namespaces
 from warmpod.settings import from_env
 
 STEPS = ("create", "start", "ready", "pause", "unpause", "run", "remove")
 
 
 async def measure(
-    count: int, preload: tuple[str, ...], probe: Callable[[Path], float] | None = None
+    count: int,
+    preload: tuple[str, ...],
+    probe: Callable[[Path], float] | None = None,
+    *,
+    pause: bool = True,
 ) -> tuple[dict[str, list[float]], float]:
     """Seconds each step took, for ``count`` containers made and removed one after another, and
-    what ``probe(state_dir)`` (bench/lifecycle.py: the private service's CPU) grew by meanwhile."""
+    what ``probe(state_dir)`` (bench/lifecycle.py: the private service's CPU) grew by meanwhile.
+
+    Containers are made as the pool makes them (a user namespace of their own where it gives
+    them one); ``pause=False`` leaves out pause and unpause, as the pool does while runs wait."""
     settings = from_env()
+    userns = own_user_namespaces(settings, rootless=os.geteuid() != 0)
     state = Path(tempfile.mkdtemp(prefix="wp-steps-", dir="/tmp"))
     times: dict[str, list[float]] = {step: [] for step in STEPS}
     probed = 0.0
@@ -56,6 +66,7 @@ async def measure(
                         agent_dir=directory,
                         limits=settings.limits,
                         cgroup_limits=True,
+                        userns=userns,
                         preload=preload,
                     )
                     started = time.perf_counter()
@@ -73,10 +84,11 @@ async def measure(
                     channel = await connect(directory / SOCKET_NAME, 1 << 20)
                     await channel.receive()
                     lap("ready")
-                    await runtime.pause(container_id)
-                    lap("pause")
-                    await runtime.unpause(container_id)
-                    lap("unpause")
+                    if pause:
+                        await runtime.pause(container_id)
+                        lap("pause")
+                        await runtime.unpause(container_id)
+                        lap("unpause")
                     job = protocol.Job(code=b"print(1)", stdin=b"", timeout=5, max_output_bytes=1024)
                     await channel.send(job)
                     while not isinstance(await channel.receive(), protocol.Result):
@@ -107,6 +119,8 @@ def main() -> None:
     times, _ = anyio.run(measure, args.count, preload)
     print(f"preload: {', '.join(preload) or 'none'}; {args.count} containers, one at a time (ms)")
     for step, samples in times.items():
+        if not samples:
+            continue
         print(f"{step:<8} median {statistics.median(samples) * 1000:7.1f}   min {min(samples) * 1000:7.1f}")
 
 

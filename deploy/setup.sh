@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(podman runc conmon uidmap slirp4netns fuse-overlayfs catatonit debootstrap mmdebstrap)
+packages=(podman crun runc conmon uidmap slirp4netns fuse-overlayfs catatonit debootstrap mmdebstrap)
 case "${1:-}" in
     --test) packages+=(chromium chromium-driver make podman-compose postgresql) ;;
     "") ;;
@@ -35,6 +35,19 @@ for file in /etc/subuid /etc/subgid; do
         echo "containers:2147483647:2147483648" | $sudo tee -a "$file" >/dev/null
     fi
 done
+
+# crun costs a container far less CPU than runc, but refuses a cgroup v1 hybrid host whose v2
+# hierarchy still holds a controller (hugetlb, typically): bind each such controller to a v1
+# hierarchy of its own, as the others are. Until the next boot; warmpod uses runc where it is not.
+unified=/sys/fs/cgroup/unified
+if [[ -f $unified/cgroup.controllers && ! -f /sys/fs/cgroup/cgroup.controllers && $(id -u) -eq 0 ]]; then
+    for controller in $(cat "$unified/cgroup.controllers"); do
+        echo "setup: binding the cgroup controller $controller to a v1 hierarchy (for crun)" >&2
+        mkdir -p "/sys/fs/cgroup/$controller" 2>/dev/null \
+            && mount -t cgroup -o "$controller" cgroup "/sys/fs/cgroup/$controller" \
+            || echo "setup: could not; warmpod will use runc" >&2
+    done
+fi
 
 if command -v uv >/dev/null 2>&1; then
     uv=(uv)

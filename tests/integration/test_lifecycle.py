@@ -288,3 +288,25 @@ def test_a_deleted_runner_image_is_reported_and_recovered_from(
         assert instance_containers(instance) == [], server.log_tail()
     finally:
         subprocess.run(["podman", "rmi", "--force", ref], capture_output=True, check=False)
+
+
+def test_pool_containers_start_without_an_exit_command(server: WarmpodServer) -> None:
+    """The private service's conmon starts no `podman container cleanup` when a pool container ends
+    (the API's removal does that work), and containers run on the runtime warmpod picked."""
+    server.wait_pool_full()
+    names = instance_containers(server.instance())
+    assert names
+    runtime = host.pick_runtime(from_env().engine, host.HostFacts.read())
+    checked = 0
+    for name in names:
+        pid = podman("inspect", "--format", "{{.State.ConmonPid}}", name).strip()
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ValueError):
+            continue  # removed meanwhile
+        assert argv[0].endswith(b"conmon"), argv
+        assert not [arg for arg in argv if arg.startswith(b"--exit-command")], argv
+        if runtime:
+            assert os.path.basename(argv[argv.index(b"-r") + 1]) == runtime.encode(), argv
+        checked += 1
+    assert checked, names
