@@ -10,6 +10,7 @@ import socket
 import struct
 import threading
 import time
+import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -372,10 +373,17 @@ class FakeLeaser:
         if self.failures:
             self.failures -= 1
             raise PoolUnavailable("no sandbox became free within 30 s")
-        yield cast(Sandbox, object())
+        yield cast(Sandbox, types.SimpleNamespace(warm=False))
 
     def check_memory(self, limit_bytes: int) -> None:
         """Any limit will do."""
+
+    def wants_preload(self, code: bytes) -> bool:
+        """No run does."""
+        return False
+
+    def note_demand(self, warm: bool) -> None:
+        """Nothing to learn."""
 
 
 CANNED = RunResult(

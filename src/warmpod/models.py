@@ -77,6 +77,8 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_output_bytes: int
     files: tuple[tuple[str, bytes], ...] = ()
     """``(path, content)`` of each input file, paths checked."""
+    warm: bool = False
+    """It imports libraries: a sandbox whose interpreter preloaded them serves it best."""
 
 
 class RunResult(msgspec.Struct, kw_only=True):

@@ -21,6 +21,7 @@ from warmpod.backoff import Backoff
 from warmpod.errors import StoreError
 from warmpod.models import NodeSeen, RunResult, RunSpec
 from warmpod.store import (
+    PREFERRED_WAIT,
     Added,
     Beat,
     CancelOutcome,
@@ -104,6 +105,8 @@ _MIGRATIONS = (
         pid integer
     );
     """,
+    # 2: which runs a preloaded sandbox serves best (RunSpec.warm), for claims by kind.
+    "ALTER TABLE runs ADD COLUMN warm boolean NOT NULL DEFAULT false;",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -295,9 +298,9 @@ class PostgresStore:
             if await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'") >= max_queued:
                 return "queue-full"
             await db.execute(
-                "INSERT INTO runs (id, status, spec, created, key) "
-                "VALUES (%s, 'queued', %s, warmpod_now(), %s)",
-                (run_id, encode_blob(spec), key),
+                "INSERT INTO runs (id, status, spec, created, key, warm) "
+                "VALUES (%s, 'queued', %s, warmpod_now(), %s, %s)",
+                (run_id, encode_blob(spec), key, spec.warm),
             )
             await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
         return "added"
@@ -307,18 +310,20 @@ class PostgresStore:
         async with self._transaction() as db:
             return await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'")
 
-    async def claim(self, owner: Owner, lease: float) -> Claim | None:
-        """Give the oldest queued run to ``owner``; SKIP LOCKED lets other nodes take the next one."""
+    async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
+        """Give the oldest queued run to ``owner``, those of ``warm``'s kind first (see
+        ``Store.claim``); SKIP LOCKED lets other nodes take the next one."""
         while True:
             async with self._transaction() as db:
                 row = await (
                     await db.execute(
                         "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "
                         "incarnation = %s, attempt = attempt + 1, lease_until = warmpod_now() + %s "
-                        "WHERE n = (SELECT n FROM runs WHERE status = 'queued' ORDER BY n LIMIT 1 "
+                        "WHERE n = (SELECT n FROM runs WHERE status = 'queued' "
+                        "ORDER BY (warm = %s OR created < warmpod_now() - %s) DESC, n LIMIT 1 "
                         "FOR UPDATE SKIP LOCKED) "
                         "RETURNING id, spec, attempt",
-                        (owner.node, owner.incarnation, lease),
+                        (owner.node, owner.incarnation, lease, warm, PREFERRED_WAIT),
                     )
                 ).fetchone()
                 if row is None:

@@ -7,8 +7,10 @@ import itertools
 import logging
 import math
 import os
+import re
 import shutil
 import socket
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -44,6 +46,24 @@ LABEL_HOST = "io.warmpod.host"
 LABEL_PID = "io.warmpod.pid"
 # Seconds since a run last found the pool empty before new containers are preloaded again.
 PRELOAD_CALM = 5.0
+# How fast the pool's view of the runs' mix follows the runs claimed (the weight of the latest).
+DEMAND_WEIGHT = 1 / 8
+# Imports are looked for in this much of a program: where they are, and a bound on the event loop.
+IMPORTS_SCANNED = 64 * 1024
+_IMPORT = re.compile(rb"^[ \t]*(?:from[ \t]+([A-Za-z_]\w*)|import[ \t]+([^\n#;]+))", re.MULTILINE)
+
+
+def imports_libraries(code: bytes) -> bool:
+    """Whether ``code`` imports a module from outside the standard library (its import statements
+    at the start of a line, in its first ``IMPORTS_SCANNED`` bytes): a cheap hint, never a check."""
+    for match in _IMPORT.finditer(code, 0, IMPORTS_SCANNED):
+        statement = (
+            [match[1]] if match[1] else [part.split()[0] for part in match[2].split(b",") if part.strip()]
+        )
+        for name in statement:
+            if name.split(b".")[0].decode("ascii", "replace") not in sys.stdlib_module_names:
+                return True
+    return False
 
 
 @dataclass
@@ -73,6 +93,12 @@ class Pool:
     Runs get containers in the order they asked. A container leased and given back with nothing
     done to it (no job: another node claimed the run) has served no run: it goes back to the head
     of the ready queue, and the next lease takes it instead of a new one.
+
+    Preloading (``pool.preload``) costs a container some 300 ms of CPU, which only runs that
+    import libraries (``wants_preload``) gain from. While the pool keeps up, every container is
+    preloaded; once runs find it empty, the share of preloaded containers among those ready and
+    starting follows the share of such runs among those claimed (``note_demand``), and a sandbox
+    claims a run of its own kind first (``Store.claim``).
     """
 
     def __init__(
@@ -103,6 +129,9 @@ class Pool:
         self._ready: deque[Sandbox] = deque()
         self._busy: set[Sandbox] = set()
         self._starting = 0
+        self._starting_warm = 0
+        # The share of claimed runs that wanted a preloaded sandbox, weighted toward the latest.
+        self._demand = 0.0
         self._queue: deque[object] = deque()
         self._floor, self._ceiling = settings.pool.bounds
         self._target = self._floor
@@ -215,6 +244,28 @@ class Pool:
         async with self._changed:
             self._changed.notify_all()
 
+    def _preload_next(self) -> bool:
+        """Whether the container about to be made (counted as starting) should preload."""
+        # After a failed start the next one is bare, so a preload that crashes or hangs the
+        # interpreter cannot keep the pool empty.
+        if not self._settings.pool.preload or self._consecutive_failures:
+            return False
+        # While the pool keeps up, CPU is to spare and every run is served warm.
+        if anyio.current_time() - self._last_shortage > PRELOAD_CALM and not self._queue:
+            return True
+        # Once CPU is the limit, preloading serves only the runs that import libraries: keep the
+        # preloaded share of the containers coming in step with theirs.
+        warm = sum(sandbox.warm for sandbox in self._ready) + self._starting_warm
+        return warm < round(self._demand * (len(self._ready) + self._starting))
+
+    def note_demand(self, warm: bool) -> None:
+        """A run was claimed: ``warm``, whether it wanted a preloaded sandbox (``wants_preload``)."""
+        self._demand += (float(warm) - self._demand) * DEMAND_WEIGHT
+
+    def wants_preload(self, code: bytes) -> bool:
+        """Whether a run of ``code`` gains from a preloaded sandbox: it imports libraries."""
+        return bool(self._settings.pool.preload) and imports_libraries(code)
+
     async def _fill_one(self) -> None:
         started = time.perf_counter()
         try:
@@ -261,13 +312,14 @@ class Pool:
         directory.mkdir(mode=0o700)
         if not self._seccomp_profile.exists():  # written once, again if the directory was emptied
             shutil.copyfile(self._seccomp_source, self._seccomp_profile)
-        # Preloading costs about 300 ms of CPU per container: worth it while the pool keeps up.
-        # Once runs find it empty, CPU is the limit and a bare container serves them sooner.
-        # After a failed start the next one is bare too, so a preload that crashes or hangs the
-        # interpreter cannot keep the pool empty.
-        calm = anyio.current_time() - self._last_shortage > PRELOAD_CALM
-        usable = calm and not self._queue and not self._consecutive_failures
-        preload = self._settings.pool.preload if usable else ()
+        preload = self._settings.pool.preload if self._preload_next() else ()
+        self._starting_warm += bool(preload)
+        try:
+            return await self._start(name, directory, preload)
+        finally:
+            self._starting_warm -= bool(preload)
+
+    async def _start(self, name: str, directory: Path, preload: tuple[str, ...]) -> Sandbox:
         spec = container_spec(
             image=self._image,
             seccomp_profile=self._seccomp_profile,

@@ -31,10 +31,13 @@ SANDBOX_FAILURES = (ProtocolError, EngineError, OSError, anyio.BrokenResourceErr
 
 
 class Leaser(Protocol):
-    """Where sandboxes come from (``pool.Pool``), and the memory floor they set for a request."""
+    """Where sandboxes come from (``pool.Pool``), the memory floor they set for a request, and
+    which runs its preloaded ones serve best."""
 
     def lease(self) -> AbstractAsyncContextManager[Sandbox]: ...
     def check_memory(self, limit_bytes: int) -> None: ...
+    def wants_preload(self, code: bytes) -> bool: ...
+    def note_demand(self, warm: bool) -> None: ...
 
 
 class RunOutput:
@@ -112,6 +115,7 @@ class Runner:
             memory_mb=resolved.memory_mb or self._limits.memory_mb,
             max_output_bytes=resolved.max_output_bytes or self._limits.max_output_bytes,
             files=checked,
+            warm=self._leaser.wants_preload(code),
         )
 
     def output(self, spec: RunSpec) -> RunOutput:

@@ -201,6 +201,11 @@ class Sandbox:
     idle: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     """Scope of the task watching it while it waits in the pool; cancelled once it is leased."""
 
+    @property
+    def warm(self) -> bool:
+        """Whether its interpreter preloaded modules (``pool.preload``)."""
+        return bool(self.preload)
+
     async def thaw(self) -> None:
         """Unpause, once, however many tasks ask."""
         async with self.lock:

@@ -489,11 +489,12 @@ class Scheduler:
                     if self.draining:
                         self._work.release()
                         return
-                    claimed = await self._store.claim(self.owner, self._lease)
+                    claimed = await self._store.claim(self.owner, self._lease, warm=sandbox.warm)
                     self._seeking -= 1
                     seeking = False
                     if claimed is not None:
                         self._queued -= 1
+                        self._leaser.note_demand(claimed.spec.warm)
                         await self._execute(claimed, sandbox)
                 backoff.reset()
             except (PoolUnavailable, StoreError, *SANDBOX_FAILURES) as exc:

@@ -132,8 +132,12 @@ class Store(Protocol):
         """How many runs wait."""
         ...
 
-    async def claim(self, owner: Owner, lease: float) -> Claim | None:
-        """Give the oldest queued run to ``owner`` for ``lease`` seconds; None when none waits."""
+    async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
+        """Give the oldest queued run to ``owner`` for ``lease`` seconds; None when none waits.
+
+        The oldest of those whose ``warm`` is the sandbox's (``RunSpec.warm``) comes first, unless
+        another has waited ``PREFERRED_WAIT`` seconds: every run is taken within that of a free
+        sandbox, whatever kind the pool makes."""
         ...
 
     async def release(self, fence: Fence) -> None:
@@ -290,9 +294,13 @@ _MIGRATIONS = (
         running INTEGER NOT NULL DEFAULT 0
     );
     """,
+    # 4: which runs a preloaded sandbox serves best (RunSpec.warm), for claims by kind.
+    "ALTER TABLE runs ADD COLUMN warm INTEGER NOT NULL DEFAULT 0;",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 BLOB_VERSION = 1
+PREFERRED_WAIT = 1.0
+"""Seconds a queued run waits for a sandbox of its kind before any sandbox takes it (``claim``)."""
 """Of the msgpack specs and results in a store: ``decode_blob`` reads this one and older."""
 
 
@@ -425,9 +433,9 @@ class SqliteStore:
                 if active >= max_active:
                     return "key-busy"
             cursor = db.execute(
-                "INSERT INTO runs (id, status, spec, created, key) SELECT ?, 'queued', ?, ?, ? "
+                "INSERT INTO runs (id, status, spec, created, key, warm) SELECT ?, 'queued', ?, ?, ?, ? "
                 "WHERE (SELECT count(*) FROM runs WHERE status = 'queued') < ?",
-                (run_id, blob, time.time(), key, max_queued),
+                (run_id, blob, time.time(), key, spec.warm, max_queued),
             )
             return "added" if cursor.rowcount == 1 else "queue-full"
 
@@ -440,17 +448,19 @@ class SqliteStore:
         """How many runs wait."""
         return await self._call(_count_queued)
 
-    async def claim(self, owner: Owner, lease: float) -> Claim | None:
-        """Give the oldest queued run to ``owner`` for ``lease`` seconds; None when none waits."""
+    async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
+        """Give the oldest queued run to ``owner`` for ``lease`` seconds, those of ``warm``'s kind
+        first (see ``Store.claim``); None when none waits."""
 
         def claim(db: sqlite3.Connection) -> tuple[str, bytes, int] | None:
             now = time.time()
             return db.execute(  # type: ignore[no-any-return]
                 "UPDATE runs SET status = 'running', started = ?, node = ?, incarnation = ?, "
                 "attempt = attempt + 1, lease_until = ? WHERE n = "
-                "(SELECT n FROM runs WHERE status = 'queued' ORDER BY n LIMIT 1) "
+                "(SELECT n FROM runs WHERE status = 'queued' "
+                "ORDER BY (warm = ? OR created < ?) DESC, n LIMIT 1) "
                 "RETURNING id, spec, attempt",
-                (now, owner.node, owner.incarnation, now + lease),
+                (now, owner.node, owner.incarnation, now + lease, warm, now - PREFERRED_WAIT),
             ).fetchone()
 
         while True:

@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
-from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool
+from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool, imports_libraries
 from warmpod.protocol import Job, Output, Result
 from warmpod.runner import Runner
 from warmpod.selftest import self_test
@@ -853,6 +853,54 @@ async def test_containers_preload_while_calm_and_start_bare_for_waiting_runs(
         assert engine.count("pause", first) == 1
 
     await with_pool(pool, body)
+
+
+@pytest.mark.parametrize(("demand", "preloaded"), [(True, "numpy,pandas"), (False, "")])
+async def test_under_load_containers_preload_as_the_runs_claimed_lately_want(
+    agents: TaskGroup, state_dir: Path, demand: bool, preloaded: str
+) -> None:
+    """A container made while a run waits preloads when the runs claimed lately wanted preloaded
+    sandboxes (they import libraries), and starts bare when they did not."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1, preload=["numpy", "pandas"], can_pause=True)
+    got: list[str] = []
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        for _ in range(30):
+            pool.note_demand(demand)
+        engine.gate = anyio.Event()
+        async with pool.lease() as sandbox, anyio.create_task_group() as tg:
+            sandbox.used = True
+            await eventually(lambda: len(engine.created) == 2)
+            tg.start_soon(take_one, pool, got)
+            await eventually(lambda: len(engine.created) >= 3)
+            engine.gate.set()
+        await eventually(lambda: len(engine.destroyed) >= 2)
+        assert preload_of(engine, engine.created[2]) == preloaded
+
+    await with_pool(pool, body)
+
+
+@pytest.mark.parametrize(
+    ("code", "wants"),
+    [
+        (b"print(1)\n", False),
+        (b"import os, sys\nfrom collections import Counter\nimport json as j\n", False),
+        (b"import numpy as np\n", True),
+        (b"import os\nimport pandas\n", True),
+        (b"from matplotlib import pyplot\n", True),
+        (b"import os.path, scipy.stats as st\n", True),
+        (b"if True:\n    import pyarrow\n", True),
+        (b"# import numpy\nx = 'import pandas'\n", False),
+        (b"from . import x\nfrom __future__ import annotations\n", False),
+        (b"x = 1\n" * 20000 + b"import numpy\n", False),
+    ],
+)
+def test_runs_that_import_libraries_want_a_preloaded_sandbox(code: bytes, wants: bool) -> None:
+    """A program importing a module from outside the standard library (in its first 64 KiB) wants
+    a preloaded sandbox; one using the standard library only does not."""
+    assert imports_libraries(code) is wants
 
 
 async def take_one(pool: Pool, got: list[str]) -> None:

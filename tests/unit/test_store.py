@@ -15,7 +15,18 @@ import pytest
 from warmpod.errors import StoreError
 from warmpod.models import RunResult, RunSpec
 from warmpod.pgstore import PostgresStore
-from warmpod.store import Chunk, Claim, Notice, Owner, SqliteStore, Store, decode_blob, encode_blob
+from warmpod.store import (
+    PREFERRED_WAIT,
+    SCHEMA_VERSION,
+    Chunk,
+    Claim,
+    Notice,
+    Owner,
+    SqliteStore,
+    Store,
+    decode_blob,
+    encode_blob,
+)
 
 SPEC = RunSpec(
     code=b"print(1)", stdin=b"\x00\xff", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=99
@@ -75,6 +86,26 @@ async def test_runs_are_claimed_oldest_first_with_their_spec(store: Store) -> No
     assert record is not None
     assert (record.status, record.node) == ("running", "a")
     assert record.started is not None
+
+
+async def test_a_sandbox_claims_a_run_of_its_kind_first_unless_another_waited_long(store: Store) -> None:
+    """A preloaded sandbox takes the oldest run that wants one, a bare sandbox the oldest that does
+    not; a run that has waited PREFERRED_WAIT goes to the next sandbox of either kind."""
+    warm = msgspec.structs.replace(SPEC, warm=True)
+    for run_id, spec in (("a", SPEC), ("b", warm), ("c", SPEC)):
+        assert await store.add(run_id, spec, max_queued=10) == "added"
+    taken = await store.claim(NODE, LEASE, warm=True)
+    assert taken is not None
+    assert (taken.fence.run_id, taken.spec) == ("b", warm)
+    assert (await claim(store)).fence.run_id == "a"
+    # No run of its kind: the oldest of the others.
+    assert [(await store.claim(NODE, LEASE, warm=True)) is not None for _ in range(2)] == [True, False]
+    assert await store.add("old", SPEC, max_queued=10) == "added"
+    await anyio.sleep(PREFERRED_WAIT + 0.2)
+    assert await store.add("new", warm, max_queued=10) == "added"
+    taken = await store.claim(NODE, LEASE, warm=True)
+    assert taken is not None
+    assert taken.fence.run_id == "old"
 
 
 async def test_the_queue_is_bounded(store: Store) -> None:
@@ -381,7 +412,7 @@ async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: 
     finally:
         await store.aclose()
     (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
-    assert version == 3
+    assert version == SCHEMA_VERSION == 4
 
 
 async def test_a_store_of_a_newer_warmpod_is_refused(tmp_path: Path, postgres_db: str) -> None:
