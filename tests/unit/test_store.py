@@ -3,6 +3,7 @@ leases, fencing, failover, notices, expiry; and what only one of them does (lock
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -411,7 +412,8 @@ async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: 
         assert await store.add("new", SPEC, max_queued=10, key="alice", max_active=1) == "added"
     finally:
         await store.aclose()
-    (version,) = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (version,) = db.execute("PRAGMA user_version").fetchone()
     assert version == SCHEMA_VERSION == 4
 
 
