@@ -409,6 +409,7 @@ def spawn_interpreter():
     stderr_r, stderr_w = pipe_above(10)
     job_r, job_w = pipe_above(10)
     ready_r, ready_w = pipe_above(10)
+    threads = max(env_int("WARMPOD_THREADS") or 1, 1)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
         "LANG": "C.UTF-8",
@@ -416,6 +417,11 @@ def spawn_interpreter():
         "TMPDIR": "/tmp",
         "PYTHONDONTWRITEBYTECODE": "1",
         "MPLCONFIGDIR": MATPLOTLIB_DIR,
+        # numpy's OpenBLAS (and OpenMP, where a library uses it) start one thread per host core
+        # unless told; sized to the container's CPU quota instead. That also saves importing numpy
+        # about 100 ms of CPU (400 against 300 ms for numpy and pandas, in the runner image on 2 cores).
+        "OPENBLAS_NUM_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),
     }
     preload = [name for name in os.environ.get("WARMPOD_PRELOAD", "").split(",") if name]
     argv = [sys.executable, "-I", BOOTSTRAP, *preload]

@@ -84,6 +84,8 @@ def container_spec(
             "WARMPOD_CPU_SECONDS": str(limits.cpu_time),
             "WARMPOD_FSIZE_BYTES": str(limits.tmpfs_mb * 1024 * 1024),
             "WARMPOD_PRELOAD": ",".join(preload),
+            # The program's thread pools (OpenBLAS, OpenMP): its whole CPUs, at least one.
+            "WARMPOD_THREADS": str(max(1, int(limits.cpus))),
         },
         "env_host": False,
         "httpproxy": False,
