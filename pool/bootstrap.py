@@ -1,13 +1,13 @@
-"""The interpreter the program runs in: pool/agent.py starts ``python3 -I bootstrap.pyc [MODULE...]``.
+"""The program's side of a pool container: pool/agent.py's forked child runs ``boot()`` from bootstrap.pyc.
 
-It first imports the preload modules named in its arguments (the program's own process pays for
+It first imports the preload modules named in ``sys.argv[1:]`` (the program's own process pays for
 them, before the container is paused), reports readiness and any module that failed on fd 4, then
 waits for the job on fd 3, writes main.py into its working directory and runs it as __main__ the
 way ``python3 -I main.py`` would: a fresh module, __file__ set, sys.argv == ["main.py"], tracebacks
-without this bootstrap's frame. With modules preloaded it ends the way Py_Finalize does up to
-module teardown: threads joined, atexit handlers run, the program's globals released, stdout and
-stderr flushed. Tearing pandas down would cost about 50 ms more, and nothing of the process
-outlives it.
+without this bootstrap's frame. It ends the way Py_Finalize does up to module teardown: threads
+joined, atexit handlers run, the program's globals released, stdout and stderr flushed, then
+``os._exit``: it must never return into the agent's code it was forked from. Tearing pandas down
+would cost about 50 ms more, and nothing of the process outlives it.
 
 Runs as the program's user, after the agent dropped its privileges; stdlib only. The image build
 compiles it to bootstrap.pyc (the root is read-only: no interpreter could cache its bytecode).
@@ -21,8 +21,7 @@ import sys
 def boot() -> None:
     """Preload, report ready, take the job, run the program as ``__main__``, end like Py_Finalize."""
     failed = []
-    preloaded = len(sys.argv) > 1
-    if preloaded:
+    if len(sys.argv) > 1:
         # What the imports print or warn would otherwise reach the run's output as the program's.
         saved = [os.dup(1), os.dup(2)]
         quiet = os.open(os.devnull, os.O_WRONLY)
@@ -73,7 +72,7 @@ def boot() -> None:
             os.close(fd)
         except OSError as exc:
             print(f"warmpod: could not write the input file {name!r}: {exc}", file=sys.stderr)
-            sys.exit(1)
+            end(1)
     del view, content, job
     if cpu_seconds or address_space:
         import resource
@@ -115,34 +114,35 @@ def boot() -> None:
     except SyntaxError as exc:
         # Python 3.12+ prints exc.__traceback__ whatever tb is passed: drop this frame from it.
         sys.excepthook(type(exc), exc.with_traceback(None), None)
-        sys.exit(1)
+        end(1)
     status = 0
     try:
         exec(code, module.__dict__)
     except SystemExit as exc:
-        if not preloaded:
-            raise
         status = exc.code
     except BaseException as exc:
         if exc.__traceback__ is not None:
             exc.__traceback__ = exc.__traceback__.tb_next
         sys.excepthook(type(exc), exc, exc.__traceback__)
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-        if not preloaded:
-            sys.exit(status)
-    if not preloaded:
-        return
     if status is None:
         status = 0
     elif not isinstance(status, int):
         print(status, file=sys.stderr)
         status = 1
+    end(status, module.__dict__)
+
+
+def end(status: int, namespace: dict[str, object] | None = None) -> None:
+    """End as Py_Finalize would, up to module teardown: threads, atexit, ``namespace`` released
+    (the program's files closed and flushed with its globals), stdout and stderr flushed."""
     if "threading" in sys.modules:
         sys.modules["threading"]._shutdown()
     import atexit
 
     atexit._run_exitfuncs()
-    module.__dict__.clear()
+    if namespace is not None:
+        namespace.clear()
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -150,7 +150,3 @@ def boot() -> None:
         except Exception:
             status = status or 120
     os._exit(status & 255)
-
-
-if __name__ == "__main__":
-    boot()

@@ -21,7 +21,7 @@ from warmpod.unix_stream import UnixStream
 log = logging.getLogger(__name__)
 
 # From bytecode and without site (the agent is stdlib only): its start-up is every container's.
-AGENT_COMMAND = ["python3", "-I", "-S", "/opt/warmpod/agent.pyc"]
+AGENT_COMMAND = ["python3", "-I", "/opt/warmpod/agent.pyc"]
 AGENT_DIR = "/run/warmpod"
 SOCKET_NAME = "agent.sock"
 CPU_PERIOD = 100_000
