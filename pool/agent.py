@@ -534,6 +534,27 @@ def b64(data):
     return binascii.b2a_base64(data, newline=False).decode()
 
 
+# The bootstrap's last act before os._exit, once stdout and stderr are flushed and closed: it
+# names its thread after the exit code (prctl PR_SET_NAME), so the agent can answer without
+# waiting for the kernel to free the process (7-13 ms with pandas loaded). No descriptor or file
+# for it: the program starts with 0, 1 and 2 only. A program that names itself so and closes its
+# output only ends early, with a code it could have exited with.
+EXIT_NAME = b"warmpod-exit"
+
+
+def named_exit(pid):
+    """The exit code ``pid`` announced in its name (``EXIT_NAME`` and the code), or None."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            name = f.read(64).rstrip(b"\n")
+    except OSError:
+        return None
+    code = name.removeprefix(EXIT_NAME)
+    if code != name and code.isdigit() and int(code) < 256:
+        return int(code)
+    return None
+
+
 def run_job(conn, proc, job_w, job):
     stdin = binascii.a2b_base64(job["stdin"])
     timeout = float(job["timeout"])
@@ -585,6 +606,7 @@ def run_job(conn, proc, job_w, job):
     pidfd = os.pidfd_open(proc.pid)
     poller.register(pidfd, select.POLLIN)
     exited = False
+    named = None
     open_streams = set(outputs)
 
     def close_stdin():
@@ -646,6 +668,12 @@ def run_job(conn, proc, job_w, job):
                 if not data:
                     poller.unregister(fd)
                     open_streams.discard(fd)
+                    if not open_streams and not exited:
+                        named = named_exit(proc.pid)
+                        if named is not None:
+                            exited = True
+                            kill_everything()  # its own children, the program itself is ending
+                            deadline = min(deadline, time.monotonic() + 0.5)
                     continue
                 stream = names[fd]
                 room = cap - sent[stream]
@@ -663,10 +691,12 @@ def run_job(conn, proc, job_w, job):
                         deadline = min(deadline, time.monotonic() + 0.5)
     duration_ms = (time.monotonic() - started) * 1000
     close_stdin()
-    proc.wait()
+    if named is None:
+        proc.wait()
     reap(proc)
     os.close(pidfd)
-    returncode = proc.returncode
+    # The announced code wins: the SIGKILL above may reach the program between its naming and its exit.
+    returncode = named if named is not None else proc.returncode
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu_limit = cpu_seconds or container_cpu
     if "cpu_time" not in limits_hit and (

@@ -149,4 +149,22 @@ def end(status: int, namespace: dict[str, object] | None = None) -> None:
                 stream.flush()
         except Exception:
             status = status or 120
+    announce_exit(status & 255)
     os._exit(status & 255)
+
+
+def announce_exit(status: int) -> None:
+    """Name this thread ``warmpod-exit<status>``, then close stdout and stderr.
+
+    The agent reads the name once both pipes are closed (pool/agent.py, EXIT_NAME) and answers
+    without waiting for the kernel to free this process (7-13 ms with pandas loaded).
+    """
+    try:
+        import ctypes  # loaded already: the agent this process was forked from uses it
+
+        libc = ctypes.CDLL(None)
+        if libc.prctl(15, f"warmpod-exit{status}".encode(), 0, 0, 0) != 0:  # PR_SET_NAME
+            return
+    except Exception:
+        return  # the agent waits for the exit instead
+    os.closerange(1, 3)  # stdout and stderr, whatever the program did to them
