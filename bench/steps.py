@@ -25,7 +25,7 @@ import anyio
 from warmpod import image, podman_service, protocol
 from warmpod.image import context_dir
 from warmpod.runtime import Runtime
-from warmpod.sandbox import SOCKET_NAME, connect, container_spec
+from warmpod.sandbox import AGENT_EXIT_WAIT, SOCKET_NAME, connect, container_spec
 from warmpod.service import own_user_namespaces
 from warmpod.settings import from_env
 
@@ -94,7 +94,9 @@ async def measure(
                     while not isinstance(await channel.receive(), protocol.Result):
                         pass
                     lap("run")
-                    # As the pool does: hang up first, so the agent exits before Podman kills it.
+                    # As the pool does (Sandbox.close): let the agent that answered exit first.
+                    with anyio.move_on_after(AGENT_EXIT_WAIT):
+                        await channel.wait_hangup()
                     await channel.aclose()
                     started = time.perf_counter()
                     await runtime.destroy(container_id)

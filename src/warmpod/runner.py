@@ -180,6 +180,7 @@ class Runner:
                             if not output.add(message.stream, message.data):
                                 return _error(run_id, "the agent sent more output than the cap allows", 0)
                         else:
+                            sandbox.answered = True
                             return _from_agent(run_id, message, output, _elapsed_ms(started))
                 except ProtocolError as exc:
                     # The agent is PID 1: if the OOM killer took it, the container ended with it.

@@ -20,7 +20,7 @@ from warmpod.unix_stream import UnixStream
 
 log = logging.getLogger(__name__)
 
-# From bytecode and without site (the agent is stdlib only): its start-up is every container's.
+# From bytecode: its start-up is every container's. Not -S: the program, its fork, needs site.
 AGENT_COMMAND = ["python3", "-I", "/opt/warmpod/agent.pyc"]
 AGENT_DIR = "/run/warmpod"
 SOCKET_NAME = "agent.sock"
@@ -37,6 +37,8 @@ AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_RESOURCE", "CAP_S
 # Room above a sandbox's memory at rest for writing main.py and starting the program.
 MEMORY_HEADROOM = 4 * 1024 * 1024
 DESTROY_TIMEOUT = 30.0
+# An answered agent exits within a few milliseconds; past this its container is killed as before.
+AGENT_EXIT_WAIT = 0.25
 # The wait between looks for the agent's socket doubles from the first to the second: a bare
 # agent listens within tens of ms when idle, a preloading one or any under load only after 0.3-2 s,
 # which at a fixed 5 ms cost the server a few hundred event-loop wake-ups per container.
@@ -202,6 +204,8 @@ class Sandbox:
     """The modules its interpreter imported before the run."""
     used: bool = False
     """Something was done to it for a run (a limit lowered, a job sent): it can serve no other."""
+    answered: bool = False
+    """Its agent sent a run's last frame, after which it exits by itself."""
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     idle: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     """Scope of the task watching it while it waits in the pool; cancelled once it is leased."""
@@ -242,8 +246,15 @@ class Sandbox:
             return False
 
     async def close(self) -> None:
-        """Hang up on the agent, then remove the container and its directory (shielded, bounded)."""
+        """Hang up on the agent, then remove the container and its directory (shielded, bounded).
+
+        An agent that has answered is given ``AGENT_EXIT_WAIT`` to exit first: Podman removes a
+        stopped container with two runtime processes fewer than a running one (no kill, no state
+        query) and without waiting for it to die."""
         with anyio.CancelScope(shield=True):
+            if self.answered:
+                with anyio.move_on_after(AGENT_EXIT_WAIT):
+                    await self.channel.wait_hangup()
             await self.channel.aclose()
         await remove(self.engine, self.container_id, self.directory)
 
