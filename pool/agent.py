@@ -230,34 +230,34 @@ def kill_foreign_syscalls():
 
     filters = (SockFilter * len(program))(*[SockFilter(*insn) for insn in program])
     fprog = SockFprog(len(program), filters)
-    libc = ctypes.CDLL(None, use_errno=True)
     # no_new_privs is already set (the container spec), which lets an unprivileged process do it.
-    if libc.prctl(_PR_SET_SECCOMP, ctypes.c_ulong(_SECCOMP_MODE_FILTER), ctypes.byref(fprog), 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+    prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), what="PR_SET_SECCOMP")
 
 
 PR_CAPBSET_DROP = 24
 PR_SET_DUMPABLE = 4
 
 
-def set_dumpable():
+def prctl(option, arg2, arg3=0, *, what):
+    """prctl(2), raising OSError (its errno, ``what``) where it fails."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_DUMPABLE, ctypes.c_ulong(1), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "PR_SET_DUMPABLE")
+    if libc.prctl(option, ctypes.c_ulong(arg2), ctypes.c_ulong(arg3), 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), what)
+
+
+def set_dumpable():
+    """Make the process dumpable again, so its /proc files are its own uid's, as after an exec."""
+    prctl(PR_SET_DUMPABLE, 1, what="PR_SET_DUMPABLE")
 
 
 def drop_bounding_set():
     """Empty the capability bounding set (needs CAP_SETPCAP): nothing can ever give the program one."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
     for cap in range(last + 1):
-        if libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), f"PR_CAPBSET_DROP {cap}")
+        prctl(PR_CAPBSET_DROP, cap, what=f"PR_CAPBSET_DROP {cap}")
 
 
 def env_int(name):
