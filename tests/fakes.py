@@ -185,6 +185,10 @@ class FakeEngine:
         self.create_times: list[float] = []
         self.created: list[str] = []
         self.destroyed: list[str] = []
+        self.exited: set[str] = set()
+        """Containers whose agent has answered its job and exited."""
+        self.removed_stopped: list[str] = []
+        """Containers destroyed after their agent had exited: Podman needs no kill for those."""
         self.containers: dict[str, dict[str, str]] = {}
         self.specs: dict[str, dict[str, object]] = {}
         self._sockets: dict[str, Path] = {}
@@ -259,6 +263,8 @@ class FakeEngine:
         self.calls.append(("destroy", container_id))
         if container_id in self.containers:
             self.destroyed.append(container_id)
+            if container_id in self.exited:
+                self.removed_stopped.append(container_id)
         self.containers.pop(container_id, None)
         killed, closables = self._kills.pop(container_id, (None, []))
         if killed is not None:
@@ -281,7 +287,7 @@ class FakeEngine:
         return [(cid, dict(labels)) for cid, labels in self.containers.items() if label in labels]
 
     async def _agent(self, container_id: str, path: Path, *, task_status: TaskStatus[None]) -> None:
-        # Like pool/agent.py: listen, accept one connection, say hello, answer one job, wait for hang-up.
+        # Like pool/agent.py: listen, accept one connection, say hello, answer one job and exit.
         # destroy() ends it by closing its sockets, as removing a container does, rather than cancelling
         # it. Its connection is a UnixStream like the server's: anyio's own loses a race with cancels.
         killed = anyio.Event()
@@ -316,8 +322,7 @@ class FakeEngine:
                 code, stdin = base64.b64decode(job["code"]), base64.b64decode(job["stdin"])
                 for message in answer(code if self.stdout is None else self.stdout, stdin):
                     await send_frame(stream, message)
-                while True:
-                    await stream.receive()
+                self.exited.add(container_id)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
         finally:

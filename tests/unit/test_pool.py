@@ -26,6 +26,7 @@ from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
 from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool, imports_libraries
 from warmpod.protocol import Job, Output, Result
 from warmpod.runner import Runner
+from warmpod.sandbox import AGENT_EXIT_WAIT
 from warmpod.selftest import self_test
 from warmpod.settings import Settings, from_env
 
@@ -334,6 +335,30 @@ async def test_runner_runs_a_program_through_the_pool(agents: TaskGroup, state_d
     (run,) = run_results
     assert (run.status, run.exit_code, run.stdout) == ("succeeded", 0, "print(2)")
     assert len(engine.destroyed) == len(engine.created)
+
+
+async def test_a_container_is_removed_once_its_agent_has_answered_and_exited(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """The pool waits for the agent that answered to exit before the removal, which then needs no
+    kill; an agent that never exits is removed anyway once AGENT_EXIT_WAIT is over."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1)
+
+    async def body() -> None:
+        run = await Runner(pool, settings().limits).run(b"print(2)", b"", 1.0)
+        assert run.status == "succeeded"
+        await eventually(lambda: engine.created[0] in engine.destroyed)
+        assert engine.removed_stopped == [engine.created[0]]
+        # A sandbox marked answered whose agent stays: removed after the wait, not never.
+        async with pool.lease() as sandbox:
+            sandbox.used = sandbox.answered = True
+            started = anyio.current_time()
+        await eventually(lambda: sandbox.container_id in engine.destroyed)
+        assert anyio.current_time() - started >= AGENT_EXIT_WAIT * 0.9
+        assert sandbox.container_id not in engine.removed_stopped
+
+    await with_pool(pool, body)
 
 
 async def test_replacement_is_made_while_the_lease_is_held(agents: TaskGroup, state_dir: Path) -> None:
