@@ -127,7 +127,8 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     start_timeout: Seconds = 30.0
     """How long a new container may take to report ready (``WARMPOD_POOL__START_TIMEOUT``)."""
     refill_concurrency: PositiveInt = 4
-    """Containers created at once (``WARMPOD_POOL__REFILL_CONCURRENCY``)."""
+    """Containers created at once; of those preloading, at most one per CPU the server may use
+    (``WARMPOD_POOL__REFILL_CONCURRENCY``)."""
     backoff_max: Seconds = 30.0
     """Longest wait between failed refills (``WARMPOD_POOL__BACKOFF_MAX``)."""
     pause: bool = True

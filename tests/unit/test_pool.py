@@ -987,3 +987,25 @@ async def test_after_a_failed_start_the_next_container_is_bare(agents: TaskGroup
     bare, after = engine.created
     assert preload_of(engine, bare) == ""
     assert preload_of(engine, after) == "numpy"
+
+
+@pytest.mark.parametrize(("preload", "at_once"), [(["numpy", "pandas"], 2), ([], 4)])
+async def test_preloading_containers_are_made_one_per_cpu_at_once(
+    agents: TaskGroup, state_dir: Path, monkeypatch: pytest.MonkeyPatch, preload: list[str], at_once: int
+) -> None:
+    """On 2 CPUs, a pool of 4 refilling 4 at once starts 2 preloading containers at a time (their
+    imports would only take turns on the CPUs), and bare ones 4 at a time."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    engine = FakeEngine(agents)
+    engine.gate = anyio.Event()
+    pool = make_pool(engine, state_dir, size=4, refill_concurrency=4, preload=preload)
+
+    async def body() -> None:
+        await eventually(lambda: len(engine.created) == at_once)
+        await anyio.sleep(0.1)
+        assert len(engine.created) == at_once
+        engine.gate.set()
+        await eventually(lambda: pool.stats().ready == 4)
+        assert {preload_of(engine, c) for c in engine.created} == {",".join(preload)}
+
+    await with_pool(pool, body)
