@@ -25,7 +25,7 @@ ENOENT = errno.errorcode[errno.ENOENT]
 
 
 def test_environment_is_the_fixed_minimal_list(client: httpx.Client) -> None:
-    """The program's environment is exactly the agent's eight variables: nothing of the server or host."""
+    """The program's environment is exactly the agent's nine variables: nothing of the server or host."""
     attempt = run(client, "import json, os\nprint(json.dumps(dict(os.environ)))\n")
     assert attempt.status == "succeeded", attempt.result
     assert attempt.report() == {
@@ -38,6 +38,7 @@ def test_environment_is_the_fixed_minimal_list(client: httpx.Client) -> None:
         # WARMPOD_LIMITS__CPUS is 1.0 by default: one thread for numpy's BLAS.
         "OPENBLAS_NUM_THREADS": "1",
         "OMP_NUM_THREADS": "1",
+        "ARROW_DEFAULT_MEMORY_POOL": "system",
     }
     assert_still_serves(client)
 
