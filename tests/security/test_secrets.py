@@ -38,7 +38,7 @@ def test_environment_is_the_fixed_minimal_list(client: httpx.Client) -> None:
         # WARMPOD_LIMITS__CPUS is 1.0 by default: one thread for numpy's BLAS.
         "OPENBLAS_NUM_THREADS": "1",
         "OMP_NUM_THREADS": "1",
-        "ARROW_DEFAULT_MEMORY_POOL": "system",
+        "JE_ARROW_MALLOC_CONF": "background_thread:false",
     }
     assert_still_serves(client)
 
