@@ -206,6 +206,9 @@ class FakeEngine:
         # Starts wait for this gate; set it to let them through.
         self.gate = anyio.Event()
         self.gate.set()
+        # Removals wait for this one, the container alive meanwhile (as one whose agent still reaps).
+        self.destroy_gate = anyio.Event()
+        self.destroy_gate.set()
 
     def count(self, op: str, container_id: str | None = None) -> int:
         """How many times ``op`` was called (on ``container_id``, if given)."""
@@ -261,6 +264,7 @@ class FakeEngine:
     async def destroy(self, container_id: str) -> None:
         """Record the removal and stop the container's agent; removing twice is harmless, as in Podman."""
         self.calls.append(("destroy", container_id))
+        await self.destroy_gate.wait()
         if container_id in self.containers:
             self.destroyed.append(container_id)
             if container_id in self.exited:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 # one app's service: they are read from it at scrape time (``_Scrape``), never registered.
 FINAL_STATUSES: tuple[str, ...] = tuple(s for s in get_args(RunStatus) if s not in ("queued", "running"))
 LIMITS: tuple[str, ...] = get_args(LimitName)
-POOL_STATES = ("ready", "busy", "starting", "paused")
+POOL_STATES = ("ready", "busy", "starting", "closing", "paused")
 PodmanCall = Literal[
     "info", "image_exists", "create", "start", "pause", "unpause", "update", "inspect", "remove", "list"
 ]

@@ -147,6 +147,8 @@ class PoolCounts(msgspec.Struct, kw_only=True):
     ready: int
     busy: int
     starting: int
+    closing: int = 0
+    """Being removed after their run: still alive, so counted toward the pool's maximum."""
     target: int
 
 

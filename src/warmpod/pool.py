@@ -75,6 +75,8 @@ class PoolStats:
     """Of the ready ones, those paused."""
     busy: int
     starting: int
+    closing: int
+    """Being removed: their containers may still run, and count toward ``max_size``."""
     target: int
     created: int
     failures: int
@@ -89,7 +91,7 @@ class Pool:
 
     The ready target starts at ``min_size``. A run that finds no container ready doubles it (at
     most ``max_size``); each ``shrink_after`` seconds without such a run halves it (at least
-    ``min_size``). Ready, starting and running containers together never exceed ``max_size``.
+    ``min_size``). Ready, starting, running and closing containers together never exceed ``max_size``.
     Runs get containers in the order they asked. A container leased and given back with nothing
     done to it (no job: another node claimed the run) has served no run: it goes back to the head
     of the ready queue, and the next lease takes it instead of a new one.
@@ -130,6 +132,7 @@ class Pool:
         self._busy: set[Sandbox] = set()
         self._starting = 0
         self._starting_warm = 0
+        self._closing = 0
         # Preloading containers made at once: one import per CPU. More only take turns on the
         # same CPUs and each costs more (c8 numpy+pandas on 2 CPUs: 502 ms of CPU per run with
         # 4 at once, 469 with 2).
@@ -168,6 +171,7 @@ class Pool:
             paused=sum(sandbox.paused for sandbox in self._ready),
             busy=len(self._busy),
             starting=self._starting,
+            closing=self._closing,
             target=self.target,
             created=self._created,
             failures=self._failures,
@@ -223,7 +227,7 @@ class Pool:
             async with self._changed:
                 while (
                     len(self._ready) + self._starting < self._target
-                    and len(self._ready) + self._starting + len(self._busy) < self._ceiling
+                    and len(self._ready) + self._starting + len(self._busy) + self._closing < self._ceiling
                     and self._starting < limit
                 ):
                     preload = self._preload_next()
@@ -242,7 +246,7 @@ class Pool:
         self._resized = anyio.current_time()
         while len(self._ready) > self._target:
             # The newest first: the head may already be thawed for the next run.
-            tg.start_soon(self._ready.pop().close)
+            self._close_soon(self._ready.pop(), tg)
 
     def _grow(self) -> None:
         self._target = min(self._target * 2, self._ceiling)
@@ -313,8 +317,8 @@ class Pool:
             self._ready.remove(sandbox)
             self._last_error = f"{sandbox.name} died while idle"
             log.warning("%s died while idle: replacing it", sandbox.name)
-            await sandbox.close()
-            await self._notify()
+            self._closing += 1
+            await self._close(sandbox)
 
     async def _make(self, preload: bool) -> Sandbox:
         name = f"warmpod-{self.instance[:8]}-{next(self._serial)}"
@@ -473,9 +477,24 @@ class Pool:
                 if unused and self._tg is not None:
                     self._give_back(sandbox, self._tg)
                 elif self._tg is not None:
-                    self._tg.start_soon(sandbox.close)
+                    self._close_soon(sandbox, self._tg)
                 else:
                     await sandbox.close()
+                await self._notify()
+
+    def _close_soon(self, sandbox: Sandbox, tg: anyio.abc.TaskGroup) -> None:
+        # Counted from now, not from when the task starts: the container lives until removed (an
+        # agent that has answered still kills and reaps its run's processes), and the pool must
+        # not make another in its place before then.
+        self._closing += 1
+        tg.start_soon(self._close, sandbox)
+
+    async def _close(self, sandbox: Sandbox) -> None:
+        try:
+            await sandbox.close()
+        finally:
+            self._closing -= 1
+            with anyio.CancelScope(shield=True):
                 await self._notify()
 
     def _give_back(self, sandbox: Sandbox, tg: anyio.abc.TaskGroup) -> None:

@@ -58,7 +58,13 @@ class Service:
             status=status,
             image=self.image,
             podman_version=self.info.version,
-            pool=PoolCounts(ready=stats.ready, busy=stats.busy, starting=stats.starting, target=stats.target),
+            pool=PoolCounts(
+                ready=stats.ready,
+                busy=stats.busy,
+                starting=stats.starting,
+                closing=stats.closing,
+                target=stats.target,
+            ),
             queue=QueueCounts(
                 queued=self.scheduler.queued,
                 running=self.scheduler.running,

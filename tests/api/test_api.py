@@ -303,7 +303,7 @@ async def test_health_reports_image_engine_and_pool(client: AsyncTestClient[Lite
     assert body["status"] == "ok"
     assert body["image"] == IMAGE
     assert body["podman_version"] == "4.3.1"
-    assert body["pool"] == {"ready": 0, "busy": 0, "starting": 0, "target": POOL_SIZE}
+    assert body["pool"] == {"ready": 0, "busy": 0, "starting": 0, "closing": 0, "target": POOL_SIZE}
     assert body["rootless"] is False
     assert body["cgroup_version"] == 1
     assert body["paused_idle"] is True

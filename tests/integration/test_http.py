@@ -162,5 +162,7 @@ def test_health_describes_the_service(server: WarmpodServer, client: httpx.Clien
     pool = health["pool"]
     # The target adapts to demand between the minimum (POOL_SIZE) and the default maximum, 16.
     assert POOL_SIZE <= pool["target"] <= 16
-    assert all(isinstance(pool[key], int) and pool[key] >= 0 for key in ("ready", "busy", "starting"))
-    assert pool["ready"] + pool["starting"] + pool["busy"] <= 16
+    assert all(
+        isinstance(pool[key], int) and pool[key] >= 0 for key in ("ready", "busy", "starting", "closing")
+    )
+    assert pool["ready"] + pool["starting"] + pool["busy"] + pool["closing"] <= 16

@@ -805,6 +805,32 @@ async def test_target_grows_under_demand_but_never_past_max_size(agents: TaskGro
     assert len(engine.created) >= 5
 
 
+async def test_a_container_being_removed_counts_toward_max_size(agents: TaskGroup, state_dir: Path) -> None:
+    """A used container lives until its removal ends (its agent may still reap the run's processes):
+    the pool makes its replacement only then, so the containers alive never exceed max_size."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=None, min_size=2, max_size=2)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 2)
+        engine.destroy_gate = anyio.Event()
+        async with pool.lease() as sandbox:
+            sandbox.used = True
+        await eventually(lambda: pool.stats().closing == 1)
+        await anyio.sleep(0.2)
+        assert len(engine.created) == 2
+        assert len(engine.containers) == 2
+        stats = pool.stats()
+        assert (stats.ready, stats.starting, stats.busy, stats.closing) == (1, 0, 0, 1)
+        engine.destroy_gate.set()
+        await eventually(lambda: pool.stats().ready == 2)
+        assert pool.stats().closing == 0
+        assert len(engine.created) == 3
+        assert len(engine.containers) == 2
+
+    await with_pool(pool, body)
+
+
 async def test_target_shrinks_back_to_min_size_when_idle(agents: TaskGroup, state_dir: Path) -> None:
     """After shrink_after seconds without a shortage the target halves to min_size and surplus goes."""
     engine = FakeEngine(agents)
