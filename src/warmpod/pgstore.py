@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -120,8 +121,9 @@ class PostgresStore:
         self._pool = pool
 
     @classmethod
-    async def open(cls, url: str, max_connections: int = 8) -> PostgresStore:
-        """Connect to the database at ``url`` and create or migrate its schema.
+    async def open(cls, url: str, max_connections: int = 8, *, lease: float | None = None) -> PostgresStore:
+        """Connect to the database at ``url`` and create or migrate its schema; with ``lease``,
+        the server ends a session of this node's left idle inside a transaction that long.
 
         Raises:
             StoreError: it cannot be reached, or a newer warmpod made its schema.
@@ -130,8 +132,17 @@ class PostgresStore:
         url = psycopg.conninfo.make_conninfo(
             url, keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=3
         )
+        # A node cut off mid-transaction (packets dropped, no reset) leaves its session idle in
+        # it on the server, holding its row locks until the server's TCP gives up (hours): the
+        # other nodes' reaper skips locked rows, so that node's run was never reported. Its locks
+        # now go when its lease would. Not on the LISTEN connection, which never opens one.
+        pooled = url
+        if lease is not None:
+            given = psycopg.conninfo.conninfo_to_dict(url).get("options") or ""
+            timeout = f"-c idle_in_transaction_session_timeout={math.ceil(lease * 1000)}"
+            pooled = psycopg.conninfo.make_conninfo(url, options=f"{given} {timeout}".strip())
         pool: psycopg_pool.AsyncConnectionPool[Connection] = psycopg_pool.AsyncConnectionPool(
-            url,
+            pooled,
             min_size=1,
             max_size=max_connections,
             timeout=CONNECT_TIMEOUT,

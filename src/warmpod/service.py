@@ -93,7 +93,7 @@ async def open_store(settings: Settings) -> Store:
         StoreError: it cannot be opened.
     """
     if settings.queue.store_url:
-        return await PostgresStore.open(settings.queue.store_url)
+        return await PostgresStore.open(settings.queue.store_url, lease=settings.node.lease)
     return await SqliteStore.open(Path(settings.queue.store_path or default_path()))
 
 

@@ -444,6 +444,38 @@ async def test_two_nodes_starting_together_create_the_schema_once(postgres_db: s
         await store.aclose()
 
 
+async def test_a_node_gone_silent_inside_a_transaction_loses_its_locks_with_its_lease(
+    postgres_db: str,
+) -> None:
+    """A session left idle inside a transaction (its node cut off: no reset reaches the server)
+    holds the run's row lock; the server ends it once the lease is over, and another node's reaper,
+    which skips locked rows, then reports the run."""
+    lease = 1.0
+    a = await PostgresStore.open(postgres_db, lease=lease)
+    b = await PostgresStore.open(postgres_db)
+    try:
+        await a.add("held", SPEC, max_queued=10)
+        await claim(a, lease=lease)
+        reaped: list[str] = []
+
+        async def reap_until_reported() -> None:
+            while not reaped:
+                reaped.extend(await b.reap("node a stopped"))
+                await anyio.sleep(0.1)
+
+        # The server's end of the session shows when the connection goes back to the pool.
+        with anyio.fail_after(lease + 5), pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout):
+            async with a._pool.connection() as conn:
+                # What a node's write holds (pgstore._holds), then silence: it never commits.
+                await conn.execute("BEGIN")
+                await conn.execute("SELECT 1 FROM runs WHERE id = 'held' FOR SHARE")
+                await reap_until_reported()
+        assert reaped == ["held"]
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 async def test_an_unreachable_database_is_a_store_error_naming_the_setting() -> None:
     """A URL nobody answers on fails the open promptly with the setting's name and no password."""
     with anyio.fail_after(30):
