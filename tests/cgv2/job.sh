@@ -259,5 +259,12 @@ fi
 
 say "steps"
 cat "$STEPS"
+# What still runs in the job's own cgroup keeps systemd from stopping the job (it then fails on
+# a stop timeout): name it, so the log says which step left it.
+say "processes left in the job's cgroup"
+while read -r pid; do
+    [ "$pid" = "$$" ] && continue
+    echo "$pid $(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | cut -c1-300)"
+done < "/sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/cgroup.procs" || true
 if [ "$pytest_rc" != 0 ]; then exit "$pytest_rc"; fi
 exit "$checks_rc"
