@@ -484,7 +484,7 @@ class Pool:
 
     def _close_soon(self, sandbox: Sandbox, tg: anyio.abc.TaskGroup) -> None:
         # Counted from now, not from when the task starts: the container lives until removed (an
-        # agent that has answered still kills and reaps its run's processes), and the pool must
+        # agent may still be exiting, or be killed by the removal), and the pool must
         # not make another in its place before then.
         self._closing += 1
         tg.start_soon(self._close, sandbox)
