@@ -206,7 +206,7 @@ class FakeEngine:
         # Starts wait for this gate; set it to let them through.
         self.gate = anyio.Event()
         self.gate.set()
-        # Removals wait for this one, the container alive meanwhile (as one whose agent still reaps).
+        # Removals wait for this one, the container alive meanwhile (as while Podman kills and removes it).
         self.destroy_gate = anyio.Event()
         self.destroy_gate.set()
 

@@ -806,7 +806,7 @@ async def test_target_grows_under_demand_but_never_past_max_size(agents: TaskGro
 
 
 async def test_a_container_being_removed_counts_toward_max_size(agents: TaskGroup, state_dir: Path) -> None:
-    """A used container lives until its removal ends (its agent may still reap the run's processes):
+    """A used container lives until its removal ends (its agent may still be exiting, or be killed):
     the pool makes its replacement only then, so the containers alive never exceed max_size."""
     engine = FakeEngine(agents)
     pool = make_pool(engine, state_dir, size=None, min_size=2, max_size=2)
