@@ -14,6 +14,7 @@ compiles it to bootstrap.pyc (the root is read-only: no interpreter could cache 
 """
 
 import builtins
+import gc
 import os
 import sys
 
@@ -28,11 +29,18 @@ def boot() -> None:
         os.dup2(quiet, 1)
         os.dup2(quiet, 2)
         os.close(quiet)
+        # The imports make hundreds of thousands of objects that live as long as the process, so
+        # the collections they would trigger find nothing to free; frozen afterwards, the
+        # program's own full collections skip them too. numpy+pandas in the runner image, median
+        # of 30 (user + system): 261 -> 241 ms of CPU.
+        gc.disable()
         for name in sys.argv[1:]:
             try:
                 __import__(name)
             except BaseException:
                 failed.append(name)
+        gc.freeze()
+        gc.enable()
         sys.stdout.flush()
         sys.stderr.flush()
         for fd, copy in enumerate(saved, 1):

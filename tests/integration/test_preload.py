@@ -110,6 +110,25 @@ def test_runs_do_not_share_module_state(warm: tuple[WarmpodServer, httpx.Client]
     assert second["stdout"].startswith("None None ")
 
 
+def test_the_garbage_collector_is_on_for_the_program(warm: tuple[WarmpodServer, httpx.Client]) -> None:
+    """The preload runs with the collector off; the program gets it back on, collecting its own cycles."""
+    live, client = warm
+    code = dedent(
+        """
+        import gc, weakref
+        class Node: pass
+        node = Node()
+        node.me = node
+        alive = weakref.ref(node)
+        del node
+        print(gc.isenabled(), gc.get_threshold()[0] > 0, gc.collect() > 0, alive() is None)
+        """
+    )
+    result = calm_run(live, client, code)
+    assert result["status"] == "succeeded", result
+    assert result["stdout"] == "True True True True\n"
+
+
 def test_a_preloaded_run_ends_like_python(warm: tuple[WarmpodServer, httpx.Client]) -> None:
     """Threads are joined, atexit handlers run, output without a newline is flushed, exit codes hold."""
     live, client = warm
