@@ -111,22 +111,28 @@ def test_runs_do_not_share_module_state(warm: tuple[WarmpodServer, httpx.Client]
 
 
 def test_the_garbage_collector_is_on_for_the_program(warm: tuple[WarmpodServer, httpx.Client]) -> None:
-    """The preload runs with the collector off; the program gets it back on, collecting its own cycles."""
+    """The preload runs with the collector off and freezes what it made; the program gets the
+    collector back on, collecting its own cycles, and ``gc.unfreeze()`` shows it the preload's objects."""
     live, client = warm
     code = dedent(
         """
-        import gc, weakref
+        import gc, weakref, pandas
         class Node: pass
         node = Node()
         node.me = node
         alive = weakref.ref(node)
         del node
         print(gc.isenabled(), gc.get_threshold()[0] > 0, gc.collect() > 0, alive() is None)
+        seen = lambda: any(o is pandas.DataFrame for o in gc.get_objects())
+        frozen = gc.get_freeze_count() > 0
+        before = seen()
+        gc.unfreeze()
+        print(frozen, before, seen(), gc.get_freeze_count())
         """
     )
     result = calm_run(live, client, code)
     assert result["status"] == "succeeded", result
-    assert result["stdout"] == "True True True True\n"
+    assert result["stdout"] == "True True True True\nTrue False True 0\n"
 
 
 def test_a_preloaded_run_ends_like_python(warm: tuple[WarmpodServer, httpx.Client]) -> None:
