@@ -534,32 +534,6 @@ def kill_everything():
         pass
 
 
-# How long the agent waits for the run's processes to die before it exits anyway; its own exit
-# as PID 1 then makes the kernel kill whatever is left.
-REAP_WAIT = 1.0
-
-
-def reap_everything(wait):
-    """Kill every other process and reap them, for at most ``wait`` seconds.
-
-    Sweeps again after each reap and while any is left: a process forked while kill(-1) walked the
-    process list escapes that sweep (a fork bomb), and a blocking wait would then never return.
-    """
-    deadline = time.monotonic() + wait
-    kill_everything()
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return  # none left
-        if pid:
-            continue
-        if time.monotonic() >= deadline:
-            return
-        kill_everything()
-        time.sleep(0.001)
-
-
 def b64(data):
     return binascii.b2a_base64(data, newline=False).decode()
 
@@ -922,13 +896,9 @@ def main():
         kill_everything()
         result = {"type": "error", "message": f"agent failed: {exc!r}"}
     send_frame(conn, result)
-    # Hang up (exit) only once the run's processes are gone: the server waits for this hang-up
-    # before it removes the container, and Podman removes a container it finds stopped without a
-    # kill, a state query and a wait for the exit (two of the five runtime processes a container
-    # cost). Were the program still freeing its memory (tens of ms with pandas under load), this
-    # process's exit would wait for it as PID 1, and Podman would find the container running.
-    reap_everything(REAP_WAIT)
-    # Without the interpreter's teardown.
+    # Exit at once, without the interpreter's teardown: the server waits for this hang-up before
+    # it removes the container, and Podman removes a container it finds stopped without a kill,
+    # a state query and a wait for the exit (two of the five runtime processes a container cost).
     os._exit(0)
 
 
