@@ -171,6 +171,7 @@ class Scheduler:
                 for _ in range(self._workers):
                     tg.start_soon(self._worker)
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self._reaper)
                 tg.start_soon(self._purge)
                 task_status.started()
         finally:
@@ -437,8 +438,7 @@ class Scheduler:
             live.scope.cancel()
 
     async def _heartbeat(self) -> None:
-        """Renew this node's leases every third of a lease; stop runs it lost; report others'
-        runs whose lease ran out."""
+        """Renew this node's leases every third of a lease and stop the runs it lost."""
         renewed = time.monotonic()
         while True:
             held = dict(self._live)
@@ -465,12 +465,18 @@ class Scheduler:
                     if not live.finishing and run_id not in beat.held:
                         self._lose(run_id, live, "its lease ran out and another node reported it ended")
                 self._top_up(beat.queued)
-                try:
-                    for run_id in await self._store.reap(STOPPED_MESSAGE):
-                        log.warning("run %s lost its node (its lease ran out): reported error", run_id)
-                        await self._report(run_id, None, executed=False)
-                except StoreError as exc:
-                    log.warning("could not look for runs whose node stopped: %s", exc)
+            await anyio.sleep(self._lease / 3)
+
+    async def _reaper(self) -> None:
+        """Report other nodes' runs whose lease ran out. A task of its own: a store that hangs
+        here (each call may wait its full timeout) must not hold back this node's next renewal."""
+        while True:
+            try:
+                for run_id in await self._store.reap(STOPPED_MESSAGE):
+                    log.warning("run %s lost its node (its lease ran out): reported error", run_id)
+                    await self._report(run_id, None, executed=False)
+            except StoreError as exc:
+                log.warning("could not look for runs whose node stopped: %s", exc)
             await anyio.sleep(self._lease / 3)
 
     async def _worker(self) -> None:

@@ -118,6 +118,35 @@ async def test_a_node_out_of_reach_of_the_store_stops_its_runs_and_another_repor
     assert len(b.runner.calls) == 1
 
 
+async def test_a_store_that_hangs_while_reaping_does_not_hold_back_the_lease_check(
+    nodes: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """b's look for other nodes' lost runs never returns (a partition that drops packets, met just
+    after a renewal): b's next renewals still run, fail, and past its lease b stops its run."""
+    a, b = nodes
+    a.leaser.failures = 10**6
+    b.runner.hold = anyio.Event()
+
+    async def hangs(message: str) -> list[str]:
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+        raise StoreError("connection timed out")
+
+    run_id = await a.scheduler.submit(SPEC)
+    await running_on(b, run_id)
+    monkeypatch.setattr(b.store, "reap", hangs)
+    await anyio.sleep(LEASE)  # b's reaper is now stuck in the store
+    monkeypatch.setattr(b.store, "heartbeat", unreachable)
+    with caplog.at_level(logging.WARNING, "warmpod.scheduler"), anyio.fail_after(LEASE * 2):
+        while not any(f"lost run {run_id}" in r.getMessage() for r in caplog.records):
+            await anyio.sleep(0.05)
+    with anyio.fail_after(2):
+        while b.scheduler.running:
+            await anyio.sleep(0.02)
+
+
 async def test_a_zombie_node_finds_its_writes_refused_and_stops_the_run(
     nodes: tuple[Node, Node], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
