@@ -101,10 +101,14 @@ class Run:
         return json.loads(self.stdout.strip().splitlines()[-1])
 
 
-def run(client: httpx.Client, code: str, *, timeout: float = 10.0, stdin: str = "") -> Run:
-    """Run ``code`` through /run-json/ (which must answer 200) and time the request."""
+def run(
+    client: httpx.Client, code: str, *, timeout: float = 10.0, stdin: str = "", memory_mb: int | None = None
+) -> Run:
+    """Run ``code`` through /run-json/ (which must answer 200) and time the request; ``memory_mb``
+    below the suite's MEMORY_MB as the run's own limit."""
     started = time.monotonic()
-    result = run_json(client, code, timeout=timeout, stdin=stdin)
+    limit = {} if memory_mb is None else {"memory_mb": memory_mb}
+    result = run_json(client, code, timeout=timeout, stdin=stdin, **limit)
     return Run(result=result, seconds=time.monotonic() - started)
 
 
