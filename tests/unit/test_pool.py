@@ -23,7 +23,7 @@ from prometheus_client import REGISTRY
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
-from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, Pool, imports_libraries
+from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, RUN_FIRST, Pool, imports_libraries
 from warmpod.protocol import Job, Output, Result
 from warmpod.runner import Runner
 from warmpod.sandbox import AGENT_EXIT_WAIT
@@ -372,6 +372,29 @@ async def test_replacement_is_made_while_the_lease_is_held(agents: TaskGroup, st
             await eventually(lambda: pool.stats().ready == 1)
             assert len(engine.created) == 2
             assert pool._ready[0].container_id != sandbox.container_id
+
+    await with_pool(pool, body)
+
+
+async def test_a_lone_run_from_an_idle_pool_goes_before_the_pools_own_work(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """A run leased from a full, idle pool that still has one ready: its replacement is made and
+    the next container thawed only RUN_FIRST later, not alongside the run; a run that takes the
+    last ready one ends the wait at once (the fill tests above)."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=2, can_pause=True)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 2)
+        async with pool.lease():
+            leased = anyio.current_time()
+            head = pool._ready[0].container_id
+            await anyio.sleep(RUN_FIRST / 2)
+            assert len(engine.created) == 2
+            assert engine.count("unpause", head) == 0
+            await eventually(lambda: len(engine.created) == 3 and engine.count("unpause", head) == 1)
+            assert anyio.current_time() - leased >= RUN_FIRST
 
     await with_pool(pool, body)
 
