@@ -46,9 +46,10 @@ LABEL_HOST = "io.warmpod.host"
 LABEL_PID = "io.warmpod.pid"
 # Seconds since a run last found the pool empty before new containers are preloaded again.
 PRELOAD_CALM = 5.0
-# How long a run leased from a full, idle pool holds back the pool's own work (making its
-# replacement, thawing the next container) while ready ones remain: on 2 CPUs that work competed
-# with the lone run it was leased for (idle p50 of print(1) 21-30 ms with it, 13-14 without).
+# How long a run leased from a full pool, with no other run, holds back the pool's own work
+# (making its replacement, thawing the next container) while ready ones remain: on 2 CPUs that
+# work competed with the lone run it was leased for (idle p50 of print(1) 21-30 ms with it,
+# 13-14 without).
 RUN_FIRST = 0.2
 # How fast the pool's view of the runs' mix follows the runs claimed (the weight of the latest).
 DEMAND_WEIGHT = 1 / 8
@@ -261,7 +262,12 @@ class Pool:
 
     def _holding_back(self) -> bool:
         """Whether the pool's own work waits for a lone run to go first (``RUN_FIRST``)."""
-        return anyio.current_time() < self._run_first_until and bool(self._ready) and not self._queue
+        return (
+            anyio.current_time() < self._run_first_until
+            and len(self._busy) <= 1
+            and bool(self._ready)
+            and not self._queue
+        )
 
     def _grow(self) -> None:
         self._target = min(self._target * 2, self._ceiling)
@@ -472,7 +478,9 @@ class Pool:
                     finally:
                         self._queue.remove(ticket)
                         self._changed.notify_all()
-                    if len(self._ready) + self._starting >= self._target and not self._queue:
+                    # Only the lone run: under load, runs and refills share the CPUs as before.
+                    full = len(self._ready) + self._starting >= self._target
+                    if full and not self._busy and not self._queue:
                         self._run_first_until = anyio.current_time() + RUN_FIRST
                     sandbox = self._ready.popleft()
                     sandbox.idle.cancel()

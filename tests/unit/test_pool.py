@@ -399,6 +399,20 @@ async def test_a_lone_run_from_an_idle_pool_goes_before_the_pools_own_work(
     await with_pool(pool, body)
 
 
+async def test_a_second_run_ends_the_lone_runs_head_start(agents: TaskGroup, state_dir: Path) -> None:
+    """Under load runs and refills share the CPUs: once a second run is leased, replacements for
+    both are made at once, though ready containers remain."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=3)
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 3)
+        async with pool.lease(), pool.lease():
+            await eventually(lambda: len(engine.created) == 5, timeout=RUN_FIRST / 2)
+
+    await with_pool(pool, body)
+
+
 async def test_lease_waits_for_a_container_when_none_is_ready(agents: TaskGroup, state_dir: Path) -> None:
     """A lease on an empty pool waits and gets the next container that becomes ready."""
     engine = FakeEngine(agents)
