@@ -130,7 +130,10 @@ def decode(body: bytes) -> AgentMessage:
     """
     try:
         message: AgentMessage = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    # msgspec raises its own errors for most bad input but lets Python's UnicodeDecodeError (a
+    # ValueError) through for a string that is not UTF-8, and deep nesting could reach the
+    # recursion limit: whatever the bytes, the caller sees the protocol's error only.
+    except (msgspec.MsgspecError, ValueError, RecursionError) as exc:
         raise ProtocolError(f"invalid frame from agent: {exc}") from exc
     return message
 

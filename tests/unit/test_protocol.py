@@ -470,6 +470,104 @@ def test_decode_of_any_json_object_is_a_message_or_a_protocol_error(tag: str, fi
     assert isinstance(message, Hello | Output | Result | AgentError)
 
 
+# Valid frames whose strings carry bytes that are not UTF-8: msgspec lets Python's
+# UnicodeDecodeError through for them unless decode translates it.
+_HELLO_BODY = agent_body({"type": "hello", "version": 2, "pid": 1, "preload_failed": ["numpy"]})
+BAD_UTF8 = [
+    pytest.param(b'{"type":"hello","version":2,"pid":1,"preload_failed":["\xff"]}', id="invalid-start-byte"),
+    pytest.param(b'{"type":"error","message":"\xc3"}', id="truncated-sequence"),
+    pytest.param(b'{"type":"error","message":"\xc0\xaf"}', id="overlong"),
+    pytest.param(b'{"type":"error","message":"\xed\xa0\x80"}', id="encoded-surrogate"),
+    pytest.param(b'{"type":"error","message":"\xf4\x90\x80\x80"}', id="past-u10ffff"),
+    pytest.param(b'{"type":"\xff"}', id="in-the-tag"),
+    pytest.param(b'{"\xff":1,"type":"error","message":""}', id="in-a-key"),
+    pytest.param(b'{"type":"file","path":"\x80","data":"","end":true}', id="in-a-path"),
+    pytest.param(b'{"type":"output","stream":"std\xffout","data":""}', id="in-a-literal"),
+]
+
+
+@pytest.mark.parametrize("body", BAD_UTF8)
+def test_strings_that_are_not_utf8_are_a_protocol_error(body: bytes) -> None:
+    """A string holding bytes that are not UTF-8 (a broken agent's Hello) raises ProtocolError, not
+    UnicodeDecodeError, which would escape the pool's task group."""
+    with pytest.raises(ProtocolError, match="invalid frame from agent"):
+        protocol.decode(body)
+
+
+@pytest.mark.parametrize("body", BAD_UTF8[:2])
+async def test_a_frame_that_is_not_utf8_over_a_channel_is_a_protocol_error(
+    wired: tuple[Channel, UnixStream, socket.socket], body: bytes
+) -> None:
+    """Over a Channel too, a frame whose strings are not UTF-8 raises ProtocolError."""
+    channel, _, agent_end = wired
+    agent_end.sendall(frame(body))
+    with pytest.raises(ProtocolError):
+        await receive_soon(channel)
+
+
+_VALID_BODIES = st.sampled_from(
+    [
+        _HELLO_BODY,
+        agent_body(output("stdout", b"hello")),
+        agent_body(result(error="boom")),
+        agent_body({"type": "error", "message": "agent failed"}),
+        agent_body({"type": "file", "path": "out/a.txt", "data": "aGk=", "end": True}),
+    ]
+)
+
+
+@given(
+    body=_VALID_BODIES, at=st.integers(min_value=0), cut=st.integers(min_value=0), junk=st.binary(max_size=8)
+)
+@settings(max_examples=1000, deadline=None, database=None)
+def test_decode_of_a_mutated_frame_is_a_message_or_a_protocol_error(
+    body: bytes, at: int, cut: int, junk: bytes
+) -> None:
+    """A real message with random bytes spliced in (often inside a string, where bad UTF-8 hides)
+    and some bytes cut out decodes to a valid message or raises ProtocolError, nothing else."""
+    at %= len(body) + 1
+    mutated = body[:at] + junk + body[at + cut % 4 :]
+    try:
+        message = protocol.decode(mutated)
+    except ProtocolError:
+        return
+    assert isinstance(message, Hello | Output | FileChunk | Result | AgentError)
+
+
+@given(
+    frames=st.lists(
+        st.tuples(st.integers(min_value=0, max_value=2 * TEST_FRAME), st.binary(max_size=64) | _VALID_BODIES),
+        max_size=4,
+    )
+)
+@settings(max_examples=100, deadline=None, database=None)
+def test_any_byte_stream_over_a_channel_gives_messages_then_a_protocol_error(
+    frames: list[tuple[int, bytes]],
+) -> None:
+    """Frames whose headers lie (too long, too short, oversized) and whose bodies are garbage, then
+    a hang-up: the Channel yields valid messages until it raises ProtocolError, and nothing else."""
+    data = b"".join(struct.pack(">I", size) + body for size, body in frames)
+
+    async def main() -> None:
+        server_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with agent_end:
+            agent_end.setblocking(False)
+            async with UnixStream(server_end) as stream:
+                channel = Channel(stream, max_frame=TEST_FRAME)
+                # A socket pair buffers more than these few frames: the write cannot block.
+                agent_end.sendall(data)
+                agent_end.shutdown(socket.SHUT_WR)
+                for _ in range(len(frames) + 1):
+                    try:
+                        message = await receive_soon(channel)
+                    except ProtocolError:
+                        return
+                    assert isinstance(message, Hello | Output | FileChunk | Result | AgentError)
+                pytest.fail("the channel read past the end of the stream")
+
+    anyio.run(main)
+
+
 # The agent's collection of out/, on a directory of this host ------------------------------------
 
 
