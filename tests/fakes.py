@@ -209,6 +209,8 @@ class FakeEngine:
         # Removals wait for this one, the container alive meanwhile (as while Podman kills and removes it).
         self.destroy_gate = anyio.Event()
         self.destroy_gate.set()
+        self.failing_destroys: set[str] = set()
+        """Containers whose removal fails, as Podman's does when its storage is busy."""
 
     def count(self, op: str, container_id: str | None = None) -> int:
         """How many times ``op`` was called (on ``container_id``, if given)."""
@@ -265,6 +267,8 @@ class FakeEngine:
         """Record the removal and stop the container's agent; removing twice is harmless, as in Podman."""
         self.calls.append(("destroy", container_id))
         await self.destroy_gate.wait()
+        if container_id in self.failing_destroys:
+            raise EngineError(f"cannot remove {container_id}")
         if container_id in self.containers:
             self.destroyed.append(container_id)
             if container_id in self.exited:

@@ -25,6 +25,7 @@ from warmpod import host, metrics, protocol
 from warmpod.backoff import Backoff
 from warmpod.errors import EngineError, PoolUnavailable, ProtocolError, WarmpodError
 from warmpod.image import context_dir
+from warmpod.owners import Owner, OwnerLock
 from warmpod.protocol import Hello
 from warmpod.sandbox import (
     DESTROY_TIMEOUT,
@@ -125,6 +126,8 @@ class Pool:
         self._image = image
         self._state_dir = state_dir
         self.instance = instance
+        # The instance is the owner token: unique to this start, it labels every container.
+        self._owner = OwnerLock(state_dir, instance)
         self.can_pause = can_pause and settings.pool.pause
         self._can_limit = can_limit
         self._userns = userns
@@ -187,7 +190,8 @@ class Pool:
         )
 
     def labels(self) -> dict[str, str]:
-        """The labels that mark a container as this server instance's."""
+        """The labels that mark a container as this server instance's (host and pid only judge
+        the containers of servers with another state directory: see ``remove_leftovers``)."""
         return {
             LABEL_INSTANCE: self.instance,
             LABEL_HOST: socket.gethostname(),
@@ -196,7 +200,17 @@ class Pool:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Remove leftovers of dead instances, then keep the pool full until cancelled."""
-        await self.remove_leftovers()
+        try:
+            self._owner.acquire()
+        except OSError as exc:
+            # As a missing state directory fails fills but not the pool (a tmp cleaner may have
+            # run): without the lock a later start judges this one's containers by host and pid.
+            log.warning("cannot lock this server's owner file in %s: %s", self._owner.directory, exc)
+        try:
+            await self.remove_leftovers()
+        except BaseException:
+            self._owner.release()
+            raise
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -207,23 +221,43 @@ class Pool:
             with anyio.CancelScope(shield=True), anyio.move_on_after(DESTROY_TIMEOUT):
                 await self._destroy_all()
             self._seccomp_profile.unlink(missing_ok=True)
+            self._owner.release()
 
     async def remove_leftovers(self) -> int:
-        """Destroy containers whose server on this host is no longer alive; return how many."""
+        """Destroy containers whose server is gone; return how many.
+
+        A container's instance label is its server's owner token: when that token's lock file is
+        in this state directory, the lock alone decides (held: alive; free: gone, even if a
+        process of the labelled pid runs, as a restarted server in a container always has the
+        same one). With no lock file here the server used another state directory (the default
+        fresh private one, or an older warmpod): it counts as gone only if it ran on this host
+        and its pid is dead. Lock files of gone servers go once none of their containers is left.
+        """
         hostname = socket.gethostname()
         removed = 0
+        kept: set[str] = set()
         for container_id, labels in await self._engine.list_labelled(LABEL_INSTANCE):
-            if labels.get(LABEL_INSTANCE) == self.instance or labels.get(LABEL_HOST) != hostname:
+            token = labels.get(LABEL_INSTANCE, "")
+            if token == self.instance:
                 continue
-            if host.process_alive(labels.get(LABEL_PID, "")):
+            owner = self._owner.owner(token)
+            if owner is Owner.ALIVE:
+                continue
+            if owner is Owner.UNKNOWN and (
+                labels.get(LABEL_HOST) != hostname or host.process_alive(labels.get(LABEL_PID, ""))
+            ):
                 continue
             log.warning("removing container %s left by a dead warmpod", container_id[:12])
             try:
                 await self._engine.destroy(container_id)
             except WarmpodError as exc:
                 log.error("could not remove leftover %s: %s", container_id[:12], exc)
+                kept.add(token)
                 continue
             removed += 1
+        for token in self._owner.gone_tokens():
+            if token not in kept:
+                self._owner.discard(token)
         return removed
 
     async def _maintain(self, tg: anyio.abc.TaskGroup) -> None:

@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY
 
 from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
+from warmpod.owners import OwnerLock
 from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, RUN_FIRST, Pool, imports_libraries
 from warmpod.protocol import Job, Output, Result
 from warmpod.runner import Runner
@@ -769,6 +770,96 @@ async def test_run_removes_leftovers_before_filling(agents: TaskGroup, state_dir
 
     await with_pool(pool, body)
     assert engine.calls.index(("destroy", "stale")) < engine.calls.index(("create", "c001"))
+
+
+def leave_owner_lock(state_dir: Path, token: str) -> None:
+    """The lock file a server killed with SIGKILL leaves: there, and held by nobody."""
+    (state_dir / "owners").mkdir(exist_ok=True)
+    (state_dir / "owners" / f"{token}.lock").touch()
+
+
+async def test_a_restarted_servers_leftovers_are_removed_whatever_its_pid_says(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """Containers whose owner lock in this state directory is free are removed even though their
+    pid label names a live process (a server restarted in its container is PID 2 again) or
+    another host (Quadlet gives the restarted container a new hostname), and their lock files go."""
+    engine = FakeEngine(agents)
+    host = socket.gethostname()
+    leave_owner_lock(state_dir, "crashed")
+    leave_owner_lock(state_dir, "renamed")
+    leave_owner_lock(state_dir, "nocontainers")
+    engine.containers = {
+        "same-pid": {LABEL_INSTANCE: "crashed", LABEL_HOST: host, LABEL_PID: str(os.getpid())},
+        "new-host": {LABEL_INSTANCE: "renamed", LABEL_HOST: host + "-old", LABEL_PID: "2"},
+    }
+    pool = make_pool(engine, state_dir)
+    assert await pool.remove_leftovers() == 2
+    assert sorted(engine.destroyed) == ["new-host", "same-pid"]
+    assert sorted(path.name for path in (state_dir / "owners").iterdir()) == []
+
+
+async def test_a_live_owner_lock_keeps_its_containers_whatever_its_pid_says(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """A container whose owner lock is held is kept, even with a dead pid on this host, and so is
+    a container whose token has no lock file here and whose host is another (a server sharing
+    the Podman storage with a state directory of its own)."""
+    engine = FakeEngine(agents)
+    host = socket.gethostname()
+    dead = await dead_pid()
+    # flock belongs to an open file: this process's own holder looks like another server's.
+    holder = OwnerLock(state_dir, "running")
+    holder.acquire()
+    try:
+        engine.containers = {
+            "held": {LABEL_INSTANCE: "running", LABEL_HOST: host, LABEL_PID: dead},
+            "elsewhere": {LABEL_INSTANCE: "stranger", LABEL_HOST: host + "-other", LABEL_PID: dead},
+            "bad-token": {LABEL_INSTANCE: "../owners/running", LABEL_HOST: host + "-other", LABEL_PID: dead},
+        }
+        pool = make_pool(engine, state_dir)
+        assert await pool.remove_leftovers() == 0
+        assert engine.destroyed == []
+        assert (state_dir / "owners" / "running.lock").exists()
+    finally:
+        holder.release()
+
+
+async def test_a_leftover_that_cannot_be_removed_keeps_its_lock_file(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """If a gone owner's container cannot be destroyed, its lock file stays so the next start
+    still knows the container is a leftover."""
+    engine = FakeEngine(agents)
+    leave_owner_lock(state_dir, "crashed")
+    engine.containers = {"stuck": {LABEL_INSTANCE: "crashed", LABEL_HOST: "elsewhere", LABEL_PID: "2"}}
+    engine.failing_destroys.add("stuck")
+    pool = make_pool(engine, state_dir)
+    assert await pool.remove_leftovers() == 0
+    assert (state_dir / "owners" / "crashed.lock").exists()
+
+
+async def test_the_pool_holds_its_owner_lock_while_it_runs(agents: TaskGroup, state_dir: Path) -> None:
+    """While the pool runs its owner lock is held (another start sees it alive), and a stop removes it."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, size=1)
+    other = Pool(
+        settings(),
+        engine,
+        image="localhost/warmpod-runner:test",
+        state_dir=state_dir,
+        instance="another0start",
+        can_pause=False,
+        can_limit=True,
+    )
+
+    async def body() -> None:
+        await eventually(lambda: pool.stats().ready == 1)
+        assert await other.remove_leftovers() == 0
+        assert engine.destroyed == []
+
+    await with_pool(pool, body)
+    assert not (state_dir / "owners" / f"{INSTANCE}.lock").exists()
 
 
 async def test_cancelling_the_pool_destroys_every_container(agents: TaskGroup, state_dir: Path) -> None:
