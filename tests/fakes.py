@@ -379,6 +379,8 @@ class FakeLeaser:
 
     def __init__(self) -> None:
         self.failures = 0
+        self.events: list[str] = []
+        """``lease`` and ``release`` of each sandbox, in order (a test may add its own events)."""
 
     @contextlib.asynccontextmanager
     async def lease(self) -> AsyncIterator[Sandbox]:
@@ -386,7 +388,12 @@ class FakeLeaser:
         if self.failures:
             self.failures -= 1
             raise PoolUnavailable("no sandbox became free within 30 s")
-        yield cast(Sandbox, types.SimpleNamespace(warm=False))
+        self.events.append("lease")
+        try:
+            yield cast(Sandbox, types.SimpleNamespace(warm=False))
+        finally:
+            # Where the pool starts removing the container.
+            self.events.append("release")
 
     def check_memory(self, limit_bytes: int) -> None:
         """Any limit will do."""

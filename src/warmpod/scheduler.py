@@ -62,6 +62,8 @@ class _LiveRun:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     lost: str | None = None
     """Why this node no longer holds the run (its lease ran out): nothing more of it is written."""
+    result: RunResult | None = None
+    """What to record once its sandbox is gone: set when the run ended, or the server stopped it."""
     finishing: bool = False
     """Its result is being written: a heartbeat renews it, and the result's write learns whether
     it was lost (a heartbeat racing that write would take the written run for a lost one)."""
@@ -488,6 +490,7 @@ class Scheduler:
                 return
             self._seeking += 1
             seeking = True
+            live: _LiveRun | None = None
             try:
                 # The sandbox first: a node claims a run only when it can start it at once, so
                 # runs go to the nodes with a free sandbox. One left unused goes back to the pool.
@@ -501,7 +504,13 @@ class Scheduler:
                     if claimed is not None:
                         self._queued -= 1
                         self._leaser.note_demand(claimed.spec.warm)
-                        await self._execute(claimed, sandbox)
+                        # The run stays in ``_live`` until its result is written, so heartbeats
+                        # renew its lease while a result waits for room in the store (or this
+                        # node's own reaper would end it).
+                        live = self._live[claimed.fence.run_id] = _LiveRun(
+                            claimed.fence, self._runner.output(claimed.spec)
+                        )
+                        await self._execute(claimed, sandbox, live)
                 backoff.reset()
             except (PoolUnavailable, StoreError, *SANDBOX_FAILURES) as exc:
                 # The run (if any was claimed, it was finished) stays queued for the next try.
@@ -511,35 +520,42 @@ class Scheduler:
             finally:
                 if seeking:
                     self._seeking -= 1
+                # Only now, the lease over and its container on the way out, is the result written:
+                # a store that fails for a while (retried) must not keep a cancelled or timed-out
+                # program's container running.
+                if live is not None:
+                    with anyio.CancelScope(shield=True):
+                        await self._conclude(live)
 
-    async def _execute(self, claim: Claim, sandbox: Sandbox) -> None:
+    async def _execute(self, claim: Claim, sandbox: Sandbox, live: _LiveRun) -> None:
+        """Run the claimed run in ``sandbox``, leaving what to record of it in ``live.result``:
+        ``_conclude`` writes it once the sandbox is gone, even if this was cancelled."""
         run_id, spec = claim.fence.run_id, claim.spec
-        # The run stays in ``_live`` until its result is written, so heartbeats renew its lease
-        # while a result waits for room in the store (or this node's own reaper would end it).
-        live = self._live[run_id] = _LiveRun(claim.fence, self._runner.output(spec))
         try:
-            try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._tend, run_id, live)
-                    with live.scope:
-                        try:
-                            result = await self._runner.execute(run_id, spec, sandbox, live.output)
-                        except Exception:
-                            log.exception("run %s failed inside warmpod", run_id)
-                            result = live.ended(run_id, "error", "internal error; see the server log")
-                    tg.cancel_scope.cancel()
-                if live.scope.cancelled_caught and live.lost is None:
-                    result = live.ended(run_id, "cancelled", None)
-            except anyio.get_cancelled_exc_class():
-                with anyio.CancelScope(shield=True):
-                    if live.lost is None:
-                        stopped = live.ended(run_id, "error", "the server stopped before the run ended")
-                        await self._finish(run_id, stopped, live)
-                raise
-            if live.lost is not None:
-                return  # another node reported it; the sandbox is destroyed as the lease ends
-            with anyio.CancelScope(shield=True):
-                await self._finish(run_id, result, live)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._tend, run_id, live)
+                with live.scope:
+                    try:
+                        result = await self._runner.execute(run_id, spec, sandbox, live.output)
+                    except Exception:
+                        log.exception("run %s failed inside warmpod", run_id)
+                        result = live.ended(run_id, "error", "internal error; see the server log")
+                tg.cancel_scope.cancel()
+            if live.scope.cancelled_caught and live.lost is None:
+                result = live.ended(run_id, "cancelled", None)
+        except anyio.get_cancelled_exc_class():
+            live.result = live.ended(run_id, "error", "the server stopped before the run ended")
+            raise
+        if live.lost is None:  # else another node reported it: nothing of it is written
+            live.result = result
+
+    async def _conclude(self, live: _LiveRun) -> None:
+        """Write the result of a run whose sandbox is gone, then forget the run."""
+        run_id = live.fence.run_id
+        try:
+            # A lost run was reported by another node: nothing more of it is written.
+            if live.lost is None and live.result is not None:
+                await self._finish(run_id, live.result, live)
         finally:
             del self._live[run_id]
             if not self._live:

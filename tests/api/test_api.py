@@ -640,6 +640,32 @@ async def test_a_store_failure_during_a_run_does_not_stop_the_service(
     assert again.json()["status"] == "succeeded"
 
 
+async def test_the_sandbox_goes_before_a_failing_store_records_the_result(
+    client: AsyncTestClient[Litestar],
+    service: Service,
+    leaser: FakeLeaser,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run's sandbox is given up (its container removed) as soon as the run ends, before its
+    result's write is retried through a store outage: not once the result is finally recorded."""
+    store = service.scheduler._store
+    real = store.finish
+    attempts: list[str] = []
+
+    async def flaky(run_id: str, result: RunResult, *args: Any, **kwargs: Any) -> bool:
+        leaser.events.append("finish")
+        attempts.append(run_id)
+        if len(attempts) <= 2:
+            raise StoreError("database is locked")
+        return await real(run_id, result, *args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", flaky)
+    response = await client.post("/run-json/", json={"code": "pass"})
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "succeeded"
+    assert leaser.events == ["lease", "release", "finish", "finish", "finish"]
+
+
 async def test_a_keepalive_is_a_comment_without_data() -> None:
     """A quiet stream's keepalive is ``: keepalive`` alone: no empty data line a client would parse."""
 
