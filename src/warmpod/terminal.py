@@ -26,6 +26,18 @@ EXIT_WARMPOD = 125
 EXIT_MEMORY = 137
 """The memory limit killed the program (128 + SIGKILL)."""
 COMMANDS = ("run", "status", "cancel", "logs")
+# What a program's output may not send to the user's terminal as it is: C0 controls but newline
+# and tab (escape sequences start with ESC; a carriage return or backspace overwrites what came
+# before), DEL, the C1 controls (U+009B is a one-character CSI), and the bidirectional overrides
+# and isolates that make a line read otherwise than it is.
+_UNSAFE = [
+    *range(0x00, 0x09),
+    *range(0x0B, 0x20),
+    *range(0x7F, 0xA0),
+    *range(0x202A, 0x202F),
+    *range(0x2066, 0x206A),
+]
+_VISIBLE = str.maketrans({c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _UNSAFE})
 
 
 def add_commands(commands: Any) -> None:
@@ -245,7 +257,16 @@ def _say_how_it_ended(result: RunResult, saved: list[Path], out: str) -> None:
     print(f"warmpod: run {result.id} ended {how}", file=sys.stderr)
 
 
+def visible(text: str) -> str:
+    """``text`` with every character that could drive a terminal shown as an escape (``\\x1b``)."""
+    return text.translate(_VISIBLE)
+
+
 def _write(stream: TextIO, text: str) -> None:
+    # A program's output is untrusted: on a terminal its control characters are shown, not
+    # obeyed; piped or redirected, it is passed on byte for byte.
+    if stream.isatty():
+        text = visible(text)
     # As bytes: the program's UTF-8 passes through whatever this terminal's locale says.
     stream.flush()
     stream.buffer.write(text.encode("utf-8", "replace"))
