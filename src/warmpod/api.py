@@ -39,6 +39,7 @@ from warmpod.service import Service
 _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
 _FORM_FIELDS = frozenset({"file", "files", "stdin", "timeout", "wait", *_LIMIT_FIELDS})
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
+_RASTER_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 KEYED: list[dict[str, list[str]]] = [{"apiKey": []}]
 """The schema's word that an operation needs a key where the server has a keys file (all but /health)."""
 _WAIT_DOC = "false: answer 202 at once with the run's status URL (same as the body's `wait`)"
@@ -258,7 +259,7 @@ class StatusController(Controller):
         entry, data = await service.scheduler.file(run, path.lstrip("/"))
         return Response(
             data,
-            media_type=entry.media_type,
+            media_type=_download_type(entry.media_type),
             headers={
                 # What a program made is hostile: a browser must neither sniff it into HTML nor
                 # run what it holds as this origin's page.
@@ -375,6 +376,12 @@ async def _file_parts(value: object) -> list[tuple[str, bytes]]:
             )
         files.append((part.filename, await part.read()))
     return files
+
+
+def _download_type(media_type: str) -> str:
+    # Only raster images, which a browser merely decodes, keep their type: anything else a page
+    # could open (HTML, SVG, XML, PDF, scripts) is served as bytes to save.
+    return media_type if media_type in _RASTER_TYPES else "application/octet-stream"
 
 
 def _attachment(path: str) -> str:

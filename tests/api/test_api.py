@@ -879,7 +879,39 @@ async def test_files_left_in_out_come_back_and_download(
     assert download.headers["content-disposition"].startswith("attachment")
     csv = await client.get(f"/status/{body['id']}/files/out/summary.csv")
     assert csv.content == b"a,b\n1,2\n"
-    assert csv.headers["content-type"].startswith("text/csv")
+    # Listed as text/csv, served as bytes to save: only raster images keep their type.
+    assert csv.headers["content-type"] == "application/octet-stream"
+
+
+@pytest.mark.parametrize(
+    ("path", "served"),
+    [
+        ("out/page.html", "application/octet-stream"),
+        ("out/drawing.svg", "application/octet-stream"),
+        ("out/feed.xml", "application/octet-stream"),
+        ("out/doc.pdf", "application/octet-stream"),
+        ("out/app.js", "application/octet-stream"),
+        ("out/notes.txt", "application/octet-stream"),
+        ("out/photo.jpeg", "image/jpeg"),
+        ("out/anim.gif", "image/gif"),
+        ("out/pic.webp", "image/webp"),
+    ],
+)
+async def test_a_download_is_never_a_page_of_this_origin(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, path: str, served: str
+) -> None:
+    """A file a run left is served as octet-stream (raster images aside), as an attachment, not
+    sniffed and sandboxed: an out/x.html or .svg can never open as a page of warmpod's origin."""
+    runner.left = left(path, b"<html><script>alert(1)</script></html>")
+    body = (await client.post("/run-json/", json={"code": "pass"})).json()
+    download = await client.get(f"/status/{body['id']}/files/{path}")
+    assert download.status_code == 200
+    assert download.headers["content-type"] == served
+    assert download.headers["content-disposition"].startswith("attachment;")
+    assert download.headers["x-content-type-options"] == "nosniff"
+    policy = [part.strip() for part in download.headers["content-security-policy"].split(";")]
+    assert "sandbox" in policy
+    assert "default-src 'none'" in policy
 
 
 async def test_unknown_files_are_404_problems(

@@ -91,6 +91,37 @@ def test_a_chart_is_shown_as_an_image(
     screenshot("playground-chart")
 
 
+HOSTILE_FILES = """open("out/page.html", "w").write("<script>document.title = 'owned'</script>")
+open("out/drawing.svg", "w").write(
+    '<svg xmlns="http://www.w3.org/2000/svg"><script>document.title = "owned"</script></svg>'
+)
+print("written")
+"""
+
+
+def test_a_runs_html_and_svg_are_downloads_never_pages(
+    server: WarmpodServer, browser: webdriver.Chrome
+) -> None:
+    """The playground links a run's HTML and SVG files as octet-stream blobs to save, and shows
+    neither inline: no file a program made can open as a page of warmpod's origin."""
+    browser.get(server.url + "/")
+    # The page's CSP lets no script fetch a blob: URL back: note each blob's type as it is made.
+    browser.execute_script(
+        "window.blobTypes = [];"
+        "const make = URL.createObjectURL;"
+        "URL.createObjectURL = (blob) => { window.blobTypes.push(blob.type); return make(blob); };"
+    )
+    type_script(browser, HOSTILE_FILES)
+    selector = "#outfiles figcaption a[href]"
+    wait_for(browser, lambda: len(browser.find_elements(By.CSS_SELECTOR, selector)) == 2, "no file links")
+    assert browser.find_elements(By.CSS_SELECTOR, "#outfiles img") == []
+    links = browser.find_elements(By.CSS_SELECTOR, selector)
+    assert sorted(link.get_attribute("download") or "" for link in links) == ["drawing.svg", "page.html"]
+    assert all((link.get_attribute("href") or "").startswith("blob:") for link in links)
+    assert browser.execute_script("return window.blobTypes") == ["application/octet-stream"] * 2
+    assert browser.title != "owned"
+
+
 def test_cancel_stops_a_running_script(server: WarmpodServer, browser: webdriver.Chrome) -> None:
     browser.get(server.url + "/")
     type_script(browser, 'import time\nprint("started", flush=True)\ntime.sleep(40)\n')

@@ -178,12 +178,21 @@ function bytesOf(base64) {
   return bytes;
 }
 
+// Raster images, which a browser only decodes, are the one kind of a run's file shown inline. Any
+// other blob: URL carries octet-stream: one typed text/html or image/svg+xml (a document that runs
+// script) would open, from its link, as a page of this origin, with its rights.
+const INLINE = /^image\/(png|jpeg|gif|webp)$/;
+
+function blobType(file) {
+  return INLINE.test(file.media_type) ? file.media_type : "application/octet-stream";
+}
+
 async function blobOf(id, file) {
-  if (file.content !== null) return new Blob([bytesOf(file.content)], {type: file.media_type});
+  if (file.content !== null) return new Blob([bytesOf(file.content)], {type: blobType(file)});
   const path = file.path.split("/").map(encodeURIComponent).join("/");
   const response = await fetch(`/status/${id}/files/${path}`, {headers: headers({})});
   if (!response.ok) throw new Error(await problemText(response));
-  return new Blob([await response.arrayBuffer()], {type: file.media_type});
+  return new Blob([await response.arrayBuffer()], {type: blobType(file)});
 }
 
 async function showFile(id, file) {
@@ -197,7 +206,7 @@ async function showFile(id, file) {
   try {
     const url = URL.createObjectURL(await blobOf(id, file));
     link.href = url;
-    if (/^image\/(png|jpeg|gif|webp|svg\+xml)$/.test(file.media_type)) {
+    if (INLINE.test(file.media_type)) {
       const image = document.createElement("img");
       image.alt = file.path;
       image.src = url;
