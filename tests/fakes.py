@@ -195,6 +195,8 @@ class FakeEngine:
         self._kills: dict[str, tuple[anyio.Event, list[SocketListener | ByteStream]]] = {}
         self.failing_creates = 0
         self.hello: dict[str, Any] = {"type": "hello", "version": protocol.PROTOCOL_VERSION, "pid": 99}
+        self.hello_body: bytes | None = None
+        """A frame body the agents greet with instead of ``hello``: what JSON could not say."""
         self.listen_delay = 0.0
         self.silent = False
         self.failing_unpause = False
@@ -325,7 +327,10 @@ class FakeEngine:
                 if self.silent:
                     await killed.wait()
                     return
-                await send_frame(stream, self.hello)
+                if self.hello_body is not None:
+                    await stream.send(struct.pack(">I", len(self.hello_body)) + self.hello_body)
+                else:
+                    await send_frame(stream, self.hello)
                 job = await receive_frame(stream)
                 code, stdin = base64.b64decode(job["code"]), base64.b64decode(job["stdin"])
                 for message in answer(code if self.stdout is None else self.stdout, stdin):

@@ -588,14 +588,18 @@ async def test_metrics_time_each_container_made_count_failed_ones_and_paused_rea
         ),
         pytest.param({"type": "error", "message": "no interpreter"}, id="error"),
         pytest.param({"type": "hello"}, id="invalid"),
+        pytest.param(b'{"type":"hello","version":2,"pid":1,"preload_failed":["\xff"]}', id="not-utf8"),
     ],
 )
 async def test_container_with_a_bad_greeting_is_destroyed(
-    agents: TaskGroup, state_dir: Path, hello: dict[str, Any]
+    agents: TaskGroup, state_dir: Path, hello: dict[str, Any] | bytes
 ) -> None:
     """A container whose agent greets wrongly counts as a failure, is destroyed and never leased."""
     engine = FakeEngine(agents)
-    engine.hello = hello
+    if isinstance(hello, bytes):
+        engine.hello_body = hello
+    else:
+        engine.hello = hello
     pool = make_pool(engine, state_dir, size=1)
 
     async def body() -> None:
