@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -110,6 +112,35 @@ def test_crash_leftovers_are_removed_by_the_next_server(start_server: ServerFact
     assert status in GRACEFUL_EXIT[signal.SIGTERM], second.log_tail()
     assert instance_containers(second_instance) == [], second.log_tail()
     assert instance_containers(first_instance) == []
+
+
+def test_crash_leftovers_go_by_the_owner_lock_of_a_kept_state_directory(start_server: ServerFactory) -> None:
+    """With a state directory kept across restarts (as compose and Quadlet keep it), a SIGKILLed
+    server leaves its owner lock file free, and the next server on that directory removes the
+    crashed one's containers and that lock file; a clean stop leaves no lock file behind."""
+    # Short: the agents' sockets live under it, and a unix socket's path has 108 bytes at most.
+    state = Path(tempfile.mkdtemp(prefix="wp-", dir="/tmp"))
+    try:
+        first = start_server(WARMPOD_ENGINE__STATE_DIR=str(state))
+        first.wait_healthy()
+        first.wait_pool_full()
+        first_instance = first.instance()
+        lock = state / "owners" / f"{first_instance}.lock"
+        assert lock.exists(), first.log_tail()
+        first.proc.kill()
+        first.proc.wait(timeout=10)
+        assert instance_containers(first_instance), "the crashed server's containers vanished on their own"
+
+        second = start_server(WARMPOD_ENGINE__STATE_DIR=str(state))
+        second.wait_healthy()
+        assert instance_containers(first_instance) == [], second.log_tail()
+        assert not lock.exists(), second.log_tail()
+        second_instance = second.instance()
+        assert second.stop(signal.SIGTERM) in GRACEFUL_EXIT[signal.SIGTERM], second.log_tail()
+        assert instance_containers(second_instance) == [], second.log_tail()
+        assert list((state / "owners").glob("*.lock")) == []
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_a_warm_container_that_dies_is_replaced_not_handed_to_a_run(start_server: ServerFactory) -> None:
