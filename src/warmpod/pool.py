@@ -257,8 +257,17 @@ class Pool:
             removed += 1
         for token in self._owner.gone_tokens():
             if token not in kept:
+                await anyio.to_thread.run_sync(self._remove_directories, token)
                 self._owner.discard(token)
         return removed
+
+    def _remove_directories(self, token: str) -> None:
+        # The agents' directories of a gone server's containers (named by ``_make``), which only
+        # its own stop would have removed: a state directory kept across crashes gathers them.
+        if token[:8] == self.instance[:8]:
+            return
+        for path in self._state_dir.glob(f"warmpod-{token[:8]}-*"):
+            shutil.rmtree(path, ignore_errors=True)
 
     async def _maintain(self, tg: anyio.abc.TaskGroup) -> None:
         limit = self._settings.pool.refill_concurrency

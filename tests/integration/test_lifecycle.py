@@ -117,7 +117,8 @@ def test_crash_leftovers_are_removed_by_the_next_server(start_server: ServerFact
 def test_crash_leftovers_go_by_the_owner_lock_of_a_kept_state_directory(start_server: ServerFactory) -> None:
     """With a state directory kept across restarts (as compose and Quadlet keep it), a SIGKILLed
     server leaves its owner lock file free, and the next server on that directory removes the
-    crashed one's containers and that lock file; a clean stop leaves no lock file behind."""
+    crashed one's containers, their agents' directories and that lock file; a clean stop leaves
+    no lock file behind."""
     # Short: the agents' sockets live under it, and a unix socket's path has 108 bytes at most.
     state = Path(tempfile.mkdtemp(prefix="wp-", dir="/tmp"))
     try:
@@ -135,6 +136,7 @@ def test_crash_leftovers_go_by_the_owner_lock_of_a_kept_state_directory(start_se
         second.wait_healthy()
         assert instance_containers(first_instance) == [], second.log_tail()
         assert not lock.exists(), second.log_tail()
+        assert list(state.glob(f"warmpod-{first_instance[:8]}-*")) == [], second.log_tail()
         second_instance = second.instance()
         assert second.stop(signal.SIGTERM) in GRACEFUL_EXIT[signal.SIGTERM], second.log_tail()
         assert instance_containers(second_instance) == [], second.log_tail()

@@ -793,6 +793,10 @@ async def test_a_restarted_servers_leftovers_are_removed_whatever_its_pid_says(
     leave_owner_lock(state_dir, "crashed")
     leave_owner_lock(state_dir, "renamed")
     leave_owner_lock(state_dir, "nocontainers")
+    (state_dir / "warmpod-crashed-1").mkdir()
+    (state_dir / "warmpod-crashed-1" / "agent.sock").touch()
+    (state_dir / "warmpod-renamed-7").mkdir()
+    (state_dir / f"warmpod-{INSTANCE[:8]}-1").mkdir()
     engine.containers = {
         "same-pid": {LABEL_INSTANCE: "crashed", LABEL_HOST: host, LABEL_PID: str(os.getpid())},
         "new-host": {LABEL_INSTANCE: "renamed", LABEL_HOST: host + "-old", LABEL_PID: "2"},
@@ -801,6 +805,8 @@ async def test_a_restarted_servers_leftovers_are_removed_whatever_its_pid_says(
     assert await pool.remove_leftovers() == 2
     assert sorted(engine.destroyed) == ["new-host", "same-pid"]
     assert sorted(path.name for path in (state_dir / "owners").iterdir()) == []
+    # Their agents' directories go with them; this server's own stay.
+    assert sorted(path.name for path in state_dir.iterdir()) == ["owners", f"warmpod-{INSTANCE[:8]}-1"]
 
 
 async def test_a_live_owner_lock_keeps_its_containers_whatever_its_pid_says(
@@ -808,13 +814,14 @@ async def test_a_live_owner_lock_keeps_its_containers_whatever_its_pid_says(
 ) -> None:
     """A container whose owner lock is held is kept, even with a dead pid on this host, and so is
     a container whose token has no lock file here and whose host is another (a server sharing
-    the Podman storage with a state directory of its own)."""
+    the Podman storage with a state directory of its own); a held lock's agents' directories stay."""
     engine = FakeEngine(agents)
     host = socket.gethostname()
     dead = await dead_pid()
     # flock belongs to an open file: this process's own holder looks like another server's.
     holder = OwnerLock(state_dir, "running")
     holder.acquire()
+    (state_dir / "warmpod-running-1").mkdir()
     try:
         engine.containers = {
             "held": {LABEL_INSTANCE: "running", LABEL_HOST: host, LABEL_PID: dead},
@@ -825,6 +832,7 @@ async def test_a_live_owner_lock_keeps_its_containers_whatever_its_pid_says(
         assert await pool.remove_leftovers() == 0
         assert engine.destroyed == []
         assert (state_dir / "owners" / "running.lock").exists()
+        assert (state_dir / "warmpod-running-1").exists()
     finally:
         holder.release()
 
