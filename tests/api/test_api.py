@@ -666,6 +666,39 @@ async def test_the_sandbox_goes_before_a_failing_store_records_the_result(
     assert leaser.events == ["lease", "release", "finish", "finish", "finish"]
 
 
+async def test_a_cancelled_runs_sandbox_goes_before_a_failing_store_records_it(
+    client: AsyncTestClient[Litestar],
+    service: Service,
+    leaser: FakeLeaser,
+    runner: RecordingRunner,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run cancelled while the store cannot record results has its sandbox given up at once;
+    the cancelled result is written afterwards, once the store takes it."""
+    store = service.scheduler._store
+    real = store.finish
+    attempts: list[str] = []
+
+    async def flaky(run_id: str, result: RunResult, *args: Any, **kwargs: Any) -> bool:
+        leaser.events.append("finish")
+        attempts.append(run_id)
+        if len(attempts) <= 2:
+            raise StoreError("database is locked")
+        return await real(run_id, result, *args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", flaky)
+    runner.hold = anyio.Event()
+    run_id = (await client.post("/run-json/", json={"code": "pass", "wait": False})).json()["id"]
+    with anyio.fail_after(5):
+        while not runner.calls:
+            await anyio.sleep(0.01)
+    response = await client.delete(f"/status/{run_id}")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert leaser.events == ["lease", "release", "finish", "finish", "finish"]
+    runner.hold.set()
+
+
 async def test_a_keepalive_is_a_comment_without_data() -> None:
     """A quiet stream's keepalive is ``: keepalive`` alone: no empty data line a client would parse."""
 
