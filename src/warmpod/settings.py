@@ -221,6 +221,11 @@ class FileSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     inline_bytes: Annotated[int, Meta(ge=0)] = 1024 * 1024
     """Files up to this size come inline in the result, in base64; larger ones only from
     ``GET /status/{id}/files/{path}`` (``WARMPOD_FILES__INLINE_BYTES``)."""
+    inline_total_bytes: Annotated[int, Meta(ge=0)] = 1024 * 1024
+    """File content one answer carries inline at most, all its files together (a third more in
+    base64): in path order, each file within ``inline_bytes`` comes inline while it fits in what
+    is left; the others come with ``content`` null and their ``url``. It bounds what an answer
+    about a run weighs however many files the run left (``WARMPOD_FILES__INLINE_TOTAL_BYTES``)."""
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
