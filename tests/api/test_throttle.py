@@ -21,6 +21,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from warmpod import cli, image, keys
+from warmpod.client import Client, ProblemError
 from warmpod.protocol import FileChunk
 from warmpod.settings import Settings, from_env
 
@@ -196,3 +197,25 @@ async def test_every_limited_operation_documents_its_429(
     assert operations
     for name, responses in operations.items():
         assert "429" in responses, name
+
+
+def test_the_client_waits_out_a_throttle_within_its_retry_budget(live: str, secrets: dict[str, str]) -> None:
+    """warmpod.client answers a throttled request by waiting its Retry-After and sending it again,
+    and raises the 429 when the wait would outlast its retry budget."""
+    with (
+        Client(live, api_key=secrets["alice"]) as patient,
+        Client(live, api_key=secrets["alice"], retry_for=0) as impatient,
+    ):
+        for _ in range(BURST):
+            patient.health()  # never counted
+            with pytest.raises(ProblemError) as missing:
+                patient.status("0" * 32)
+            assert missing.value.status == 404
+        with pytest.raises(ProblemError) as refused:
+            impatient.status("0" * 32)
+        assert (refused.value.status, refused.value.type) == (429, PROBLEMS + "throttled")
+        started = time.monotonic()
+        with pytest.raises(ProblemError) as answered:
+            patient.status("0" * 32)
+        assert answered.value.status == 404  # after the wait, the real answer
+        assert time.monotonic() - started >= 0.5
