@@ -64,8 +64,10 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     key_in_flight: PositiveInt = 32
     """Requests of one key being served at once, blocking runs and open streams included; a request
     holds its slot until the client has read its answer to the last bytes (64 KiB), so one that
-    asks and never reads holds its own slots and no more. Past it the key is answered 429
-    (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
+    asks and never reads holds its own slots and no more. Past it the key is answered 429. What a
+    key's unread answers hold in this process is at most this many answers: a result or status
+    (``files.inline_total_bytes`` of files), or a file download, which is held whole (up to
+    ``files.out_bytes``) (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
     log_format: Literal["text", "json"] = "text"
     """How the server logs, on stderr: ``text`` for a terminal, ``json`` one object a line (``time``,
     ``level``, ``logger``, ``event`` and the record's fields) for a log collector; uvicorn's lines
