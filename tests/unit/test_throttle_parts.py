@@ -8,8 +8,9 @@ import pytest
 from litestar.types import Message
 
 from warmpod.errors import Throttled
+from warmpod.keys import Key
 from warmpod.settings import ServerSettings
-from warmpod.throttle import _SWEEP_AT, CHUNK, Throttle, _paced
+from warmpod.throttle import _SWEEP_AT, CHUNK, Throttle, _client_of, _paced
 
 
 async def test_a_large_body_goes_in_chunks_and_ends_where_the_original_did() -> None:
@@ -62,3 +63,13 @@ def test_idle_clients_are_forgotten_and_busy_ones_kept() -> None:
         throttle._admit(f"idle-{n}", 0.0)
     throttle._admit("new", 10.0)
     assert set(throttle._clients) == {"busy", "new"}
+
+
+def test_a_request_counts_against_its_key_else_its_address() -> None:
+    """With keys on a request is its key's, wherever it comes from; with keys off, its address's."""
+    alice = Key("alice", "0" * 64)
+    keyed: Any = {"user": alice, "client": ("10.0.0.1", 1)}
+    same_key: Any = {"user": alice, "client": ("10.0.0.2", 2)}
+    anonymous: Any = {"client": ("10.0.0.1", 3)}
+    assert _client_of(keyed) == _client_of(same_key) == "the key 'alice'"
+    assert _client_of(anonymous) == "the client 10.0.0.1"
