@@ -52,7 +52,9 @@ _PROBLEMS = {
     409: "The run has already ended",
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
     422: "A limit, the timeout or a file is not allowed; `detail` names the rule or the maximum",
-    429: "The queue is full; retry after `Retry-After` seconds",
+    429: "The queue is full, the key has its `max_active` runs, or the client (its key, or its address "
+    "where keys are off) sends faster than its rate or has as many requests in flight as it may "
+    "(WARMPOD_SERVER__KEY_*); retry after `Retry-After` seconds",
     503: "Starting, stopping, or the run store cannot be written; retry after `Retry-After` seconds",
 }
 
@@ -225,12 +227,12 @@ class StatusController(Controller):
     security = KEYED
     dependencies = {"run": Provide(owned_run)}  # noqa: RUF012  (as tags)
 
-    @get("/", summary="A run's state and result", responses=_problems(400, 401, 404, 503))
+    @get("/", summary="A run's state and result", responses=_problems(400, 401, 404, 429, 503))
     async def status(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """The RunResult: ``queued`` or ``running`` (with the output so far) until the run ends."""
         return await service.scheduler.status(run)
 
-    @delete("/", status_code=200, summary="Cancel a run", responses=_problems(400, 401, 404, 409, 503))
+    @delete("/", status_code=200, summary="Cancel a run", responses=_problems(400, 401, 404, 409, 429, 503))
     async def cancel(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """Stop a queued or running run (its container is killed); it ends ``cancelled``."""
         return await service.scheduler.cancel(run)
@@ -249,7 +251,7 @@ class StatusController(Controller):
         media_type="application/octet-stream",
         responses={
             200: ResponseSpec(bytes, description="The file's bytes", media_type="application/octet-stream"),
-            **_problems(400, 401, 404, 503),
+            **_problems(400, 401, 404, 429, 503),
         },
     )
     async def file(
@@ -274,7 +276,7 @@ class StatusController(Controller):
         summary="A run's output as Server-Sent Events",
         responses={
             200: ResponseSpec(str, description="The run's events", media_type="text/event-stream"),
-            **_problems(400, 401, 404, 503),
+            **_problems(400, 401, 404, 429, 503),
         },
     )
     async def stream(

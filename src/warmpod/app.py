@@ -27,7 +27,7 @@ from litestar.plugins.problem_details import (
 )
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
-from warmpod import __version__, auth, metrics, web
+from warmpod import __version__, auth, metrics, throttle, web
 from warmpod.api import RunController, StatusController, get_service, health
 from warmpod.environment import EnvironmentNotRecorded, environment
 from warmpod.errors import (
@@ -41,6 +41,7 @@ from warmpod.errors import (
     SettingsError,
     ShuttingDown,
     StoreError,
+    Throttled,
     WarmpodError,
 )
 from warmpod.keys import KeyFile
@@ -175,6 +176,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             InvalidFile: _problem(422, "File not allowed", "file"),
             KeyBusy: _problem(429, "Key quota reached", "key-busy"),
             QueueFull: _problem(429, "Queue full", "queue-full"),
+            Throttled: _problem(429, "Too many requests", "throttled"),
             ShuttingDown: _problem(503, "Shutting down", "shutting-down"),
             RunNotFound: _problem(404, "No such run", "no-such-run"),
             NoSuchFile: _problem(404, "No such file", "no-such-file"),
@@ -213,7 +215,12 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
                 }
             ),
         ),
-        middleware=[metrics.PROMETHEUS.middleware, *([] if keys is None else [auth.middleware(keys)])],
+        # The throttle after authentication, which names the key it counts against.
+        middleware=[
+            metrics.PROMETHEUS.middleware,
+            *([] if keys is None else [auth.middleware(keys)]),
+            throttle.Throttle(settings.server),
+        ],
         after_request=web.page_headers,
         state=State({"key_file": keys}),
     )

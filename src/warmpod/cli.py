@@ -77,6 +77,8 @@ def serve(settings: Settings) -> int:
         log_level="info",
         log_config=log_config,
         timeout_graceful_shutdown=math.ceil(grace),
+        limit_concurrency=settings.server.max_connections,
+        backlog=settings.server.backlog,
     )
     Server(config).run()
     return 0

@@ -41,6 +41,13 @@ class EnvironmentNotRecorded(WarmpodError):
             media_type="application/problem+json",
             generate_examples=False,
         ),
+        429: ResponseSpec(
+            Problem,
+            description="The client sends faster than its rate or has as many requests in flight as it "
+            "may (WARMPOD_SERVER__KEY_*); retry after `Retry-After` seconds",
+            media_type="application/problem+json",
+            generate_examples=False,
+        ),
         503: ResponseSpec(
             Problem,
             description="Starting; retry after `Retry-After` seconds",

@@ -10,6 +10,7 @@ WarmpodError
 │   └── InvalidFile    an input file's path, content or size is not allowed (422)
 ├── QueueFull          the queue holds as many runs as it may (429)
 │   └── KeyBusy        the run's API key has as many runs queued or running as it may (429)
+├── Throttled          a client sends faster than its rate, or has as many requests in flight as it may (429)
 ├── ShuttingDown       the server is stopping and takes no new runs (503)
 ├── RunNotFound        no run has this id, or its result has expired (404)
 ├── NoSuchFile         the run left no file at this path, or has not ended (404)
@@ -62,6 +63,16 @@ class QueueFull(WarmpodError):
 
 class KeyBusy(QueueFull):
     """Raised when a run is submitted with a key that has ``max_active`` runs queued or running."""
+
+
+class Throttled(WarmpodError):
+    """Raised when a client (its API key, or its address where keys are off) sends requests faster
+    than its rate, or has as many in flight as it may."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        """Seconds until the client may send again."""
 
 
 class ShuttingDown(WarmpodError):

@@ -6,6 +6,9 @@ import binascii
 import mimetypes
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import msgspec
 
 from warmpod.errors import InvalidFile, ProtocolError
 from warmpod.models import InputFile, OutputFile
@@ -132,7 +135,12 @@ def with_content(entry: OutputFile, data: bytes, inline_bytes: int) -> OutputFil
     if len(data) > inline_bytes:
         return entry
     content = binascii.b2a_base64(data, newline=False).decode()
-    return OutputFile(path=entry.path, size=entry.size, media_type=entry.media_type, content=content)
+    return msgspec.structs.replace(entry, content=content)
+
+
+def with_url(run_id: str, entry: OutputFile) -> OutputFile:
+    """The entry with the URL its bytes download from, relative to the server's."""
+    return msgspec.structs.replace(entry, url=f"/status/{run_id}/files/{quote(entry.path)}")
 
 
 class OutputFiles:

@@ -29,8 +29,12 @@ class OutputFile(msgspec.Struct, kw_only=True):
     media_type: str
     """Guessed from the name; ``application/octet-stream`` when unknown."""
     content: str | None = None
-    """The bytes in base64, or null above the server's inline cap: then download it from
-    ``GET /status/{id}/files/{path}``."""
+    """The bytes in base64, or null when the file is above the server's inline cap or past what
+    one answer carries inline (``files.inline_bytes``, ``files.inline_total_bytes``): then
+    download it from ``url``."""
+    url: str | None = None
+    """Where its bytes download from, inline or not: ``/status/{id}/files/{path}`` with the path
+    percent-encoded, under the server's URL."""
 
 
 class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

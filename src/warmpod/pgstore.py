@@ -35,6 +35,7 @@ from warmpod.store import (
     chunks,
     decode_blob,
     encode_blob,
+    inlined,
     record,
     run_ended,
     unreadable,
@@ -466,13 +467,20 @@ class PostgresStore:
             ).fetchone()
         return None if row is None else bytes(row[0])
 
-    async def small_files(self, run_id: str, max_bytes: int) -> dict[str, bytes]:
-        """The content of each file the run left that is at most ``max_bytes`` long, by path."""
+    async def small_files(self, run_id: str, max_bytes: int, total_bytes: int) -> dict[str, bytes]:
+        """The content of the files ``inlined`` picks among those the run left, by path: no other
+        file's bytes are read."""
         async with self._transaction() as db:
+            # octet_length() of a bytea stored out of line reads its TOAST pointer, not its value.
+            sizes = await (
+                await db.execute("SELECT path, octet_length(data) FROM files WHERE run_id = %s", (run_id,))
+            ).fetchall()
+            paths = inlined(sizes, max_bytes, total_bytes)
+            if not paths:
+                return {}
             rows = await (
                 await db.execute(
-                    "SELECT path, data FROM files WHERE run_id = %s AND length(data) <= %s",
-                    (run_id, max_bytes),
+                    "SELECT path, data FROM files WHERE run_id = %s AND path = ANY(%s)", (run_id, paths)
                 )
             ).fetchall()
         return {path: bytes(data) for path, data in rows}

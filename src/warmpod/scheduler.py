@@ -27,7 +27,7 @@ from warmpod.errors import (
     ShuttingDown,
     StoreError,
 )
-from warmpod.files import with_content
+from warmpod.files import with_content, with_url
 from warmpod.keys import Key
 from warmpod.models import NodeSeen, OutputFile, RunResult, RunSpec, RunStatus
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
@@ -112,7 +112,7 @@ class Scheduler:
         self._leaser = leaser
         self._runner = runner
         self._settings = settings
-        self._inline_bytes = (files or FileSettings()).inline_bytes
+        self._files = files or FileSettings()
         self._workers = workers
         node = node or NodeSettings()
         self.owner = Owner(node=node.name or socket.gethostname(), incarnation=uuid.uuid4().hex)
@@ -358,12 +358,15 @@ class Scheduler:
         return entry, data
 
     async def _with_files(self, result: RunResult) -> RunResult:
-        """The result with the content of its small files inline."""
+        """The result with each file's URL, and the content of small ones inline up to the answer's
+        budget: however many files a run left, an answer about it weighs at most that."""
         if not result.files:
             return result
-        small = await self._store.small_files(result.id, self._inline_bytes)
+        limits = self._files
+        small = await self._store.small_files(result.id, limits.inline_bytes, limits.inline_total_bytes)
+        entries = (with_url(result.id, f) for f in result.files)
         files = [
-            with_content(f, small[f.path], self._inline_bytes) if f.path in small else f for f in result.files
+            with_content(f, small[f.path], limits.inline_bytes) if f.path in small else f for f in entries
         ]
         return msgspec.structs.replace(result, files=files)
 

@@ -46,6 +46,28 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     allow_anonymous: bool = False
     """Serve without keys on an address that is not loopback: only for a trusted network, behind a
     proxy that authenticates (``WARMPOD_SERVER__ALLOW_ANONYMOUS``)."""
+    max_connections: PositiveInt = 512
+    """Connections served at once (uvicorn's ``limit_concurrency``), below the process's open-files
+    limit; a request on a connection past it is answered 503 at once. It is the last bound, for
+    every client together: the ``key_*`` ones keep a single client far from it
+    (``WARMPOD_SERVER__MAX_CONNECTIONS``)."""
+    backlog: Annotated[int, Meta(ge=1, le=65535)] = 2048
+    """Connections the kernel holds waiting to be accepted (``listen``'s backlog, capped by
+    ``net.core.somaxconn``); beyond it new connections are refused (``WARMPOD_SERVER__BACKLOG``)."""
+    key_rate: Annotated[float, Meta(gt=0)] = 100.0
+    """Requests a second one API key (or, where keys are off, one client address) may send on
+    average; past it, and past ``key_burst``, it is answered 429 with ``Retry-After``. ``/health``
+    and ``/metrics`` are never counted (``WARMPOD_SERVER__KEY_RATE``)."""
+    key_burst: PositiveInt = 200
+    """Requests one key may send at once above its ``key_rate``: what its bucket holds when it has
+    been quiet (``WARMPOD_SERVER__KEY_BURST``)."""
+    key_in_flight: PositiveInt = 32
+    """Requests of one key being served at once, blocking runs and open streams included; a request
+    holds its slot until the client has read its answer to the last bytes (64 KiB), so one that
+    asks and never reads holds its own slots and no more. Past it the key is answered 429. What a
+    key's unread answers hold in this process is at most this many answers: a result or status
+    (``files.inline_total_bytes`` of files), or a file download, which is held whole (up to
+    ``files.out_bytes``) (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
     log_format: Literal["text", "json"] = "text"
     """How the server logs, on stderr: ``text`` for a terminal, ``json`` one object a line (``time``,
     ``level``, ``logger``, ``event`` and the record's fields) for a log collector; uvicorn's lines
@@ -221,6 +243,11 @@ class FileSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     inline_bytes: Annotated[int, Meta(ge=0)] = 1024 * 1024
     """Files up to this size come inline in the result, in base64; larger ones only from
     ``GET /status/{id}/files/{path}`` (``WARMPOD_FILES__INLINE_BYTES``)."""
+    inline_total_bytes: Annotated[int, Meta(ge=0)] = 1024 * 1024
+    """File content one answer carries inline at most, all its files together (a third more in
+    base64): in path order, each file within ``inline_bytes`` comes inline while it fits in what
+    is left; the others come with ``content`` null and their ``url``. It bounds what an answer
+    about a run weighs however many files the run left (``WARMPOD_FILES__INLINE_TOTAL_BYTES``)."""
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

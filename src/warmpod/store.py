@@ -176,8 +176,9 @@ class Store(Protocol):
         """The content of a file the run left, or None."""
         ...
 
-    async def small_files(self, run_id: str, max_bytes: int) -> dict[str, bytes]:
-        """The content of each file the run left that is at most ``max_bytes`` long, by path."""
+    async def small_files(self, run_id: str, max_bytes: int, total_bytes: int) -> dict[str, bytes]:
+        """The content of the files ``inlined`` picks among those the run left, by path: no other
+        file's bytes are read."""
         ...
 
     async def get(self, run_id: str) -> Record | None:
@@ -597,12 +598,19 @@ class SqliteStore:
 
         return await self._call(file)
 
-    async def small_files(self, run_id: str, max_bytes: int) -> dict[str, bytes]:
-        """The content of each file the run left that is at most ``max_bytes`` long, by path."""
+    async def small_files(self, run_id: str, max_bytes: int, total_bytes: int) -> dict[str, bytes]:
+        """The content of the files ``inlined`` picks among those the run left, by path: no other
+        file's bytes are read."""
 
         def small(db: sqlite3.Connection) -> dict[str, bytes]:
+            # length() of a BLOB reads its size from the row's header, not its pages.
+            sizes = db.execute("SELECT path, length(data) FROM files WHERE run_id = ?", (run_id,))
+            paths = inlined(sizes, max_bytes, total_bytes)
+            if not paths:
+                return {}
             rows = db.execute(
-                "SELECT path, data FROM files WHERE run_id = ? AND length(data) <= ?", (run_id, max_bytes)
+                f"SELECT path, data FROM files WHERE run_id = ? AND path IN ({','.join('?' * len(paths))})",  # noqa: S608  (placeholders only)
+                (run_id, *paths),
             )
             return {path: bytes(data) for path, data in rows}
 
@@ -770,6 +778,17 @@ def record(
         result=None if blob is None else decode_blob(bytes(blob), RunResult),
         node=node,
     )
+
+
+def inlined(sizes: Iterable[tuple[str, int]], max_bytes: int, total_bytes: int) -> list[str]:
+    """Of a run's files, given as ``(path, size)``, those an answer carries inline: in path order,
+    each of at most ``max_bytes`` that still fits in what is left of ``total_bytes``."""
+    paths, left = [], total_bytes
+    for path, size in sorted(sizes):
+        if size <= min(max_bytes, left):
+            paths.append(path)
+            left -= size
+    return paths
 
 
 def chunks(rows: Iterable[tuple[int, str, bytes]]) -> list[Chunk]:

@@ -368,7 +368,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
     }
     assert components["RunRequest"]["properties"]["files"]["items"]["$ref"].endswith("/InputFile")
     assert set(components["InputFile"]["properties"]) == {"path", "content"}
-    assert set(components["OutputFile"]["properties"]) == {"path", "size", "media_type", "content"}
+    assert set(components["OutputFile"]["properties"]) == {"path", "size", "media_type", "content", "url"}
     assert set(components["RunResult"]["properties"]) == {
         "id",
         "status",
@@ -895,10 +895,29 @@ async def test_files_left_in_out_come_back_and_download(
     png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 30
     runner.left = [*left("out/summary.csv", b"a,b\n1,2\n"), *left("out/chart.png", png), *left("out/e", b"")]
     body = (await client.post("/run-json/", json={"code": "pass"})).json()
+    files = f"/status/{body['id']}/files/out/"
     assert body["files"] == [
-        {"path": "out/chart.png", "size": len(png), "media_type": "image/png", "content": None},
-        {"path": "out/e", "size": 0, "media_type": "application/octet-stream", "content": ""},
-        {"path": "out/summary.csv", "size": 8, "media_type": "text/csv", "content": b64(b"a,b\n1,2\n")},
+        {
+            "path": "out/chart.png",
+            "size": len(png),
+            "media_type": "image/png",
+            "content": None,
+            "url": files + "chart.png",
+        },
+        {
+            "path": "out/e",
+            "size": 0,
+            "media_type": "application/octet-stream",
+            "content": "",
+            "url": files + "e",
+        },
+        {
+            "path": "out/summary.csv",
+            "size": 8,
+            "media_type": "text/csv",
+            "content": b64(b"a,b\n1,2\n"),
+            "url": files + "summary.csv",
+        },
     ]
     assert body["files_truncated"] is False
     status = (await client.get(f"/status/{body['id']}")).json()

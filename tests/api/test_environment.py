@@ -62,4 +62,4 @@ async def test_environment_is_in_the_schema() -> None:
     async with AsyncTestClient(app_with(RECORDED)) as client:
         schema = (await client.get("/schema/openapi.json")).json()
     responses = schema["paths"]["/environment"]["get"]["responses"]
-    assert set(responses) == {"200", "401", "404", "503"}
+    assert set(responses) == {"200", "401", "404", "429", "503"}

@@ -27,6 +27,7 @@ from warmpod.store import (
     Store,
     decode_blob,
     encode_blob,
+    inlined,
 )
 
 SPEC = RunSpec(
@@ -346,11 +347,11 @@ async def test_files_are_kept_with_the_result_once_and_purged_with_it(store: Sto
     assert await store.file("r", "out/a.png") == b"\x89PNG" * 10
     assert await store.file("r", "out/c") is None
     assert await store.file("other", "out/a.png") is None
-    assert await store.small_files("r", 10) == {"out/b.csv": b"x\n"}
+    assert await store.small_files("r", 10, 10) == {"out/b.csv": b"x\n"}
     await anyio.sleep(0.05)
     assert await store.purge(0.01) == 1
     assert await store.file("r", "out/a.png") is None
-    assert await store.small_files("r", 1000) == {}
+    assert await store.small_files("r", 1000, 1000) == {}
 
 
 async def test_an_unreadable_queued_run_ends_in_error_and_the_queue_goes_on(store: Store) -> None:
@@ -531,3 +532,26 @@ async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StoreError, match="cannot open the run store"):
         await SqliteStore.open(blocker / "runs.sqlite3")
+
+
+async def test_small_files_stay_within_the_answers_budget(store: Store) -> None:
+    """Small files come in path order while they fit in the budget; a file that no longer fits is
+    skipped for smaller ones after it, and one above the per-file cap never comes."""
+    files = (
+        ("out/a", b"1" * 6),
+        ("out/b", b"2" * 5),
+        ("out/c", b"3" * 3),
+        ("out/d", b"4" * 20),
+        ("out/e", b""),
+    )
+    assert await store.add("r", SPEC, max_queued=10) == "added"
+    claimed = await claim(store)
+    assert await store.finish("r", result("r"), files=files, fence=claimed.fence)
+    assert await store.small_files("r", 10, 10) == {"out/a": b"1" * 6, "out/c": b"333", "out/e": b""}
+    assert await store.small_files("r", 10, 0) == {"out/e": b""}
+    assert await store.small_files("r", 100, 100) == dict(files)
+
+
+def test_the_inline_choice_is_in_path_order_whatever_order_the_sizes_come_in() -> None:
+    """``inlined`` sorts by path (the result's order), so both stores pick the same files."""
+    assert inlined([("out/z", 4), ("out/a", 4), ("out/m", 4)], 4, 8) == ["out/a", "out/m"]
