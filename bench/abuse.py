@@ -14,7 +14,7 @@ on that one server, the abuser does one thing while the victim makes ``--victim-
 
 idle        no abuse: the abuser prints as many bytes as the chatty program keeps, in one write.
 A write     "chatty store": the abuser's program writes one byte per ``os.write`` (a 1 ms sleep
-            every 8 bytes) for ``--chatty-seconds``.
+            every 16 bytes) for ``--chatty-seconds``.
 A replay    ``--readers`` connections at once ask for that finished run's
             ``GET /status/{id}/stream`` (Server-Sent Events) and never read the answer.
 C flood     ``--flood`` client threads of the abuser poll ``GET /status/{id}`` back to back for
@@ -51,14 +51,16 @@ from typing import Any
 
 import httpx
 from latency import ROOT, Series, Server, fmt, free_port, repeat, run_once, section, setup, wait_pool_full
-from run import rss
+
+# The slow clients are shared with the tests that use them too.
+sys.path.insert(0, str(ROOT / "tests"))
+from warmpod_live import PeakResident, stalled_requests
 
 from warmpod import keys
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "abuse.json"
 MIB = 1024 * 1024
 REFUSED = {429, 503}
-RSS_INTERVAL = 0.02
 CHATTY = """\
 import os, time
 end = time.monotonic() + {seconds}
@@ -66,7 +68,7 @@ written = 0
 while time.monotonic() < end:
     os.write(1, b"x")
     written += 1
-    if written % 8 == 0:
+    if written % 16 == 0:
         time.sleep(0.001)
 """
 CALM = "import sys; sys.stdout.write('x' * {size})\n"
@@ -83,7 +85,7 @@ CALM_SIZE = 64 * 1024
 QUICK = {
     "victim_runs": 6,
     "chatty_seconds": 4.0,
-    "readers": 10,
+    "readers": 20,
     "stalled": 40,
     "flood": 16,
     "flood_seconds": 5.0,
@@ -132,29 +134,6 @@ class Phase:
         return self.store_growth_bytes / self.abuser.kept_bytes
 
 
-class RssPeak:
-    """The peak VmRSS of one process, sampled in a thread while the ``with`` block runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.start = rss(pid)
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> RssPeak:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(RSS_INTERVAL):
-            self.peak = max(self.peak, rss(self.pid))
-
-
 def store_bytes(path: Path | None) -> int | None:
     """The SQLite store's size on disk, its write-ahead log included (None: not a SQLite store)."""
     if path is None:
@@ -185,28 +164,6 @@ def held(seconds: float) -> Callable[[], None]:
         time.sleep(max(0.0, until - time.monotonic()))
 
     return wait
-
-
-def stall(port: int, path: str, key: str, count: int) -> list[socket.socket]:
-    """``count`` connections that each send ``GET path`` and then never read the answer."""
-    request = (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: Bearer {key}\r\nAccept: */*\r\n\r\n"
-    ).encode()
-    opened = []
-    for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        # A small receive window, as a slow client on a slow link has: the answer waits on the
-        # server's side, not in this kernel's buffers.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(10)
-        try:
-            sock.connect(("127.0.0.1", port))
-            sock.sendall(request)
-        except OSError:
-            sock.close()
-            continue
-        opened.append(sock)
-    return opened
 
 
 def release(sockets: Sequence[socket.socket], outcome: Outcome) -> None:
@@ -255,10 +212,10 @@ def chatty(abuser: httpx.Client, outcome: Outcome, seconds: float, hold: float) 
 
 
 @contextmanager
-def stalled(port: int, key: str, path: str, count: int, outcome: Outcome, hold: float) -> Iterator[None]:
+def stalled(url: str, key: str, path: str, count: int, outcome: Outcome, hold: float) -> Iterator[None]:
     """A replay and B: ``count`` connections ask for ``path`` and do not read, for ``hold`` s at least."""
     wait = held(hold)
-    sockets = stall(port, path, key, count)
+    sockets = stalled_requests(url, path, {"Authorization": f"Bearer {key}"}, count)
     try:
         yield
     finally:
@@ -268,7 +225,7 @@ def stalled(port: int, key: str, path: str, count: int, outcome: Outcome, hold: 
 
 @contextmanager
 def files_then_stalled(
-    abuser: httpx.Client, port: int, key: str, count: int, outcome: Outcome, hold: float
+    abuser: httpx.Client, url: str, key: str, count: int, outcome: Outcome, hold: float
 ) -> Iterator[None]:
     """B: the abuser's run leaves its files, then ``count`` stalled connections ask for its result."""
     result = submit(abuser, outcome, FILES.format(count=FILE_COUNT, size=FILE_SIZE), 30)
@@ -277,7 +234,7 @@ def files_then_stalled(
         return
     outcome.kept_bytes = sum(entry["size"] for entry in result["files"])
     outcome.extra.update(run_id=result["id"], files=len(result["files"]))
-    with stalled(port, key, f"/status/{result['id']}", count, outcome, hold):
+    with stalled(url, key, f"/status/{result['id']}", count, outcome, hold):
         yield
 
 
@@ -342,7 +299,7 @@ def measure(
     outcome = Outcome()
     series = Series(name, "victim's print(1), one after the other")
     before = store_bytes(store)
-    with section(f"{name}: {runs} victim runs"), RssPeak(server.proc.pid) as memory, abuse(outcome):
+    with section(f"{name}: {runs} victim runs"), PeakResident(server.proc.pid) as memory, abuse(outcome):
         repeat(runs, name, lambda: run_once(victim, series))
     after = store_bytes(store)
     growth = None if before is None or after is None else after - before
@@ -421,7 +378,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--pool-size", type=int, default=4, help="WARMPOD_POOL__SIZE (default 4)")
     parser.add_argument("--victim-runs", type=int, default=10, help="victim runs per phase (default 10)")
     parser.add_argument("--chatty-seconds", type=float, default=10.0, help="A's write time (default 10)")
-    parser.add_argument("--readers", type=int, default=20, help="A's stalled SSE readers (default 20)")
+    parser.add_argument("--readers", type=int, default=50, help="A's stalled SSE readers (default 50)")
     parser.add_argument("--stalled", type=int, default=150, help="B's stalled connections (default 150)")
     parser.add_argument("--flood", type=int, default=32, help="C's client threads (default 32)")
     parser.add_argument("--flood-seconds", type=float, default=10.0, help="C's length (default 10)")
@@ -451,15 +408,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="warmpod-abuse-") as tmp, ExitStack() as stack:
         directory = Path(tmp)
         secrets = write_keys(directory / "keys")
-        url = stack.enter_context(store_url(args.postgres))
-        store = None if url else directory / "runs.sqlite3"
+        postgres = stack.enter_context(store_url(args.postgres))
+        store = None if postgres else directory / "runs.sqlite3"
         env = {
             "WARMPOD_SERVER__API_KEYS_FILE": str(directory / "keys"),
             "WARMPOD_QUEUE__STORE_PATH": str(store or directory / "unused.sqlite3"),
-            **({"WARMPOD_QUEUE__STORE_URL": url} if url else {}),
+            **({"WARMPOD_QUEUE__STORE_URL": postgres} if postgres else {}),
         }
         server = Server(args.pool_size, free_port(), args.output.with_suffix(".server.log"), env)
-        port = server.port
+        url = server.base_url
         clients = {
             name: stack.enter_context(
                 httpx.Client(
@@ -487,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     path = f"/status/{run_id}/stream"
                     phase(
                         "A replay",
-                        lambda o: stalled(port, secrets["abuser"], path, args.readers, o, args.hold),
+                        lambda o: stalled(url, secrets["abuser"], path, args.readers, o, args.hold),
                     )
             if "C" in patterns:
                 tiny = submit(abuser, Outcome(), "print(1)", 10)
@@ -501,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "B" in patterns:
                 phase(
                     "B files",
-                    lambda o: files_then_stalled(abuser, port, secrets["abuser"], args.stalled, o, args.hold),
+                    lambda o: files_then_stalled(abuser, url, secrets["abuser"], args.stalled, o, args.hold),
                 )
         finally:
             with section("stopping warmpod (SIGTERM)"):
