@@ -29,7 +29,8 @@ peaks of any phase after it. Each phase holds its abuse on for ``--hold`` second
 Per phase it reports the server process's peak resident memory (VmRSS of ``warmpod serve``
 itself, not its Podman service, sampled every 20 ms) and how much it grew during the phase; the
 store's growth (the SQLite file and its ``-wal``) per byte of output the abuser's runs kept
-(stdout, or the files of B); and the victim's latency, p50 and p95. The abuser's requests are
+(stdout, or the files of B); the victim's latency, p50 and p95; and the server's WARNING and
+ERROR log lines (a lease it could not renew, a run it lost). The abuser's requests are
 counted as answered, refused (429 or 503: a server that limits a key says so) or failed. It prints
 one table and writes the figures to a JSON file. A measurement, not a test: nothing is asserted.
 """
@@ -126,6 +127,8 @@ class Phase:
     store_growth_bytes: int | None
     victim: Series
     abuser: Outcome
+    warnings: list[str]
+    """The server's WARNING and ERROR log lines written during the phase."""
 
     def store_per_byte(self) -> float | None:
         """Bytes the store grew per byte of output the abuser's runs kept."""
@@ -299,11 +302,18 @@ def measure(
     outcome = Outcome()
     series = Series(name, "victim's print(1), one after the other")
     before = store_bytes(store)
+    logged = server.log_path.stat().st_size
     with section(f"{name}: {runs} victim runs"), PeakResident(server.proc.pid) as memory, abuse(outcome):
         repeat(runs, name, lambda: run_once(victim, series))
     after = store_bytes(store)
     growth = None if before is None or after is None else after - before
-    return Phase(name, round(memory.start / MIB, 1), round(memory.peak / MIB, 1), growth, series, outcome)
+    with server.log_path.open("rb") as log:
+        log.seek(logged)
+        lines = log.read().decode(errors="replace").splitlines()
+    warnings = [line for line in lines if line.startswith(("WARNING", "ERROR", "CRITICAL"))]
+    return Phase(
+        name, round(memory.start / MIB, 1), round(memory.peak / MIB, 1), growth, series, outcome, warnings
+    )
 
 
 COLUMNS = (
@@ -316,6 +326,7 @@ COLUMNS = (
     ("victim ok/fail", ">14"),
     ("p50 ms", ">8"),
     ("p95 ms", ">8"),
+    ("warnings", ">8"),
     ("abuser's requests", ""),
 )
 
@@ -335,6 +346,7 @@ def row(phase: Phase) -> list[str]:
         f"{summary['n']}/{len(phase.victim.failures)}",
         fmt(summary["p50"]),
         fmt(summary["p95"]),
+        str(len(phase.warnings)),
         " ".join(f"{name} {count}" for name, count in phase.abuser.requests.items()),
     ]
 
@@ -481,6 +493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"store: {'PostgreSQL' if args.postgres else 'SQLite'}; RSS: warmpod serve's own VmRSS; "
         "kept: the output of the abuser's runs"
     )
+    for measured in phases:
+        for line in sorted(set(measured.warnings))[:5]:
+            print(f"{measured.name}: {line[:160]}")
     print(f"server stop: {stop_report}")
     print(f"figures: {args.output}")
     return 0
