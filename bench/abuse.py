@@ -53,8 +53,9 @@ from typing import Any
 import httpx
 from latency import ROOT, Series, Server, fmt, free_port, repeat, run_once, section, setup, wait_pool_full
 
-# The slow clients are shared with the tests that use them too.
+# The hostile programs, the slow clients and the memory sampler are shared with the tests.
 sys.path.insert(0, str(ROOT / "tests"))
+from security.hostile import chatty_program, file_heavy_program
 from warmpod_live import PeakResident, stalled_requests
 
 from warmpod import keys
@@ -62,26 +63,7 @@ from warmpod import keys
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "abuse.json"
 MIB = 1024 * 1024
 REFUSED = {429, 503}
-CHATTY = """\
-import os, time
-end = time.monotonic() + {seconds}
-written = 0
-while time.monotonic() < end:
-    os.write(1, b"x")
-    written += 1
-    if written % 16 == 0:
-        time.sleep(0.001)
-"""
 CALM = "import sys; sys.stdout.write('x' * {size})\n"
-FILES = """\
-import os
-os.makedirs("out", exist_ok=True)
-for i in range({count}):
-    with open(f"out/f{{i:02d}}.bin", "wb") as f:
-        f.write(os.urandom({size}))
-"""
-FILE_COUNT = 16
-FILE_SIZE = 1_000_000
 CALM_SIZE = 64 * 1024
 QUICK = {
     "victim_runs": 6,
@@ -199,7 +181,7 @@ def calm(abuser: httpx.Client, outcome: Outcome) -> Iterator[None]:
 def chatty(abuser: httpx.Client, outcome: Outcome, seconds: float, hold: float) -> Iterator[None]:
     """A write: the chatty program runs while the victim does; its run's id goes to ``outcome``."""
     done: list[dict[str, Any] | None] = []
-    code = CHATTY.format(seconds=seconds)
+    code = chatty_program(seconds)
     worker = threading.Thread(target=lambda: done.append(submit(abuser, outcome, code, seconds + 20)))
     wait = held(hold)
     worker.start()
@@ -231,7 +213,7 @@ def files_then_stalled(
     abuser: httpx.Client, url: str, key: str, count: int, outcome: Outcome, hold: float
 ) -> Iterator[None]:
     """B: the abuser's run leaves its files, then ``count`` stalled connections ask for its result."""
-    result = submit(abuser, outcome, FILES.format(count=FILE_COUNT, size=FILE_SIZE), 30)
+    result = submit(abuser, outcome, file_heavy_program(), 30)
     if result is None:
         yield
         return

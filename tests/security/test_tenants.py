@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from textwrap import dedent
 from typing import Any
 
 import httpx
@@ -18,7 +17,7 @@ from warmpod_live import SLOWNESS, PeakResident, WarmpodServer, serving, stalled
 
 from warmpod import keys
 
-from .hostile import POOL_SIZE
+from .hostile import FILE_COUNT, POOL_SIZE, chatty_program, file_heavy_program
 
 pytestmark = pytest.mark.security
 
@@ -28,8 +27,6 @@ CHATTY_SECONDS = 4
 # made it; the fixed part is a run's own rows.
 STORE_BYTES_PER_BYTE = 4
 STORE_FIXED_BYTES = 64 * 1024
-FILE_COUNT = 16
-FILE_SIZE = 1_000_000
 # Held long enough for the server to have started every answer.
 HOLD_SECONDS = 5.0
 # 40 slow readers of a 21 MB answer must not cost the server their answers' size (800 MiB).
@@ -106,20 +103,8 @@ def victim_seconds(victim: httpx.Client) -> list[float]:
 
 def test_a_chatty_program_costs_the_store_a_few_bytes_per_byte_kept(tenants: Tenants) -> None:
     """One byte per write(2) for seconds grows the store by a small multiple of the output kept."""
-    code = dedent(
-        f"""
-        import os, time
-        end = time.monotonic() + {CHATTY_SECONDS}
-        written = 0
-        while time.monotonic() < end:
-            os.write(1, b"x")
-            written += 1
-            if written % 16 == 0:
-                time.sleep(0.001)
-        """
-    )
     before = stored_bytes(tenants.store)
-    result = result_of(tenants.abuser, code, CHATTY_SECONDS + 20)
+    result = result_of(tenants.abuser, chatty_program(CHATTY_SECONDS), CHATTY_SECONDS + 20)
     kept = len(result["stdout"])
     growth = stored_bytes(tenants.store) - before
     assert kept > 1000, result
@@ -131,16 +116,7 @@ def test_a_chatty_program_costs_the_store_a_few_bytes_per_byte_kept(tenants: Ten
 @pytest.fixture(scope="module")
 def file_heavy(tenants: Tenants) -> str:
     """The id of the abuser's run that left 16 files of 1 MB in out/ (its result holds them inline)."""
-    code = dedent(
-        f"""
-        import os
-        os.makedirs("out", exist_ok=True)
-        for i in range({FILE_COUNT}):
-            with open(f"out/f{{i:02d}}.bin", "wb") as f:
-                f.write(os.urandom({FILE_SIZE}))
-        """
-    )
-    result = result_of(tenants.abuser, code, 30)
+    result = result_of(tenants.abuser, file_heavy_program(), 30)
     assert len(result["files"]) == FILE_COUNT, result
     return str(result["id"])
 
