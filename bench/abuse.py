@@ -215,6 +215,7 @@ def files_then_stalled(
     """B: the abuser's run leaves its files, then ``count`` stalled connections ask for its result."""
     result = submit(abuser, outcome, file_heavy_program(), 30)
     if result is None:
+        print(f"B's stalled readers skipped: the file-heavy run was not answered {outcome}", file=sys.stderr)
         yield
         return
     outcome.kept_bytes = sum(entry["size"] for entry in result["files"])
@@ -266,9 +267,15 @@ def flood(
             worker.join()
         outcome.extra["submitted"] = len(submitted)
         # What is still queued would slow the next phase down.
-        outcome.extra["cancelled"] = sum(
-            abuser.delete(f"/status/{run}").status_code == 200 for run in submitted
-        )
+        outcome.extra["cancelled"] = sum(cancel(abuser, run) for run in submitted)
+
+
+def cancel(client: httpx.Client, run_id: str) -> bool:
+    """DELETE one run; whether it was still there to cancel."""
+    try:
+        return client.delete(f"/status/{run_id}").status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def measure(
@@ -434,15 +441,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "A" in patterns:
                 written = phase("A write", lambda o: chatty(abuser, o, args.chatty_seconds, args.hold))
                 run_id = written.abuser.extra.get("run_id")
-                if run_id:
+                if not run_id:
+                    print(
+                        f"A replay skipped: the chatty run was not answered {written.abuser}", file=sys.stderr
+                    )
+                else:
                     path = f"/status/{run_id}/stream"
                     phase(
                         "A replay",
                         lambda o: stalled(url, secrets["abuser"], path, args.readers, o, args.hold),
                     )
             if "C" in patterns:
-                tiny = submit(abuser, Outcome(), "print(1)", 10)
-                if tiny is not None:
+                first = Outcome()
+                tiny = submit(abuser, first, "print(1)", 10)
+                if tiny is None:
+                    print(f"C skipped: the abuser's first run was not answered {first}", file=sys.stderr)
+                else:
                     phase(
                         "C flood",
                         lambda o: flood(
