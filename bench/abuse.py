@@ -28,11 +28,12 @@ peaks of any phase after it. Each phase holds its abuse on for ``--hold`` second
 
 Per phase it reports the server process's peak resident memory (VmRSS of ``warmpod serve``
 itself, not its Podman service, sampled every 20 ms) and how much it grew during the phase; the
-store's growth (the SQLite file and its ``-wal``) per byte of output the abuser's runs kept
-(stdout, or the files of B); the victim's latency, p50 and p95; and the server's WARNING and
-ERROR log lines (a lease it could not renew, a run it lost). The abuser's requests are
-counted as answered, refused (429 or 503: a server that limits a key says so) or failed. It prints
-one table and writes the figures to a JSON file. A measurement, not a test: nothing is asserted.
+store's growth (the SQLite file and its ``-wal``, or the PostgreSQL database) per byte of output
+the abuser's runs kept (stdout, or the files of B); the victim's latency, p50 and p95; and the
+server's WARNING and ERROR log lines (a lease it could not renew, a run it lost). The abuser's
+requests are counted as answered, refused (429 or 503: a server that limits a key says so) or
+failed. It prints one table and writes the figures to a JSON file. A measurement, not a test:
+nothing is asserted.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 from latency import ROOT, Series, Server, fmt, free_port, repeat, run_once, section, setup, wait_pool_full
 
 # The hostile programs, the slow clients and the memory sampler are shared with the tests.
@@ -106,7 +108,7 @@ class Phase:
     name: str
     rss_start_mib: float
     rss_peak_mib: float
-    store_growth_bytes: int | None
+    store_growth_bytes: int
     victim: Series
     abuser: Outcome
     warnings: list[str]
@@ -114,16 +116,25 @@ class Phase:
 
     def store_per_byte(self) -> float | None:
         """Bytes the store grew per byte of output the abuser's runs kept."""
-        if self.store_growth_bytes is None or not self.abuser.kept_bytes:
+        if not self.abuser.kept_bytes:
             return None
         return self.store_growth_bytes / self.abuser.kept_bytes
 
 
-def store_bytes(path: Path | None) -> int | None:
-    """The SQLite store's size on disk, its write-ahead log included (None: not a SQLite store)."""
-    if path is None:
-        return None
-    return sum(part.stat().st_size for part in (path, Path(f"{path}-wal")) if part.exists())
+def sqlite_bytes(path: Path) -> Callable[[], int]:
+    """The SQLite store's size on disk, its write-ahead log included."""
+    return lambda: sum(part.stat().st_size for part in (path, Path(f"{path}-wal")) if part.exists())
+
+
+def postgres_bytes(url: str) -> Callable[[], int]:
+    """The PostgreSQL store's database size (its tables and indexes; the server's WAL is shared)."""
+
+    def size() -> int:
+        with psycopg.connect(url) as db:
+            row = db.execute("SELECT pg_database_size(current_database())").fetchone()
+        return int(row[0]) if row else 0
+
+    return size
 
 
 def submit(client: httpx.Client, outcome: Outcome, code: str, timeout: float) -> dict[str, Any] | None:
@@ -281,7 +292,7 @@ def cancel(client: httpx.Client, run_id: str) -> bool:
 def measure(
     name: str,
     server: Server,
-    store: Path | None,
+    store_size: Callable[[], int],
     victim: httpx.Client,
     runs: int,
     abuse: Callable[[Outcome], AbstractContextManager[None]],
@@ -290,12 +301,11 @@ def measure(
     wait_pool_full(victim)
     outcome = Outcome()
     series = Series(name, "victim's print(1), one after the other")
-    before = store_bytes(store)
+    before = store_size()
     logged = server.log_path.stat().st_size
     with section(f"{name}: {runs} victim runs"), PeakResident(server.proc.pid) as memory, abuse(outcome):
         repeat(runs, name, lambda: run_once(victim, series))
-    after = store_bytes(store)
-    growth = None if before is None or after is None else after - before
+    growth = store_size() - before
     with server.log_path.open("rb") as log:
         log.seek(logged)
         lines = log.read().decode(errors="replace").splitlines()
@@ -329,7 +339,7 @@ def row(phase: Phase) -> list[str]:
         phase.name,
         f"{phase.rss_peak_mib:.1f}",
         f"{phase.rss_peak_mib - phase.rss_start_mib:+.1f}",
-        "-" if growth is None else f"{growth / 1024:.0f}",
+        f"{growth / 1024:.0f}",
         f"{phase.abuser.kept_bytes / 1024:.1f}",
         "-" if per_byte is None else f"{per_byte:.1f}",
         f"{summary['n']}/{len(phase.victim.failures)}",
@@ -410,10 +420,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         directory = Path(tmp)
         secrets = write_keys(directory / "keys")
         postgres = stack.enter_context(store_url(args.postgres))
-        store = None if postgres else directory / "runs.sqlite3"
+        store = directory / "runs.sqlite3"
+        store_size = postgres_bytes(postgres) if postgres else sqlite_bytes(store)
         env = {
             "WARMPOD_SERVER__API_KEYS_FILE": str(directory / "keys"),
-            "WARMPOD_QUEUE__STORE_PATH": str(store or directory / "unused.sqlite3"),
+            "WARMPOD_QUEUE__STORE_PATH": str(store),
             **({"WARMPOD_QUEUE__STORE_URL": postgres} if postgres else {}),
         }
         server = Server(args.pool_size, free_port(), args.output.with_suffix(".server.log"), env)
@@ -434,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat(2, "warm-up", lambda: run_once(victim, Series("warm-up", "")))
 
             def phase(name: str, abuse: Callable[[Outcome], AbstractContextManager[None]]) -> Phase:
-                phases.append(measure(name, server, store, victim, args.victim_runs, abuse))
+                phases.append(measure(name, server, store_size, victim, args.victim_runs, abuse))
                 return phases[-1]
 
             phase("idle", lambda outcome: calm(abuser, outcome))
