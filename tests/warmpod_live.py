@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -296,3 +298,58 @@ def stop_and_check_clean(live: WarmpodServer, instance: str) -> None:
     assert status in GRACEFUL_EXIT[signal.SIGTERM], f"exit status {status}:\n{live.log_tail()}"
     left = containers(f"{LABEL_INSTANCE}={instance}")
     assert not left, f"containers left behind: {[c['Names'] for c in left]}\n{live.log_tail()}"
+
+
+def stalled_requests(url: str, path: str, headers: Mapping[str, str], count: int) -> list[socket.socket]:
+    """``count`` connections to ``url`` that each send ``GET path`` and then never read the answer,
+    as slow clients do; the caller closes them. One that cannot connect is left out."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", *(f"{k}: {v}" for k, v in headers.items())]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode()
+    opened = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # A small receive window, as a slow client on a slow link has: the answer waits on the
+        # server's side, not in this kernel's buffers.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        try:
+            sock.connect((host, int(port)))
+            sock.sendall(request)
+        except OSError:
+            sock.close()
+            continue
+        opened.append(sock)
+    return opened
+
+
+def resident(pid: int) -> int:
+    """The VmRSS of ``pid`` in bytes; 0 once it is gone (or a zombie)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+    return int(found[1]) * 1024 if found else 0
+
+
+class PeakResident:
+    """The peak VmRSS of one process, sampled every 20 ms by a thread while the ``with`` block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.start = self.peak = resident(pid)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> PeakResident:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, resident(self.pid))

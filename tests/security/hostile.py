@@ -7,6 +7,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from textwrap import dedent
 from typing import Any
 
 import httpx
@@ -119,3 +120,39 @@ def assert_still_serves(client: httpx.Client) -> None:
     assert trivial.stdout == "1\n", trivial.result
     assert trivial.limits_hit == [], trivial.result
     assert trivial.seconds < TRIVIAL_SECONDS, f"a trivial run took {trivial.seconds:.1f} s"
+
+
+def chatty_program(seconds: float) -> str:
+    """A program that writes one byte per write(2) for ``seconds``, with a 1 ms sleep every 16
+    bytes: its output is small, but every byte comes on its own (tests/security/test_tenants.py
+    and bench/abuse.py)."""
+    return dedent(
+        f"""
+        import os, time
+        end = time.monotonic() + {seconds}
+        written = 0
+        while time.monotonic() < end:
+            os.write(1, b"x")
+            written += 1
+            if written % 16 == 0:
+                time.sleep(0.001)
+        """
+    )
+
+
+FILE_COUNT = 16
+FILE_SIZE = 1_000_000
+
+
+def file_heavy_program() -> str:
+    """A program that leaves FILE_COUNT files of FILE_SIZE random bytes in out/: its result holds
+    them inline, some 21 MB of JSON."""
+    return dedent(
+        f"""
+        import os
+        os.makedirs("out", exist_ok=True)
+        for i in range({FILE_COUNT}):
+            with open(f"out/f{{i:02d}}.bin", "wb") as f:
+                f.write(os.urandom({FILE_SIZE}))
+        """
+    )
