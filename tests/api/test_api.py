@@ -35,7 +35,7 @@ from warmpod.errors import StoreError
 from warmpod.limits import RunLimits
 from warmpod.models import RunResult
 from warmpod.protocol import FileChunk, Output
-from warmpod.scheduler import Scheduler, Update
+from warmpod.scheduler import FLUSH_INTERVAL, Scheduler, Update
 from warmpod.service import Service
 from warmpod.settings import Settings
 from warmpod.store import Chunk, Fence
@@ -574,6 +574,8 @@ async def test_the_stream_sends_status_output_and_result_events(
         Output(stream="stderr", data="é".encode()[:1]),
         Output(stream="stderr", data="é".encode()[1:]),
     ]
+    # Apart by more than the store's flush interval: chunks that come together are merged.
+    runner.pause = 2.5 * FLUSH_INTERVAL
     result = (await client.post("/run-json/", json={"code": "pass"})).json()
     response = await client.get(f"/status/{result['id']}/stream")
     assert response.status_code == 200
