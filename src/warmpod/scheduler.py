@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -314,7 +314,7 @@ class Scheduler:
             async for update in self._follow(run_id, after):
                 yield update
 
-    async def _chunks(self, run_id: str, after: int) -> AsyncIterator[Chunk]:
+    async def _chunks(self, run_id: str, after: int) -> AsyncGenerator[Chunk, None]:
         """The run's output chunks after ``after`` as the store has them now, a page at a time."""
         while True:
             page = await self._store.output(run_id, after, OUTPUT_PAGE)
