@@ -37,8 +37,9 @@ from warmpod.store import OUTPUT_PAGE, Chunk, Claim, Fence, Notice, Owner, Print
 
 log = logging.getLogger(__name__)
 
-# Output reaches the store (and so `/status/{id}/stream`) at most this long after it was printed:
-# one write per running run per interval, however much it printed (64 KiB chunks from the agent).
+# Output reaches the store (and so `/status/{id}/stream`) at most this long (and the agent's few
+# ms) after it was printed: one write per running run per interval, however much it printed, of
+# chunks RunOutput merged (one per stream switch and per 64 KiB).
 FLUSH_INTERVAL = 0.1
 # Waiters and streams re-read the store this often even without a local signal.
 RECHECK = 1.0
