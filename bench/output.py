@@ -8,11 +8,13 @@ Each of two servers, this checkout's and ``--baseline``'s (default: ``main``, ex
 ``git archive`` and run from the same venv and its own runner image), one after the other, gets:
 
 chatty      POST /run-json/ of ``for i in range(100000): print(i)`` (589 KB of stdout): the wall
-            time of the request, and the output rows and bytes its run left in the store.
+            time of the request (median of 9), and the output rows and bytes its run left in the store.
 paced       POST /run-json/ of a program writing one byte per ``os.write(1, b"x")``, 0.1 ms apart,
             for ``--paced-seconds``: the bytes it kept, the growth of the SQLite store's file and
             WAL as they are, and of the database once the WAL is copied back (a checkpoint), per
             output byte.
+alternating the paced writer switching between stdout and stderr at each byte: chunks that
+            nothing may merge without losing their order.
 readers     five clients replaying the paced run's ``/status/{id}/stream`` slowly (one event,
             a pause, then the rest): the rise of the server's resident memory while they read.
 
@@ -26,6 +28,7 @@ import argparse
 import contextlib
 import json
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,12 +43,23 @@ from latency import ROOT, Server, free_port, section, setup, wait_pool_full
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "output.json"
 CHATTY = "for i in range(100000):\n    print(i)\n"
+CHATTY_RUNS = 9
 CHATTY_BYTES = sum(len(f"{i}\n") for i in range(100000))
 PACED = """
 import os, time
 end = time.monotonic() + {seconds}
 while time.monotonic() < end:
     os.write(1, b"x")
+    time.sleep(0.0001)
+"""
+# One byte per write, switching stream each time: chunks no merging may join (order is kept).
+ALTERNATING = """
+import os, time
+end = time.monotonic() + {seconds}
+while time.monotonic() < end:
+    os.write(1, b"o")
+    time.sleep(0.0001)
+    os.write(2, b"e")
     time.sleep(0.0001)
 """
 READERS = 5
@@ -119,14 +133,14 @@ def measure(name: str, log: Path, env: dict[str, str], paced_seconds: float) -> 
                 wait_pool_full(client, timeout=600)
             with section(f"{name}: chatty"):
                 times = []
-                for _ in range(3):
+                for _ in range(CHATTY_RUNS):
                     wait_pool_full(client)
                     body, elapsed = run(client, CHATTY, 30)
                     assert body["status"] == "succeeded", body
                     assert len(body["stdout"]) == CHATTY_BYTES, len(body["stdout"])
                     times.append(elapsed)
                 rows, size = stored_output(store, body["id"])
-                figures["chatty_seconds"] = sorted(times)[1]
+                figures["chatty_seconds"] = statistics.median(times)
                 figures["chatty_program_ms"] = body["duration_ms"]
                 figures["chatty_rows"] = rows
                 figures["chatty_stored_bytes"] = size
@@ -144,6 +158,15 @@ def measure(name: str, log: Path, env: dict[str, str], paced_seconds: float) -> 
                 figures["paced_store_growth"] = grown
                 figures["paced_database_growth"] = grown_db
                 figures["paced_store_per_byte"] = grown_db / max(kept, 1)
+            with section(f"{name}: alternating"):
+                wait_pool_full(client)
+                before_db = database_bytes(store)
+                alternating, _ = run(client, ALTERNATING.format(seconds=paced_seconds), paced_seconds + 10)
+                assert alternating["status"] == "succeeded", alternating
+                kept = len(alternating["stdout"]) + len(alternating["stderr"])
+                figures["alternating_kept_bytes"] = kept
+                figures["alternating_rows"] = stored_output(store, alternating["id"])[0]
+                figures["alternating_store_per_byte"] = (database_bytes(store) - before_db) / max(kept, 1)
             with section(f"{name}: {READERS} slow readers"):
                 idle = rss(server.proc.pid)
                 peak = idle
@@ -165,7 +188,7 @@ def measure(name: str, log: Path, env: dict[str, str], paced_seconds: float) -> 
 
 
 ROWS = (
-    ("chatty_seconds", "chatty: POST /run-json/ wall time (s, median of 3)", "{:.3f}"),
+    ("chatty_seconds", f"chatty: POST /run-json/ wall time (s, median of {CHATTY_RUNS})", "{:.3f}"),
     ("chatty_program_ms", "chatty: program duration (ms)", "{:.0f}"),
     ("chatty_rows", "chatty: output rows stored", "{}"),
     ("chatty_stored_bytes", "chatty: output bytes stored", "{}"),
@@ -174,6 +197,9 @@ ROWS = (
     ("paced_store_growth", "paced: store file + WAL growth (bytes)", "{}"),
     ("paced_database_growth", "paced: database growth, WAL copied back (bytes)", "{}"),
     ("paced_store_per_byte", "paced: database bytes per output byte", "{:.2f}"),
+    ("alternating_kept_bytes", "alternating: stdout + stderr bytes kept", "{}"),
+    ("alternating_rows", "alternating: output rows stored", "{}"),
+    ("alternating_store_per_byte", "alternating: database bytes per output byte", "{:.2f}"),
     ("readers_rss_rise", f"{READERS} slow readers: server RSS rise (MiB)", "MiB"),
 )
 
