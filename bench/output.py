@@ -4,11 +4,12 @@ Usage::
 
     .venv/bin/python bench/output.py [--baseline REV] [--only {baseline,current}] [--output PATH]
 
-Each of two servers, this checkout's and ``--baseline``'s (default: ``main``, exported with
-``git archive`` and run from the same venv and its own runner image), one after the other, gets:
+Two servers run side by side, this checkout's and ``--baseline``'s (default: ``main``, exported
+with ``git archive`` and run from the same venv and its own runner image); each gets, the chatty
+runs in turns with the other's:
 
 chatty      POST /run-json/ of ``for i in range(100000): print(i)`` (589 KB of stdout): the wall
-            time of the request (median of 9), and the output rows and bytes its run left in the store.
+            time of the request (median of 15), and the output rows and bytes its run left in the store.
 paced       POST /run-json/ of a program writing one byte per ``os.write(1, b"x")``, 0.1 ms apart,
             for ``--paced-seconds``: the bytes it kept, the growth of the SQLite store's file and
             WAL as they are, and of the database once the WAL is copied back (a checkpoint), per
@@ -35,6 +36,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from latency import ROOT, Server, free_port, section, setup, wait_pool_full
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "output.json"
 CHATTY = "for i in range(100000):\n    print(i)\n"
-CHATTY_RUNS = 9
+CHATTY_RUNS = 15
 CHATTY_BYTES = sum(len(f"{i}\n") for i in range(100000))
 PACED = """
 import os, time
@@ -121,75 +123,93 @@ def slow_reader(base_url: str, run_id: str, events: list[int]) -> None:
     events.append(count)
 
 
-def measure(name: str, log: Path, env: dict[str, str], paced_seconds: float) -> dict[str, Any]:
-    """Every figure of one server, started with ``env``."""
-    figures: dict[str, Any] = {}
+@dataclass
+class Subject:
+    """One server under measurement: its name, process, client, store and figures."""
+
+    name: str
+    server: Server
+    client: httpx.Client
+    store: Path
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def start(name: str, log: Path, env: dict[str, str]) -> Subject:
+    """A server started with ``env``, its pool full."""
     server = Server(2, free_port(), log, env)
-    store = log.with_suffix(".sqlite3")
-    try:
-        with httpx.Client(base_url=server.base_url, timeout=600) as client:
-            with section(f"{name}: starting warmpod serve"):
-                server.wait_healthy(client)
-                wait_pool_full(client, timeout=600)
-            with section(f"{name}: chatty"):
-                times = []
-                for _ in range(CHATTY_RUNS):
-                    wait_pool_full(client)
-                    body, elapsed = run(client, CHATTY, 30)
-                    assert body["status"] == "succeeded", body
-                    assert len(body["stdout"]) == CHATTY_BYTES, len(body["stdout"])
-                    times.append(elapsed)
-                rows, size = stored_output(store, body["id"])
-                figures["chatty_seconds"] = statistics.median(times)
-                figures["chatty_program_ms"] = body["duration_ms"]
-                figures["chatty_rows"] = rows
-                figures["chatty_stored_bytes"] = size
-            with section(f"{name}: paced"):
-                wait_pool_full(client)
-                before, before_db = store_bytes(store), database_bytes(store)
-                body, _ = run(client, PACED.format(seconds=paced_seconds), paced_seconds + 10)
+    client = httpx.Client(base_url=server.base_url, timeout=600)
+    with section(f"{name}: starting warmpod serve"):
+        server.wait_healthy(client)
+        wait_pool_full(client, timeout=600)
+    return Subject(name, server, client, log.with_suffix(".sqlite3"))
+
+
+def chatty(subjects: Sequence[Subject]) -> None:
+    """The chatty program on every server, in turns, so that the host's other load falls on all alike."""
+    with section("chatty, in turns"):
+        for _ in range(CHATTY_RUNS):
+            for subject in subjects:
+                wait_pool_full(subject.client)
+                body, elapsed = run(subject.client, CHATTY, 30)
                 assert body["status"] == "succeeded", body
-                grown = store_bytes(store) - before
-                grown_db = database_bytes(store) - before_db
-                kept = len(body["stdout"])
-                rows, _ = stored_output(store, body["id"])
-                figures["paced_kept_bytes"] = kept
-                figures["paced_rows"] = rows
-                figures["paced_store_growth"] = grown
-                figures["paced_database_growth"] = grown_db
-                figures["paced_store_per_byte"] = grown_db / max(kept, 1)
-            with section(f"{name}: alternating"):
-                wait_pool_full(client)
-                before_db = database_bytes(store)
-                alternating, _ = run(client, ALTERNATING.format(seconds=paced_seconds), paced_seconds + 10)
-                assert alternating["status"] == "succeeded", alternating
-                kept = len(alternating["stdout"]) + len(alternating["stderr"])
-                figures["alternating_kept_bytes"] = kept
-                figures["alternating_rows"] = stored_output(store, alternating["id"])[0]
-                figures["alternating_store_per_byte"] = (database_bytes(store) - before_db) / max(kept, 1)
-            with section(f"{name}: {READERS} slow readers"):
-                idle = rss(server.proc.pid)
-                peak = idle
-                events: list[int] = []
-                threads = [
-                    threading.Thread(target=slow_reader, args=(server.base_url, body["id"], events))
-                    for _ in range(READERS)
-                ]
-                for thread in threads:
-                    thread.start()
-                while any(thread.is_alive() for thread in threads):
-                    peak = max(peak, rss(server.proc.pid))
-                    time.sleep(0.05)
-                figures["readers_rss_rise"] = peak - idle
-                figures["readers_events"] = events
-    finally:
-        figures["server_stop"] = server.stop()
-    return figures
+                assert len(body["stdout"]) == CHATTY_BYTES, len(body["stdout"])
+                subject.figures.setdefault("chatty_samples", []).append(elapsed)
+                subject.figures.setdefault("chatty_program_samples", []).append(body["duration_ms"])
+                subject.figures["chatty_rows"], subject.figures["chatty_stored_bytes"] = stored_output(
+                    subject.store, body["id"]
+                )
+    for subject in subjects:
+        subject.figures["chatty_seconds"] = statistics.median(subject.figures["chatty_samples"])
+        subject.figures["chatty_program_ms"] = statistics.median(subject.figures["chatty_program_samples"])
+
+
+def measure(subject: Subject, paced_seconds: float) -> None:
+    """The paced and alternating writers and the slow readers on one server."""
+    name, client, store, figures = subject.name, subject.client, subject.store, subject.figures
+    with section(f"{name}: paced"):
+        wait_pool_full(client)
+        before, before_db = store_bytes(store), database_bytes(store)
+        body, _ = run(client, PACED.format(seconds=paced_seconds), paced_seconds + 10)
+        assert body["status"] == "succeeded", body
+        grown = store_bytes(store) - before
+        grown_db = database_bytes(store) - before_db
+        kept = len(body["stdout"])
+        rows, _ = stored_output(store, body["id"])
+        figures["paced_kept_bytes"] = kept
+        figures["paced_rows"] = rows
+        figures["paced_store_growth"] = grown
+        figures["paced_database_growth"] = grown_db
+        figures["paced_store_per_byte"] = grown_db / max(kept, 1)
+    with section(f"{name}: alternating"):
+        wait_pool_full(client)
+        before_db = database_bytes(store)
+        alternating, _ = run(client, ALTERNATING.format(seconds=paced_seconds), paced_seconds + 10)
+        assert alternating["status"] == "succeeded", alternating
+        kept = len(alternating["stdout"]) + len(alternating["stderr"])
+        figures["alternating_kept_bytes"] = kept
+        figures["alternating_rows"] = stored_output(store, alternating["id"])[0]
+        figures["alternating_store_per_byte"] = (database_bytes(store) - before_db) / max(kept, 1)
+    with section(f"{name}: {READERS} slow readers"):
+        pid = subject.server.proc.pid
+        idle = rss(pid)
+        peak = idle
+        events: list[int] = []
+        threads = [
+            threading.Thread(target=slow_reader, args=(subject.server.base_url, body["id"], events))
+            for _ in range(READERS)
+        ]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            peak = max(peak, rss(pid))
+            time.sleep(0.05)
+        figures["readers_rss_rise"] = peak - idle
+        figures["readers_events"] = events
 
 
 ROWS = (
     ("chatty_seconds", f"chatty: POST /run-json/ wall time (s, median of {CHATTY_RUNS})", "{:.3f}"),
-    ("chatty_program_ms", "chatty: program duration (ms)", "{:.0f}"),
+    ("chatty_program_ms", "chatty: program duration (ms, median)", "{:.0f}"),
     ("chatty_rows", "chatty: output rows stored", "{}"),
     ("chatty_stored_bytes", "chatty: output bytes stored", "{}"),
     ("paced_kept_bytes", "paced: stdout bytes kept", "{}"),
@@ -237,19 +257,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only and args.output.exists():
         results = json.loads(args.output.read_text()).get("results", {})
     with tempfile.TemporaryDirectory(prefix="warmpod-output-") as tmp:
-        if args.only != "current":
-            tree = Path(tmp) / "baseline"
-            tree.mkdir()
-            archive = subprocess.run(
-                ["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True
-            ).stdout
-            subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-            # Its own modules first on the path: the same venv, the baseline's warmpod and pool/.
-            env = {"PYTHONPATH": str(tree / "src")}
-            results["baseline"] = measure("baseline", Path(tmp) / "baseline.log", env, args.paced_seconds)
-            results["baseline"]["revision"] = args.baseline
-        if args.only != "baseline":
-            results["current"] = measure("current", Path(tmp) / "current.log", {}, args.paced_seconds)
+        subjects: list[Subject] = []
+        try:
+            if args.only != "current":
+                tree = Path(tmp) / "baseline"
+                tree.mkdir()
+                archive = subprocess.run(
+                    ["git", "-C", str(ROOT), "archive", args.baseline], capture_output=True, check=True
+                ).stdout
+                subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+                # Its own modules first on the path: the same venv, the baseline's warmpod and pool/.
+                env = {"PYTHONPATH": str(tree / "src")}
+                subjects.append(start("baseline", Path(tmp) / "baseline.log", env))
+                subjects[-1].figures["revision"] = args.baseline
+            if args.only != "baseline":
+                subjects.append(start("current", Path(tmp) / "current.log", {}))
+            chatty(subjects)
+            for subject in subjects:
+                measure(subject, args.paced_seconds)
+        finally:
+            for subject in subjects:
+                subject.client.close()
+                subject.figures["server_stop"] = subject.server.stop()
+                results[subject.name] = subject.figures
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"results": results}, indent=2) + "\n")
     print(table(results))
