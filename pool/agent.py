@@ -600,7 +600,7 @@ def named_exit(pid):
     return None
 
 
-def run_job(conn, proc, job_w, job):
+def run_job(conn, pending, proc, job_w, job):
     stdin = binascii.a2b_base64(job["stdin"])
     timeout = float(job["timeout"])
     cap = int(job["max_output_bytes"])
@@ -653,7 +653,6 @@ def run_job(conn, proc, job_w, job):
     exited = False
     named = None
     open_streams = set(outputs)
-    pending = PendingOutput(conn)
 
     def close_stdin():
         nonlocal stdin_fd
@@ -939,10 +938,16 @@ def main():
     job = recv_frame(conn)
     if job.get("type") != "job":
         raise ValueError(f"expected a job frame, got {job.get('type')!r}")
+    pending = PendingOutput(conn)
     try:
-        result = run_job(conn, proc, job_w, job)
+        result = run_job(conn, pending, proc, job_w, job)
     except Exception as exc:
         kill_everything()
+        # What the program printed before the failure still goes ahead of the error.
+        try:
+            pending.flush()
+        except OSError:
+            pass
         result = {"type": "error", "message": f"agent failed: {exc!r}"}
     send_frame(conn, result)
     # Exit at once, without the interpreter's teardown: the server waits for this hang-up before
