@@ -51,6 +51,12 @@ PROGRAM_NICE = 19
 # A job carries the program and its input files in base64 (files.in_bytes at most 48 MiB).
 MAX_JOB_FRAME = 128 * 1024 * 1024
 CHUNK = 65536
+# Output is sent when this much of one stream waits (one frame's worth at most: CHUNK) or when
+# its first byte has waited OUTPUT_FLUSH_SECONDS: a program writing a byte at a time costs the
+# server one frame per interval, not one per byte, and what it printed waits no longer than that
+# in the agent (an OOM kill of the agent loses at most that much).
+OUTPUT_FLUSH_BYTES = CHUNK
+OUTPUT_FLUSH_SECONDS = 0.005
 CPU_CHECK_INTERVAL = 0.1
 # CPU seconds the interpreter may spend preloading, above the run's budget, before the program starts.
 START_CPU_SECONDS = 60
@@ -538,6 +544,41 @@ def b64(data):
     return binascii.b2a_base64(data, newline=False).decode()
 
 
+class PendingOutput:
+    """What the program printed and the server has not been sent yet: one stream's bytes, in order.
+
+    Bytes of the other stream send these first, so the server sees the order the agent read."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self.stream = None
+        self.data = bytearray()
+        self.since = 0.0
+
+    def add(self, stream, data):
+        if self.data and stream != self.stream:
+            self.flush()
+        if not self.data:
+            self.stream = stream
+            self.since = time.monotonic()
+        self.data += data
+        if len(self.data) >= OUTPUT_FLUSH_BYTES:
+            self.flush()
+
+    def due(self):
+        """When the waiting bytes must be sent; None when none wait."""
+        return self.since + OUTPUT_FLUSH_SECONDS if self.data else None
+
+    def flush(self):
+        view = memoryview(self.data)
+        for start in range(0, len(view), CHUNK):
+            send_frame(
+                self.conn, {"type": "output", "stream": self.stream, "data": b64(view[start : start + CHUNK])}
+            )
+        view.release()
+        self.data.clear()
+
+
 # The bootstrap's last act before os._exit, once stdout and stderr are flushed and closed: it
 # names its thread after the exit code (prctl PR_SET_NAME), so the agent can answer without
 # waiting for the kernel to free the process (7-13 ms with pandas loaded). No descriptor or file
@@ -559,7 +600,7 @@ def named_exit(pid):
     return None
 
 
-def run_job(conn, proc, job_w, job):
+def run_job(conn, pending, proc, job_w, job):
     stdin = binascii.a2b_base64(job["stdin"])
     timeout = float(job["timeout"])
     cap = int(job["max_output_bytes"])
@@ -646,6 +687,9 @@ def run_job(conn, proc, job_w, job):
                 cpu_budget = None
         # Also the pace of reaping orphans.
         remaining = min(remaining, CPU_CHECK_INTERVAL)
+        due = pending.due()
+        if due is not None:
+            remaining = max(0.0, min(remaining, due - time.monotonic()))
         for fd, _event in poller.poll(remaining * 1000):
             if fd == pidfd:
                 poller.unregister(pidfd)
@@ -682,17 +726,21 @@ def run_job(conn, proc, job_w, job):
                 stream = names[fd]
                 room = cap - sent[stream]
                 if room > 0 and data:
-                    # Streamed as read: what the program printed survives even if the agent
-                    # does not (an OOM kill of the agent ends the container).
+                    # Streamed within OUTPUT_FLUSH_SECONDS of its reading: what the program printed
+                    # survives even if the agent does not (an OOM kill of the agent ends the container).
                     chunk = data[:room]
                     sent[stream] += len(chunk)
-                    send_frame(conn, {"type": "output", "stream": stream, "data": b64(chunk)})
+                    pending.add(stream, chunk)
                 if len(data) > room:
                     truncated[names[fd]] = True
                     if "output" not in limits_hit:
                         limits_hit.append("output")
                         kill_everything()
                         deadline = min(deadline, time.monotonic() + 0.5)
+        due = pending.due()
+        if due is not None and time.monotonic() >= due:
+            pending.flush()
+    pending.flush()
     duration_ms = (time.monotonic() - started) * 1000
     close_stdin()
     if named is None:
@@ -890,10 +938,16 @@ def main():
     job = recv_frame(conn)
     if job.get("type") != "job":
         raise ValueError(f"expected a job frame, got {job.get('type')!r}")
+    pending = PendingOutput(conn)
     try:
-        result = run_job(conn, proc, job_w, job)
+        result = run_job(conn, pending, proc, job_w, job)
     except Exception as exc:
         kill_everything()
+        # What the program printed before the failure still goes ahead of the error.
+        try:
+            pending.flush()
+        except OSError:
+            pass
         result = {"type": "error", "message": f"agent failed: {exc!r}"}
     send_frame(conn, result)
     # Exit at once, without the interpreter's teardown: the server waits for this hang-up before

@@ -22,6 +22,7 @@ from warmpod.backoff import Backoff
 from warmpod.errors import StoreError
 from warmpod.models import NodeSeen, RunResult, RunSpec
 from warmpod.store import (
+    OUTPUT_PAGE,
     PREFERRED_WAIT,
     Added,
     Beat,
@@ -31,6 +32,7 @@ from warmpod.store import (
     Fence,
     Notice,
     Owner,
+    Printed,
     Record,
     chunks,
     decode_blob,
@@ -496,13 +498,14 @@ class PostgresStore:
             ).fetchone()
         return None if row is None else record(run_id, *row)
 
-    async def output(self, run_id: str, after: int = -1) -> list[Chunk]:
-        """The run's output chunks with ``seq`` above ``after``, in order."""
+    async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
+        """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order."""
         async with self._transaction() as db:
             rows = await (
                 await db.execute(
-                    "SELECT seq, stream, data FROM output WHERE run_id = %s AND seq > %s ORDER BY seq",
-                    (run_id, after),
+                    "SELECT seq, stream, data FROM output WHERE run_id = %s AND seq > %s ORDER BY seq "
+                    "LIMIT %s",
+                    (run_id, after, limit),
                 )
             ).fetchall()
         return chunks(rows)
@@ -571,10 +574,14 @@ async def _holds(db: Connection, fence: Fence) -> bool:
 
 
 async def _end_lost(db: Connection, run_id: str, node: str | None, message: str) -> str:
-    rows = await (
-        await db.execute("SELECT stream, data FROM output WHERE run_id = %s ORDER BY seq", (run_id,))
-    ).fetchall()
-    result = run_ended(run_id, node, message, ((stream, bytes(data)) for stream, data in rows))
+    printed = Printed()
+    # A server-side cursor: the run's chunks come OUTPUT_PAGE at a time, never all at once.
+    async with db.cursor(name="warmpod_output") as cursor:
+        cursor.itersize = OUTPUT_PAGE
+        await cursor.execute("SELECT stream, data FROM output WHERE run_id = %s ORDER BY seq", (run_id,))
+        async for stream, data in cursor:
+            printed.add(stream, data)
+    result = run_ended(run_id, node, message, printed.text())
     await db.execute(
         "UPDATE runs SET status = 'error', result = %s, finished = warmpod_now(), spec = NULL, "
         "lease_until = NULL WHERE id = %s",

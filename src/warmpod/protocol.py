@@ -76,7 +76,7 @@ class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):
 
 
 class Output(msgspec.Struct, tag="output", forbid_unknown_fields=True):
-    """Agent -> server: a chunk of the program's output, sent as soon as it was read."""
+    """Agent -> server: a chunk of the program's output, what one stream gave within a few ms."""
 
     stream: Literal["stdout", "stderr"]
     data: bytes

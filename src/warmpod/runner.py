@@ -18,7 +18,7 @@ from warmpod.models import RunResult, RunSpec, RunStatus
 from warmpod.protocol import AgentError, FileChunk, Job, Output, Result
 from warmpod.sandbox import Sandbox
 from warmpod.settings import FileSettings, LimitSettings
-from warmpod.store import Chunk, Stream
+from warmpod.store import CHUNK_BYTES, Chunk, Stream
 
 # The agent stops the program at its timeout and then drains pipes for up to 0.5 s; past this
 # extra margin the server stops waiting and the container is killed with whatever it held.
@@ -41,12 +41,18 @@ class Leaser(Protocol):
 
 
 class RunOutput:
-    """A run's output as its agent streamed it, kept once: for its result, a cancel and the store."""
+    """A run's output as its agent streamed it, kept once: for its result, a cancel and the store.
+
+    Chunks of one stream that follow each other are merged, up to ``CHUNK_BYTES``, until they are
+    taken: the store gets one chunk per stream switch, not one per frame of the agent. A chunk once
+    taken never grows (a reader may have seen it), and seq numbers only rise."""
 
     def __init__(self, cap: int, files: FileSettings | None = None) -> None:
         self._cap = cap
         self._streams = {"stdout": bytearray(), "stderr": bytearray()}
         self._pending: list[Chunk] = []
+        # The newest chunk, still open to merging: its seq, stream and bytes.
+        self._open: tuple[int, Stream, bytearray] | None = None
         self._seq = 0
         self.files = OutputFiles(files or FileSettings())
         """The files the program left in ``out/``, as the agent sends them."""
@@ -57,12 +63,30 @@ class RunOutput:
         if len(buffer) + len(data) > self._cap:
             return False
         buffer += data
-        self._pending.append(Chunk(seq=self._seq, stream=stream, data=data))
+        if not data:
+            return True
+        if (
+            self._open is not None
+            and self._open[1] == stream
+            and len(self._open[2]) + len(data) <= CHUNK_BYTES
+        ):
+            self._open[2].extend(data)
+            return True
+        self._close()
+        self._open = (self._seq, stream, bytearray(data))
         self._seq += 1
         return True
 
+    def _close(self) -> None:
+        """Make the open chunk a pending one: nothing more is merged into it."""
+        if self._open is not None:
+            seq, stream, data = self._open
+            self._pending.append(Chunk(seq=seq, stream=stream, data=bytes(data)))
+            self._open = None
+
     def take(self) -> list[Chunk]:
         """The chunks added since the last take, numbered in the order they came, for the store."""
+        self._close()
         chunks, self._pending = self._pending, []
         return chunks
 

@@ -7,7 +7,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -33,12 +33,13 @@ from warmpod.models import NodeSeen, OutputFile, RunResult, RunSpec, RunStatus
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
 from warmpod.sandbox import Sandbox
 from warmpod.settings import FileSettings, NodeSettings, QueueSettings
-from warmpod.store import Chunk, Claim, Fence, Notice, Owner, Record, Store, joined
+from warmpod.store import OUTPUT_PAGE, Chunk, Claim, Fence, Notice, Owner, Printed, Record, Store
 
 log = logging.getLogger(__name__)
 
-# Output reaches the store (and so `/status/{id}/stream`) at most this long after it was printed:
-# one write per running run per interval, however much it printed (64 KiB chunks from the agent).
+# Output reaches the store (and so `/status/{id}/stream`) at most this long (and the agent's few
+# ms) after it was printed: one write per running run per interval, however much it printed, of
+# chunks RunOutput merged (one per stream switch and per 64 KiB).
 FLUSH_INTERVAL = 0.1
 # Waiters and streams re-read the store this often even without a local signal.
 RECHECK = 1.0
@@ -274,7 +275,10 @@ class Scheduler:
         if record.result is not None:
             return await self._with_files(record.result)
         # From the store, not this node's buffers: what is shown is what a crash would keep.
-        stdout, stderr = joined((chunk.stream, chunk.data) for chunk in await self._store.output(run_id))
+        printed = Printed()
+        async for chunk in self._chunks(run_id, -1):
+            printed.add(chunk.stream, chunk.data)
+        stdout, stderr = printed.text()
         status: RunStatus = "running" if record.status == "running" else "queued"
         return RunResult.from_server(run_id, status, stdout=stdout, stderr=stderr, node=record.node)
 
@@ -313,25 +317,39 @@ class Scheduler:
             async for update in self._follow(run_id, after):
                 yield update
 
+    async def _chunks(self, run_id: str, after: int) -> AsyncGenerator[Chunk, None]:
+        """The run's output chunks after ``after`` as the store has them now, a page at a time."""
+        while True:
+            page = await self._store.output(run_id, after, OUTPUT_PAGE)
+            for chunk in page:
+                yield chunk
+            if len(page) < OUTPUT_PAGE:
+                return
+            after = page[-1].seq
+
     async def _follow(self, run_id: str, after: int) -> AsyncIterator[Update]:
         status: RunStatus | None = None
         quiet_since = time.monotonic()
         while True:
             changed = self._watch(run_id)
+            # Before the output: a final record's output is all stored (``finish`` writes both).
             record = await self._record(run_id)
-            chunks = await self._store.output(run_id, after)
             if record.result is None and record.status != status:
                 status = record.status
                 yield Update("status", status=status)
-            for chunk in chunks:
-                after = chunk.seq
-                yield Update("output", chunk=chunk)
+            printed = False
+            # A page is sent before the next is read: a slow reader holds one page, not the run.
+            async with contextlib.aclosing(self._chunks(run_id, after)) as chunks:
+                async for chunk in chunks:
+                    after = chunk.seq
+                    printed = True
+                    yield Update("output", chunk=chunk)
             if record.result is not None:
                 for file in record.result.files:
                     yield Update("file", file=file)
                 yield Update("result", result=await self._with_files(record.result))
                 return
-            if chunks:
+            if printed:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > KEEPALIVE:
                 quiet_since = time.monotonic()

@@ -36,6 +36,14 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes
 
 
+CHUNK_BYTES = 65536
+"""The most output one chunk holds once merged (``runner.RunOutput`` merges adjacent chunks of a
+stream up to it; one of the agent's frames carries at most as much)."""
+OUTPUT_PAGE = 32
+"""The most chunks one ``Store.output`` call returns: readers page through a run's output, each
+page at most ``OUTPUT_PAGE * CHUNK_BYTES`` (2 MiB) however many chunks the run printed."""
+
+
 Added = Literal["added", "queue-full", "key-busy"]
 """What ``Store.add`` did with a run."""
 
@@ -100,6 +108,15 @@ class Store(Protocol):
     Implementations must make ``claim`` hand each queued run to exactly one caller, accept a
     fenced write only from the run's current owner and attempt, and make ``finish`` final
     exactly once: the first final status written wins. Times are the store's clock.
+
+    Output is kept as the chunks ``add_output`` and ``finish`` are given, one row each, and a
+    stored chunk never changes: a reader that has seen up to ``seq`` N and asks for what comes
+    after N (``/status/{id}/stream`` resumed with ``Last-Event-ID``) gets every later byte exactly
+    once. A chunk given again with a seq already kept changes nothing (a retried write). How many
+    chunks a run has is up to its writer: ``runner.RunOutput`` merges adjacent chunks of one
+    stream up to ``CHUNK_BYTES`` until the scheduler takes them, at most once per
+    ``scheduler.FLUSH_INTERVAL``, so a run keeps at most one chunk per stream switch, per
+    ``CHUNK_BYTES`` and per interval, whatever the size of the program's writes.
     """
 
     async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
@@ -185,8 +202,9 @@ class Store(Protocol):
         """The run's record, or None for an id never stored (or purged)."""
         ...
 
-    async def output(self, run_id: str, after: int = -1) -> list[Chunk]:
-        """The run's output chunks with ``seq`` above ``after``, in order."""
+    async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
+        """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order:
+        fewer than ``limit`` when those are all there are."""
         ...
 
     async def cancel(self, run_id: str, result: RunResult) -> CancelOutcome:
@@ -234,9 +252,9 @@ def decode_blob(raw: bytes, kind: type[B]) -> B:
     return msgspec.msgpack.decode(value, type=kind)
 
 
-def run_ended(run_id: str, node: str | None, message: str, chunks: Iterable[tuple[str, bytes]]) -> RunResult:
-    """The ``error`` result of a run its node stopped holding, with the output it had printed."""
-    stdout, stderr = joined(chunks)
+def run_ended(run_id: str, node: str | None, message: str, printed: tuple[str, str]) -> RunResult:
+    """The ``error`` result of a run its node stopped holding, with what it printed: ``(stdout, stderr)``."""
+    stdout, stderr = printed
     return RunResult.from_server(
         run_id,
         "error",
@@ -628,13 +646,13 @@ class SqliteStore:
         row = await self._call(get)
         return None if row is None else record(run_id, *row)
 
-    async def output(self, run_id: str, after: int = -1) -> list[Chunk]:
-        """The run's output chunks with ``seq`` above ``after``, in order."""
+    async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
+        """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order."""
 
         def output(db: sqlite3.Connection) -> list[tuple[int, str, bytes]]:
             return db.execute(
-                "SELECT seq, stream, data FROM output WHERE run_id = ? AND seq > ? ORDER BY seq",
-                (run_id, after),
+                "SELECT seq, stream, data FROM output WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (run_id, after, limit),
             ).fetchall()
 
         return chunks(await self._call(output))
@@ -739,8 +757,9 @@ def _holds(db: sqlite3.Connection, fence: Fence) -> bool:
 
 
 def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: str) -> str:
+    # The cursor yields row by row: the run's chunks are never all held at once.
     output = db.execute("SELECT stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
-    result = run_ended(run_id, node, message, output)
+    result = run_ended(run_id, node, message, joined(output))
     db.execute(
         "UPDATE runs SET status = 'error', result = ?, finished = ?, spec = NULL, lease_until = NULL "
         "WHERE id = ?",
@@ -813,7 +832,22 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 def joined(chunks: Iterable[tuple[str, bytes]]) -> tuple[str, str]:
     """A run's stdout and stderr as text, from its ``(stream, data)`` chunks in order."""
-    out = {"stdout": bytearray(), "stderr": bytearray()}
+    printed = Printed()
     for stream, data in chunks:
-        out.get(stream, out["stdout"]).extend(data)
-    return out["stdout"].decode("utf-8", "replace"), out["stderr"].decode("utf-8", "replace")
+        printed.add(stream, data)
+    return printed.text()
+
+
+class Printed:
+    """A run's stdout and stderr gathered from its chunks as they are read, a page at a time."""
+
+    def __init__(self) -> None:
+        self._out = {"stdout": bytearray(), "stderr": bytearray()}
+
+    def add(self, stream: str, data: bytes) -> None:
+        """Append a chunk's ``data`` to its ``stream`` (anything but stderr is stdout)."""
+        self._out.get(stream, self._out["stdout"]).extend(data)
+
+    def text(self) -> tuple[str, str]:
+        """The stdout and stderr so far, decoded (bytes that are not UTF-8 replaced)."""
+        return self._out["stdout"].decode("utf-8", "replace"), self._out["stderr"].decode("utf-8", "replace")

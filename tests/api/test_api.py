@@ -35,10 +35,10 @@ from warmpod.errors import StoreError
 from warmpod.limits import RunLimits
 from warmpod.models import RunResult
 from warmpod.protocol import FileChunk, Output
-from warmpod.scheduler import Scheduler, Update
+from warmpod.scheduler import FLUSH_INTERVAL, Scheduler, Update
 from warmpod.service import Service
 from warmpod.settings import Settings
-from warmpod.store import Chunk, Fence
+from warmpod.store import OUTPUT_PAGE, Chunk, Fence, SqliteStore
 
 # /run-json/ -------------------------------------------------------------------------------------
 
@@ -574,6 +574,8 @@ async def test_the_stream_sends_status_output_and_result_events(
         Output(stream="stderr", data="é".encode()[:1]),
         Output(stream="stderr", data="é".encode()[1:]),
     ]
+    # Apart by more than the store's flush interval: chunks that come together are merged.
+    runner.pause = 2.5 * FLUSH_INTERVAL
     result = (await client.post("/run-json/", json={"code": "pass"})).json()
     response = await client.get(f"/status/{result['id']}/stream")
     assert response.status_code == 200
@@ -584,6 +586,60 @@ async def test_the_stream_sends_status_output_and_result_events(
     assert [json.loads(event["data"]).get("text") for event in parsed[:3]] == ["a\n", "", "é"]
     assert [event.get("id") for event in parsed] == ["0", "1", "2", None]
     assert json.loads(parsed[-1]["data"]) == result
+
+
+def sse_blocks(text: str) -> list[dict[str, str]]:
+    """The events of an SSE body, each as its fields."""
+    blocks = [block for block in text.split("\r\n\r\n") if block.strip()]
+    return [dict(line.split(": ", 1) for line in block.splitlines()) for block in blocks]
+
+
+async def test_output_longer_than_a_page_is_read_page_by_page(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with more stored chunks than a page: its status while running and its stream's replay
+    show every chunk once, in order, each read of the store at most a page; a stream resumed
+    after an id in the middle of a page sends exactly the chunks after it."""
+    count = 2 * OUTPUT_PAGE + 3
+    # Alternating streams: chunks that are never merged.
+    runner.streamed = [
+        Output(stream="stdout" if i % 2 == 0 else "stderr", data=f"{i},".encode()) for i in range(count)
+    ]
+    runner.hold = anyio.Event()
+    limits: list[int] = []
+    original = SqliteStore.output
+
+    async def counted(
+        self: SqliteStore, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE
+    ) -> list[Chunk]:
+        limits.append(limit)
+        return await original(self, run_id, after, limit)
+
+    monkeypatch.setattr(SqliteStore, "output", counted)
+    run_id = (await client.post("/run-json/", json={"code": "pass", "wait": False})).json()["id"]
+    stdout = "".join(f"{i}," for i in range(0, count, 2))
+    stderr = "".join(f"{i}," for i in range(1, count, 2))
+    with anyio.fail_after(5):
+        while (status := (await client.get(f"/status/{run_id}")).json())["stdout"] != stdout:
+            await anyio.sleep(0.05)
+    assert (status["status"], status["stderr"]) == ("running", stderr)
+    runner.hold.set()
+    with anyio.fail_after(5):
+        while (await client.get(f"/status/{run_id}")).json()["status"] != "succeeded":
+            await anyio.sleep(0.05)
+    limits.clear()
+    events = sse_blocks((await client.get(f"/status/{run_id}/stream")).text)
+    output = [event for event in events if event["event"] in ("stdout", "stderr")]
+    assert [event["id"] for event in output] == [str(i) for i in range(count)]
+    assert [json.loads(event["data"])["text"] for event in output] == [f"{i}," for i in range(count)]
+    assert events[-1]["event"] == "result"
+    assert len(limits) >= 3
+    assert max(limits) <= OUTPUT_PAGE
+    after = OUTPUT_PAGE + 1
+    resumed = sse_blocks(
+        (await client.get(f"/status/{run_id}/stream", headers={"Last-Event-ID": str(after)})).text
+    )
+    assert [event["id"] for event in resumed if "id" in event] == [str(i) for i in range(after + 1, count)]
 
 
 @pytest.mark.parametrize("method", ["GET", "DELETE"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import struct
+from pathlib import Path
 from textwrap import dedent
 
 import httpx
 import pytest
+from warmpod_live import WarmpodServer
 
 from .hostile import FLOOD_SECONDS, MAX_OUTPUT_BYTES, assert_still_serves, run
 
@@ -90,3 +94,73 @@ def test_forged_result_frame_is_only_output(client: httpx.Client) -> None:
     assert attempt.stderr == frame.decode("utf-8", "replace")
     assert attempt.limits_hit == []
     assert_still_serves(client)
+
+
+# One byte per write(2), 0.1 ms apart: one pipe read, and so once one stored chunk, per byte.
+PACED_WRITER = dedent(
+    """
+    import os, time
+    end = time.monotonic() + {seconds}
+    while time.monotonic() < end:
+        os.write(1, b"x")
+        time.sleep(0.0001)
+    """
+)
+PACED_SECONDS = 4
+# What the store may take beyond the bytes themselves: the run's record, the b-tree pages a few
+# dozen chunks touch, and the slack of SQLite's page allocation.
+STORE_OVERHEAD = 64 * 1024
+
+
+def stored_bytes(path: Path) -> int:
+    """The SQLite store's size once its write-ahead log is copied back (the WAL is reused, not grown)."""
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+        busy, _, _ = db.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+        assert busy == 0, "the store's write-ahead log could not be copied back"
+        (pages,) = db.execute("PRAGMA page_count").fetchone()
+        (page_size,) = db.execute("PRAGMA page_size").fetchone()
+    return int(pages) * int(page_size)
+
+
+def test_paced_one_byte_writes_cost_the_store_about_their_bytes(
+    client: httpx.Client, server: WarmpodServer
+) -> None:
+    """A program writing a byte at a time grows the run store by a small multiple of what it kept,
+    not by a stored chunk per write."""
+    store = Path(server.env["WARMPOD_QUEUE__STORE_PATH"])
+    before = stored_bytes(store)
+    paced = run(client, PACED_WRITER.format(seconds=PACED_SECONDS), timeout=PACED_SECONDS + 10)
+    assert paced.status == "succeeded", paced.result
+    kept = len(paced.stdout)
+    assert kept > 1000, paced.result
+    assert paced.stdout == "x" * kept
+    grown = stored_bytes(store) - before
+    assert grown <= 4 * kept + STORE_OVERHEAD, f"{grown} store bytes for {kept} bytes of output"
+    assert_still_serves(client)
+
+
+def test_interleaved_stdout_and_stderr_keep_their_order(client: httpx.Client) -> None:
+    """Writes alternating between stdout and stderr come back through the stream in the order made."""
+    code = dedent(
+        """
+        import os, time
+        for i in range(30):
+            os.write(1 + i % 2, f"{i};".encode())
+            time.sleep(0.02)
+        """
+    )
+    result = run(client, code).result
+    assert result["status"] == "succeeded", result
+    seen: list[tuple[str, str]] = []
+    event = ""
+    with client.stream("GET", f"/status/{result['id']}/stream") as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            field, _, value = line.partition(": ")
+            if field == "event":
+                event = value
+            elif field == "data" and event in ("stdout", "stderr"):
+                seen.append((event, json.loads(value)["text"]))
+    streams = [stream for stream, _ in seen]
+    assert "".join(text for _, text in seen) == "".join(f"{i};" for i in range(30))
+    assert streams == [("stdout", "stderr")[i % 2] for i in range(30)]

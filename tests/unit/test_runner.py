@@ -12,7 +12,7 @@ from warmpod.models import RunResult
 from warmpod.protocol import AgentError, Hello, LimitName, Result
 from warmpod.runner import RunOutput
 from warmpod.settings import LimitSettings
-from warmpod.store import Chunk
+from warmpod.store import CHUNK_BYTES, Chunk, Stream
 
 CAP = 100
 LIMITS = LimitSettings(timeout=10.0, max_timeout=60.0, max_output_bytes=CAP)
@@ -318,3 +318,53 @@ def test_chunks_the_store_could_not_keep_come_back_first() -> None:
     output.untake(failed)
     assert [c.seq for c in output.take()] == [0, 1, 2]
     assert output.take() == []
+
+
+def test_adjacent_chunks_of_a_stream_are_merged_until_taken() -> None:
+    """Chunks of one stream that follow each other become one chunk for the store; a switch of
+    stream starts a new one, so the order across streams is kept."""
+    output = RunOutput(CAP)
+    pieces: list[tuple[Stream, bytes]] = [
+        ("stdout", b"a"),
+        ("stdout", b"b"),
+        ("stderr", b"c"),
+        ("stderr", b"d"),
+        ("stdout", b"e"),
+    ]
+    for stream, data in pieces:
+        assert output.add(stream, data)
+    assert output.take() == [
+        Chunk(seq=0, stream="stdout", data=b"ab"),
+        Chunk(seq=1, stream="stderr", data=b"cd"),
+        Chunk(seq=2, stream="stdout", data=b"e"),
+    ]
+    assert (output.stdout, output.stderr) == ("abe", "cd")
+
+
+def test_a_taken_chunk_never_grows() -> None:
+    """Bytes added after a take start a chunk with a higher seq, even after the taken chunks are
+    put back: a reader that saw a chunk never misses what came after it."""
+    output = RunOutput(CAP)
+    assert output.add("stdout", b"one")
+    taken = output.take()
+    assert output.add("stdout", b"two")
+    assert output.take() == [Chunk(seq=1, stream="stdout", data=b"two")]
+    output.untake(taken)
+    assert output.add("stdout", b"three")
+    assert output.take() == [
+        Chunk(seq=0, stream="stdout", data=b"one"),
+        Chunk(seq=2, stream="stdout", data=b"three"),
+    ]
+
+
+def test_a_merged_chunk_holds_at_most_chunk_bytes() -> None:
+    """A stream's bytes are merged into chunks of at most CHUNK_BYTES, numbered in order."""
+    output = RunOutput(4 * CHUNK_BYTES)
+    piece = b"x" * (CHUNK_BYTES // 4 + 1)
+    for _ in range(8):
+        assert output.add("stdout", piece)
+    chunks = output.take()
+    assert all(len(c.data) <= CHUNK_BYTES for c in chunks)
+    assert len(chunks) == 3
+    assert [c.seq for c in chunks] == [0, 1, 2]
+    assert b"".join(c.data for c in chunks) == piece * 8

@@ -17,6 +17,7 @@ from warmpod.errors import StoreError
 from warmpod.models import RunResult, RunSpec
 from warmpod.pgstore import PostgresStore
 from warmpod.store import (
+    OUTPUT_PAGE,
     PREFERRED_WAIT,
     SCHEMA_VERSION,
     Chunk,
@@ -231,6 +232,60 @@ async def test_writes_of_a_lost_run_are_refused_and_change_nothing(store: Store)
     assert [c.data for c in await store.output("a")] == [b"partial\n"]
     assert await store.claim(OTHER, LEASE) is None
     assert await store.reap(LOST) == []
+
+
+def alternating(count: int) -> list[Chunk]:
+    """``count`` one-byte chunks switching stream each time, as a program alternating them leaves."""
+    return [
+        Chunk(seq=seq, stream="stdout" if seq % 2 == 0 else "stderr", data=str(seq % 10).encode())
+        for seq in range(count)
+    ]
+
+
+async def test_output_comes_back_a_page_at_a_time(store: Store) -> None:
+    """``output`` returns at most ``limit`` (by default OUTPUT_PAGE) chunks after ``after``; paging
+    by the last seq seen gives every chunk once, in order."""
+    written = alternating(2 * OUTPUT_PAGE + 5)
+    await store.add("a", SPEC, max_queued=10)
+    fence = (await claim(store)).fence
+    assert await store.add_output(fence, written)
+    assert len(await store.output("a")) == OUTPUT_PAGE
+    assert [c.seq for c in await store.output("a", after=10, limit=3)] == [11, 12, 13]
+    read: list[Chunk] = []
+    after = -1
+    while page := await store.output("a", after):
+        assert len(page) <= OUTPUT_PAGE
+        read += page
+        after = page[-1].seq
+    assert read == written
+
+
+async def test_a_chunk_once_kept_never_changes(store: Store) -> None:
+    """A chunk written again with a seq already kept (a retried write) changes nothing, so a
+    reader resuming after that seq neither misses nor repeats a byte."""
+    await store.add("a", SPEC, max_queued=10)
+    fence = (await claim(store)).fence
+    assert await store.add_output(fence, [Chunk(seq=0, stream="stdout", data=b"a")])
+    assert await store.add_output(
+        fence, [Chunk(seq=0, stream="stdout", data=b"a"), Chunk(seq=1, stream="stdout", data=b"b")]
+    )
+    assert [c.data for c in await store.output("a")] == [b"a", b"b"]
+    assert [c.data for c in await store.output("a", after=0)] == [b"b"]
+
+
+async def test_a_reaped_run_keeps_all_its_output_however_many_chunks(store: Store) -> None:
+    """The error result of a reaped run holds every byte it printed, read page by page."""
+    written = alternating(3 * OUTPUT_PAGE + 1)
+    await store.add("a", SPEC, max_queued=10)
+    fence = (await claim(store, lease=0.2)).fence
+    assert await store.add_output(fence, written)
+    await anyio.sleep(0.3)
+    assert await store.reap(LOST) == ["a"]
+    record = await store.get("a")
+    assert record is not None
+    assert record.result is not None
+    assert record.result.stdout == "".join(c.data.decode() for c in written if c.stream == "stdout")
+    assert record.result.stderr == "".join(c.data.decode() for c in written if c.stream == "stderr")
 
 
 async def test_a_heartbeat_keeps_the_lease_and_reports_what_it_holds(store: Store) -> None:
