@@ -116,6 +116,8 @@ class PostgresStore:
     """The store several nodes share: one PostgreSQL database, through a pool of connections, and
     one connection of its own per node for LISTEN (a pooled one would lose its notifications)."""
 
+    shared = True
+
     def __init__(self, url: str, pool: psycopg_pool.AsyncConnectionPool[Connection]) -> None:
         self._url = url
         self._pool = pool

@@ -452,7 +452,8 @@ class Scheduler:
             except (StoreError, TimeoutError) as exc:
                 log.warning("could not renew this node's leases: %s", exc or "no answer in time")
                 # Past the lease another node may report these runs; they must not go on unseen.
-                if time.monotonic() - renewed >= self._lease:
+                # A store no other node shares reports none of them: they go on.
+                if self._store.shared and time.monotonic() - renewed >= self._lease:
                     why = f"the run store was out of reach for its lease of {self._lease:g} s"
                     for run_id, live in list(self._live.items()):
                         self._lose(run_id, live, why)

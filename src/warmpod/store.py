@@ -102,6 +102,10 @@ class Store(Protocol):
     exactly once: the first final status written wins. Times are the store's clock.
     """
 
+    shared: bool
+    """Whether several nodes share the store: only then may a run this node holds be reported
+    by another once its lease runs out, so only then must the node stop it unrenewed."""
+
     async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
         """At start: register ``owner``, and make runs its node's earlier starts held ``error``
         with ``message`` (``{node}`` filled in) and their output; return their ids.
@@ -319,9 +323,14 @@ class SqliteStore:
     Notices come from this process's own calls: no other node writes the file.
     """
 
+    shared = False
+
     def __init__(self, connection: sqlite3.Connection, lock: int) -> None:
         self._db = connection
         self._lock = lock
+        # The start that joined: the file lock makes it the only live one, so its runs are never
+        # reaped, whatever the wall clock does or however long a write waited.
+        self._joined: str | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._listeners: list[Callable[[Notice, str], None]] = []
 
@@ -403,7 +412,9 @@ class SqliteStore:
                 rows = db.execute("SELECT id, node FROM runs WHERE status = 'running'").fetchall()
                 return [_end_lost(db, run_id, node, message) for run_id, node in rows]
 
-        return await self._call(join)
+        lost = await self._call(join)
+        self._joined = owner.incarnation
+        return lost
 
     async def leave(self, owner: Owner) -> None:
         """At a clean stop: drop ``owner`` from the nodes seen alive."""
@@ -521,12 +532,15 @@ class SqliteStore:
         return await self._call(beat)
 
     async def reap(self, message: str) -> list[str]:
-        """Make runs whose lease ran out ``error`` with ``message`` and their output."""
+        """Make runs whose lease ran out ``error`` with ``message`` and their output; never those
+        of the start that joined, which alone holds the file (leases are for several nodes)."""
 
         def reap(db: sqlite3.Connection) -> list[str]:
             with _transaction(db):
                 rows = db.execute(
-                    "SELECT id, node FROM runs WHERE status = 'running' AND lease_until < ?", (time.time(),)
+                    "SELECT id, node FROM runs WHERE status = 'running' AND lease_until < ? "
+                    "AND incarnation IS NOT ?",
+                    (time.time(), self._joined),
                 ).fetchall()
                 return [_end_lost(db, run_id, node, message) for run_id, node in rows]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -531,3 +532,26 @@ async def test_an_unusable_path_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StoreError, match="cannot open the run store"):
         await SqliteStore.open(blocker / "runs.sqlite3")
+
+
+async def test_sqlite_never_reaps_the_live_runs_of_the_node_that_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a wall clock stepped far past the lease reaps none of the joined node's runs, and
+    their results are still taken; a run of another start (left by a crash) still can be."""
+    store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+    try:
+        await store.add("stale", SPEC, max_queued=10)
+        await claim(store, Owner(node="a", incarnation="a-0"), lease=1.0)
+        await store.join(NODE, 1.0, LOST)
+        await store.add("live", SPEC, max_queued=10)
+        fence = (await claim(store, lease=1.0)).fence
+        await store.add("crashed", SPEC, max_queued=10)
+        await claim(store, Owner(node="a", incarnation="a-0"), lease=1.0)
+        stepped = time.time() + 3600
+        monkeypatch.setattr("warmpod.store.time.time", lambda: stepped)
+        assert await store.reap(LOST) == ["crashed"]
+        assert (await store.heartbeat(NODE, 1.0, [fence])).held == {"live"}
+        assert await store.finish("live", result("live"), fence=fence)
+    finally:
+        await store.aclose()
