@@ -29,9 +29,11 @@ from warmpod.store import (
     Chunk,
     Claim,
     Fence,
+    Idempotency,
     Notice,
     Owner,
     Record,
+    Replay,
     chunks,
     decode_blob,
     encode_blob,
@@ -108,6 +110,12 @@ _MIGRATIONS = (
     """,
     # 2: which runs a preloaded sandbox serves best (RunSpec.warm), for claims by kind.
     "ALTER TABLE runs ADD COLUMN warm boolean NOT NULL DEFAULT false;",
+    # 3: the Idempotency-Key a run was submitted with, unique per API key name, and its request's hash.
+    """
+    ALTER TABLE runs ADD COLUMN idempotency_key text, ADD COLUMN request_hash text;
+    CREATE UNIQUE INDEX runs_by_idempotency_key ON runs ((coalesce(key, '')), idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -298,10 +306,24 @@ class PostgresStore:
         max_queued: int,
         key: str | None = None,
         max_active: int | None = None,
-    ) -> Added:
-        """Queue a run of ``key``, within the queue bound and the key's quota over every node."""
+        idempotency: Idempotency | None = None,
+    ) -> Added | Replay:
+        """Queue a run of ``key``, within the queue bound and the key's quota over every node, unless
+        a run of ``key`` already has ``idempotency.key`` (that run is answered)."""
         async with self._transaction() as db:
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (ADD_LOCK,))
+            if idempotency is not None:
+                row = await (
+                    await db.execute(
+                        "SELECT id, status, request_hash FROM runs "
+                        "WHERE coalesce(key, '') = %s AND idempotency_key = %s",
+                        (key or "", idempotency.key),
+                    )
+                ).fetchone()
+                if row is not None:
+                    return Replay(
+                        run_id=row[0], status=row[1], same_request=row[2] == idempotency.request_hash
+                    )
             if max_active is not None:
                 active = await _one(
                     db, "SELECT count(*) FROM runs WHERE key = %s AND status IN ('queued', 'running')", (key,)
@@ -311,9 +333,16 @@ class PostgresStore:
             if await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'") >= max_queued:
                 return "queue-full"
             await db.execute(
-                "INSERT INTO runs (id, status, spec, created, key, warm) "
-                "VALUES (%s, 'queued', %s, warmpod_now(), %s, %s)",
-                (run_id, encode_blob(spec), key, spec.warm),
+                "INSERT INTO runs (id, status, spec, created, key, warm, idempotency_key, request_hash) "
+                "VALUES (%s, 'queued', %s, warmpod_now(), %s, %s, %s, %s)",
+                (
+                    run_id,
+                    encode_blob(spec),
+                    key,
+                    spec.warm,
+                    None if idempotency is None else idempotency.key,
+                    None if idempotency is None else idempotency.request_hash,
+                ),
             )
             await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
         return "added"

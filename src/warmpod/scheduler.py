@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import socket
 import time
@@ -19,6 +20,7 @@ from warmpod import metrics
 from warmpod.backoff import Backoff
 from warmpod.errors import (
     KeyBusy,
+    KeyReused,
     NoSuchFile,
     PoolUnavailable,
     QueueFull,
@@ -33,7 +35,19 @@ from warmpod.models import NodeSeen, OutputFile, RunResult, RunSpec, RunStatus
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
 from warmpod.sandbox import Sandbox
 from warmpod.settings import FileSettings, NodeSettings, QueueSettings
-from warmpod.store import Chunk, Claim, Fence, Notice, Owner, Record, Store, joined
+from warmpod.store import (
+    Chunk,
+    Claim,
+    Fence,
+    Idempotency,
+    Notice,
+    Owner,
+    Record,
+    Replay,
+    Store,
+    encode_blob,
+    joined,
+)
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +220,26 @@ class Scheduler:
             KeyBusy: the key has its ``max_active`` runs queued or running.
             QueueFull: ``max_queued`` runs already wait.
         """
-        if self.draining:
+        run_id, _ = await self.take(spec, key)
+        return run_id
+
+    async def take(
+        self, spec: RunSpec, key: Key | None = None, idempotency_key: str | None = None
+    ) -> tuple[str, RunStatus]:
+        """Queue a run of ``key`` and return its id and status; with ``idempotency_key``, a run of
+        ``key`` submitted before with it is answered instead, never run again.
+
+        Raises:
+            KeyReused: ``idempotency_key`` names a run of ``key`` asked for with another spec.
+            ShuttingDown: the server is stopping (a retry of a stored run is still answered).
+            KeyBusy: the key has its ``max_active`` runs queued or running.
+            QueueFull: ``max_queued`` runs already wait.
+        """
+        idempotency = None
+        if idempotency_key is not None:
+            request_hash = hashlib.sha256(encode_blob(spec)).hexdigest()
+            idempotency = Idempotency(key=idempotency_key, request_hash=request_hash)
+        elif self.draining:
             raise ShuttingDown(
                 "warmpod is shutting down and takes no new runs; retry on another server or later"
             )
@@ -214,10 +247,23 @@ class Scheduler:
         added = await self._store.add(
             run_id,
             spec,
-            max_queued=self._settings.max_queued,
+            # A stopping server still answers a retry of a run it stored, and stores no new one.
+            max_queued=0 if self.draining else self._settings.max_queued,
             key=None if key is None else key.name,
             max_active=None if key is None else key.max_active,
+            idempotency=idempotency,
         )
+        if isinstance(added, Replay):
+            if not added.same_request:
+                raise KeyReused(
+                    f"the Idempotency-Key {idempotency_key!r} was used for another request (run "
+                    f"{added.run_id}): send a new key for a new run"
+                )
+            return added.run_id, added.status
+        if self.draining:
+            raise ShuttingDown(
+                "warmpod is shutting down and takes no new runs; retry on another server or later"
+            )
         if added == "key-busy":
             assert key is not None
             raise KeyBusy(
@@ -228,7 +274,7 @@ class Scheduler:
             raise QueueFull(
                 f"the queue is full: {self._settings.max_queued} runs are waiting (WARMPOD_QUEUE__MAX_QUEUED)"
             )
-        return run_id
+        return run_id, "queued"
 
     async def check_owner(self, run_id: str, key: Key | None) -> None:
         """Check the run was submitted with ``key`` (None: with keys off).

@@ -40,6 +40,23 @@ Added = Literal["added", "queue-full", "key-busy"]
 """What ``Store.add`` did with a run."""
 
 
+class Idempotency(msgspec.Struct, frozen=True, kw_only=True):
+    """A submission's ``Idempotency-Key`` and the hash of what it asked to run: stored with the run
+    (and purged with it), unique per API key name, so a retried submit finds its run again."""
+
+    key: str
+    request_hash: str
+
+
+class Replay(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``Store.add`` answers when a run of the same API key already has the idempotency key."""
+
+    run_id: str
+    status: RunStatus
+    same_request: bool
+    """Whether that run was asked for with the same request hash (else the key was reused)."""
+
+
 class Record(msgspec.Struct, frozen=True, kw_only=True):
     """What the store knows of one run."""
 
@@ -127,9 +144,11 @@ class Store(Protocol):
         max_queued: int,
         key: str | None = None,
         max_active: int | None = None,
-    ) -> Added:
+        idempotency: Idempotency | None = None,
+    ) -> Added | Replay:
         """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
-        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running."""
+        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running,
+        nor when a run of ``key`` already has ``idempotency.key`` (that run is answered, before any bound)."""
         ...
 
     async def queued(self) -> int:
@@ -300,6 +319,13 @@ _MIGRATIONS = (
     """,
     # 4: which runs a preloaded sandbox serves best (RunSpec.warm), for claims by kind.
     "ALTER TABLE runs ADD COLUMN warm INTEGER NOT NULL DEFAULT 0;",
+    # 5: the Idempotency-Key a run was submitted with, unique per API key name, and its request's hash.
+    """
+    ALTER TABLE runs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE runs ADD COLUMN request_hash TEXT;
+    CREATE UNIQUE INDEX runs_by_idempotency_key ON runs (coalesce(key, ''), idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 BLOB_VERSION = 1
@@ -430,13 +456,28 @@ class SqliteStore:
         max_queued: int,
         key: str | None = None,
         max_active: int | None = None,
-    ) -> Added:
+        idempotency: Idempotency | None = None,
+    ) -> Added | Replay:
         """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
-        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running."""
+        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running,
+        nor when a run of ``key`` already has ``idempotency.key`` (that run is answered)."""
         blob = encode_blob(spec)
+        idempotency_key = None if idempotency is None else idempotency.key
+        request_hash = None if idempotency is None else idempotency.request_hash
 
-        def add(db: sqlite3.Connection) -> Added:
-            # One call at a time on the one connection: the counts and the insert cannot interleave.
+        def add(db: sqlite3.Connection) -> Added | Replay:
+            # One call at a time on the one connection: the look-up, the counts and the insert
+            # cannot interleave.
+            if idempotency is not None:
+                row = db.execute(
+                    "SELECT id, status, request_hash FROM runs "
+                    "WHERE coalesce(key, '') = ? AND idempotency_key = ?",
+                    (key or "", idempotency.key),
+                ).fetchone()
+                if row is not None:
+                    return Replay(
+                        run_id=row[0], status=row[1], same_request=row[2] == idempotency.request_hash
+                    )
             if max_active is not None:
                 (active,) = db.execute(
                     "SELECT count(*) FROM runs WHERE key = ? AND status IN ('queued', 'running')", (key,)
@@ -444,9 +485,10 @@ class SqliteStore:
                 if active >= max_active:
                     return "key-busy"
             cursor = db.execute(
-                "INSERT INTO runs (id, status, spec, created, key, warm) SELECT ?, 'queued', ?, ?, ?, ? "
+                "INSERT INTO runs (id, status, spec, created, key, warm, idempotency_key, request_hash) "
+                "SELECT ?, 'queued', ?, ?, ?, ?, ?, ? "
                 "WHERE (SELECT count(*) FROM runs WHERE status = 'queued') < ?",
-                (run_id, blob, time.time(), key, spec.warm, max_queued),
+                (run_id, blob, time.time(), key, spec.warm, idempotency_key, request_hash, max_queued),
             )
             return "added" if cursor.rowcount == 1 else "queue-full"
 

@@ -22,8 +22,10 @@ from warmpod.store import (
     SCHEMA_VERSION,
     Chunk,
     Claim,
+    Idempotency,
     Notice,
     Owner,
+    Replay,
     SqliteStore,
     Store,
     decode_blob,
@@ -142,7 +144,7 @@ async def test_a_keys_active_runs_are_bounded_and_other_keys_are_not(store: Stor
 async def test_concurrent_adds_hold_the_bound_and_the_quota(store: Store) -> None:
     """Forty adds at once (as from several nodes) never take the queue past its bound nor a key
     past its quota: the counts and the insert are one step."""
-    outcomes: list[str] = []
+    outcomes: list[object] = []
 
     async def add(i: int) -> None:
         outcomes.append(await store.add(f"q{i}", SPEC, max_queued=10))
@@ -415,7 +417,7 @@ async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: 
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
 
 
 async def test_a_store_of_a_newer_warmpod_is_refused(tmp_path: Path, postgres_db: str) -> None:
@@ -555,3 +557,31 @@ async def test_sqlite_never_reaps_the_live_runs_of_the_node_that_holds_it(
         assert await store.finish("live", result("live"), fence=fence)
     finally:
         await store.aclose()
+
+
+async def test_an_idempotency_key_names_one_run_per_api_key(store: Store) -> None:
+    """A second add with a key of the same API key name answers the first run (telling whether its
+    request hash matched), stores nothing and passes even a full queue; other names have their own."""
+    first = Idempotency(key="k-1", request_hash="h")
+    assert await store.add("a", SPEC, max_queued=1, idempotency=first) == "added"
+    assert await store.add("b", SPEC, max_queued=1, idempotency=first) == Replay(
+        run_id="a", status="queued", same_request=True
+    )
+    other = Idempotency(key="k-1", request_hash="other")
+    assert await store.add("c", SPEC, max_queued=1, idempotency=other) == Replay(
+        run_id="a", status="queued", same_request=False
+    )
+    assert await store.add("d", SPEC, max_queued=5, key="alice", idempotency=first) == "added"
+    assert await store.add("e", SPEC, max_queued=5, key="bob", idempotency=first) == "added"
+    assert await store.add("f", SPEC, max_queued=5, key="alice", idempotency=first) == Replay(
+        run_id="d", status="queued", same_request=True
+    )
+    fence = (await claim(store)).fence
+    assert await store.finish("a", result("a"), fence=fence)
+    assert await store.add("g", SPEC, max_queued=5, idempotency=first) == Replay(
+        run_id="a", status="succeeded", same_request=True
+    )
+    assert await store.get("b") is None
+    assert await store.queued() == 2
+    assert await store.purge(-1) == 1
+    assert await store.add("h", SPEC, max_queued=5, idempotency=first) == "added"
