@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -17,7 +18,6 @@ import psycopg_pool
 from anyio.abc import TaskStatus
 from psycopg.rows import TupleRow
 
-from warmpod import host
 from warmpod.backoff import Backoff
 from warmpod.errors import StoreError
 from warmpod.models import NodeSeen, RunResult, RunSpec
@@ -121,14 +121,24 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class PostgresStore:
-    """The store several nodes share: one PostgreSQL database, through a pool of connections, and
-    one connection of its own per node for LISTEN (a pooled one would lose its notifications)."""
+    """The store several nodes share: one PostgreSQL database, through a pool of connections, one
+    connection of its own per node for LISTEN (a pooled one would lose its notifications), and
+    one for what keeps the node alive (join, heartbeat, leave): client calls, however many and
+    however slow, can take every pooled connection but never that one. It also holds the node
+    name's advisory lock, so one session at a time is the node of that name."""
 
     shared = True
 
-    def __init__(self, url: str, pool: psycopg_pool.AsyncConnectionPool[Connection]) -> None:
+    def __init__(
+        self, url: str, pool: psycopg_pool.AsyncConnectionPool[Connection], vital_url: str | None = None
+    ) -> None:
         self._url = url
         self._pool = pool
+        self._vital_url = vital_url or url
+        self._vital: Connection | None = None
+        self._vital_lock = anyio.Lock()
+        self._named: str | None = None
+        """The node name whose advisory lock the vital connection holds (taken by ``join``)."""
 
     @classmethod
     async def open(cls, url: str, max_connections: int = 8, *, lease: float | None = None) -> PostgresStore:
@@ -162,7 +172,7 @@ class PostgresStore:
             kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
             open=False,
         )
-        store = cls(url, pool)
+        store = cls(url, pool, pooled)
         try:
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT * 2)
             await store._migrate()
@@ -185,6 +195,51 @@ class PostgresStore:
             raise StoreError(f"the run store did not answer within {CALL_TIMEOUT:g} s") from exc
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise StoreError(f"the run store failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def _vital_transaction(self) -> AsyncIterator[Connection]:
+        """A transaction on the node's own connection (see the class), one call at a time; a
+        connection that failed, timed out or was cancelled mid-call is closed and made anew (its
+        name lock taken again) by the next call."""
+        async with self._vital_lock:
+            try:
+                with anyio.fail_after(CALL_TIMEOUT):
+                    conn = await self._vital_connection()
+                    async with conn.transaction():
+                        yield conn
+            except TimeoutError as exc:
+                await self._drop_vital()
+                raise StoreError(f"the run store did not answer within {CALL_TIMEOUT:g} s") from exc
+            except psycopg.Error as exc:
+                await self._drop_vital()
+                raise StoreError(f"the run store failed: {exc}") from exc
+            except anyio.get_cancelled_exc_class():
+                await self._drop_vital()  # a query may still be under way on it
+                raise
+
+    async def _vital_connection(self) -> Connection:
+        if self._vital is not None and not self._vital.closed and not self._vital.broken:
+            return self._vital
+        await self._drop_vital()
+        conn = await psycopg.AsyncConnection.connect(
+            self._vital_url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)
+        )
+        if self._named is not None and not await _one(
+            conn, "SELECT pg_try_advisory_lock(%s)::int", (_name_lock(self._named),)
+        ):
+            await conn.close()
+            raise StoreError(
+                f"another node named {self._named!r} is alive on this queue: it took the name while "
+                "this node's connection to the store was lost"
+            )
+        self._vital = conn
+        return conn
+
+    async def _drop_vital(self) -> None:
+        conn, self._vital = self._vital, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CONNECT_TIMEOUT):
+                await conn.close()
 
     async def _migrate(self) -> None:
         async with self._transaction() as db:
@@ -242,61 +297,66 @@ class PostgresStore:
             await backoff.sleep()
 
     async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
-        """At start: register ``owner`` and end what its node's earlier starts held.
+        """At start: take the node name's advisory lock, register ``owner`` and end what its
+        node's earlier starts held.
 
-        A start of the same name whose heartbeat is within the lease is waited out, up to the
-        lease: a node restarted after a crash gets in once the dead start's lease has run out,
-        at once when that start was on this host and its process is gone.
+        The lock lives as long as this node's own connection: a start of the same name whose
+        session is gone (its process ended) is dead, and taken over at once. One whose session
+        lingers without a heartbeat for the lease (frozen, or cut off) has it ended. Otherwise,
+        or while a start of the same name through this very store beats, the lease is waited out.
 
         Raises:
-            StoreError: a node of the same name with another incarnation stays alive.
+            StoreError: another start of the same name stays alive.
         """
         hostname, pid = socket.gethostname(), os.getpid()
+        lock = _name_lock(owner.node)
+        took = False  # whether this join took the lock: then no other start of the name lives
         deadline = anyio.current_time() + lease + 1.0
         while True:
-            async with self._transaction() as db:
-                row = await (
-                    await db.execute(
-                        "SELECT incarnation, warmpod_now() - seen, host, pid FROM nodes WHERE name = %s "
-                        "FOR UPDATE",
-                        (owner.node,),
-                    )
-                ).fetchone()
-                alive = (
-                    row is not None
-                    and row[0] != owner.incarnation
-                    and row[1] < lease
-                    and not (row[2] == hostname and not host.process_alive(row[3] or 0))
-                )
-                if not alive:
-                    await db.execute(
-                        "INSERT INTO nodes (name, incarnation, seen, host, pid) "
-                        "VALUES (%s, %s, warmpod_now(), %s, %s) "
-                        "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
-                        "seen = excluded.seen, running = 0, host = excluded.host, pid = excluded.pid",
-                        (owner.node, owner.incarnation, hostname, pid),
-                    )
-                    rows = await (
+            async with self._vital_transaction() as db:
+                if self._named != owner.node:
+                    if await _one(db, "SELECT pg_try_advisory_lock(%s)::int", (lock,)):
+                        self._named, took = owner.node, True
+                    else:
+                        await _end_frozen(db, owner.node, lock, lease)
+                if self._named == owner.node:
+                    row = await (
                         await db.execute(
-                            "SELECT id, node FROM runs WHERE status = 'running' AND node = %s "
-                            "AND incarnation <> %s FOR UPDATE",
-                            (owner.node, owner.incarnation),
+                            "SELECT incarnation, warmpod_now() - seen FROM nodes WHERE name = %s FOR UPDATE",
+                            (owner.node,),
                         )
-                    ).fetchall()
-                    return [await _end_lost(db, run_id, node, message) for run_id, node in rows]
-            assert row is not None
+                    ).fetchone()
+                    if took or row is None or row[0] == owner.incarnation or row[1] >= lease:
+                        await db.execute(
+                            "INSERT INTO nodes (name, incarnation, seen, host, pid) "
+                            "VALUES (%s, %s, warmpod_now(), %s, %s) "
+                            "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
+                            "seen = excluded.seen, running = 0, host = excluded.host, pid = excluded.pid",
+                            (owner.node, owner.incarnation, hostname, pid),
+                        )
+                        rows = await (
+                            await db.execute(
+                                "SELECT id, node FROM runs WHERE status = 'running' AND node = %s "
+                                "AND incarnation <> %s FOR UPDATE",
+                                (owner.node, owner.incarnation),
+                            )
+                        ).fetchall()
+                        return [await _end_lost(db, run_id, node, message) for run_id, node in rows]
             if anyio.current_time() >= deadline:
                 raise StoreError(
-                    f"another node named {owner.node!r} is alive on this queue (seen {row[1]:.1f} s ago, on "
-                    f"{row[2]}): give each node its own WARMPOD_NODE__NAME"
+                    f"another node named {owner.node!r} is alive on this queue: give each node its own "
+                    "WARMPOD_NODE__NAME"
                 )
             log.info("waiting for the lease of an earlier start of node %r to run out", owner.node)
-            await anyio.sleep(1.0)
+            await anyio.sleep(0.5)
 
     async def leave(self, owner: Owner) -> None:
-        """At a clean stop: drop ``owner`` from the nodes seen alive."""
-        async with self._transaction() as db:
+        """At a clean stop: drop ``owner`` from the nodes seen alive and free its name."""
+        async with self._vital_transaction() as db:
             await db.execute("DELETE FROM nodes WHERE incarnation = %s", (owner.incarnation,))
+            if self._named == owner.node:
+                await db.execute("SELECT pg_advisory_unlock(%s)", (_name_lock(owner.node),))
+                self._named = None
 
     async def add(
         self,
@@ -391,8 +451,9 @@ class PostgresStore:
                 await db.execute("SELECT pg_notify('warmpod_queued', %s)", (fence.run_id,))
 
     async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
-        """Renew ``owner``'s leases by the database's clock and record it alive, in one transaction."""
-        async with self._transaction() as db:
+        """Renew ``owner``'s leases by the database's clock and record it alive, in one transaction
+        on the node's own connection."""
+        async with self._vital_transaction() as db:
             held: set[str] = set()
             if fences:
                 rows = await (
@@ -571,8 +632,9 @@ class PostgresStore:
             )
 
     async def aclose(self) -> None:
-        """Close every connection."""
+        """Close every connection (which frees the node's name)."""
         with anyio.CancelScope(shield=True):
+            await self._drop_vital()
             await self._pool.close()
 
 
@@ -605,6 +667,24 @@ async def _end_lost(db: Connection, run_id: str, node: str | None, message: str)
     )
     await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
     return run_id
+
+
+def _name_lock(node: str) -> int:
+    """The advisory lock key of a node name: 64 bits of its SHA-256, as a signed bigint."""
+    return int.from_bytes(hashlib.sha256(b"warmpod node " + node.encode()).digest()[:8], "big", signed=True)
+
+
+async def _end_frozen(db: Connection, node: str, lock: int, lease: float) -> None:
+    """End the session holding ``node``'s name lock if that node has not beaten for ``lease``: its
+    process is frozen or cut off (a paused VM's socket can stay open for hours), and only ending
+    the session frees the name; its writes are fenced off once its runs are ended."""
+    await db.execute(
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN nodes n ON n.name = %s "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid "
+        "AND n.seen < warmpod_now() - %s AND l.pid <> pg_backend_pid()",
+        (node, (lock >> 32) & 0xFFFFFFFF, lock & 0xFFFFFFFF, lease),
+    )
 
 
 def _safe(url: str) -> str:

@@ -585,3 +585,105 @@ async def test_an_idempotency_key_names_one_run_per_api_key(store: Store) -> Non
     assert await store.queued() == 2
     assert await store.purge(-1) == 1
     assert await store.add("h", SPEC, max_queued=5, idempotency=first) == "added"
+
+
+async def test_a_heartbeat_goes_through_while_client_calls_hold_every_pooled_connection(
+    postgres_db: str,
+) -> None:
+    """Client calls stuck in slow transactions take the whole pool: the node's heartbeat still
+    renews its lease promptly, on a connection of its own, while a client call waits for the pool."""
+    store = await PostgresStore.open(postgres_db, max_connections=2)
+    try:
+        await store.join(NODE, LEASE, LOST)
+        await store.add("a", SPEC, max_queued=10)
+        fence = (await claim(store)).fence
+        held = 0
+
+        async def hung_client_call() -> None:
+            nonlocal held
+            async with store._pool.connection() as conn:
+                await conn.execute("BEGIN")
+                await conn.execute("SELECT count(*) FROM output")
+                held += 1
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(hung_client_call)
+            with anyio.fail_after(5):
+                while held < 2:
+                    await anyio.sleep(0.02)
+            with anyio.move_on_after(0.5) as waited:
+                await store.get("a")
+            assert waited.cancelled_caught  # the pool is taken
+            with anyio.fail_after(1):
+                beat = await store.heartbeat(NODE, LEASE, [fence])
+            assert beat.held == {"a"}
+            tg.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_two_starts_of_one_name_at_once_let_one_in(postgres_db: str) -> None:
+    """Two nodes of one name join together and beat: the name's advisory lock lets exactly one in,
+    the other is refused as another live node of that name; once the first store is closed (its
+    process gone) a new start of the name gets in at once, without waiting out a lease."""
+    stores = [await PostgresStore.open(postgres_db) for _ in range(3)]
+    outcomes: dict[str, str] = {}
+    joined = anyio.Event()
+
+    async def start(store: PostgresStore, incarnation: str) -> None:
+        owner = Owner(node="a", incarnation=incarnation)
+        try:
+            await store.join(owner, 1.0, LOST)
+        except StoreError as exc:
+            outcomes[incarnation] = str(exc)
+            return
+        outcomes[incarnation] = "joined"
+        while not joined.is_set():  # as the node's scheduler does, a third of a lease apart
+            await store.heartbeat(owner, 1.0, [])
+            await anyio.sleep(0.3)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, stores[0], "a-1")
+            tg.start_soon(start, stores[1], "a-2")
+            with anyio.fail_after(5):
+                while len(outcomes) < 2:
+                    await anyio.sleep(0.05)
+            joined.set()
+        refused, entered = sorted(outcomes.values())
+        assert (
+            refused
+            == "another node named 'a' is alive on this queue: give each node its own WARMPOD_NODE__NAME"
+        )
+        assert entered == "joined"
+        winner = 0 if outcomes["a-1"] == "joined" else 1
+        await stores[winner].aclose()
+        with anyio.fail_after(0.9):
+            assert await stores[2].join(Owner(node="a", incarnation="a-3"), 1.0, LOST) == []
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_a_start_of_a_name_whose_holder_stopped_beating_takes_it_over(postgres_db: str) -> None:
+    """The session holding a name lingers (its node frozen) without a heartbeat past the lease: a
+    new start of the name ends that session and gets in; the frozen one's run is reported and its
+    heartbeats fail from then on."""
+    frozen = await PostgresStore.open(postgres_db)
+    fresh = await PostgresStore.open(postgres_db)
+    try:
+        await frozen.join(NODE, 1.0, LOST)
+        await frozen.add("held", SPEC, max_queued=10)
+        fence = (await claim(frozen, lease=1.0)).fence
+        with anyio.fail_after(5):
+            ended = await fresh.join(Owner(node="a", incarnation="a-2"), 1.0, LOST)
+        assert ended == ["held"]
+        with pytest.raises(StoreError):
+            await frozen.heartbeat(NODE, 1.0, [fence])
+        with pytest.raises(StoreError, match="another node named 'a' is alive"):
+            await frozen.heartbeat(NODE, 1.0, [fence])
+    finally:
+        await frozen.aclose()
+        await fresh.aclose()
