@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -59,6 +60,8 @@ CONNECT_TIMEOUT = 5.0
 # A call that takes longer fails: a path to the database that drops packets silently would hold
 # it (and the task waiting on it) for TCP's own timeout, many minutes.
 CALL_TIMEOUT = 10.0
+# How many times a write whose answer was lost is read back before its outcome is given up on.
+SETTLE_TRIES = 3
 
 # Each step takes the schema from the version before it (table warmpod_schema) to its own number.
 _MIGRATIONS = (
@@ -241,6 +244,24 @@ class PostgresStore:
             with anyio.CancelScope(shield=True), anyio.move_on_after(CONNECT_TIMEOUT):
                 await conn.close()
 
+    async def _settle(self, took: Callable[[Connection], Awaitable[bool]]) -> bool:
+        """Whether a write whose answer was lost took effect, by ``took`` read in a transaction of
+        its own: tried a few times, as the failure that lost the answer may last a moment.
+
+        Raises:
+            StoreError: the store could not be read.
+        """
+        backoff = Backoff(0.2, 2.0)
+        for attempt in range(SETTLE_TRIES):
+            try:
+                async with self._transaction() as db:
+                    return await took(db)
+            except StoreError:
+                if attempt == SETTLE_TRIES - 1:
+                    raise
+                await backoff.sleep()
+        raise AssertionError("unreachable")
+
     async def _migrate(self) -> None:
         async with self._transaction() as db:
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK,))
@@ -414,23 +435,34 @@ class PostgresStore:
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
         """Give the oldest queued run to ``owner``, those of ``warm``'s kind first (see
-        ``Store.claim``); SKIP LOCKED lets other nodes take the next one."""
+        ``Store.claim``); SKIP LOCKED lets other nodes take the next one. A claim whose COMMIT's
+        answer was lost (a timeout, a dropped connection) is read back: it holds if it took effect."""
         while True:
-            async with self._transaction() as db:
-                row = await (
-                    await db.execute(
-                        "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "
-                        "incarnation = %s, attempt = attempt + 1, lease_until = warmpod_now() + %s "
-                        "WHERE n = (SELECT n FROM runs WHERE status = 'queued' "
-                        "ORDER BY (warm = %s OR created < warmpod_now() - %s) DESC, n LIMIT 1 "
-                        "FOR UPDATE SKIP LOCKED) "
-                        "RETURNING id, spec, attempt",
-                        (owner.node, owner.incarnation, lease, warm, PREFERRED_WAIT),
-                    )
-                ).fetchone()
+            row: tuple[Any, ...] | None = None
+            try:
+                async with self._transaction() as db:
+                    row = await (
+                        await db.execute(
+                            "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "
+                            "incarnation = %s, attempt = attempt + 1, lease_until = warmpod_now() + %s "
+                            "WHERE n = (SELECT n FROM runs WHERE status = 'queued' "
+                            "ORDER BY (warm = %s OR created < warmpod_now() - %s) DESC, n LIMIT 1 "
+                            "FOR UPDATE SKIP LOCKED) "
+                            "RETURNING id, spec, attempt",
+                            (owner.node, owner.incarnation, lease, warm, PREFERRED_WAIT),
+                        )
+                    ).fetchone()
+                    if row is None:
+                        return None
+                    await db.execute("SELECT pg_notify('warmpod_changed', %s)", (row[0],))
+            except StoreError:
                 if row is None:
-                    return None
-                await db.execute("SELECT pg_notify('warmpod_changed', %s)", (row[0],))
+                    raise
+                taken = Fence(run_id=row[0], incarnation=owner.incarnation, attempt=row[2])
+                # Else the run would stay ``running`` under this node, unrenewed and never run,
+                # until a reaper reported it as ended by a stopped node.
+                if not await self._settle(functools.partial(_holds, fence=taken)):
+                    raise
             run_id, raw, attempt = row
             fence = Fence(run_id=run_id, incarnation=owner.incarnation, attempt=attempt)
             try:
@@ -525,29 +557,39 @@ class PostgresStore:
         *,
         fence: Fence | None = None,
     ) -> bool:
-        """Record the run's final result, its last output and its files, once."""
-        async with self._transaction() as db:
-            if fence is not None and not await _holds(db, fence):
-                return False
-            cursor = await db.execute(
-                "UPDATE runs SET status = %s, result = %s, finished = warmpod_now(), spec = NULL, "
-                "lease_until = NULL WHERE id = %s AND status IN ('queued', 'running')",
-                (result.status, encode_blob(result), run_id),
-            )
-            if cursor.rowcount != 1:
-                return False
-            async with db.cursor() as rows:
-                if chunks:
-                    await rows.executemany(
-                        "INSERT INTO output VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        [(run_id, c.seq, c.stream, c.data) for c in chunks],
-                    )
-                if files:
-                    await rows.executemany(
-                        "INSERT INTO files VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                        [(run_id, path, data) for path, data in files],
-                    )
-            await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
+        """Record the run's final result, its last output and its files, once. True also when
+        this very result is already recorded under ``fence``: a write whose COMMIT's answer was
+        lost is read back at once, and a retry of it finds it done."""
+        blob = encode_blob(result)
+        written = False
+        try:
+            async with self._transaction() as db:
+                if fence is not None and not await _holds(db, fence):
+                    return fence is not None and await _finished_with(db, run_id, blob, fence)
+                cursor = await db.execute(
+                    "UPDATE runs SET status = %s, result = %s, finished = warmpod_now(), spec = NULL, "
+                    "lease_until = NULL WHERE id = %s AND status IN ('queued', 'running')",
+                    (result.status, blob, run_id),
+                )
+                if cursor.rowcount != 1:
+                    return fence is not None and await _finished_with(db, run_id, blob, fence)
+                written = True
+                async with db.cursor() as rows:
+                    if chunks:
+                        await rows.executemany(
+                            "INSERT INTO output VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                            [(run_id, c.seq, c.stream, c.data) for c in chunks],
+                        )
+                    if files:
+                        await rows.executemany(
+                            "INSERT INTO files VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                            [(run_id, path, data) for path, data in files],
+                        )
+                await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
+        except StoreError:
+            # Not yet written: the caller tries again. Written: only a read tells whether it took.
+            if not written or not await self._settle(lambda db: _finished_with(db, run_id, blob, fence)):
+                raise
         return True
 
     async def file(self, run_id: str, path: str) -> bytes | None:
@@ -653,6 +695,17 @@ async def _holds(db: Connection, fence: Fence) -> bool:
         )
     ).fetchone()
     return row is not None
+
+
+async def _finished_with(db: Connection, run_id: str, blob: bytes, fence: Fence | None) -> bool:
+    """Whether the run is final with the result ``blob`` (and, with a ``fence``, by its attempt):
+    this writer's own earlier write, whose answer it never got."""
+    query = "SELECT 1 FROM runs WHERE id = %s AND result = %s AND status NOT IN ('queued', 'running')"
+    params: tuple[Any, ...] = (run_id, blob)
+    if fence is not None:
+        query += " AND incarnation = %s AND attempt = %s"
+        params += (fence.incarnation, fence.attempt)
+    return await (await db.execute(query.encode(), params)).fetchone() is not None
 
 
 async def _end_lost(db: Connection, run_id: str, node: str | None, message: str) -> str:

@@ -244,15 +244,27 @@ class Scheduler:
                 "warmpod is shutting down and takes no new runs; retry on another server or later"
             )
         run_id = uuid.uuid4().hex
-        added = await self._store.add(
-            run_id,
-            spec,
-            # A stopping server still answers a retry of a run it stored, and stores no new one.
-            max_queued=0 if self.draining else self._settings.max_queued,
-            key=None if key is None else key.name,
-            max_active=None if key is None else key.max_active,
-            idempotency=idempotency,
-        )
+        try:
+            added = await self._store.add(
+                run_id,
+                spec,
+                # A stopping server still answers a retry of a run it stored, and stores no new one.
+                max_queued=0 if self.draining else self._settings.max_queued,
+                key=None if key is None else key.name,
+                max_active=None if key is None else key.max_active,
+                idempotency=idempotency,
+            )
+        except StoreError as exc:
+            # The add's COMMIT may have gone through with only its answer lost: a stored run is
+            # answered with its id, or a client would submit it again.
+            try:
+                stored = await self._store.get(run_id)
+            except StoreError:
+                raise exc from None
+            if stored is None:
+                raise
+            log.warning("run %s was stored though the store's answer was lost: %s", run_id, exc)
+            added = "added"
         if isinstance(added, Replay):
             if not added.same_request:
                 raise KeyReused(

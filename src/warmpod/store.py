@@ -192,7 +192,10 @@ class Store(Protocol):
     ) -> bool:
         """Record the run's last output, final result and ``(path, content)`` of the files it
         left (those ``result.files`` lists); False, keeping nothing, if it was already final or
-        ``fence`` lost it. Without a fence (a run that never started) any owner's run is ended."""
+        ``fence`` lost it. Without a fence (a run that never started) any owner's run is ended.
+
+        True, changing nothing, when this very result is already recorded under ``fence``: a
+        retry of a write that took effect though its answer was lost learns that it did."""
         ...
 
     async def file(self, run_id: str, path: str) -> bytes | None:
@@ -625,14 +628,14 @@ class SqliteStore:
         def finish(db: sqlite3.Connection) -> bool:
             with _transaction(db):
                 if fence is not None and not _holds(db, fence):
-                    return False
+                    return fence is not None and _finished_with(db, run_id, blob, fence)
                 cursor = db.execute(
                     "UPDATE runs SET status = ?, result = ?, finished = ?, spec = NULL, lease_until = NULL "
                     "WHERE id = ? AND status IN ('queued', 'running')",
                     (result.status, blob, time.time(), run_id),
                 )
                 if cursor.rowcount != 1:
-                    return False
+                    return fence is not None and _finished_with(db, run_id, blob, fence)
                 db.executemany("INSERT OR IGNORE INTO output VALUES (?, ?, ?, ?)", rows)
                 db.executemany("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", file_rows)
                 return True
@@ -784,6 +787,16 @@ def _holds(db: sqlite3.Connection, fence: Fence) -> bool:
         (fence.run_id, fence.incarnation, fence.attempt),
     ).fetchone()
     return row is not None
+
+
+def _finished_with(db: sqlite3.Connection, run_id: str, blob: bytes, fence: Fence | None) -> bool:
+    # The run is final with this very result (by the fence's attempt): the writer's own earlier write.
+    row = db.execute(
+        "SELECT incarnation, attempt FROM runs "
+        "WHERE id = ? AND result = ? AND status NOT IN ('queued', 'running')",
+        (run_id, blob),
+    ).fetchone()
+    return row is not None and (fence is None or tuple(row) == (fence.incarnation, fence.attempt))
 
 
 def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: str) -> str:

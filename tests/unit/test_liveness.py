@@ -1,9 +1,11 @@
 """A node's own live runs survive what only several nodes need leases for: on SQLite, a store
-that cannot be renewed for longer than the lease stops nothing (fake sandboxes, the real store)."""
+that cannot be renewed for longer than the lease stops nothing; and a submit whose store answer
+was lost still names the run it stored (fake sandboxes, the real store)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -13,7 +15,7 @@ from warmpod.errors import StoreError
 from warmpod.models import RunSpec
 from warmpod.scheduler import Scheduler
 from warmpod.settings import LimitSettings, NodeSettings, QueueSettings
-from warmpod.store import Beat, Fence, Owner, SqliteStore
+from warmpod.store import Added, Beat, Fence, Owner, Replay, SqliteStore
 
 LEASE = 1.0
 SPEC = RunSpec(code=b"pass", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=1 << 20)
@@ -50,5 +52,35 @@ async def test_a_sqlite_node_keeps_its_run_through_a_store_outage_longer_than_it
             tg.cancel_scope.cancel()
         assert result is not None
         assert result.status == "succeeded"
+    finally:
+        await store.aclose()
+
+
+async def test_a_submit_whose_add_answer_is_lost_names_the_stored_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store keeps the run but its answer is lost: the submit still answers the run's id (read
+    back), so the client has no reason to submit it again; an add that stored nothing stays an error."""
+    store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+    leaser = FakeLeaser()
+    scheduler = Scheduler(store, leaser, RecordingRunner(leaser, LimitSettings()), QueueSettings(), 1)
+    real = store.add
+    committed = True
+
+    async def answer_lost(run_id: str, spec: RunSpec, **options: Any) -> Added | Replay:
+        if committed:
+            await real(run_id, spec, **options)
+        raise StoreError("the run store did not answer within 10 s")
+
+    monkeypatch.setattr(store, "add", answer_lost)
+    try:
+        run_id = await scheduler.submit(SPEC)
+        record = await store.get(run_id)
+        assert record is not None
+        assert record.status == "queued"
+        committed = False
+        with pytest.raises(StoreError):
+            await scheduler.submit(SPEC)
+        assert await store.queued() == 1
     finally:
         await store.aclose()

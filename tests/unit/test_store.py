@@ -8,6 +8,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -16,7 +17,7 @@ import pytest
 
 from warmpod.errors import StoreError
 from warmpod.models import RunResult, RunSpec
-from warmpod.pgstore import PostgresStore
+from warmpod.pgstore import CALL_TIMEOUT, PostgresStore
 from warmpod.store import (
     PREFERRED_WAIT,
     SCHEMA_VERSION,
@@ -687,3 +688,87 @@ async def test_a_start_of_a_name_whose_holder_stopped_beating_takes_it_over(post
     finally:
         await frozen.aclose()
         await fresh.aclose()
+
+
+def lose_an_answer(store: PostgresStore, monkeypatch: pytest.MonkeyPatch, *, committed: bool) -> None:
+    """Make the store's next transaction fail as a COMMIT whose answer is lost: after it took
+    effect (``committed``), or with the transaction rolled back; later ones are left alone."""
+    real = store._transaction
+    fired = False
+
+    @contextlib.asynccontextmanager
+    async def lossy() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        nonlocal fired
+        if fired:
+            async with real() as db:
+                yield db
+            return
+        fired = True
+        async with real() as db:
+            yield db
+            if not committed:
+                raise StoreError("the run store failed: server closed the connection unexpectedly")
+        raise StoreError(f"the run store did not answer within {CALL_TIMEOUT:g} s")
+
+    monkeypatch.setattr(store, "_transaction", lossy)
+
+
+async def test_a_claim_whose_commit_answer_is_lost_is_read_back(
+    postgres_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that committed though its answer timed out is handed to the caller (its fence
+    holds the run); one that rolled back is an error and the run stays queued for the next claim."""
+    store = await PostgresStore.open(postgres_db)
+    try:
+        await store.add("a", SPEC, max_queued=10)
+        lose_an_answer(store, monkeypatch, committed=True)
+        claimed = await claim(store)
+        assert (claimed.fence.run_id, claimed.fence.attempt, claimed.spec) == ("a", 1, SPEC)
+        assert (await store.heartbeat(NODE, LEASE, [claimed.fence])).held == {"a"}
+
+        await store.add("b", SPEC, max_queued=10)
+        lose_an_answer(store, monkeypatch, committed=False)
+        with pytest.raises(StoreError):
+            await store.claim(NODE, LEASE)
+        assert await store.queued() == 1
+        assert (await claim(store)).fence.run_id == "b"
+    finally:
+        await store.aclose()
+
+
+async def test_a_finish_whose_commit_answer_is_lost_is_read_back(
+    postgres_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result that was recorded though the answer was lost counts as recorded, at once; one
+    that rolled back is an error, and its retry records it."""
+    store = await PostgresStore.open(postgres_db)
+    try:
+        for run_id in ("a", "b"):
+            await store.add(run_id, SPEC, max_queued=10)
+        first, second = (await claim(store)).fence, (await claim(store)).fence
+        lose_an_answer(store, monkeypatch, committed=True)
+        assert await store.finish("a", result("a"), [Chunk(seq=0, stream="stdout", data=b"1\n")], fence=first)
+        lose_an_answer(store, monkeypatch, committed=False)
+        with pytest.raises(StoreError):
+            await store.finish("b", result("b"), fence=second)
+        assert await store.finish("b", result("b"), fence=second)
+        for run_id in ("a", "b"):
+            record = await store.get(run_id)
+            assert record is not None
+            assert record.result == result(run_id)
+    finally:
+        await store.aclose()
+
+
+async def test_a_retried_finish_of_a_recorded_result_is_told_it_was_recorded(store: Store) -> None:
+    """Writing the same result again under the same fence (a retry whose first answer was lost)
+    answers True and changes nothing; another result, or another attempt's fence, is still refused."""
+    await store.add("a", SPEC, max_queued=10)
+    fence = (await claim(store)).fence
+    assert await store.finish("a", result("a"), fence=fence)
+    assert await store.finish("a", result("a"), fence=fence)
+    assert not await store.finish("a", result("a", "error"), fence=fence)
+    assert not await store.finish("a", result("a"), fence=msgspec.structs.replace(fence, attempt=2))
+    record = await store.get("a")
+    assert record is not None
+    assert record.result == result("a")
