@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -222,7 +223,11 @@ class PostgresStore:
 
     async def _vital_connection(self) -> Connection:
         if self._vital is not None and not self._vital.closed and not self._vital.broken:
-            return self._vital
+            # As the pool checks its own: a session the server ended (a failover) is replaced
+            # now, not found out by the renewal it would fail.
+            with contextlib.suppress(psycopg.Error):
+                await psycopg_pool.AsyncConnectionPool.check_connection(self._vital)
+                return self._vital
         await self._drop_vital()
         conn = await psycopg.AsyncConnection.connect(
             self._vital_url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)

@@ -772,3 +772,36 @@ async def test_a_retried_finish_of_a_recorded_result_is_told_it_was_recorded(sto
     record = await store.get("a")
     assert record is not None
     assert record.result == result("a")
+
+
+async def test_a_heartbeat_after_the_server_ended_the_nodes_session_renews_and_keeps_the_name(
+    postgres_db: str,
+) -> None:
+    """The server ends every session (a failover): the next heartbeat goes through on a new
+    connection, which takes the node's name lock again, so a second start of the name is refused."""
+    store = await PostgresStore.open(postgres_db)
+    rival = await PostgresStore.open(postgres_db)
+    try:
+        await store.join(NODE, LEASE, LOST)
+        await store.add("a", SPEC, max_queued=10)
+        fence = (await claim(store)).fence
+        async with await psycopg.AsyncConnection.connect(postgres_db, autocommit=True) as admin:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        assert (await store.heartbeat(NODE, LEASE, [fence])).held == {"a"}
+
+        async def beat() -> None:
+            while True:
+                await anyio.sleep(0.3)
+                await store.heartbeat(NODE, 1.0, [fence])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(beat)
+            with pytest.raises(StoreError, match="another node named 'a' is alive"):
+                await rival.join(Owner(node="a", incarnation="a-2"), 1.0, LOST)
+            tg.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+        await rival.aclose()
