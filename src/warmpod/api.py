@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -19,7 +20,7 @@ from litestar.params import Body, FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage
 
 from warmpod.auth import key_of
-from warmpod.errors import RunNotFound
+from warmpod.errors import RunNotFound, ShuttingDown, StoreError
 from warmpod.files import decode_inputs
 from warmpod.limits import RunLimits
 from warmpod.models import (
@@ -36,6 +37,8 @@ from warmpod.models import (
 from warmpod.scheduler import Scheduler
 from warmpod.service import Service
 
+log = logging.getLogger(__name__)
+
 _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
 _FORM_FIELDS = frozenset({"file", "files", "stdin", "timeout", "wait", *_LIMIT_FIELDS})
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
@@ -43,6 +46,19 @@ _RASTER_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"}
 KEYED: list[dict[str, list[str]]] = [{"apiKey": []}]
 """The schema's word that an operation needs a key where the server has a keys file (all but /health)."""
 _WAIT_DOC = "false: answer 202 at once with the run's status URL (same as the body's `wait`)"
+# draft-ietf-httpapi-idempotency-key-header: a Structured Field String ("..."); the bare form is
+# taken too. Visible ASCII without the quote and backslash a String would have to escape.
+IDEMPOTENCY_KEY_MAX = 255
+_IDEMPOTENCY_KEY = re.compile(
+    rf'"([!#-\[\]-~]{{1,{IDEMPOTENCY_KEY_MAX}}})"|([!#-\[\]-~]{{1,{IDEMPOTENCY_KEY_MAX}}})'
+)
+_IDEMPOTENCY_DOC = (
+    'Any unique string (a UUID), 1-255 visible ASCII characters without `"` and `\\`, quoted '
+    "as a Structured Field String or bare. A submit repeated with the key of an earlier one of "
+    "the same API key is answered with that run (its result if it ended and the request waits, "
+    "else 202 with its status URL) and never runs it again; with another body it is a 422 "
+    "problem. The key is kept as long as its run."
+)
 # Every error answer is a Problem; the schema says which ones each operation gives, so that a
 # client (or schemathesis, tests/fuzz) can hold the service to it.
 _PROBLEMS = {
@@ -51,7 +67,8 @@ _PROBLEMS = {
     404: "No run has this id (or it expired), or no file has this path",
     409: "The run has already ended",
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
-    422: "A limit, the timeout or a file is not allowed; `detail` names the rule or the maximum",
+    422: "A limit, the timeout or a file is not allowed, or the Idempotency-Key was sent with "
+    "another request; `detail` names the rule or the maximum",
     429: "The queue is full, the key has its `max_active` runs, or the client (its key, or its address "
     "where keys are off) sends faster than its rate or has as many requests in flight as it may "
     "(WARMPOD_SERVER__KEY_*); retry after `Retry-After` seconds",
@@ -158,6 +175,10 @@ class RunController(Controller):
         ],
         service: NamedDependency[Service],
         wait: Annotated[bool | None, QueryParameter(name="wait", description=_WAIT_DOC)] = None,
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(name="Idempotency-Key", description=_IDEMPOTENCY_DOC),
+        ] = None,
     ) -> Response[RunResult | Accepted]:
         """Run ``code`` once in a fresh sandbox; with ``wait`` (default) answer how it ended, else 202."""
         code = data.code.encode("utf-8", "surrogatepass")
@@ -167,7 +188,7 @@ class RunController(Controller):
         )
         files = decode_inputs(data.files)
         spec = service.runner.prepare(code, stdin, data.timeout, limits, files)
-        return await _submit(request, service, spec, _both_waits(wait, data.wait))
+        return await _submit(request, service, spec, _both_waits(wait, data.wait), idempotency_key)
 
     @post(
         "/run-file/",
@@ -192,6 +213,10 @@ class RunController(Controller):
         ],
         service: NamedDependency[Service],
         wait: Annotated[bool | None, QueryParameter(name="wait", description=_WAIT_DOC)] = None,
+        idempotency_key: Annotated[
+            str | None,
+            HeaderParameter(name="Idempotency-Key", description=_IDEMPOTENCY_DOC),
+        ] = None,
     ) -> Response[RunResult | Accepted]:
         """Run the uploaded script once in a fresh sandbox; with ``wait`` (default) answer how it ended."""
         unknown = sorted(set(data) - _FORM_FIELDS)
@@ -207,7 +232,7 @@ class RunController(Controller):
         form_wait = _bool_field(await _text_field(data.get("wait"), "wait"), "wait")
         files = await _file_parts(data.get("files"))
         spec = service.runner.prepare(code, stdin, timeout, RunLimits(**values), files)
-        return await _submit(request, service, spec, _both_waits(wait, form_wait))
+        return await _submit(request, service, spec, _both_waits(wait, form_wait), idempotency_key)
 
 
 async def owned_run(
@@ -326,17 +351,35 @@ def _checked_id(run_id: str) -> str:
 
 
 async def _submit(
-    request: Request[Any, Any, Any], service: Service, spec: RunSpec, wait: bool
+    request: Request[Any, Any, Any], service: Service, spec: RunSpec, wait: bool, idempotency_key: str | None
 ) -> Response[RunResult | Accepted]:
     scheduler = service.scheduler
-    run_id = await scheduler.submit(spec, key_of(request))
+    run_id, status = await scheduler.take(spec, key_of(request), _checked_idempotency_key(idempotency_key))
     if wait:
-        result = await scheduler.wait(run_id, service.settings.queue.wait_timeout)
+        # Once the run is stored the answer names it, whatever the wait meets: a bare 503 would
+        # have the client submit it again, and run it twice.
+        try:
+            result = await scheduler.wait(run_id, service.settings.queue.wait_timeout)
+        except (StoreError, ShuttingDown) as exc:
+            log.warning("answering run %s with its status URL: its wait ended early: %s", run_id, exc)
+            result = None
         if result is not None:
             return Response(result)
     status_url = f"{str(request.base_url).rstrip('/')}/status/{run_id}"
-    accepted = Accepted(id=run_id, status="queued", status_url=status_url, stream_url=f"{status_url}/stream")
+    accepted = Accepted(id=run_id, status=status, status_url=status_url, stream_url=f"{status_url}/stream")
     return Response(accepted, status_code=202, headers={"Location": status_url})
+
+
+def _checked_idempotency_key(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    match = _IDEMPOTENCY_KEY.fullmatch(raw)
+    if match is None:
+        raise ValidationException(
+            f"the Idempotency-Key header must be 1-{IDEMPOTENCY_KEY_MAX} visible ASCII characters "
+            "without a double quote or backslash, optionally in double quotes: a UUID, say"
+        )
+    return match.group(1) or match.group(2)
 
 
 def _both_waits(query: bool | None, body: bool) -> bool:

@@ -34,6 +34,7 @@ from warmpod.errors import (
     InvalidFile,
     InvalidRun,
     KeyBusy,
+    KeyReused,
     NoSuchFile,
     QueueFull,
     RunFinished,
@@ -181,6 +182,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             RunNotFound: _problem(404, "No such run", "no-such-run"),
             NoSuchFile: _problem(404, "No such file", "no-such-file"),
             RunFinished: _problem(409, "Run already ended", "run-finished"),
+            KeyReused: _problem(422, "Idempotency key reused", "idempotency-key-reused"),
             StoreError: _problem(503, "Run store unavailable", "store-unavailable"),
             EnvironmentNotRecorded: _problem(404, "No environment recorded", "no-environment"),
         }

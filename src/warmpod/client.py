@@ -7,6 +7,7 @@ import contextlib
 import inspect
 import os
 import time
+import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -163,6 +164,12 @@ def _retry_wait(response: httpx.Response, deadline: float) -> float | None:
     return wait if time.monotonic() + wait < deadline else None
 
 
+def _submit_headers() -> dict[str, str]:
+    # A fresh Idempotency-Key per submit, sent again by each of its retries: a retry of a run the
+    # server stored (its answer lost, or a 503 after it) is answered with that run, never runs twice.
+    return {"Content-Type": "application/json", "Idempotency-Key": f'"{uuid.uuid4()}"'}
+
+
 def _run_path(run_id: str, tail: str = "") -> str:
     return f"/status/{quote(run_id, safe='')}{tail}"
 
@@ -290,9 +297,7 @@ class Client:
     ) -> Accepted:
         """Queue a run and answer at once with its id and URLs."""
         body = _request_body(code, stdin, files, timeout, cpu_time, memory_mb, max_output_bytes)
-        response = self._send(
-            "POST", "/run-json/", content=body, headers={"Content-Type": "application/json"}
-        )
+        response = self._send("POST", "/run-json/", content=body, headers=_submit_headers())
         return _decoded(response, Accepted)
 
     def status(self, run_id: str) -> RunResult:
@@ -436,9 +441,7 @@ class AsyncClient:
     ) -> Accepted:
         """Queue a run and answer at once with its id and URLs."""
         body = _request_body(code, stdin, files, timeout, cpu_time, memory_mb, max_output_bytes)
-        response = await self._send(
-            "POST", "/run-json/", content=body, headers={"Content-Type": "application/json"}
-        )
+        response = await self._send("POST", "/run-json/", content=body, headers=_submit_headers())
         return _decoded(response, Accepted)
 
     async def status(self, run_id: str) -> RunResult:

@@ -15,6 +15,7 @@ WarmpodError
 ├── RunNotFound        no run has this id, or its result has expired (404)
 ├── NoSuchFile         the run left no file at this path, or has not ended (404)
 ├── RunFinished        a finished run cannot be cancelled (409)
+├── KeyReused          an Idempotency-Key already names a run asked for with another request (422)
 └── StoreError         the run store cannot be opened or used
 """
 
@@ -91,6 +92,11 @@ class NoSuchFile(WarmpodError):
 
 class RunFinished(WarmpodError):
     """Raised when a run that has already ended is asked to stop."""
+
+
+class KeyReused(WarmpodError):
+    """Raised when a submit's ``Idempotency-Key`` already names a run of its API key that was asked
+    for with a different request."""
 
 
 class StoreError(WarmpodError):

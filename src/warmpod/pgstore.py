@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
 import logging
 import math
 import os
 import socket
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -17,7 +20,6 @@ import psycopg_pool
 from anyio.abc import TaskStatus
 from psycopg.rows import TupleRow
 
-from warmpod import host
 from warmpod.backoff import Backoff
 from warmpod.errors import StoreError
 from warmpod.models import NodeSeen, RunResult, RunSpec
@@ -30,10 +32,12 @@ from warmpod.store import (
     Chunk,
     Claim,
     Fence,
+    Idempotency,
     Notice,
     Owner,
     Printed,
     Record,
+    Replay,
     chunks,
     decode_blob,
     encode_blob,
@@ -60,6 +64,8 @@ CONNECT_TIMEOUT = 5.0
 # A call that takes longer fails: a path to the database that drops packets silently would hold
 # it (and the task waiting on it) for TCP's own timeout, many minutes.
 CALL_TIMEOUT = 10.0
+# How many times a write whose answer was lost is read back before its outcome is given up on.
+SETTLE_TRIES = 3
 
 # Each step takes the schema from the version before it (table warmpod_schema) to its own number.
 _MIGRATIONS = (
@@ -111,17 +117,35 @@ _MIGRATIONS = (
     """,
     # 2: which runs a preloaded sandbox serves best (RunSpec.warm), for claims by kind.
     "ALTER TABLE runs ADD COLUMN warm boolean NOT NULL DEFAULT false;",
+    # 3: the Idempotency-Key a run was submitted with, unique per API key name, and its request's hash.
+    """
+    ALTER TABLE runs ADD COLUMN idempotency_key text, ADD COLUMN request_hash text;
+    CREATE UNIQUE INDEX runs_by_idempotency_key ON runs ((coalesce(key, '')), idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class PostgresStore:
-    """The store several nodes share: one PostgreSQL database, through a pool of connections, and
-    one connection of its own per node for LISTEN (a pooled one would lose its notifications)."""
+    """The store several nodes share: one PostgreSQL database, through a pool of connections, one
+    connection of its own per node for LISTEN (a pooled one would lose its notifications), and
+    one for what keeps the node alive (join, heartbeat, leave): client calls, however many and
+    however slow, can take every pooled connection but never that one. It also holds the node
+    name's advisory lock, so one session at a time is the node of that name."""
 
-    def __init__(self, url: str, pool: psycopg_pool.AsyncConnectionPool[Connection]) -> None:
+    shared = True
+
+    def __init__(
+        self, url: str, pool: psycopg_pool.AsyncConnectionPool[Connection], vital_url: str | None = None
+    ) -> None:
         self._url = url
         self._pool = pool
+        self._vital_url = vital_url or url
+        self._vital: Connection | None = None
+        self._vital_lock = anyio.Lock()
+        self._named: str | None = None
+        """The node name whose advisory lock the vital connection holds (taken by ``join``)."""
 
     @classmethod
     async def open(cls, url: str, max_connections: int = 8, *, lease: float | None = None) -> PostgresStore:
@@ -155,7 +179,7 @@ class PostgresStore:
             kwargs={"autocommit": True, "connect_timeout": int(CONNECT_TIMEOUT)},
             open=False,
         )
-        store = cls(url, pool)
+        store = cls(url, pool, pooled)
         try:
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT * 2)
             await store._migrate()
@@ -178,6 +202,73 @@ class PostgresStore:
             raise StoreError(f"the run store did not answer within {CALL_TIMEOUT:g} s") from exc
         except (psycopg.Error, psycopg_pool.PoolTimeout) as exc:
             raise StoreError(f"the run store failed: {exc}") from exc
+
+    @asynccontextmanager
+    async def _vital_transaction(self) -> AsyncIterator[Connection]:
+        """A transaction on the node's own connection (see the class), one call at a time; a
+        connection that failed, timed out or was cancelled mid-call is closed and made anew (its
+        name lock taken again) by the next call."""
+        async with self._vital_lock:
+            try:
+                with anyio.fail_after(CALL_TIMEOUT):
+                    conn = await self._vital_connection()
+                    async with conn.transaction():
+                        yield conn
+            except TimeoutError as exc:
+                await self._drop_vital()
+                raise StoreError(f"the run store did not answer within {CALL_TIMEOUT:g} s") from exc
+            except psycopg.Error as exc:
+                await self._drop_vital()
+                raise StoreError(f"the run store failed: {exc}") from exc
+            except anyio.get_cancelled_exc_class():
+                await self._drop_vital()  # a query may still be under way on it
+                raise
+
+    async def _vital_connection(self) -> Connection:
+        if self._vital is not None and not self._vital.closed and not self._vital.broken:
+            # As the pool checks its own: a session the server ended (a failover) is replaced
+            # now, not found out by the renewal it would fail.
+            with contextlib.suppress(psycopg.Error):
+                await psycopg_pool.AsyncConnectionPool.check_connection(self._vital)
+                return self._vital
+        await self._drop_vital()
+        conn = await psycopg.AsyncConnection.connect(
+            self._vital_url, autocommit=True, connect_timeout=int(CONNECT_TIMEOUT)
+        )
+        if self._named is not None and not await _one(
+            conn, "SELECT pg_try_advisory_lock(%s)::int", (_name_lock(self._named),)
+        ):
+            await conn.close()
+            raise StoreError(
+                f"another node named {self._named!r} is alive on this queue: it took the name while "
+                "this node's connection to the store was lost"
+            )
+        self._vital = conn
+        return conn
+
+    async def _drop_vital(self) -> None:
+        conn, self._vital = self._vital, None
+        if conn is not None:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(CONNECT_TIMEOUT):
+                await conn.close()
+
+    async def _settle(self, took: Callable[[Connection], Awaitable[bool]]) -> bool:
+        """Whether a write whose answer was lost took effect, by ``took`` read in a transaction of
+        its own: tried a few times, as the failure that lost the answer may last a moment.
+
+        Raises:
+            StoreError: the store could not be read.
+        """
+        backoff = Backoff(0.2, 2.0)
+        for attempt in range(SETTLE_TRIES):
+            try:
+                async with self._transaction() as db:
+                    return await took(db)
+            except StoreError:
+                if attempt == SETTLE_TRIES - 1:
+                    raise
+                await backoff.sleep()
+        raise AssertionError("unreachable")
 
     async def _migrate(self) -> None:
         async with self._transaction() as db:
@@ -235,61 +326,66 @@ class PostgresStore:
             await backoff.sleep()
 
     async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
-        """At start: register ``owner`` and end what its node's earlier starts held.
+        """At start: take the node name's advisory lock, register ``owner`` and end what its
+        node's earlier starts held.
 
-        A start of the same name whose heartbeat is within the lease is waited out, up to the
-        lease: a node restarted after a crash gets in once the dead start's lease has run out,
-        at once when that start was on this host and its process is gone.
+        The lock lives as long as this node's own connection: a start of the same name whose
+        session is gone (its process ended) is dead, and taken over at once. One whose session
+        lingers without a heartbeat for the lease (frozen, or cut off) has it ended. Otherwise,
+        or while a start of the same name through this very store beats, the lease is waited out.
 
         Raises:
-            StoreError: a node of the same name with another incarnation stays alive.
+            StoreError: another start of the same name stays alive.
         """
         hostname, pid = socket.gethostname(), os.getpid()
+        lock = _name_lock(owner.node)
+        took = False  # whether this join took the lock: then no other start of the name lives
         deadline = anyio.current_time() + lease + 1.0
         while True:
-            async with self._transaction() as db:
-                row = await (
-                    await db.execute(
-                        "SELECT incarnation, warmpod_now() - seen, host, pid FROM nodes WHERE name = %s "
-                        "FOR UPDATE",
-                        (owner.node,),
-                    )
-                ).fetchone()
-                alive = (
-                    row is not None
-                    and row[0] != owner.incarnation
-                    and row[1] < lease
-                    and not (row[2] == hostname and not host.process_alive(row[3] or 0))
-                )
-                if not alive:
-                    await db.execute(
-                        "INSERT INTO nodes (name, incarnation, seen, host, pid) "
-                        "VALUES (%s, %s, warmpod_now(), %s, %s) "
-                        "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
-                        "seen = excluded.seen, running = 0, host = excluded.host, pid = excluded.pid",
-                        (owner.node, owner.incarnation, hostname, pid),
-                    )
-                    rows = await (
+            async with self._vital_transaction() as db:
+                if self._named != owner.node:
+                    if await _one(db, "SELECT pg_try_advisory_lock(%s)::int", (lock,)):
+                        self._named, took = owner.node, True
+                    else:
+                        await _end_frozen(db, owner.node, lock, lease)
+                if self._named == owner.node:
+                    row = await (
                         await db.execute(
-                            "SELECT id, node FROM runs WHERE status = 'running' AND node = %s "
-                            "AND incarnation <> %s FOR UPDATE",
-                            (owner.node, owner.incarnation),
+                            "SELECT incarnation, warmpod_now() - seen FROM nodes WHERE name = %s FOR UPDATE",
+                            (owner.node,),
                         )
-                    ).fetchall()
-                    return [await _end_lost(db, run_id, node, message) for run_id, node in rows]
-            assert row is not None
+                    ).fetchone()
+                    if took or row is None or row[0] == owner.incarnation or row[1] >= lease:
+                        await db.execute(
+                            "INSERT INTO nodes (name, incarnation, seen, host, pid) "
+                            "VALUES (%s, %s, warmpod_now(), %s, %s) "
+                            "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
+                            "seen = excluded.seen, running = 0, host = excluded.host, pid = excluded.pid",
+                            (owner.node, owner.incarnation, hostname, pid),
+                        )
+                        rows = await (
+                            await db.execute(
+                                "SELECT id, node FROM runs WHERE status = 'running' AND node = %s "
+                                "AND incarnation <> %s FOR UPDATE",
+                                (owner.node, owner.incarnation),
+                            )
+                        ).fetchall()
+                        return [await _end_lost(db, run_id, node, message) for run_id, node in rows]
             if anyio.current_time() >= deadline:
                 raise StoreError(
-                    f"another node named {owner.node!r} is alive on this queue (seen {row[1]:.1f} s ago, on "
-                    f"{row[2]}): give each node its own WARMPOD_NODE__NAME"
+                    f"another node named {owner.node!r} is alive on this queue: give each node its own "
+                    "WARMPOD_NODE__NAME"
                 )
             log.info("waiting for the lease of an earlier start of node %r to run out", owner.node)
-            await anyio.sleep(1.0)
+            await anyio.sleep(0.5)
 
     async def leave(self, owner: Owner) -> None:
-        """At a clean stop: drop ``owner`` from the nodes seen alive."""
-        async with self._transaction() as db:
+        """At a clean stop: drop ``owner`` from the nodes seen alive and free its name."""
+        async with self._vital_transaction() as db:
             await db.execute("DELETE FROM nodes WHERE incarnation = %s", (owner.incarnation,))
+            if self._named == owner.node:
+                await db.execute("SELECT pg_advisory_unlock(%s)", (_name_lock(owner.node),))
+                self._named = None
 
     async def add(
         self,
@@ -299,10 +395,24 @@ class PostgresStore:
         max_queued: int,
         key: str | None = None,
         max_active: int | None = None,
-    ) -> Added:
-        """Queue a run of ``key``, within the queue bound and the key's quota over every node."""
+        idempotency: Idempotency | None = None,
+    ) -> Added | Replay:
+        """Queue a run of ``key``, within the queue bound and the key's quota over every node, unless
+        a run of ``key`` already has ``idempotency.key`` (that run is answered)."""
         async with self._transaction() as db:
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (ADD_LOCK,))
+            if idempotency is not None:
+                row = await (
+                    await db.execute(
+                        "SELECT id, status, request_hash FROM runs "
+                        "WHERE coalesce(key, '') = %s AND idempotency_key = %s",
+                        (key or "", idempotency.key),
+                    )
+                ).fetchone()
+                if row is not None:
+                    return Replay(
+                        run_id=row[0], status=row[1], same_request=row[2] == idempotency.request_hash
+                    )
             if max_active is not None:
                 active = await _one(
                     db, "SELECT count(*) FROM runs WHERE key = %s AND status IN ('queued', 'running')", (key,)
@@ -312,9 +422,16 @@ class PostgresStore:
             if await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'") >= max_queued:
                 return "queue-full"
             await db.execute(
-                "INSERT INTO runs (id, status, spec, created, key, warm) "
-                "VALUES (%s, 'queued', %s, warmpod_now(), %s, %s)",
-                (run_id, encode_blob(spec), key, spec.warm),
+                "INSERT INTO runs (id, status, spec, created, key, warm, idempotency_key, request_hash) "
+                "VALUES (%s, 'queued', %s, warmpod_now(), %s, %s, %s, %s)",
+                (
+                    run_id,
+                    encode_blob(spec),
+                    key,
+                    spec.warm,
+                    None if idempotency is None else idempotency.key,
+                    None if idempotency is None else idempotency.request_hash,
+                ),
             )
             await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
         return "added"
@@ -326,23 +443,34 @@ class PostgresStore:
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
         """Give the oldest queued run to ``owner``, those of ``warm``'s kind first (see
-        ``Store.claim``); SKIP LOCKED lets other nodes take the next one."""
+        ``Store.claim``); SKIP LOCKED lets other nodes take the next one. A claim whose COMMIT's
+        answer was lost (a timeout, a dropped connection) is read back: it holds if it took effect."""
         while True:
-            async with self._transaction() as db:
-                row = await (
-                    await db.execute(
-                        "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "
-                        "incarnation = %s, attempt = attempt + 1, lease_until = warmpod_now() + %s "
-                        "WHERE n = (SELECT n FROM runs WHERE status = 'queued' "
-                        "ORDER BY (warm = %s OR created < warmpod_now() - %s) DESC, n LIMIT 1 "
-                        "FOR UPDATE SKIP LOCKED) "
-                        "RETURNING id, spec, attempt",
-                        (owner.node, owner.incarnation, lease, warm, PREFERRED_WAIT),
-                    )
-                ).fetchone()
+            row: tuple[Any, ...] | None = None
+            try:
+                async with self._transaction() as db:
+                    row = await (
+                        await db.execute(
+                            "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "
+                            "incarnation = %s, attempt = attempt + 1, lease_until = warmpod_now() + %s "
+                            "WHERE n = (SELECT n FROM runs WHERE status = 'queued' "
+                            "ORDER BY (warm = %s OR created < warmpod_now() - %s) DESC, n LIMIT 1 "
+                            "FOR UPDATE SKIP LOCKED) "
+                            "RETURNING id, spec, attempt",
+                            (owner.node, owner.incarnation, lease, warm, PREFERRED_WAIT),
+                        )
+                    ).fetchone()
+                    if row is None:
+                        return None
+                    await db.execute("SELECT pg_notify('warmpod_changed', %s)", (row[0],))
+            except StoreError:
                 if row is None:
-                    return None
-                await db.execute("SELECT pg_notify('warmpod_changed', %s)", (row[0],))
+                    raise
+                taken = Fence(run_id=row[0], incarnation=owner.incarnation, attempt=row[2])
+                # Else the run would stay ``running`` under this node, unrenewed and never run,
+                # until a reaper reported it as ended by a stopped node.
+                if not await self._settle(functools.partial(_holds, fence=taken)):
+                    raise
             run_id, raw, attempt = row
             fence = Fence(run_id=run_id, incarnation=owner.incarnation, attempt=attempt)
             try:
@@ -363,8 +491,9 @@ class PostgresStore:
                 await db.execute("SELECT pg_notify('warmpod_queued', %s)", (fence.run_id,))
 
     async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
-        """Renew ``owner``'s leases by the database's clock and record it alive, in one transaction."""
-        async with self._transaction() as db:
+        """Renew ``owner``'s leases by the database's clock and record it alive, in one transaction
+        on the node's own connection."""
+        async with self._vital_transaction() as db:
             held: set[str] = set()
             if fences:
                 rows = await (
@@ -436,29 +565,39 @@ class PostgresStore:
         *,
         fence: Fence | None = None,
     ) -> bool:
-        """Record the run's final result, its last output and its files, once."""
-        async with self._transaction() as db:
-            if fence is not None and not await _holds(db, fence):
-                return False
-            cursor = await db.execute(
-                "UPDATE runs SET status = %s, result = %s, finished = warmpod_now(), spec = NULL, "
-                "lease_until = NULL WHERE id = %s AND status IN ('queued', 'running')",
-                (result.status, encode_blob(result), run_id),
-            )
-            if cursor.rowcount != 1:
-                return False
-            async with db.cursor() as rows:
-                if chunks:
-                    await rows.executemany(
-                        "INSERT INTO output VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        [(run_id, c.seq, c.stream, c.data) for c in chunks],
-                    )
-                if files:
-                    await rows.executemany(
-                        "INSERT INTO files VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                        [(run_id, path, data) for path, data in files],
-                    )
-            await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
+        """Record the run's final result, its last output and its files, once. True also when
+        this very result is already recorded under ``fence``: a write whose COMMIT's answer was
+        lost is read back at once, and a retry of it finds it done."""
+        blob = encode_blob(result)
+        written = False
+        try:
+            async with self._transaction() as db:
+                if fence is not None and not await _holds(db, fence):
+                    return fence is not None and await _finished_with(db, run_id, blob, fence)
+                cursor = await db.execute(
+                    "UPDATE runs SET status = %s, result = %s, finished = warmpod_now(), spec = NULL, "
+                    "lease_until = NULL WHERE id = %s AND status IN ('queued', 'running')",
+                    (result.status, blob, run_id),
+                )
+                if cursor.rowcount != 1:
+                    return fence is not None and await _finished_with(db, run_id, blob, fence)
+                written = True
+                async with db.cursor() as rows:
+                    if chunks:
+                        await rows.executemany(
+                            "INSERT INTO output VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                            [(run_id, c.seq, c.stream, c.data) for c in chunks],
+                        )
+                    if files:
+                        await rows.executemany(
+                            "INSERT INTO files VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                            [(run_id, path, data) for path, data in files],
+                        )
+                await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
+        except StoreError:
+            # Not yet written: the caller tries again. Written: only a read tells whether it took.
+            if not written or not await self._settle(lambda db: _finished_with(db, run_id, blob, fence)):
+                raise
         return True
 
     async def file(self, run_id: str, path: str) -> bytes | None:
@@ -551,8 +690,9 @@ class PostgresStore:
             )
 
     async def aclose(self) -> None:
-        """Close every connection."""
+        """Close every connection (which frees the node's name)."""
         with anyio.CancelScope(shield=True):
+            await self._drop_vital()
             await self._pool.close()
 
 
@@ -573,6 +713,17 @@ async def _holds(db: Connection, fence: Fence) -> bool:
     return row is not None
 
 
+async def _finished_with(db: Connection, run_id: str, blob: bytes, fence: Fence | None) -> bool:
+    """Whether the run is final with the result ``blob`` (and, with a ``fence``, by its attempt):
+    this writer's own earlier write, whose answer it never got."""
+    query = "SELECT 1 FROM runs WHERE id = %s AND result = %s AND status NOT IN ('queued', 'running')"
+    params: tuple[Any, ...] = (run_id, blob)
+    if fence is not None:
+        query += " AND incarnation = %s AND attempt = %s"
+        params += (fence.incarnation, fence.attempt)
+    return await (await db.execute(query.encode(), params)).fetchone() is not None
+
+
 async def _end_lost(db: Connection, run_id: str, node: str | None, message: str) -> str:
     printed = Printed()
     # A server-side cursor: the run's chunks come OUTPUT_PAGE at a time, never all at once.
@@ -589,6 +740,24 @@ async def _end_lost(db: Connection, run_id: str, node: str | None, message: str)
     )
     await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
     return run_id
+
+
+def _name_lock(node: str) -> int:
+    """The advisory lock key of a node name: 64 bits of its SHA-256, as a signed bigint."""
+    return int.from_bytes(hashlib.sha256(b"warmpod node " + node.encode()).digest()[:8], "big", signed=True)
+
+
+async def _end_frozen(db: Connection, node: str, lock: int, lease: float) -> None:
+    """End the session holding ``node``'s name lock if that node has not beaten for ``lease``: its
+    process is frozen or cut off (a paused VM's socket can stay open for hours), and only ending
+    the session frees the name; its writes are fenced off once its runs are ended."""
+    await db.execute(
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l JOIN nodes n ON n.name = %s "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND l.classid = %s::bigint::oid AND l.objid = %s::bigint::oid "
+        "AND n.seen < warmpod_now() - %s AND l.pid <> pg_backend_pid()",
+        (node, (lock >> 32) & 0xFFFFFFFF, lock & 0xFFFFFFFF, lease),
+    )
 
 
 def _safe(url: str) -> str:

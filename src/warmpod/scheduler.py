@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import socket
 import time
@@ -19,6 +20,7 @@ from warmpod import metrics
 from warmpod.backoff import Backoff
 from warmpod.errors import (
     KeyBusy,
+    KeyReused,
     NoSuchFile,
     PoolUnavailable,
     QueueFull,
@@ -33,7 +35,20 @@ from warmpod.models import NodeSeen, OutputFile, RunResult, RunSpec, RunStatus
 from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
 from warmpod.sandbox import Sandbox
 from warmpod.settings import FileSettings, NodeSettings, QueueSettings
-from warmpod.store import OUTPUT_PAGE, Chunk, Claim, Fence, Notice, Owner, Printed, Record, Store
+from warmpod.store import (
+    OUTPUT_PAGE,
+    Chunk,
+    Claim,
+    Fence,
+    Idempotency,
+    Notice,
+    Owner,
+    Printed,
+    Record,
+    Replay,
+    Store,
+    encode_blob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -209,18 +224,62 @@ class Scheduler:
             KeyBusy: the key has its ``max_active`` runs queued or running.
             QueueFull: ``max_queued`` runs already wait.
         """
-        if self.draining:
+        run_id, _ = await self.take(spec, key)
+        return run_id
+
+    async def take(
+        self, spec: RunSpec, key: Key | None = None, idempotency_key: str | None = None
+    ) -> tuple[str, RunStatus]:
+        """Queue a run of ``key`` and return its id and status; with ``idempotency_key``, a run of
+        ``key`` submitted before with it is answered instead, never run again.
+
+        Raises:
+            KeyReused: ``idempotency_key`` names a run of ``key`` asked for with another spec.
+            ShuttingDown: the server is stopping (a retry of a stored run is still answered).
+            KeyBusy: the key has its ``max_active`` runs queued or running.
+            QueueFull: ``max_queued`` runs already wait.
+        """
+        idempotency = None
+        if idempotency_key is not None:
+            request_hash = hashlib.sha256(encode_blob(spec)).hexdigest()
+            idempotency = Idempotency(key=idempotency_key, request_hash=request_hash)
+        elif self.draining:
             raise ShuttingDown(
                 "warmpod is shutting down and takes no new runs; retry on another server or later"
             )
         run_id = uuid.uuid4().hex
-        added = await self._store.add(
-            run_id,
-            spec,
-            max_queued=self._settings.max_queued,
-            key=None if key is None else key.name,
-            max_active=None if key is None else key.max_active,
-        )
+        try:
+            added = await self._store.add(
+                run_id,
+                spec,
+                # A stopping server still answers a retry of a run it stored, and stores no new one.
+                max_queued=0 if self.draining else self._settings.max_queued,
+                key=None if key is None else key.name,
+                max_active=None if key is None else key.max_active,
+                idempotency=idempotency,
+            )
+        except StoreError as exc:
+            # The add's COMMIT may have gone through with only its answer lost: a stored run is
+            # answered with its id, or a client would submit it again.
+            try:
+                stored = await self._store.get(run_id)
+            except StoreError:
+                raise exc from None
+            if stored is None:
+                raise
+            log.warning("run %s was stored though the store's answer was lost: %s", run_id, exc)
+            added = "added"
+        if isinstance(added, Replay):
+            if not added.same_request:
+                raise KeyReused(
+                    f"the Idempotency-Key {idempotency_key!r} was used for another request (run "
+                    f"{added.run_id}): send a new key for a new run"
+                )
+            return added.run_id, added.status
+        if self.draining:
+            raise ShuttingDown(
+                "warmpod is shutting down and takes no new runs; retry on another server or later"
+            )
         if added == "key-busy":
             assert key is not None
             raise KeyBusy(
@@ -231,7 +290,7 @@ class Scheduler:
             raise QueueFull(
                 f"the queue is full: {self._settings.max_queued} runs are waiting (WARMPOD_QUEUE__MAX_QUEUED)"
             )
-        return run_id
+        return run_id, "queued"
 
     async def check_owner(self, run_id: str, key: Key | None) -> None:
         """Check the run was submitted with ``key`` (None: with keys off).
@@ -475,7 +534,8 @@ class Scheduler:
             except (StoreError, TimeoutError) as exc:
                 log.warning("could not renew this node's leases: %s", exc or "no answer in time")
                 # Past the lease another node may report these runs; they must not go on unseen.
-                if time.monotonic() - renewed >= self._lease:
+                # A store no other node shares reports none of them: they go on.
+                if self._store.shared and time.monotonic() - renewed >= self._lease:
                     why = f"the run store was out of reach for its lease of {self._lease:g} s"
                     for run_id, live in list(self._live.items()):
                         self._lose(run_id, live, why)

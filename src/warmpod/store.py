@@ -48,6 +48,23 @@ Added = Literal["added", "queue-full", "key-busy"]
 """What ``Store.add`` did with a run."""
 
 
+class Idempotency(msgspec.Struct, frozen=True, kw_only=True):
+    """A submission's ``Idempotency-Key`` and the hash of what it asked to run: stored with the run
+    (and purged with it), unique per API key name, so a retried submit finds its run again."""
+
+    key: str
+    request_hash: str
+
+
+class Replay(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``Store.add`` answers when a run of the same API key already has the idempotency key."""
+
+    run_id: str
+    status: RunStatus
+    same_request: bool
+    """Whether that run was asked for with the same request hash (else the key was reused)."""
+
+
 class Record(msgspec.Struct, frozen=True, kw_only=True):
     """What the store knows of one run."""
 
@@ -119,6 +136,10 @@ class Store(Protocol):
     ``CHUNK_BYTES`` and per interval, whatever the size of the program's writes.
     """
 
+    shared: bool
+    """Whether several nodes share the store: only then may a run this node holds be reported
+    by another once its lease runs out, so only then must the node stop it unrenewed."""
+
     async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
         """At start: register ``owner``, and make runs its node's earlier starts held ``error``
         with ``message`` (``{node}`` filled in) and their output; return their ids.
@@ -140,9 +161,11 @@ class Store(Protocol):
         max_queued: int,
         key: str | None = None,
         max_active: int | None = None,
-    ) -> Added:
+        idempotency: Idempotency | None = None,
+    ) -> Added | Replay:
         """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
-        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running."""
+        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running,
+        nor when a run of ``key`` already has ``idempotency.key`` (that run is answered, before any bound)."""
         ...
 
     async def queued(self) -> int:
@@ -186,7 +209,10 @@ class Store(Protocol):
     ) -> bool:
         """Record the run's last output, final result and ``(path, content)`` of the files it
         left (those ``result.files`` lists); False, keeping nothing, if it was already final or
-        ``fence`` lost it. Without a fence (a run that never started) any owner's run is ended."""
+        ``fence`` lost it. Without a fence (a run that never started) any owner's run is ended.
+
+        True, changing nothing, when this very result is already recorded under ``fence``: a
+        retry of a write that took effect though its answer was lost learns that it did."""
         ...
 
     async def file(self, run_id: str, path: str) -> bytes | None:
@@ -315,6 +341,13 @@ _MIGRATIONS = (
     """,
     # 4: which runs a preloaded sandbox serves best (RunSpec.warm), for claims by kind.
     "ALTER TABLE runs ADD COLUMN warm INTEGER NOT NULL DEFAULT 0;",
+    # 5: the Idempotency-Key a run was submitted with, unique per API key name, and its request's hash.
+    """
+    ALTER TABLE runs ADD COLUMN idempotency_key TEXT;
+    ALTER TABLE runs ADD COLUMN request_hash TEXT;
+    CREATE UNIQUE INDEX runs_by_idempotency_key ON runs (coalesce(key, ''), idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 BLOB_VERSION = 1
@@ -338,9 +371,14 @@ class SqliteStore:
     Notices come from this process's own calls: no other node writes the file.
     """
 
+    shared = False
+
     def __init__(self, connection: sqlite3.Connection, lock: int) -> None:
         self._db = connection
         self._lock = lock
+        # The start that joined: the file lock makes it the only live one, so its runs are never
+        # reaped, whatever the wall clock does or however long a write waited.
+        self._joined: str | None = None
         self._limiter = anyio.CapacityLimiter(1)
         self._listeners: list[Callable[[Notice, str], None]] = []
 
@@ -422,7 +460,9 @@ class SqliteStore:
                 rows = db.execute("SELECT id, node FROM runs WHERE status = 'running'").fetchall()
                 return [_end_lost(db, run_id, node, message) for run_id, node in rows]
 
-        return await self._call(join)
+        lost = await self._call(join)
+        self._joined = owner.incarnation
+        return lost
 
     async def leave(self, owner: Owner) -> None:
         """At a clean stop: drop ``owner`` from the nodes seen alive."""
@@ -438,13 +478,28 @@ class SqliteStore:
         max_queued: int,
         key: str | None = None,
         max_active: int | None = None,
-    ) -> Added:
+        idempotency: Idempotency | None = None,
+    ) -> Added | Replay:
         """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
-        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running."""
+        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running,
+        nor when a run of ``key`` already has ``idempotency.key`` (that run is answered)."""
         blob = encode_blob(spec)
+        idempotency_key = None if idempotency is None else idempotency.key
+        request_hash = None if idempotency is None else idempotency.request_hash
 
-        def add(db: sqlite3.Connection) -> Added:
-            # One call at a time on the one connection: the counts and the insert cannot interleave.
+        def add(db: sqlite3.Connection) -> Added | Replay:
+            # One call at a time on the one connection: the look-up, the counts and the insert
+            # cannot interleave.
+            if idempotency is not None:
+                row = db.execute(
+                    "SELECT id, status, request_hash FROM runs "
+                    "WHERE coalesce(key, '') = ? AND idempotency_key = ?",
+                    (key or "", idempotency.key),
+                ).fetchone()
+                if row is not None:
+                    return Replay(
+                        run_id=row[0], status=row[1], same_request=row[2] == idempotency.request_hash
+                    )
             if max_active is not None:
                 (active,) = db.execute(
                     "SELECT count(*) FROM runs WHERE key = ? AND status IN ('queued', 'running')", (key,)
@@ -452,9 +507,10 @@ class SqliteStore:
                 if active >= max_active:
                     return "key-busy"
             cursor = db.execute(
-                "INSERT INTO runs (id, status, spec, created, key, warm) SELECT ?, 'queued', ?, ?, ?, ? "
+                "INSERT INTO runs (id, status, spec, created, key, warm, idempotency_key, request_hash) "
+                "SELECT ?, 'queued', ?, ?, ?, ?, ?, ? "
                 "WHERE (SELECT count(*) FROM runs WHERE status = 'queued') < ?",
-                (run_id, blob, time.time(), key, spec.warm, max_queued),
+                (run_id, blob, time.time(), key, spec.warm, idempotency_key, request_hash, max_queued),
             )
             return "added" if cursor.rowcount == 1 else "queue-full"
 
@@ -540,12 +596,15 @@ class SqliteStore:
         return await self._call(beat)
 
     async def reap(self, message: str) -> list[str]:
-        """Make runs whose lease ran out ``error`` with ``message`` and their output."""
+        """Make runs whose lease ran out ``error`` with ``message`` and their output; never those
+        of the start that joined, which alone holds the file (leases are for several nodes)."""
 
         def reap(db: sqlite3.Connection) -> list[str]:
             with _transaction(db):
                 rows = db.execute(
-                    "SELECT id, node FROM runs WHERE status = 'running' AND lease_until < ?", (time.time(),)
+                    "SELECT id, node FROM runs WHERE status = 'running' AND lease_until < ? "
+                    "AND incarnation IS NOT ?",
+                    (time.time(), self._joined),
                 ).fetchall()
                 return [_end_lost(db, run_id, node, message) for run_id, node in rows]
 
@@ -588,14 +647,14 @@ class SqliteStore:
         def finish(db: sqlite3.Connection) -> bool:
             with _transaction(db):
                 if fence is not None and not _holds(db, fence):
-                    return False
+                    return fence is not None and _finished_with(db, run_id, blob, fence)
                 cursor = db.execute(
                     "UPDATE runs SET status = ?, result = ?, finished = ?, spec = NULL, lease_until = NULL "
                     "WHERE id = ? AND status IN ('queued', 'running')",
                     (result.status, blob, time.time(), run_id),
                 )
                 if cursor.rowcount != 1:
-                    return False
+                    return fence is not None and _finished_with(db, run_id, blob, fence)
                 db.executemany("INSERT OR IGNORE INTO output VALUES (?, ?, ?, ?)", rows)
                 db.executemany("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", file_rows)
                 return True
@@ -754,6 +813,16 @@ def _holds(db: sqlite3.Connection, fence: Fence) -> bool:
         (fence.run_id, fence.incarnation, fence.attempt),
     ).fetchone()
     return row is not None
+
+
+def _finished_with(db: sqlite3.Connection, run_id: str, blob: bytes, fence: Fence | None) -> bool:
+    # The run is final with this very result (by the fence's attempt): the writer's own earlier write.
+    row = db.execute(
+        "SELECT incarnation, attempt FROM runs "
+        "WHERE id = ? AND result = ? AND status NOT IN ('queued', 'running')",
+        (run_id, blob),
+    ).fetchone()
+    return row is not None and (fence is None or tuple(row) == (fence.incarnation, fence.attempt))
 
 
 def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: str) -> str:

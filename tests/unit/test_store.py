@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import msgspec
@@ -15,15 +17,17 @@ import pytest
 
 from warmpod.errors import StoreError
 from warmpod.models import RunResult, RunSpec
-from warmpod.pgstore import PostgresStore
+from warmpod.pgstore import CALL_TIMEOUT, PostgresStore
 from warmpod.store import (
     OUTPUT_PAGE,
     PREFERRED_WAIT,
     SCHEMA_VERSION,
     Chunk,
     Claim,
+    Idempotency,
     Notice,
     Owner,
+    Replay,
     SqliteStore,
     Store,
     decode_blob,
@@ -143,7 +147,7 @@ async def test_a_keys_active_runs_are_bounded_and_other_keys_are_not(store: Stor
 async def test_concurrent_adds_hold_the_bound_and_the_quota(store: Store) -> None:
     """Forty adds at once (as from several nodes) never take the queue past its bound nor a key
     past its quota: the counts and the insert are one step."""
-    outcomes: list[str] = []
+    outcomes: list[object] = []
 
     async def add(i: int) -> None:
         outcomes.append(await store.add(f"q{i}", SPEC, max_queued=10))
@@ -470,7 +474,7 @@ async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: 
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-    assert version == SCHEMA_VERSION == 4
+    assert version == SCHEMA_VERSION == 5
 
 
 async def test_a_store_of_a_newer_warmpod_is_refused(tmp_path: Path, postgres_db: str) -> None:
@@ -610,3 +614,273 @@ async def test_small_files_stay_within_the_answers_budget(store: Store) -> None:
 def test_the_inline_choice_is_in_path_order_whatever_order_the_sizes_come_in() -> None:
     """``inlined`` sorts by path (the result's order), so both stores pick the same files."""
     assert inlined([("out/z", 4), ("out/a", 4), ("out/m", 4)], 4, 8) == ["out/a", "out/m"]
+
+
+async def test_sqlite_never_reaps_the_live_runs_of_the_node_that_holds_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite a wall clock stepped far past the lease reaps none of the joined node's runs, and
+    their results are still taken; a run of another start (left by a crash) still can be."""
+    store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+    try:
+        await store.add("stale", SPEC, max_queued=10)
+        await claim(store, Owner(node="a", incarnation="a-0"), lease=1.0)
+        await store.join(NODE, 1.0, LOST)
+        await store.add("live", SPEC, max_queued=10)
+        fence = (await claim(store, lease=1.0)).fence
+        await store.add("crashed", SPEC, max_queued=10)
+        await claim(store, Owner(node="a", incarnation="a-0"), lease=1.0)
+        stepped = time.time() + 3600
+        monkeypatch.setattr("warmpod.store.time.time", lambda: stepped)
+        assert await store.reap(LOST) == ["crashed"]
+        assert (await store.heartbeat(NODE, 1.0, [fence])).held == {"live"}
+        assert await store.finish("live", result("live"), fence=fence)
+    finally:
+        await store.aclose()
+
+
+async def test_an_idempotency_key_names_one_run_per_api_key(store: Store) -> None:
+    """A second add with a key of the same API key name answers the first run (telling whether its
+    request hash matched), stores nothing and passes even a full queue; other names have their own."""
+    first = Idempotency(key="k-1", request_hash="h")
+    assert await store.add("a", SPEC, max_queued=1, idempotency=first) == "added"
+    assert await store.add("b", SPEC, max_queued=1, idempotency=first) == Replay(
+        run_id="a", status="queued", same_request=True
+    )
+    other = Idempotency(key="k-1", request_hash="other")
+    assert await store.add("c", SPEC, max_queued=1, idempotency=other) == Replay(
+        run_id="a", status="queued", same_request=False
+    )
+    assert await store.add("d", SPEC, max_queued=5, key="alice", idempotency=first) == "added"
+    assert await store.add("e", SPEC, max_queued=5, key="bob", idempotency=first) == "added"
+    assert await store.add("f", SPEC, max_queued=5, key="alice", idempotency=first) == Replay(
+        run_id="d", status="queued", same_request=True
+    )
+    fence = (await claim(store)).fence
+    assert await store.finish("a", result("a"), fence=fence)
+    assert await store.add("g", SPEC, max_queued=5, idempotency=first) == Replay(
+        run_id="a", status="succeeded", same_request=True
+    )
+    assert await store.get("b") is None
+    assert await store.queued() == 2
+    assert await store.purge(-1) == 1
+    assert await store.add("h", SPEC, max_queued=5, idempotency=first) == "added"
+
+
+async def test_a_heartbeat_goes_through_while_client_calls_hold_every_pooled_connection(
+    postgres_db: str,
+) -> None:
+    """Client calls stuck in slow transactions take the whole pool: the node's heartbeat still
+    renews its lease promptly, on a connection of its own, while a client call waits for the pool."""
+    store = await PostgresStore.open(postgres_db, max_connections=2)
+    try:
+        await store.join(NODE, LEASE, LOST)
+        await store.add("a", SPEC, max_queued=10)
+        fence = (await claim(store)).fence
+        held = 0
+
+        async def hung_client_call() -> None:
+            nonlocal held
+            async with store._pool.connection() as conn:
+                await conn.execute("BEGIN")
+                await conn.execute("SELECT count(*) FROM output")
+                held += 1
+                await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(hung_client_call)
+            with anyio.fail_after(5):
+                while held < 2:
+                    await anyio.sleep(0.02)
+            with anyio.move_on_after(0.5) as waited:
+                await store.get("a")
+            assert waited.cancelled_caught  # the pool is taken
+            with anyio.fail_after(1):
+                beat = await store.heartbeat(NODE, LEASE, [fence])
+            assert beat.held == {"a"}
+            tg.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+
+
+async def test_two_starts_of_one_name_at_once_let_one_in(postgres_db: str) -> None:
+    """Two nodes of one name join together and beat: the name's advisory lock lets exactly one in,
+    the other is refused as another live node of that name; once the first store is closed (its
+    process gone) a new start of the name gets in at once, without waiting out a lease."""
+    stores = [await PostgresStore.open(postgres_db) for _ in range(3)]
+    outcomes: dict[str, str] = {}
+    joined = anyio.Event()
+
+    async def start(store: PostgresStore, incarnation: str) -> None:
+        owner = Owner(node="a", incarnation=incarnation)
+        try:
+            await store.join(owner, 1.0, LOST)
+        except StoreError as exc:
+            outcomes[incarnation] = str(exc)
+            return
+        outcomes[incarnation] = "joined"
+        while not joined.is_set():  # as the node's scheduler does, a third of a lease apart
+            await store.heartbeat(owner, 1.0, [])
+            await anyio.sleep(0.3)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start, stores[0], "a-1")
+            tg.start_soon(start, stores[1], "a-2")
+            with anyio.fail_after(5):
+                while len(outcomes) < 2:
+                    await anyio.sleep(0.05)
+            joined.set()
+        refused, entered = sorted(outcomes.values())
+        assert (
+            refused
+            == "another node named 'a' is alive on this queue: give each node its own WARMPOD_NODE__NAME"
+        )
+        assert entered == "joined"
+        winner = 0 if outcomes["a-1"] == "joined" else 1
+        await stores[winner].aclose()
+        with anyio.fail_after(0.9):
+            assert await stores[2].join(Owner(node="a", incarnation="a-3"), 1.0, LOST) == []
+    finally:
+        for store in stores:
+            await store.aclose()
+
+
+async def test_a_start_of_a_name_whose_holder_stopped_beating_takes_it_over(postgres_db: str) -> None:
+    """The session holding a name lingers (its node frozen) without a heartbeat past the lease: a
+    new start of the name ends that session and gets in; the frozen one's run is reported and its
+    heartbeats fail from then on."""
+    frozen = await PostgresStore.open(postgres_db)
+    fresh = await PostgresStore.open(postgres_db)
+    try:
+        await frozen.join(NODE, 1.0, LOST)
+        await frozen.add("held", SPEC, max_queued=10)
+        fence = (await claim(frozen, lease=1.0)).fence
+        with anyio.fail_after(5):
+            ended = await fresh.join(Owner(node="a", incarnation="a-2"), 1.0, LOST)
+        assert ended == ["held"]
+        with pytest.raises(StoreError):
+            await frozen.heartbeat(NODE, 1.0, [fence])
+        with pytest.raises(StoreError, match="another node named 'a' is alive"):
+            await frozen.heartbeat(NODE, 1.0, [fence])
+    finally:
+        await frozen.aclose()
+        await fresh.aclose()
+
+
+def lose_an_answer(store: PostgresStore, monkeypatch: pytest.MonkeyPatch, *, committed: bool) -> None:
+    """Make the store's next transaction fail as a COMMIT whose answer is lost: after it took
+    effect (``committed``), or with the transaction rolled back; later ones are left alone."""
+    real = store._transaction
+    fired = False
+
+    @contextlib.asynccontextmanager
+    async def lossy() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        nonlocal fired
+        if fired:
+            async with real() as db:
+                yield db
+            return
+        fired = True
+        async with real() as db:
+            yield db
+            if not committed:
+                raise StoreError("the run store failed: server closed the connection unexpectedly")
+        raise StoreError(f"the run store did not answer within {CALL_TIMEOUT:g} s")
+
+    monkeypatch.setattr(store, "_transaction", lossy)
+
+
+async def test_a_claim_whose_commit_answer_is_lost_is_read_back(
+    postgres_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that committed though its answer timed out is handed to the caller (its fence
+    holds the run); one that rolled back is an error and the run stays queued for the next claim."""
+    store = await PostgresStore.open(postgres_db)
+    try:
+        await store.add("a", SPEC, max_queued=10)
+        lose_an_answer(store, monkeypatch, committed=True)
+        claimed = await claim(store)
+        assert (claimed.fence.run_id, claimed.fence.attempt, claimed.spec) == ("a", 1, SPEC)
+        assert (await store.heartbeat(NODE, LEASE, [claimed.fence])).held == {"a"}
+
+        await store.add("b", SPEC, max_queued=10)
+        lose_an_answer(store, monkeypatch, committed=False)
+        with pytest.raises(StoreError):
+            await store.claim(NODE, LEASE)
+        assert await store.queued() == 1
+        assert (await claim(store)).fence.run_id == "b"
+    finally:
+        await store.aclose()
+
+
+async def test_a_finish_whose_commit_answer_is_lost_is_read_back(
+    postgres_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result that was recorded though the answer was lost counts as recorded, at once; one
+    that rolled back is an error, and its retry records it."""
+    store = await PostgresStore.open(postgres_db)
+    try:
+        for run_id in ("a", "b"):
+            await store.add(run_id, SPEC, max_queued=10)
+        first, second = (await claim(store)).fence, (await claim(store)).fence
+        lose_an_answer(store, monkeypatch, committed=True)
+        assert await store.finish("a", result("a"), [Chunk(seq=0, stream="stdout", data=b"1\n")], fence=first)
+        lose_an_answer(store, monkeypatch, committed=False)
+        with pytest.raises(StoreError):
+            await store.finish("b", result("b"), fence=second)
+        assert await store.finish("b", result("b"), fence=second)
+        for run_id in ("a", "b"):
+            record = await store.get(run_id)
+            assert record is not None
+            assert record.result == result(run_id)
+    finally:
+        await store.aclose()
+
+
+async def test_a_retried_finish_of_a_recorded_result_is_told_it_was_recorded(store: Store) -> None:
+    """Writing the same result again under the same fence (a retry whose first answer was lost)
+    answers True and changes nothing; another result, or another attempt's fence, is still refused."""
+    await store.add("a", SPEC, max_queued=10)
+    fence = (await claim(store)).fence
+    assert await store.finish("a", result("a"), fence=fence)
+    assert await store.finish("a", result("a"), fence=fence)
+    assert not await store.finish("a", result("a", "error"), fence=fence)
+    assert not await store.finish("a", result("a"), fence=msgspec.structs.replace(fence, attempt=2))
+    record = await store.get("a")
+    assert record is not None
+    assert record.result == result("a")
+
+
+async def test_a_heartbeat_after_the_server_ended_the_nodes_session_renews_and_keeps_the_name(
+    postgres_db: str,
+) -> None:
+    """The server ends every session (a failover): the next heartbeat goes through on a new
+    connection, which takes the node's name lock again, so a second start of the name is refused."""
+    store = await PostgresStore.open(postgres_db)
+    rival = await PostgresStore.open(postgres_db)
+    try:
+        await store.join(NODE, LEASE, LOST)
+        await store.add("a", SPEC, max_queued=10)
+        fence = (await claim(store)).fence
+        async with await psycopg.AsyncConnection.connect(postgres_db, autocommit=True) as admin:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        assert (await store.heartbeat(NODE, LEASE, [fence])).held == {"a"}
+
+        async def beat() -> None:
+            while True:
+                await anyio.sleep(0.3)
+                await store.heartbeat(NODE, 1.0, [fence])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(beat)
+            with pytest.raises(StoreError, match="another node named 'a' is alive"):
+                await rival.join(Owner(node="a", incarnation="a-2"), 1.0, LOST)
+            tg.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+        await rival.aclose()

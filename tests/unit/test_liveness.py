@@ -1,0 +1,86 @@
+"""A node's own live runs survive what only several nodes need leases for: on SQLite, a store
+that cannot be renewed for longer than the lease stops nothing; and a submit whose store answer
+was lost still names the run it stored (fake sandboxes, the real store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from fakes import FakeLeaser, RecordingRunner
+
+from warmpod.errors import StoreError
+from warmpod.models import RunSpec
+from warmpod.scheduler import Scheduler
+from warmpod.settings import LimitSettings, NodeSettings, QueueSettings
+from warmpod.store import Added, Beat, Fence, Owner, Replay, SqliteStore
+
+LEASE = 1.0
+SPEC = RunSpec(code=b"pass", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=1 << 20)
+
+
+async def test_a_sqlite_node_keeps_its_run_through_a_store_outage_longer_than_its_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Heartbeats fail for three leases on SQLite: the run is neither stopped nor reaped, and its
+    result is recorded once the store answers again."""
+    store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+    leaser = FakeLeaser()
+    runner = RecordingRunner(leaser, LimitSettings())
+    runner.hold = anyio.Event()
+    scheduler = Scheduler(store, leaser, runner, QueueSettings(), 1, node=NodeSettings(name="a", lease=LEASE))
+    renew = store.heartbeat
+
+    async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+        raise StoreError("database is locked")
+
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            run_id = await scheduler.submit(SPEC)
+            with anyio.fail_after(5):
+                while scheduler.running == 0:
+                    await anyio.sleep(0.02)
+            monkeypatch.setattr(store, "heartbeat", unreachable)
+            await anyio.sleep(LEASE * 3)
+            assert scheduler.running == 1
+            monkeypatch.setattr(store, "heartbeat", renew)
+            runner.hold.set()
+            result = await scheduler.wait(run_id, 5)
+            tg.cancel_scope.cancel()
+        assert result is not None
+        assert result.status == "succeeded"
+    finally:
+        await store.aclose()
+
+
+async def test_a_submit_whose_add_answer_is_lost_names_the_stored_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store keeps the run but its answer is lost: the submit still answers the run's id (read
+    back), so the client has no reason to submit it again; an add that stored nothing stays an error."""
+    store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+    leaser = FakeLeaser()
+    scheduler = Scheduler(store, leaser, RecordingRunner(leaser, LimitSettings()), QueueSettings(), 1)
+    real = store.add
+    committed = True
+
+    async def answer_lost(run_id: str, spec: RunSpec, **options: Any) -> Added | Replay:
+        if committed:
+            await real(run_id, spec, **options)
+        raise StoreError("the run store did not answer within 10 s")
+
+    monkeypatch.setattr(store, "add", answer_lost)
+    try:
+        run_id = await scheduler.submit(SPEC)
+        record = await store.get(run_id)
+        assert record is not None
+        assert record.status == "queued"
+        committed = False
+        with pytest.raises(StoreError):
+            await scheduler.submit(SPEC)
+        assert await store.queued() == 1
+    finally:
+        await store.aclose()
