@@ -892,15 +892,18 @@ def _row(group: list[Chunk]) -> tuple[int, int, str, bytes]:
     return first.seq, last.seq, PACKED, msgspec.msgpack.encode(packed)
 
 
-def unpacked(seq: int, stream: str, data: bytes) -> Iterator[Chunk]:
-    """The chunks of a stored ``(seq, stream, data)`` row, in order (``output_rows`` made it)."""
+def unpacked(seq: int, stream: str, data: bytes, after: int = -1) -> Iterator[Chunk]:
+    """The chunks with seq above ``after`` of a stored ``(seq, stream, data)`` row, in order
+    (``output_rows`` made it); those at or below ``after`` are skipped without being copied."""
     if stream != PACKED:
-        yield Chunk(seq=seq, stream="stderr" if stream == "stderr" else "stdout", data=bytes(data))
+        if seq > after:
+            yield Chunk(seq=seq, stream="stderr" if stream == "stderr" else "stdout", data=bytes(data))
         return
     packed = _PACKED_DECODER.decode(data)
     view = memoryview(packed.data)
-    start = 0
-    for index, mark in enumerate(packed.marks):
+    skip = max(after + 1 - seq, 0)
+    start = sum(mark >> 1 for mark in packed.marks[:skip])
+    for index, mark in enumerate(packed.marks[skip:], start=skip):
         end = start + (mark >> 1)
         yield Chunk(seq=seq + index, stream=_STREAMS[mark & 1], data=bytes(view[start:end]))
         start = end
@@ -914,12 +917,10 @@ def segments(row: tuple[int, str, bytes]) -> Iterator[tuple[str, bytes]]:
 def page(rows: Iterable[tuple[int, str, bytes]], after: int, limit: int) -> list[Chunk]:
     """The first ``limit`` chunks above seq ``after`` of stored ``(seq, stream, data)`` rows in order."""
     found: list[Chunk] = []
-    for row in rows:
-        for chunk in unpacked(*row):
-            if chunk.seq > after:
-                found.append(chunk)
-                if len(found) == limit:
-                    return found
+    for seq, stream, data in rows:
+        found += itertools.islice(unpacked(seq, stream, data, after), limit - len(found))
+        if len(found) == limit:
+            break
     return found
 
 
