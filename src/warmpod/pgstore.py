@@ -38,12 +38,14 @@ from warmpod.store import (
     Printed,
     Record,
     Replay,
-    chunks,
     decode_blob,
     encode_blob,
     inlined,
+    output_rows,
+    page,
     record,
     run_ended,
+    segments,
     unreadable,
 )
 
@@ -123,6 +125,9 @@ _MIGRATIONS = (
     CREATE UNIQUE INDEX runs_by_idempotency_key ON runs ((coalesce(key, '')), idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     """,
+    # 4: rows that pack several chunks (``store.output_rows``) carry their last seq; NULL in a row
+    # of before, one chunk, whose last seq is its seq.
+    "ALTER TABLE output ADD COLUMN last integer;",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -548,11 +553,7 @@ class PostgresStore:
             if not await _holds(db, fence):
                 return False
             if chunks:
-                async with db.cursor() as cursor:
-                    await cursor.executemany(
-                        "INSERT INTO output VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                        [(fence.run_id, c.seq, c.stream, c.data) for c in chunks],
-                    )
+                await _keep_output(db, fence.run_id, chunks)
                 await db.execute("SELECT pg_notify('warmpod_changed', %s)", (fence.run_id,))
         return True
 
@@ -582,12 +583,8 @@ class PostgresStore:
                 if cursor.rowcount != 1:
                     return fence is not None and await _finished_with(db, run_id, blob, fence)
                 written = True
+                await _keep_output(db, run_id, chunks)
                 async with db.cursor() as rows:
-                    if chunks:
-                        await rows.executemany(
-                            "INSERT INTO output VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-                            [(run_id, c.seq, c.stream, c.data) for c in chunks],
-                        )
                     if files:
                         await rows.executemany(
                             "INSERT INTO files VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
@@ -640,14 +637,16 @@ class PostgresStore:
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order."""
         async with self._transaction() as db:
+            # As in SqliteStore.output: each row selected holds a chunk above ``after``.
             rows = await (
                 await db.execute(
-                    "SELECT seq, stream, data FROM output WHERE run_id = %s AND seq > %s ORDER BY seq "
-                    "LIMIT %s",
-                    (run_id, after, limit),
+                    "SELECT seq, stream, data FROM output WHERE run_id = %(run)s AND seq >= coalesce("
+                    "(SELECT max(seq) FROM output WHERE run_id = %(run)s AND seq <= %(after)s), %(after)s) "
+                    "AND coalesce(last, seq) > %(after)s ORDER BY seq LIMIT %(limit)s",
+                    {"run": run_id, "after": after, "limit": limit},
                 )
             ).fetchall()
-        return chunks(rows)
+        return page(rows, after, limit)
 
     async def cancel(self, run_id: str, result: RunResult) -> CancelOutcome:
         """Cancel a queued run, or flag a running one and tell its node."""
@@ -724,14 +723,34 @@ async def _finished_with(db: Connection, run_id: str, blob: bytes, fence: Fence 
     return await (await db.execute(query.encode(), params)).fetchone() is not None
 
 
+async def _keep_output(db: Connection, run_id: str, chunks: Sequence[Chunk]) -> None:
+    """Store the chunks above the run's highest kept seq (``Store``'s rule for retried writes)."""
+    if not chunks:
+        return
+    row = await (
+        await db.execute(
+            "SELECT coalesce(last, seq) FROM output WHERE run_id = %s ORDER BY seq DESC LIMIT 1", (run_id,)
+        )
+    ).fetchone()
+    rows = [(run_id, *stored) for stored in output_rows(chunks, -1 if row is None else row[0])]
+    if rows:
+        async with db.cursor() as cursor:
+            await cursor.executemany(
+                "INSERT INTO output (run_id, seq, last, stream, data) VALUES (%s, %s, %s, %s, %s) "
+                "ON CONFLICT DO NOTHING",
+                rows,
+            )
+
+
 async def _end_lost(db: Connection, run_id: str, node: str | None, message: str) -> str:
     printed = Printed()
     # A server-side cursor: the run's chunks come OUTPUT_PAGE at a time, never all at once.
     async with db.cursor(name="warmpod_output") as cursor:
         cursor.itersize = OUTPUT_PAGE
-        await cursor.execute("SELECT stream, data FROM output WHERE run_id = %s ORDER BY seq", (run_id,))
-        async for stream, data in cursor:
-            printed.add(stream, data)
+        await cursor.execute("SELECT seq, stream, data FROM output WHERE run_id = %s ORDER BY seq", (run_id,))
+        async for row in cursor:
+            for stream, data in segments(row):
+                printed.add(stream, data)
     result = run_ended(run_id, node, message, printed.text())
     await db.execute(
         "UPDATE runs SET status = 'error', result = %s, finished = warmpod_now(), spec = NULL, "

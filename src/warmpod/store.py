@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import os
 import sqlite3
@@ -42,6 +43,13 @@ stream up to it; one of the agent's frames carries at most as much)."""
 OUTPUT_PAGE = 32
 """The most chunks one ``Store.output`` call returns: readers page through a run's output, each
 page at most ``OUTPUT_PAGE * CHUNK_BYTES`` (2 MiB) however many chunks the run printed."""
+ROW_SEGMENTS = 256
+"""The most chunks one stored row packs (``output_rows``): with at most ``CHUNK_BYTES`` of data
+too, a page read inside a row decodes a bounded row, and the row's own cost (its key, about 50
+bytes) is shared by enough chunks to stay well under a byte per chunk."""
+PACKED = "packed"
+"""The ``stream`` of a stored row that packs several chunks (``output_rows``); a row whose stream
+is ``stdout`` or ``stderr`` is one chunk, as every row was before rows packed chunks."""
 
 
 Added = Literal["added", "queue-full", "key-busy"]
@@ -126,14 +134,22 @@ class Store(Protocol):
     fenced write only from the run's current owner and attempt, and make ``finish`` final
     exactly once: the first final status written wins. Times are the store's clock.
 
-    Output is kept as the chunks ``add_output`` and ``finish`` are given, one row each, and a
-    stored chunk never changes: a reader that has seen up to ``seq`` N and asks for what comes
-    after N (``/status/{id}/stream`` resumed with ``Last-Event-ID``) gets every later byte exactly
-    once. A chunk given again with a seq already kept changes nothing (a retried write). How many
-    chunks a run has is up to its writer: ``runner.RunOutput`` merges adjacent chunks of one
-    stream up to ``CHUNK_BYTES`` until the scheduler takes them, at most once per
+    Output is kept as the chunks ``add_output`` and ``finish`` are given, and a stored chunk
+    never changes: a reader that has seen up to ``seq`` N and asks for what comes after N
+    (``/status/{id}/stream`` resumed with ``Last-Event-ID``) gets every later byte exactly once.
+    How many chunks a run has is up to its writer: ``runner.RunOutput`` merges adjacent chunks of
+    one stream up to ``CHUNK_BYTES`` until the scheduler takes them, at most once per
     ``scheduler.FLUSH_INTERVAL``, so a run keeps at most one chunk per stream switch, per
-    ``CHUNK_BYTES`` and per interval, whatever the size of the program's writes.
+    ``CHUNK_BYTES`` and per interval, whatever the size of the program's writes. A write's chunks
+    are stored packed, a row per ``ROW_SEGMENTS`` chunks or ``CHUNK_BYTES`` of data
+    (``output_rows``), so a program switching streams at every byte costs the store a few bytes
+    per byte, not a row per byte.
+
+    A run's writer gives its chunks in rising seq order, each write carrying every chunk of the
+    writes before it that failed, ahead of newer ones (``scheduler._tend`` gives them back to
+    ``RunOutput`` for the next write). So a write's chunks at or below the highest seq already
+    kept were kept, by an earlier write that committed though its caller saw an error: they are
+    skipped, changing nothing, and only the chunks above are kept.
     """
 
     shared: bool
@@ -230,7 +246,8 @@ class Store(Protocol):
 
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order:
-        fewer than ``limit`` when those are all there are."""
+        fewer than ``limit`` when those are all there are. A page may end inside a stored row; the
+        next call, after the last seq returned, goes on from there."""
         ...
 
     async def cancel(self, run_id: str, result: RunResult) -> CancelOutcome:
@@ -348,6 +365,9 @@ _MIGRATIONS = (
     CREATE UNIQUE INDEX runs_by_idempotency_key ON runs (coalesce(key, ''), idempotency_key)
         WHERE idempotency_key IS NOT NULL;
     """,
+    # 6: rows that pack several chunks (``output_rows``) carry their last seq; NULL in a row of
+    # before, one chunk, whose last seq is its seq.
+    "ALTER TABLE output ADD COLUMN last INTEGER;",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 BLOB_VERSION = 1
@@ -615,17 +635,16 @@ class SqliteStore:
 
     async def add_output(self, fence: Fence, chunks: Sequence[Chunk]) -> bool:
         """Keep more of a running run's output; False, keeping nothing, if ``fence`` lost the run."""
-        rows = [(fence.run_id, chunk.seq, chunk.stream, chunk.data) for chunk in chunks]
 
         def add(db: sqlite3.Connection) -> bool:
             with _transaction(db):
                 if not _holds(db, fence):
                     return False
-                db.executemany("INSERT OR IGNORE INTO output VALUES (?, ?, ?, ?)", rows)
+                _keep_output(db, fence.run_id, chunks)
                 return True
 
         held = await self._call(add)
-        if held and rows:
+        if held and chunks:
             self._notify("changed", fence.run_id)
         return held
 
@@ -640,7 +659,6 @@ class SqliteStore:
     ) -> bool:
         """Record the run's last output, final result and ``(path, content)`` of the files it
         left; False, keeping nothing, if it was already final or ``fence`` lost it."""
-        rows = [(run_id, chunk.seq, chunk.stream, chunk.data) for chunk in chunks]
         file_rows = [(run_id, path, data) for path, data in files]
         blob = encode_blob(result)
 
@@ -655,7 +673,7 @@ class SqliteStore:
                 )
                 if cursor.rowcount != 1:
                     return fence is not None and _finished_with(db, run_id, blob, fence)
-                db.executemany("INSERT OR IGNORE INTO output VALUES (?, ?, ?, ?)", rows)
+                _keep_output(db, run_id, chunks)
                 db.executemany("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", file_rows)
                 return True
 
@@ -708,13 +726,19 @@ class SqliteStore:
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order."""
 
-        def output(db: sqlite3.Connection) -> list[tuple[int, str, bytes]]:
-            return db.execute(
-                "SELECT seq, stream, data FROM output WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-                (run_id, after, limit),
-            ).fetchall()
+        def output(db: sqlite3.Connection) -> list[Chunk]:
+            # Every row selected holds a chunk above ``after`` (its last seq is), so ``limit`` rows
+            # are enough; the only one that may start at or below ``after`` is the last to start
+            # there, and the bound on seq lets the primary key find the rows without a scan.
+            rows = db.execute(
+                "SELECT seq, stream, data FROM output WHERE run_id = ? "
+                "AND seq >= coalesce((SELECT max(seq) FROM output WHERE run_id = ? AND seq <= ?), ?) "
+                "AND coalesce(last, seq) > ? ORDER BY seq LIMIT ?",
+                (run_id, run_id, after, after, after, limit),
+            )
+            return page(rows, after, limit)
 
-        return chunks(await self._call(output))
+        return await self._call(output)
 
     async def cancel(self, run_id: str, result: RunResult) -> CancelOutcome:
         """Cancel a queued run (it becomes ``result``) or flag a running one to be stopped."""
@@ -825,10 +849,23 @@ def _finished_with(db: sqlite3.Connection, run_id: str, blob: bytes, fence: Fenc
     return row is not None and (fence is None or tuple(row) == (fence.incarnation, fence.attempt))
 
 
+def _keep_output(db: sqlite3.Connection, run_id: str, chunks: Sequence[Chunk]) -> None:
+    """Store the chunks above the run's highest kept seq (``Store``'s rule for retried writes)."""
+    if not chunks:
+        return
+    row = db.execute(
+        "SELECT coalesce(last, seq) FROM output WHERE run_id = ? ORDER BY seq DESC LIMIT 1", (run_id,)
+    ).fetchone()
+    rows = [(run_id, *stored) for stored in output_rows(chunks, -1 if row is None else row[0])]
+    db.executemany(
+        "INSERT OR IGNORE INTO output (run_id, seq, last, stream, data) VALUES (?, ?, ?, ?, ?)", rows
+    )
+
+
 def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: str) -> str:
     # The cursor yields row by row: the run's chunks are never all held at once.
-    output = db.execute("SELECT stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
-    result = run_ended(run_id, node, message, joined(output))
+    output = db.execute("SELECT seq, stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
+    result = run_ended(run_id, node, message, joined(itertools.chain.from_iterable(map(segments, output))))
     db.execute(
         "UPDATE runs SET status = 'error', result = ?, finished = ?, spec = NULL, lease_until = NULL "
         "WHERE id = ?",
@@ -879,12 +916,81 @@ def inlined(sizes: Iterable[tuple[str, int]], max_bytes: int, total_bytes: int) 
     return paths
 
 
-def chunks(rows: Iterable[tuple[int, str, bytes]]) -> list[Chunk]:
-    """Output chunks from stored ``(seq, stream, data)`` rows."""
-    return [
-        Chunk(seq=seq, stream="stderr" if stream == "stderr" else "stdout", data=bytes(data))
-        for seq, stream, data in rows
-    ]
+class _Packed(msgspec.Struct, array_like=True):
+    """The ``data`` of a row of several chunks: one mark per chunk, ``size << 1 | stream`` (0 for
+    stdout, 1 for stderr: one msgpack byte for a chunk under 64 bytes), and their data joined."""
+
+    marks: list[int]
+    data: bytes
+
+
+_PACKED_DECODER = msgspec.msgpack.Decoder(_Packed)
+_STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
+
+
+def output_rows(chunks: Sequence[Chunk], kept: int) -> Iterator[tuple[int, int, str, bytes]]:
+    """The stored rows ``(seq, last, stream, data)`` of the chunks with seq above ``kept``.
+
+    Chunks of consecutive seqs share a row up to ``ROW_SEGMENTS`` chunks and ``CHUNK_BYTES`` of
+    data (a larger chunk is a row of its own); a row of one chunk is stored as it is, one of
+    several as ``_Packed`` under the stream ``PACKED``."""
+    group: list[Chunk] = []
+    size = 0
+    for chunk in chunks:
+        if chunk.seq <= kept:
+            continue
+        if group and (
+            chunk.seq != group[-1].seq + 1
+            or len(group) == ROW_SEGMENTS
+            or size + len(chunk.data) > CHUNK_BYTES
+        ):
+            yield _row(group)
+            group, size = [], 0
+        group.append(chunk)
+        size += len(chunk.data)
+    if group:
+        yield _row(group)
+
+
+def _row(group: list[Chunk]) -> tuple[int, int, str, bytes]:
+    first, last = group[0], group[-1]
+    if len(group) == 1:
+        return first.seq, first.seq, first.stream, first.data
+    marks = [len(c.data) << 1 | (c.stream == "stderr") for c in group]
+    packed = _Packed(marks=marks, data=b"".join(c.data for c in group))
+    return first.seq, last.seq, PACKED, msgspec.msgpack.encode(packed)
+
+
+def unpacked(seq: int, stream: str, data: bytes, after: int = -1) -> Iterator[Chunk]:
+    """The chunks with seq above ``after`` of a stored ``(seq, stream, data)`` row, in order
+    (``output_rows`` made it); those at or below ``after`` are skipped without being copied."""
+    if stream != PACKED:
+        if seq > after:
+            yield Chunk(seq=seq, stream="stderr" if stream == "stderr" else "stdout", data=bytes(data))
+        return
+    packed = _PACKED_DECODER.decode(data)
+    view = memoryview(packed.data)
+    skip = max(after + 1 - seq, 0)
+    start = sum(mark >> 1 for mark in packed.marks[:skip])
+    for index, mark in enumerate(packed.marks[skip:], start=skip):
+        end = start + (mark >> 1)
+        yield Chunk(seq=seq + index, stream=_STREAMS[mark & 1], data=bytes(view[start:end]))
+        start = end
+
+
+def segments(row: tuple[int, str, bytes]) -> Iterator[tuple[str, bytes]]:
+    """The ``(stream, data)`` of each chunk of a stored ``(seq, stream, data)`` row, for ``joined``."""
+    return ((chunk.stream, chunk.data) for chunk in unpacked(*row))
+
+
+def page(rows: Iterable[tuple[int, str, bytes]], after: int, limit: int) -> list[Chunk]:
+    """The first ``limit`` chunks above seq ``after`` of stored ``(seq, stream, data)`` rows in order."""
+    found: list[Chunk] = []
+    for seq, stream, data in rows:
+        found += itertools.islice(unpacked(seq, stream, data, after), limit - len(found))
+        if len(found) == limit:
+            break
+    return found
 
 
 @contextlib.contextmanager

@@ -139,6 +139,38 @@ def test_paced_one_byte_writes_cost_the_store_about_their_bytes(
     assert_still_serves(client)
 
 
+# The paced writer switching stream at every byte: no chunk can merge with the one before it.
+ALTERNATING_WRITER = dedent(
+    """
+    import os, time
+    end = time.monotonic() + {seconds}
+    while time.monotonic() < end:
+        os.write(1, b"o")
+        time.sleep(0.0001)
+        os.write(2, b"e")
+        time.sleep(0.0001)
+    """
+)
+
+
+def test_alternating_one_byte_writes_cost_the_store_about_their_bytes(
+    client: httpx.Client, server: WarmpodServer
+) -> None:
+    """A program alternating stdout and stderr a byte at a time grows the run store by a small
+    multiple of what it kept, not by a stored row per stream switch."""
+    store = Path(server.env["WARMPOD_QUEUE__STORE_PATH"])
+    before = stored_bytes(store)
+    paced = run(client, ALTERNATING_WRITER.format(seconds=PACED_SECONDS), timeout=PACED_SECONDS + 10)
+    assert paced.status == "succeeded", paced.result
+    kept = len(paced.stdout) + len(paced.stderr)
+    assert kept > 1000, paced.result
+    assert paced.stdout == "o" * len(paced.stdout)
+    assert paced.stderr == "e" * len(paced.stderr)
+    grown = stored_bytes(store) - before
+    assert grown <= 4 * kept + STORE_OVERHEAD, f"{grown} store bytes for {kept} bytes of output"
+    assert_still_serves(client)
+
+
 def test_interleaved_stdout_and_stderr_keep_their_order(client: httpx.Client) -> None:
     """Writes alternating between stdout and stderr come back through the stream in the order made."""
     code = dedent(

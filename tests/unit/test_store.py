@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,10 @@ from warmpod.errors import StoreError
 from warmpod.models import RunResult, RunSpec
 from warmpod.pgstore import CALL_TIMEOUT, PostgresStore
 from warmpod.store import (
+    CHUNK_BYTES,
     OUTPUT_PAGE,
     PREFERRED_WAIT,
+    ROW_SEGMENTS,
     SCHEMA_VERSION,
     Chunk,
     Claim,
@@ -292,6 +294,158 @@ async def test_a_reaped_run_keeps_all_its_output_however_many_chunks(store: Stor
     assert record.result.stderr == "".join(c.data.decode() for c in written if c.stream == "stderr")
 
 
+class Raw(msgspec.Struct, frozen=True):
+    """A store with a way around it to its database: ``query(sql)`` runs SQL that has no
+    parameters (the same text in both dialects) on a connection of its own; ``blob(data)`` is
+    the literal of ``data`` in the store's dialect."""
+
+    store: Store
+    query: Callable[[str], list[tuple[Any, ...]]]
+    blob: Callable[[bytes], str]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def raw(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Raw]:
+    """A fresh store of each kind, as ``store`` gives, with direct access to its tables."""
+    opened: Store
+    if request.param == "sqlite":
+        path = tmp_path / "runs.sqlite3"
+        opened = await SqliteStore.open(path)
+
+        def query(sql: str) -> list[tuple[Any, ...]]:
+            with contextlib.closing(sqlite3.connect(path, timeout=10, isolation_level=None)) as db:
+                return db.execute(sql).fetchall()
+
+        def blob(data: bytes) -> str:
+            return f"X'{data.hex()}'"
+
+    else:
+        url = request.getfixturevalue("postgres_db")
+        opened = await PostgresStore.open(url)
+
+        def query(sql: str) -> list[tuple[Any, ...]]:
+            with psycopg.connect(url, autocommit=True) as conn:
+                cursor = conn.execute(sql.encode())
+                return cursor.fetchall() if cursor.description else []
+
+        def blob(data: bytes) -> str:
+            return f"'\\x{data.hex()}'::bytea"
+
+    yield Raw(opened, query, blob)
+    await opened.aclose()
+
+
+async def read_all(store: Store, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
+    """Every chunk of ``run_id`` after ``after``, paged by ``limit`` as a resuming reader does."""
+    read: list[Chunk] = []
+    while page := await store.output(run_id, after, limit):
+        assert len(page) <= limit
+        assert sum(len(c.data) for c in page) <= limit * CHUNK_BYTES
+        read += page
+        after = page[-1].seq
+    return read
+
+
+async def test_a_write_of_alternating_one_byte_chunks_is_one_compact_row(raw: Raw) -> None:
+    """A program switching streams at every byte costs one row per write, of about two bytes a
+    byte, and reads back chunk for chunk."""
+    written = alternating(ROW_SEGMENTS)
+    await raw.store.add("a", SPEC, max_queued=10)
+    fence = (await claim(raw.store)).fence
+    assert await raw.store.add_output(fence, written)
+    [(rows, size)] = raw.query("SELECT count(*), sum(length(data)) FROM output WHERE run_id = 'a'")
+    assert rows == 1
+    assert size <= 2 * len(written) + 16
+    assert await read_all(raw.store, "a") == written
+
+
+async def test_a_large_write_is_split_into_bounded_rows(raw: Raw) -> None:
+    """Rows hold at most ROW_SEGMENTS chunks and CHUNK_BYTES of data (a larger chunk alone), and
+    never join chunks whose seqs are not consecutive."""
+    big = [
+        Chunk(seq=seq, stream="stdout" if seq % 2 else "stderr", data=bytes([seq]) * (CHUNK_BYTES // 3))
+        for seq in range(5)
+    ]
+    huge = Chunk(seq=5, stream="stdout", data=b"h" * (CHUNK_BYTES + 1))
+    small = [msgspec.structs.replace(c, seq=c.seq + 6) for c in alternating(ROW_SEGMENTS + 10)]
+    gapped = [Chunk(seq=small[-1].seq + 2, stream="stderr", data=b"g")]
+    written = [*big, huge, *small, *gapped]
+    await raw.store.add("a", SPEC, max_queued=10)
+    fence = (await claim(raw.store)).fence
+    assert await raw.store.add_output(fence, written)
+    rows = raw.query("SELECT seq, last, length(data) FROM output WHERE run_id = 'a' ORDER BY seq")
+    assert [(seq, last) for seq, last, _ in rows] == [
+        (0, 2),
+        (3, 4),
+        (5, 5),
+        (6, 6 + ROW_SEGMENTS - 1),
+        (6 + ROW_SEGMENTS, 6 + ROW_SEGMENTS + 9),
+        (gapped[0].seq, gapped[0].seq),
+    ]
+    assert all(size <= CHUNK_BYTES + 2 * ROW_SEGMENTS + 16 for seq, _, size in rows if seq != huge.seq)
+    assert await read_all(raw.store, "a") == written
+
+
+async def test_a_reader_resuming_anywhere_inside_a_row_gets_every_later_chunk_once(store: Store) -> None:
+    """Pages may end inside a packed row: from every seq, paging on by the last seq returned gives
+    exactly the chunks after it, in order, across rows of several writes and the finish."""
+    written = alternating(50)
+    await store.add("a", SPEC, max_queued=10)
+    fence = (await claim(store)).fence
+    for start in (0, 1, 20):
+        assert await store.add_output(fence, written[start : start + 19 if start < 20 else 45])
+    assert await store.finish("a", result("a"), written[45:], fence=fence)
+    for after in range(-1, len(written)):
+        assert await store.output("a", after, 3) == written[after + 1 : after + 4]
+        assert await read_all(store, "a", after, 7) == written[after + 1 :]
+
+
+async def test_a_retried_write_keeps_every_byte_once(raw: Raw) -> None:
+    """A write given again (it committed, but its caller saw an error), alone or with newer chunks
+    behind it as the scheduler retries, changes nothing already kept and keeps the new chunks once."""
+    written = alternating(40)
+    await raw.store.add("a", SPEC, max_queued=10)
+    fence = (await claim(raw.store)).fence
+    assert await raw.store.add_output(fence, written[:10])
+    before = raw.query("SELECT seq, last, stream, data FROM output WHERE run_id = 'a' ORDER BY seq")
+    assert await raw.store.add_output(fence, written[:10])
+    assert raw.query("SELECT seq, last, stream, data FROM output WHERE run_id = 'a' ORDER BY seq") == before
+    assert await raw.store.add_output(fence, written[:10])
+    assert await raw.store.add_output(fence, written[:25])
+    assert await raw.store.add_output(fence, written[5:30])
+    assert await raw.store.finish("a", result("a"), written[20:], fence=fence)
+    assert await read_all(raw.store, "a") == written
+    assert await read_all(raw.store, "a", 12, 5) == written[13:]
+    record = await raw.store.get("a")
+    assert record is not None
+
+
+async def test_rows_stored_before_rows_packed_chunks_still_read(raw: Raw) -> None:
+    """Rows of one chunk without a last seq, as stores kept them before, read, page and reap
+    alongside packed rows written after them."""
+    await raw.store.add("a", SPEC, max_queued=10)
+    fence = (await claim(raw.store, lease=0.3)).fence
+    older = [
+        Chunk(seq=0, stream="stdout", data=b"ab"),
+        Chunk(seq=1, stream="stderr", data=b"c"),
+        Chunk(seq=2, stream="stdout", data=b"d"),
+    ]
+    values = ", ".join(f"('a', {c.seq}, '{c.stream}', {raw.blob(c.data)})" for c in older)
+    raw.query(f"INSERT INTO output (run_id, seq, stream, data) VALUES {values}")
+    newer = [msgspec.structs.replace(c, seq=c.seq + 3) for c in alternating(9)]
+    # Two of the old rows again, ahead of the new ones, as a retried write gives them.
+    assert await raw.store.add_output(fence, [*older[1:], *newer])
+    assert await read_all(raw.store, "a") == [*older, *newer]
+    assert await read_all(raw.store, "a", 1, 2) == [*older[2:], *newer]
+    await anyio.sleep(0.4)
+    assert await raw.store.reap(LOST) == ["a"]
+    record = await raw.store.get("a")
+    assert record is not None
+    assert record.result is not None
+    assert record.result.stdout == "abd" + "".join(c.data.decode() for c in newer if c.stream == "stdout")
+    assert record.result.stderr == "c" + "".join(c.data.decode() for c in newer if c.stream == "stderr")
+
+
 async def test_a_heartbeat_keeps_the_lease_and_reports_what_it_holds(store: Store) -> None:
     """Renewed leases outlive their first term; a fence of another attempt holds nothing; the
     beat lists the nodes seen alive and counts the queue."""
@@ -447,7 +601,7 @@ def test_blobs_carry_their_version_and_older_ones_still_read() -> None:
 
 async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: Path) -> None:
     """A file of the layout before schema versions (no node columns, no key) opens: its queued run
-    is kept and claimed, and the file says the current version."""
+    is kept and claimed, its output reads, and the file says the current version."""
     path = tmp_path / "runs.sqlite3"
     db = sqlite3.connect(path)
     db.executescript(
@@ -463,6 +617,7 @@ async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: 
         "INSERT INTO runs (id, status, spec, created) VALUES ('old', 'queued', ?, 0)",
         (msgspec.msgpack.encode(SPEC),),
     )
+    db.execute("INSERT INTO output VALUES ('old', 0, 'stderr', ?)", (b"kept\n",))
     db.commit()
     db.close()
     store = await SqliteStore.open(path)
@@ -470,11 +625,12 @@ async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: 
         claimed = await claim(store)
         assert (claimed.fence.run_id, claimed.spec) == ("old", SPEC)
         assert await store.add("new", SPEC, max_queued=10, key="alice", max_active=1) == "added"
+        assert await store.output("old") == [Chunk(seq=0, stream="stderr", data=b"kept\n")]
     finally:
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-    assert version == SCHEMA_VERSION == 5
+    assert version == SCHEMA_VERSION == 6
 
 
 async def test_a_store_of_a_newer_warmpod_is_refused(tmp_path: Path, postgres_db: str) -> None:
