@@ -69,13 +69,13 @@ def render() -> str:
                 continue
             field = node.target.id
             doc = body[index + 1] if index + 1 < len(body) else None
-            if not (
-                isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) and isinstance(doc.value.value, str)
-            ):
+            constant = doc.value if isinstance(doc, ast.Expr) else None
+            text = constant.value if isinstance(constant, ast.Constant) else None
+            if not isinstance(text, str):
                 raise SystemExit(f"settings.py: {cls.name}.{field} has no docstring")
             variable = f"WARMPOD_{section.upper()}__{field.upper()}"
             value = getattr(getattr(defaults, section), field)
-            parts.append(f"| `{variable}` | {_default(value)} | {_clean(doc.value.value)} |")
+            parts.append(f"| `{variable}` | {_default(value)} | {_clean(text)} |")
     parts.append("")
     parts.append(END)
     return "\n".join(parts)
