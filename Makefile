@@ -1,5 +1,5 @@
 # The tasks CI runs (.ci/run runs `make ci`); each target is one step a contributor can run alone.
-.PHONY: setup lint typecheck image test test-fast guest guest-build ci seccomp lock bench-cluster
+.PHONY: setup lint typecheck image test test-fast guest guest-build ci seccomp lock docs bench-cluster
 VENV := .venv/bin
 
 setup:          ## packages, uv, .venv, and the test suites' extras (Chromium)
@@ -31,6 +31,9 @@ ci: setup lint typecheck image test guest-build guest
 
 seccomp:        ## regenerate pool/seccomp.json from Podman's default profile and pool/seccomp.py's table
 	$(VENV)/python pool/seccomp.py
+
+docs:           ## regenerate docs/configuration.md's settings tables from src/warmpod/settings.py
+	$(VENV)/python deploy/settings_doc.py
 
 bench-cluster:  ## SQLite vs PostgreSQL latency, one vs two nodes' throughput, writes per run (QUICK=1: small)
 	$(VENV)/python bench/cluster.py $(if $(QUICK),--quick)

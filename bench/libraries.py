@@ -5,7 +5,7 @@ Usage::
     .venv/bin/python bench/libraries.py [--before REQUIREMENTS_IN] [--after REQUIREMENTS_IN]
                                         [--pool-size N] [--output PATH]
 
-``before`` is numpy and pandas alone (the default set until issue 13), ``after`` the bundled
+``before`` is numpy and pandas alone (the libraries warmpod preloads), ``after`` the bundled
 ``pool/requirements.in``; either may be any operator's requirements file. Each set is locked (beside
 its file, as ``WARMPOD_IMAGE__REQUIREMENTS`` would be), built with the same Containerfile and
 agent (offline, as ``warmpod image build`` does; an image already built is reused), then served by

@@ -49,7 +49,7 @@ LABEL_PID = "io.warmpod.pid"
 PRELOAD_CALM = 5.0
 # How long a run leased from a full pool, with no other run, holds back the pool's own work
 # (making its replacement, thawing the next container) while ready ones remain: on 2 CPUs that
-# work competed with the lone run it was leased for (idle p50 of print(1), 30 runs taking turns:
+# work competes with the lone run it was leased for (idle p50 of print(1), 30 runs taking turns:
 # 33.1 and 18.3 ms with it, 13.5 and 16.7 without).
 RUN_FIRST = 0.2
 # How fast the pool's view of the runs' mix follows the runs claimed (the weight of the latest).
@@ -523,7 +523,7 @@ class Pool:
                     finally:
                         self._queue.remove(ticket)
                         self._changed.notify_all()
-                    # Only the lone run: under load, runs and refills share the CPUs as before.
+                    # Only the lone run: under load, runs and refills share the CPUs.
                     full = len(self._ready) + self._starting >= self._target
                     if full and not self._busy and not self._queue:
                         self._run_first_until = anyio.current_time() + RUN_FIRST

@@ -37,7 +37,7 @@ AGENT_CAPS = ["CAP_SETUID", "CAP_SETGID", "CAP_KILL", "CAP_SYS_RESOURCE", "CAP_S
 # Room above a sandbox's memory at rest for writing main.py and starting the program.
 MEMORY_HEADROOM = 4 * 1024 * 1024
 DESTROY_TIMEOUT = 30.0
-# An answered agent exits within a few milliseconds; past this its container is killed as before.
+# An answered agent exits within a few milliseconds; past this its container is killed.
 AGENT_EXIT_WAIT = 0.25
 # The wait between looks for the agent's socket doubles from the first to the second: a bare
 # agent listens within tens of ms when idle, a preloading one or any under load only after 0.3-2 s,

@@ -463,7 +463,7 @@ class Scheduler:
     @contextlib.contextmanager
     def _watching(self, run_id: str) -> Iterator[None]:
         # The run's event lives while anyone waits on it: a run waited on and then forgotten
-        # must not leave one behind (one leaked per blocking request before).
+        # must not leave one behind (else every blocking request would leak one).
         self._watchers[run_id] = self._watchers.get(run_id, 0) + 1
         try:
             yield

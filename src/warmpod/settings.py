@@ -134,7 +134,7 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     at most ``max_size`` x ``limits.memory_mb``; the ready target grows toward it while runs find
     the pool empty (``WARMPOD_POOL__MAX_SIZE``)."""
     size: PoolSize | None = None
-    """The former name of ``min_size``, which it overrides when given; ``max_size`` is raised to
+    """Another name for ``min_size``, which it overrides when given; ``max_size`` is raised to
     it if lower (``WARMPOD_POOL__SIZE``)."""
     shrink_after: Seconds = 30.0
     """Seconds without a run finding the pool empty before the ready target halves toward
@@ -144,8 +144,8 @@ class PoolSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     nothing; comma-separated or a JSON list, empty for none. A module that fails to import is
     reported in ``/health`` and runs go on without it (``WARMPOD_POOL__PRELOAD``)."""
     acquire_timeout: Seconds = 30.0
-    """How long a run waits for a free container before it is answered 503
-    (``WARMPOD_POOL__ACQUIRE_TIMEOUT``)."""
+    """How long a worker waits for a free container before it tries again; the run stays queued
+    meanwhile (``WARMPOD_POOL__ACQUIRE_TIMEOUT``)."""
     start_timeout: Seconds = 30.0
     """How long a new container may take to report ready (``WARMPOD_POOL__START_TIMEOUT``)."""
     refill_concurrency: PositiveInt = 4

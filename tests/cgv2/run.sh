@@ -126,7 +126,7 @@ mkdir -p "$S.new/repo"
 # for caches only).
 (cd "$ROOT" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude=.pytest_cache \
     --exclude=.mypy_cache --exclude=.ruff_cache --exclude=bench/results \
-    src pool tests bench deploy pyproject.toml uv.lock README.md Containerfile $(ls SECURITY.md LICENSE* 2>/dev/null)) |
+    src pool tests bench deploy docs pyproject.toml uv.lock README.md CONTRIBUTING.md Containerfile $(ls SECURITY.md LICENSE* 2>/dev/null)) |
     tar -xf - -C "$S.new/repo"
 {
     echo "commit $(git -C "$ROOT" rev-parse HEAD)"

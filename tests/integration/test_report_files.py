@@ -94,8 +94,8 @@ def test_a_report_run_returns_its_chart_and_table(client: httpx.Client) -> None:
         "/run-file/",
         files=[("file", ("report.py", REPORT.encode())), ("files", ("data/sales.csv", SALES.encode()))],
         # A report's own time, not the 10 s default: 0.5-0.8 s here, and in the User-Mode Linux
-        # guest of tests/cgv2 (pandas and matplotlib imported, page faults ~50x dearer) it ran
-        # past 10 s in the run and its rerun at 17136ca.
+        # guest of tests/cgv2 (pandas and matplotlib imported, page faults ~50x dearer) it can run
+        # past 10 s, rerun included.
         data={"timeout": "30"},
     )
     assert response.status_code == 200, response.text

@@ -21,15 +21,15 @@ from .hostile import SETTINGS
 
 pytestmark = pytest.mark.security
 
-# A run that leaves 16 files of 1 MB: each answer about it used to inline all of them (21 MiB of
-# base64 JSON), and a client that asks for it and never reads pinned that much per connection.
+# A run that leaves 16 files of 1 MB: an answer inlining all of them would be 21 MiB of base64
+# JSON, pinned per connection by a client that asks for it and never reads.
 FILES = 16
 FILE_BYTES = 1_000_000
 READERS = 300
 # What the readers may add to the server's RSS at most: the answers their key may have in flight
 # (32 of some 1.4 MiB each, files.inline_total_bytes in base64) and 128 KiB of buffer for each
 # connection, some 85 MiB; 14 MiB measured on loopback, whose kernel buffers take most of it, and
-# 5.4 GiB before answers were bounded. Not scaled: memory does not depend on the machine's speed.
+# 5.4 GiB with answers unbounded. Not scaled: memory does not depend on the machine's speed.
 RSS_BOUND = 160 * 1024 * 1024
 # The readers are stopped once the server holds this much more, so a regression fails fast
 # instead of taking the machine's memory.
