@@ -66,8 +66,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     holds its slot until the client has read its answer to the last bytes (64 KiB), so one that
     asks and never reads holds its own slots and no more. Past it the key is answered 429. What a
     key's unread answers hold in this process is at most this many answers: a result or status
-    (``files.inline_total_bytes`` of files), or a file download, which is held whole (up to
-    ``files.out_bytes``) (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
+    (``files.inline_total_bytes`` of files), or a file download, which is read from the store and
+    held a 256 KiB piece at a time (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
     log_format: Literal["text", "json"] = "text"
     """How the server logs, on stderr: ``text`` for a terminal, ``json`` one object a line (``time``,
     ``level``, ``logger``, ``event`` and the record's fields) for a log collector; uvicorn's lines
