@@ -51,6 +51,12 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     limit; a request on a connection past it is answered 503 at once. It is the last bound, for
     every client together: the ``key_*`` ones keep a single client far from it
     (``WARMPOD_SERVER__MAX_CONNECTIONS``)."""
+    forwarded_allow_ips: str = ""
+    """The reverse proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed
+    (uvicorn's ``forwarded_allow_ips``: addresses or networks separated by commas, ``*`` for any):
+    from them the client's address is the one the header names. Empty, the default, believes no
+    one, so that no client can pick the address it is counted as where keys are off (the ``key_*``
+    bounds) or that the logs show (``WARMPOD_SERVER__FORWARDED_ALLOW_IPS``)."""
     backlog: Annotated[int, Meta(ge=1, le=65535)] = 2048
     """Connections the kernel holds waiting to be accepted (``listen``'s backlog, capped by
     ``net.core.somaxconn``); beyond it new connections are refused (``WARMPOD_SERVER__BACKLOG``)."""

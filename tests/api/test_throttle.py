@@ -183,6 +183,50 @@ def test_serve_bounds_connections_and_backlog(monkeypatch: pytest.MonkeyPatch) -
     assert (config.limit_concurrency, config.backlog) == (300, 64)
 
 
+@pytest.mark.parametrize(
+    ("trusted", "seen_as"),
+    [("", "127.0.0.1"), ("127.0.0.1", "203.0.113.9"), ("10.0.0.0/8", "127.0.0.1")],
+)
+async def test_serve_believes_forwarded_addresses_only_from_the_proxies_named(
+    monkeypatch: pytest.MonkeyPatch, trusted: str, seen_as: str
+) -> None:
+    """Under ``warmpod serve`` a client on loopback that sends ``X-Forwarded-For`` is counted as
+    itself unless ``forwarded_allow_ips`` names it: by default no client picks its throttle bucket."""
+    configs: list[uvicorn.Config] = []
+
+    def run(self: uvicorn.Server, *args: Any) -> None:
+        configs.append(self.config)
+
+    monkeypatch.setattr(image, "build_image", lambda *args: None)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    assert cli.serve(from_env({}, server={"forwarded_allow_ips": trusted})) == 0
+    (config,) = configs
+    clients: list[object] = []
+
+    async def echo(scope: Any, receive: Any, send: Any) -> None:
+        clients.append(scope["client"])
+
+    # The app uvicorn would serve, with what it wraps around it, in front of one that notes the client.
+    config.app = echo
+    config.load()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [(b"x-forwarded-for", b"203.0.113.9")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await config.loaded_app(scope, None, None)
+    assert [client[0] for client in clients] == [seen_as]  # type: ignore[index]
+
+
 async def test_every_limited_operation_documents_its_429(
     anonymous: AsyncTestClient[Litestar], secrets: dict[str, str]
 ) -> None:
