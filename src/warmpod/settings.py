@@ -48,8 +48,9 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     proxy that authenticates (``WARMPOD_SERVER__ALLOW_ANONYMOUS``)."""
     max_connections: PositiveInt = 512
     """Connections served at once (uvicorn's ``limit_concurrency``), below the process's open-files
-    limit; a request on a connection past it is answered 503 at once. It is the last bound, for
-    every client together: the ``key_*`` ones keep a single client far from it
+    limit; a request on a connection past it is answered 503 at once, by uvicorn itself: plain
+    text, not a problem, and without ``Retry-After`` (uvicorn has no hook to change it). It is the
+    last bound, for every client together: the ``key_*`` ones keep a single client far from it
     (``WARMPOD_SERVER__MAX_CONNECTIONS``)."""
     forwarded_allow_ips: str = ""
     """The reverse proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed
