@@ -986,9 +986,13 @@ async def test_a_large_download_is_streamed_in_pieces_with_its_length(
     client: AsyncTestClient[Litestar], runner: RecordingRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A file larger than a piece downloads whole, with its Content-Length, read from the store one
-    FILE_PIECE at a time and never whole: a reader who stops reading holds a piece, not the file."""
+    FILE_PIECE at a time and never whole: a reader who stops reading holds a piece, not the file;
+    an empty file is an empty answer."""
     data = bytes(range(256)) * (2 * FILE_PIECE // 256) + b"and a bit"
-    runner.left = [FileChunk(path="out/big.bin", data=data, end=True)]
+    runner.left = [
+        FileChunk(path="out/big.bin", data=data, end=True),
+        FileChunk(path="out/empty", data=b"", end=True),
+    ]
     body = (await client.post("/run-json/", json={"code": "pass"})).json()
     read: list[int] = []
     piece = SqliteStore.file_piece
@@ -1009,6 +1013,8 @@ async def test_a_large_download_is_streamed_in_pieces_with_its_length(
     assert download.headers["content-type"] == "application/octet-stream"
     assert download.headers["content-disposition"].startswith("attachment;")
     assert read == [FILE_PIECE, FILE_PIECE, len(b"and a bit")]
+    empty = await client.get(f"/status/{body['id']}/files/out/empty")
+    assert (empty.status_code, empty.content, empty.headers["content-length"]) == (200, b"", "0")
 
 
 async def test_the_stream_sends_a_file_event_per_file_before_the_result(
