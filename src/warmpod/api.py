@@ -17,7 +17,7 @@ from litestar.enums import RequestEncodingType
 from litestar.exceptions import ServiceUnavailableException, ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath, HeaderParameter, QueryParameter
-from litestar.response import ServerSentEvent, ServerSentEventMessage
+from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
 from warmpod.auth import key_of
 from warmpod.errors import RunNotFound, ShuttingDown, StoreError
@@ -281,13 +281,17 @@ class StatusController(Controller):
     )
     async def file(
         self, run: NamedDependency[str], path: FromPath[str], service: NamedDependency[Service]
-    ) -> Response[bytes]:
+    ) -> Stream:
         """The bytes of ``out/...`` as the run left it, with the media type its name suggests."""
-        entry, data = await service.scheduler.file(run, path.lstrip("/"))
-        return Response(
-            data,
-            media_type=_download_type(entry.media_type),
+        entry, size = await service.scheduler.file(run, path.lstrip("/"))
+        # Streamed from the store a piece at a time: a reader who never reads pins one piece,
+        # not the whole file, for as long as its request stays open.
+        return Stream(
+            service.scheduler.file_pieces(run, entry.path, size),
             headers={
+                # As headers, not ``media_type``: a Stream takes the handler's media type over its own.
+                "Content-Type": _download_type(entry.media_type),
+                "Content-Length": str(size),
                 # What a program made is hostile: a browser must neither sniff it into HTML nor
                 # run what it holds as this origin's page.
                 "X-Content-Type-Options": "nosniff",

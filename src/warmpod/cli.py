@@ -79,6 +79,9 @@ def serve(settings: Settings) -> int:
         timeout_graceful_shutdown=math.ceil(grace),
         limit_concurrency=settings.server.max_connections,
         backlog=settings.server.backlog,
+        # uvicorn believes X-Forwarded-For from loopback by default: only the proxies named are.
+        proxy_headers=bool(settings.server.forwarded_allow_ips),
+        forwarded_allow_ips=settings.server.forwarded_allow_ips or None,
     )
     Server(config).run()
     return 0

@@ -605,6 +605,31 @@ class PostgresStore:
             ).fetchone()
         return None if row is None else bytes(row[0])
 
+    async def file_size(self, run_id: str, path: str) -> int | None:
+        """The size in bytes of a file the run left, or None; its content is not read."""
+        async with self._transaction() as db:
+            # octet_length() of a bytea stored out of line reads its TOAST pointer, not its value.
+            row = await (
+                await db.execute(
+                    "SELECT octet_length(data) FROM files WHERE run_id = %s AND path = %s", (run_id, path)
+                )
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    async def file_piece(self, run_id: str, path: str, offset: int, size: int) -> bytes | None:
+        """At most ``size`` bytes of a file the run left from ``offset`` on (none past its end), or
+        None: a download reads a file in such pieces, never holding it whole."""
+        async with self._transaction() as db:
+            # A slice of a value stored out of line and uncompressed fetches only the TOAST chunks
+            # it spans; a compressed one is decompressed only as far as the slice's end.
+            row = await (
+                await db.execute(
+                    "SELECT substring(data FROM %s FOR %s) FROM files WHERE run_id = %s AND path = %s",
+                    (offset + 1, size, run_id, path),
+                )
+            ).fetchone()
+        return None if row is None else bytes(row[0])
+
     async def small_files(self, run_id: str, max_bytes: int, total_bytes: int) -> dict[str, bytes]:
         """The content of the files ``inlined`` picks among those the run left, by path: no other
         file's bytes are read."""

@@ -60,6 +60,11 @@ FLUSH_INTERVAL = 0.1
 RECHECK = 1.0
 # A stream sends a comment this often when nothing else happens, so proxies keep it open.
 KEEPALIVE = 15.0
+# A download reads its file from the store in pieces of this size: each piece is what a reader
+# that stops reading can hold in memory (with the connection's own 64 KiB buffer), and each is one
+# short store call. Smaller costs more CPU: SQLite finds a piece by walking the file's pages from
+# its start, so a 16 MiB file read in these pieces takes some 6 times the CPU of reading it whole.
+FILE_PIECE = 256 * 1024
 # How long DELETE waits for a running run to be stopped before it answers.
 CANCEL_WAIT = 10.0
 RETRY_MAX = 30.0
@@ -416,8 +421,9 @@ class Scheduler:
             with anyio.move_on_after(RECHECK):
                 await changed.wait()
 
-    async def file(self, run_id: str, path: str) -> tuple[OutputFile, bytes]:
-        """A file the run left in ``out/``: its entry in the result and its content.
+    async def file(self, run_id: str, path: str) -> tuple[OutputFile, int]:
+        """A file the run left in ``out/``: its entry in the result and its stored size, for
+        ``file_pieces`` to read it by.
 
         Raises:
             RunNotFound: no such run, or its result has expired.
@@ -425,14 +431,26 @@ class Scheduler:
         """
         record = await self._record(run_id)
         entry = next((f for f in record.result.files if f.path == path), None) if record.result else None
-        data = None if entry is None else await self._store.file(run_id, path)
-        if entry is None or data is None:
+        size = None if entry is None else await self._store.file_size(run_id, path)
+        if entry is None or size is None:
             listed = ", ".join(f.path for f in record.result.files[:20]) if record.result else ""
             raise NoSuchFile(
                 f"run {run_id} left no file {path[:1024]!r}"
                 + (f"; it left {listed}" if listed else " (files are listed once the run has ended)")
             )
-        return entry, data
+        return entry, size
+
+    async def file_pieces(self, run_id: str, path: str, size: int) -> AsyncIterator[bytes]:
+        """The first ``size`` bytes of a file the run left, in pieces of at most FILE_PIECE: a
+        download holds one piece at a time, however large the file or slow its reader. It ends
+        early if the file goes meanwhile (its run expired), short of the length announced."""
+        offset = 0
+        while offset < size:
+            piece = await self._store.file_piece(run_id, path, offset, min(FILE_PIECE, size - offset))
+            if not piece:
+                return
+            yield piece
+            offset += len(piece)
 
     async def _with_files(self, result: RunResult) -> RunResult:
         """The result with each file's URL, and the content of small ones inline up to the answer's

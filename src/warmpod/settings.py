@@ -48,9 +48,16 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     proxy that authenticates (``WARMPOD_SERVER__ALLOW_ANONYMOUS``)."""
     max_connections: PositiveInt = 512
     """Connections served at once (uvicorn's ``limit_concurrency``), below the process's open-files
-    limit; a request on a connection past it is answered 503 at once. It is the last bound, for
-    every client together: the ``key_*`` ones keep a single client far from it
+    limit; a request on a connection past it is answered 503 at once, by uvicorn itself: plain
+    text, not a problem, and without ``Retry-After`` (uvicorn has no hook to change it). It is the
+    last bound, for every client together: the ``key_*`` ones keep a single client far from it
     (``WARMPOD_SERVER__MAX_CONNECTIONS``)."""
+    forwarded_allow_ips: str = ""
+    """The reverse proxies whose ``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed
+    (uvicorn's ``forwarded_allow_ips``: addresses or networks separated by commas, ``*`` for any):
+    from them the client's address is the one the header names. Empty, the default, believes no
+    one, so that no client can pick the address it is counted as where keys are off (the ``key_*``
+    bounds) or that the logs show (``WARMPOD_SERVER__FORWARDED_ALLOW_IPS``)."""
     backlog: Annotated[int, Meta(ge=1, le=65535)] = 2048
     """Connections the kernel holds waiting to be accepted (``listen``'s backlog, capped by
     ``net.core.somaxconn``); beyond it new connections are refused (``WARMPOD_SERVER__BACKLOG``)."""
@@ -66,8 +73,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     holds its slot until the client has read its answer to the last bytes (64 KiB), so one that
     asks and never reads holds its own slots and no more. Past it the key is answered 429. What a
     key's unread answers hold in this process is at most this many answers: a result or status
-    (``files.inline_total_bytes`` of files), or a file download, which is held whole (up to
-    ``files.out_bytes``) (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
+    (``files.inline_total_bytes`` of files), or a file download, which is read from the store and
+    held a 256 KiB piece at a time (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
     log_format: Literal["text", "json"] = "text"
     """How the server logs, on stderr: ``text`` for a terminal, ``json`` one object a line (``time``,
     ``level``, ``logger``, ``event`` and the record's fields) for a log collector; uvicorn's lines

@@ -235,6 +235,15 @@ class Store(Protocol):
         """The content of a file the run left, or None."""
         ...
 
+    async def file_size(self, run_id: str, path: str) -> int | None:
+        """The size in bytes of a file the run left, or None; its content is not read."""
+        ...
+
+    async def file_piece(self, run_id: str, path: str, offset: int, size: int) -> bytes | None:
+        """At most ``size`` bytes of a file the run left from ``offset`` on (none past its end), or
+        None: a download reads a file in such pieces, never holding it whole."""
+        ...
+
     async def small_files(self, run_id: str, max_bytes: int, total_bytes: int) -> dict[str, bytes]:
         """The content of the files ``inlined`` picks among those the run left, by path: no other
         file's bytes are read."""
@@ -692,6 +701,36 @@ class SqliteStore:
             return None if row is None else bytes(row[0])
 
         return await self._call(file)
+
+    async def file_size(self, run_id: str, path: str) -> int | None:
+        """The size in bytes of a file the run left, or None; its content is not read."""
+
+        def size(db: sqlite3.Connection) -> int | None:
+            # length() of a BLOB reads its size from the row's header, not its pages.
+            row = db.execute(
+                "SELECT length(data) FROM files WHERE run_id = ? AND path = ?", (run_id, path)
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._call(size)
+
+    async def file_piece(self, run_id: str, path: str, offset: int, size: int) -> bytes | None:
+        """At most ``size`` bytes of a file the run left from ``offset`` on (none past its end), or
+        None: a download reads a file in such pieces, never holding it whole."""
+
+        def piece(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute(
+                "SELECT rowid FROM files WHERE run_id = ? AND path = ?", (run_id, path)
+            ).fetchone()
+            if row is None:
+                return None
+            # The incremental blob API reads only the pages the piece is on: substr() would load
+            # the whole value for every piece.
+            with db.blobopen("files", "data", row[0], readonly=True) as blob:
+                blob.seek(min(offset, len(blob)))
+                return blob.read(size)
+
+        return await self._call(piece)
 
     async def small_files(self, run_id: str, max_bytes: int, total_bytes: int) -> dict[str, bytes]:
         """The content of the files ``inlined`` picks among those the run left, by path: no other

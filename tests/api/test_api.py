@@ -35,7 +35,7 @@ from warmpod.errors import StoreError
 from warmpod.limits import RunLimits
 from warmpod.models import RunResult
 from warmpod.protocol import FileChunk, Output
-from warmpod.scheduler import FLUSH_INTERVAL, Scheduler, Update
+from warmpod.scheduler import FILE_PIECE, FLUSH_INTERVAL, Scheduler, Update
 from warmpod.service import Service
 from warmpod.settings import Settings
 from warmpod.store import OUTPUT_PAGE, Chunk, Fence, SqliteStore
@@ -1036,6 +1036,41 @@ async def test_unknown_files_are_404_problems(
     queued = (await client.post("/run-json/?wait=false", json={"code": "pass"})).json()
     assert_problem(await client.get(f"/status/{queued['id']}/files/out/a.txt"), 404, "ended")
     runner.hold.set()
+
+
+async def test_a_large_download_is_streamed_in_pieces_with_its_length(
+    client: AsyncTestClient[Litestar], runner: RecordingRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file larger than a piece downloads whole, with its Content-Length, read from the store one
+    FILE_PIECE at a time and never whole: a reader who stops reading holds a piece, not the file;
+    an empty file is an empty answer."""
+    data = bytes(range(256)) * (2 * FILE_PIECE // 256) + b"and a bit"
+    runner.left = [
+        FileChunk(path="out/big.bin", data=data, end=True),
+        FileChunk(path="out/empty", data=b"", end=True),
+    ]
+    body = (await client.post("/run-json/", json={"code": "pass"})).json()
+    read: list[int] = []
+    piece = SqliteStore.file_piece
+
+    async def recorded(store: SqliteStore, run_id: str, path: str, offset: int, size: int) -> bytes | None:
+        read.append(size)
+        return await piece(store, run_id, path, offset, size)
+
+    async def whole(*_: object) -> bytes | None:
+        raise AssertionError("a download read the whole file")
+
+    monkeypatch.setattr(SqliteStore, "file_piece", recorded)
+    monkeypatch.setattr(SqliteStore, "file", whole)
+    download = await client.get(f"/status/{body['id']}/files/out/big.bin")
+    assert download.status_code == 200
+    assert download.content == data
+    assert download.headers["content-length"] == str(len(data))
+    assert download.headers["content-type"] == "application/octet-stream"
+    assert download.headers["content-disposition"].startswith("attachment;")
+    assert read == [FILE_PIECE, FILE_PIECE, len(b"and a bit")]
+    empty = await client.get(f"/status/{body['id']}/files/out/empty")
+    assert (empty.status_code, empty.content, empty.headers["content-length"]) == (200, b"", "0")
 
 
 async def test_the_stream_sends_a_file_event_per_file_before_the_result(

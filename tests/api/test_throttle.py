@@ -19,6 +19,7 @@ from apitest import MAX_BODY, POOL_SIZE, PROBLEMS, assert_problem
 from fakes import RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from warmpod_live import free_port, wait_until
 
 from warmpod import cli, image, keys
 from warmpod.client import Client, ProblemError
@@ -183,6 +184,50 @@ def test_serve_bounds_connections_and_backlog(monkeypatch: pytest.MonkeyPatch) -
     assert (config.limit_concurrency, config.backlog) == (300, 64)
 
 
+@pytest.mark.parametrize(
+    ("trusted", "seen_as"),
+    [("", "127.0.0.1"), ("127.0.0.1", "203.0.113.9"), ("10.0.0.0/8", "127.0.0.1")],
+)
+async def test_serve_believes_forwarded_addresses_only_from_the_proxies_named(
+    monkeypatch: pytest.MonkeyPatch, trusted: str, seen_as: str
+) -> None:
+    """Under ``warmpod serve`` a client on loopback that sends ``X-Forwarded-For`` is counted as
+    itself unless ``forwarded_allow_ips`` names it: by default no client picks its throttle bucket."""
+    configs: list[uvicorn.Config] = []
+
+    def run(self: uvicorn.Server, *args: Any) -> None:
+        configs.append(self.config)
+
+    monkeypatch.setattr(image, "build_image", lambda *args: None)
+    monkeypatch.setattr(uvicorn.Server, "run", run)
+    monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    assert cli.serve(from_env({}, server={"forwarded_allow_ips": trusted})) == 0
+    (config,) = configs
+    clients: list[object] = []
+
+    async def echo(scope: Any, receive: Any, send: Any) -> None:
+        clients.append(scope["client"])
+
+    # The app uvicorn would serve, with what it wraps around it, in front of one that notes the client.
+    config.app = echo
+    config.load()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [(b"x-forwarded-for", b"203.0.113.9")],
+        "client": ("127.0.0.1", 40000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await config.loaded_app(scope, None, None)
+    assert [client[0] for client in clients] == [seen_as]  # type: ignore[index]
+
+
 async def test_every_limited_operation_documents_its_429(
     anonymous: AsyncTestClient[Litestar], secrets: dict[str, str]
 ) -> None:
@@ -219,3 +264,36 @@ def test_the_client_waits_out_a_throttle_within_its_retry_budget(live: str, secr
             patient.status("0" * 32)
         assert answered.value.status == 404  # after the wait, the real answer
         assert time.monotonic() - started >= 0.5
+
+
+def test_the_client_retries_uvicorns_own_503_without_retry_after(
+    app: Litestar, secrets: dict[str, str]
+) -> None:
+    """Past ``max_connections`` uvicorn answers a plain-text 503 without Retry-After, which the
+    client waits a second on and sends again, rather than raising."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", limit_concurrency=2)
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started, 30)
+        url = f"http://127.0.0.1:{server.config.port}"
+        # Counting the request's own, this takes the server to its limit.
+        holder = socket.create_connection(("127.0.0.1", server.config.port))
+        with holder:
+            refused = httpx.get(url + "/status/" + "0" * 32)
+            assert refused.status_code == 503
+            assert "retry-after" not in refused.headers
+            assert not refused.headers["content-type"].startswith("application/problem+json")
+        with Client(url, api_key=secrets["alice"]) as client:
+            holder = socket.create_connection(("127.0.0.1", server.config.port))
+            threading.Timer(0.3, holder.close).start()
+            started = time.monotonic()
+            with pytest.raises(ProblemError) as answered:
+                client.status("0" * 32)
+            assert answered.value.status == 404  # after the wait, the real answer
+            assert time.monotonic() - started >= 0.9
+    finally:
+        server.should_exit = True
+        thread.join(30)

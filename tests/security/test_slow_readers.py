@@ -187,3 +187,52 @@ def test_slow_readers_pin_no_memory_and_starve_no_other_key(
         # Once its readers are gone their key gets its slots back, and the service is unhurt.
         assert wait_until(lambda: attacker.get(status_path).status_code == 200, 10 * SLOWNESS)
         assert live.health().status_code == 200
+
+
+# A file near the out/ cap (files.out_bytes, 16 MiB): each download of it used to hold it whole.
+DOWNLOAD_BYTES = 15_000_000
+DOWNLOADERS = 200
+# What the stalled downloads may add to the server's RSS at most: the key's 32 requests in flight,
+# each holding a piece being sent (scheduler.FILE_PIECE, 256 KiB), the 64 KiB slice of it handed
+# to the connection and uvicorn's 64 KiB write buffer, some 12 MiB, and the store's page cache
+# (2 MiB); 10 MiB measured on loopback, and 475 MiB (32 whole files) before downloads were streamed.
+# Not scaled: memory does not depend on the machine's speed.
+DOWNLOAD_RSS_BOUND = 48 * 1024 * 1024
+
+
+def test_stalled_downloads_hold_a_piece_of_the_file_not_all_of_it(
+    tenants: tuple[WarmpodServer, str, str],
+) -> None:
+    """200 connections downloading a 15 MB file and never reading add less than DOWNLOAD_RSS_BOUND
+    to the server's memory, and the file still downloads whole once they are gone."""
+    live, mallory, _ = tenants
+    code = dedent(
+        f"""
+        import os
+        os.makedirs("out", exist_ok=True)
+        with open("out/big.bin", "wb") as f:
+            f.write(os.urandom({DOWNLOAD_BYTES}))
+        """
+    )
+    with httpx.Client(
+        base_url=live.url, headers={"Authorization": f"Bearer {mallory}"}, timeout=60
+    ) as attacker:
+        done = run_json(attacker, code, timeout=20)
+        assert done["status"] == "succeeded", done["stderr"]
+        path = f"/status/{done['id']}/files/out/big.bin"
+        # Downloaded once, whole, so that what serving it loads and keeps is in the idle figure.
+        first = attacker.get(path)
+        assert first.status_code == 200
+        assert len(first.content) == DOWNLOAD_BYTES
+        assert first.headers["content-length"] == str(DOWNLOAD_BYTES)
+        base = rss(live.pid)
+        with Sampler(live.pid, base, 2 * DOWNLOAD_RSS_BOUND) as sampler:
+            never_read(live.url, path, mallory, DOWNLOADERS, sampler)
+            sampler.tripped.wait(SETTLE)
+        grown = sampler.peak - base
+        figures = f"RSS {base / 2**20:.0f} MiB idle, +{grown / 2**20:.1f} MiB with {DOWNLOADERS} downloads"
+        print(figures)
+        assert grown < DOWNLOAD_RSS_BOUND, figures + "\n" + live.log_tail()
+        # Once its downloaders are gone their key gets its slots back, and the file is whole.
+        assert wait_until(lambda: attacker.get(path).status_code == 200, 10 * SLOWNESS)
+        assert attacker.get(path).content == first.content

@@ -567,6 +567,29 @@ async def test_files_are_kept_with_the_result_once_and_purged_with_it(store: Sto
     assert await store.small_files("r", 1000, 1000) == {}
 
 
+async def test_a_file_reads_back_in_pieces_with_its_size(store: Store) -> None:
+    """A file's size comes without its content, and pieces of any size reassemble it exactly
+    (none past its end); an unknown path or run has neither."""
+    data = bytes(range(256)) * 300 + b"tail"
+    files = (("out/big.bin", data), ("out/empty", b""))
+    assert await store.add("r", SPEC, max_queued=10) == "added"
+    assert await store.finish("r", result("r"), files=files, fence=(await claim(store)).fence)
+    assert await store.file_size("r", "out/big.bin") == len(data)
+    assert await store.file_size("r", "out/empty") == 0
+    for size in (4099, 65536, len(data), len(data) + 1):
+        pieces = [await store.file_piece("r", "out/big.bin", at, size) for at in range(0, len(data), size)]
+        assert all(piece is not None and len(piece) <= size for piece in pieces)
+        assert b"".join(piece or b"" for piece in pieces) == data
+    assert await store.file_piece("r", "out/big.bin", 257, 3) == bytes((1, 2, 3))
+    assert await store.file_piece("r", "out/big.bin", len(data) - 2, 10) == b"il"
+    assert await store.file_piece("r", "out/big.bin", len(data), 10) == b""
+    assert await store.file_piece("r", "out/big.bin", len(data) + 5, 10) == b""
+    assert await store.file_piece("r", "out/empty", 0, 10) == b""
+    for run_id, path in (("r", "out/none"), ("other", "out/big.bin")):
+        assert await store.file_size(run_id, path) is None
+        assert await store.file_piece(run_id, path, 0, 10) is None
+
+
 async def test_an_unreadable_queued_run_ends_in_error_and_the_queue_goes_on(store: Store) -> None:
     """A queued row whose spec cannot be decoded ends ``error`` with a message; the next run is claimed."""
     for run_id in ("bad", "good"):
