@@ -147,7 +147,7 @@ for minor in $(seq 39 -1 5); do                 # as warmpod.image._platform_tag
                    5) PLATFORMS+=(--platform=manylinux1_x86_64) ;; esac
 done
 PLATFORMS+=(--platform=any)
-(cd "$REPO" && "${UV[@]}" export --quiet --frozen --all-groups --no-hashes --no-emit-project \
+(cd "$REPO" && "${UV[@]}" export --quiet --frozen --all-groups --all-extras --no-hashes --no-emit-project \
     --output-file "$S.new/requirements.txt")
 key=$( { grep -v '^#' "$S.new/requirements.txt"; printf '%s\n' "${PLATFORMS[@]}"; } | sha256sum | cut -c1-12)
 DEPS=$C/wheels-$key
