@@ -5,9 +5,10 @@ VENV := .venv/bin
 setup:          ## packages, uv, .venv, and the test suites' extras (Chromium)
 	deploy/setup.sh --test
 
-lint:           ## ruff, lint and format
+lint:           ## ruff (lint and format) and the import contracts (lint-imports, pyproject's [tool.importlinter])
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
+	$(VENV)/lint-imports
 
 typecheck:      ## mypy --strict over src and tests
 	$(VENV)/mypy

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf dist && mkdir dist
 uv build --wheel --out-dir dist --quiet
-uv export --frozen --no-dev --no-hashes --no-emit-project -o dist/requirements.txt --quiet
+uv export --frozen --no-default-groups --extra server --no-hashes --no-emit-project -o dist/requirements.txt --quiet
 .venv/bin/python -m pip download --quiet --dest dist --only-binary=:all: \
     --python-version 3.13 --implementation cp --abi cp313 \
     --platform "manylinux_2_28_$(uname -m)" --platform "manylinux2014_$(uname -m)" \

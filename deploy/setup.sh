@@ -58,5 +58,6 @@ else
     }
     uv=(python3 -m uv)
 fi
-"${uv[@]}" sync --frozen --quiet
+# The server extra: `warmpod serve` and its commands (the client alone needs none of it).
+"${uv[@]}" sync --frozen --extra server --quiet
 echo "setup: ready (.venv/bin/warmpod)" >&2

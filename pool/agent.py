@@ -600,7 +600,7 @@ def named_exit(pid):
     return None
 
 
-def run_job(conn, pending, proc, job_w, job):
+def run_job(conn, pending, proc, job_w, job):  # noqa: C901  # being split into its steps elsewhere
     stdin = binascii.a2b_base64(job["stdin"])
     timeout = float(job["timeout"])
     cap = int(job["max_output_bytes"])

@@ -19,7 +19,8 @@ import os
 import sys
 
 
-def boot() -> None:
+# One ordered sequence in the program's own process, whose names are deleted before the program runs.
+def boot() -> None:  # noqa: C901
     """Preload, report ready, take the job, run the program as ``__main__``, end like Py_Finalize."""
     failed = []
     if len(sys.argv) > 1:

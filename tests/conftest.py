@@ -45,3 +45,37 @@ def postgres_db(postgres_server: postgres.PostgresServer) -> Iterator[str]:
     url = postgres_server.create_database()
     yield url
     postgres_server.drop_database(url)
+
+
+# Where warmpod blocks its event loop on purpose: once, at start or stop, on local files.
+ALLOWED_TO_BLOCK = [
+    # A pool's construction looks for the image context (the bundled pool/ directory): one stat.
+    ("warmpod/image.py", {"context_dir"}),
+    # The pool's owner lock: a mkdir, an open and a non-blocking flock at start, an unlink at stop.
+    ("warmpod/owners.py", {"acquire", "release"}),
+    # Per request, and small: the keys file's stat (and a read when it changed) that lets a
+    # rotation take effect without a restart; the playground's page, read from the package.
+    ("warmpod/keys.py", {"current"}),
+    ("warmpod/web.py", {"playground"}),
+    # `warmpod keys add|remove`'s functions: a command's, which tests call to edit the keys file.
+    ("warmpod/keys.py", {"add", "remove"}),
+    # A scrape: prometheus_client's process collector reads /proc/self, which never waits on a disk.
+    ("warmpod/metrics_http.py", {"get"}),
+]
+
+
+@pytest.fixture
+def blocking_guard() -> Iterator[None]:
+    """Fail a test whose event loop runs a blocking call (file, socket, sleep, subprocess) made by
+    warmpod's own code: such a call stalls every other request. Where blockbuster is not installed
+    (the guest job's offline wheels: its forbiddenfruit has no wheel) the guard is off."""
+    try:
+        from blockbuster import blockbuster_ctx
+    except ImportError:
+        yield
+        return
+    with blockbuster_ctx("warmpod") as guard:
+        for function in guard.functions.values():
+            for path, names in ALLOWED_TO_BLOCK:
+                function.can_block_in(path, names)
+        yield

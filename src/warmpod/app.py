@@ -27,7 +27,7 @@ from litestar.plugins.problem_details import (
 )
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
-from warmpod import __version__, auth, metrics, throttle, web
+from warmpod import __version__, auth, metrics_http, throttle, web
 from warmpod.api import RunController, StatusController, get_service, health
 from warmpod.environment import EnvironmentNotRecorded, environment
 from warmpod.errors import (
@@ -193,7 +193,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             StatusController,
             health,
             environment,
-            metrics.MetricsController,
+            metrics_http.MetricsController,
             web.playground,
             web.static_router(),
         ],
@@ -219,7 +219,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
         ),
         # The throttle after authentication, which names the key it counts against.
         middleware=[
-            metrics.PROMETHEUS.middleware,
+            metrics_http.PROMETHEUS.middleware,
             *([] if keys is None else [auth.middleware(keys)]),
             throttle.Throttle(settings.server),
         ],

@@ -21,7 +21,12 @@ if TYPE_CHECKING:
     from warmpod.settings import Settings
 
 # The server's modules (Podman's client among them) are imported by the commands that use them:
-# `warmpod run` on a laptop should start in a fraction of the second they take.
+# `warmpod run` on a laptop should start in a fraction of the second they take, and works where
+# only the client is installed (`pip install warmpod`, without the `server` extra).
+SERVER_PACKAGES = frozenset(
+    {"litestar", "podman", "prometheus_client", "psycopg", "psycopg_pool", "uv", "uvicorn"}
+)
+"""What the ``server`` extra adds that the server's commands import."""
 
 
 def _progress(message: str) -> None:
@@ -147,6 +152,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _server_command(args: argparse.Namespace, settings: Settings) -> int:
+    """serve, keys, image or doctor: the commands run on the server's host."""
+    if args.command == "serve":
+        return serve(settings)
+    if args.command == "keys":
+        return manage_keys(args, settings)
+    from warmpod import image
+
+    if args.command == "image":
+        if args.image_command == "ref":
+            print(image.image_ref(settings))
+            return 0
+        if args.image_command == "lock":
+            image.lock_requirements(settings, _progress, upgrade=True)
+            return 0
+        image.build_image(settings, _progress)
+        return 0
+    from warmpod import doctor
+
+    return doctor.main(settings)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``warmpod`` console script."""
     args = _parser().parse_args(argv)
@@ -155,7 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             return terminal.main(args)
         except KeyboardInterrupt:
             return 130
-    from warmpod import image
     from warmpod.settings import from_env
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -166,24 +192,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "port", None) is not None:
             server["port"] = args.port
         settings = from_env(server=server) if server else from_env()
-        if args.command == "serve":
-            return serve(settings)
-        if args.command == "keys":
-            return manage_keys(args, settings)
-        if args.command == "image":
-            if args.image_command == "ref":
-                print(image.image_ref(settings))
-                return 0
-            if args.image_command == "lock":
-                image.lock_requirements(settings, _progress, upgrade=True)
-                return 0
-            image.build_image(settings, _progress)
-            return 0
-        from warmpod import doctor
-
-        return doctor.main(settings)
+        return _server_command(args, settings)
     except WarmpodError as exc:
         print(f"warmpod: {exc}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] not in SERVER_PACKAGES:
+            raise
+        print(
+            f"warmpod: `warmpod {args.command}` needs the server's packages ({exc.name} is not installed): "
+            "pip install 'warmpod[server]'",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         return 130

@@ -7,7 +7,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmpod.settings import EngineSettings
+from warmpod.errors import EngineError
+from warmpod.sandbox import USERNS_SIZE
+from warmpod.settings import EngineSettings, Settings
 
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 
@@ -97,6 +99,26 @@ def missing_subid_ranges(size: int) -> list[str]:
         if not any(count.strip().isdigit() and int(count) >= size for count in counts):
             missing.append(str(path))
     return missing
+
+
+def own_user_namespaces(settings: Settings, *, rootless: bool) -> bool:
+    """Whether warmpod asks rootful Podman for a user namespace per container (``engine.userns``).
+
+    Raises:
+        EngineError: it should, but this host has no ``containers`` range to draw them from.
+    """
+    if rootless or settings.engine.userns != "auto":
+        return False
+    # Only a local engine's ranges can be read here; a remote one reports its own error on create.
+    if settings.engine.url and not settings.engine.url.startswith("unix:"):
+        return True
+    missing = missing_subid_ranges(USERNS_SIZE * settings.pool.bounds[1])
+    if missing:
+        raise EngineError(
+            f"{' and '.join(missing)} have no `containers` range of {USERNS_SIZE} ids per pool container: "
+            "run deploy/setup.sh, or set WARMPOD_ENGINE__USERNS=host to share the host's uids"
+        )
+    return True
 
 
 def process_alive(pid: str | int) -> bool:

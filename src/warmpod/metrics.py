@@ -1,25 +1,18 @@
-"""warmpod's Prometheus series, the one place that owns them, and ``GET /metrics`` that exposes them."""
+"""warmpod's Prometheus series, the one place that owns them (``warmpod.metrics_http`` exposes them)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Literal, get_args
 
-from litestar import Request, Response, get
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import Counter, Histogram
 
 from warmpod.models import RunResult, RunStatus
 from warmpod.protocol import LimitName
 
-if TYPE_CHECKING:
-    from warmpod.service import Service
-
 # The counters and histograms live in prometheus_client's default registry, made once per process
 # on import (so the many apps a test session builds never register a name twice), beside Litestar's
 # request series, which its middleware can only put there. Only the pool and queue gauges belong to
-# one app's service: they are read from it at scrape time (``_Scrape``), never registered.
+# one app's service: they are read from it at scrape time (``metrics_http``), never registered.
 FINAL_STATUSES: tuple[str, ...] = tuple(s for s in get_args(RunStatus) if s not in ("queued", "running"))
 LIMITS: tuple[str, ...] = get_args(LimitName)
 POOL_STATES = ("ready", "busy", "starting", "closing", "paused")
@@ -62,15 +55,6 @@ for _limit in LIMITS:
 for _call in PODMAN_CALLS:
     PODMAN_CALL.labels(call=_call)
 
-PROMETHEUS = PrometheusConfig(
-    app_name="warmpod",
-    prefix="warmpod_http",
-    group_path=True,  # the route's template, never a run id
-    # A stream lasts as long as its run, or longer: its "duration" would swamp the request timings.
-    exclude=[r"^/status/[^/]+/stream$"],
-)
-"""Litestar's request series (``warmpod_http_requests_total``, ``..._request_duration_seconds``)."""
-
 
 def run_ended(result: RunResult, *, queue_wait: float | None, executed: bool) -> None:
     """Count a run that reached its final status; call it once per run.
@@ -89,41 +73,3 @@ def run_ended(result: RunResult, *, queue_wait: float | None, executed: bool) ->
         if queue_wait is not None:
             QUEUE_WAIT.observe(max(queue_wait, 0.0))
         RUN_DURATION.observe(result.duration_ms / 1000)
-
-
-class _Scrape:
-    """What one scrape exposes: the process's registry, then the pool and queue of ``service``."""
-
-    def __init__(self, service: Service | None) -> None:
-        self._service = service
-
-    def collect(self) -> Iterator[Metric]:
-        yield from REGISTRY.collect()
-        if self._service is None:
-            return  # starting or stopping: there is no pool to count
-        stats = self._service.pool.stats()
-        pool = GaugeMetricFamily(
-            "warmpod_pool_containers",
-            "Pool containers by state; paused ones are also counted as ready",
-            labels=["state"],
-        )
-        for state in POOL_STATES:
-            pool.add_metric([state], getattr(stats, state))
-        yield pool
-        yield GaugeMetricFamily(
-            "warmpod_queue_depth", "Runs queued, not yet executing", value=self._service.scheduler.queued
-        )
-
-
-class MetricsController(PrometheusController):
-    """``GET /metrics``: Litestar's controller, reading the app's service too.
-
-    Its own handler exposes only prometheus_client's default registry, which cannot hold the gauges
-    of one app's pool when a process holds several apps (as tests do).
-    """
-
-    @get(include_in_schema=False, sync_to_thread=False)
-    def get(self, request: Request[Any, Any, Any]) -> Response[bytes]:
-        """Every series, in Prometheus's text format."""
-        body = generate_latest(_Scrape(request.app.state.get("service")))
-        return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -15,13 +15,12 @@ import anyio
 
 from warmpod import host, image, podman_service
 from warmpod.enforcement import check, enforcement
-from warmpod.errors import EngineError, ImageError
+from warmpod.errors import ImageError
 from warmpod.models import Environment, Health, LimitEnforcement, NodeInfo, PoolCounts, QueueCounts
 from warmpod.pgstore import PostgresStore
 from warmpod.pool import Pool
 from warmpod.runner import Runner
 from warmpod.runtime import EngineInfo, Runtime
-from warmpod.sandbox import USERNS_SIZE
 from warmpod.scheduler import Scheduler
 from warmpod.selftest import self_test
 from warmpod.settings import Settings
@@ -97,26 +96,6 @@ async def open_store(settings: Settings) -> Store:
     return await SqliteStore.open(Path(settings.queue.store_path or default_path()))
 
 
-def own_user_namespaces(settings: Settings, *, rootless: bool) -> bool:
-    """Whether warmpod asks rootful Podman for a user namespace per container (``engine.userns``).
-
-    Raises:
-        EngineError: it should, but this host has no ``containers`` range to draw them from.
-    """
-    if rootless or settings.engine.userns != "auto":
-        return False
-    # Only a local engine's ranges can be read here; a remote one reports its own error on create.
-    if settings.engine.url and not settings.engine.url.startswith("unix:"):
-        return True
-    missing = host.missing_subid_ranges(USERNS_SIZE * settings.pool.bounds[1])
-    if missing:
-        raise EngineError(
-            f"{' and '.join(missing)} have no `containers` range of {USERNS_SIZE} ids per pool container: "
-            "run deploy/setup.sh, or set WARMPOD_ENGINE__USERNS=host to share the host's uids"
-        )
-    return True
-
-
 @contextlib.asynccontextmanager
 async def run_service(settings: Settings) -> AsyncIterator[Service]:
     """Start everything the service needs, yield it, and remove all of it on exit.
@@ -141,7 +120,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     raise ImageError(f"runner image {ref} is missing: run `warmpod image build`")
                 if not info.can_pause:
                     log.warning("idle containers stay running: rootless Podman on cgroup v1 cannot pause")
-                userns = own_user_namespaces(settings, rootless=info.rootless)
+                userns = host.own_user_namespaces(settings, rootless=info.rootless)
                 pool = Pool(
                     settings,
                     runtime,

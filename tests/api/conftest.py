@@ -141,3 +141,9 @@ def live(app: Litestar) -> Iterator[str]:
     yield f"http://127.0.0.1:{server.config.port}"
     server.should_exit = True
     thread.join(30)
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking(blocking_guard: None) -> None:
+    """Every test here runs under tests/conftest.py's blocking guard: the app's handlers, the
+    scheduler and the store never block the event loop."""

@@ -1,0 +1,16 @@
+"""The unit suites: warmpod's own code never blocks the event loop of an async test."""
+
+from __future__ import annotations
+
+import pytest
+
+# The pool does its local file work (leftovers' lock files, agents' directories, the seccomp
+# profile) on the event loop; until that moves to worker threads its tests run without the guard.
+UNGUARDED = frozenset({"test_pool.py"})
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking(request: pytest.FixtureRequest) -> None:
+    """Every test here but UNGUARDED's runs under tests/conftest.py's blocking guard."""
+    if request.path.name not in UNGUARDED:
+        request.getfixturevalue("blocking_guard")
