@@ -18,8 +18,13 @@ import gc
 import os
 import sys
 
+# Annotations name it for mypy only: importing typing would cost every run's start.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
-def boot() -> None:
+
+def boot() -> "NoReturn":
     """Preload, report ready, take the job, run the program as ``__main__``, end like Py_Finalize."""
     failed = []
     if len(sys.argv) > 1:
@@ -127,21 +132,27 @@ def boot() -> None:
     try:
         exec(code, module.__dict__)
     except SystemExit as exc:
-        status = exc.code
+        status = exit_status(exc.code)
     except BaseException as exc:
         if exc.__traceback__ is not None:
             exc.__traceback__ = exc.__traceback__.tb_next
         sys.excepthook(type(exc), exc, exc.__traceback__)
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-    if status is None:
-        status = 0
-    elif not isinstance(status, int):
-        print(status, file=sys.stderr)
-        status = 1
     end(status, module.__dict__)
 
 
-def end(status: int, namespace: dict[str, object] | None = None) -> None:
+def exit_status(code: object) -> int:
+    """The status ``sys.exit(code)`` ends the interpreter with: None is 0, an int is itself,
+    anything else is printed to stderr and is 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def end(status: int, namespace: dict[str, object] | None = None) -> "NoReturn":
     """End as Py_Finalize would, up to module teardown: threads, atexit, ``namespace`` released
     (the program's files closed and flushed with its globals), stdout and stderr flushed."""
     if "threading" in sys.modules:
