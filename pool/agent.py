@@ -3,9 +3,13 @@
 Started as the container's command (PID 1, container root with only the capabilities needed to
 drop privileges and kill). Before the server connects, it pre-spawns the user's interpreter as an
 unprivileged user (a fork of its own interpreter), blocked on a private pipe, so a job costs
-no interpreter start-up. It then
-listens on /run/warmpod/agent.sock for one connection, says hello, waits for one job, feeds the
-job to the interpreter, collects stdout and stderr separately up to a cap, and sends one result.
+no interpreter start-up. It then listens on SOCKET_PATH for one connection, says hello, waits for
+one job, feeds the job to the interpreter, streams stdout and stderr up to a cap as they come,
+stops the program at its end or a limit (``Run.stop``), sends the files it left in out/ and one
+result.
+
+Names the server shares with it (protocol version, socket path, out/, MAX_PATH, the settings'
+environment variables) are checked against the server's by tests/unit/test_agent_run.py.
 
 Frames on the socket are a 4-byte big-endian length followed by a JSON object with a "type"
 field. Stdlib only: the runner image carries nothing warmpod-specific besides this file and the
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
     Message = dict[str, Any]
     """One frame's JSON object."""
 
-SOCKET_PATH = os.environ.get("WARMPOD_AGENT_SOCKET", "/run/warmpod/agent.sock")
+SOCKET_PATH = "/run/warmpod/agent.sock"
 WORKDIR = "/work"
 RUN_UID = 65534
 RUN_GID = 65534
@@ -301,7 +305,8 @@ def prepare_matplotlib() -> None:
 
 
 def prepare_program() -> None:
-    """Runs in the child before exec: OOM preference, then the unprivileged user, its niceness, limits."""
+    """In the forked child, before it becomes the program: OOM preference, then the unprivileged
+    user, its niceness, limits."""
     # The program, not the agent, is what the OOM killer should pick. Where this process's
     # CAP_SYS_RESOURCE counts on the host (rootful, no user namespace) 1000 is also the floor the
     # program cannot lower; elsewhere Landlock, where the kernel has it, keeps it out of /proc.
@@ -323,9 +328,6 @@ def prepare_program() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     restrict_writes(LANDLOCK_ABI)
     kill_foreign_syscalls()
-    nofile = env_int("WARMPOD_NOFILE")
-    if nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
 
 def own_cgroup() -> bool:
@@ -495,9 +497,10 @@ def spawn_interpreter() -> tuple[Program, int, int]:
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     pid = os.fork()
     if pid == 0:
-        # The child never returns into the agent: it execs or exits, reporting why on the ready pipe.
+        # The child never returns into the agent: it becomes the program or exits, reporting why on
+        # the ready pipe.
         try:
-            # The bootstrap expects the job on 3 and reports readiness on 4 (dup2 clears close-on-exec).
+            # The bootstrap expects the job on 3 and reports readiness on 4.
             placed = ((stdin_r, 0), (stdout_w, 1), (stderr_w, 2), (job_r, JOB_FD), (ready_w, READY_FD))
             for source, target in placed:
                 os.dup2(source, target)
@@ -1005,7 +1008,7 @@ def main() -> None:
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
     # Inherited by the interpreter: a crash must not leave a core file in the small tmpfs.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # The server lowers this agent's OOM score from the host once it connects (pool.py).
+    # The server lowers this agent's OOM score from the host once it connects (sandbox.connect).
     global LANDLOCK_ABI
     LANDLOCK_ABI = landlock_abi()
     proc, job_w, ready_r = spawn_interpreter()

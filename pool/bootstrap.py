@@ -24,6 +24,12 @@ if TYPE_CHECKING:
     from typing import NoReturn
 
 
+# Where the program leaves the files that come back with its result (the agent's OUT_DIR).
+OUT_DIR = "out"
+# What the thread is named at the end, with the exit code (the agent's EXIT_NAME).
+EXIT_NAME = "warmpod-exit"
+
+
 def boot() -> "NoReturn":
     """Preload, report ready, take the job, run the program as ``__main__``, end like Py_Finalize."""
     failed = []
@@ -69,7 +75,7 @@ def boot() -> "NoReturn":
     view = view[size:]
     # The input files, written as this (the program's) user, before its CPU budget starts. The
     # server checked every path; /work is a fresh tmpfs, so nothing in it can redirect a write.
-    os.mkdir("out", 0o755)
+    os.mkdir(OUT_DIR, 0o755)
     content = view
     for name_size, content_size in zip(lengths[::2], lengths[1::2], strict=True):
         name = bytes(view[:name_size]).decode()
@@ -182,7 +188,7 @@ def announce_exit(status: int) -> None:
         import ctypes  # loaded already: the agent this process was forked from uses it
 
         libc = ctypes.CDLL(None)
-        if libc.prctl(15, f"warmpod-exit{status}".encode(), 0, 0, 0) != 0:  # PR_SET_NAME
+        if libc.prctl(15, f"{EXIT_NAME}{status}".encode(), 0, 0, 0) != 0:  # PR_SET_NAME
             return
     except Exception:
         return  # the agent waits for the exit instead
