@@ -9,7 +9,7 @@ lint:           ## ruff, lint and format
 	$(VENV)/ruff check .
 	$(VENV)/ruff format --check .
 
-typecheck:      ## mypy --strict over src and tests
+typecheck:      ## mypy --strict over src, tests and pool (the guest code)
 	$(VENV)/mypy
 
 image:          ## the runner image (debootstrap base, offline wheels); skips when built
