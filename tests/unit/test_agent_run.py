@@ -208,7 +208,7 @@ def test_wall_time_stops_the_program_once_within_the_drain_grace(
     run = agent.Run(agent.PendingOutput(conn), child.proc, the_job)
     run.start(child.job_w)
     run.watch()
-    assert time.monotonic() - run.started < 0.3 + agent.DRAIN_GRACE + 0.2
+    assert time.monotonic() - run.started < 0.3 + agent.DRAIN_GRACE + 0.3
     result = run.finish(conn, the_job)
     assert result["limits_hit"] == ["wall_time"]
     assert result["exit_code"] == -signal.SIGKILL
@@ -238,7 +238,51 @@ def test_a_program_that_survives_its_stop_gets_one_drain_grace_only(
     run.watch()
     ended = time.monotonic()
     assert [reason for reason, _ in stops] == ["output"]
-    assert ended - stops[0][1] < agent.DRAIN_GRACE + 0.2
+    assert ended - stops[0][1] < agent.DRAIN_GRACE + 0.3
     assert run.limits_hit == ["output"]
     assert run.truncated == {"stdout": True, "stderr": False}
     assert run.sent["stdout"] == 100
+
+
+def test_cpu_spent_across_processes_stops_the_run_for_cpu_time(
+    agent: ModuleType,
+    spawn: Callable[[list[str]], Child],
+    conn: socket.socket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the container's CPU counter grew a second past the budget, the program is stopped for cpu_time."""
+    monkeypatch.setenv("WARMPOD_CPU_SECONDS", "2")
+    used = iter([0.0, 100.0])
+    monkeypatch.setattr(agent, "program_cpu_seconds", lambda: next(used, 100.0))
+    child = spawn(["/bin/sleep", "30"])
+    the_job = job(timeout=10.0, cap=100)
+    run = agent.Run(agent.PendingOutput(conn), child.proc, the_job)
+    run.start(child.job_w)
+    run.watch()
+    result = run.finish(conn, the_job)
+    assert result["limits_hit"] == ["cpu_time"]
+    assert result["exit_code"] == -signal.SIGKILL
+
+
+def test_stdin_is_fed_and_the_output_streamed_until_the_program_exits(
+    agent: ModuleType, spawn: Callable[[list[str]], Child], conn: socket.socket
+) -> None:
+    """A program that reads its stdin, echoes it and exits by itself ends with its code and no limit."""
+    child = spawn(["/bin/sh", "-c", "cat; exit 3"])
+    the_job = job(timeout=10.0, cap=100)
+    the_job["stdin"] = base64.b64encode(b"hello").decode()
+    pending = agent.PendingOutput(conn)
+    sent: list[tuple[str, bytes]] = []
+    add = pending.add
+
+    def recorded(stream: str, data: bytes) -> None:
+        sent.append((stream, data))
+        add(stream, data)
+
+    pending.add = recorded
+    run = agent.Run(pending, child.proc, the_job)
+    run.start(child.job_w)
+    run.watch()
+    result = run.finish(conn, the_job)
+    assert (result["exit_code"], result["limits_hit"]) == (3, [])
+    assert sent == [("stdout", b"hello")]
