@@ -10,7 +10,7 @@ lint:           ## ruff (lint and format) and the import contracts (lint-imports
 	$(VENV)/ruff format --check .
 	$(VENV)/lint-imports
 
-typecheck:      ## mypy --strict over src and tests
+typecheck:      ## mypy --strict over src, tests and pool (the guest code)
 	$(VENV)/mypy
 
 image:          ## the runner image (debootstrap base, offline wheels); skips when built

@@ -3,9 +3,13 @@
 Started as the container's command (PID 1, container root with only the capabilities needed to
 drop privileges and kill). Before the server connects, it pre-spawns the user's interpreter as an
 unprivileged user (a fork of its own interpreter), blocked on a private pipe, so a job costs
-no interpreter start-up. It then
-listens on /run/warmpod/agent.sock for one connection, says hello, waits for one job, feeds the
-job to the interpreter, collects stdout and stderr separately up to a cap, and sends one result.
+no interpreter start-up. It then listens on SOCKET_PATH for one connection, says hello, waits for
+one job, feeds the job to the interpreter, streams stdout and stderr up to a cap as they come,
+stops the program at its end or a limit (``Run.stop``), sends the files it left in out/ and one
+result.
+
+Names the server shares with it (protocol version, socket path, out/, MAX_PATH, the settings'
+environment variables) are checked against the server's by tests/unit/test_agent_run.py.
 
 Frames on the socket are a 4-byte big-endian length followed by a JSON object with a "type"
 field. Stdlib only: the runner image carries nothing warmpod-specific besides this file and the
@@ -18,7 +22,7 @@ program's interpreter is the agent's, forked, not a second one).
 # re, enum, collections and functools, about 12 ms of CPU at every container's start (of 15 ms for
 # all the agent's imports, measured with -X importtime in the runner image).
 import _json
-import _signal
+import _signal  # type: ignore[import-not-found]  # typeshed has no stub; signal wraps it
 import _socket
 import binascii
 import builtins
@@ -32,7 +36,15 @@ import struct
 import sys
 import time
 
-SOCKET_PATH = os.environ.get("WARMPOD_AGENT_SOCKET", "/run/warmpod/agent.sock")
+# Annotations name these for mypy only: importing typing would cost every container's start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
+
+    Message = dict[str, Any]
+    """One frame's JSON object."""
+
+SOCKET_PATH = "/run/warmpod/agent.sock"
 WORKDIR = "/work"
 RUN_UID = 65534
 RUN_GID = 65534
@@ -82,28 +94,41 @@ class _JSONContext:
 
 # json.dumps(message, separators=(",", ":")) and json.loads, without the json package: the encoder
 # escapes every character outside ASCII (protocol.py relies on it) and refuses NaN and infinities.
-_encode = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ":", ",", False, False, False)
-_scan = _json.make_scanner(_JSONContext())
+# typeshed types the C functions as json.encoder and json.scanner call them (a default function,
+# a scanner context of their own class), not as this module calls them.
+_encode = _json.make_encoder(
+    None,
+    None,  # type: ignore[arg-type]
+    _json.encode_basestring_ascii,
+    None,
+    ":",
+    ",",
+    False,
+    False,
+    False,
+)
+_scan = _json.make_scanner(_JSONContext())  # type: ignore[arg-type]
 
 
-def dumps(message):
+def dumps(message: "Message") -> str:
     return "".join(_encode(message, 0))
 
 
-def loads(data):
+def loads(data: bytes) -> "Message":
     text = data.decode()
+    value: Message
     value, end = _scan(text, 0)
     if end != len(text):
         raise ValueError("extra data after the JSON value")
     return value
 
 
-def send_frame(conn, message):
+def send_frame(conn: _socket.socket, message: "Message") -> None:
     body = dumps(message).encode()
     conn.sendall(struct.pack(">I", len(body)) + body)
 
 
-def recv_exactly(conn, size):
+def recv_exactly(conn: _socket.socket, size: int) -> bytes:
     buf = bytearray()
     while len(buf) < size:
         chunk = conn.recv(min(size - len(buf), CHUNK))
@@ -113,14 +138,14 @@ def recv_exactly(conn, size):
     return bytes(buf)
 
 
-def recv_frame(conn):
+def recv_frame(conn: _socket.socket) -> "Message":
     (size,) = struct.unpack(">I", recv_exactly(conn, 4))
     if size > MAX_JOB_FRAME:
         raise ValueError(f"frame of {size} bytes exceeds {MAX_JOB_FRAME}")
     return loads(recv_exactly(conn, size))
 
 
-def pipe_above(low):
+def pipe_above(low: int) -> tuple[int, int]:
     """A pipe whose ends are numbered above ``low``, so fds 3 and 4 stay free to place."""
     r, w = os.pipe()
     high = (fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, low), fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, low))
@@ -140,7 +165,7 @@ _CHANGE_TREE = sum(1 << bit for bit in range(4, 13))
 _REFER = 1 << 13
 
 
-def landlock_abi():
+def landlock_abi() -> int:
     """The kernel's Landlock ABI version, 0 where it has none or seccomp hides it."""
     import ctypes
 
@@ -150,7 +175,7 @@ def landlock_abi():
     return max(int(version), 0)
 
 
-def restrict_writes(abi):
+def restrict_writes(abi: int) -> None:
     """Confine the calling process's writes with Landlock; a no-op where the ABI is 0."""
     if abi <= 0:
         return
@@ -206,7 +231,7 @@ _SECCOMP_RET_KILL_PROCESS, _SECCOMP_RET_ALLOW = 0x80000000, 0x7FFF0000
 _BPF_LD_W_ABS, _BPF_JEQ_K, _BPF_JGE_K, _BPF_RET_K = 0x20, 0x15, 0x35, 0x06
 
 
-def kill_foreign_syscalls():
+def kill_foreign_syscalls() -> None:
     """Install a seccomp filter that kills the process at any non-native system call."""
     import ctypes
 
@@ -244,7 +269,7 @@ PR_CAPBSET_DROP = 24
 PR_SET_DUMPABLE = 4
 
 
-def prctl(option, arg2, arg3=0, *, what):
+def prctl(option: int, arg2: int, arg3: int = 0, *, what: str) -> None:
     """prctl(2), raising OSError (its errno, ``what``) where it fails."""
     import ctypes
 
@@ -253,12 +278,12 @@ def prctl(option, arg2, arg3=0, *, what):
         raise OSError(ctypes.get_errno(), what)
 
 
-def set_dumpable():
+def set_dumpable() -> None:
     """Make the process dumpable again, so its /proc files are its own uid's, as after an exec."""
     prctl(PR_SET_DUMPABLE, 1, what="PR_SET_DUMPABLE")
 
 
-def drop_bounding_set():
+def drop_bounding_set() -> None:
     """Empty the capability bounding set (needs CAP_SETPCAP): nothing can ever give the program one."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last = int(f.read())
@@ -266,12 +291,12 @@ def drop_bounding_set():
         prctl(PR_CAPBSET_DROP, cap, what=f"PR_CAPBSET_DROP {cap}")
 
 
-def env_int(name):
+def env_int(name: str) -> int | None:
     value = os.environ.get(name, "")
     return int(value) if value.isdigit() else None
 
 
-def prepare_matplotlib():
+def prepare_matplotlib() -> None:
     """As the program's user: its MPLCONFIGDIR, linking the font cache the image build made."""
     os.mkdir(MATPLOTLIB_DIR, 0o700)
     if os.path.isdir(IMAGE_MATPLOTLIB_DIR):
@@ -279,8 +304,9 @@ def prepare_matplotlib():
             os.symlink(os.path.join(IMAGE_MATPLOTLIB_DIR, name), os.path.join(MATPLOTLIB_DIR, name))
 
 
-def prepare_program():
-    """Runs in the child before exec: OOM preference, then the unprivileged user, its niceness, limits."""
+def prepare_program() -> None:
+    """In the forked child, before it becomes the program: OOM preference, then the unprivileged
+    user, its niceness, limits."""
     # The program, not the agent, is what the OOM killer should pick. Where this process's
     # CAP_SYS_RESOURCE counts on the host (rootful, no user namespace) 1000 is also the floor the
     # program cannot lower; elsewhere Landlock, where the kernel has it, keeps it out of /proc.
@@ -302,19 +328,16 @@ def prepare_program():
         resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     restrict_writes(LANDLOCK_ABI)
     kill_foreign_syscalls()
-    nofile = env_int("WARMPOD_NOFILE")
-    if nofile:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
 
-def own_cgroup():
+def own_cgroup() -> bool:
     # Rootless Podman on cgroup v1 gives a container no cgroup of its own: the files it sees are
     # its parent's (the host's root cpuacct, say), shared with every other process, so their
     # counters say nothing about this container. The server says so with WARMPOD_CGROUP_COUNTERS=0.
     return os.environ.get("WARMPOD_CGROUP_COUNTERS") != "0"
 
 
-def cgroup_counter(key, *paths):
+def cgroup_counter(key: str, *paths: str) -> int | None:
     """A counter from the container's cgroup events file (v2 path first, then v1), or None."""
     if not own_cgroup():
         return None
@@ -330,13 +353,13 @@ def cgroup_counter(key, *paths):
     return None
 
 
-def oom_kills():
+def oom_kills() -> int | None:
     return cgroup_counter(
         "oom_kill", "/sys/fs/cgroup/memory.events", "/sys/fs/cgroup/memory/memory.oom_control"
     )
 
 
-def memory_in_use():
+def memory_in_use() -> int:
     """Bytes the container's memory cgroup holds now (v2, then v1), or 0 where unknown."""
     for path in ("/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory/memory.usage_in_bytes"):
         try:
@@ -347,11 +370,11 @@ def memory_in_use():
     return 0
 
 
-def pids_max_hits():
+def pids_max_hits() -> int | None:
     return cgroup_counter("max", "/sys/fs/cgroup/pids.events", "/sys/fs/cgroup/pids/pids.events")
 
 
-def container_cpu_seconds():
+def container_cpu_seconds() -> float | None:
     """CPU time of every process in the container so far (cgroup v2, then v1), or None."""
     if not own_cgroup():
         return None
@@ -365,7 +388,7 @@ def container_cpu_seconds():
         return None
 
 
-def program_cpu_seconds():
+def program_cpu_seconds() -> float | None:
     """CPU time of the program's processes so far: the container's minus the agent's own, or None."""
     total = container_cpu_seconds()
     if total is None:
@@ -375,7 +398,7 @@ def program_cpu_seconds():
     return total - own.ru_utime - own.ru_stime
 
 
-def filesystem_full(path):
+def filesystem_full(path: str) -> bool:
     try:
         st = os.statvfs(path)
     except OSError:
@@ -386,14 +409,14 @@ def filesystem_full(path):
 class Program:
     """The interpreter's process and the agent's ends of its stdin, stdout and stderr pipes."""
 
-    def __init__(self, pid, stdin, stdout, stderr):
+    def __init__(self, pid: int, stdin: int, stdout: int, stderr: int) -> None:
         self.pid = pid
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
-        self.returncode = None
+        self.returncode: int | None = None
 
-    def collect(self, options):
+    def collect(self, options: int) -> int | None:
         """Wait for the process with ``os.waitpid`` ``options``; its exit code, or None while it runs."""
         if self.returncode is None:
             try:
@@ -404,19 +427,19 @@ class Program:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def poll(self):
+    def poll(self) -> int | None:
         return self.collect(os.WNOHANG)
 
-    def wait(self):
+    def wait(self) -> int | None:
         return self.collect(0)
 
-    def close_stdin(self):
+    def close_stdin(self) -> None:
         if self.stdin >= 0:
             os.close(self.stdin)
             self.stdin = -1
 
 
-def become_program(env, preload):
+def become_program(env: dict[str, str], preload: list[str]) -> "NoReturn":
     """In the forked child, privileges dropped: take the program's environment, run the bootstrap.
 
     No exec: the agent's interpreter, started as ``python3 -I`` like the program's would be, goes
@@ -431,7 +454,7 @@ def become_program(env, preload):
     sys.argv[:] = [BOOTSTRAP, *preload]
     with open(BOOTSTRAP, "rb") as f:
         code = marshal.loads(f.read()[16:])  # after the .pyc header
-    bootstrap = {"__name__": "warmpod_bootstrap", "__builtins__": builtins}
+    bootstrap: dict[str, Any] = {"__name__": "warmpod_bootstrap", "__builtins__": builtins}
     exec(code, bootstrap)
     try:
         bootstrap["boot"]()  # ends the process itself
@@ -440,7 +463,7 @@ def become_program(env, preload):
     os._exit(1)
 
 
-def spawn_interpreter():
+def spawn_interpreter() -> tuple[Program, int, int]:
     """Start the user's interpreter now, so a job does not wait for its start-up.
 
     A plain fork: the subprocess module (and what it imports) would cost every container several
@@ -474,9 +497,10 @@ def spawn_interpreter():
     open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     pid = os.fork()
     if pid == 0:
-        # The child never returns into the agent: it execs or exits, reporting why on the ready pipe.
+        # The child never returns into the agent: it becomes the program or exits, reporting why on
+        # the ready pipe.
         try:
-            # The bootstrap expects the job on 3 and reports readiness on 4 (dup2 clears close-on-exec).
+            # The bootstrap expects the job on 3 and reports readiness on 4.
             placed = ((stdin_r, 0), (stdout_w, 1), (stderr_w, 2), (job_r, JOB_FD), (ready_w, READY_FD))
             for source, target in placed:
                 os.dup2(source, target)
@@ -496,7 +520,7 @@ def spawn_interpreter():
     return Program(pid, stdin_w, stdout_r, stderr_r), job_w, ready_r
 
 
-def process_cpu_seconds(pid):
+def process_cpu_seconds(pid: int) -> float:
     """User and system CPU seconds of process ``pid`` so far (from /proc), 0.0 if unreadable."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -506,7 +530,7 @@ def process_cpu_seconds(pid):
         return 0.0
 
 
-def wait_ready(ready_r, proc):
+def wait_ready(ready_r: int, proc: Program) -> list[str]:
     """Block until the interpreter has started and preloaded; return the modules that failed."""
     report = b""
     while chunk := os.read(ready_r, 4096):
@@ -518,7 +542,7 @@ def wait_ready(ready_r, proc):
     return [name for name in report[1:].decode(errors="replace").split(",") if name]
 
 
-def reap(proc):
+def reap(proc: Program) -> None:
     """Collect every child that has ended: as PID 1 the agent inherits the program's orphans, whose
     zombies would count against the pids limit. The interpreter's status goes to ``proc``."""
     while True:
@@ -532,7 +556,7 @@ def reap(proc):
             proc.returncode = os.waitstatus_to_exitcode(status)
 
 
-def kill_everything():
+def kill_everything() -> None:
     # PID 1 survives kill(-1); every process of the run, double-forked or not, does not.
     try:
         os.kill(-1, _signal.SIGKILL)
@@ -540,7 +564,7 @@ def kill_everything():
         pass
 
 
-def b64(data):
+def b64(data: bytes | memoryview) -> str:
     return binascii.b2a_base64(data, newline=False).decode()
 
 
@@ -549,13 +573,13 @@ class PendingOutput:
 
     Bytes of the other stream send these first, so the server sees the order the agent read."""
 
-    def __init__(self, conn):
+    def __init__(self, conn: _socket.socket) -> None:
         self.conn = conn
-        self.stream = None
+        self.stream: str | None = None
         self.data = bytearray()
         self.since = 0.0
 
-    def add(self, stream, data):
+    def add(self, stream: str, data: bytes) -> None:
         if self.data and stream != self.stream:
             self.flush()
         if not self.data:
@@ -565,11 +589,11 @@ class PendingOutput:
         if len(self.data) >= OUTPUT_FLUSH_BYTES:
             self.flush()
 
-    def due(self):
+    def due(self) -> float | None:
         """When the waiting bytes must be sent; None when none wait."""
         return self.since + OUTPUT_FLUSH_SECONDS if self.data else None
 
-    def flush(self):
+    def flush(self) -> None:
         view = memoryview(self.data)
         for start in range(0, len(view), CHUNK):
             send_frame(
@@ -587,7 +611,7 @@ class PendingOutput:
 EXIT_NAME = b"warmpod-exit"
 
 
-def named_exit(pid):
+def named_exit(pid: int) -> int | None:
     """The exit code ``pid`` announced in its name (``EXIT_NAME`` and the code), or None."""
     try:
         with open(f"/proc/{pid}/comm", "rb") as f:
@@ -600,187 +624,253 @@ def named_exit(pid):
     return None
 
 
-def run_job(conn, pending, proc, job_w, job):  # noqa: C901  # being split into its steps elsewhere
-    stdin = binascii.a2b_base64(job["stdin"])
-    timeout = float(job["timeout"])
-    cap = int(job["max_output_bytes"])
-    container_cpu = env_int("WARMPOD_CPU_SECONDS")
-    cpu_seconds = int(job.get("cpu_time") or 0)
-    cpu_seconds = cpu_seconds if cpu_seconds and (not container_cpu or cpu_seconds < container_cpu) else 0
-    # The interpreter's start-up is not the program's: its budget is counted from here on.
-    startup_cpu = process_cpu_seconds(proc.pid)
-    # Only where no memory cgroup applies, a coarse fallback: the bootstrap sets it once preloaded.
-    address_space = int(job.get("address_space") or 0) or env_int("WARMPOD_AS_BYTES") or 0
-    code = binascii.a2b_base64(job.pop("code"))
-    files = [(path.encode(), binascii.a2b_base64(content)) for path, content in job.pop("files", [])]
-    lengths = "".join(f" {len(path)} {len(content)}" for path, content in files)
-    header = f"{cpu_seconds or container_cpu or 0} {address_space} {len(code)}{lengths}\n".encode()
-    oom_before, pids_before = oom_kills(), pids_max_hits()
-    cpu_before = program_cpu_seconds()
-    cpu_budget = (cpu_seconds or container_cpu) if cpu_before is not None else None
-    # The bootstrap rounds the start of the budget up to a whole second: the container-wide kill
-    # comes that much later too, so that a single process still gets its SIGXCPU first.
-    cpu_rounding = -(-startup_cpu // 1) - startup_cpu
-    started = time.monotonic()
-    deadline = started + timeout
+# Why the agent stops a run's program. The limits among them are what the result's limits_hit
+# names; "exited" is the program's own end (or its announced one, EXIT_NAME).
+LIMIT_STOPS = ("wall_time", "cpu_time", "output")
+# Once stopped, by any reason, the agent reads what the pipes still hold for this long at most: the
+# loop then ends, the interpreter is reaped and the result sent. Every stop comes by the job's
+# timeout, so the agent answers by the timeout plus this; the server waits that long and a margin
+# more (runner.SERVER_GRACE, held to it by tests/unit/test_agent_run.py).
+DRAIN_GRACE = 0.5
 
-    for piece in (header, code, *(part for file in files for part in file)):
-        view = memoryview(piece)
-        while view:
-            view = view[os.write(job_w, view) :]
-    os.close(job_w)
-    del code, files, view, piece
 
-    outputs = (proc.stdout, proc.stderr)
-    sent = {"stdout": 0, "stderr": 0}
-    names = {proc.stdout: "stdout", proc.stderr: "stderr"}
-    truncated = {"stdout": False, "stderr": False}
-    limits_hit = []
-    poller = select.poll()
-    for fd in outputs:
-        os.set_blocking(fd, False)
-        poller.register(fd, select.POLLIN)
-    stdin_fd = proc.stdin
-    stdin_view = memoryview(stdin)
-    if stdin_view:
-        os.set_blocking(stdin_fd, False)
-        poller.register(stdin_fd, select.POLLOUT)
-    else:
-        proc.close_stdin()
-        stdin_fd = -1
-    pidfd = os.pidfd_open(proc.pid)
-    poller.register(pidfd, select.POLLIN)
-    exited = False
-    named = None
-    open_streams = set(outputs)
+class Run:
+    """One job's program at run time: feeds its stdin, streams its output, watches its limits and
+    stops it through one path, ``stop(reason)``, which starts the drain grace."""
 
-    def close_stdin():
-        nonlocal stdin_fd
-        if stdin_fd >= 0:
-            poller.unregister(stdin_fd)
-            proc.close_stdin()
-            stdin_fd = -1
+    def __init__(self, pending: PendingOutput, proc: Program, job: "Message") -> None:
+        self.pending = pending
+        self.proc = proc
+        self.stdin = memoryview(binascii.a2b_base64(job["stdin"]))
+        timeout = float(job["timeout"])
+        self.cap = int(job["max_output_bytes"])
+        container_cpu = env_int("WARMPOD_CPU_SECONDS")
+        cpu_seconds = int(job.get("cpu_time") or 0)
+        if container_cpu and cpu_seconds >= container_cpu:
+            cpu_seconds = 0
+        self.cpu_limit = cpu_seconds or container_cpu
+        """The program's CPU seconds: the job's when lower than the container's; None or 0 for none."""
+        # The interpreter's start-up is not the program's: its budget is counted from here on.
+        self.startup_cpu = process_cpu_seconds(proc.pid)
+        # Only where no memory cgroup applies, a coarse fallback: the bootstrap sets it once preloaded.
+        address_space = int(job.get("address_space") or 0) or env_int("WARMPOD_AS_BYTES") or 0
+        code = binascii.a2b_base64(job.pop("code"))
+        files = [(path.encode(), binascii.a2b_base64(content)) for path, content in job.pop("files", [])]
+        lengths = "".join(f" {len(path)} {len(content)}" for path, content in files)
+        header = f"{self.cpu_limit or 0} {address_space} {len(code)}{lengths}\n".encode()
+        self.pieces = [header, code, *(part for file in files for part in file)]
+        """What the bootstrap reads on its job pipe, in order."""
+        del code, files
+        self.oom_before, self.pids_before = oom_kills(), pids_max_hits()
+        cpu_before = program_cpu_seconds()
+        self.cpu_before = cpu_before or 0.0
+        self.cpu_budget = self.cpu_limit if cpu_before is not None else None
+        """What the cgroup's CPU counter may grow by (None where the container has no counter of
+        its own, and once the budget was enforced)."""
+        # The bootstrap rounds the start of the budget up to a whole second: the container-wide kill
+        # comes that much later too, so that a single process still gets its SIGXCPU first.
+        self.cpu_rounding = -(-self.startup_cpu // 1) - self.startup_cpu
+        self.started = time.monotonic()
+        self.end_by = self.started + timeout
+        """When the watch ends: the timeout, until a stop brings it to at most DRAIN_GRACE later."""
+        self.stopped = False
+        self.exited = False
+        """The program ended (its pidfd, its announced exit), or its wall time ran out."""
+        self.named: int | None = None
+        self.limits_hit: list[str] = []
+        self.names = {proc.stdout: "stdout", proc.stderr: "stderr"}
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.truncated = {"stdout": False, "stderr": False}
+        self.outputs = {proc.stdout, proc.stderr}
+        """The program's output pipes still open."""
+        self.poller = select.poll()
+        self.stdin_fd = -1
+        self.pidfd = -1
 
-    while open_streams or not exited:
-        reap(proc)
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            if not exited:
-                # Not when a limit killed it already and it is still dying (a large address space
-                # to free on a loaded host): that run ended by that limit, not its wall time.
-                if not limits_hit:
-                    limits_hit.append("wall_time")
-                kill_everything()
-                deadline = time.monotonic() + 0.5
-                exited = True
+    def start(self, job_w: int) -> None:
+        """Hand the bootstrap its job (the program starts once the pipe closes), then watch the
+        program's pipes and its exit."""
+        for piece in self.pieces:
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(job_w, view) :]
+        os.close(job_w)
+        del self.pieces, view, piece
+        for fd in self.outputs:
+            os.set_blocking(fd, False)
+            self.poller.register(fd, select.POLLIN)
+        if self.stdin:
+            self.stdin_fd = self.proc.stdin
+            os.set_blocking(self.stdin_fd, False)
+            self.poller.register(self.stdin_fd, select.POLLOUT)
+        else:
+            self.proc.close_stdin()
+        self.pidfd = os.pidfd_open(self.proc.pid)
+        self.poller.register(self.pidfd, select.POLLIN)
+
+    def stop(self, reason: str) -> None:
+        """Stop the program for ``reason``: kill every process of the run and drain the pipes for
+        DRAIN_GRACE at most. A limit is recorded the first time it stops the run."""
+        if reason in LIMIT_STOPS and reason not in self.limits_hit:
+            self.limits_hit.append(reason)
+        # Orphans (double forks, setsid) would hold the pipes open; an exited program's children end too.
+        kill_everything()
+        drained = time.monotonic() + DRAIN_GRACE
+        # The wall time stops the run at end_by itself: the grace starts there.
+        self.end_by = drained if reason == "wall_time" else min(self.end_by, drained)
+        self.stopped = True
+        if reason in ("wall_time", "exited"):
+            self.exited = True
+
+    def watch(self) -> None:
+        """Run the program until it ended and its pipes are drained, or a stop's drain grace is over."""
+        while self.outputs or not self.exited:
+            reap(self.proc)
+            now = time.monotonic()
+            if now >= self.end_by:
+                if self.stopped:
+                    break
+                self.stop("wall_time")
                 continue
-            break
-        if cpu_budget is not None and not exited:
-            used = program_cpu_seconds()
-            # RLIMIT_CPU counts per process; forking would multiply it. The cgroup counts all, and
-            # stops them a second past the budget, where RLIMIT_CPU's hard limit would: a single
-            # process still gets its SIGXCPU at the budget first.
-            if used is not None and used - cpu_before >= cpu_budget + cpu_rounding + 1:
-                limits_hit.append("cpu_time")
-                kill_everything()
-                deadline = min(deadline, time.monotonic() + 0.5)
-                cpu_budget = None
-        # Also the pace of reaping orphans.
-        remaining = min(remaining, CPU_CHECK_INTERVAL)
-        due = pending.due()
-        if due is not None:
-            remaining = max(0.0, min(remaining, due - time.monotonic()))
-        for fd, _event in poller.poll(remaining * 1000):
-            if fd == pidfd:
-                poller.unregister(pidfd)
-                exited = True
-                # Orphans (double forks, setsid) would hold the pipes open: end them now.
-                kill_everything()
-                deadline = min(deadline, time.monotonic() + 0.5)
-            elif fd == stdin_fd:
-                try:
-                    written = os.write(stdin_fd, stdin_view[:CHUNK])
-                except BlockingIOError:
-                    continue
-                except OSError:  # the program closed its stdin early
-                    close_stdin()
-                    continue
-                stdin_view = stdin_view[written:]
-                if not stdin_view:
-                    close_stdin()
-            elif fd in open_streams:
-                try:
-                    data = os.read(fd, CHUNK)
-                except BlockingIOError:
-                    continue
-                if not data:
-                    poller.unregister(fd)
-                    open_streams.discard(fd)
-                    if not open_streams and not exited:
-                        named = named_exit(proc.pid)
-                        if named is not None:
-                            exited = True
-                            kill_everything()  # its own children, the program itself is ending
-                            deadline = min(deadline, time.monotonic() + 0.5)
-                    continue
-                stream = names[fd]
-                room = cap - sent[stream]
-                if room > 0 and data:
-                    # Streamed within OUTPUT_FLUSH_SECONDS of its reading: what the program printed
-                    # survives even if the agent does not (an OOM kill of the agent ends the container).
-                    chunk = data[:room]
-                    sent[stream] += len(chunk)
-                    pending.add(stream, chunk)
-                if len(data) > room:
-                    truncated[names[fd]] = True
-                    if "output" not in limits_hit:
-                        limits_hit.append("output")
-                        kill_everything()
-                        deadline = min(deadline, time.monotonic() + 0.5)
-        due = pending.due()
-        if due is not None and time.monotonic() >= due:
-            pending.flush()
-    pending.flush()
-    duration_ms = (time.monotonic() - started) * 1000
-    close_stdin()
-    if named is None:
-        proc.wait()
-    reap(proc)
-    os.close(pidfd)
-    # The announced code wins: the SIGKILL above may reach the program between its naming and its exit.
-    returncode = named if named is not None else proc.returncode
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_limit = cpu_seconds or container_cpu
-    if "cpu_time" not in limits_hit and (
-        returncode == -_signal.SIGXCPU
-        or (
-            returncode == -_signal.SIGKILL
-            and cpu_limit
-            and usage.ru_utime + usage.ru_stime - startup_cpu >= cpu_limit
-        )
-    ):
-        limits_hit.append("cpu_time")
-    oom_after, pids_after = oom_kills(), pids_max_hits()
-    if oom_after is not None and oom_before is not None and oom_after > oom_before:
-        limits_hit.append("memory")
-    if pids_after is not None and pids_before is not None and pids_after > pids_before:
-        limits_hit.append("pids")
-    if returncode == -_signal.SIGXFSZ or any(map(filesystem_full, (WORKDIR, "/tmp", "/dev/shm"))):
-        limits_hit.append("disk")
-    # Nothing of the program may run while its files are read: none can swap one for a link.
-    kill_everything()
-    reap(proc)
-    files_truncated = send_files(conn, int(job.get("out_count") or 0), int(job.get("out_bytes") or 0))
-    return {
-        "type": "result",
-        "exit_code": returncode,
-        "stdout_truncated": truncated["stdout"],
-        "stderr_truncated": truncated["stderr"],
-        "limits_hit": limits_hit,
-        "duration_ms": duration_ms,
-        "error": None,
-        "files_truncated": files_truncated,
-    }
+            self.check_cpu()
+            # Also the pace of reaping orphans.
+            wait = min(self.end_by - now, CPU_CHECK_INTERVAL)
+            due = self.pending.due()
+            if due is not None:
+                wait = max(0.0, min(wait, due - time.monotonic()))
+            for fd, _event in self.poller.poll(wait * 1000):
+                if fd == self.pidfd:
+                    self.poller.unregister(self.pidfd)
+                    self.stop("exited")
+                elif fd == self.stdin_fd:
+                    self.feed_stdin()
+                elif fd in self.outputs:
+                    self.pump_output(fd)
+            due = self.pending.due()
+            if due is not None and time.monotonic() >= due:
+                self.pending.flush()
+        self.pending.flush()
+
+    def check_cpu(self) -> None:
+        """Stop the program once all its processes together used up its CPU budget."""
+        if self.cpu_budget is None or self.exited:
+            return
+        used = program_cpu_seconds()
+        # RLIMIT_CPU counts per process; forking would multiply it. The cgroup counts all, and
+        # stops them a second past the budget, where RLIMIT_CPU's hard limit would: a single
+        # process still gets its SIGXCPU at the budget first.
+        if used is not None and used - self.cpu_before >= self.cpu_budget + self.cpu_rounding + 1:
+            self.cpu_budget = None
+            self.stop("cpu_time")
+
+    def feed_stdin(self) -> None:
+        """Write the next piece of the program's stdin; close it once all is written."""
+        try:
+            written = os.write(self.stdin_fd, self.stdin[:CHUNK])
+        except BlockingIOError:
+            return
+        except OSError:  # the program closed its stdin early
+            self.close_stdin()
+            return
+        self.stdin = self.stdin[written:]
+        if not self.stdin:
+            self.close_stdin()
+
+    def close_stdin(self) -> None:
+        if self.stdin_fd >= 0:
+            self.poller.unregister(self.stdin_fd)
+            self.proc.close_stdin()
+            self.stdin_fd = -1
+
+    def pump_output(self, fd: int) -> None:
+        """Read what the program wrote to ``fd`` and pass it on up to the cap; past it, stop."""
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            return
+        if not data:
+            self.close_output(fd)
+            return
+        stream = self.names[fd]
+        room = self.cap - self.sent[stream]
+        if room > 0:
+            # Streamed within OUTPUT_FLUSH_SECONDS of its reading: what the program printed
+            # survives even if the agent does not (an OOM kill of the agent ends the container).
+            chunk = data[:room]
+            self.sent[stream] += len(chunk)
+            self.pending.add(stream, chunk)
+        if len(data) > room:
+            self.truncated[stream] = True
+            if "output" not in self.limits_hit:
+                self.stop("output")
+
+    def close_output(self, fd: int) -> None:
+        """One of the program's output pipes closed: with both closed, it may have announced its exit."""
+        self.poller.unregister(fd)
+        self.outputs.discard(fd)
+        if not self.outputs and not self.exited:
+            self.named = named_exit(self.proc.pid)
+            if self.named is not None:
+                self.stop("exited")
+
+    def finish(self, conn: _socket.socket, job: "Message") -> "Message":
+        """Reap the program, tell which limits ended it, send the files it left; the result."""
+        duration_ms = (time.monotonic() - self.started) * 1000
+        self.close_stdin()
+        if self.named is None:
+            self.proc.wait()
+        reap(self.proc)
+        os.close(self.pidfd)
+        # The announced code wins: the SIGKILL of a stop may reach the program between its naming
+        # and its exit.
+        returncode = self.named if self.named is not None else self.proc.returncode
+        limits_hit = self.limits_hit + self.limits_seen_after(returncode)
+        # Nothing of the program may run while its files are read: none can swap one for a link.
+        kill_everything()
+        reap(self.proc)
+        files_truncated = send_files(conn, int(job.get("out_count") or 0), int(job.get("out_bytes") or 0))
+        return {
+            "type": "result",
+            "exit_code": returncode,
+            "stdout_truncated": self.truncated["stdout"],
+            "stderr_truncated": self.truncated["stderr"],
+            "limits_hit": limits_hit,
+            "duration_ms": duration_ms,
+            "error": None,
+            "files_truncated": files_truncated,
+        }
+
+    def limits_seen_after(self, returncode: int | None) -> list[str]:
+        """The limits the program's end shows it hit, beyond those the agent stopped it for."""
+        seen = []
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if "cpu_time" not in self.limits_hit and (
+            returncode == -_signal.SIGXCPU
+            or (
+                returncode == -_signal.SIGKILL
+                and self.cpu_limit
+                and usage.ru_utime + usage.ru_stime - self.startup_cpu >= self.cpu_limit
+            )
+        ):
+            seen.append("cpu_time")
+        oom_after, pids_after = oom_kills(), pids_max_hits()
+        if oom_after is not None and self.oom_before is not None and oom_after > self.oom_before:
+            seen.append("memory")
+        if pids_after is not None and self.pids_before is not None and pids_after > self.pids_before:
+            seen.append("pids")
+        if returncode == -_signal.SIGXFSZ or any(map(filesystem_full, (WORKDIR, "/tmp", "/dev/shm"))):
+            seen.append("disk")
+        return seen
+
+
+def run_job(
+    conn: _socket.socket, pending: PendingOutput, proc: Program, job_w: int, job: "Message"
+) -> "Message":
+    """Run the job's program to its end or a stop; the result to send (its output went first)."""
+    run = Run(pending, proc, job)
+    run.start(job_w)
+    run.watch()
+    return run.finish(conn, job)
 
 
 # What the program leaves in /work/out comes back with the result. Everything there is hostile: it
@@ -798,14 +888,14 @@ _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CL
 class Collected:
     """What ``send_files`` has sent so far, and whether it left anything behind."""
 
-    def __init__(self, max_count, max_bytes):
+    def __init__(self, max_count: int, max_bytes: int) -> None:
         self.count_left = max_count
         self.bytes_left = max_bytes
         self.entries_left = MAX_ENTRIES
         self.truncated = False
 
 
-def send_files(conn, max_count, max_bytes):
+def send_files(conn: _socket.socket, max_count: int, max_bytes: int) -> bool:
     """Send the regular files under WORKDIR/out, in path order, within the caps; True if any was
     left behind."""
     state = Collected(max_count, max_bytes)
@@ -820,7 +910,7 @@ def send_files(conn, max_count, max_bytes):
     return state.truncated
 
 
-def send_tree(conn, parent, name, path, depth, state):
+def send_tree(conn: _socket.socket, parent: int, name: str, path: str, depth: int, state: Collected) -> None:
     try:
         fd = os.open(name, _OPEN_DIR, dir_fd=parent)
     except FileNotFoundError:
@@ -862,7 +952,7 @@ def send_tree(conn, parent, name, path, depth, state):
         os.close(fd)
 
 
-def send_file(conn, parent, name, path, state):
+def send_file(conn: _socket.socket, parent: int, name: str, path: str, state: Collected) -> None:
     if state.count_left <= 0:
         state.truncated = True
         return
@@ -892,7 +982,7 @@ def send_file(conn, parent, name, path, state):
         os.close(fd)
 
 
-def listen():
+def listen() -> _socket.socket:
     # Bind and listen under a temporary name, then rename: the server connects as soon as the
     # path exists, so it must never see a socket that is not listening yet.
     staging = SOCKET_PATH + ".new"
@@ -906,7 +996,7 @@ def listen():
     os.chmod(staging, 0o600)
     server.listen(1)
     os.rename(staging, SOCKET_PATH)
-    fd, _ = server._accept()
+    fd, _ = server._accept()  # type: ignore[attr-defined]  # socket.accept's C half, not in typeshed
     conn = _socket.socket(fileno=fd)
     # One connection ever: nobody else may reach this agent once the server has it.
     server.close()
@@ -914,11 +1004,11 @@ def listen():
     return conn
 
 
-def main():
+def main() -> None:
     _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
     # Inherited by the interpreter: a crash must not leave a core file in the small tmpfs.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    # The server lowers this agent's OOM score from the host once it connects (pool.py).
+    # The server lowers this agent's OOM score from the host once it connects (sandbox.connect).
     global LANDLOCK_ABI
     LANDLOCK_ABI = landlock_abi()
     proc, job_w, ready_r = spawn_interpreter()

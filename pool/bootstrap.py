@@ -18,9 +18,19 @@ import gc
 import os
 import sys
 
+# Annotations name it for mypy only: importing typing would cost every run's start.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import NoReturn
 
-# One ordered sequence in the program's own process, whose names are deleted before the program runs.
-def boot() -> None:  # noqa: C901
+
+# Where the program leaves the files that come back with its result (the agent's OUT_DIR).
+OUT_DIR = "out"
+# What the thread is named at the end, with the exit code (the agent's EXIT_NAME).
+EXIT_NAME = "warmpod-exit"
+
+
+def boot() -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's own process, its names deleted before the program runs
     """Preload, report ready, take the job, run the program as ``__main__``, end like Py_Finalize."""
     failed = []
     if len(sys.argv) > 1:
@@ -65,7 +75,7 @@ def boot() -> None:  # noqa: C901
     view = view[size:]
     # The input files, written as this (the program's) user, before its CPU budget starts. The
     # server checked every path; /work is a fresh tmpfs, so nothing in it can redirect a write.
-    os.mkdir("out", 0o755)
+    os.mkdir(OUT_DIR, 0o755)
     content = view
     for name_size, content_size in zip(lengths[::2], lengths[1::2], strict=True):
         name = bytes(view[:name_size]).decode()
@@ -128,21 +138,27 @@ def boot() -> None:  # noqa: C901
     try:
         exec(code, module.__dict__)
     except SystemExit as exc:
-        status = exc.code
+        status = exit_status(exc.code)
     except BaseException as exc:
         if exc.__traceback__ is not None:
             exc.__traceback__ = exc.__traceback__.tb_next
         sys.excepthook(type(exc), exc, exc.__traceback__)
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
-    if status is None:
-        status = 0
-    elif not isinstance(status, int):
-        print(status, file=sys.stderr)
-        status = 1
     end(status, module.__dict__)
 
 
-def end(status: int, namespace: dict[str, object] | None = None) -> None:
+def exit_status(code: object) -> int:
+    """The status ``sys.exit(code)`` ends the interpreter with: None is 0, an int is itself,
+    anything else is printed to stderr and is 1."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)
+    return 1
+
+
+def end(status: int, namespace: dict[str, object] | None = None) -> "NoReturn":
     """End as Py_Finalize would, up to module teardown: threads, atexit, ``namespace`` released
     (the program's files closed and flushed with its globals), stdout and stderr flushed."""
     if "threading" in sys.modules:
@@ -172,7 +188,7 @@ def announce_exit(status: int) -> None:
         import ctypes  # loaded already: the agent this process was forked from uses it
 
         libc = ctypes.CDLL(None)
-        if libc.prctl(15, f"warmpod-exit{status}".encode(), 0, 0, 0) != 0:  # PR_SET_NAME
+        if libc.prctl(15, f"{EXIT_NAME}{status}".encode(), 0, 0, 0) != 0:  # PR_SET_NAME
             return
     except Exception:
         return  # the agent waits for the exit instead

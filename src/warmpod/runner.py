@@ -20,9 +20,13 @@ from warmpod.sandbox import Sandbox
 from warmpod.settings import FileSettings, LimitSettings
 from warmpod.store import CHUNK_BYTES, Chunk, Stream
 
-# The agent stops the program at its timeout and then drains pipes for up to 0.5 s; past this
-# extra margin the server stops waiting and the container is killed with whatever it held.
-SERVER_GRACE = 0.8
+AGENT_DRAIN_GRACE = 0.5
+"""How long the agent drains the pipes once it stopped the program, at the timeout at the latest
+(``DRAIN_GRACE`` in pool/agent.py, which a unit test holds equal to this)."""
+SERVER_GRACE = AGENT_DRAIN_GRACE + 0.3
+"""How long past the timeout the server waits for the agent's answer: the drain, then a margin
+for reaping the program and sending the result. Past it the container is killed with whatever it
+held and the run reported a timeout."""
 # Once the agent starts sending the files the program left (the program has ended by then), they
 # get this long to arrive, however late in the run: 16 MiB is well under a second here.
 FILES_GRACE = 10.0

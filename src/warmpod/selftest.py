@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+from pathlib import Path
 from typing import Any
 
 from warmpod.errors import WarmpodError
@@ -17,48 +18,16 @@ from warmpod.runner import Runner
 from warmpod.sandbox import AGENT_COMMAND
 from warmpod.settings import LimitSettings, Settings
 
-PROBE = r"""
-import json, os, resource
-def read(*paths):
-    for path in paths:
-        try:
-            with open(path) as f:
-                return f.read().strip()
-        except OSError:
-            pass
-    return None
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-try:
-    open("/usr/warmpod-probe", "w")
-    root_writable = True
-except OSError:
-    root_writable = False
-try:
-    pid1 = open("/proc/1/cmdline", "rb").read().split(b"\0")
-except OSError:
-    pid1 = []
-try:
-    with open("/opt/warmpod/environment.json") as f:  # environment.ENVIRONMENT_FILE
-        environment = json.load(f)
-except (OSError, ValueError):
-    environment = None
-print(json.dumps({
-    "pid1": [part.decode(errors="replace") for part in pid1 if part],
-    "hostname": os.uname().nodename,
-    "uid": os.getuid(),
-    "uid_map": read("/proc/self/uid_map"),
-    "interfaces": sorted(os.listdir("/sys/class/net")),
-    "root_writable": root_writable,
-    "seccomp": status["Seccomp"].strip(),
-    "no_new_privs": status["NoNewPrivs"].strip(),
-    "cap_eff": status["CapEff"].strip(),
-    "rlimit_cpu": resource.getrlimit(resource.RLIMIT_CPU)[0],
-    "cpu_used": sum(os.times()[:2]),
-    "memory_max": read("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"),
-    "pids_max": read("/sys/fs/cgroup/pids.max", "/sys/fs/cgroup/pids/pids.max"),
-    "environment": environment,
-}))
-"""
+
+def _pool_dir() -> Path:
+    """The guest code's directory: bundled in the installed package, or the repository's ``pool/``."""
+    bundled = Path(__file__).with_name("pool")
+    return bundled if bundled.is_dir() else Path(__file__).resolve().parents[2] / "pool"
+
+
+PROBE_FILE = _pool_dir() / "probe.py"
+"""The probe program (pool/probe.py): it prints what the program sees of its sandbox, as JSON."""
+PROBE = PROBE_FILE.read_text()
 
 
 class SelfTestFailed(WarmpodError):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import socket
 
 import pytest
-from fakes import probe_report
+from fakes import POOL_DIR, probe_report
 
-from warmpod.selftest import failures
+from warmpod.selftest import PROBE, failures
 from warmpod.settings import LimitSettings
 
 LIMITS = LimitSettings(memory_mb=256, pids=64, cpu_time=5)
@@ -68,3 +69,16 @@ def test_a_rootless_map_passes() -> None:
     """Rootless Podman's map (root is the user, the rest a subordinate range) is a user namespace."""
     rootless = "         0       1000          1\n         1     100000      65536"
     assert failures({**GOOD, "uid_map": rootless}, LIMITS, cgroups=True, userns=True) == []
+
+
+def test_the_probe_is_pool_probe_py_and_prints_every_key_the_judgement_reads() -> None:
+    """The probe sent is pool/probe.py (linted and typed), and its report has every key of a good one."""
+    assert (POOL_DIR / "probe.py").read_text() == PROBE
+    printed = {
+        key.value
+        for node in ast.walk(ast.parse(PROBE))
+        if isinstance(node, ast.Dict)
+        for key in node.keys
+        if isinstance(key, ast.Constant)
+    }
+    assert set(GOOD) | {"cpu_used", "environment"} <= printed
