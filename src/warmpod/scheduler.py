@@ -566,7 +566,9 @@ class Scheduler:
                     if not live.finishing and run_id not in beat.held:
                         self._lose(run_id, live, "its lease ran out and another node reported it ended")
                 self._top_up(beat.queued)
-            await anyio.sleep(self._lease / 3)
+            # A third of a lease from this beat's start, not its end: a slow beat (a loaded store)
+            # then a failed one still leave a third beat within the lease.
+            await anyio.sleep(max(0.0, began + self._lease / 3 - time.monotonic()))
 
     async def _reaper(self) -> None:
         """Report other nodes' runs whose lease ran out. A task of its own: a store that hangs

@@ -4,6 +4,8 @@ was lost still names the run it stored (fake sandboxes, the real store)."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,3 +86,40 @@ async def test_a_submit_whose_add_answer_is_lost_names_the_stored_run(
         assert await store.queued() == 1
     finally:
         await store.aclose()
+
+
+async def test_a_slow_heartbeat_does_not_push_the_next_one_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beats start a third of a lease apart however long each took: one that took most of its time
+    (a store under load) followed by one that failed must leave a beat before the lease runs out."""
+    store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+    leaser = FakeLeaser()
+    scheduler = Scheduler(
+        store,
+        leaser,
+        RecordingRunner(leaser, LimitSettings()),
+        QueueSettings(),
+        1,
+        node=NodeSettings(lease=LEASE),
+    )
+    renew = store.heartbeat
+    started: list[float] = []
+
+    async def slow(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+        started.append(time.monotonic())
+        await anyio.sleep(LEASE / 4)
+        return await renew(owner, lease, fences)
+
+    monkeypatch.setattr(store, "heartbeat", slow)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            with anyio.fail_after(5):
+                while len(started) < 4:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+    finally:
+        await store.aclose()
+    gaps = [round(later - earlier, 3) for earlier, later in itertools.pairwise(started)]
+    assert max(gaps) < LEASE / 3 + 0.1, f"seconds between beats' starts: {gaps}"
