@@ -28,8 +28,8 @@ peaks of any phase after it. Each phase holds its abuse on for ``--hold`` second
 
 Per phase it reports the server process's peak resident memory (VmRSS of ``warmpod serve``
 itself, not its Podman service, sampled every 20 ms) and how much it grew during the phase; the
-store's growth (the SQLite file and its ``-wal``, or the PostgreSQL database) per byte of output
-the abuser's runs kept (stdout, or the files of B); the victim's latency, p50 and p95; and the
+store's growth (the SQLite database as read through its write-ahead log, or the PostgreSQL
+database) per byte of output the abuser's runs kept (stdout, or the files of B); the victim's latency, p50 and p95; and the
 server's WARNING and ERROR log lines (a lease it could not renew, a run it lost). The abuser's
 requests are counted as answered, refused (429 or 503: a server that limits a key says so) or
 failed. It prints one table and writes the figures to a JSON file. A measurement, not a test:
@@ -58,7 +58,7 @@ from latency import ROOT, Series, Server, fmt, free_port, repeat, run_once, sect
 # The hostile programs, the slow clients and the memory sampler are shared with the tests.
 sys.path.insert(0, str(ROOT / "tests"))
 from security.hostile import chatty_program, file_heavy_program
-from warmpod_live import PeakResident, stalled_requests
+from warmpod_live import PeakResident, stalled_requests, stored_bytes
 
 from warmpod import keys
 
@@ -122,8 +122,9 @@ class Phase:
 
 
 def sqlite_bytes(path: Path) -> Callable[[], int]:
-    """The SQLite store's size on disk, its write-ahead log included."""
-    return lambda: sum(part.stat().st_size for part in (path, Path(f"{path}-wal")) if part.exists())
+    """The SQLite store's size as SQLite sees it through its write-ahead log (pages in use and
+    free): the log's own preallocated growth says nothing of what a run costs."""
+    return lambda: stored_bytes(path) if path.exists() else 0
 
 
 def postgres_bytes(url: str) -> Callable[[], int]:

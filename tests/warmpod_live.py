@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -353,3 +354,12 @@ class PeakResident:
     def _watch(self) -> None:
         while not self._done.wait(0.02):
             self.peak = max(self.peak, resident(self.pid))
+
+
+def stored_bytes(store: Path) -> int:
+    """The store's size as SQLite sees it through its write-ahead log (pages in use and free),
+    so that a log not yet checkpointed counts once."""
+    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+        pages: int = db.execute("PRAGMA page_count").fetchone()[0]
+        size: int = db.execute("PRAGMA page_size").fetchone()[0]
+    return pages * size

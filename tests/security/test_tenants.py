@@ -3,7 +3,6 @@ another key's runs stay prompt (bench/abuse.py measures the same patterns at ful
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, PeakResident, WarmpodServer, serving, stalled_requests
+from warmpod_live import SLOWNESS, PeakResident, WarmpodServer, serving, stalled_requests, stored_bytes
 
 from warmpod import keys
 
@@ -84,15 +83,6 @@ def result_of(client: httpx.Client, code: str, timeout: float) -> dict[str, Any]
     body: dict[str, Any] = response.json()
     assert body["status"] == "succeeded", body
     return body
-
-
-def stored_bytes(store: Path) -> int:
-    """The store's size as SQLite sees it through its write-ahead log (pages in use and free),
-    so that a log not yet checkpointed counts once."""
-    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
-        pages: int = db.execute("PRAGMA page_count").fetchone()[0]
-        size: int = db.execute("PRAGMA page_size").fetchone()[0]
-    return pages * size
 
 
 @dataclass(frozen=True)
