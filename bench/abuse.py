@@ -29,11 +29,11 @@ peaks of any phase after it. Each phase holds its abuse on for ``--hold`` second
 Per phase it reports the server process's peak resident memory (VmRSS of ``warmpod serve``
 itself, not its Podman service, sampled every 20 ms) and how much it grew during the phase; the
 store's growth (the SQLite database as read through its write-ahead log, or the PostgreSQL
-database) per byte of output the abuser's runs kept (stdout, or the files of B); the victim's latency, p50 and p95; and the
-server's WARNING and ERROR log lines (a lease it could not renew, a run it lost). The abuser's
-requests are counted as answered, refused (429 or 503: a server that limits a key says so) or
-failed. It prints one table and writes the figures to a JSON file. A measurement, not a test:
-nothing is asserted.
+database) per byte of output the abuser's runs kept (stdout, or the files of B); the victim's
+latency, p50 and p95; and the server's WARNING and ERROR log lines (a lease it could not renew,
+a run it lost). The abuser's requests are counted as answered, refused (429 or 503: a server
+that limits a key says so) or failed. It prints one table and writes the figures to a JSON
+file. A measurement, not a test: nothing is asserted.
 """
 
 from __future__ import annotations
