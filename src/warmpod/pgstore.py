@@ -128,6 +128,10 @@ _MIGRATIONS = (
     # 4: rows that pack several chunks (``store.output_rows``) carry their last seq; NULL in a row
     # of before, one chunk, whose last seq is its seq.
     "ALTER TABLE output ADD COLUMN last integer;",
+    # 5: a key's running runs, counted for each queued run at every claim (fairness across keys).
+    # By ``coalesce(key, '')``, as runs_by_idempotency_key (a key's name is never empty): IS NOT
+    # DISTINCT FROM, the plain spelling of "the same key or both none", cannot use an index.
+    "CREATE INDEX runs_running_by_key ON runs ((coalesce(key, ''))) WHERE status = 'running';",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -447,9 +451,10 @@ class PostgresStore:
             return await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'")
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
-        """Give the oldest queued run to ``owner``, those of ``warm``'s kind first (see
-        ``Store.claim``); SKIP LOCKED lets other nodes take the next one. A claim whose COMMIT's
-        answer was lost (a timeout, a dropped connection) is read back: it holds if it took effect."""
+        """Give the oldest queued run to ``owner``, those of ``warm``'s kind first, then those of
+        the key running fewest (see ``Store.claim``); SKIP LOCKED lets other nodes take the next
+        one. A claim whose COMMIT's answer was lost (a timeout, a dropped connection) is read back:
+        it holds if it took effect."""
         while True:
             row: tuple[Any, ...] | None = None
             try:
@@ -458,8 +463,10 @@ class PostgresStore:
                         await db.execute(
                             "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "
                             "incarnation = %s, attempt = attempt + 1, lease_until = warmpod_now() + %s "
-                            "WHERE n = (SELECT n FROM runs WHERE status = 'queued' "
-                            "ORDER BY (warm = %s OR created < warmpod_now() - %s) DESC, n LIMIT 1 "
+                            "WHERE n = (SELECT n FROM runs q WHERE status = 'queued' "
+                            "ORDER BY (warm = %s OR created < warmpod_now() - %s) DESC, "
+                            "(SELECT count(*) FROM runs r WHERE r.status = 'running' "
+                            "AND coalesce(r.key, '') = coalesce(q.key, '')), n LIMIT 1 "
                             "FOR UPDATE SKIP LOCKED) "
                             "RETURNING id, spec, attempt",
                             (owner.node, owner.incarnation, lease, warm, PREFERRED_WAIT),

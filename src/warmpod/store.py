@@ -193,7 +193,10 @@ class Store(Protocol):
 
         The oldest of those whose ``warm`` is the sandbox's (``RunSpec.warm``) comes first, unless
         another has waited ``PREFERRED_WAIT`` seconds: every run is taken within that of a free
-        sandbox, whatever kind the pool makes."""
+        sandbox, whatever kind the pool makes. Among the runs that rule lets go first, a run of the
+        key (NULL with keys off counts as one key) with the fewest runs ``running`` comes first,
+        the oldest of them on a tie: a key that queued many runs does not make another key's run
+        wait behind all of them, and with a single key the order is submission order."""
         ...
 
     async def release(self, fence: Fence) -> None:
@@ -377,6 +380,8 @@ _MIGRATIONS = (
     # 6: rows that pack several chunks (``output_rows``) carry their last seq; NULL in a row of
     # before, one chunk, whose last seq is its seq.
     "ALTER TABLE output ADD COLUMN last INTEGER;",
+    # 7: a key's running runs, counted for each queued run at every claim (fairness across keys).
+    "CREATE INDEX runs_by_status_key ON runs (status, key);",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 BLOB_VERSION = 1
@@ -554,15 +559,16 @@ class SqliteStore:
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
         """Give the oldest queued run to ``owner`` for ``lease`` seconds, those of ``warm``'s kind
-        first (see ``Store.claim``); None when none waits."""
+        first, then those of the key running fewest (see ``Store.claim``); None when none waits."""
 
         def claim(db: sqlite3.Connection) -> tuple[str, bytes, int] | None:
             now = time.time()
             return db.execute(  # type: ignore[no-any-return]
                 "UPDATE runs SET status = 'running', started = ?, node = ?, incarnation = ?, "
                 "attempt = attempt + 1, lease_until = ? WHERE n = "
-                "(SELECT n FROM runs WHERE status = 'queued' "
-                "ORDER BY (warm = ? OR created < ?) DESC, n LIMIT 1) "
+                "(SELECT n FROM runs q WHERE status = 'queued' "
+                "ORDER BY (warm = ? OR created < ?) DESC, "
+                "(SELECT count(*) FROM runs r WHERE r.status = 'running' AND r.key IS q.key), n LIMIT 1) "
                 "RETURNING id, spec, attempt",
                 (now, owner.node, owner.incarnation, now + lease, warm, now - PREFERRED_WAIT),
             ).fetchone()

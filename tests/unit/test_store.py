@@ -117,6 +117,48 @@ async def test_a_sandbox_claims_a_run_of_its_kind_first_unless_another_waited_lo
     assert taken.fence.run_id == "old"
 
 
+async def test_a_key_running_fewer_runs_is_claimed_before_older_runs_of_a_busier_key(store: Store) -> None:
+    """With one of key A's five queued runs running, key B's later run is claimed before A's older
+    ones, and A's then follow in submission order."""
+    for i in range(5):
+        assert await store.add(f"a{i}", SPEC, max_queued=10, key="alice") == "added"
+    assert (await claim(store)).fence.run_id == "a0"
+    assert await store.add("b0", SPEC, max_queued=10, key="bob") == "added"
+    assert (await claim(store)).fence.run_id == "b0"
+    # Both keys run one now: age decides among what is left, all of it A's.
+    assert [(await claim(store)).fence.run_id for _ in range(4)] == ["a1", "a2", "a3", "a4"]
+
+
+async def test_runs_of_a_single_key_or_no_key_are_claimed_in_submission_order(store: Store) -> None:
+    """Fairness across keys leaves one key's runs, and runs with keys off, first in, first out,
+    however many of them run."""
+    for i in range(3):
+        assert await store.add(f"k{i}", SPEC, max_queued=10, key="alice") == "added"
+    assert [(await claim(store)).fence.run_id for _ in range(3)] == ["k0", "k1", "k2"]
+    for i in range(3):
+        assert await store.add(f"n{i}", SPEC, max_queued=10) == "added"
+    assert [(await claim(store)).fence.run_id for _ in range(3)] == ["n0", "n1", "n2"]
+
+
+async def test_a_run_of_the_sandboxes_kind_comes_before_a_run_of_a_less_busy_key(store: Store) -> None:
+    """The warm rule orders claims before fairness: a preloaded sandbox takes the busy key's run
+    that wants one over an idle key's run that does not, until that one waited PREFERRED_WAIT."""
+    warm = msgspec.structs.replace(SPEC, warm=True)
+    assert await store.add("a0", SPEC, max_queued=10, key="alice") == "added"
+    assert (await claim(store)).fence.run_id == "a0"
+    assert await store.add("a1", warm, max_queued=10, key="alice") == "added"
+    assert await store.add("a2", warm, max_queued=10, key="alice") == "added"
+    assert await store.add("b0", SPEC, max_queued=10, key="bob") == "added"
+    taken = await store.claim(NODE, LEASE, warm=True)
+    assert taken is not None
+    assert taken.fence.run_id == "a1"
+    await anyio.sleep(PREFERRED_WAIT + 0.2)
+    # All have now waited long: fairness decides, bob running nothing, over alice's older a2.
+    taken = await store.claim(NODE, LEASE, warm=True)
+    assert taken is not None
+    assert taken.fence.run_id == "b0"
+
+
 async def test_the_queue_is_bounded(store: Store) -> None:
     """A run past max_queued is refused and not stored; running runs do not count."""
     assert await store.add("a", SPEC, max_queued=2) == "added"
@@ -653,7 +695,7 @@ async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: 
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-    assert version == SCHEMA_VERSION == 6
+    assert version == SCHEMA_VERSION == 7
 
 
 async def test_a_store_of_a_newer_warmpod_is_refused(tmp_path: Path, postgres_db: str) -> None:
