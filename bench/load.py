@@ -60,6 +60,8 @@ FLOOD_CAP = 16384
 BOMB_MB = 128
 POLL_INTERVAL = 0.1
 SAMPLE_INTERVAL = 2.0
+# How often a read of a final result that was throttled (429) is asked again, after its Retry-After.
+RECHECK_TRIES = 20
 # A run not final this long after it was accepted never ends: it waits behind at most the pool's
 # and the queue's runs, a pool's worth at a time, then takes at most RUN_TIMEOUT itself.
 RUN_DEADLINE = 180.0
@@ -308,6 +310,12 @@ class Load:
 
         def check(http: httpx.Client, run: Run) -> None:
             response = self.send(http, "GET", f"/status/{run.run_id}")
+            # A throttled read (this client's rate, or its requests in flight) is asked again.
+            for _ in range(RECHECK_TRIES):
+                if response is None or response.status_code != 429:
+                    break
+                time.sleep(min(float(response.headers.get("retry-after", "1")), 5.0))
+                response = self.send(http, "GET", f"/status/{run.run_id}")
             again = None if response is None or response.status_code != 200 else response.json()
             if again != run.result:
                 with self._lock:

@@ -24,6 +24,7 @@ from psycopg.rows import dict_row
 from warmpod_live import SLOWNESS, WarmpodServer, containers, podman, process_alive, wait_until
 
 from warmpod.pool import LABEL_PID
+from warmpod.store import unpacked
 
 NAMES = ("node-a", "node-b")
 # Short, so a dead node's runs are reaped in seconds; heartbeats come every second.
@@ -266,10 +267,12 @@ class Cluster:
 
     def output_text(self, run_id: str, stream: str) -> str:
         """The run's stored output on ``stream``, in order, as text."""
-        chunks = self.db.execute(
-            "SELECT data FROM output WHERE run_id = %s AND stream = %s ORDER BY seq", (run_id, stream)
+        rows = self.db.execute(
+            "SELECT seq, stream, data FROM output WHERE run_id = %s ORDER BY seq", (run_id,)
         ).fetchall()
-        return b"".join(bytes(chunk["data"]) for chunk in chunks).decode(errors="replace")
+        # A row may pack several chunks of both streams: the store's own reader unpacks it.
+        chunks = (chunk for row in rows for chunk in unpacked(row["seq"], row["stream"], bytes(row["data"])))
+        return b"".join(chunk.data for chunk in chunks if chunk.stream == stream).decode(errors="replace")
 
     def finished_lines(self) -> list[dict[str, Any]]:
         """Every ``run finished`` log line of every node this session started."""
