@@ -332,7 +332,14 @@ def test_pool_containers_start_without_an_exit_command(server: WarmpodServer) ->
     runtime = host.pick_runtime(from_env().engine, host.HostFacts.read())
     checked = 0
     for name in names:
-        pid = podman("inspect", "--format", "{{.State.ConmonPid}}", name).strip()
+        try:
+            pid = podman("inspect", "--format", "{{.State.ConmonPid}}", name).strip()
+        except subprocess.CalledProcessError:
+            # Listed, then removed before its inspect (a used container the pool replaced).
+            gone = subprocess.run(["podman", "container", "exists", name], check=False, timeout=60)
+            if gone.returncode == 1:
+                continue
+            raise
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except (FileNotFoundError, ValueError):
