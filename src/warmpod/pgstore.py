@@ -11,13 +11,14 @@ import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, LiteralString
 
 import anyio
 import msgspec
 import psycopg
 import psycopg_pool
 from anyio.abc import TaskStatus
+from psycopg import sql
 from psycopg.rows import TupleRow
 
 from warmpod.backoff import Backoff
@@ -591,12 +592,9 @@ class PostgresStore:
                     return fence is not None and await _finished_with(db, run_id, blob, fence)
                 written = True
                 await _keep_output(db, run_id, chunks)
-                async with db.cursor() as rows:
-                    if files:
-                        await rows.executemany(
-                            "INSERT INTO files VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                            [(run_id, path, data) for path, data in files],
-                        )
+                await _insert(
+                    db, "files (run_id, path, data)", [(run_id, path, data) for path, data in files]
+                )
                 await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
         except StoreError:
             # Not yet written: the caller tries again. Written: only a read tells whether it took.
@@ -765,13 +763,21 @@ async def _keep_output(db: Connection, run_id: str, chunks: Sequence[Chunk]) -> 
         )
     ).fetchone()
     rows = [(run_id, *stored) for stored in output_rows(chunks, -1 if row is None else row[0])]
-    if rows:
-        async with db.cursor() as cursor:
-            await cursor.executemany(
-                "INSERT INTO output (run_id, seq, last, stream, data) VALUES (%s, %s, %s, %s, %s) "
-                "ON CONFLICT DO NOTHING",
-                rows,
-            )
+    await _insert(db, "output (run_id, seq, last, stream, data)", rows)
+
+
+async def _insert(db: Connection, into: LiteralString, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` into ``into`` (a table and its columns) in one statement, skipping those
+    already there. Not ``executemany``: psycopg pipelines it and sends the Sync last, and a node cut
+    off between its rows and that Sync leaves a session the server does not count as idle in its
+    transaction, so idle_in_transaction_session_timeout never frees the run's row lock."""
+    if not rows:
+        return
+    row = sql.SQL("({})").format(sql.SQL(", ").join([sql.Placeholder()] * len(rows[0])))
+    query = sql.SQL("INSERT INTO {} VALUES {} ON CONFLICT DO NOTHING").format(
+        sql.SQL(into), sql.SQL(", ").join([row] * len(rows))
+    )
+    await db.execute(query, [value for values in rows for value in values])
 
 
 async def _end_lost(db: Connection, run_id: str, node: str | None, message: str) -> str:
