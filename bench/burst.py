@@ -15,6 +15,7 @@ and writes the figures to a JSON file. A measurement, not a test: nothing is ass
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import sqlite3
@@ -157,7 +158,7 @@ def warmpod_burst(base_url: str, runs: int) -> dict[str, Any]:
 
 def store_counts(path: Path) -> dict[str, int]:
     """Runs per status as the store holds them once the server stopped."""
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         return dict(db.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall())
 
 

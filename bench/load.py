@@ -24,6 +24,7 @@ exits 1 naming each check that failed. It stops by itself: after ``--minutes``, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -385,7 +386,7 @@ def instance_of(settings: Settings, pid: int) -> str:
 
 def stored_runs(path: Path) -> dict[str, str]:
     """Each run's status as the store holds it."""
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         return dict(db.execute("SELECT id, status FROM runs").fetchall())
 
 

@@ -83,7 +83,7 @@ def database_bytes(path: Path) -> int:
 
 def stored_output(path: Path, run_id: str) -> tuple[int, int]:
     """How many output rows and bytes of output the store holds for ``run_id``."""
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         rows, size = db.execute(
             "SELECT count(*), coalesce(sum(length(data)), 0) FROM output WHERE run_id = ?", (run_id,)
         ).fetchone()

@@ -359,7 +359,7 @@ class PeakResident:
 def stored_bytes(store: Path) -> int:
     """The store's size as SQLite sees it through its write-ahead log (pages in use and free),
     so that a log not yet checkpointed counts once."""
-    with sqlite3.connect(f"file:{store}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
         pages: int = db.execute("PRAGMA page_count").fetchone()[0]
         size: int = db.execute("PRAGMA page_size").fetchone()[0]
     return pages * size
