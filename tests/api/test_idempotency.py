@@ -17,7 +17,7 @@ from warmpod.errors import StoreError
 from warmpod.models import RunResult
 from warmpod.service import Service
 
-KEY = '"8e03978e-40d5-43e8-bc93-6894a57f9324"'
+KEY = '"nightly-report-north-2026-12-07"'
 
 
 async def test_a_repeated_blocking_submit_runs_once_and_answers_the_same_run(
