@@ -43,27 +43,13 @@ from typing import Any
 import httpx
 from latency import ROOT, Server, free_port, section, setup, wait_pool_full
 
+sys.path.insert(0, str(ROOT / "tests"))
+from security.hostile import alternating_program, paced_program  # tests/ joins the path first
+
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "output.json"
 CHATTY = "for i in range(100000):\n    print(i)\n"
 CHATTY_RUNS = 15
 CHATTY_BYTES = sum(len(f"{i}\n") for i in range(100000))
-PACED = """
-import os, time
-end = time.monotonic() + {seconds}
-while time.monotonic() < end:
-    os.write(1, b"x")
-    time.sleep(0.0001)
-"""
-# One byte per write, switching stream each time: chunks no merging may join (order is kept).
-ALTERNATING = """
-import os, time
-end = time.monotonic() + {seconds}
-while time.monotonic() < end:
-    os.write(1, b"o")
-    time.sleep(0.0001)
-    os.write(2, b"e")
-    time.sleep(0.0001)
-"""
 READERS = 5
 
 
@@ -169,7 +155,7 @@ def measure(subject: Subject, paced_seconds: float) -> None:
     with section(f"{name}: paced"):
         wait_pool_full(client)
         before, before_db = store_bytes(store), database_bytes(store)
-        body, _ = run(client, PACED.format(seconds=paced_seconds), paced_seconds + 10)
+        body, _ = run(client, paced_program(paced_seconds), paced_seconds + 10)
         assert body["status"] == "succeeded", body
         grown = store_bytes(store) - before
         grown_db = database_bytes(store) - before_db
@@ -183,7 +169,7 @@ def measure(subject: Subject, paced_seconds: float) -> None:
     with section(f"{name}: alternating"):
         wait_pool_full(client)
         before_db = database_bytes(store)
-        alternating, _ = run(client, ALTERNATING.format(seconds=paced_seconds), paced_seconds + 10)
+        alternating, _ = run(client, alternating_program(paced_seconds), paced_seconds + 10)
         assert alternating["status"] == "succeeded", alternating
         kept = len(alternating["stdout"]) + len(alternating["stderr"])
         figures["alternating_kept_bytes"] = kept

@@ -140,6 +140,36 @@ def chatty_program(seconds: float) -> str:
     )
 
 
+def paced_program(seconds: float) -> str:
+    """One byte per write(2), 0.1 ms apart, for ``seconds``: one pipe read, and so one chunk
+    before merging, per byte (tests/security/test_output.py and bench/output.py)."""
+    return dedent(
+        f"""
+        import os, time
+        end = time.monotonic() + {seconds}
+        while time.monotonic() < end:
+            os.write(1, b"x")
+            time.sleep(0.0001)
+        """
+    )
+
+
+def alternating_program(seconds: float) -> str:
+    """As ``paced_program``, switching stream at every byte: no chunk can merge with the one
+    before it without losing their order."""
+    return dedent(
+        f"""
+        import os, time
+        end = time.monotonic() + {seconds}
+        while time.monotonic() < end:
+            os.write(1, b"o")
+            time.sleep(0.0001)
+            os.write(2, b"e")
+            time.sleep(0.0001)
+        """
+    )
+
+
 FILE_COUNT = 16
 FILE_SIZE = 1_000_000
 

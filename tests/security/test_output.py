@@ -13,7 +13,14 @@ import httpx
 import pytest
 from warmpod_live import WarmpodServer
 
-from .hostile import FLOOD_SECONDS, MAX_OUTPUT_BYTES, assert_still_serves, run
+from .hostile import (
+    FLOOD_SECONDS,
+    MAX_OUTPUT_BYTES,
+    alternating_program,
+    assert_still_serves,
+    paced_program,
+    run,
+)
 
 pytestmark = pytest.mark.security
 
@@ -96,16 +103,6 @@ def test_forged_result_frame_is_only_output(client: httpx.Client) -> None:
     assert_still_serves(client)
 
 
-# One byte per write(2), 0.1 ms apart: one pipe read, and so once one stored chunk, per byte.
-PACED_WRITER = dedent(
-    """
-    import os, time
-    end = time.monotonic() + {seconds}
-    while time.monotonic() < end:
-        os.write(1, b"x")
-        time.sleep(0.0001)
-    """
-)
 PACED_SECONDS = 4
 # What the store may take beyond the bytes themselves: the run's record, the b-tree pages a few
 # dozen chunks touch, and the slack of SQLite's page allocation.
@@ -129,7 +126,7 @@ def test_paced_one_byte_writes_cost_the_store_about_their_bytes(
     not by a stored chunk per write."""
     store = Path(server.env["WARMPOD_QUEUE__STORE_PATH"])
     before = stored_bytes(store)
-    paced = run(client, PACED_WRITER.format(seconds=PACED_SECONDS), timeout=PACED_SECONDS + 10)
+    paced = run(client, paced_program(PACED_SECONDS), timeout=PACED_SECONDS + 10)
     assert paced.status == "succeeded", paced.result
     kept = len(paced.stdout)
     assert kept > 1000, paced.result
@@ -139,20 +136,6 @@ def test_paced_one_byte_writes_cost_the_store_about_their_bytes(
     assert_still_serves(client)
 
 
-# The paced writer switching stream at every byte: no chunk can merge with the one before it.
-ALTERNATING_WRITER = dedent(
-    """
-    import os, time
-    end = time.monotonic() + {seconds}
-    while time.monotonic() < end:
-        os.write(1, b"o")
-        time.sleep(0.0001)
-        os.write(2, b"e")
-        time.sleep(0.0001)
-    """
-)
-
-
 def test_alternating_one_byte_writes_cost_the_store_about_their_bytes(
     client: httpx.Client, server: WarmpodServer
 ) -> None:
@@ -160,7 +143,7 @@ def test_alternating_one_byte_writes_cost_the_store_about_their_bytes(
     multiple of what it kept, not by a stored row per stream switch."""
     store = Path(server.env["WARMPOD_QUEUE__STORE_PATH"])
     before = stored_bytes(store)
-    paced = run(client, ALTERNATING_WRITER.format(seconds=PACED_SECONDS), timeout=PACED_SECONDS + 10)
+    paced = run(client, alternating_program(PACED_SECONDS), timeout=PACED_SECONDS + 10)
     assert paced.status == "succeeded", paced.result
     kept = len(paced.stdout) + len(paced.stderr)
     assert kept > 1000, paced.result
