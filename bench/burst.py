@@ -33,7 +33,8 @@ from typing import Any
 import httpx
 from latency import ROOT, Server, built_image, free_port, percentile
 
-from warmpod import host, image
+from warmpod.host import facts as host
+from warmpod.host import image
 from warmpod.settings import from_env
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "burst.json"

@@ -51,7 +51,7 @@ from latency import (
     wait_pool_full,
 )
 
-from warmpod import host
+from warmpod.host import facts as host
 from warmpod.settings import Settings
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "files.json"

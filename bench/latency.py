@@ -42,7 +42,8 @@ from typing import Any
 
 import httpx
 
-from warmpod import host, image
+from warmpod.host import facts as host
+from warmpod.host import image
 from warmpod.settings import Settings, from_env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ import httpx
 from latency import ROOT, Server, free_port, podman, section, wait_pool_full
 from run import memory
 
-from warmpod import image
+from warmpod.host import image
 from warmpod.settings import Settings, from_env
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "libraries.json"

@@ -41,8 +41,8 @@ from pathlib import Path
 
 import anyio
 
-from warmpod import image
-from warmpod.host import HostFacts, pick_runtime, podman_command
+from warmpod.host import image
+from warmpod.host.facts import HostFacts, pick_runtime, podman_command
 from warmpod.settings import from_env
 
 ROOT = Path(__file__).resolve().parents[1]

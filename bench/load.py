@@ -46,7 +46,7 @@ from burst import FINAL
 from latency import ROOT, Series, Server, fmt, free_port, podman, section, setup
 from run import EXPECTED, PROGRAMS, rss
 
-from warmpod.pool import LABEL_INSTANCE, LABEL_PID
+from warmpod.sandbox.pool import LABEL_INSTANCE, LABEL_PID
 from warmpod.settings import Settings, from_env
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "load.json"

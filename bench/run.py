@@ -53,7 +53,7 @@ from latency import (
     wait_pool_full,
 )
 
-from warmpod.host import podman_command
+from warmpod.host.facts import podman_command
 from warmpod.settings import Settings
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "run.json"

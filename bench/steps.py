@@ -22,11 +22,12 @@ from pathlib import Path
 
 import anyio
 
-from warmpod import image, podman_service, protocol
-from warmpod.host import own_user_namespaces
-from warmpod.image import context_dir
-from warmpod.runtime import Runtime
-from warmpod.sandbox import AGENT_EXIT_WAIT, SOCKET_NAME, connect, container_spec
+from warmpod.host import image, podman_service
+from warmpod.host.facts import own_user_namespaces
+from warmpod.host.image import context_dir
+from warmpod.host.podman_api import Runtime
+from warmpod.sandbox import protocol
+from warmpod.sandbox.sandbox import AGENT_EXIT_WAIT, SOCKET_NAME, connect, container_spec
 from warmpod.settings import from_env
 
 STEPS = ("create", "start", "ready", "pause", "unpause", "run", "remove")

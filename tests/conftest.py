@@ -50,17 +50,17 @@ def postgres_db(postgres_server: postgres.PostgresServer) -> Iterator[str]:
 # Where warmpod blocks its event loop on purpose: once, at start or stop, on local files.
 ALLOWED_TO_BLOCK = [
     # A pool's construction looks for the image context (the bundled pool/ directory): one stat.
-    ("warmpod/image.py", {"context_dir"}),
+    ("warmpod/host/image.py", {"context_dir", "guest_dir"}),
     # The pool's owner lock: a mkdir, an open and a non-blocking flock at start, an unlink at stop.
-    ("warmpod/owners.py", {"acquire", "release"}),
+    ("warmpod/sandbox/owners.py", {"acquire", "release"}),
     # Per request, and small: the keys file's stat (and a read when it changed) that lets a
     # rotation take effect without a restart; the playground's page, read from the package.
     ("warmpod/keys.py", {"current"}),
-    ("warmpod/web.py", {"playground"}),
+    ("warmpod/http/web.py", {"playground"}),
     # `warmpod keys add|remove`'s functions: a command's, which tests call to edit the keys file.
     ("warmpod/keys.py", {"add", "remove"}),
     # A scrape: prometheus_client's process collector reads /proc/self, which never waits on a disk.
-    ("warmpod/metrics_http.py", {"get"}),
+    ("warmpod/http/metrics.py", {"get"}),
 ]
 
 

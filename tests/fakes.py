@@ -20,16 +20,16 @@ import anyio
 import msgspec
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
 
-from warmpod import protocol
 from warmpod.errors import EngineError, PoolUnavailable
-from warmpod.limits import RunLimits
+from warmpod.host.podman_api import EngineInfo
 from warmpod.models import RunResult, RunSpec
-from warmpod.protocol import MAX_FRAME, Channel, FileChunk, Output
-from warmpod.runner import Leaser, Runner, RunOutput
-from warmpod.runtime import EngineInfo
-from warmpod.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME, Sandbox
+from warmpod.sandbox import protocol
+from warmpod.sandbox.limits import RunLimits
+from warmpod.sandbox.protocol import MAX_FRAME, Channel, FileChunk, Output
+from warmpod.sandbox.runner import Leaser, Runner, RunOutput
+from warmpod.sandbox.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME, Sandbox
+from warmpod.sandbox.unix_stream import UnixStream
 from warmpod.settings import FileSettings, LimitSettings
-from warmpod.unix_stream import UnixStream
 
 
 def probe_report(limits: LimitSettings) -> dict[str, Any]:

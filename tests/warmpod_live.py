@@ -19,7 +19,7 @@ from typing import IO, Any
 
 import httpx
 
-from warmpod.pool import LABEL_INSTANCE, LABEL_PID
+from warmpod.sandbox.pool import LABEL_INSTANCE, LABEL_PID
 
 # The session server's settings: small numbers, so limits are cheap to reach on a 2-core machine.
 POOL_SIZE = 2

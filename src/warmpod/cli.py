@@ -37,8 +37,9 @@ def serve(settings: Settings) -> int:
     """Build the runner image if missing, then serve the API until SIGTERM or Ctrl-C."""
     import uvicorn
 
-    from warmpod import image, logs
-    from warmpod.app import begin_drain, create_app, key_file
+    from warmpod import logs
+    from warmpod.host import image
+    from warmpod.http.app import begin_drain, create_app, key_file
 
     log_config = logs.configure(settings.server.log_format)
     # In JSON, every line on stderr is an object: progress too goes through the log.
@@ -158,7 +159,7 @@ def _server_command(args: argparse.Namespace, settings: Settings) -> int:
         return serve(settings)
     if args.command == "keys":
         return manage_keys(args, settings)
-    from warmpod import image
+    from warmpod.host import image
 
     if args.command == "image":
         if args.image_command == "ref":
@@ -169,7 +170,7 @@ def _server_command(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         image.build_image(settings, _progress)
         return 0
-    from warmpod import doctor
+    from warmpod.host import doctor
 
     return doctor.main(settings)
 

@@ -1,4 +1,4 @@
-"""warmpod's Prometheus series, the one place that owns them (``warmpod.metrics_http`` exposes them)."""
+"""warmpod's Prometheus series, the one place that owns them (``warmpod.http.metrics`` exposes them)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from typing import Literal, get_args
 
 from prometheus_client import Counter, Histogram
 
-from warmpod.models import RunResult, RunStatus
-from warmpod.protocol import LimitName
+from warmpod.models import LimitName, RunResult, RunStatus
 
 # The counters and histograms live in prometheus_client's default registry, made once per process
 # on import (so the many apps a test session builds never register a name twice), beside Litestar's

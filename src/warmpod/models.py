@@ -10,6 +10,9 @@ from msgspec import Meta
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "timeout", "error", "cancelled"]
 
+LimitName = Literal["wall_time", "cpu_time", "memory", "pids", "output", "disk"]
+"""The limits a run can hit (``RunResult.limits_hit``)."""
+
 
 class InputFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A file written under the program's working directory before it starts."""
@@ -270,3 +273,18 @@ class FileEvent(msgspec.Struct, kw_only=True):
 
 StreamEvent = StatusEvent | OutputEvent | FileEvent | RunResult
 """What a run's stream tells, in order: statuses, output, files, then the RunResult."""
+
+Stream = Literal["stdout", "stderr"]
+
+
+class Chunk(msgspec.Struct, frozen=True, kw_only=True):
+    """A piece of a run's output, in the order the program printed it."""
+
+    seq: int
+    stream: Stream
+    data: bytes
+
+
+CHUNK_BYTES = 65536
+"""The most output one chunk holds once merged (``runner.RunOutput`` merges adjacent chunks of a
+stream up to it; one of the agent's frames carries at most as much)."""

@@ -13,18 +13,19 @@ from typing import Literal
 
 import anyio
 
-from warmpod import host, image, podman_service
-from warmpod.enforcement import check, enforcement
 from warmpod.errors import ImageError
-from warmpod.models import Environment, Health, LimitEnforcement, NodeInfo, PoolCounts, QueueCounts
-from warmpod.pgstore import PostgresStore
-from warmpod.pool import Pool
-from warmpod.runner import Runner
-from warmpod.runtime import EngineInfo, Runtime
-from warmpod.scheduler import Scheduler
-from warmpod.selftest import self_test
+from warmpod.host import facts, image, podman_service
+from warmpod.host.enforcement import check, enforcement
+from warmpod.host.podman_api import EngineInfo, Runtime
+from warmpod.models import Environment, Health, NodeInfo, PoolCounts, QueueCounts
+from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.store.base import Store
+from warmpod.queue.store.postgres import PostgresStore
+from warmpod.queue.store.sqlite import SqliteStore, default_path
+from warmpod.sandbox.pool import Pool
+from warmpod.sandbox.runner import Runner
+from warmpod.sandbox.selftest import self_test
 from warmpod.settings import Settings
-from warmpod.store import SqliteStore, Store, default_path
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,7 @@ class Service:
             cgroup_version=self.info.cgroup_version,
             paused_idle=self.pool.can_pause,
             landlock_abi=self.pool.landlock_abi,
-            limits=[
-                LimitEnforcement(limit=row.limit, layer=row.layer, mechanism=row.mechanism)
-                for row in enforcement(cgroups=self.info.can_limit)
-            ],
+            limits=enforcement(cgroups=self.info.can_limit),
             last_error=stats.last_error,
             preload=list(self.settings.pool.preload),
             preload_failed=stats.preload_failed,
@@ -120,7 +118,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     raise ImageError(f"runner image {ref} is missing: run `warmpod image build`")
                 if not info.can_pause:
                     log.warning("idle containers stay running: rootless Podman on cgroup v1 cannot pause")
-                userns = host.own_user_namespaces(settings, rootless=info.rootless)
+                userns = facts.own_user_namespaces(settings, rootless=info.rootless)
                 pool = Pool(
                     settings,
                     runtime,

@@ -16,8 +16,8 @@ import httpx
 import msgspec
 
 from warmpod.client import Client, FileArg, ProblemError
-from warmpod.files import OUT_DIR, path_problem
 from warmpod.models import OutputEvent, RunResult, StatusEvent
+from warmpod.sandbox.files import OUT_DIR, path_problem
 
 EXIT_TIMEOUT = 124
 """The wall time or the CPU time ran out (as timeout(1) says it)."""

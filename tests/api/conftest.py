@@ -29,12 +29,13 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from warmpod_live import free_port
 
-from warmpod.app import create_app
-from warmpod.pool import Pool
-from warmpod.scheduler import Scheduler
+from warmpod.http.app import create_app
+from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.store.base import Store
+from warmpod.queue.store.sqlite import SqliteStore
+from warmpod.sandbox.pool import Pool
 from warmpod.service import Service
 from warmpod.settings import Settings, from_env
-from warmpod.store import SqliteStore, Store
 
 
 @pytest.fixture

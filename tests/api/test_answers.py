@@ -11,7 +11,7 @@ from fakes import RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from warmpod.protocol import FileChunk
+from warmpod.sandbox.protocol import FileChunk
 from warmpod.settings import Settings
 
 # Within INLINE each, more than this together: the budget, not the per-file cap, decides.

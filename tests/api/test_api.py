@@ -29,16 +29,17 @@ from fakes import FakeLeaser, RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from warmpod import api
-from warmpod.app import begin_drain, create_app
 from warmpod.errors import StoreError
-from warmpod.limits import RunLimits
-from warmpod.models import RunResult
-from warmpod.protocol import FileChunk, Output
-from warmpod.scheduler import FILE_PIECE, FLUSH_INTERVAL, Scheduler, Update
+from warmpod.http import routes as api
+from warmpod.http.app import begin_drain, create_app
+from warmpod.models import Chunk, RunResult
+from warmpod.queue.scheduler import FILE_PIECE, FLUSH_INTERVAL, Scheduler, Update
+from warmpod.queue.store.base import OUTPUT_PAGE, Fence
+from warmpod.queue.store.sqlite import SqliteStore
+from warmpod.sandbox.limits import RunLimits
+from warmpod.sandbox.protocol import FileChunk, Output
 from warmpod.service import Service
 from warmpod.settings import Settings
-from warmpod.store import OUTPUT_PAGE, Chunk, Fence, SqliteStore
 
 # /run-json/ -------------------------------------------------------------------------------------
 

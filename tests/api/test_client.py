@@ -17,7 +17,7 @@ from fakes import RecordingRunner
 
 from warmpod.client import AsyncClient, Client, ProblemError
 from warmpod.models import Environment, FileEvent, Health, OutputEvent, RunResult, StatusEvent
-from warmpod.protocol import FileChunk, Output
+from warmpod.sandbox.protocol import FileChunk, Output
 from warmpod.service import Service
 
 

@@ -10,11 +10,11 @@ from fakes import ROOTFUL_V1
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
-from warmpod.app import create_app
+from warmpod.http.app import create_app
 from warmpod.models import Environment
-from warmpod.pool import Pool
-from warmpod.runner import Runner
-from warmpod.scheduler import Scheduler
+from warmpod.queue.scheduler import Scheduler
+from warmpod.sandbox.pool import Pool
+from warmpod.sandbox.runner import Runner
 from warmpod.service import Service
 from warmpod.settings import Settings, from_env
 

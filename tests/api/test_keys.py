@@ -14,10 +14,10 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from warmpod import keys
-from warmpod.app import create_app
 from warmpod.cli import main
 from warmpod.client import Client, ProblemError
 from warmpod.errors import SettingsError
+from warmpod.http.app import create_app
 from warmpod.settings import Settings, from_env
 
 

@@ -17,9 +17,10 @@ from litestar.testing import AsyncTestClient
 from warmpod import keys
 from warmpod.logs import JsonFormatter
 from warmpod.models import RunSpec
-from warmpod.protocol import Output
+from warmpod.queue.store.base import Owner
+from warmpod.queue.store.sqlite import SqliteStore
+from warmpod.sandbox.protocol import Output
 from warmpod.settings import Settings, from_env
-from warmpod.store import Owner, SqliteStore
 
 CODE = "print('code-marker-91c2')"
 STDIN = "stdin-marker-91c2"
@@ -97,7 +98,11 @@ async def test_each_run_logs_one_finished_line_and_nothing_of_its_code(
         }
         # Every run but the one cancelled while it waited ran on this node.
         assert line["node"] == (None if line["status"] == "cancelled" else NODE)
-        assert (line["level"], line["logger"], line["event"]) == ("info", "warmpod.scheduler", "run finished")
+        assert (line["level"], line["logger"], line["event"]) == (
+            "info",
+            "warmpod.queue.scheduler",
+            "run finished",
+        )
         assert line["key"] == (None if secret is None else "ops")
         assert line["limits_hit"] == (["memory"] if line["status"] == "failed" else [])
         assert isinstance(line["duration_ms"], float)

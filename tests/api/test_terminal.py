@@ -22,7 +22,7 @@ from warmpod_live import free_port
 
 from warmpod.cli import main
 from warmpod.client import Client
-from warmpod.protocol import FileChunk, Output
+from warmpod.sandbox.protocol import FileChunk, Output
 
 
 @pytest.fixture

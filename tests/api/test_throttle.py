@@ -21,9 +21,10 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from warmpod_live import free_port, wait_until
 
-from warmpod import cli, image, keys
+from warmpod import cli, keys
 from warmpod.client import Client, ProblemError
-from warmpod.protocol import FileChunk
+from warmpod.host import image
+from warmpod.sandbox.protocol import FileChunk
 from warmpod.settings import Settings, from_env
 
 BURST = 5

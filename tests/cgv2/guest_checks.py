@@ -30,7 +30,8 @@ from typing import Any
 
 import httpx
 
-from warmpod import host, image
+from warmpod.host import facts as host
+from warmpod.host import image
 from warmpod.settings import from_env
 
 # What `warmpod doctor` must print on a cgroup v2 host with delegation, rootless.

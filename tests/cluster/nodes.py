@@ -23,8 +23,8 @@ import psycopg
 from psycopg.rows import dict_row
 from warmpod_live import SLOWNESS, WarmpodServer, containers, podman, process_alive, wait_until
 
-from warmpod.pool import LABEL_PID
-from warmpod.store import unpacked
+from warmpod.queue.store.codec import unpacked
+from warmpod.sandbox.pool import LABEL_PID
 
 NAMES = ("node-a", "node-b")
 # Short, so a dead node's runs are reaped in seconds; heartbeats come every second.

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from warmpod_live import SLOWNESS, containers, free_port, podman, run_json, wait_for_health, wait_until
 
-from warmpod.pool import LABEL_HOST, LABEL_INSTANCE
+from warmpod.sandbox.pool import LABEL_HOST, LABEL_INSTANCE
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from warmpod_live import POOL_SIZE, WarmpodServer, container_names, run_json, wait_until
 
-from warmpod.pool import LABEL_INSTANCE
+from warmpod.sandbox.pool import LABEL_INSTANCE
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from warmpod_live import MAX_TIMEOUT, SLOWNESS, ServerFactory, podman, run_json
 
-from warmpod import image
+from warmpod.host import image
 from warmpod.settings import from_env
 
 pytestmark = pytest.mark.integration

@@ -25,8 +25,9 @@ from warmpod_live import (
     wait_until,
 )
 
-from warmpod import host, image
-from warmpod.pool import LABEL_INSTANCE, LABEL_PID
+from warmpod.host import facts as host
+from warmpod.host import image
+from warmpod.sandbox.pool import LABEL_INSTANCE, LABEL_PID
 from warmpod.settings import from_env
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ import httpx
 import pytest
 from warmpod_live import GRACEFUL_EXIT, WarmpodServer, wait_until
 
-from warmpod.image import image_ref
-from warmpod.pool import LABEL_PID
+from warmpod.host.image import image_ref
+from warmpod.sandbox.pool import LABEL_PID
 from warmpod.settings import from_env
 
 from .asuser import CACHE, REPO, SETTINGS, SITE_PACKAGES, TOOLS, Tree, User, ensure_user, start_server

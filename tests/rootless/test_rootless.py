@@ -15,7 +15,7 @@ import httpx
 import pytest
 from warmpod_live import WarmpodServer, run_json, wait_until
 
-from warmpod.pool import LABEL_PID
+from warmpod.sandbox.pool import LABEL_PID
 
 from .asuser import (
     CPU_TIME,

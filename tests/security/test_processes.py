@@ -9,7 +9,7 @@ import httpx
 import pytest
 from warmpod_live import SLOWNESS, WarmpodServer, container_names, wait_until
 
-from warmpod.pool import LABEL_INSTANCE
+from warmpod.sandbox.pool import LABEL_INSTANCE
 
 from .hostile import BOMB_TIMEOUT, CPU_TIME, PIDS, assert_still_serves, run
 

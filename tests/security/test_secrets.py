@@ -13,7 +13,7 @@ import httpx
 import pytest
 from warmpod_live import WarmpodServer, containers, podman
 
-from warmpod.pool import LABEL_INSTANCE
+from warmpod.sandbox.pool import LABEL_INSTANCE
 
 from .hostile import CANARY_NAME, CANARY_VALUE, assert_still_serves, run
 

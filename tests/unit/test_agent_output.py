@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fakes import pool_module
 
-from warmpod import protocol
+from warmpod.sandbox import protocol
 
 
 @pytest.fixture(scope="module")

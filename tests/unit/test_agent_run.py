@@ -17,7 +17,8 @@ from typing import Any, get_args
 import pytest
 from fakes import POOL_DIR, pool_module
 
-from warmpod import files, protocol, runner, sandbox
+from warmpod import models
+from warmpod.sandbox import files, protocol, runner, sandbox
 from warmpod.settings import LimitSettings
 
 
@@ -108,7 +109,7 @@ def test_agent_reads_exactly_the_environment_the_server_sets(agent: ModuleType) 
 
 def test_agent_stops_only_for_limits_the_protocol_names(agent: ModuleType) -> None:
     """Each limit the agent stops a program for is a limit name the server's Result accepts."""
-    assert set(agent.LIMIT_STOPS) <= set(get_args(protocol.LimitName))
+    assert set(agent.LIMIT_STOPS) <= set(get_args(models.LimitName))
 
 
 def test_server_waits_for_the_agents_drain_and_a_margin(agent: ModuleType) -> None:

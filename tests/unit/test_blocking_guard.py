@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from warmpod import host, image
+from warmpod.host import facts as host
+from warmpod.host import image
 from warmpod.settings import from_env
 
 

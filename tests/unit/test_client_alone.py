@@ -38,7 +38,7 @@ def _without_server(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_the_blocker_refuses_the_server_packages() -> None:
     """The stand-in for a missing extra works: importing the server's app fails under it."""
-    done = _without_server("import warmpod.app")
+    done = _without_server("import warmpod.http.app")
     assert done.returncode != 0
     assert "ModuleNotFoundError" in done.stderr
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from warmpod import doctor as doctor_command
-from warmpod import host
 from warmpod.errors import EngineError
-from warmpod.runtime import EngineInfo
+from warmpod.host import doctor as doctor_command
+from warmpod.host import facts as host
+from warmpod.host.podman_api import EngineInfo
 from warmpod.settings import Settings, from_env
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from warmpod.enforcement import check, enforcement
 from warmpod.errors import SettingsError
+from warmpod.host.enforcement import check, enforcement
 
 
 def test_every_limit_has_a_layer_with_cgroups() -> None:

@@ -11,9 +11,9 @@ from types import ModuleType
 import pytest
 from fakes import pool_module
 
-from warmpod.environment import ENVIRONMENT_FILE
+from warmpod.http.environment import ENVIRONMENT_FILE
 from warmpod.models import Environment
-from warmpod.selftest import PROBE
+from warmpod.sandbox.selftest import PROBE
 
 
 @pytest.fixture

@@ -5,8 +5,15 @@ from __future__ import annotations
 import pytest
 
 from warmpod.errors import InvalidFile, ProtocolError
-from warmpod.files import OutputFiles, check_inputs, decode_inputs, media_type, path_problem, with_content
 from warmpod.models import InputFile, OutputFile
+from warmpod.sandbox.files import (
+    OutputFiles,
+    check_inputs,
+    decode_inputs,
+    media_type,
+    path_problem,
+    with_content,
+)
 from warmpod.settings import FileSettings
 
 LIMITS = FileSettings(in_count=3, in_file_bytes=10, in_bytes=15, out_count=2, out_bytes=10)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from warmpod import image
 from warmpod.errors import ImageError
+from warmpod.host import image
 from warmpod.settings import Settings, from_env
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from warmpod import limits
 from warmpod.errors import InvalidRun
-from warmpod.limits import RunLimits
+from warmpod.sandbox import limits
+from warmpod.sandbox.limits import RunLimits
 from warmpod.settings import LimitSettings
 
 LIMITS = LimitSettings(timeout=10.0, max_timeout=60.0, cpu_time=30, memory_mb=512, max_output_bytes=1000)

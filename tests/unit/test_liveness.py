@@ -15,9 +15,10 @@ from fakes import FakeLeaser, RecordingRunner
 
 from warmpod.errors import StoreError
 from warmpod.models import RunSpec
-from warmpod.scheduler import Scheduler
+from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.store.base import Added, Beat, Fence, Owner, Replay
+from warmpod.queue.store.sqlite import SqliteStore
 from warmpod.settings import LimitSettings, NodeSettings, QueueSettings
-from warmpod.store import Added, Beat, Fence, Owner, Replay, SqliteStore
 
 LEASE = 1.0
 SPEC = RunSpec(code=b"pass", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=1 << 20)

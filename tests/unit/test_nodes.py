@@ -13,11 +13,11 @@ from fakes import FakeLeaser, RecordingRunner
 
 from warmpod.errors import StoreError
 from warmpod.models import RunSpec
-from warmpod.pgstore import PostgresStore
-from warmpod.protocol import Output
-from warmpod.scheduler import Scheduler
+from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.store.base import Beat, Fence, Owner
+from warmpod.queue.store.postgres import PostgresStore
+from warmpod.sandbox.protocol import Output
 from warmpod.settings import LimitSettings, NodeSettings, QueueSettings
-from warmpod.store import Beat, Fence, Owner
 
 LEASE = 1.5
 SPEC = RunSpec(code=b"pass", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=1 << 20)
@@ -106,7 +106,7 @@ async def test_a_node_out_of_reach_of_the_store_stops_its_runs_and_another_repor
     run_id = await a.scheduler.submit(SPEC)
     await running_on(b, run_id)
     monkeypatch.setattr(b.store, "heartbeat", unreachable)
-    with caplog.at_level(logging.WARNING, "warmpod.scheduler"):
+    with caplog.at_level(logging.WARNING, "warmpod.queue.scheduler"):
         result = await a.scheduler.wait(run_id, LEASE * 4)
         with anyio.fail_after(LEASE * 2):
             while not any(f"lost run {run_id}" in r.getMessage() for r in caplog.records):
@@ -139,7 +139,7 @@ async def test_a_store_that_hangs_while_reaping_does_not_hold_back_the_lease_che
     monkeypatch.setattr(b.store, "reap", hangs)
     await anyio.sleep(LEASE)  # b's reaper is now stuck in the store
     monkeypatch.setattr(b.store, "heartbeat", unreachable)
-    with caplog.at_level(logging.WARNING, "warmpod.scheduler"), anyio.fail_after(LEASE * 2):
+    with caplog.at_level(logging.WARNING, "warmpod.queue.scheduler"), anyio.fail_after(LEASE * 2):
         while not any(f"lost run {run_id}" in r.getMessage() for r in caplog.records):
             await anyio.sleep(0.05)
     with anyio.fail_after(2):
@@ -164,7 +164,7 @@ async def test_a_zombie_node_finds_its_writes_refused_and_stops_the_run(
     run_id = await a.scheduler.submit(SPEC)
     await running_on(b, run_id)
     monkeypatch.setattr(b.store, "heartbeat", frozen)
-    with caplog.at_level(logging.WARNING, "warmpod.scheduler"):
+    with caplog.at_level(logging.WARNING, "warmpod.queue.scheduler"):
         result = await a.scheduler.wait(run_id, LEASE * 4)
         assert result is not None
         with anyio.fail_after(2):

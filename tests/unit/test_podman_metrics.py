@@ -10,8 +10,8 @@ from anyio.abc import SocketStream, TaskStatus
 from prometheus_client import REGISTRY
 
 from warmpod.errors import EngineError
+from warmpod.host.podman_api import Runtime
 from warmpod.metrics import PODMAN_CALLS
-from warmpod.runtime import Runtime
 
 CONTAINER = "c0ffee" * 10
 

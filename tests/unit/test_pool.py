@@ -21,14 +21,14 @@ from anyio.abc import TaskGroup
 from fakes import FakeEngine, probe_report
 from prometheus_client import REGISTRY
 
-from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
-from warmpod.owners import OwnerLock
-from warmpod.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, RUN_FIRST, Pool, imports_libraries
-from warmpod.protocol import Job, Output, Result
-from warmpod.runner import Runner
-from warmpod.sandbox import AGENT_EXIT_WAIT
-from warmpod.selftest import self_test
+from warmpod.sandbox import protocol
+from warmpod.sandbox.owners import OwnerLock
+from warmpod.sandbox.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, RUN_FIRST, Pool, imports_libraries
+from warmpod.sandbox.protocol import Job, Output, Result
+from warmpod.sandbox.runner import Runner
+from warmpod.sandbox.sandbox import AGENT_EXIT_WAIT
+from warmpod.sandbox.selftest import self_test
 from warmpod.settings import Settings, from_env
 
 INSTANCE = "feedface0000"

@@ -20,12 +20,12 @@ from fakes import agent_body, output, pool_module, result
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmpod import protocol
 from warmpod.errors import ProtocolError
-from warmpod.files import OutputFiles
-from warmpod.protocol import AgentError, Channel, FileChunk, Hello, Job, Output, Result
+from warmpod.sandbox import protocol
+from warmpod.sandbox.files import OutputFiles
+from warmpod.sandbox.protocol import AgentError, Channel, FileChunk, Hello, Job, Output, Result
+from warmpod.sandbox.unix_stream import UnixStream
 from warmpod.settings import FileSettings
-from warmpod.unix_stream import UnixStream
 
 TEST_FRAME = 1024
 # The widest character in the agent's JSON: outside the BMP, escaped as two \uXXXX.

@@ -7,12 +7,11 @@ from typing import Any, Literal
 import fakes
 import pytest
 
-from warmpod import runner
-from warmpod.models import RunResult
-from warmpod.protocol import AgentError, Hello, LimitName, Result
-from warmpod.runner import RunOutput
+from warmpod.models import CHUNK_BYTES, Chunk, LimitName, RunResult, Stream
+from warmpod.sandbox import runner
+from warmpod.sandbox.protocol import AgentError, Hello, Result
+from warmpod.sandbox.runner import RunOutput
 from warmpod.settings import LimitSettings
-from warmpod.store import CHUNK_BYTES, Chunk, Stream
 
 CAP = 100
 LIMITS = LimitSettings(timeout=10.0, max_timeout=60.0, max_output_bytes=CAP)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from warmpod.sandbox import AGENT_CAPS, container_spec
+from warmpod.sandbox.sandbox import AGENT_CAPS, container_spec
 from warmpod.settings import LimitSettings
 
 LIMITS = LimitSettings(memory_mb=256, pids=64, cpus=0.5, tmpfs_mb=32, cpu_time=5)

@@ -8,7 +8,7 @@ import socket
 import pytest
 from fakes import POOL_DIR, probe_report
 
-from warmpod.selftest import PROBE, failures
+from warmpod.sandbox.selftest import PROBE, failures
 from warmpod.settings import LimitSettings
 
 LIMITS = LimitSettings(memory_mb=256, pids=64, cpu_time=5)

@@ -16,26 +16,21 @@ import psycopg
 import pytest
 
 from warmpod.errors import StoreError
-from warmpod.models import RunResult, RunSpec
-from warmpod.pgstore import CALL_TIMEOUT, PostgresStore
-from warmpod.store import (
-    CHUNK_BYTES,
+from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec
+from warmpod.queue.store.base import (
     OUTPUT_PAGE,
     PREFERRED_WAIT,
-    ROW_SEGMENTS,
-    SCHEMA_VERSION,
-    Chunk,
     Claim,
     Idempotency,
     Notice,
     Owner,
     Replay,
-    SqliteStore,
     Store,
-    decode_blob,
-    encode_blob,
     inlined,
 )
+from warmpod.queue.store.codec import ROW_SEGMENTS, decode_blob, encode_blob
+from warmpod.queue.store.postgres import CALL_TIMEOUT, PostgresStore
+from warmpod.queue.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 SPEC = RunSpec(
     code=b"print(1)", stdin=b"\x00\xff", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=99
@@ -852,7 +847,7 @@ async def test_sqlite_never_reaps_the_live_runs_of_the_node_that_holds_it(
         await store.add("crashed", SPEC, max_queued=10)
         await claim(store, Owner(node="a", incarnation="a-0"), lease=1.0)
         stepped = time.time() + 3600
-        monkeypatch.setattr("warmpod.store.time.time", lambda: stepped)
+        monkeypatch.setattr("warmpod.queue.store.sqlite.time.time", lambda: stepped)
         assert await store.reap(LOST) == ["crashed"]
         assert (await store.heartbeat(NODE, 1.0, [fence])).held == {"live"}
         assert await store.finish("live", result("live"), fence=fence)

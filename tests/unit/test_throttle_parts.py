@@ -8,9 +8,9 @@ import pytest
 from litestar.types import Message
 
 from warmpod.errors import Throttled
+from warmpod.http.throttle import _SWEEP_AT, CHUNK, Throttle, _client_of, _paced
 from warmpod.keys import Key
 from warmpod.settings import ServerSettings
-from warmpod.throttle import _SWEEP_AT, CHUNK, Throttle, _client_of, _paced
 
 
 async def test_a_large_body_goes_in_chunks_and_ends_where_the_original_did() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import anyio
 import pytest
 
-from warmpod.unix_stream import UnixStream
+from warmpod.sandbox.unix_stream import UnixStream
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ import msgspec
 
 from warmpod.errors import InvalidFile, ProtocolError
 from warmpod.models import InputFile, OutputFile
-from warmpod.protocol import MAX_PATH
+from warmpod.sandbox.protocol import MAX_PATH
 from warmpod.settings import FileSettings
 
 OUT_DIR = "out"

@@ -20,7 +20,7 @@ from pathlib import Path
 from uv import find_uv_bin
 
 from warmpod.errors import ImageError
-from warmpod.host import podman_command
+from warmpod.host.facts import podman_command
 from warmpod.settings import Settings
 
 Progress = Callable[[str], None]
@@ -78,10 +78,14 @@ def context_dir(settings: Settings) -> Path:
     """
     if settings.image.context:
         return Path(settings.image.context)
-    bundled = Path(__file__).with_name("pool")
-    if bundled.is_dir():
-        return bundled
-    return Path(__file__).resolve().parents[2] / "pool"
+    return guest_dir()
+
+
+def guest_dir() -> Path:
+    """The guest code's directory (``pool/``): bundled in the installed package, or the repository's."""
+    package = Path(__file__).resolve().parents[1]
+    bundled = package / "pool"
+    return bundled if bundled.is_dir() else package.parents[1] / "pool"
 
 
 def image_ref(settings: Settings) -> str:

@@ -19,10 +19,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
-from warmpod.auth import key_of
 from warmpod.errors import RunNotFound, ShuttingDown, StoreError
-from warmpod.files import decode_inputs
-from warmpod.limits import RunLimits
+from warmpod.http.auth import key_of
 from warmpod.models import (
     Accepted,
     FileEvent,
@@ -34,7 +32,9 @@ from warmpod.models import (
     RunSpec,
     StatusEvent,
 )
-from warmpod.scheduler import Scheduler
+from warmpod.queue.scheduler import Scheduler
+from warmpod.sandbox.files import decode_inputs
+from warmpod.sandbox.limits import RunLimits
 from warmpod.service import Service
 
 log = logging.getLogger(__name__)

@@ -10,15 +10,14 @@ from typing import Protocol
 
 import anyio
 
-from warmpod import protocol
 from warmpod.errors import EngineError, InvalidRun, ProtocolError
-from warmpod.files import OutputFiles, check_inputs
-from warmpod.limits import RunLimits, resolve_limits, resolve_timeout
-from warmpod.models import RunResult, RunSpec, RunStatus
-from warmpod.protocol import AgentError, FileChunk, Job, Output, Result
-from warmpod.sandbox import Sandbox
+from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec, RunStatus, Stream
+from warmpod.sandbox import protocol
+from warmpod.sandbox.files import OutputFiles, check_inputs
+from warmpod.sandbox.limits import RunLimits, resolve_limits, resolve_timeout
+from warmpod.sandbox.protocol import AgentError, FileChunk, Job, Output, Result
+from warmpod.sandbox.sandbox import Sandbox
 from warmpod.settings import FileSettings, LimitSettings
-from warmpod.store import CHUNK_BYTES, Chunk, Stream
 
 AGENT_DRAIN_GRACE = 0.5
 """How long the agent drains the pipes once it stopped the program, at the timeout at the latest

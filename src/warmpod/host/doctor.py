@@ -8,12 +8,11 @@ import shutil
 import anyio
 import msgspec
 
-from warmpod import image, podman_service
-from warmpod.enforcement import check, enforcement
 from warmpod.errors import WarmpodError
-from warmpod.host import HostFacts, own_user_namespaces
-from warmpod.runtime import EngineInfo, Runtime
-from warmpod.sandbox import USERNS_SIZE
+from warmpod.host import image, podman_service
+from warmpod.host.enforcement import check, enforcement
+from warmpod.host.facts import USERNS_SIZE, HostFacts, own_user_namespaces
+from warmpod.host.podman_api import EngineInfo, Runtime
 from warmpod.settings import Settings
 
 CAP_SYS_RESOURCE = 24

@@ -29,26 +29,24 @@ from warmpod.errors import (
     ShuttingDown,
     StoreError,
 )
-from warmpod.files import with_content, with_url
 from warmpod.keys import Key
-from warmpod.models import NodeSeen, OutputFile, RunResult, RunSpec, RunStatus
-from warmpod.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
-from warmpod.sandbox import Sandbox
-from warmpod.settings import FileSettings, NodeSettings, QueueSettings
-from warmpod.store import (
+from warmpod.models import Chunk, NodeSeen, OutputFile, RunResult, RunSpec, RunStatus
+from warmpod.queue.store.base import (
     OUTPUT_PAGE,
-    Chunk,
     Claim,
     Fence,
     Idempotency,
     Notice,
     Owner,
-    Printed,
     Record,
     Replay,
     Store,
-    encode_blob,
 )
+from warmpod.queue.store.codec import Printed, encode_blob
+from warmpod.sandbox.files import with_content, with_url
+from warmpod.sandbox.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
+from warmpod.sandbox.sandbox import Sandbox
+from warmpod.settings import FileSettings, NodeSettings, QueueSettings
 
 log = logging.getLogger(__name__)
 

@@ -8,24 +8,17 @@ from __future__ import annotations
 import json
 import math
 import socket
-from pathlib import Path
 from typing import Any
 
 from warmpod.errors import WarmpodError
+from warmpod.host.image import guest_dir
 from warmpod.models import Environment
-from warmpod.pool import Pool
-from warmpod.runner import Runner
-from warmpod.sandbox import AGENT_COMMAND
+from warmpod.sandbox.pool import Pool
+from warmpod.sandbox.runner import Runner
+from warmpod.sandbox.sandbox import AGENT_COMMAND
 from warmpod.settings import LimitSettings, Settings
 
-
-def _pool_dir() -> Path:
-    """The guest code's directory: bundled in the installed package, or the repository's ``pool/``."""
-    bundled = Path(__file__).with_name("pool")
-    return bundled if bundled.is_dir() else Path(__file__).resolve().parents[2] / "pool"
-
-
-PROBE_FILE = _pool_dir() / "probe.py"
+PROBE_FILE = guest_dir() / "probe.py"
 """The probe program (pool/probe.py): it prints what the program sees of its sandbox, as JSON."""
 PROBE = PROBE_FILE.read_text()
 

@@ -1,5 +1,4 @@
-"""Durable run records, their output and the queue: the ``Store`` interface and its SQLite default
-(``pgstore`` has the PostgreSQL one that several nodes share)."""
+"""The embedded run store: one SQLite file in WAL mode, owned by one node at a time."""
 
 from __future__ import annotations
 
@@ -10,314 +9,46 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
 from warmpod.errors import StoreError
-from warmpod.models import NodeSeen, RunResult, RunSpec, RunStatus
+from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec
+from warmpod.queue.store.base import (
+    OUTPUT_PAGE,
+    PREFERRED_WAIT,
+    Added,
+    Beat,
+    CancelOutcome,
+    Claim,
+    Fence,
+    Idempotency,
+    Notice,
+    Owner,
+    Record,
+    Replay,
+    inlined,
+    record,
+    run_ended,
+    unreadable,
+)
+from warmpod.queue.store.codec import (
+    decode_blob,
+    encode_blob,
+    joined,
+    output_rows,
+    page,
+    segments,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-B = TypeVar("B", RunSpec, RunResult)
-Stream = Literal["stdout", "stderr"]
-CancelOutcome = Literal["cancelled", "requested", "finished", "unknown"]
-
-
-class Chunk(msgspec.Struct, frozen=True, kw_only=True):
-    """A piece of a run's output, in the order the program printed it."""
-
-    seq: int
-    stream: Stream
-    data: bytes
-
-
-CHUNK_BYTES = 65536
-"""The most output one chunk holds once merged (``runner.RunOutput`` merges adjacent chunks of a
-stream up to it; one of the agent's frames carries at most as much)."""
-OUTPUT_PAGE = 32
-"""The most chunks one ``Store.output`` call returns: readers page through a run's output, each
-page at most ``OUTPUT_PAGE * CHUNK_BYTES`` (2 MiB) however many chunks the run printed."""
-ROW_SEGMENTS = 256
-"""The most chunks one stored row packs (``output_rows``): with at most ``CHUNK_BYTES`` of data
-too, a page read inside a row decodes a bounded row, and the row's own cost (its key, about 50
-bytes) is shared by enough chunks to stay well under a byte per chunk."""
-PACKED = "packed"
-"""The ``stream`` of a stored row that packs several chunks (``output_rows``); a row whose stream
-is ``stdout`` or ``stderr`` is one chunk, as every row was before rows packed chunks."""
-
-
-Added = Literal["added", "queue-full", "key-busy"]
-"""What ``Store.add`` did with a run."""
-
-
-class Idempotency(msgspec.Struct, frozen=True, kw_only=True):
-    """A submission's ``Idempotency-Key`` and the hash of what it asked to run: stored with the run
-    (and purged with it), unique per API key name, so a retried submit finds its run again."""
-
-    key: str
-    request_hash: str
-
-
-class Replay(msgspec.Struct, frozen=True, kw_only=True):
-    """What ``Store.add`` answers when a run of the same API key already has the idempotency key."""
-
-    run_id: str
-    status: RunStatus
-    same_request: bool
-    """Whether that run was asked for with the same request hash (else the key was reused)."""
-
-
-class Record(msgspec.Struct, frozen=True, kw_only=True):
-    """What the store knows of one run."""
-
-    id: str
-    status: RunStatus
-    """``queued``, ``running`` or a final status of ``RunResult``."""
-    key: str | None = None
-    """The name of the API key that submitted it; None where keys are off."""
-    created: float
-    started: float | None
-    finished: float | None
-    result: RunResult | None
-    """Set once the run is final."""
-    node: str | None = None
-    """The node that claimed it; None while it waits."""
-
-
-class Owner(msgspec.Struct, frozen=True, kw_only=True):
-    """A node as the store knows it: its name and the id of this start of it."""
-
-    node: str
-    incarnation: str
-
-
-class Fence(msgspec.Struct, frozen=True, kw_only=True):
-    """The proof a claim gives: every later write of the run carries it, and one that no longer
-    matches the run's owner and attempt changes nothing, so a node that lost the run finds out."""
-
-    run_id: str
-    incarnation: str
-    attempt: int
-
-
-class Claim(msgspec.Struct, frozen=True, kw_only=True):
-    """A queued run this node now holds, under a lease."""
-
-    fence: Fence
-    spec: RunSpec
-
-
-class Beat(msgspec.Struct, frozen=True, kw_only=True):
-    """What a heartbeat learns: which of the node's runs it still holds, how many runs wait, and
-    the nodes seen alive."""
-
-    held: frozenset[str]
-    queued: int
-    nodes: list[NodeSeen]
-
-
-Notice = Literal["queued", "changed", "cancel", "reconnected"]
-"""What ``listen`` reports, with a run id: a run was queued; a run changed (claimed, output,
-final); a running run was asked to stop; or, with no id, notices may have been missed."""
-
-
-class Store(Protocol):
-    """Where runs wait and results stay; everything several warmpod nodes share lives here.
-
-    Implementations must make ``claim`` hand each queued run to exactly one caller, accept a
-    fenced write only from the run's current owner and attempt, and make ``finish`` final
-    exactly once: the first final status written wins. Times are the store's clock.
-
-    Output is kept as the chunks ``add_output`` and ``finish`` are given, and a stored chunk
-    never changes: a reader that has seen up to ``seq`` N and asks for what comes after N
-    (``/status/{id}/stream`` resumed with ``Last-Event-ID``) gets every later byte exactly once.
-    How many chunks a run has is up to its writer: ``runner.RunOutput`` merges adjacent chunks of
-    one stream up to ``CHUNK_BYTES`` until the scheduler takes them, at most once per
-    ``scheduler.FLUSH_INTERVAL``, so a run keeps at most one chunk per stream switch, per
-    ``CHUNK_BYTES`` and per interval, whatever the size of the program's writes. A write's chunks
-    are stored packed, a row per ``ROW_SEGMENTS`` chunks or ``CHUNK_BYTES`` of data
-    (``output_rows``), so a program switching streams at every byte costs the store a few bytes
-    per byte, not a row per byte.
-
-    A run's writer gives its chunks in rising seq order, each write carrying every chunk of the
-    writes before it that failed, ahead of newer ones (``scheduler._tend`` gives them back to
-    ``RunOutput`` for the next write). So a write's chunks at or below the highest seq already
-    kept were kept, by an earlier write that committed though its caller saw an error: they are
-    skipped, changing nothing, and only the chunks above are kept.
-    """
-
-    shared: bool
-    """Whether several nodes share the store: only then may a run this node holds be reported
-    by another once its lease runs out, so only then must the node stop it unrenewed."""
-
-    async def join(self, owner: Owner, lease: float, message: str) -> list[str]:
-        """At start: register ``owner``, and make runs its node's earlier starts held ``error``
-        with ``message`` (``{node}`` filled in) and their output; return their ids.
-
-        Raises:
-            StoreError: another start of a node of the same name is alive.
-        """
-        ...
-
-    async def leave(self, owner: Owner) -> None:
-        """At a clean stop: drop ``owner`` from the nodes seen alive."""
-        ...
-
-    async def add(
-        self,
-        run_id: str,
-        spec: RunSpec,
-        *,
-        max_queued: int,
-        key: str | None = None,
-        max_active: int | None = None,
-        idempotency: Idempotency | None = None,
-    ) -> Added | Replay:
-        """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
-        ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running,
-        nor when a run of ``key`` already has ``idempotency.key`` (that run is answered, before any bound)."""
-        ...
-
-    async def queued(self) -> int:
-        """How many runs wait."""
-        ...
-
-    async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
-        """Give the oldest queued run to ``owner`` for ``lease`` seconds; None when none waits.
-
-        The oldest of those whose ``warm`` is the sandbox's (``RunSpec.warm``) comes first, unless
-        another has waited ``PREFERRED_WAIT`` seconds: every run is taken within that of a free
-        sandbox, whatever kind the pool makes. Among the runs that rule lets go first, a run of the
-        key (NULL with keys off counts as one key) with the fewest runs ``running`` comes first,
-        the oldest of them on a tie: a key that queued many runs does not make another key's run
-        wait behind all of them, and with a single key the order is submission order."""
-        ...
-
-    async def release(self, fence: Fence) -> None:
-        """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
-        ...
-
-    async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
-        """Renew the leases of the runs ``owner`` holds by ``fences`` for ``lease`` seconds and
-        record that it is alive."""
-        ...
-
-    async def reap(self, message: str) -> list[str]:
-        """Make runs whose lease ran out ``error`` with ``message`` (``{node}``: their node's name)
-        and the output they had printed; return their ids. They are never queued again."""
-        ...
-
-    async def add_output(self, fence: Fence, chunks: Sequence[Chunk]) -> bool:
-        """Keep more of a running run's output; False, keeping nothing, if ``fence`` lost the run."""
-        ...
-
-    async def finish(
-        self,
-        run_id: str,
-        result: RunResult,
-        chunks: Sequence[Chunk] = (),
-        files: Sequence[tuple[str, bytes]] = (),
-        *,
-        fence: Fence | None = None,
-    ) -> bool:
-        """Record the run's last output, final result and ``(path, content)`` of the files it
-        left (those ``result.files`` lists); False, keeping nothing, if it was already final or
-        ``fence`` lost it. Without a fence (a run that never started) any owner's run is ended.
-
-        True, changing nothing, when this very result is already recorded under ``fence``: a
-        retry of a write that took effect though its answer was lost learns that it did."""
-        ...
-
-    async def file(self, run_id: str, path: str) -> bytes | None:
-        """The content of a file the run left, or None."""
-        ...
-
-    async def file_size(self, run_id: str, path: str) -> int | None:
-        """The size in bytes of a file the run left, or None; its content is not read."""
-        ...
-
-    async def file_piece(self, run_id: str, path: str, offset: int, size: int) -> bytes | None:
-        """At most ``size`` bytes of a file the run left from ``offset`` on (none past its end), or
-        None: a download reads a file in such pieces, never holding it whole."""
-        ...
-
-    async def small_files(self, run_id: str, max_bytes: int, total_bytes: int) -> dict[str, bytes]:
-        """The content of the files ``inlined`` picks among those the run left, by path: no other
-        file's bytes are read."""
-        ...
-
-    async def get(self, run_id: str) -> Record | None:
-        """The run's record, or None for an id never stored (or purged)."""
-        ...
-
-    async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
-        """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order:
-        fewer than ``limit`` when those are all there are. A page may end inside a stored row; the
-        next call, after the last seq returned, goes on from there."""
-        ...
-
-    async def cancel(self, run_id: str, result: RunResult) -> CancelOutcome:
-        """Cancel a queued run (it becomes ``result``) or flag a running one to be stopped."""
-        ...
-
-    async def cancel_requested(self, run_id: str) -> bool:
-        """Whether ``cancel`` flagged this running run."""
-        ...
-
-    async def purge(self, retention: float) -> int:
-        """Delete runs that ended more than ``retention`` seconds ago; return how many."""
-        ...
-
-    async def listen(
-        self,
-        notice: Callable[[Notice, str], None],
-        *,
-        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Call ``notice`` for every change any node makes, until cancelled."""
-        ...
-
-    async def aclose(self) -> None:
-        """Release the store."""
-        ...
-
-
-def encode_blob(value: RunSpec | RunResult) -> bytes:
-    """A spec or result as stored: ``[BLOB_VERSION, value]`` in msgpack."""
-    return msgspec.msgpack.encode((BLOB_VERSION, value))
-
-
-def decode_blob(raw: bytes, kind: type[B]) -> B:
-    """The value ``encode_blob`` stored, or that a store before blob versions did (a bare map).
-
-    Raises:
-        msgspec.DecodeError: not one this version can read.
-    """
-    if raw[:1] != b"\x92":  # no fixarray of two: a bare struct of before versions
-        return msgspec.msgpack.decode(raw, type=kind)
-    version, value = msgspec.msgpack.decode(raw, type=tuple[int, msgspec.Raw])
-    if version > BLOB_VERSION:
-        raise msgspec.DecodeError(f"stored by a newer warmpod (blob version {version} > {BLOB_VERSION})")
-    return msgspec.msgpack.decode(value, type=kind)
-
-
-def run_ended(run_id: str, node: str | None, message: str, printed: tuple[str, str]) -> RunResult:
-    """The ``error`` result of a run its node stopped holding, with what it printed: ``(stdout, stderr)``."""
-    stdout, stderr = printed
-    return RunResult.from_server(
-        run_id,
-        "error",
-        stdout=stdout,
-        stderr=stderr,
-        error=message.format(node=node or "?"),
-        node=node,
-    )
 
 
 # Each step takes a store from the version before it (PRAGMA user_version) to its own number.
@@ -384,10 +115,6 @@ _MIGRATIONS = (
     "CREATE INDEX runs_by_status_key ON runs (status, key);",
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
-BLOB_VERSION = 1
-PREFERRED_WAIT = 1.0
-"""Seconds a queued run waits for a sandbox of its kind before any sandbox takes it (``claim``)."""
-"""Of the msgpack specs and results in a store: ``decode_blob`` reads this one and older."""
 
 
 def default_path() -> Path:
@@ -919,125 +646,6 @@ def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: st
     return run_id
 
 
-async def unreadable(store: Store, fence: Fence, exc: msgspec.DecodeError) -> None:
-    """End a claimed run whose spec this version cannot read: queued runs outlive restarts and
-    upgrades, and one such row must not stop every start; the rest of the queue goes on."""
-    log.error("queued run %s cannot be read from the store: %s", fence.run_id, exc)
-    message = f"the queued run could not be read from the run store: {exc}"
-    await store.finish(fence.run_id, RunResult.from_server(fence.run_id, "error", error=message), fence=fence)
-
-
-def record(
-    run_id: str,
-    status: RunStatus,
-    key: str | None,
-    created: float,
-    started: float | None,
-    finished: float | None,
-    blob: bytes | None,
-    node: str | None,
-) -> Record:
-    """A run's record from its stored row."""
-    return Record(
-        id=run_id,
-        status=status,
-        key=key,
-        created=created,
-        started=started,
-        finished=finished,
-        result=None if blob is None else decode_blob(bytes(blob), RunResult),
-        node=node,
-    )
-
-
-def inlined(sizes: Iterable[tuple[str, int]], max_bytes: int, total_bytes: int) -> list[str]:
-    """Of a run's files, given as ``(path, size)``, those an answer carries inline: in path order,
-    each of at most ``max_bytes`` that still fits in what is left of ``total_bytes``."""
-    paths, left = [], total_bytes
-    for path, size in sorted(sizes):
-        if size <= min(max_bytes, left):
-            paths.append(path)
-            left -= size
-    return paths
-
-
-class _Packed(msgspec.Struct, array_like=True):
-    """The ``data`` of a row of several chunks: one mark per chunk, ``size << 1 | stream`` (0 for
-    stdout, 1 for stderr: one msgpack byte for a chunk under 64 bytes), and their data joined."""
-
-    marks: list[int]
-    data: bytes
-
-
-_PACKED_DECODER = msgspec.msgpack.Decoder(_Packed)
-_STREAMS: tuple[Stream, Stream] = ("stdout", "stderr")
-
-
-def output_rows(chunks: Sequence[Chunk], kept: int) -> Iterator[tuple[int, int, str, bytes]]:
-    """The stored rows ``(seq, last, stream, data)`` of the chunks with seq above ``kept``.
-
-    Chunks of consecutive seqs share a row up to ``ROW_SEGMENTS`` chunks and ``CHUNK_BYTES`` of
-    data (a larger chunk is a row of its own); a row of one chunk is stored as it is, one of
-    several as ``_Packed`` under the stream ``PACKED``."""
-    group: list[Chunk] = []
-    size = 0
-    for chunk in chunks:
-        if chunk.seq <= kept:
-            continue
-        if group and (
-            chunk.seq != group[-1].seq + 1
-            or len(group) == ROW_SEGMENTS
-            or size + len(chunk.data) > CHUNK_BYTES
-        ):
-            yield _row(group)
-            group, size = [], 0
-        group.append(chunk)
-        size += len(chunk.data)
-    if group:
-        yield _row(group)
-
-
-def _row(group: list[Chunk]) -> tuple[int, int, str, bytes]:
-    first, last = group[0], group[-1]
-    if len(group) == 1:
-        return first.seq, first.seq, first.stream, first.data
-    marks = [len(c.data) << 1 | (c.stream == "stderr") for c in group]
-    packed = _Packed(marks=marks, data=b"".join(c.data for c in group))
-    return first.seq, last.seq, PACKED, msgspec.msgpack.encode(packed)
-
-
-def unpacked(seq: int, stream: str, data: bytes, after: int = -1) -> Iterator[Chunk]:
-    """The chunks with seq above ``after`` of a stored ``(seq, stream, data)`` row, in order
-    (``output_rows`` made it); those at or below ``after`` are skipped without being copied."""
-    if stream != PACKED:
-        if seq > after:
-            yield Chunk(seq=seq, stream="stderr" if stream == "stderr" else "stdout", data=bytes(data))
-        return
-    packed = _PACKED_DECODER.decode(data)
-    view = memoryview(packed.data)
-    skip = max(after + 1 - seq, 0)
-    start = sum(mark >> 1 for mark in packed.marks[:skip])
-    for index, mark in enumerate(packed.marks[skip:], start=skip):
-        end = start + (mark >> 1)
-        yield Chunk(seq=seq + index, stream=_STREAMS[mark & 1], data=bytes(view[start:end]))
-        start = end
-
-
-def segments(row: tuple[int, str, bytes]) -> Iterator[tuple[str, bytes]]:
-    """The ``(stream, data)`` of each chunk of a stored ``(seq, stream, data)`` row, for ``joined``."""
-    return ((chunk.stream, chunk.data) for chunk in unpacked(*row))
-
-
-def page(rows: Iterable[tuple[int, str, bytes]], after: int, limit: int) -> list[Chunk]:
-    """The first ``limit`` chunks above seq ``after`` of stored ``(seq, stream, data)`` rows in order."""
-    found: list[Chunk] = []
-    for seq, stream, data in rows:
-        found += itertools.islice(unpacked(seq, stream, data, after), limit - len(found))
-        if len(found) == limit:
-            break
-    return found
-
-
 @contextlib.contextmanager
 def _transaction(db: sqlite3.Connection) -> Iterator[None]:
     """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on an exception (autocommit connection)."""
@@ -1048,26 +656,3 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-
-
-def joined(chunks: Iterable[tuple[str, bytes]]) -> tuple[str, str]:
-    """A run's stdout and stderr as text, from its ``(stream, data)`` chunks in order."""
-    printed = Printed()
-    for stream, data in chunks:
-        printed.add(stream, data)
-    return printed.text()
-
-
-class Printed:
-    """A run's stdout and stderr gathered from its chunks as they are read, a page at a time."""
-
-    def __init__(self) -> None:
-        self._out = {"stdout": bytearray(), "stderr": bytearray()}
-
-    def add(self, stream: str, data: bytes) -> None:
-        """Append a chunk's ``data`` to its ``stream`` (anything but stderr is stdout)."""
-        self._out.get(stream, self._out["stdout"]).extend(data)
-
-    def text(self) -> tuple[str, str]:
-        """The stdout and stderr so far, decoded (bytes that are not UTF-8 replaced)."""
-        return self._out["stdout"].decode("utf-8", "replace"), self._out["stderr"].decode("utf-8", "replace")

@@ -27,9 +27,7 @@ from litestar.plugins.problem_details import (
 )
 from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_INTERNAL_SERVER_ERROR
 
-from warmpod import __version__, auth, metrics_http, throttle, web
-from warmpod.api import RunController, StatusController, get_service, health
-from warmpod.environment import EnvironmentNotRecorded, environment
+from warmpod import __version__
 from warmpod.errors import (
     InvalidFile,
     InvalidRun,
@@ -45,6 +43,9 @@ from warmpod.errors import (
     Throttled,
     WarmpodError,
 )
+from warmpod.http import auth, metrics, throttle, web
+from warmpod.http.environment import EnvironmentNotRecorded, environment
+from warmpod.http.routes import RunController, StatusController, get_service, health
 from warmpod.keys import KeyFile
 from warmpod.service import Service, run_service
 from warmpod.settings import Settings
@@ -193,7 +194,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             StatusController,
             health,
             environment,
-            metrics_http.MetricsController,
+            metrics.MetricsController,
             web.playground,
             web.static_router(),
         ],
@@ -219,7 +220,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
         ),
         # The throttle after authentication, which names the key it counts against.
         middleware=[
-            metrics_http.PROMETHEUS.middleware,
+            metrics.PROMETHEUS.middleware,
             *([] if keys is None else [auth.middleware(keys)]),
             throttle.Throttle(settings.server),
         ],

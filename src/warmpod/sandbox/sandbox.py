@@ -14,9 +14,10 @@ import anyio
 
 from warmpod.backoff import Backoff
 from warmpod.errors import InvalidRun, WarmpodError
-from warmpod.protocol import Channel
+from warmpod.host.facts import USERNS_SIZE
+from warmpod.sandbox.protocol import Channel
+from warmpod.sandbox.unix_stream import UnixStream
 from warmpod.settings import LimitSettings
-from warmpod.unix_stream import UnixStream
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,6 @@ SOCKET_NAME = "agent.sock"
 CPU_PERIOD = 100_000
 SHM_MB = 16
 NPROC_WITH_CGROUPS = 4096
-# A user namespace of its own maps container uids 0..USERNS_SIZE-1: the program's 65534 included.
-USERNS_SIZE = 65536
 # The agent needs exactly these to start the program as an unprivileged user and to kill it.
 # CAP_SYS_RESOURCE makes the program's OOM score of 1000 a floor (only without a user namespace:
 # the kernel checks it on the host), CAP_SETPCAP empties the program's bounding set (the program

@@ -19,10 +19,10 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from msgspec import Meta
 
 from warmpod.errors import ProtocolError
+from warmpod.models import LimitName
 
 PROTOCOL_VERSION = 2
 HEADER = struct.Struct(">I")
-LimitName = Literal["wall_time", "cpu_time", "memory", "pids", "output", "disk"]
 # Bounds of what the agent sends; MAX_FRAME is sized from them.
 AGENT_READ = 65536
 """Bytes the agent reads from a pipe at once (``CHUNK`` in pool/agent.py): the most one Output carries."""

@@ -21,13 +21,15 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskStatus
 
-from warmpod import host, metrics, protocol
+from warmpod import metrics
 from warmpod.backoff import Backoff
 from warmpod.errors import EngineError, PoolUnavailable, ProtocolError, WarmpodError
-from warmpod.image import context_dir
-from warmpod.owners import Owner, OwnerLock
-from warmpod.protocol import Hello
-from warmpod.sandbox import (
+from warmpod.host import facts
+from warmpod.host.image import context_dir
+from warmpod.sandbox import protocol
+from warmpod.sandbox.owners import Owner, OwnerLock
+from warmpod.sandbox.protocol import Hello
+from warmpod.sandbox.sandbox import (
     DESTROY_TIMEOUT,
     MEMORY_HEADROOM,
     SOCKET_NAME,
@@ -244,7 +246,7 @@ class Pool:
             if owner is Owner.ALIVE:
                 continue
             if owner is Owner.UNKNOWN and (
-                labels.get(LABEL_HOST) != hostname or host.process_alive(labels.get(LABEL_PID, ""))
+                labels.get(LABEL_HOST) != hostname or facts.process_alive(labels.get(LABEL_PID, ""))
             ):
                 continue
             log.warning("removing container %s left by a dead warmpod", container_id[:12])

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import msgspec
-
 from warmpod.errors import SettingsError
+from warmpod.models import LimitEnforcement
 
 
-class Enforcement(msgspec.Struct, frozen=True, kw_only=True):
-    """One limit and the mechanism that enforces it, or ``None`` when nothing does."""
-
-    limit: str
-    layer: str | None
-    mechanism: str
-
-
-def enforcement(*, cgroups: bool) -> list[Enforcement]:
+def enforcement(*, cgroups: bool) -> list[LimitEnforcement]:
     """Every limit warmpod applies, given whether the engine applies cgroup limits."""
 
-    def row(limit: str, layer: str | None, mechanism: str) -> Enforcement:
-        return Enforcement(limit=limit, layer=layer, mechanism=mechanism)
+    def row(limit: str, layer: str | None, mechanism: str) -> LimitEnforcement:
+        return LimitEnforcement(limit=limit, layer=layer, mechanism=mechanism)
 
     return [
         row("wall_time", "server", "the agent kills the program at the timeout, the server the container"),
@@ -48,7 +39,7 @@ def enforcement(*, cgroups: bool) -> list[Enforcement]:
     ]
 
 
-def check(rows: list[Enforcement], *, allow_unenforced: bool) -> list[str]:
+def check(rows: list[LimitEnforcement], *, allow_unenforced: bool) -> list[str]:
     """Names of limits nothing enforces; raises unless the operator allowed a weaker mode.
 
     Raises:

@@ -8,8 +8,8 @@ from litestar import Request, get
 from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi.datastructures import ResponseSpec
 
-from warmpod.api import KEYED
 from warmpod.errors import WarmpodError
+from warmpod.http.routes import KEYED
 from warmpod.models import Environment, Problem
 
 if TYPE_CHECKING:

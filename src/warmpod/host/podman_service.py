@@ -18,7 +18,7 @@ import anyio
 
 from warmpod.backoff import Backoff
 from warmpod.errors import EngineError
-from warmpod.host import containers_conf, podman_command
+from warmpod.host.facts import containers_conf, podman_command
 from warmpod.settings import EngineSettings
 
 _PR_SET_PDEATHSIG = 1

@@ -8,10 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmpod.errors import EngineError
-from warmpod.sandbox import USERNS_SIZE
 from warmpod.settings import EngineSettings, Settings
 
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+# A user namespace of its own maps container uids 0..USERNS_SIZE-1: the program's 65534 included.
+USERNS_SIZE = 65536
 
 
 @dataclass(frozen=True)
@@ -45,10 +47,11 @@ class HostFacts:
 
 def containers_conf() -> Path:
     """The containers.conf warmpod owns (bundled in the wheel, or ``deploy/`` in a checkout)."""
-    bundled = Path(__file__).with_name("containers.conf")
+    package = Path(__file__).resolve().parents[1]
+    bundled = package / "containers.conf"
     if bundled.exists():
         return bundled
-    return Path(__file__).resolve().parents[2] / "deploy" / "containers.conf"
+    return package.parents[1] / "deploy" / "containers.conf"
 
 
 def pick_runtime(settings: EngineSettings, facts: HostFacts) -> str:

@@ -23,32 +23,26 @@ from psycopg.rows import TupleRow
 
 from warmpod.backoff import Backoff
 from warmpod.errors import StoreError
-from warmpod.models import NodeSeen, RunResult, RunSpec
-from warmpod.store import (
+from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec
+from warmpod.queue.store.base import (
     OUTPUT_PAGE,
     PREFERRED_WAIT,
     Added,
     Beat,
     CancelOutcome,
-    Chunk,
     Claim,
     Fence,
     Idempotency,
     Notice,
     Owner,
-    Printed,
     Record,
     Replay,
-    decode_blob,
-    encode_blob,
     inlined,
-    output_rows,
-    page,
     record,
     run_ended,
-    segments,
     unreadable,
 )
+from warmpod.queue.store.codec import Printed, decode_blob, encode_blob, output_rows, page, segments
 
 log = logging.getLogger(__name__)
 

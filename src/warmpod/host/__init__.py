@@ -1,0 +1,1 @@
+"""The host: the Podman API client, the private Podman service, host facts, and the runner image."""
