@@ -1,4 +1,4 @@
-"""The start-up self-test's probe (warmpod.selftest): run as a program in a real sandbox, it prints
+"""The start-up self-test's probe (warmpod.sandbox.selftest): run as a program in a real sandbox, it prints
 one JSON report of what the program sees of its sandbox, and the image's record of what it installed.
 
 The server sends this file's text as the program; it is not part of the image.
