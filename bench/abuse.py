@@ -57,8 +57,8 @@ from latency import ROOT, Series, Server, fmt, free_port, repeat, run_once, sect
 
 # The hostile programs, the slow clients and the memory sampler are shared with the tests.
 sys.path.insert(0, str(ROOT / "tests"))
-from security.hostile import chatty_program, file_heavy_program
-from warmpod_live import PeakResident, stalled_requests, stored_bytes
+from support.hostile import chatty_program, file_heavy_program
+from support.live import PeakResident, stalled_requests, stored_bytes
 
 from warmpod import keys
 
@@ -374,7 +374,7 @@ def store_url(option: str | None) -> Iterator[str | None]:
         return
     # The throwaway PostgreSQL server lives with the tests that use it too.
     sys.path.insert(0, str(ROOT / "tests"))
-    import postgres
+    from support import postgres
 
     with postgres.running(durable=True) as server:
         yield server.create_database("abuse")

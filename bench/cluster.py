@@ -6,7 +6,7 @@ Usage::
                                       [--preload MODULES] [--quick] [--output PATH]
 
 In one run, on this machine, against a throwaway PostgreSQL started from Debian's packages with
-its durable defaults (fsync and synchronous commits on; tests/postgres.py):
+its durable defaults (fsync and synchronous commits on; tests/support/postgres.py):
 
 latency     ``print(1)`` through POST /run-json/, one at a time, each once /health shows the
             pool full, on one node with the SQLite store and then on one node with the
@@ -58,7 +58,7 @@ from run import ended, load
 
 # The throwaway PostgreSQL server lives with the tests that use it too.
 sys.path.insert(0, str(ROOT / "tests"))
-import postgres
+from support import postgres
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "cluster.json"
 COUNTERS = ("xact_commit", "tup_inserted", "tup_updated", "tup_deleted")

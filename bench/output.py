@@ -44,7 +44,7 @@ import httpx
 from latency import ROOT, Server, free_port, section, setup, wait_pool_full
 
 sys.path.insert(0, str(ROOT / "tests"))
-from security.hostile import alternating_program, paced_program  # tests/ joins the path first
+from support.hostile import alternating_program, paced_program  # tests/ joins the path first
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "output.json"
 CHATTY = "for i in range(100000):\n    print(i)\n"

@@ -1,12 +1,12 @@
-"""Shared by every suite: pytest puts this folder on sys.path, so ``warmpod_live`` imports everywhere."""
+"""Shared by every suite: pytest puts this folder on sys.path, so ``support`` imports everywhere."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 
-import postgres
 import pytest
+from support import postgres
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +18,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[postgres.PostgresServer]:
-    """A throwaway PostgreSQL server for the session (tests/postgres.py), stopped and deleted after.
+    """A throwaway PostgreSQL server for the session (tests/support/postgres.py), stopped and deleted after.
 
     Skipped where Debian's ``postgresql`` is not installed (``deploy/setup.sh --test`` installs
     it), unless WARMPOD_TEST_POSTGRES=required (CI), which fails instead.

@@ -12,7 +12,9 @@ from typing import cast
 import anyio
 import pytest
 import uvicorn
-from apitest import (
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from support.apitest import (
     IMAGE,
     IN_BYTES,
     IN_COUNT,
@@ -24,10 +26,8 @@ from apitest import (
     NODE,
     POOL_SIZE,
 )
-from fakes import FakeLeaser, NoEngine, RecordingRunner
-from litestar import Litestar
-from litestar.testing import AsyncTestClient
-from warmpod_live import free_port
+from support.fakes import FakeLeaser, NoEngine, RecordingRunner
+from support.live import free_port
 
 from warmpod.http.app import create_app
 from warmpod.queue.scheduler import Scheduler

@@ -7,9 +7,9 @@ import json
 
 import msgspec
 import pytest
-from fakes import RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from support.fakes import RecordingRunner
 
 from warmpod.sandbox.protocol import FileChunk
 from warmpod.settings import Settings

@@ -13,7 +13,9 @@ from typing import Any, cast
 import anyio
 import httpx
 import pytest
-from apitest import (
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
+from support.apitest import (
     IMAGE,
     IN_BYTES,
     IN_COUNT,
@@ -25,9 +27,7 @@ from apitest import (
     PROBLEMS,
     assert_problem,
 )
-from fakes import FakeLeaser, RecordingRunner
-from litestar import Litestar
-from litestar.testing import AsyncTestClient
+from support.fakes import FakeLeaser, RecordingRunner
 
 from warmpod.errors import StoreError
 from warmpod.http import routes as api

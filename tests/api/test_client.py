@@ -12,8 +12,8 @@ from typing import cast
 import anyio
 import httpx
 import pytest
-from apitest import INLINE, MAX_QUEUED, POOL_SIZE, PROBLEMS
-from fakes import RecordingRunner
+from support.apitest import INLINE, MAX_QUEUED, POOL_SIZE, PROBLEMS
+from support.fakes import RecordingRunner
 
 from warmpod.client import AsyncClient, Client, ProblemError
 from warmpod.models import Environment, FileEvent, Health, OutputEvent, RunResult, StatusEvent

@@ -6,9 +6,9 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
-from fakes import ROOTFUL_V1
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from support.fakes import ROOTFUL_V1
 
 from warmpod.http.app import create_app
 from warmpod.models import Environment

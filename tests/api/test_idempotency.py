@@ -7,10 +7,10 @@ from typing import Any
 
 import httpx
 import pytest
-from apitest import assert_problem
-from fakes import RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from support.apitest import assert_problem
+from support.fakes import RecordingRunner
 
 from warmpod.client import Client
 from warmpod.errors import StoreError

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import anyio
 import pytest
-from apitest import MAX_BODY, MAX_QUEUED, POOL_SIZE, PROBLEMS, assert_problem
-from fakes import RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from support.apitest import MAX_BODY, MAX_QUEUED, POOL_SIZE, PROBLEMS, assert_problem
+from support.fakes import RecordingRunner
 
 from warmpod import keys
 from warmpod.cli import main

@@ -9,10 +9,10 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
-from apitest import MAX_QUEUED, NODE, POOL_SIZE
-from fakes import CANNED, RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from support.apitest import MAX_QUEUED, NODE, POOL_SIZE
+from support.fakes import CANNED, RecordingRunner
 
 from warmpod import keys
 from warmpod.logs import JsonFormatter

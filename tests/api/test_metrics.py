@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import anyio
 import msgspec
-from apitest import POOL_SIZE
-from fakes import CANNED, RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
+from support.apitest import POOL_SIZE
+from support.fakes import CANNED, RecordingRunner
 
 from warmpod.metrics import FINAL_STATUSES, LIMITS, PODMAN_CALLS, POOL_STATES
 

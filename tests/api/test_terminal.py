@@ -16,9 +16,9 @@ from typing import Any
 
 import msgspec
 import pytest
-from apitest import POOL_SIZE
-from fakes import CANNED, RecordingRunner
-from warmpod_live import free_port
+from support.apitest import POOL_SIZE
+from support.fakes import CANNED, RecordingRunner
+from support.live import free_port
 
 from warmpod.cli import main
 from warmpod.client import Client

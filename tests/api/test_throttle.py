@@ -15,11 +15,11 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 import uvicorn
-from apitest import MAX_BODY, POOL_SIZE, PROBLEMS, assert_problem
-from fakes import RecordingRunner
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from warmpod_live import free_port, wait_until
+from support.apitest import MAX_BODY, POOL_SIZE, PROBLEMS, assert_problem
+from support.fakes import RecordingRunner
+from support.live import free_port, wait_until
 
 from warmpod import cli, keys
 from warmpod.client import Client, ProblemError

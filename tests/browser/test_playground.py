@@ -10,7 +10,7 @@ from pathlib import Path
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
-from warmpod_live import SLOWNESS, WarmpodServer
+from support.live import SLOWNESS, WarmpodServer
 
 # A run's answer arrives within this: its container may be starting, and a plotting script
 # imports matplotlib (a wall-time bound on a prompt answer, so it may scale with the platform).

@@ -92,7 +92,7 @@ EOF
 cat "$OUT/speed.txt"
 end "slowness $WARMPOD_TEST_SLOWNESS"
 
-# The security suite's CPU-time limit (tests/security/hostile.py, 3 s on the host): page faults cost
+# The security suite's CPU-time limit (tests/support/hostile.py, 3 s on the host): page faults cost
 # ~50x more under UML, so at 3 s the memory, disk and recursion bombs hit cpu_time before their own
 # limits (they need up to ~16 s here). Not much more than that: at 60 s the container-wide CPU kill
 # (a second past the limit) beat the busy loop's SIGXCPU under UML, and the loops' wall times
@@ -101,7 +101,7 @@ end "slowness $WARMPOD_TEST_SLOWNESS"
 export WARMPOD_TEST_CPU_TIME=${WARMPOD_TEST_CPU_TIME:-20}
 
 # The user's socket-activated Podman service: what a rootless deployment points warmpod at. (The
-# live-server tests override it and start a private `podman system service`, see warmpod_live.py.)
+# live-server tests override it and start a private `podman system service`, see tests/support/live.py.)
 export WARMPOD_ENGINE__URL="unix://$XDG_RUNTIME_DIR/podman/podman.sock"
 
 begin "warmpod doctor"
@@ -227,7 +227,7 @@ for name in "${runs[@]}"; do
             set -e
         fi
     fi
-    # The live servers' own logs (warmpod_live writes warmpod-<port>.log under the test's tmp dir).
+    # The live servers' own logs (tests/support/live.py writes warmpod-<port>.log under the test's tmp dir).
     find "$HOME/pytest-$name" -name 'warmpod-*.log' -size +0 2>/dev/null | while read -r f; do
         mkdir -p "$OUT/server-logs/$name"
         cp "$f" "$OUT/server-logs/$name/$(basename "$(dirname "$f")")-$(basename "$f")"

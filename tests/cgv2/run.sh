@@ -38,7 +38,7 @@
 # Env: WARMPOD_CGV2_DIR; WARMPOD_CGV2_CACHE (default $WARMPOD_CGV2_DIR/cache: two runs may share it);
 # CGV2VM (the cgv2vm checkout; default ../shared/cgv2vm beside the checkout, else
 # /work/shared/cgv2vm); WARMPOD_TEST_CPU_TIME, WARMPOD_TEST_REFILL_WAIT and WARMPOD_TEST_SLOWNESS
-# (the security suite's host-speed-dependent figures, tests/security/hostile.py; by default job.sh
+# (the security suite's host-speed-dependent figures, tests/support/hostile.py; by default job.sh
 # sets the CPU time and measures the slowness). CGV2VM_DIR and CGV2VM_UML_SUITE pass through to
 # cgv2vm for the main boot, e.g. CGV2VM_DIR=/var/tmp/cgv2vm-72 CGV2VM_UML_SUITE=forky runs it on 7.2.
 set -euo pipefail

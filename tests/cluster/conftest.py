@@ -6,7 +6,7 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from postgres import PostgresServer
+from support.postgres import PostgresServer
 
 from .nodes import Cluster
 

@@ -1,6 +1,6 @@
 """Two real ``warmpod serve`` nodes on one PostgreSQL queue, and what their HTTP, logs and tables say.
 
-Each node is a :class:`warmpod_live.WarmpodServer` of its own: its own private Podman service,
+Each node is a :class:`support.live.WarmpodServer` of its own: its own private Podman service,
 pool of one sandbox, port and JSON log; both share one database. The tests read the ``runs`` and
 ``output`` tables directly (psycopg) to see what the HTTP answers cannot: how many times a run was
 claimed and whether its output still grows.
@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import psycopg
 from psycopg.rows import dict_row
-from warmpod_live import SLOWNESS, WarmpodServer, containers, podman, process_alive, wait_until
+from support.live import SLOWNESS, WarmpodServer, containers, podman, process_alive, wait_until
 
 from warmpod.queue.store.codec import unpacked
 from warmpod.sandbox.pool import LABEL_PID

@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from postgres import PostgresServer
-from warmpod_live import SLOWNESS, container_names, containers, wait_until
+from support.live import SLOWNESS, container_names, containers, wait_until
+from support.postgres import PostgresServer
 
 from warmpod.sandbox.pool import LABEL_PID
 

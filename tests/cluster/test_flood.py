@@ -16,9 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from postgres import PostgresServer
-from security.hostile import FILE_COUNT, file_heavy_program
-from warmpod_live import SLOWNESS, WarmpodServer, serving, stalled_requests
+from support.hostile import FILE_COUNT, file_heavy_program
+from support.live import SLOWNESS, WarmpodServer, serving, stalled_requests
+from support.postgres import PostgresServer
 
 from warmpod import keys
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, containers, free_port, podman, run_json, wait_for_health, wait_until
+from support.live import SLOWNESS, containers, free_port, podman, run_json, wait_for_health, wait_until
 
 from warmpod.sandbox.pool import LABEL_HOST, LABEL_INSTANCE
 

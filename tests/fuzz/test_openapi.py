@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
-from warmpod_live import WarmpodServer, serving
+from support.live import WarmpodServer, serving
 
 from warmpod import keys
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from warmpod_live import (
+from support.live import (
     MAX_BODY_BYTES,
     MAX_OUTPUT_BYTES,
     MAX_TIMEOUT,

@@ -10,7 +10,7 @@ from pathlib import Path
 from textwrap import dedent
 
 import pytest
-from warmpod_live import MAX_TIMEOUT, SLOWNESS, WarmpodServer
+from support.live import MAX_TIMEOUT, SLOWNESS, WarmpodServer
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import time
 from textwrap import dedent
 
 import pytest
-from warmpod_live import WarmpodServer
+from support.live import WarmpodServer
 
 from warmpod.client import AsyncClient, Client
 from warmpod.models import FileEvent

@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from warmpod_live import MAX_BODY_BYTES, MAX_TIMEOUT, POOL_SIZE, SLOWNESS, WarmpodServer, podman
+from support.live import MAX_BODY_BYTES, MAX_TIMEOUT, POOL_SIZE, SLOWNESS, WarmpodServer, podman
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import POOL_SIZE, WarmpodServer, container_names, run_json, wait_until
+from support.live import POOL_SIZE, WarmpodServer, container_names, run_json, wait_until
 
 from warmpod.sandbox.pool import LABEL_INSTANCE
 

@@ -18,7 +18,7 @@ from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import MAX_TIMEOUT, SLOWNESS, ServerFactory, podman, run_json
+from support.live import MAX_TIMEOUT, SLOWNESS, ServerFactory, podman, run_json
 
 from warmpod.host import image
 from warmpod.settings import from_env

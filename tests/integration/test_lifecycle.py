@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from warmpod_live import (
+from support.live import (
     GRACEFUL_EXIT,
     SLOWNESS,
     ServerFactory,

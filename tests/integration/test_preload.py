@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import ServerFactory, WarmpodServer, run_json
+from support.live import ServerFactory, WarmpodServer, run_json
 
 pytestmark = pytest.mark.integration
 

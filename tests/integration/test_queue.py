@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import GRACEFUL_EXIT, ServerFactory, WarmpodServer, run_json, wait_until
+from support.live import GRACEFUL_EXIT, ServerFactory, WarmpodServer, run_json, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import ServerFactory, run_json
+from support.live import ServerFactory, run_json
 
 pytestmark = pytest.mark.integration
 

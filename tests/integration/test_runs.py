@@ -10,7 +10,7 @@ from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import MAX_OUTPUT_BYTES, WarmpodServer, run_json
+from support.live import MAX_OUTPUT_BYTES, WarmpodServer, run_json
 
 pytestmark = pytest.mark.integration
 

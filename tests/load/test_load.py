@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from warmpod_live import SLOWNESS, WarmpodServer, stop_and_check_clean
+from support.live import SLOWNESS, WarmpodServer, stop_and_check_clean
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warmpod_live import WarmpodServer
+from support.live import WarmpodServer
 
 NAME = "warmpod-ci"
 SUBID_COUNT = 65536

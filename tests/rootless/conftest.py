@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import GRACEFUL_EXIT, WarmpodServer, wait_until
+from support.live import GRACEFUL_EXIT, WarmpodServer, wait_until
 
 from warmpod.host.image import image_ref
 from warmpod.sandbox.pool import LABEL_PID

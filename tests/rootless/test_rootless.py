@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import WarmpodServer, run_json, wait_until
+from support.live import WarmpodServer, run_json, wait_until
 
 from warmpod.sandbox.pool import LABEL_PID
 

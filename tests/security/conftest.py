@@ -7,9 +7,8 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from warmpod_live import WarmpodServer, stop_and_check_clean
-
-from .hostile import MAX_TIMEOUT, SETTINGS
+from support.hostile import MAX_TIMEOUT, SETTINGS
+from support.live import WarmpodServer, stop_and_check_clean
 
 
 @pytest.fixture(scope="session", autouse=True)

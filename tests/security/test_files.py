@@ -10,8 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from support.hostile import BOMB_TIMEOUT, TRIVIAL_SECONDS, assert_still_serves, run
 
-from .hostile import BOMB_TIMEOUT, TRIVIAL_SECONDS, assert_still_serves, run
 from .test_memory import FAST_BOMB
 
 pytestmark = pytest.mark.security

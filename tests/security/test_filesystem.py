@@ -7,8 +7,7 @@ from textwrap import dedent
 
 import httpx
 import pytest
-
-from .hostile import BOMB_TIMEOUT, MEMORY_MB, OPEN_FILES, SHM_MB, TMPFS_MB, assert_still_serves, run
+from support.hostile import BOMB_TIMEOUT, MEMORY_MB, OPEN_FILES, SHM_MB, TMPFS_MB, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 

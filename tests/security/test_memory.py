@@ -10,8 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-
-from .hostile import BOMB_TIMEOUT, MEMORY_MB, SHM_MB, TMPFS_MB, assert_still_serves, run
+from support.hostile import BOMB_TIMEOUT, MEMORY_MB, SHM_MB, TMPFS_MB, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 

@@ -14,9 +14,8 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from warmpod_live import WarmpodServer
-
-from .hostile import assert_still_serves, run
+from support.hostile import assert_still_serves, run
+from support.live import WarmpodServer
 
 pytestmark = pytest.mark.security
 

@@ -11,9 +11,7 @@ from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import WarmpodServer
-
-from .hostile import (
+from support.hostile import (
     FLOOD_SECONDS,
     MAX_OUTPUT_BYTES,
     alternating_program,
@@ -21,6 +19,7 @@ from .hostile import (
     paced_program,
     run,
 )
+from support.live import WarmpodServer
 
 pytestmark = pytest.mark.security
 

@@ -11,8 +11,7 @@ from textwrap import dedent
 
 import httpx
 import pytest
-
-from .hostile import assert_still_serves, run
+from support.hostile import assert_still_serves, run
 
 pytestmark = pytest.mark.security
 

@@ -7,11 +7,10 @@ from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, WarmpodServer, container_names, wait_until
+from support.hostile import BOMB_TIMEOUT, CPU_TIME, PIDS, assert_still_serves, run
+from support.live import SLOWNESS, WarmpodServer, container_names, wait_until
 
 from warmpod.sandbox.pool import LABEL_INSTANCE
-
-from .hostile import BOMB_TIMEOUT, CPU_TIME, PIDS, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 

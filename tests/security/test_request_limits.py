@@ -7,9 +7,7 @@ from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import WarmpodServer
-
-from .hostile import (
+from support.hostile import (
     BOMB_TIMEOUT,
     CPU_TIME,
     MAX_OUTPUT_BYTES,
@@ -18,6 +16,7 @@ from .hostile import (
     Run,
     assert_still_serves,
 )
+from support.live import WarmpodServer
 
 pytestmark = pytest.mark.security
 

@@ -11,11 +11,10 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import WarmpodServer, containers, podman
+from support.hostile import CANARY_NAME, CANARY_VALUE, assert_still_serves, run
+from support.live import WarmpodServer, containers, podman
 
 from warmpod.sandbox.pool import LABEL_INSTANCE
-
-from .hostile import CANARY_NAME, CANARY_VALUE, assert_still_serves, run
 
 pytestmark = pytest.mark.security
 

@@ -13,11 +13,10 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, WarmpodServer, run_json, wait_until
+from support.hostile import SETTINGS
+from support.live import SLOWNESS, WarmpodServer, run_json, wait_until
 
 from warmpod import keys
-
-from .hostile import SETTINGS
 
 pytestmark = pytest.mark.security
 

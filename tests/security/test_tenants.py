@@ -12,11 +12,10 @@ from typing import Any
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, PeakResident, WarmpodServer, serving, stalled_requests, stored_bytes
+from support.hostile import FILE_COUNT, POOL_SIZE, chatty_program, file_heavy_program
+from support.live import SLOWNESS, PeakResident, WarmpodServer, serving, stalled_requests, stored_bytes
 
 from warmpod import keys
-
-from .hostile import FILE_COUNT, POOL_SIZE, chatty_program, file_heavy_program
 
 pytestmark = pytest.mark.security
 

@@ -8,9 +8,7 @@ from textwrap import dedent
 
 import httpx
 import pytest
-from warmpod_live import SLOWNESS, WarmpodServer
-
-from .hostile import (
+from support.hostile import (
     CPU_REPLY_SECONDS,
     CPU_TIME,
     PIDS,
@@ -20,6 +18,7 @@ from .hostile import (
     assert_still_serves,
     run,
 )
+from support.live import SLOWNESS, WarmpodServer
 
 pytestmark = pytest.mark.security
 

@@ -11,7 +11,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from fakes import pool_module
+from support.fakes import pool_module
 
 from warmpod.sandbox import protocol
 

@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any, get_args
 
 import pytest
-from fakes import POOL_DIR, pool_module
+from support.fakes import POOL_DIR, pool_module
 
 from warmpod import models
 from warmpod.sandbox import files, protocol, runner, sandbox

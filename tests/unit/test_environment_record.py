@@ -9,7 +9,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from fakes import pool_module
+from support.fakes import pool_module
 
 from warmpod.http.environment import ENVIRONMENT_FILE
 from warmpod.models import Environment

@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
-from fakes import FakeLeaser, RecordingRunner
+from support.fakes import FakeLeaser, RecordingRunner
 
 from warmpod.errors import StoreError
 from warmpod.models import RunSpec

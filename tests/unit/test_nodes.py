@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import anyio
 import pytest
-from fakes import FakeLeaser, RecordingRunner
+from support.fakes import FakeLeaser, RecordingRunner
 
 from warmpod.errors import StoreError
 from warmpod.models import RunSpec

@@ -18,8 +18,8 @@ import anyio
 import msgspec
 import pytest
 from anyio.abc import TaskGroup
-from fakes import FakeEngine, probe_report
 from prometheus_client import REGISTRY
+from support.fakes import FakeEngine, probe_report
 
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
 from warmpod.sandbox import protocol

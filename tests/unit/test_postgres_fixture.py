@@ -1,9 +1,9 @@
-"""The throwaway PostgreSQL of tests/postgres.py: reachable on the loopback, a fresh database per test."""
+"""The throwaway PostgreSQL of tests/support/postgres.py: on the loopback, a fresh database per test."""
 
 from __future__ import annotations
 
 import psycopg
-from postgres import PostgresServer
+from support.postgres import PostgresServer
 
 
 def test_postgres_url_answers_a_query(postgres_url: str) -> None:

@@ -16,9 +16,9 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from fakes import agent_body, output, pool_module, result
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.fakes import agent_body, output, pool_module, result
 
 from warmpod.errors import ProtocolError
 from warmpod.sandbox import protocol

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import fakes
 import pytest
+from support import fakes
 
 from warmpod.models import CHUNK_BYTES, Chunk, LimitName, RunResult, Stream
 from warmpod.sandbox import runner

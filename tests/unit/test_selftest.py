@@ -6,7 +6,7 @@ import ast
 import socket
 
 import pytest
-from fakes import POOL_DIR, probe_report
+from support.fakes import POOL_DIR, probe_report
 
 from warmpod.sandbox.selftest import PROBE, failures
 from warmpod.settings import LimitSettings

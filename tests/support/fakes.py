@@ -151,7 +151,7 @@ async def scripted_sandbox(
             tg.cancel_scope.cancel()
 
 
-POOL_DIR = Path(__file__).resolve().parents[1] / "pool"
+POOL_DIR = Path(__file__).resolve().parents[2] / "pool"
 ROOTFUL_V1 = EngineInfo(
     version="4.3.1",
     api_version="4.3.1",

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import psycopg
 from psycopg import sql
-from warmpod_live import free_port
+
+from support.live import free_port
 
 # Tests lose nothing when the machine crashes, so no commit waits for the disk. The bench asks
 # for durable=True: PostgreSQL's own defaults, the figures a production server would give.

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from fakes import ROOTFUL_V1
+
+from support.fakes import ROOTFUL_V1
 
 MAX_BODY = 4096
 MAX_QUEUED = 5

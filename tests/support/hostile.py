@@ -11,7 +11,8 @@ from textwrap import dedent
 from typing import Any
 
 import httpx
-from warmpod_live import SLOWNESS, run_json
+
+from support.live import SLOWNESS, run_json
 
 # The suite's limits: small, so that every limit is cheap to reach on a 2-core machine.
 POOL_SIZE = 2
