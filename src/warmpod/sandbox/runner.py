@@ -30,7 +30,7 @@ held and the run reported a timeout."""
 # get this long to arrive, however late in the run: 16 MiB is well under a second here.
 FILES_GRACE = 10.0
 # What a sandbox that broke (rather than the program in it) raises; the run is reported ``error``.
-SANDBOX_FAILURES = (ProtocolError, EngineError, OSError, anyio.BrokenResourceError)
+SANDBOX_FAILURES = (ProtocolError, EngineError)
 
 
 class Leaser(Protocol):
