@@ -217,24 +217,6 @@ async def test_concurrent_claims_never_hand_a_run_out_twice(store: Store) -> Non
     assert sorted(got) == sorted(f"r{i}" for i in range(40))
 
 
-async def test_a_released_run_keeps_its_place(store: Store) -> None:
-    """A claimed run that never reached a sandbox goes back ahead of later ones, and is announced."""
-    notices: list[tuple[Notice, str]] = []
-    async with anyio.create_task_group() as tg:
-        await tg.start(store.listen, lambda n, i: notices.append((n, i)))
-        await store.add("a", SPEC, max_queued=10)
-        await store.add("b", SPEC, max_queued=10)
-        first = await claim(store)
-        assert first.fence.run_id == "a"
-        await store.release(first.fence)
-        again = await claim(store)
-        assert (again.fence.run_id, again.fence.attempt) == ("a", 2)
-        with anyio.fail_after(5):
-            while notices.count(("queued", "a")) < 2:
-                await anyio.sleep(0.01)
-        tg.cancel_scope.cancel()
-
-
 async def test_finish_is_final_once(store: Store) -> None:
     """The first final result wins; the output sent with it is kept in order."""
     await store.add("a", SPEC, max_queued=10)
@@ -548,7 +530,6 @@ async def test_cancel_a_queued_run_flags_a_running_one_and_refuses_a_finished_on
         await tg.start(store.listen, lambda n, i: notices.append((n, i)))
         for run_id in ("queued", "running", "done"):
             await store.add(run_id, SPEC, max_queued=10)
-        await store.release((await claim(store)).fence)  # "queued" was first: take it and put it back
         assert await store.cancel("queued", result("queued", "cancelled", "")) == "cancelled"
         assert (await claim(store)).fence.run_id == "running"
         done = await claim(store)
@@ -594,13 +575,13 @@ async def test_files_are_kept_with_the_result_once_and_purged_with_it(store: Sto
     assert claimed.spec.files == (("data/in.csv", b"1,2\n"),)
     assert await store.finish("r", result("r"), files=files, fence=claimed.fence)
     assert not await store.finish("r", result("r"), files=[("out/c", b"late")])
-    assert await store.file("r", "out/a.png") == b"\x89PNG" * 10
-    assert await store.file("r", "out/c") is None
-    assert await store.file("other", "out/a.png") is None
+    assert await store.file_piece("r", "out/a.png", 0, 1024) == b"\x89PNG" * 10
+    assert await store.file_piece("r", "out/c", 0, 1024) is None
+    assert await store.file_piece("other", "out/a.png", 0, 1024) is None
     assert await store.small_files("r", 10, 10) == {"out/b.csv": b"x\n"}
     await anyio.sleep(0.05)
     assert await store.purge(0.01) == 1
-    assert await store.file("r", "out/a.png") is None
+    assert await store.file_piece("r", "out/a.png", 0, 1024) is None
     assert await store.small_files("r", 1000, 1000) == {}
 
 

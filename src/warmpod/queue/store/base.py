@@ -169,10 +169,6 @@ class Store(Protocol):
         wait behind all of them, and with a single key the order is submission order."""
         ...
 
-    async def release(self, fence: Fence) -> None:
-        """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
-        ...
-
     async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
         """Renew the leases of the runs ``owner`` holds by ``fences`` for ``lease`` seconds and
         record that it is alive."""
@@ -202,10 +198,6 @@ class Store(Protocol):
 
         True, changing nothing, when this very result is already recorded under ``fence``: a
         retry of a write that took effect though its answer was lost learns that it did."""
-        ...
-
-    async def file(self, run_id: str, path: str) -> bytes | None:
-        """The content of a file the run left, or None."""
         ...
 
     async def file_size(self, run_id: str, path: str) -> int | None:

@@ -485,18 +485,6 @@ class PostgresStore:
             except msgspec.DecodeError as exc:
                 await unreadable(self, fence, exc)
 
-    async def release(self, fence: Fence) -> None:
-        """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE runs SET status = 'queued', started = NULL, node = NULL, incarnation = NULL, "
-                "lease_until = NULL "
-                "WHERE id = %s AND status = 'running' AND incarnation = %s AND attempt = %s",
-                (fence.run_id, fence.incarnation, fence.attempt),
-            )
-            if cursor.rowcount:
-                await db.execute("SELECT pg_notify('warmpod_queued', %s)", (fence.run_id,))
-
     async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
         """Renew ``owner``'s leases by the database's clock and record it alive, in one transaction
         on the node's own connection."""
@@ -595,14 +583,6 @@ class PostgresStore:
             if not written or not await self._settle(lambda db: _finished_with(db, run_id, blob, fence)):
                 raise
         return True
-
-    async def file(self, run_id: str, path: str) -> bytes | None:
-        """The content of a file the run left, or None."""
-        async with self._transaction() as db:
-            row = await (
-                await db.execute("SELECT data FROM files WHERE run_id = %s AND path = %s", (run_id, path))
-            ).fetchone()
-        return None if row is None else bytes(row[0])
 
     async def file_size(self, run_id: str, path: str) -> int | None:
         """The size in bytes of a file the run left, or None; its content is not read."""

@@ -312,19 +312,6 @@ class SqliteStore:
             except msgspec.DecodeError as exc:
                 await unreadable(self, fence, exc)
 
-    async def release(self, fence: Fence) -> None:
-        """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
-
-        def release(db: sqlite3.Connection) -> int:
-            return db.execute(
-                "UPDATE runs SET status = 'queued', started = NULL, node = NULL, incarnation = NULL, "
-                "lease_until = NULL WHERE id = ? AND status = 'running' AND incarnation = ? AND attempt = ?",
-                (fence.run_id, fence.incarnation, fence.attempt),
-            ).rowcount
-
-        if await self._call(release):
-            self._notify("queued", fence.run_id)
-
     async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
         """Renew the leases of the runs ``owner`` holds by ``fences`` and record it alive."""
 
@@ -423,17 +410,6 @@ class SqliteStore:
         if finished:
             self._notify("changed", run_id)
         return finished
-
-    async def file(self, run_id: str, path: str) -> bytes | None:
-        """The content of a file the run left, or None."""
-
-        def file(db: sqlite3.Connection) -> bytes | None:
-            row = db.execute(
-                "SELECT data FROM files WHERE run_id = ? AND path = ?", (run_id, path)
-            ).fetchone()
-            return None if row is None else bytes(row[0])
-
-        return await self._call(file)
 
     async def file_size(self, run_id: str, path: str) -> int | None:
         """The size in bytes of a file the run left, or None; its content is not read."""
