@@ -133,7 +133,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                 try:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(podman.keep_alive)
-                        await tg.start(pool.run)
+                        await tg.start(pool.serve)
                         runner = Runner(pool, settings.limits, settings.files)
                         # /health stays 503 until a real sandbox has shown every layer on.
                         environment = await self_test(

@@ -709,7 +709,7 @@ class Scheduler:
         queue_wait = None
         if record is not None:
             queue_wait = (record.started or record.finished or time.time()) - record.created
-        metrics.run_ended(result, queue_wait=queue_wait, executed=executed)
+        metrics.count_run(result, queue_wait=queue_wait, executed=executed)
         # Never the code, its input or output, nor a key: only the key's name.
         log.info(
             "run finished",

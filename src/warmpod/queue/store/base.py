@@ -250,7 +250,7 @@ class Store(Protocol):
         ...
 
 
-def run_ended(run_id: str, node: str | None, message: str, printed: tuple[str, str]) -> RunResult:
+def lost_result(run_id: str, node: str | None, message: str, printed: tuple[str, str]) -> RunResult:
     """The ``error`` result of a run its node stopped holding, with what it printed: ``(stdout, stderr)``."""
     stdout, stderr = printed
     return RunResult.from_server(

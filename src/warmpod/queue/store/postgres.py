@@ -38,8 +38,8 @@ from warmpod.queue.store.base import (
     Record,
     Replay,
     inlined,
+    lost_result,
     record,
-    run_ended,
     unreadable,
 )
 from warmpod.queue.store.codec import Printed, decode_blob, encode_blob, output_rows, page, segments
@@ -763,7 +763,7 @@ async def _end_lost(db: Connection, run_id: str, node: str | None, message: str)
         async for row in cursor:
             for stream, data in segments(row):
                 printed.add(stream, data)
-    result = run_ended(run_id, node, message, printed.text())
+    result = lost_result(run_id, node, message, printed.text())
     await db.execute(
         "UPDATE runs SET status = 'error', result = %s, finished = warmpod_now(), spec = NULL, "
         "lease_until = NULL WHERE id = %s",

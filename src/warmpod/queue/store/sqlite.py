@@ -33,8 +33,8 @@ from warmpod.queue.store.base import (
     Record,
     Replay,
     inlined,
+    lost_result,
     record,
-    run_ended,
     unreadable,
 )
 from warmpod.queue.store.codec import (
@@ -613,7 +613,7 @@ def _keep_output(db: sqlite3.Connection, run_id: str, chunks: Sequence[Chunk]) -
 def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: str) -> str:
     # The cursor yields row by row: the run's chunks are never all held at once.
     output = db.execute("SELECT seq, stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
-    result = run_ended(run_id, node, message, joined(itertools.chain.from_iterable(map(segments, output))))
+    result = lost_result(run_id, node, message, joined(itertools.chain.from_iterable(map(segments, output))))
     db.execute(
         "UPDATE runs SET status = 'error', result = ?, finished = ?, spec = NULL, lease_until = NULL "
         "WHERE id = ?",
