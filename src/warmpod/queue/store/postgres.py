@@ -440,10 +440,11 @@ class PostgresStore:
             await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
         return "added"
 
-    async def queued(self) -> int:
-        """How many runs wait."""
+    async def queued(self) -> list[str]:
+        """The ids of the runs that wait."""
         async with self._transaction() as db:
-            return await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'")
+            rows = await (await db.execute("SELECT id FROM runs WHERE status = 'queued'")).fetchall()
+        return [run_id for (run_id,) in rows]
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
         """Give the oldest queued run to ``owner``, those of ``warm``'s kind first, then those of

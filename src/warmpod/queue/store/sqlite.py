@@ -280,9 +280,13 @@ class SqliteStore:
             self._notify("queued", run_id)
         return added
 
-    async def queued(self) -> int:
-        """How many runs wait."""
-        return await self._call(_count_queued)
+    async def queued(self) -> list[str]:
+        """The ids of the runs that wait."""
+
+        def queued(db: sqlite3.Connection) -> list[str]:
+            return [run_id for (run_id,) in db.execute("SELECT id FROM runs WHERE status = 'queued'")]
+
+        return await self._call(queued)
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
         """Give the oldest queued run to ``owner`` for ``lease`` seconds, those of ``warm``'s kind
