@@ -55,7 +55,7 @@ for _call in PODMAN_CALLS:
     PODMAN_CALL.labels(call=_call)
 
 
-def run_ended(result: RunResult, *, queue_wait: float | None, executed: bool) -> None:
+def count_run(result: RunResult, *, queue_wait: float | None, executed: bool) -> None:
     """Count a run that reached its final status; call it once per run.
 
     Args:

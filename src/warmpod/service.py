@@ -18,7 +18,7 @@ from warmpod.host import facts, image, podman_service
 from warmpod.host.enforcement import check, enforcement
 from warmpod.host.podman_api import EngineInfo, Runtime
 from warmpod.models import Environment, Health, NodeInfo, PoolCounts, QueueCounts
-from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Store
 from warmpod.queue.store.postgres import PostgresStore
 from warmpod.queue.store.sqlite import SqliteStore, default_path
@@ -39,7 +39,7 @@ class Service:
     info: EngineInfo
     pool: Pool
     runner: Runner
-    scheduler: Scheduler
+    queue: QueueNode
     environment: Environment | None = None
     """What the runner image installed, as the start-up probe read it (``GET /environment``)."""
 
@@ -52,7 +52,7 @@ class Service:
         # Failing now, not once: a pool that recovered is not unavailable between two refills.
         if self.pool.serving and stats.ready == 0 and stats.busy == 0 and stats.failing:
             status = "unavailable"
-        if self.scheduler.draining:
+        if self.queue.shutdown.begun:
             status = "stopping"
         return Health(
             status=status,
@@ -66,8 +66,8 @@ class Service:
                 target=stats.target,
             ),
             queue=QueueCounts(
-                queued=self.scheduler.queued,
-                running=self.scheduler.running,
+                queued=self.queue.admission.queued,
+                running=self.queue.workers.running,
                 max_queued=self.settings.queue.max_queued,
             ),
             rootless=self.info.rootless,
@@ -78,8 +78,10 @@ class Service:
             last_error=stats.last_error,
             preload=list(self.settings.pool.preload),
             preload_failed=stats.preload_failed,
-            node=NodeInfo(name=self.scheduler.owner.node, incarnation=self.scheduler.owner.incarnation),
-            nodes=self.scheduler.nodes,
+            node=NodeInfo(
+                name=self.queue.membership.owner.node, incarnation=self.queue.membership.owner.incarnation
+            ),
+            nodes=self.queue.membership.nodes,
         )
 
 
@@ -133,7 +135,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                 try:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(podman.keep_alive)
-                        await tg.start(pool.run)
+                        await tg.start(pool.serve)
                         runner = Runner(pool, settings.limits, settings.files)
                         # /health stays 503 until a real sandbox has shown every layer on.
                         environment = await self_test(
@@ -141,12 +143,12 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                         )
                         log.info("self-test passed: no network, read-only root, non-root, limits on")
                         workers = settings.queue.workers or settings.pool.bounds[1]
-                        scheduler = Scheduler(
+                        queue = QueueNode(
                             store, pool, runner, settings.queue, workers, settings.files, settings.node
                         )
-                        await tg.start(scheduler.run)
-                        yield Service(settings, ref, info, pool, runner, scheduler, environment)
-                        await scheduler.drain(settings.server.shutdown_grace)
+                        await tg.start(queue.serve)
+                        yield Service(settings, ref, info, pool, runner, queue, environment)
+                        await queue.workers.drain(settings.server.shutdown_grace)
                         tg.cancel_scope.cancel()
                 finally:
                     await store.aclose()

@@ -1,4 +1,4 @@
-"""The API suites' app: the real Litestar app and scheduler over a real SQLite store, with a fake pool."""
+"""The API suites' app: the real Litestar app and queue over a real SQLite store, with a fake pool."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from support.fakes import FakeLeaser, NoEngine, RecordingRunner
 from support.live import free_port
 
 from warmpod.http.app import create_app
-from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Store
 from warmpod.queue.store.sqlite import SqliteStore
 from warmpod.sandbox.pool import Pool
@@ -58,14 +58,14 @@ def settings() -> Settings:
 
 @pytest.fixture
 def leaser() -> FakeLeaser:
-    """Where the scheduler's workers get their (placeholder) sandboxes."""
+    """Where the queue's workers get their (placeholder) sandboxes."""
     return FakeLeaser()
 
 
 @pytest.fixture
 def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
-    """A service whose pool (over an engine never called) reports itself serving; its scheduler
-    is started by the app's lifespan."""
+    """A service whose pool (over an engine never called) reports itself serving; its queue is
+    started by the app's lifespan."""
     pool = Pool(
         settings,
         NoEngine(),
@@ -78,13 +78,13 @@ def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
     pool.serving = True
     runner = RecordingRunner(leaser, settings.limits, settings.files)
     # Replaced by a started one in the app's lifespan; unstarted, it is what /health sees before.
-    scheduler = Scheduler(cast(Store, None), leaser, runner, settings.queue, workers=POOL_SIZE)
-    return Service(settings, IMAGE, INFO, pool, runner, scheduler)
+    queue = QueueNode(cast(Store, None), leaser, runner, settings.queue, workers=POOL_SIZE)
+    return Service(settings, IMAGE, INFO, pool, runner, queue)
 
 
 @pytest.fixture
 def app(settings: Settings, service: Service, leaser: FakeLeaser, tmp_path: Path) -> Litestar:
-    """The real app, with a service factory that yields the fake service and runs a real scheduler
+    """The real app, with a service factory that yields the fake service and runs a real queue
     over a real SQLite store."""
 
     @contextlib.asynccontextmanager
@@ -93,7 +93,7 @@ def app(settings: Settings, service: Service, leaser: FakeLeaser, tmp_path: Path
         store = await SqliteStore.open(tmp_path / "runs.sqlite3")
         try:
             async with anyio.create_task_group() as tg:
-                scheduler = Scheduler(
+                queue = QueueNode(
                     store,
                     leaser,
                     service.runner,
@@ -102,10 +102,10 @@ def app(settings: Settings, service: Service, leaser: FakeLeaser, tmp_path: Path
                     files=settings.files,
                     node=settings.node,
                 )
-                service.scheduler = scheduler
-                await tg.start(scheduler.run)
+                service.queue = queue
+                await tg.start(queue.serve)
                 yield service
-                await scheduler.drain(1.0)
+                await queue.workers.drain(1.0)
                 tg.cancel_scope.cancel()
         finally:
             await store.aclose()
@@ -147,4 +147,4 @@ def live(app: Litestar) -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def _no_blocking(blocking_guard: None) -> None:
     """Every test here runs under tests/conftest.py's blocking guard: the app's handlers, the
-    scheduler and the store never block the event loop."""
+    queue and the store never block the event loop."""

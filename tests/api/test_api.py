@@ -33,9 +33,10 @@ from warmpod.errors import StoreError
 from warmpod.http import routes as api
 from warmpod.http.app import begin_drain, create_app
 from warmpod.models import Chunk, RunResult
-from warmpod.queue.scheduler import FILE_PIECE, FLUSH_INTERVAL, Scheduler, Update
+from warmpod.queue.results import FILE_PIECE, Results, Update
 from warmpod.queue.store.base import OUTPUT_PAGE, Fence
 from warmpod.queue.store.sqlite import SqliteStore
+from warmpod.queue.workers import FLUSH_INTERVAL
 from warmpod.sandbox.limits import RunLimits
 from warmpod.sandbox.protocol import FileChunk, Output
 from warmpod.service import Service
@@ -654,14 +655,14 @@ async def test_unknown_run_is_404_problem(client: AsyncTestClient[Litestar], met
 
 
 async def test_waited_runs_leave_no_watch_behind(client: AsyncTestClient[Litestar], service: Service) -> None:
-    """Blocking runs and a followed stream leave no per-run event in the scheduler once they end."""
+    """Blocking runs and a followed stream leave no per-run event in the queue once they end."""
     for _ in range(30):
         response = await client.post("/run-json/", json={"code": "pass"})
         assert response.status_code == 200, response.text
     stream = await client.get(f"/status/{response.json()['id']}/stream")
     assert stream.status_code == 200
-    assert service.scheduler._changed == {}
-    assert service.scheduler._watchers == {}
+    assert service.queue.results._changed == {}
+    assert service.queue.results._watchers == {}
 
 
 async def test_a_store_failure_during_a_run_does_not_stop_the_service(
@@ -678,7 +679,7 @@ async def test_a_store_failure_during_a_run_does_not_stop_the_service(
         polls.append(fence.run_id)
         raise StoreError("database is locked")
 
-    monkeypatch.setattr(service.scheduler._store, "add_output", broken)
+    monkeypatch.setattr(service.queue.store, "add_output", broken)
     # Two chunks apart by more than a flush: two writes, both failing.
     runner.streamed = [Output(stream="stdout", data=b"a"), Output(stream="stdout", data=b"b")]
     runner.pause = 0.3
@@ -705,7 +706,7 @@ async def test_the_sandbox_goes_before_a_failing_store_records_the_result(
 ) -> None:
     """A run's sandbox is given up (its container removed) as soon as the run ends, before its
     result's write is retried through a store outage: not once the result is finally recorded."""
-    store = service.scheduler._store
+    store = service.queue.store
     real = store.finish
     attempts: list[str] = []
 
@@ -732,7 +733,7 @@ async def test_a_cancelled_runs_sandbox_goes_before_a_failing_store_records_it(
 ) -> None:
     """A run cancelled while the store cannot record results has its sandbox given up at once;
     the cancelled result is written afterwards, once the store takes it."""
-    store = service.scheduler._store
+    store = service.queue.store
     real = store.finish
     attempts: list[str] = []
 
@@ -763,7 +764,7 @@ async def test_a_keepalive_is_a_comment_without_data() -> None:
         async def follow(self, run_id: str, after: int) -> AsyncIterator[Update]:
             yield Update("keepalive")
 
-    messages = [m async for m in api._events(cast(Scheduler, Quiet()), "0" * 32, -1)]
+    messages = [m async for m in api._events(cast(Results, Quiet()), "0" * 32, -1)]
     assert [m.encode() for m in messages] == [b": keepalive\r\n\r\n"]
 
 
@@ -1058,11 +1059,7 @@ async def test_a_large_download_is_streamed_in_pieces_with_its_length(
         read.append(size)
         return await piece(store, run_id, path, offset, size)
 
-    async def whole(*_: object) -> bytes | None:
-        raise AssertionError("a download read the whole file")
-
     monkeypatch.setattr(SqliteStore, "file_piece", recorded)
-    monkeypatch.setattr(SqliteStore, "file", whole)
     download = await client.get(f"/status/{body['id']}/files/out/big.bin")
     assert download.status_code == 200
     assert download.content == data

@@ -12,7 +12,7 @@ from support.fakes import ROOTFUL_V1
 
 from warmpod.http.app import create_app
 from warmpod.models import Environment
-from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.node import QueueNode
 from warmpod.sandbox.pool import Pool
 from warmpod.sandbox.runner import Runner
 from warmpod.service import Service
@@ -31,7 +31,7 @@ def app_with(environment: Environment | None) -> Litestar:
     async def factory(given: Settings) -> AsyncIterator[Service]:
         parts: Any = None
         yield Service(
-            given, IMAGE, INFO, cast(Pool, parts), cast(Runner, parts), cast(Scheduler, parts), environment
+            given, IMAGE, INFO, cast(Pool, parts), cast(Runner, parts), cast(QueueNode, parts), environment
         )
 
     return create_app(settings, service_factory=factory)

@@ -97,7 +97,7 @@ async def test_a_stored_run_whose_wait_fails_is_answered_202_with_its_id(
     async def broken(run_id: str, timeout: float) -> RunResult | None:
         raise StoreError("the run store did not answer within 10 s")
 
-    monkeypatch.setattr(service.scheduler, "wait", broken)
+    monkeypatch.setattr(service.queue.results, "wait", broken)
     response = await client.post("/run-json/", json={"code": "print(1)"}, headers={"Idempotency-Key": KEY})
     assert response.status_code == 202, response.text
     run_id = response.json()["id"]

@@ -100,7 +100,7 @@ async def test_each_run_logs_one_finished_line_and_nothing_of_its_code(
         assert line["node"] == (None if line["status"] == "cancelled" else NODE)
         assert (line["level"], line["logger"], line["event"]) == (
             "info",
-            "warmpod.queue.scheduler",
+            "warmpod.queue.workers",
             "run finished",
         )
         assert line["key"] == (None if secret is None else "ops")

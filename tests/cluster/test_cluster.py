@@ -246,7 +246,7 @@ def test_a_zombie_node_is_fenced_and_stops_its_lost_run(cluster: Cluster, progra
 
     assert wait_until(lost, PROMPT), f"A never logged 'lost run {run_id}':\n{a.log_tail()}"
     (line,) = lost()
-    assert (line["level"], line["logger"]) == ("warning", "warmpod.queue.scheduler"), line
+    assert (line["level"], line["logger"]) == ("warning", "warmpod.queue.workers"), line
     assert wait_until(lambda: a.health().json()["queue"]["running"] == 0, PROMPT), (
         f"A still runs its lost run {time.monotonic() - woke:.1f} s after it woke: {a.health().json()}"
     )

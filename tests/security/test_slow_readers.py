@@ -192,7 +192,7 @@ def test_slow_readers_pin_no_memory_and_starve_no_other_key(
 DOWNLOAD_BYTES = 15_000_000
 DOWNLOADERS = 200
 # What the stalled downloads may add to the server's RSS at most: the key's 32 requests in flight,
-# each holding a piece being sent (scheduler.FILE_PIECE, 256 KiB), the 64 KiB slice of it handed
+# each holding a piece being sent (results.FILE_PIECE, 256 KiB), the 64 KiB slice of it handed
 # to the connection and uvicorn's 64 KiB write buffer, some 12 MiB, and the store's page cache
 # (2 MiB); 10 MiB measured on loopback, and 475 MiB (32 whole files) before downloads were streamed.
 # Not scaled: memory does not depend on the machine's speed.

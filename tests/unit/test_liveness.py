@@ -15,7 +15,7 @@ from support.fakes import FakeLeaser, RecordingRunner
 
 from warmpod.errors import StoreError
 from warmpod.models import RunSpec
-from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Added, Beat, Fence, Owner, Replay
 from warmpod.queue.store.sqlite import SqliteStore
 from warmpod.settings import LimitSettings, NodeSettings, QueueSettings
@@ -33,7 +33,7 @@ async def test_a_sqlite_node_keeps_its_run_through_a_store_outage_longer_than_it
     leaser = FakeLeaser()
     runner = RecordingRunner(leaser, LimitSettings())
     runner.hold = anyio.Event()
-    scheduler = Scheduler(store, leaser, runner, QueueSettings(), 1, node=NodeSettings(name="a", lease=LEASE))
+    queue = QueueNode(store, leaser, runner, QueueSettings(), 1, node=NodeSettings(name="a", lease=LEASE))
     renew = store.heartbeat
 
     async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
@@ -41,17 +41,17 @@ async def test_a_sqlite_node_keeps_its_run_through_a_store_outage_longer_than_it
 
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(scheduler.run)
-            run_id = await scheduler.submit(SPEC)
+            await tg.start(queue.serve)
+            run_id = await queue.admission.submit(SPEC)
             with anyio.fail_after(5):
-                while scheduler.running == 0:
+                while queue.workers.running == 0:
                     await anyio.sleep(0.02)
             monkeypatch.setattr(store, "heartbeat", unreachable)
             await anyio.sleep(LEASE * 3)
-            assert scheduler.running == 1
+            assert queue.workers.running == 1
             monkeypatch.setattr(store, "heartbeat", renew)
             runner.hold.set()
-            result = await scheduler.wait(run_id, 5)
+            result = await queue.results.wait(run_id, 5)
             tg.cancel_scope.cancel()
         assert result is not None
         assert result.status == "succeeded"
@@ -66,7 +66,7 @@ async def test_a_submit_whose_add_answer_is_lost_names_the_stored_run(
     back), so the client has no reason to submit it again; an add that stored nothing stays an error."""
     store = await SqliteStore.open(tmp_path / "runs.sqlite3")
     leaser = FakeLeaser()
-    scheduler = Scheduler(store, leaser, RecordingRunner(leaser, LimitSettings()), QueueSettings(), 1)
+    queue = QueueNode(store, leaser, RecordingRunner(leaser, LimitSettings()), QueueSettings(), 1)
     real = store.add
     committed = True
 
@@ -77,14 +77,14 @@ async def test_a_submit_whose_add_answer_is_lost_names_the_stored_run(
 
     monkeypatch.setattr(store, "add", answer_lost)
     try:
-        run_id = await scheduler.submit(SPEC)
+        run_id = await queue.admission.submit(SPEC)
         record = await store.get(run_id)
         assert record is not None
         assert record.status == "queued"
         committed = False
         with pytest.raises(StoreError):
-            await scheduler.submit(SPEC)
-        assert await store.queued() == 1
+            await queue.admission.submit(SPEC)
+        assert await store.queued() == [run_id]
     finally:
         await store.aclose()
 
@@ -96,7 +96,7 @@ async def test_a_slow_heartbeat_does_not_push_the_next_one_back(
     (a store under load) followed by one that failed must leave a beat before the lease runs out."""
     store = await SqliteStore.open(tmp_path / "runs.sqlite3")
     leaser = FakeLeaser()
-    scheduler = Scheduler(
+    queue = QueueNode(
         store,
         leaser,
         RecordingRunner(leaser, LimitSettings()),
@@ -115,7 +115,7 @@ async def test_a_slow_heartbeat_does_not_push_the_next_one_back(
     monkeypatch.setattr(store, "heartbeat", slow)
     try:
         async with anyio.create_task_group() as tg:
-            await tg.start(scheduler.run)
+            await tg.start(queue.serve)
             with anyio.fail_after(5):
                 while len(started) < 4:
                     await anyio.sleep(0.02)

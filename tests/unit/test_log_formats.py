@@ -47,7 +47,7 @@ def test_json_is_one_object_a_line_with_time_level_logger_event_and_fields() -> 
     every field its caller passed, even when the message spans lines."""
     line = logs.JsonFormatter().format(
         record(
-            "warmpod.queue.scheduler", "run %s\nfinished", "x", run_id="ab12", limits_hit=["memory"], key=None
+            "warmpod.queue.workers", "run %s\nfinished", "x", run_id="ab12", limits_hit=["memory"], key=None
         )
     )
     assert "\n" not in line
@@ -55,7 +55,7 @@ def test_json_is_one_object_a_line_with_time_level_logger_event_and_fields() -> 
     assert body.pop("time").endswith("+00:00")
     assert body == {
         "level": "info",
-        "logger": "warmpod.queue.scheduler",
+        "logger": "warmpod.queue.workers",
         "event": "run x\nfinished",
         "run_id": "ab12",
         "limits_hit": ["memory"],
@@ -100,9 +100,9 @@ def test_an_access_line_has_its_parts_as_fields() -> None:
 def test_text_is_a_line_for_a_terminal_with_the_fields_after_it() -> None:
     """Text reads ``LEVEL logger: message``, then the record's fields as ``name=value``."""
     text = logs.TextFormatter().format(
-        record("warmpod.queue.scheduler", "run finished", status="failed", key=None)
+        record("warmpod.queue.workers", "run finished", status="failed", key=None)
     )
-    assert text == 'INFO warmpod.queue.scheduler: run finished status="failed" key=null'
+    assert text == 'INFO warmpod.queue.workers: run finished status="failed" key=null'
     assert (
         logs.TextFormatter().format(record("warmpod.sandbox.pool", "plain"))
         == "INFO warmpod.sandbox.pool: plain"
@@ -116,7 +116,7 @@ def test_json_covers_warmpods_uvicorns_and_litestars_loggers(capsys: pytest.Capt
     config = logs.configure("json")
     app = create_app(from_env({}))  # Litestar's own logging set-up runs here
     uvicorn.Config(app, log_config=config, log_level="info")
-    for name in ("warmpod.queue.scheduler", "uvicorn.error", "uvicorn.access", "litestar"):
+    for name in ("warmpod.queue.workers", "uvicorn.error", "uvicorn.access", "litestar"):
         logging.getLogger(name).info("from %s", name)
     for handler in logging.getLogger().handlers:
         handler.flush()
@@ -125,5 +125,5 @@ def test_json_covers_warmpods_uvicorns_and_litestars_loggers(capsys: pytest.Capt
     lines = [json.loads(line) for line in err.splitlines()]
     assert [(line["logger"], line["event"]) for line in lines] == [
         (name, f"from {name}")
-        for name in ("warmpod.queue.scheduler", "uvicorn.error", "uvicorn.access", "litestar")
+        for name in ("warmpod.queue.workers", "uvicorn.error", "uvicorn.access", "litestar")
     ]

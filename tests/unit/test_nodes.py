@@ -1,5 +1,5 @@
-"""Two schedulers on one PostgreSQL store, as two nodes: where runs go, cancels across nodes, and
-what a node that loses its lease does (fake sandboxes, the real store and scheduler)."""
+"""Two nodes on one PostgreSQL store, each with its queue: where runs go, cancels across nodes, and
+what a node that loses its lease does (fake sandboxes, the real store and queue)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from support.fakes import FakeLeaser, RecordingRunner
 
 from warmpod.errors import StoreError
 from warmpod.models import RunSpec
-from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Beat, Fence, Owner
 from warmpod.queue.store.postgres import PostgresStore
 from warmpod.sandbox.protocol import Output
@@ -25,10 +25,10 @@ SPEC = RunSpec(code=b"pass", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, m
 
 @dataclass
 class Node:
-    """One node: its store connection, scheduler, sandboxes and runner."""
+    """One node: its store connection, queue, sandboxes and runner."""
 
     store: PostgresStore
-    scheduler: Scheduler
+    queue: QueueNode
     leaser: FakeLeaser
     runner: RecordingRunner
 
@@ -42,11 +42,11 @@ async def nodes(postgres_db: str) -> AsyncIterator[tuple[Node, Node]]:
             store = await PostgresStore.open(postgres_db)
             leaser = FakeLeaser()
             runner = RecordingRunner(leaser, LimitSettings())
-            scheduler = Scheduler(
+            queue = QueueNode(
                 store, leaser, runner, QueueSettings(), 2, node=NodeSettings(name=name, lease=LEASE)
             )
-            await tg.start(scheduler.run)
-            made.append(Node(store, scheduler, leaser, runner))
+            await tg.start(queue.serve)
+            made.append(Node(store, queue, leaser, runner))
         yield made[0], made[1]
         tg.cancel_scope.cancel()
     for node in made:
@@ -56,9 +56,9 @@ async def nodes(postgres_db: str) -> AsyncIterator[tuple[Node, Node]]:
 async def running_on(node: Node, run_id: str) -> None:
     """Wait until ``run_id`` runs, on ``node``."""
     with anyio.fail_after(10):
-        while (status := await node.scheduler.status(run_id)).status != "running":
+        while (status := await node.queue.results.status(run_id)).status != "running":
             await anyio.sleep(0.02)
-    assert status.node == node.scheduler.owner.node
+    assert status.node == node.queue.membership.owner.node
 
 
 async def test_a_run_submitted_where_no_sandbox_is_free_runs_on_the_node_that_has_one(
@@ -67,14 +67,14 @@ async def test_a_run_submitted_where_no_sandbox_is_free_runs_on_the_node_that_ha
     """Node a has no sandbox; what it takes is run by b, and a answers with b's result."""
     a, b = nodes
     a.leaser.failures = 10**6
-    run_ids = [await a.scheduler.submit(SPEC) for _ in range(5)]
+    run_ids = [await a.queue.admission.submit(SPEC) for _ in range(5)]
     for run_id in run_ids:
-        result = await a.scheduler.wait(run_id, 10)
+        result = await a.queue.results.wait(run_id, 10)
         assert result is not None
         assert (result.status, result.node) == ("succeeded", "b")
     assert len(b.runner.calls) == 5
     assert a.runner.calls == []
-    assert {n.name for n in a.scheduler.nodes} <= {"a", "b"}
+    assert {n.name for n in a.queue.membership.nodes} <= {"a", "b"}
 
 
 async def test_a_cancel_sent_to_one_node_stops_the_run_on_the_other(nodes: tuple[Node, Node]) -> None:
@@ -83,10 +83,10 @@ async def test_a_cancel_sent_to_one_node_stops_the_run_on_the_other(nodes: tuple
     a.leaser.failures = 10**6
     b.runner.streamed = [Output(stream="stdout", data=b"started\n")]
     b.runner.hold = anyio.Event()
-    run_id = await a.scheduler.submit(SPEC)
+    run_id = await a.queue.admission.submit(SPEC)
     await running_on(b, run_id)
     with anyio.fail_after(5):
-        result = await a.scheduler.cancel(run_id)
+        result = await a.queue.workers.cancel(run_id)
     assert (result.status, result.stdout, result.node) == ("cancelled", "started\n", "b")
 
 
@@ -103,18 +103,18 @@ async def test_a_node_out_of_reach_of_the_store_stops_its_runs_and_another_repor
     async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
         raise StoreError("connection refused")
 
-    run_id = await a.scheduler.submit(SPEC)
+    run_id = await a.queue.admission.submit(SPEC)
     await running_on(b, run_id)
     monkeypatch.setattr(b.store, "heartbeat", unreachable)
-    with caplog.at_level(logging.WARNING, "warmpod.queue.scheduler"):
-        result = await a.scheduler.wait(run_id, LEASE * 4)
+    with caplog.at_level(logging.WARNING, "warmpod.queue.workers"):
+        result = await a.queue.results.wait(run_id, LEASE * 4)
         with anyio.fail_after(LEASE * 2):
             while not any(f"lost run {run_id}" in r.getMessage() for r in caplog.records):
                 await anyio.sleep(0.05)
     assert result is not None
     assert (result.status, result.stdout, result.node) == ("error", "partial\n", "b")
     assert result.error == "node b stopped while this run was executing; it was not retried"
-    assert b.scheduler.running == 0
+    assert b.queue.workers.running == 0
     assert len(b.runner.calls) == 1
 
 
@@ -134,16 +134,16 @@ async def test_a_store_that_hangs_while_reaping_does_not_hold_back_the_lease_che
     async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
         raise StoreError("connection timed out")
 
-    run_id = await a.scheduler.submit(SPEC)
+    run_id = await a.queue.admission.submit(SPEC)
     await running_on(b, run_id)
     monkeypatch.setattr(b.store, "reap", hangs)
     await anyio.sleep(LEASE)  # b's reaper is now stuck in the store
     monkeypatch.setattr(b.store, "heartbeat", unreachable)
-    with caplog.at_level(logging.WARNING, "warmpod.queue.scheduler"), anyio.fail_after(LEASE * 2):
+    with caplog.at_level(logging.WARNING, "warmpod.queue.workers"), anyio.fail_after(LEASE * 2):
         while not any(f"lost run {run_id}" in r.getMessage() for r in caplog.records):
             await anyio.sleep(0.05)
     with anyio.fail_after(2):
-        while b.scheduler.running:
+        while b.queue.workers.running:
             await anyio.sleep(0.02)
 
 
@@ -161,17 +161,17 @@ async def test_a_zombie_node_finds_its_writes_refused_and_stops_the_run(
         await anyio.sleep_forever()
         raise AssertionError
 
-    run_id = await a.scheduler.submit(SPEC)
+    run_id = await a.queue.admission.submit(SPEC)
     await running_on(b, run_id)
     monkeypatch.setattr(b.store, "heartbeat", frozen)
-    with caplog.at_level(logging.WARNING, "warmpod.queue.scheduler"):
-        result = await a.scheduler.wait(run_id, LEASE * 4)
+    with caplog.at_level(logging.WARNING, "warmpod.queue.workers"):
+        result = await a.queue.results.wait(run_id, LEASE * 4)
         assert result is not None
         with anyio.fail_after(2):
-            while b.scheduler.running:
+            while b.queue.workers.running:
                 await anyio.sleep(0.02)
     assert (result.status, result.node) == ("error", "b")
     assert any(f"lost run {run_id}" in r.getMessage() for r in caplog.records)
-    kept = await a.scheduler.status(run_id)
+    kept = await a.queue.results.status(run_id)
     assert kept == result
     assert b.runner.ended == []  # stopped, not left to finish

@@ -95,7 +95,7 @@ async def agents() -> AsyncIterator[TaskGroup]:
 async def with_pool(pool: Pool, body: Callable[[], Awaitable[None]]) -> None:
     """Run the pool while ``body`` runs, then cancel it as the app's lifespan does."""
     async with anyio.create_task_group() as tg:
-        await tg.start(pool.run)
+        await tg.start(pool.serve)
         await body()
         tg.cancel_scope.cancel()
 
@@ -263,7 +263,7 @@ async def test_a_lease_that_raised_or_outlived_the_pool_destroys_its_unused_sand
 
     async with anyio.create_task_group() as outside:
         async with anyio.create_task_group() as tg:
-            await tg.start(pool.run)
+            await tg.start(pool.serve)
             await eventually(lambda: pool.stats().ready == 2)
             with pytest.raises(RuntimeError):
                 await fail()
@@ -898,7 +898,7 @@ async def test_cancelling_the_pool_destroys_every_container(agents: TaskGroup, s
             await anyio.sleep_forever()
 
     async with anyio.create_task_group() as tg:
-        await tg.start(pool.run)
+        await tg.start(pool.serve)
         await eventually(lambda: pool.stats().ready == 3)
         engine.gate = anyio.Event()  # the replacement for the leased one hangs in start
         tg.start_soon(hold)

@@ -100,7 +100,7 @@ def begin_drain(app: Litestar, grace: float) -> None:
     start-up, stop starting (it may wait for its first sandbox up to the start-up timeout)."""
     service = running_service(app)
     if service is not None:
-        service.scheduler.begin_drain(grace)
+        service.queue.shutdown.begin(grace)
     elif (stop_starting := app.state.get("stop_starting")) is not None:
         stop_starting()
 

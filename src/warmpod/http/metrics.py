@@ -1,7 +1,7 @@
 """``GET /metrics``: the series of ``warmpod.metrics`` and Litestar's request series, in Prometheus's format.
 
 The HTTP side of the metrics, apart from the series themselves, so that the pool, the runtime and the
-scheduler count without importing Litestar or the service.
+queue count without importing Litestar or the service.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ class _Scrape:
             pool.add_metric([state], getattr(stats, state))
         yield pool
         yield GaugeMetricFamily(
-            "warmpod_queue_depth", "Runs queued, not yet executing", value=self._service.scheduler.queued
+            "warmpod_queue_depth",
+            "Runs queued, not yet executing",
+            value=self._service.queue.admission.queued,
         )
 
 

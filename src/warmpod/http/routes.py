@@ -32,7 +32,7 @@ from warmpod.models import (
     RunSpec,
     StatusEvent,
 )
-from warmpod.queue.scheduler import Scheduler
+from warmpod.queue.results import Results
 from warmpod.sandbox.files import decode_inputs
 from warmpod.sandbox.limits import RunLimits
 from warmpod.service import Service
@@ -246,7 +246,7 @@ async def owned_run(
 ) -> str:
     """The path's run id, checked, once it is a run of the request's key (another key's is 404)."""
     checked = _checked_id(run_id)
-    await service.scheduler.check_owner(checked, key_of(request))
+    await service.queue.results.check_owner(checked, key_of(request))
     return checked
 
 
@@ -261,12 +261,12 @@ class StatusController(Controller):
     @get("/", summary="A run's state and result", responses=_problems(400, 401, 404, 429, 503))
     async def status(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """The RunResult: ``queued`` or ``running`` (with the output so far) until the run ends."""
-        return await service.scheduler.status(run)
+        return await service.queue.results.status(run)
 
     @delete("/", status_code=200, summary="Cancel a run", responses=_problems(400, 401, 404, 409, 429, 503))
     async def cancel(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """Stop a queued or running run (its container is killed); it ends ``cancelled``."""
-        return await service.scheduler.cancel(run)
+        return await service.queue.workers.cancel(run)
 
     @route(
         "/", http_method=HttpMethod.OPTIONS, status_code=204, include_in_schema=False, sync_to_thread=False
@@ -289,11 +289,11 @@ class StatusController(Controller):
         self, run: NamedDependency[str], path: FromPath[str], service: NamedDependency[Service]
     ) -> Stream:
         """The bytes of ``out/...`` as the run left it, with the media type its name suggests."""
-        entry, size = await service.scheduler.file(run, path.lstrip("/"))
+        entry, size = await service.queue.results.file(run, path.lstrip("/"))
         # Streamed from the store a piece at a time: a reader who never reads pins one piece,
         # not the whole file, for as long as its request stays open.
         return Stream(
-            service.scheduler.file_pieces(run, entry.path, size),
+            service.queue.results.file_pieces(run, entry.path, size),
             headers={
                 # As headers, not ``media_type``: a Stream takes the handler's media type over its own.
                 "Content-Type": _download_type(entry.media_type),
@@ -326,12 +326,14 @@ class StatusController(Controller):
         RunResult. A finished run replays what was kept."""
         after = -1 if last_event_id is None else last_event_id
         # Buffering proxies (nginx) would hold the events back; this asks them not to.
-        return ServerSentEvent(_events(service.scheduler, run, after), headers={"X-Accel-Buffering": "no"})
+        return ServerSentEvent(
+            _events(service.queue.results, run, after), headers={"X-Accel-Buffering": "no"}
+        )
 
 
-async def _events(scheduler: Scheduler, run_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
+async def _events(results: Results, run_id: str, after: int) -> AsyncIterator[ServerSentEventMessage]:
     decoders = {stream: codecs.getincrementaldecoder("utf-8")("replace") for stream in ("stdout", "stderr")}
-    async for update in scheduler.follow(run_id, after):
+    async for update in results.follow(run_id, after):
         if update.chunk is not None:
             chunk = update.chunk
             text = decoders[chunk.stream].decode(chunk.data)
@@ -363,13 +365,15 @@ def _checked_id(run_id: str) -> str:
 async def _submit(
     request: Request[Any, Any, Any], service: Service, spec: RunSpec, wait: bool, idempotency_key: str | None
 ) -> Response[RunResult | Accepted]:
-    scheduler = service.scheduler
-    run_id, status = await scheduler.take(spec, key_of(request), _checked_idempotency_key(idempotency_key))
+    queue = service.queue
+    run_id, status = await queue.admission.take(
+        spec, key_of(request), _checked_idempotency_key(idempotency_key)
+    )
     if wait:
         # Once the run is stored the answer names it, whatever the wait meets: a bare 503 would
         # have the client submit it again, and run it twice.
         try:
-            result = await scheduler.wait(run_id, service.settings.queue.wait_timeout)
+            result = await queue.results.wait(run_id, service.settings.queue.wait_timeout)
         except (StoreError, ShuttingDown) as exc:
             log.warning("answering run %s with its status URL: its wait ended early: %s", run_id, exc)
             result = None

@@ -187,7 +187,7 @@ class Pool:
             LABEL_PID: str(os.getpid()),
         }
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Remove leftovers of dead instances, then keep the pool full until cancelled."""
         try:
             self._owner.acquire()

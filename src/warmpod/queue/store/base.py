@@ -94,7 +94,8 @@ class Beat(msgspec.Struct, frozen=True, kw_only=True):
 
 Notice = Literal["queued", "changed", "cancel", "reconnected"]
 """What ``listen`` reports, with a run id: a run was queued; a run changed (claimed, output,
-final); a running run was asked to stop; or, with no id, notices may have been missed."""
+final), which a queued run does only by leaving the queue; a running run was asked to stop; or,
+with no id, notices may have been missed."""
 
 
 class Store(Protocol):
@@ -108,15 +109,15 @@ class Store(Protocol):
     never changes: a reader that has seen up to ``seq`` N and asks for what comes after N
     (``/status/{id}/stream`` resumed with ``Last-Event-ID``) gets every later byte exactly once.
     How many chunks a run has is up to its writer: ``runner.RunOutput`` merges adjacent chunks of
-    one stream up to ``CHUNK_BYTES`` until the scheduler takes them, at most once per
-    ``scheduler.FLUSH_INTERVAL``, so a run keeps at most one chunk per stream switch, per
+    one stream up to ``CHUNK_BYTES`` until a worker takes them, at most once per
+    ``workers.FLUSH_INTERVAL``, so a run keeps at most one chunk per stream switch, per
     ``CHUNK_BYTES`` and per interval, whatever the size of the program's writes. A write's chunks
     are stored packed, a row per ``ROW_SEGMENTS`` chunks or ``CHUNK_BYTES`` of data
     (``output_rows``), so a program switching streams at every byte costs the store a few bytes
     per byte, not a row per byte.
 
     A run's writer gives its chunks in rising seq order, each write carrying every chunk of the
-    writes before it that failed, ahead of newer ones (``scheduler._tend`` gives them back to
+    writes before it that failed, ahead of newer ones (``workers.Workers._tend`` gives them back to
     ``RunOutput`` for the next write). So a write's chunks at or below the highest seq already
     kept were kept, by an earlier write that committed though its caller saw an error: they are
     skipped, changing nothing, and only the chunks above are kept.
@@ -154,8 +155,8 @@ class Store(Protocol):
         nor when a run of ``key`` already has ``idempotency.key`` (that run is answered, before any bound)."""
         ...
 
-    async def queued(self) -> int:
-        """How many runs wait."""
+    async def queued(self) -> list[str]:
+        """The ids of the runs that wait."""
         ...
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
@@ -167,10 +168,6 @@ class Store(Protocol):
         key (NULL with keys off counts as one key) with the fewest runs ``running`` comes first,
         the oldest of them on a tie: a key that queued many runs does not make another key's run
         wait behind all of them, and with a single key the order is submission order."""
-        ...
-
-    async def release(self, fence: Fence) -> None:
-        """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
         ...
 
     async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
@@ -202,10 +199,6 @@ class Store(Protocol):
 
         True, changing nothing, when this very result is already recorded under ``fence``: a
         retry of a write that took effect though its answer was lost learns that it did."""
-        ...
-
-    async def file(self, run_id: str, path: str) -> bytes | None:
-        """The content of a file the run left, or None."""
         ...
 
     async def file_size(self, run_id: str, path: str) -> int | None:
@@ -258,7 +251,7 @@ class Store(Protocol):
         ...
 
 
-def run_ended(run_id: str, node: str | None, message: str, printed: tuple[str, str]) -> RunResult:
+def lost_result(run_id: str, node: str | None, message: str, printed: tuple[str, str]) -> RunResult:
     """The ``error`` result of a run its node stopped holding, with what it printed: ``(stdout, stderr)``."""
     stdout, stderr = printed
     return RunResult.from_server(

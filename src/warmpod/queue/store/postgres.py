@@ -38,8 +38,8 @@ from warmpod.queue.store.base import (
     Record,
     Replay,
     inlined,
+    lost_result,
     record,
-    run_ended,
     unreadable,
 )
 from warmpod.queue.store.codec import Printed, decode_blob, encode_blob, output_rows, page, segments
@@ -440,10 +440,11 @@ class PostgresStore:
             await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
         return "added"
 
-    async def queued(self) -> int:
-        """How many runs wait."""
+    async def queued(self) -> list[str]:
+        """The ids of the runs that wait."""
         async with self._transaction() as db:
-            return await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'")
+            rows = await (await db.execute("SELECT id FROM runs WHERE status = 'queued'")).fetchall()
+        return [run_id for (run_id,) in rows]
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
         """Give the oldest queued run to ``owner``, those of ``warm``'s kind first, then those of
@@ -484,18 +485,6 @@ class PostgresStore:
                 return Claim(fence=fence, spec=decode_blob(bytes(raw), RunSpec))
             except msgspec.DecodeError as exc:
                 await unreadable(self, fence, exc)
-
-    async def release(self, fence: Fence) -> None:
-        """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
-        async with self._transaction() as db:
-            cursor = await db.execute(
-                "UPDATE runs SET status = 'queued', started = NULL, node = NULL, incarnation = NULL, "
-                "lease_until = NULL "
-                "WHERE id = %s AND status = 'running' AND incarnation = %s AND attempt = %s",
-                (fence.run_id, fence.incarnation, fence.attempt),
-            )
-            if cursor.rowcount:
-                await db.execute("SELECT pg_notify('warmpod_queued', %s)", (fence.run_id,))
 
     async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
         """Renew ``owner``'s leases by the database's clock and record it alive, in one transaction
@@ -595,14 +584,6 @@ class PostgresStore:
             if not written or not await self._settle(lambda db: _finished_with(db, run_id, blob, fence)):
                 raise
         return True
-
-    async def file(self, run_id: str, path: str) -> bytes | None:
-        """The content of a file the run left, or None."""
-        async with self._transaction() as db:
-            row = await (
-                await db.execute("SELECT data FROM files WHERE run_id = %s AND path = %s", (run_id, path))
-            ).fetchone()
-        return None if row is None else bytes(row[0])
 
     async def file_size(self, run_id: str, path: str) -> int | None:
         """The size in bytes of a file the run left, or None; its content is not read."""
@@ -783,7 +764,7 @@ async def _end_lost(db: Connection, run_id: str, node: str | None, message: str)
         async for row in cursor:
             for stream, data in segments(row):
                 printed.add(stream, data)
-    result = run_ended(run_id, node, message, printed.text())
+    result = lost_result(run_id, node, message, printed.text())
     await db.execute(
         "UPDATE runs SET status = 'error', result = %s, finished = warmpod_now(), spec = NULL, "
         "lease_until = NULL WHERE id = %s",

@@ -33,8 +33,8 @@ from warmpod.queue.store.base import (
     Record,
     Replay,
     inlined,
+    lost_result,
     record,
-    run_ended,
     unreadable,
 )
 from warmpod.queue.store.codec import (
@@ -280,9 +280,13 @@ class SqliteStore:
             self._notify("queued", run_id)
         return added
 
-    async def queued(self) -> int:
-        """How many runs wait."""
-        return await self._call(_count_queued)
+    async def queued(self) -> list[str]:
+        """The ids of the runs that wait."""
+
+        def queued(db: sqlite3.Connection) -> list[str]:
+            return [run_id for (run_id,) in db.execute("SELECT id FROM runs WHERE status = 'queued'")]
+
+        return await self._call(queued)
 
     async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
         """Give the oldest queued run to ``owner`` for ``lease`` seconds, those of ``warm``'s kind
@@ -311,19 +315,6 @@ class SqliteStore:
                 return Claim(fence=fence, spec=decode_blob(raw, RunSpec))
             except msgspec.DecodeError as exc:
                 await unreadable(self, fence, exc)
-
-    async def release(self, fence: Fence) -> None:
-        """Put a claimed run back in its place in the queue (it never reached a sandbox)."""
-
-        def release(db: sqlite3.Connection) -> int:
-            return db.execute(
-                "UPDATE runs SET status = 'queued', started = NULL, node = NULL, incarnation = NULL, "
-                "lease_until = NULL WHERE id = ? AND status = 'running' AND incarnation = ? AND attempt = ?",
-                (fence.run_id, fence.incarnation, fence.attempt),
-            ).rowcount
-
-        if await self._call(release):
-            self._notify("queued", fence.run_id)
 
     async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
         """Renew the leases of the runs ``owner`` holds by ``fences`` and record it alive."""
@@ -423,17 +414,6 @@ class SqliteStore:
         if finished:
             self._notify("changed", run_id)
         return finished
-
-    async def file(self, run_id: str, path: str) -> bytes | None:
-        """The content of a file the run left, or None."""
-
-        def file(db: sqlite3.Connection) -> bytes | None:
-            row = db.execute(
-                "SELECT data FROM files WHERE run_id = ? AND path = ?", (run_id, path)
-            ).fetchone()
-            return None if row is None else bytes(row[0])
-
-        return await self._call(file)
 
     async def file_size(self, run_id: str, path: str) -> int | None:
         """The size in bytes of a file the run left, or None; its content is not read."""
@@ -637,7 +617,7 @@ def _keep_output(db: sqlite3.Connection, run_id: str, chunks: Sequence[Chunk]) -
 def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: str) -> str:
     # The cursor yields row by row: the run's chunks are never all held at once.
     output = db.execute("SELECT seq, stream, data FROM output WHERE run_id = ? ORDER BY seq", (run_id,))
-    result = run_ended(run_id, node, message, joined(itertools.chain.from_iterable(map(segments, output))))
+    result = lost_result(run_id, node, message, joined(itertools.chain.from_iterable(map(segments, output))))
     db.execute(
         "UPDATE runs SET status = 'error', result = ?, finished = ?, spec = NULL, lease_until = NULL "
         "WHERE id = ?",
