@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import cast
 
 import anyio
 import pytest
 import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from support.absent import NoEngine, NoStore
 from support.apitest import (
     IMAGE,
     IN_BYTES,
@@ -26,12 +25,11 @@ from support.apitest import (
     NODE,
     POOL_SIZE,
 )
-from support.fakes import FakeLeaser, NoEngine, RecordingRunner
-from support.live import free_port
+from support.fakes import FakeLeaser, RecordingRunner
+from support.live import free_port, wait_until
 
 from warmpod.http.app import create_app
 from warmpod.queue.scheduler import Scheduler
-from warmpod.queue.store.base import Store
 from warmpod.queue.store.sqlite import SqliteStore
 from warmpod.sandbox.pool import Pool
 from warmpod.service import Service
@@ -78,7 +76,7 @@ def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
     pool.serving = True
     runner = RecordingRunner(leaser, settings.limits, settings.files)
     # Replaced by a started one in the app's lifespan; unstarted, it is what /health sees before.
-    scheduler = Scheduler(cast(Store, None), leaser, runner, settings.queue, workers=POOL_SIZE)
+    scheduler = Scheduler(NoStore(), leaser, runner, settings.queue, workers=POOL_SIZE)
     return Service(settings, IMAGE, INFO, pool, runner, scheduler)
 
 
@@ -121,6 +119,13 @@ async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
 
 
 @pytest.fixture
+async def anonymous(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """A client of the started app that sends no key of its own (for suites with keys on)."""
+    async with AsyncTestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
 def runner(service: Service) -> RecordingRunner:
     """The fake service's runner."""
     assert isinstance(service.runner, RecordingRunner)
@@ -134,11 +139,10 @@ def live(app: Litestar) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped before it started"
-        assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
-        time.sleep(0.01)
+    assert wait_until(lambda: server.started or not thread.is_alive(), 30, interval=0.01), (
+        "uvicorn did not start in 30 s"
+    )
+    assert server.started, "uvicorn stopped before it started"
     yield f"http://127.0.0.1:{server.config.port}"
     server.should_exit = True
     thread.join(30)

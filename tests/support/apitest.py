@@ -1,10 +1,14 @@
-"""The API suites' settings (small numbers an operator could set) and their check of a problem answer."""
+"""The API suites' settings (small numbers an operator could set), their key header, their check of a
+problem answer and their look at a run's status."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
 
 from support.fakes import ROOTFUL_V1
 
@@ -35,3 +39,18 @@ def assert_problem(response: httpx.Response, status: int, *words: str) -> dict[s
     for word in words:
         assert word.lower() in body["detail"].lower(), body["detail"]
     return body
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The headers that send API key ``key``."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def has_status(
+    client: AsyncTestClient[Litestar], url: str, status: str, headers: Mapping[str, str] | None = None
+) -> bool:
+    """Whether the run whose status URL is ``url`` has ``status`` now (to wait for with ``until``)."""
+    response = await client.get(url, headers=headers)
+    assert response.status_code == 200, response.text
+    current: str = response.json()["status"]
+    return current == status
