@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from support.absent import NoEngine, NoStore
@@ -24,9 +22,9 @@ from support.apitest import (
     MAX_QUEUED,
     NODE,
     POOL_SIZE,
+    served,
 )
 from support.fakes import FakeLeaser, RecordingRunner
-from support.live import free_port, wait_until
 
 from warmpod.http.app import create_app
 from warmpod.queue.scheduler import Scheduler
@@ -136,16 +134,8 @@ def runner(service: Service) -> RecordingRunner:
 def live(app: Litestar) -> Iterator[str]:
     """The app served by uvicorn on a loopback port in a thread of its own: its URL. Streams arrive
     as they are sent, which a test client's transport does not promise."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    assert wait_until(lambda: server.started or not thread.is_alive(), 30, interval=0.01), (
-        "uvicorn did not start in 30 s"
-    )
-    assert server.started, "uvicorn stopped before it started"
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(30)
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -18,9 +18,9 @@ import pytest
 import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from support.apitest import MAX_BODY, POOL_SIZE, PROBLEMS, assert_problem, bearer
+from support.apitest import MAX_BODY, POOL_SIZE, PROBLEMS, assert_problem, bearer, served
 from support.fakes import RecordingRunner
-from support.live import free_port, wait_until
+from support.live import wait_until
 
 from warmpod import cli, keys
 from warmpod.client import Client, ProblemError
@@ -258,29 +258,20 @@ def test_the_client_retries_uvicorns_own_503_without_retry_after(
 ) -> None:
     """Past ``max_connections`` uvicorn answers a plain-text 503 without Retry-After, which the
     client waits a second on and sends again, rather than raising."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", limit_concurrency=2)
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: server.started, 30)
-        url = f"http://127.0.0.1:{server.config.port}"
+    with served(app, limit_concurrency=2) as url:
+        port = urlsplit(url).port
         # Counting the request's own, this takes the server to its limit.
-        holder = socket.create_connection(("127.0.0.1", server.config.port))
+        holder = socket.create_connection(("127.0.0.1", port))
         with holder:
             refused = httpx.get(url + "/status/" + "0" * 32)
             assert refused.status_code == 503
             assert "retry-after" not in refused.headers
             assert not refused.headers["content-type"].startswith("application/problem+json")
         with Client(url, api_key=secrets["alice"]) as client:
-            holder = socket.create_connection(("127.0.0.1", server.config.port))
+            holder = socket.create_connection(("127.0.0.1", port))
             threading.Timer(0.3, holder.close).start()
             started = time.monotonic()
             with pytest.raises(ProblemError) as answered:
                 client.status("0" * 32)
             assert answered.value.status == 404  # after the wait, the real answer
             assert time.monotonic() - started >= 0.9
-    finally:
-        server.should_exit = True
-        thread.join(30)

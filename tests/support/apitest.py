@@ -1,16 +1,20 @@
 """The API suites' settings (small numbers an operator could set), their key header, their check of a
-problem answer and their look at a run's status."""
+problem answer, their look at a run's status and their app served by uvicorn."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
+import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 
 from support.fakes import ROOTFUL_V1
+from support.live import free_port, wait_until
 
 MAX_BODY = 4096
 MAX_QUEUED = 5
@@ -54,3 +58,23 @@ async def has_status(
     assert response.status_code == 200, response.text
     current: str = response.json()["status"]
     return current == status
+
+
+@contextlib.contextmanager
+def served(app: Litestar, **options: Any) -> Iterator[str]:
+    """``app`` served by uvicorn (``options`` are uvicorn.Config's) on a free loopback port, in a
+    thread of its own: its URL, until the server is told to exit."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **options)
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started or not thread.is_alive(), 30, interval=0.01), (
+            "uvicorn did not start in 30 s"
+        )
+        assert server.started, "uvicorn stopped before it started"
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
