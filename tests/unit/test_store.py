@@ -17,7 +17,7 @@ import pytest
 from support.waiting import until
 
 from warmpod.errors import StoreError
-from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec
+from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec, RunStatus
 from warmpod.queue.store.base import (
     OUTPUT_PAGE,
     PREFERRED_WAIT,
@@ -42,11 +42,11 @@ LEASE = 15.0
 LOST = "node {node} stopped while this run was executing"
 
 
-def result(run_id: str, status: str = "succeeded", stdout: str = "1\n") -> RunResult:
+def result(run_id: str, status: RunStatus = "succeeded", stdout: str = "1\n") -> RunResult:
     """A final result for ``run_id``."""
     return RunResult(
         id=run_id,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         exit_code=0,
         stdout=stdout,
         stderr="",
