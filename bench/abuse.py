@@ -53,7 +53,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from latency import ROOT, Series, Server, fmt, free_port, repeat, run_once, section, setup, wait_pool_full
+from common import ROOT, Series, Server, fmt, free_port, repeat, run_once, section, setup, wait_pool_full
 
 # The hostile programs, the slow clients and the memory sampler are shared with the tests.
 sys.path.insert(0, str(ROOT / "tests"))

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from latency import ROOT, Server, built_image, free_port, percentile
+from common import ROOT, Server, built_image, free_port, percentile
 
 from warmpod.host import facts as host
 from warmpod.host import image

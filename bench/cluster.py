@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 import psycopg
-from latency import (
+from common import (
     ROOT,
     Series,
     Server,

@@ -38,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import httpx
-from latency import (
+from common import (
     ROOT,
     Series,
     Server,

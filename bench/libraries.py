@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from latency import ROOT, Server, free_port, podman, section, wait_pool_full
+from common import ROOT, Server, free_port, podman, section, wait_pool_full
 from run import memory
 
 from warmpod.host import image

@@ -43,7 +43,7 @@ from typing import Any
 
 import httpx
 from burst import FINAL
-from latency import ROOT, Series, Server, fmt, free_port, podman, section, setup
+from common import ROOT, Series, Server, fmt, free_port, podman, section, setup
 from run import EXPECTED, PROGRAMS, rss
 
 from warmpod.sandbox.pool import LABEL_INSTANCE, LABEL_PID

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from latency import ROOT, Server, free_port, section, setup, wait_pool_full
+from common import ROOT, Server, free_port, section, setup, wait_pool_full
 
 sys.path.insert(0, str(ROOT / "tests"))
 from support.hostile import alternating_program, paced_program  # tests/ joins the path first

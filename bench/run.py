@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from latency import (
+from common import (
     ROOT,
     Series,
     Server,

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from support import postgres
+
+TESTS = Path(__file__).resolve().parent
+PODMAN_SUITES = frozenset({"integration", "security", "cluster", "load"})
+"""The suites that run the real service against the host's Podman."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skip the Podman suites, and only them, on a machine without Podman: before any of their
+    session fixtures would try to start a server."""
+    if shutil.which("podman") is not None:
+        return
+    for item in items:
+        path = item.path.resolve()
+        suite = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else None
+        if suite in PODMAN_SUITES:
+            item.add_marker(
+                pytest.mark.skip(reason=f"podman is not on PATH: the {suite} tests need a real Podman")
+            )
 
 
 @pytest.fixture(scope="session")

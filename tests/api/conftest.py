@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import cast
 
 import anyio
 import pytest
-import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
+from support.absent import NoEngine, NoStore
 from support.apitest import (
     IMAGE,
     IN_BYTES,
@@ -25,13 +22,12 @@ from support.apitest import (
     MAX_QUEUED,
     NODE,
     POOL_SIZE,
+    served,
 )
-from support.fakes import FakeLeaser, NoEngine, RecordingRunner
-from support.live import free_port
+from support.fakes import FakeLeaser, RecordingRunner
 
 from warmpod.http.app import create_app
 from warmpod.queue.node import QueueNode
-from warmpod.queue.store.base import Store
 from warmpod.queue.store.sqlite import SqliteStore
 from warmpod.sandbox.pool import Pool
 from warmpod.service import Service
@@ -78,7 +74,7 @@ def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
     pool.serving = True
     runner = RecordingRunner(leaser, settings.limits, settings.files)
     # Replaced by a started one in the app's lifespan; unstarted, it is what /health sees before.
-    queue = QueueNode(cast(Store, None), leaser, runner, settings.queue, workers=POOL_SIZE)
+    queue = QueueNode(NoStore(), leaser, runner, settings.queue, workers=POOL_SIZE)
     return Service(settings, IMAGE, INFO, pool, runner, queue)
 
 
@@ -121,6 +117,13 @@ async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
 
 
 @pytest.fixture
+async def anonymous(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
+    """A client of the started app that sends no key of its own (for suites with keys on)."""
+    async with AsyncTestClient(app) as client:
+        yield client
+
+
+@pytest.fixture
 def runner(service: Service) -> RecordingRunner:
     """The fake service's runner."""
     assert isinstance(service.runner, RecordingRunner)
@@ -131,17 +134,8 @@ def runner(service: Service) -> RecordingRunner:
 def live(app: Litestar) -> Iterator[str]:
     """The app served by uvicorn on a loopback port in a thread of its own: its URL. Streams arrive
     as they are sent, which a test client's transport does not promise."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped before it started"
-        assert time.monotonic() < deadline, "uvicorn did not start in 30 s"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{server.config.port}"
-    server.should_exit = True
-    thread.join(30)
+    with served(app) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)

@@ -26,14 +26,16 @@ from support.apitest import (
     POOL_SIZE,
     PROBLEMS,
     assert_problem,
+    has_status,
 )
 from support.fakes import FakeLeaser, RecordingRunner
+from support.waiting import until
 
 from warmpod.errors import StoreError
 from warmpod.http import routes as api
 from warmpod.http.app import begin_drain, create_app
 from warmpod.models import Chunk, RunResult
-from warmpod.queue.results import FILE_PIECE, Results, Update
+from warmpod.queue.results import FILE_PIECE, Update
 from warmpod.queue.store.base import OUTPUT_PAGE, Fence
 from warmpod.queue.store.sqlite import SqliteStore
 from warmpod.queue.workers import FLUSH_INTERVAL
@@ -455,16 +457,12 @@ async def test_wait_false_is_202_with_location_and_the_result_is_polled(
     assert body["status_url"] == f"http://testserver.local/status/{body['id']}"
     assert body["stream_url"] == f"http://testserver.local/status/{body['id']}/stream"
     assert response.headers["location"] == body["status_url"]
-    with anyio.fail_after(5):
-        while not runner.calls:
-            await anyio.sleep(0.01)
+    await until(lambda: bool(runner.calls))
     polled = await client.get(f"/status/{body['id']}")
     assert polled.status_code == 200
     assert (polled.json()["status"], polled.json()["stdout"]) == ("running", "")
     runner.hold.set()
-    with anyio.fail_after(5):
-        while (await client.get(f"/status/{body['id']}")).json()["status"] != "succeeded":
-            await anyio.sleep(0.01)
+    await until(lambda: has_status(client, f"/status/{body['id']}", "succeeded"))
 
 
 @pytest.mark.parametrize(
@@ -526,9 +524,7 @@ async def test_a_full_queue_is_429_with_retry_after(
         for _ in range(POOL_SIZE + MAX_QUEUED)
     ]
     assert accepted == [202] * (POOL_SIZE + MAX_QUEUED)
-    with anyio.fail_after(5):
-        while len(runner.calls) < POOL_SIZE:
-            await anyio.sleep(0.01)
+    await until(lambda: len(runner.calls) >= POOL_SIZE)
     for response in (
         await client.post("/run-json/", json={"code": "pass", "wait": False}),
         await client.post("/run-json/", json={"code": "pass"}),
@@ -551,9 +547,7 @@ async def test_cancel_of_queued_and_running_runs(
         (await client.post("/run-json/", json={"code": "pass", "wait": False})).json()["id"]
         for _ in range(POOL_SIZE + 1)
     ]
-    with anyio.fail_after(5):
-        while len(runner.calls) < POOL_SIZE:
-            await anyio.sleep(0.01)
+    await until(lambda: len(runner.calls) >= POOL_SIZE)
     running, queued = ids[0], ids[-1]
     assert (await client.get(f"/status/{queued}")).json()["status"] == "queued"
     response = await client.delete(f"/status/{queued}")
@@ -621,14 +615,16 @@ async def test_output_longer_than_a_page_is_read_page_by_page(
     run_id = (await client.post("/run-json/", json={"code": "pass", "wait": False})).json()["id"]
     stdout = "".join(f"{i}," for i in range(0, count, 2))
     stderr = "".join(f"{i}," for i in range(1, count, 2))
-    with anyio.fail_after(5):
-        while (status := (await client.get(f"/status/{run_id}")).json())["stdout"] != stdout:
-            await anyio.sleep(0.05)
+    status: dict[str, Any] = {}
+
+    async def printed() -> bool:
+        status.update((await client.get(f"/status/{run_id}")).json())
+        return bool(status["stdout"] == stdout)
+
+    await until(printed, interval=0.05)
     assert (status["status"], status["stderr"]) == ("running", stderr)
     runner.hold.set()
-    with anyio.fail_after(5):
-        while (await client.get(f"/status/{run_id}")).json()["status"] != "succeeded":
-            await anyio.sleep(0.05)
+    await until(lambda: has_status(client, f"/status/{run_id}", "succeeded"), interval=0.05)
     limits.clear()
     events = sse_blocks((await client.get(f"/status/{run_id}/stream")).text)
     output = [event for event in events if event["event"] in ("stdout", "stderr")]
@@ -686,13 +682,9 @@ async def test_a_store_failure_during_a_run_does_not_stop_the_service(
     runner.hold = anyio.Event()
     submitted = await client.post("/run-json/", json={"code": "pass", "wait": False})
     assert submitted.status_code == 202, submitted.text
-    with anyio.fail_after(5):
-        while len(polls) < 2:  # the poll failed twice and the run goes on
-            await anyio.sleep(0.01)
+    await until(lambda: len(polls) >= 2)  # the poll failed twice and the run goes on
     runner.hold.set()
-    with anyio.fail_after(5):
-        while (await client.get(f"/status/{submitted.json()['id']}")).json()["status"] != "succeeded":
-            await anyio.sleep(0.01)
+    await until(lambda: has_status(client, f"/status/{submitted.json()['id']}", "succeeded"))
     again = await client.post("/run-json/", json={"code": "pass"})
     assert again.status_code == 200, again.text
     assert again.json()["status"] == "succeeded"
@@ -747,9 +739,7 @@ async def test_a_cancelled_runs_sandbox_goes_before_a_failing_store_records_it(
     monkeypatch.setattr(store, "finish", flaky)
     runner.hold = anyio.Event()
     run_id = (await client.post("/run-json/", json={"code": "pass", "wait": False})).json()["id"]
-    with anyio.fail_after(5):
-        while not runner.calls:
-            await anyio.sleep(0.01)
+    await until(lambda: bool(runner.calls))
     response = await client.delete(f"/status/{run_id}")
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "cancelled"
@@ -757,18 +747,20 @@ async def test_a_cancelled_runs_sandbox_goes_before_a_failing_store_records_it(
     runner.hold.set()
 
 
-async def test_a_keepalive_is_a_comment_without_data() -> None:
+async def test_a_keepalive_is_a_comment_without_data(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A quiet stream's keepalive is ``: keepalive`` alone: no empty data line a client would parse."""
 
-    class Quiet:
-        async def follow(self, run_id: str, after: int) -> AsyncIterator[Update]:
-            yield Update("keepalive")
+    async def quiet(run_id: str, after: int) -> AsyncIterator[Update]:
+        yield Update("keepalive")
 
-    messages = [m async for m in api._events(cast(Results, Quiet()), "0" * 32, -1)]
+    monkeypatch.setattr(service.queue.results, "follow", quiet)
+    messages = [m async for m in api._events(service.queue.results, "0" * 32, -1)]
     assert [m.encode() for m in messages] == [b": keepalive\r\n\r\n"]
 
 
-async def test_sigterm_during_start_up_stops_it_and_cleans_up(settings: Settings) -> None:
+async def test_sigterm_during_start_up_stops_it_and_cleans_up(settings: Settings, service: Service) -> None:
     """begin_drain (what SIGTERM calls) while the service is still starting, say waiting for its
     first sandbox up to the start-up timeout, ends the start-up at once and runs the service's
     cleanup; uvicorn, told to exit, then shuts down. Before, start-up ignored it until the wait ended."""
@@ -779,7 +771,7 @@ async def test_sigterm_during_start_up_stops_it_and_cleans_up(settings: Settings
         entered.set()
         try:
             await anyio.sleep_forever()
-            yield cast(Service, None)  # never reached
+            yield service  # never reached
         finally:
             cleaned.set()
 

@@ -7,7 +7,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import cast
 
 import anyio
 import httpx
@@ -67,7 +66,7 @@ async def test_async_run_takes_plain_and_async_callbacks(live: str, runner: Reco
     stderr: list[str] = []
 
     async def on_stdout(text: str) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()  # a callback that does yield to the loop
         stdout.append((text, time.monotonic()))
 
     async with AsyncClient(live) as warmpod:
@@ -187,7 +186,8 @@ class DropsFirstStream(httpx.HTTPTransport):
         self.streams.append(request)
         if len(self.streams) > 1:
             return response
-        upstream = cast(httpx.SyncByteStream, response.stream)  # an HTTPTransport's is sync
+        assert isinstance(response.stream, httpx.SyncByteStream)  # an HTTPTransport's is
+        upstream: httpx.SyncByteStream = response.stream
 
         class Cut(httpx.SyncByteStream):
             def __iter__(self) -> Iterator[bytes]:

@@ -3,41 +3,40 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any, cast
+import dataclasses
+from collections.abc import AsyncIterator, Callable
 
+import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from support.fakes import ROOTFUL_V1
+from support.apitest import IMAGE
 
 from warmpod.http.app import create_app
 from warmpod.models import Environment
-from warmpod.queue.node import QueueNode
-from warmpod.sandbox.pool import Pool
-from warmpod.sandbox.runner import Runner
 from warmpod.service import Service
-from warmpod.settings import Settings, from_env
+from warmpod.settings import Settings
 
-IMAGE = "localhost/warmpod-runner:0123456789ab"
-INFO = ROOTFUL_V1
+AppWith = Callable[[Environment | None], Litestar]
 RECORDED = Environment(python="3.13.5", packages={"numpy": "2.5.5", "tabulate": "0.9.0"})
 
 
-def app_with(environment: Environment | None) -> Litestar:
-    """The real app over a service whose probe found ``environment``; nothing else of it is used."""
-    settings = from_env({})
+@pytest.fixture
+def app_with(settings: Settings, service: Service) -> AppWith:
+    """The real app over the API suite's service, its probe having found the environment given;
+    nothing else of the service is used."""
 
-    @contextlib.asynccontextmanager
-    async def factory(given: Settings) -> AsyncIterator[Service]:
-        parts: Any = None
-        yield Service(
-            given, IMAGE, INFO, cast(Pool, parts), cast(Runner, parts), cast(QueueNode, parts), environment
-        )
+    def app(environment: Environment | None) -> Litestar:
+        @contextlib.asynccontextmanager
+        async def factory(given: Settings) -> AsyncIterator[Service]:
+            assert given is settings
+            yield dataclasses.replace(service, environment=environment)
 
-    return create_app(settings, service_factory=factory)
+        return create_app(settings, service_factory=factory)
+
+    return app
 
 
-async def test_environment_is_what_the_image_recorded() -> None:
+async def test_environment_is_what_the_image_recorded(app_with: AppWith) -> None:
     """GET /environment answers 200 with the Python version and every package the probe read."""
     async with AsyncTestClient(app_with(RECORDED)) as client:
         response = await client.get("/environment")
@@ -45,7 +44,7 @@ async def test_environment_is_what_the_image_recorded() -> None:
     assert response.json() == {"python": "3.13.5", "packages": {"numpy": "2.5.5", "tabulate": "0.9.0"}}
 
 
-async def test_an_image_without_a_record_is_a_problem() -> None:
+async def test_an_image_without_a_record_is_a_problem(app_with: AppWith) -> None:
     """An image built without the record gets a 404 problem that names the image and the file."""
     async with AsyncTestClient(app_with(None)) as client:
         response = await client.get("/environment")
@@ -57,7 +56,7 @@ async def test_an_image_without_a_record_is_a_problem() -> None:
     assert "/opt/warmpod/environment.json" in body["detail"]
 
 
-async def test_environment_is_in_the_schema() -> None:
+async def test_environment_is_in_the_schema(app_with: Callable[[Environment | None], Litestar]) -> None:
     """The OpenAPI schema documents GET /environment with its 200 body and its problems."""
     async with AsyncTestClient(app_with(RECORDED)) as client:
         schema = (await client.get("/schema/openapi.json")).json()

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from support.apitest import MAX_BODY, MAX_QUEUED, POOL_SIZE, PROBLEMS, assert_problem
+from support.apitest import MAX_BODY, MAX_QUEUED, POOL_SIZE, PROBLEMS, assert_problem, bearer, has_status
 from support.fakes import RecordingRunner
+from support.waiting import until
 
 from warmpod import keys
 from warmpod.cli import main
@@ -42,17 +42,6 @@ def settings(key_file: Path, secrets: dict[str, str]) -> Settings:
         pool={"size": POOL_SIZE},
         queue={"max_queued": MAX_QUEUED},
     )
-
-
-@pytest.fixture
-async def anonymous(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
-    """A client that sends no key."""
-    async with AsyncTestClient(app) as client:
-        yield client
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
 
 
 async def test_no_key_or_a_wrong_one_is_401_and_the_right_one_runs(
@@ -99,9 +88,9 @@ async def test_a_keys_quota_holds_it_back_and_not_the_others(
             await anonymous.post("/run-json/", json={"code": "3", "wait": False}, headers=bob)
         ).status_code == 202
     runner.hold.set()
-    with anyio.fail_after(10):
-        while (await anonymous.get(first.headers["location"], headers=alice)).json()["status"] != "succeeded":
-            await anyio.sleep(0.02)
+    await until(
+        lambda: has_status(anonymous, first.headers["location"], "succeeded", alice), 10, interval=0.02
+    )
     again = await anonymous.post("/run-json/", json={"code": "4", "wait": False}, headers=alice)
     assert again.status_code == 202
 

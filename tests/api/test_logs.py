@@ -13,6 +13,7 @@ from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from support.apitest import MAX_QUEUED, NODE, POOL_SIZE
 from support.fakes import CANNED, RecordingRunner
+from support.waiting import until
 
 from warmpod import keys
 from warmpod.logs import JsonFormatter
@@ -72,9 +73,7 @@ async def test_each_run_logs_one_finished_line_and_nothing_of_its_code(
         for _ in range(POOL_SIZE + 1):
             response = await client.post("/run-json/", json={**body, "wait": False}, headers=headers)
             expected[response.json()["id"]] = "error"  # stopped with the server
-        with anyio.fail_after(5):
-            while len(runner.calls) < 4 + POOL_SIZE:
-                await anyio.sleep(0.01)
+        await until(lambda: len(runner.calls) >= 4 + POOL_SIZE)
         response = await client.delete(f"/status/{response.json()['id']}", headers=headers)
         expected[response.json()["id"]] = "cancelled"
     # The app has stopped: its held runs, past the grace, were ended and reported.

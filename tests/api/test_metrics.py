@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+
 import anyio
 import msgspec
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from prometheus_client.parser import text_string_to_metric_families
-from support.apitest import POOL_SIZE
+from support.apitest import POOL_SIZE, has_status
 from support.fakes import CANNED, RecordingRunner
+from support.waiting import until
 
 from warmpod.metrics import FINAL_STATUSES, LIMITS, PODMAN_CALLS, POOL_STATES
 
@@ -106,17 +109,13 @@ async def test_counters_move_once_per_run_by_its_status_and_limits(
         (await client.post("/run-json/", json={"code": MARKER, "wait": False})).json()["id"]
         for _ in range(POOL_SIZE + 2)
     ]
-    with anyio.fail_after(5):
-        while len(runner.calls) < 6 + POOL_SIZE:
-            await anyio.sleep(0.01)
+    await until(lambda: len(runner.calls) >= 6 + POOL_SIZE)
     assert value(await scrape(client), "warmpod_queue_depth") == 2
     assert (await client.delete(f"/status/{ids[-1]}")).json()["status"] == "cancelled"
     assert value(await scrape(client), "warmpod_queue_depth") == 1
     runner.hold.set()
-    with anyio.fail_after(5):
-        for run_id in ids[:-1]:
-            while (await client.get(f"/status/{run_id}")).json()["status"] != "succeeded":
-                await anyio.sleep(0.01)
+    for run_id in ids[:-1]:
+        await until(functools.partial(has_status, client, f"/status/{run_id}", "succeeded"))
     after = await scrape(client)
 
     def moved(name: str, **labels: str) -> float:

@@ -6,20 +6,21 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio
 import httpx
 import pytest
 import uvicorn
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
-from support.apitest import MAX_BODY, POOL_SIZE, PROBLEMS, assert_problem
+from support.apitest import MAX_BODY, POOL_SIZE, PROBLEMS, assert_problem, bearer, served
 from support.fakes import RecordingRunner
-from support.live import free_port, wait_until
+from support.live import wait_until
 
 from warmpod import cli, keys
 from warmpod.client import Client, ProblemError
@@ -58,13 +59,6 @@ def settings(tmp_path: Path, secrets: dict[str, str]) -> Settings:
 
 
 @pytest.fixture
-async def anonymous(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
-    """A client that sends no key of its own."""
-    async with AsyncTestClient(app) as client:
-        yield client
-
-
-@pytest.fixture
 def tenants(live: str, secrets: dict[str, str]) -> Iterator[tuple[httpx.Client, httpx.Client]]:
     """Clients of alice and bob on the app served by uvicorn."""
     with (
@@ -72,11 +66,6 @@ def tenants(live: str, secrets: dict[str, str]) -> Iterator[tuple[httpx.Client, 
         httpx.Client(base_url=live, headers=bearer(secrets["bob"]), timeout=30) as bob,
     ):
         yield alice, bob
-
-
-def bearer(key: str) -> dict[str, str]:
-    """The header that sends ``key``."""
-    return {"Authorization": f"Bearer {key}"}
 
 
 def assert_throttled(response: httpx.Response, *words: str) -> None:
@@ -107,7 +96,8 @@ async def test_the_rate_refills(anonymous: AsyncTestClient[Litestar], secrets: d
         await anonymous.get(NO_RUN, headers=alice)
     refused = await anonymous.get(NO_RUN, headers=alice)
     assert refused.status_code == 429
-    time.sleep(int(refused.headers["retry-after"]))
+    # The wait is the test: the key's bucket refills as time passes.
+    await anyio.sleep(int(refused.headers["retry-after"]))
     assert (await anonymous.get(NO_RUN, headers=alice)).status_code == 404
 
 
@@ -120,10 +110,7 @@ def test_a_key_with_its_requests_in_flight_gets_429_and_another_key_does_not(
     runner.hold = threading.Event()
     with ThreadPoolExecutor(IN_FLIGHT) as threads:
         waiting = [threads.submit(alice.post, "/run-json/", json={"code": "1"}) for _ in range(IN_FLIGHT)]
-        deadline = time.monotonic() + 10
-        while len(runner.calls) < IN_FLIGHT:
-            assert time.monotonic() < deadline, "the runs did not start"
-            time.sleep(0.01)
+        assert wait_until(lambda: len(runner.calls) >= IN_FLIGHT, 10, interval=0.01), "the runs did not start"
         assert_throttled(alice.get(NO_RUN), "alice", "in flight", "WARMPOD_SERVER__KEY_IN_FLIGHT")
         assert bob.get(NO_RUN).status_code == 404
         assert bob.get("/health").status_code == 200
@@ -163,10 +150,9 @@ def test_a_client_that_never_reads_holds_its_own_slots(
     finally:
         for sock in readers:
             sock.close()
-    deadline = time.monotonic() + 10
-    while alice.get(NO_RUN).status_code != 404:
-        assert time.monotonic() < deadline, "closed connections kept their slots"
-        time.sleep(0.2)
+    assert wait_until(lambda: alice.get(NO_RUN).status_code == 404, 10, interval=0.2), (
+        "closed connections kept their slots"
+    )
     assert bob.get(entry["url"]).status_code == 404  # another key's file is not bob's
 
 
@@ -272,29 +258,20 @@ def test_the_client_retries_uvicorns_own_503_without_retry_after(
 ) -> None:
     """Past ``max_connections`` uvicorn answers a plain-text 503 without Retry-After, which the
     client waits a second on and sends again, rather than raising."""
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", limit_concurrency=2)
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        assert wait_until(lambda: server.started, 30)
-        url = f"http://127.0.0.1:{server.config.port}"
+    with served(app, limit_concurrency=2) as url:
+        port = urlsplit(url).port
         # Counting the request's own, this takes the server to its limit.
-        holder = socket.create_connection(("127.0.0.1", server.config.port))
+        holder = socket.create_connection(("127.0.0.1", port))
         with holder:
             refused = httpx.get(url + "/status/" + "0" * 32)
             assert refused.status_code == 503
             assert "retry-after" not in refused.headers
             assert not refused.headers["content-type"].startswith("application/problem+json")
         with Client(url, api_key=secrets["alice"]) as client:
-            holder = socket.create_connection(("127.0.0.1", server.config.port))
+            holder = socket.create_connection(("127.0.0.1", port))
             threading.Timer(0.3, holder.close).start()
             started = time.monotonic()
             with pytest.raises(ProblemError) as answered:
                 client.status("0" * 32)
             assert answered.value.status == 404  # after the wait, the real answer
             assert time.monotonic() - started >= 0.9
-    finally:
-        server.should_exit = True
-        thread.join(30)

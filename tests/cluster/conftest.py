@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
 from support.postgres import PostgresServer
 
 from .nodes import Cluster
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _podman_on_path() -> None:
-    """Skip the cluster suite, and only it, on a machine without Podman."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not on PATH: the cluster tests need a real Podman")
 
 
 @pytest.fixture(scope="session")

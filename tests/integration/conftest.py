@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,13 +23,6 @@ SESSION_SETTINGS = {
     "WARMPOD_LIMITS__MAX_OUTPUT_BYTES": str(MAX_OUTPUT_BYTES),
     "WARMPOD_SERVER__MAX_BODY_BYTES": str(MAX_BODY_BYTES),
 }
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _podman_on_path() -> None:
-    """Skip the integration suite, and only it, on a machine without Podman."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not on PATH: the integration tests need a real Podman")
 
 
 @pytest.fixture(scope="session")

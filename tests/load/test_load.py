@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -14,13 +13,6 @@ pytestmark = pytest.mark.integration
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 MINUTES = 2.0
-
-
-@pytest.fixture(autouse=True)
-def _podman_on_path() -> None:
-    """Skip on a machine without Podman, as the integration suite does."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not on PATH: the load test needs a real Podman")
 
 
 @pytest.fixture

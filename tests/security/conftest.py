@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import httpx
 import pytest
 from support.hostile import MAX_TIMEOUT, SETTINGS
 from support.live import WarmpodServer, stop_and_check_clean
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _podman_on_path() -> None:
-    """Skip the security suite on a machine without Podman."""
-    if shutil.which("podman") is None:
-        pytest.skip("podman is not on PATH: the security tests need a real Podman")
 
 
 @pytest.fixture(scope="session")

@@ -1,12 +1,20 @@
-"""The API suites' settings (small numbers an operator could set) and their check of a problem answer."""
+"""The API suites' settings (small numbers an operator could set), their key header, their check of a
+problem answer, their look at a run's status and their app served by uvicorn."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import httpx
+import uvicorn
+from litestar import Litestar
+from litestar.testing import AsyncTestClient
 
 from support.fakes import ROOTFUL_V1
+from support.live import free_port, wait_until
 
 MAX_BODY = 4096
 MAX_QUEUED = 5
@@ -35,3 +43,38 @@ def assert_problem(response: httpx.Response, status: int, *words: str) -> dict[s
     for word in words:
         assert word.lower() in body["detail"].lower(), body["detail"]
     return body
+
+
+def bearer(key: str) -> dict[str, str]:
+    """The headers that send API key ``key``."""
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def has_status(
+    client: AsyncTestClient[Litestar], url: str, status: str, headers: Mapping[str, str] | None = None
+) -> bool:
+    """Whether the run whose status URL is ``url`` has ``status`` now (to wait for with ``until``)."""
+    response = await client.get(url, headers=headers)
+    assert response.status_code == 200, response.text
+    current: str = response.json()["status"]
+    return current == status
+
+
+@contextlib.contextmanager
+def served(app: Litestar, **options: Any) -> Iterator[str]:
+    """``app`` served by uvicorn (``options`` are uvicorn.Config's) on a free loopback port, in a
+    thread of its own: its URL, until the server is told to exit."""
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", **options)
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        assert wait_until(lambda: server.started or not thread.is_alive(), 30, interval=0.01), (
+            "uvicorn did not start in 30 s"
+        )
+        assert server.started, "uvicorn stopped before it started"
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -10,16 +10,17 @@ import socket
 import struct
 import threading
 import time
-import types
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import anyio
 import msgspec
 from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, TaskStatus
 
+from support.absent import placeholder_sandbox
+from support.waiting import until
 from warmpod.errors import EngineError, PoolUnavailable
 from warmpod.host.podman_api import EngineInfo
 from warmpod.models import RunResult, RunSpec
@@ -130,6 +131,7 @@ async def scripted_sandbox(
             await receive_frame(agent)
             for message in messages:
                 if message["type"] == "sleep":
+                    # The delay is the script's: how late the agent answers is what a test sets.
                     await anyio.sleep(message["seconds"])
                 else:
                     await send_frame(agent, message)
@@ -149,6 +151,31 @@ async def scripted_sandbox(
                 can_limit=True,
             )
             tg.cancel_scope.cancel()
+
+
+class WatchedSocket(socket.socket):
+    """A socket that counts its reads that found nothing: a non-blocking reader has begun waiting
+    for it (the event loop watches it) once ``empty_reads`` went up."""
+
+    empty_reads = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        """Read as a socket does, counting a read that would block."""
+        try:
+            return super().recv(bufsize, flags)
+        except BlockingIOError:
+            self.empty_reads += 1
+            raise
+
+    async def read_in_vain(self, since: int) -> None:
+        """Return once a read found nothing, the ``since``-th empty read excluded: its reader is waiting."""
+        await until(lambda: self.empty_reads > since, interval=0.001)
+
+
+def watched_pair() -> tuple[WatchedSocket, socket.socket]:
+    """Two connected unix sockets: a watched one (for the stream under test) and its peer."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return WatchedSocket(fileno=ours.detach()), theirs
 
 
 POOL_DIR = Path(__file__).resolve().parents[2] / "pool"
@@ -348,44 +375,9 @@ class FakeEngine:
                 await listener.aclose()
 
 
-class NoEngine:
-    """An engine the pool is never run against: any call is a test failure."""
-
-    async def create(self, spec: dict[str, object]) -> str:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def start(self, container_id: str) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def pause(self, container_id: str) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def unpause(self, container_id: str) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def destroy(self, container_id: str) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def oom_killed(self, container_id: str) -> bool:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def update_memory(self, container_id: str, limit_bytes: int) -> None:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-    async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]:
-        """Never called."""
-        raise AssertionError("the API tests never run the pool")
-
-
 class FakeLeaser:
-    """A Leaser of placeholder sandboxes (``failures`` leases fail) that takes any memory limit."""
+    """A Leaser of placeholder sandboxes (``failures`` leases fail) that takes any memory limit: for
+    a runner that records runs (``RecordingRunner``) rather than speaking to an agent."""
 
     def __init__(self) -> None:
         self.failures = 0
@@ -400,7 +392,7 @@ class FakeLeaser:
             raise PoolUnavailable("no sandbox became free within 30 s")
         self.events.append("lease")
         try:
-            yield cast(Sandbox, types.SimpleNamespace(warm=False))
+            yield placeholder_sandbox()
         finally:
             # Where the pool starts removing the container.
             self.events.append("release")
@@ -466,6 +458,7 @@ class RecordingRunner(Runner):
         )
         for index, message in enumerate(self.streamed):
             if index and self.pause:
+                # The delay is the test's: a program that prints for a while, chunks this far apart.
                 await anyio.sleep(self.pause)
             assert output.add(message.stream, message.data)
         if isinstance(self.hold, threading.Event):

@@ -11,15 +11,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from support.fakes import pool_module
 
 from warmpod.sandbox import protocol
-
-
-@pytest.fixture(scope="module")
-def agent() -> ModuleType:
-    """The real in-container agent, imported as a module."""
-    return pool_module("agent")
 
 
 @pytest.fixture

@@ -23,12 +23,6 @@ from warmpod.settings import LimitSettings
 
 
 @pytest.fixture(scope="module")
-def agent() -> ModuleType:
-    """The real in-container agent, imported as a module."""
-    return pool_module("agent")
-
-
-@pytest.fixture(scope="module")
 def bootstrap() -> ModuleType:
     """The real program bootstrap, imported as a module."""
     return pool_module("bootstrap")

@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import pytest
 from support.fakes import FakeLeaser, RecordingRunner
+from support.waiting import until
 
 from warmpod.errors import StoreError
 from warmpod.models import RunSpec
@@ -43,11 +44,9 @@ async def test_a_sqlite_node_keeps_its_run_through_a_store_outage_longer_than_it
         async with anyio.create_task_group() as tg:
             await tg.start(queue.serve)
             run_id = await queue.admission.submit(SPEC)
-            with anyio.fail_after(5):
-                while queue.workers.running == 0:
-                    await anyio.sleep(0.02)
+            await until(lambda: queue.workers.running > 0)
             monkeypatch.setattr(store, "heartbeat", unreachable)
-            await anyio.sleep(LEASE * 3)
+            await anyio.sleep(LEASE * 3)  # the outage is the test: three leases without a beat
             assert queue.workers.running == 1
             monkeypatch.setattr(store, "heartbeat", renew)
             runner.hold.set()
@@ -109,16 +108,14 @@ async def test_a_slow_heartbeat_does_not_push_the_next_one_back(
 
     async def slow(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
         started.append(time.monotonic())
-        await anyio.sleep(LEASE / 4)
+        await anyio.sleep(LEASE / 4)  # the delay is the test: a beat that takes most of its time
         return await renew(owner, lease, fences)
 
     monkeypatch.setattr(store, "heartbeat", slow)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(queue.serve)
-            with anyio.fail_after(5):
-                while len(started) < 4:
-                    await anyio.sleep(0.02)
+            await until(lambda: len(started) >= 4)
             tg.cancel_scope.cancel()
     finally:
         await store.aclose()

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 import anyio
 import pytest
 from support.fakes import FakeLeaser, RecordingRunner
+from support.waiting import until
 
 from warmpod.errors import StoreError
-from warmpod.models import RunSpec
+from warmpod.models import RunResult, RunSpec
 from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Beat, Fence, Owner
 from warmpod.queue.store.postgres import PostgresStore
@@ -55,10 +56,20 @@ async def nodes(postgres_db: str) -> AsyncIterator[tuple[Node, Node]]:
 
 async def running_on(node: Node, run_id: str) -> None:
     """Wait until ``run_id`` runs, on ``node``."""
-    with anyio.fail_after(10):
-        while (status := await node.queue.results.status(run_id)).status != "running":
-            await anyio.sleep(0.02)
-    assert status.node == node.queue.membership.owner.node
+
+    seen: list[RunResult] = []
+
+    async def running() -> bool:
+        seen.append(await node.queue.results.status(run_id))
+        return seen[-1].status == "running"
+
+    await until(running, 10, interval=0.02)
+    assert seen[-1].node == node.queue.membership.owner.node
+
+
+def lost(caplog: pytest.LogCaptureFixture, run_id: str) -> bool:
+    """Whether a node has logged that it lost ``run_id``."""
+    return any(f"lost run {run_id}" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_run_submitted_where_no_sandbox_is_free_runs_on_the_node_that_has_one(
@@ -108,9 +119,7 @@ async def test_a_node_out_of_reach_of_the_store_stops_its_runs_and_another_repor
     monkeypatch.setattr(b.store, "heartbeat", unreachable)
     with caplog.at_level(logging.WARNING, "warmpod.queue.workers"):
         result = await a.queue.results.wait(run_id, LEASE * 4)
-        with anyio.fail_after(LEASE * 2):
-            while not any(f"lost run {run_id}" in r.getMessage() for r in caplog.records):
-                await anyio.sleep(0.05)
+        await until(lambda: lost(caplog, run_id), LEASE * 2)
     assert result is not None
     assert (result.status, result.stdout, result.node) == ("error", "partial\n", "b")
     assert result.error == "node b stopped while this run was executing; it was not retried"
@@ -127,7 +136,10 @@ async def test_a_store_that_hangs_while_reaping_does_not_hold_back_the_lease_che
     a.leaser.failures = 10**6
     b.runner.hold = anyio.Event()
 
+    stuck = anyio.Event()
+
     async def hangs(message: str) -> list[str]:
+        stuck.set()
         await anyio.sleep_forever()
         raise AssertionError
 
@@ -137,14 +149,12 @@ async def test_a_store_that_hangs_while_reaping_does_not_hold_back_the_lease_che
     run_id = await a.queue.admission.submit(SPEC)
     await running_on(b, run_id)
     monkeypatch.setattr(b.store, "reap", hangs)
-    await anyio.sleep(LEASE)  # b's reaper is now stuck in the store
+    with anyio.fail_after(LEASE * 2):
+        await stuck.wait()  # b's reaper is now stuck in the store
     monkeypatch.setattr(b.store, "heartbeat", unreachable)
-    with caplog.at_level(logging.WARNING, "warmpod.queue.workers"), anyio.fail_after(LEASE * 2):
-        while not any(f"lost run {run_id}" in r.getMessage() for r in caplog.records):
-            await anyio.sleep(0.05)
-    with anyio.fail_after(2):
-        while b.queue.workers.running:
-            await anyio.sleep(0.02)
+    with caplog.at_level(logging.WARNING, "warmpod.queue.workers"):
+        await until(lambda: lost(caplog, run_id), LEASE * 2)
+    await until(lambda: b.queue.workers.running == 0, 2)
 
 
 async def test_a_zombie_node_finds_its_writes_refused_and_stops_the_run(
@@ -167,11 +177,9 @@ async def test_a_zombie_node_finds_its_writes_refused_and_stops_the_run(
     with caplog.at_level(logging.WARNING, "warmpod.queue.workers"):
         result = await a.queue.results.wait(run_id, LEASE * 4)
         assert result is not None
-        with anyio.fail_after(2):
-            while b.queue.workers.running:
-                await anyio.sleep(0.02)
+        await until(lambda: b.queue.workers.running == 0, 2)
     assert (result.status, result.node) == ("error", "b")
-    assert any(f"lost run {run_id}" in r.getMessage() for r in caplog.records)
+    assert lost(caplog, run_id)
     kept = await a.queue.results.status(run_id)
     assert kept == result
     assert b.runner.ended == []  # stopped, not left to finish

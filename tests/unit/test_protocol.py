@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.fakes import agent_body, output, pool_module, result
+from support.fakes import agent_body, output, result
 
 from warmpod.errors import ProtocolError
 from warmpod.sandbox import protocol
@@ -30,12 +30,6 @@ from warmpod.settings import FileSettings
 TEST_FRAME = 1024
 # The widest character in the agent's JSON: outside the BMP, escaped as two \uXXXX.
 WIDE = "\U0001d41a"
-
-
-@pytest.fixture(scope="module")
-def agent() -> ModuleType:
-    """The real in-container agent, imported as a module so its own framing functions can be used."""
-    return pool_module("agent")
 
 
 @pytest.fixture

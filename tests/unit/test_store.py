@@ -14,9 +14,10 @@ import anyio
 import msgspec
 import psycopg
 import pytest
+from support.waiting import until
 
 from warmpod.errors import StoreError
-from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec
+from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec, RunStatus
 from warmpod.queue.store.base import (
     OUTPUT_PAGE,
     PREFERRED_WAIT,
@@ -41,11 +42,11 @@ LEASE = 15.0
 LOST = "node {node} stopped while this run was executing"
 
 
-def result(run_id: str, status: str = "succeeded", stdout: str = "1\n") -> RunResult:
+def result(run_id: str, status: RunStatus = "succeeded", stdout: str = "1\n") -> RunResult:
     """A final result for ``run_id``."""
     return RunResult(
         id=run_id,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         exit_code=0,
         stdout=stdout,
         stderr="",
@@ -105,7 +106,7 @@ async def test_a_sandbox_claims_a_run_of_its_kind_first_unless_another_waited_lo
     # No run of its kind: the oldest of the others.
     assert [(await store.claim(NODE, LEASE, warm=True)) is not None for _ in range(2)] == [True, False]
     assert await store.add("old", SPEC, max_queued=10) == "added"
-    await anyio.sleep(PREFERRED_WAIT + 0.2)
+    await anyio.sleep(PREFERRED_WAIT + 0.2)  # the wait is the test: "old" waits long on the store's clock
     assert await store.add("new", warm, max_queued=10) == "added"
     taken = await store.claim(NODE, LEASE, warm=True)
     assert taken is not None
@@ -147,7 +148,7 @@ async def test_a_run_of_the_sandboxes_kind_comes_before_a_run_of_a_less_busy_key
     taken = await store.claim(NODE, LEASE, warm=True)
     assert taken is not None
     assert taken.fence.run_id == "a1"
-    await anyio.sleep(PREFERRED_WAIT + 0.2)
+    await anyio.sleep(PREFERRED_WAIT + 0.2)  # the wait is the test: every run waits long
     # All have now waited long: fairness decides, bob running nothing, over alice's older a2.
     taken = await store.claim(NODE, LEASE, warm=True)
     assert taken is not None
@@ -242,7 +243,7 @@ async def test_writes_of_a_lost_run_are_refused_and_change_nothing(store: Store)
     await store.add("a", SPEC, max_queued=10)
     fence = (await claim(store, lease=0.2)).fence
     assert await store.add_output(fence, [Chunk(seq=0, stream="stdout", data=b"partial\n")])
-    await anyio.sleep(0.3)
+    await anyio.sleep(0.3)  # the wait is the test: the lease runs out
     assert await store.reap(LOST) == ["a"]
     assert not await store.add_output(fence, [Chunk(seq=1, stream="stdout", data=b"late\n")])
     assert not await store.finish("a", result("a"), [Chunk(seq=2, stream="stdout", data=b"x")], fence=fence)
@@ -304,7 +305,7 @@ async def test_a_reaped_run_keeps_all_its_output_however_many_chunks(store: Stor
     await store.add("a", SPEC, max_queued=10)
     fence = (await claim(store, lease=0.2)).fence
     assert await store.add_output(fence, written)
-    await anyio.sleep(0.3)
+    await anyio.sleep(0.3)  # the wait is the test: the lease runs out
     assert await store.reap(LOST) == ["a"]
     record = await store.get("a")
     assert record is not None
@@ -456,7 +457,7 @@ async def test_rows_stored_before_rows_packed_chunks_still_read(raw: Raw) -> Non
     assert await raw.store.add_output(fence, [*older[1:], *newer])
     assert await read_all(raw.store, "a") == [*older, *newer]
     assert await read_all(raw.store, "a", 1, 2) == [*older[2:], *newer]
-    await anyio.sleep(0.4)
+    await anyio.sleep(0.4)  # the wait is the test: the lease runs out
     assert await raw.store.reap(LOST) == ["a"]
     record = await raw.store.get("a")
     assert record is not None
@@ -474,7 +475,7 @@ async def test_a_heartbeat_keeps_the_lease_and_reports_what_it_holds(store: Stor
     theirs = (await claim(store, OTHER, lease=0.5)).fence
     stale = msgspec.structs.replace(mine, attempt=2)
     for _ in range(4):
-        await anyio.sleep(0.2)
+        await anyio.sleep(0.2)  # the pace is the test: beats renew a lease before it runs out
         beat = await store.heartbeat(NODE, 0.5, [mine, stale])
         assert beat.held == {"a"}
     assert beat.queued == 1
@@ -510,7 +511,7 @@ async def test_join_reports_its_own_earlier_runs_only(store: Store, request: pyt
             async def beat() -> None:
                 while True:
                     await store.heartbeat(restarted, 1.0, [])
-                    await anyio.sleep(0.2)
+                    await anyio.sleep(0.2)  # a live node's pace of beats
 
             tg.start_soon(beat)
             with pytest.raises(StoreError, match="WARMPOD_NODE__NAME"):
@@ -540,9 +541,7 @@ async def test_cancel_a_queued_run_flags_a_running_one_and_refuses_a_finished_on
         await store.finish("done", result("done"), fence=done.fence)
         assert await store.cancel("done", result("done", "cancelled")) == "finished"
         assert await store.cancel("nope", result("nope", "cancelled")) == "unknown"
-        with anyio.fail_after(5):
-            while ("cancel", "running") not in notices or ("changed", "done") not in notices:
-                await anyio.sleep(0.01)
+        await until(lambda: ("cancel", "running") in notices and ("changed", "done") in notices)
         tg.cancel_scope.cancel()
     record = await store.get("queued")
     assert record is not None
@@ -557,7 +556,7 @@ async def test_purge_deletes_only_runs_that_ended_before_the_retention(store: St
     await claim(store)
     await store.finish("old", result("old"), [Chunk(seq=0, stream="stdout", data=b"1\n")], fence=old)
     assert await store.purge(60) == 0
-    await anyio.sleep(0.05)
+    await anyio.sleep(0.05)  # the wait is the test: the result grows older than the retention
     assert await store.purge(0.01) == 1
     assert await store.get("old") is None
     assert await store.output("old") == []
@@ -579,7 +578,7 @@ async def test_files_are_kept_with_the_result_once_and_purged_with_it(store: Sto
     assert await store.file_piece("r", "out/c", 0, 1024) is None
     assert await store.file_piece("other", "out/a.png", 0, 1024) is None
     assert await store.small_files("r", 10, 10) == {"out/b.csv": b"x\n"}
-    await anyio.sleep(0.05)
+    await anyio.sleep(0.05)  # the wait is the test: the result grows older than the retention
     assert await store.purge(0.01) == 1
     assert await store.file_piece("r", "out/a.png", 0, 1024) is None
     assert await store.small_files("r", 1000, 1000) == {}
@@ -715,10 +714,9 @@ async def test_a_node_gone_silent_inside_a_transaction_loses_its_locks_with_its_
         await claim(a, lease=lease)
         reaped: list[str] = []
 
-        async def reap_until_reported() -> None:
-            while not reaped:
-                reaped.extend(await b.reap("node a stopped"))
-                await anyio.sleep(0.1)
+        async def reported() -> bool:
+            reaped.extend(await b.reap("node a stopped"))
+            return bool(reaped)
 
         ended = False
         with anyio.fail_after(lease + 5):
@@ -727,7 +725,7 @@ async def test_a_node_gone_silent_inside_a_transaction_loses_its_locks_with_its_
                     # What a node's write holds (pgstore._holds), then silence: it never commits.
                     await conn.execute("BEGIN")
                     await conn.execute("SELECT 1 FROM runs WHERE id = 'held' FOR SHARE")
-                    await reap_until_reported()
+                    await until(reported, lease + 5, interval=0.1)
             except psycopg.errors.IdleInTransactionSessionTimeout:
                 # The server's end of the session shows when the connection goes back to the pool.
                 ended = True
@@ -887,9 +885,7 @@ async def test_a_heartbeat_goes_through_while_client_calls_hold_every_pooled_con
         async with anyio.create_task_group() as tg:
             for _ in range(2):
                 tg.start_soon(hung_client_call)
-            with anyio.fail_after(5):
-                while held < 2:
-                    await anyio.sleep(0.02)
+            await until(lambda: held >= 2)
             with anyio.move_on_after(0.5) as waited:
                 await store.get("a")
             assert waited.cancelled_caught  # the pool is taken
@@ -919,15 +915,13 @@ async def test_two_starts_of_one_name_at_once_let_one_in(postgres_db: str) -> No
         outcomes[incarnation] = "joined"
         while not joined.is_set():  # as the node's membership does, a third of a lease apart
             await store.heartbeat(owner, 1.0, [])
-            await anyio.sleep(0.3)
+            await anyio.sleep(0.3)  # a live node's pace of beats
 
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(start, stores[0], "a-1")
             tg.start_soon(start, stores[1], "a-2")
-            with anyio.fail_after(5):
-                while len(outcomes) < 2:
-                    await anyio.sleep(0.05)
+            await until(lambda: len(outcomes) >= 2)
             joined.set()
         refused, entered = sorted(outcomes.values())
         assert (
@@ -1070,7 +1064,7 @@ async def test_a_heartbeat_after_the_server_ended_the_nodes_session_renews_and_k
 
         async def beat() -> None:
             while True:
-                await anyio.sleep(0.3)
+                await anyio.sleep(0.3)  # a live node's pace of beats
                 await store.heartbeat(NODE, 1.0, [fence])
 
         async with anyio.create_task_group() as tg:

@@ -10,35 +10,31 @@ from typing import Any
 
 import anyio
 import pytest
+from support.fakes import WatchedSocket, watched_pair
 
 from warmpod.sandbox.unix_stream import UnixStream
 
-pytestmark = pytest.mark.anyio
+Pair = tuple[UnixStream, socket.socket, WatchedSocket]
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[UnixStream, socket.socket]]:
-    """Our stream on one end of a socket pair, a blocking socket on the other."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+def pair() -> Iterator[Pair]:
+    """Our stream on one end of a socket pair, a blocking socket on the other, and our end's socket."""
+    ours, theirs = watched_pair()
     with ours, theirs:
-        yield UnixStream(ours), theirs
+        yield UnixStream(ours), theirs, ours
 
 
-async def test_sends_and_receives_both_ways(pair: tuple[UnixStream, socket.socket]) -> None:
-    stream, peer = pair
+async def test_sends_and_receives_both_ways(pair: Pair) -> None:
+    stream, peer, _ = pair
     await stream.send(b"ping")
     assert peer.recv(4) == b"ping"
     peer.sendall(b"pong")
     assert await stream.receive() == b"pong"
 
 
-async def test_a_large_send_waits_for_the_peer_to_read(pair: tuple[UnixStream, socket.socket]) -> None:
-    stream, peer = pair
+async def test_a_large_send_waits_for_the_peer_to_read(pair: Pair) -> None:
+    stream, peer, _ = pair
     payload = bytes(range(256)) * 8192  # 2 MiB: far over the socket buffer
     received = bytearray()
 
@@ -52,15 +48,15 @@ async def test_a_large_send_waits_for_the_peer_to_read(pair: tuple[UnixStream, s
     assert bytes(received) == payload
 
 
-async def test_peer_hang_up_is_end_of_stream(pair: tuple[UnixStream, socket.socket]) -> None:
-    stream, peer = pair
+async def test_peer_hang_up_is_end_of_stream(pair: Pair) -> None:
+    stream, peer, _ = pair
     peer.shutdown(socket.SHUT_WR)
     with pytest.raises(anyio.EndOfStream):
         await stream.receive()
 
 
-async def test_closing_wakes_a_pending_receive(pair: tuple[UnixStream, socket.socket]) -> None:
-    stream, _ = pair
+async def test_closing_wakes_a_pending_receive(pair: Pair) -> None:
+    stream, _, ours = pair
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
 
@@ -69,7 +65,7 @@ async def test_closing_wakes_a_pending_receive(pair: tuple[UnixStream, socket.so
                     await stream.receive()
 
             tg.start_soon(receive)
-            await anyio.sleep(0.05)
+            await ours.read_in_vain(0)
             await stream.aclose()
     with pytest.raises(anyio.ClosedResourceError):
         await stream.send(b"late")
@@ -101,14 +97,14 @@ async def test_connects_to_a_listener(tmp_path: Path) -> None:
 
 
 async def test_cancelling_a_receive_as_data_arrives_raises_nothing_in_the_loop(
-    pair: tuple[UnixStream, socket.socket],
+    pair: Pair,
 ) -> None:
     """The race anyio's own unix stream loses: a cancel and a readable socket in one loop pass.
 
     The cancel is queued with ``call_soon`` before the data is written, so the next pass runs it
     and then the socket's reader callback, which must not touch the cancelled wait.
     """
-    stream, peer = pair
+    stream, peer, ours = pair
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     previous = loop.get_exception_handler()
@@ -122,11 +118,13 @@ async def test_cancelling_a_receive_as_data_arrives_raises_nothing_in_the_loop(
                     await stream.receive()
 
             async with anyio.create_task_group() as tg:
+                since = ours.empty_reads
                 tg.start_soon(receive)
-                await anyio.sleep(0.01)
+                await ours.read_in_vain(since)
                 peer.sendall(b"x")
                 loop.call_soon(scope.cancel)
-                await anyio.sleep(0.01)
+                # Leaving the task group yields to the loop: its next pass runs the cancel, then
+                # the socket's reader callback.
             assert scope.cancelled_caught
             assert await stream.receive() == b"x"  # the byte is still there for the next read
     finally:

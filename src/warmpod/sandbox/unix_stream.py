@@ -5,6 +5,10 @@ loop's reader callback. When the read is cancelled in the same loop iteration in
 becomes readable, that callback hits a cancelled future and asyncio reports ``InvalidStateError``
 from the loop. A run cancelled just as its agent answers is exactly that case, so the server's
 end of every agent connection waits with ``anyio.wait_readable``, which tolerates it.
+
+Upstream: https://github.com/agronholm/anyio/issues/1267 reports the same futures' race in
+``aclose``, and its fix covers only that call. tests/unit/test_upstream.py runs this race on
+anyio's stream as a strict xfail: once it passes, anyio is fixed and this class can go.
 """
 
 from __future__ import annotations
