@@ -95,7 +95,7 @@ async def measure(
                     while not isinstance(await channel.receive(), protocol.Result):
                         pass
                     lap("run")
-                    # As the pool does (Sandbox.close): let the agent that answered exit first.
+                    # As the pool does (Sandbox.aclose): let the agent that answered exit first.
                     with anyio.move_on_after(AGENT_EXIT_WAIT):
                         await channel.wait_hangup()
                     await channel.aclose()

@@ -203,6 +203,8 @@ class FakeEngine:
         self.failing_pause = False
         self.oom = False
         """Whether containers were OOM-killed, as ``oom_killed`` says."""
+        self.linger = False
+        """Whether agents stay after answering their job, until removed, instead of exiting."""
         # What every fake agent prints instead of echoing the job's code, when set.
         self.stdout: bytes | None = None
         # Starts wait for this gate; set it to let them through.
@@ -335,6 +337,9 @@ class FakeEngine:
                 code, stdin = base64.b64decode(job["code"]), base64.b64decode(job["stdin"])
                 for message in answer(code if self.stdout is None else self.stdout, stdin):
                     await send_frame(stream, message)
+                if self.linger:
+                    await killed.wait()
+                    return
                 self.exited.add(container_id)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass

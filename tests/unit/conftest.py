@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-# The pool does its local file work (leftovers' lock files, agents' directories, the seccomp
-# profile) on the event loop; until that moves to worker threads its tests run without the guard.
-UNGUARDED = frozenset({"test_pool.py"})
+# The pool and its sandboxes do their local file work (leftovers' lock files, agents' directories,
+# the seccomp profile) on the event loop; until that moves to worker threads their tests run
+# without the guard.
+UNGUARDED = frozenset({"test_pool.py", "test_sandbox_life.py"})
 
 
 @pytest.fixture(autouse=True)

@@ -27,7 +27,7 @@ from warmpod.sandbox.owners import OwnerLock
 from warmpod.sandbox.pool import LABEL_HOST, LABEL_INSTANCE, LABEL_PID, RUN_FIRST, Pool, imports_libraries
 from warmpod.sandbox.protocol import Job, Output, Result
 from warmpod.sandbox.runner import Runner
-from warmpod.sandbox.sandbox import AGENT_EXIT_WAIT
+from warmpod.sandbox.sandbox import AGENT_EXIT_WAIT, Sandbox
 from warmpod.sandbox.selftest import self_test
 from warmpod.settings import Settings, from_env
 
@@ -98,6 +98,12 @@ async def with_pool(pool: Pool, body: Callable[[], Awaitable[None]]) -> None:
         await tg.start(pool.run)
         await body()
         tg.cancel_scope.cancel()
+
+
+async def use(sandbox: Sandbox) -> None:
+    """Act on a leased sandbox as a run does first, handing its agent a job: the pool destroys it
+    after the lease, never gives it back."""
+    await sandbox.send(Job(code=b"pass", stdin=b"", timeout=1.0, max_output_bytes=100))
 
 
 async def dead_pid() -> str:
@@ -185,7 +191,7 @@ async def test_lease_hands_out_each_container_once_and_destroys_it(
     async def body() -> None:
         for _ in range(5):
             async with pool.lease() as sandbox:
-                sandbox.used = True  # as a run does before it acts on the sandbox
+                await use(sandbox)
                 assert sandbox.container_id not in engine.destroyed
                 assert pool.stats().busy == 1
                 leased.append(sandbox.container_id)
@@ -218,7 +224,7 @@ async def test_a_sandbox_leased_but_given_no_job_goes_back_to_the_front(
         assert sandbox.directory.exists()
         async with pool.lease() as again:
             assert again is sandbox
-            again.used = True
+            await use(again)
         await eventually(lambda: unused in engine.destroyed)
         # The next one given back is watched while it waits: if it dies, it is replaced.
         await eventually(lambda: pool.stats().ready == 2)
@@ -300,16 +306,17 @@ async def test_concurrent_leases_never_share_a_container(agents: TaskGroup, stat
 
 
 async def test_leased_container_runs_a_job(agents: TaskGroup, state_dir: Path) -> None:
-    """The leased sandbox's channel carries a Job to the agent, and its Output and Result back."""
+    """The leased sandbox carries a Job to its agent, and its Output and Result back."""
     engine = FakeEngine(agents)
     pool = make_pool(engine, state_dir, size=1)
 
     async def body() -> None:
         async with pool.lease() as sandbox:
-            sandbox.used = True
-            await sandbox.channel.send(Job(code=b"print(1)", stdin=b"in", timeout=1.0, max_output_bytes=100))
+            await sandbox.send(Job(code=b"print(1)", stdin=b"in", timeout=1.0, max_output_bytes=100))
+            assert sandbox.used
             with anyio.fail_after(WAIT):
-                messages = [await sandbox.channel.receive() for _ in range(3)]
+                messages = [await sandbox.receive() for _ in range(3)]
+            assert sandbox.answered
         assert messages == [
             Output(stream="stdout", data=b"print(1)"),
             Output(stream="stderr", data=b"in"),
@@ -351,9 +358,14 @@ async def test_a_container_is_removed_once_its_agent_has_answered_and_exited(
         assert run.status == "succeeded"
         await eventually(lambda: engine.created[0] in engine.destroyed)
         assert engine.removed_stopped == [engine.created[0]]
-        # A sandbox marked answered whose agent stays: removed after the wait, not never.
+        # A sandbox whose agent answered and stays: removed after the wait, not never.
+        engine.linger = True
         async with pool.lease() as sandbox:
-            sandbox.used = sandbox.answered = True
+            await use(sandbox)
+            with anyio.fail_after(WAIT):
+                while not isinstance(await sandbox.receive(), Result):
+                    pass
+            assert sandbox.answered
             started = anyio.current_time()
         await eventually(lambda: sandbox.container_id in engine.destroyed)
         assert anyio.current_time() - started >= AGENT_EXIT_WAIT * 0.9
@@ -922,7 +934,7 @@ async def test_target_grows_under_demand_but_never_past_max_size(agents: TaskGro
 
     async def hold() -> None:
         async with pool.lease() as sandbox:
-            sandbox.used = True
+            await use(sandbox)
             await release.wait()
 
     async def body() -> None:
@@ -955,7 +967,7 @@ async def test_a_container_being_removed_counts_toward_max_size(agents: TaskGrou
         await eventually(lambda: pool.stats().ready == 2)
         engine.destroy_gate = anyio.Event()
         async with pool.lease() as sandbox:
-            sandbox.used = True
+            await use(sandbox)
         await eventually(lambda: pool.stats().closing == 1)
         await anyio.sleep(0.2)
         assert len(engine.created) == 2
@@ -979,9 +991,9 @@ async def test_target_shrinks_back_to_min_size_when_idle(agents: TaskGroup, stat
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
         async with pool.lease() as sandbox:
-            sandbox.used = True
+            await use(sandbox)
         async with pool.lease() as sandbox:  # finds the pool empty: the target doubles
-            sandbox.used = True
+            await use(sandbox)
             assert pool.target == 2
         await eventually(lambda: pool.stats().ready == 2)
         await eventually(lambda: pool.target == 1)
@@ -999,14 +1011,14 @@ async def test_waiting_runs_get_containers_in_arrival_order(agents: TaskGroup, s
 
     async def take(index: int) -> None:
         async with pool.lease() as sandbox:
-            sandbox.used = True
+            await use(sandbox)
             order.append(index)
 
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
         engine.gate = anyio.Event()
         async with pool.lease() as first, anyio.create_task_group() as tg:
-            first.used = True
+            await use(first)
             for index in range(6):
                 tg.start_soon(take, index)
                 await eventually(waiting(pool, index + 1))
@@ -1029,7 +1041,7 @@ async def test_containers_preload_while_calm_and_start_bare_for_waiting_runs(
         await eventually(lambda: pool.stats().ready == 1)
         engine.gate = anyio.Event()
         async with pool.lease() as sandbox, anyio.create_task_group() as tg:
-            sandbox.used = True
+            await use(sandbox)
             await eventually(lambda: len(engine.created) == 2)  # the replacement, held at the gate
             tg.start_soon(take_one, pool, got)
             await eventually(lambda: len(engine.created) >= 3)
@@ -1062,7 +1074,7 @@ async def test_under_load_containers_preload_as_the_runs_claimed_lately_want(
             pool.note_demand(demand)
         engine.gate = anyio.Event()
         async with pool.lease() as sandbox, anyio.create_task_group() as tg:
-            sandbox.used = True
+            await use(sandbox)
             await eventually(lambda: len(engine.created) == 2)
             tg.start_soon(take_one, pool, got)
             await eventually(lambda: len(engine.created) >= 3)
@@ -1097,7 +1109,7 @@ def test_runs_that_import_libraries_want_a_preloaded_sandbox(code: bytes, wants:
 async def take_one(pool: Pool, got: list[str]) -> None:
     """Lease a container, note which, and use it (so that it is destroyed after the block)."""
     async with pool.lease() as sandbox:
-        sandbox.used = True
+        await use(sandbox)
         got.append(sandbox.container_id)
 
 
@@ -1146,7 +1158,7 @@ async def test_after_a_failed_start_the_next_container_is_bare(agents: TaskGroup
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
         async with pool.lease() as sandbox:
-            sandbox.used = True
+            await use(sandbox)
         await eventually(lambda: len(engine.created) == 2)
 
     await with_pool(pool, body)

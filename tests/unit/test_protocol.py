@@ -361,6 +361,17 @@ async def test_truncated_frame_then_hang_up_is_a_protocol_error(
         await receive_soon(channel)
 
 
+async def test_a_job_sent_to_an_agent_that_went_away_is_a_protocol_error(
+    wired: tuple[Channel, UnixStream, socket.socket],
+) -> None:
+    """Sending to an agent whose end is closed raises ProtocolError, not the transport's own error."""
+    channel, _, agent_end = wired
+    agent_end.close()
+    job = Job(code=b"print(1)", stdin=b"", timeout=1.0, max_output_bytes=100)
+    with anyio.fail_after(2), pytest.raises(ProtocolError, match="connection lost"):
+        await channel.send(job)
+
+
 async def test_frames_are_read_one_at_a_time(
     wired: tuple[Channel, UnixStream, socket.socket],
 ) -> None:

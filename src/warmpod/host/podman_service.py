@@ -18,7 +18,7 @@ import anyio
 
 from warmpod.backoff import Backoff
 from warmpod.errors import EngineError
-from warmpod.host.facts import containers_conf, podman_command
+from warmpod.host.facts import containers_conf, podman_command, process_alive
 from warmpod.settings import EngineSettings
 
 _PR_SET_PDEATHSIG = 1
@@ -70,11 +70,10 @@ def _remove_dead_state_dirs(base: Path) -> None:
     for path in base.glob(f"{STATE_PREFIX}*"):
         try:
             pid = int((path / OWNER_FILE).read_text())
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
         except (OSError, ValueError):
             continue
+        if not process_alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _die_with_parent() -> None:

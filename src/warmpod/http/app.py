@@ -47,7 +47,7 @@ from warmpod.errors import (
 )
 from warmpod.http import auth, metrics, throttle, web
 from warmpod.http.environment import EnvironmentNotRecorded, environment
-from warmpod.http.routes import RunController, StatusController, get_service, health
+from warmpod.http.routes import RunController, StatusController, get_service, health, running_service
 from warmpod.keys import KeyFile
 from warmpod.service import Service, run_service
 from warmpod.settings import Settings
@@ -100,7 +100,7 @@ def _problem(status: int, title: str, slug: str) -> Callable[[WarmpodError], Pro
 def begin_drain(app: Litestar, grace: float) -> None:
     """On SIGTERM, before the HTTP server stops: take no new runs and start no queued ones; during
     start-up, stop starting (it may wait for its first sandbox up to the start-up timeout)."""
-    service: Service | None = app.state.get("service")
+    service = running_service(app)
     if service is not None:
         service.scheduler.begin_drain(grace)
     elif (stop_starting := app.state.get("stop_starting")) is not None:

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from litestar import Request, get
-from litestar.exceptions import ServiceUnavailableException
 from litestar.openapi.datastructures import ResponseSpec
 
 from warmpod.errors import WarmpodError
-from warmpod.http.routes import KEYED
+from warmpod.http.routes import KEYED, get_service
 from warmpod.models import Environment, Problem
-
-if TYPE_CHECKING:
-    from warmpod.service import Service
 
 ENVIRONMENT_FILE = "/opt/warmpod/environment.json"
 """Written by ``pool/finish_image.py`` when the image is built; read by the start-up probe."""
@@ -58,9 +54,7 @@ class EnvironmentNotRecorded(WarmpodError):
 )
 def environment(request: Request[Any, Any, Any]) -> Environment:
     """The runner's Python version and every installed distribution with its version."""
-    service: Service | None = request.app.state.get("service")
-    if service is None:
-        raise ServiceUnavailableException("warmpod is starting", headers={"Retry-After": "1"})
+    service = get_service(request)
     if service.environment is None:
         raise EnvironmentNotRecorded(
             f"the runner image {service.image} has no {ENVIRONMENT_FILE}: build it with warmpod's "

@@ -14,6 +14,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from warmpod.http.routes import running_service
 from warmpod.metrics import POOL_STATES
 
 if TYPE_CHECKING:
@@ -63,5 +64,5 @@ class MetricsController(PrometheusController):
     @get(include_in_schema=False, sync_to_thread=False)
     def get(self, request: Request[Any, Any, Any]) -> Response[bytes]:
         """Every series, in Prometheus's text format."""
-        body = generate_latest(_Scrape(request.app.state.get("service")))
+        body = generate_latest(_Scrape(running_service(request.app)))
         return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import msgspec
-from litestar import Controller, HttpMethod, Request, Response, delete, get, post, route
+from litestar import Controller, HttpMethod, Litestar, Request, Response, delete, get, post, route
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency, Provide
 from litestar.enums import RequestEncodingType
@@ -139,9 +139,15 @@ _RUN_FORM_SCHEMA = {
 }
 
 
+def running_service(app: Litestar) -> Service | None:
+    """The service ``app`` serves, None while it starts (or once it stopped)."""
+    service: Service | None = app.state.get("service")
+    return service
+
+
 def get_service(request: Request[Any, Any, Any]) -> Service:
     """The running service, or 503 while it starts."""
-    service: Service | None = request.app.state.get("service")
+    service = running_service(request.app)
     if service is None:
         raise ServiceUnavailableException("warmpod is starting", headers={"Retry-After": "1"})
     return service
@@ -542,10 +548,7 @@ def _timeout_field(raw: bytes) -> float | None:
 )
 def health(request: Request[Any, Any, Any]) -> Response[Health]:
     """200 with the pool's counts once runs can be taken; 503 before that."""
-    service: Service | None = request.app.state.get("service")
-    if service is None:
-        raise ServiceUnavailableException("warmpod is starting", headers={"Retry-After": "1"})
-    body = service.health()
+    body = get_service(request).health()
     if body.status == "ok":
         return Response(body)
     return Response(body, status_code=503, headers={"Retry-After": "1"})

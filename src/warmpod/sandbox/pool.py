@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
@@ -23,23 +22,11 @@ from anyio.abc import TaskStatus
 
 from warmpod import metrics
 from warmpod.backoff import Backoff
-from warmpod.errors import EngineError, PoolUnavailable, ProtocolError, WarmpodError
+from warmpod.errors import PoolUnavailable, WarmpodError
 from warmpod.host import facts
 from warmpod.host.image import context_dir
-from warmpod.sandbox import protocol
 from warmpod.sandbox.owners import Owner, OwnerLock
-from warmpod.sandbox.protocol import Hello
-from warmpod.sandbox.sandbox import (
-    DESTROY_TIMEOUT,
-    MEMORY_HEADROOM,
-    SOCKET_NAME,
-    Engine,
-    Sandbox,
-    check_memory_floor,
-    connect,
-    container_spec,
-    remove,
-)
+from warmpod.sandbox.sandbox import DESTROY_TIMEOUT, Engine, Sandbox, check_memory_floor
 from warmpod.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -378,15 +365,15 @@ class Pool:
     async def _watch_idle(self, sandbox: Sandbox) -> None:
         # A container that dies while it waits (killed, removed with its image, agent crashed)
         # must not be handed to a run, nor leave the pool a container short.
-        with sandbox.idle:
-            await sandbox.channel.wait_hangup()
-            if sandbox not in self._ready:
-                return  # retired or destroyed: its channel was closed on purpose
-            self._ready.remove(sandbox)
-            self._last_error = f"{sandbox.name} died while idle"
-            log.warning("%s died while idle: replacing it", sandbox.name)
-            self._closing += 1
-            await self._close(sandbox)
+        if not await sandbox.watch():
+            return  # leased
+        if sandbox not in self._ready:
+            return  # retired or destroyed: its channel was closed on purpose
+        self._ready.remove(sandbox)
+        self._last_error = f"{sandbox.name} died while idle"
+        log.warning("%s died while idle: replacing it", sandbox.name)
+        self._closing += 1
+        await self._close(sandbox)
 
     async def _make(self, preload: bool) -> Sandbox:
         name = f"warmpod-{self.instance[:8]}-{next(self._serial)}"
@@ -394,77 +381,38 @@ class Pool:
         directory.mkdir(mode=0o700)
         if not self._seccomp_profile.exists():  # written once, again if the directory was emptied
             shutil.copyfile(self._seccomp_source, self._seccomp_profile)
-        return await self._start(name, directory, self._settings.pool.preload if preload else ())
-
-    async def _start(self, name: str, directory: Path, preload: tuple[str, ...]) -> Sandbox:
-        spec = container_spec(
+        sandbox = await Sandbox.start(
+            self._engine,
             image=self._image,
             seccomp_profile=self._seccomp_profile,
             name=name,
             labels=self.labels(),
-            agent_dir=directory,
+            directory=directory,
             limits=self._settings.limits,
-            cgroup_limits=self._can_limit,
-            userns=self._userns,
-            preload=preload,
-        )
-        container_id = ""
-        try:
-            container_id = await self._engine.create(spec)
-            await self._engine.start(container_id)
-            with anyio.fail_after(self._settings.pool.start_timeout):
-                channel = await connect(directory / SOCKET_NAME, protocol.MAX_FRAME)
-            try:
-                with anyio.fail_after(self._settings.pool.start_timeout):
-                    hello = await channel.receive()
-                if not isinstance(hello, Hello) or hello.version != protocol.PROTOCOL_VERSION:
-                    raise ProtocolError(f"agent greeted with {hello!r}")
-                self.landlock_abi = hello.landlock
-                if preload and hello.preload_failed != self.preload_failed:
-                    log.warning("preload modules failed to import: %s", ", ".join(hello.preload_failed))
-                    self.preload_failed = hello.preload_failed
-                # A run already waits for it: pausing would only add two engine calls to its path.
-                paused = self.can_pause and not self._queue
-                if paused:
-                    try:
-                        await self._engine.pause(container_id)
-                    except EngineError as exc:
-                        # runc thaws what it could not freeze (cgroup v1's freezer gives up on
-                        # a busy host: seen with 16 containers starting at once): a running
-                        # container serves as well, only idling costs a little CPU.
-                        log.warning("could not pause %s, keeping it running: %s", name, exc)
-                        paused = False
-                        with contextlib.suppress(EngineError):
-                            await self._engine.unpause(container_id)  # in case it stayed half frozen
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    await channel.aclose()
-                raise
-        except TimeoutError as exc:
-            await remove(self._engine, container_id, directory)
-            raise ProtocolError(f"agent of {name} did not answer in time") from exc
-        except BaseException:
-            await remove(self._engine, container_id, directory)
-            raise
-        if self._can_limit:
-            self.memory_floor = max(self.memory_floor, hello.memory + MEMORY_HEADROOM)
-        return Sandbox(
-            container_id,
-            name,
-            directory,
-            channel,
-            self._engine,
-            paused=paused,
-            memory=hello.memory,
             can_limit=self._can_limit,
-            preload=tuple(preload),
+            userns=self._userns,
+            preload=self._settings.pool.preload if preload else (),
+            timeout=self._settings.pool.start_timeout,
         )
+        self.landlock_abi = sandbox.landlock
+        if sandbox.warm and sandbox.preload_failed != self.preload_failed:
+            log.warning("preload modules failed to import: %s", ", ".join(sandbox.preload_failed))
+            self.preload_failed = sandbox.preload_failed
+        try:
+            # A run already waits for it: pausing would only add two engine calls to its path.
+            if self.can_pause and not self._queue:
+                await sandbox.pause()
+        except BaseException:
+            await sandbox.aclose()
+            raise
+        self.memory_floor = max(self.memory_floor, sandbox.memory_floor)
+        return sandbox
 
     def _warm_next(self) -> None:
         # Thaw the container the next run will take, off that run's critical path.
         head = self._ready[0] if self._ready else None
-        # Not twice: a thaw under way holds the sandbox's lock.
-        if self._tg is not None and head is not None and head.paused and not head.lock.locked():
+        # Not twice: a thaw may be under way already.
+        if self._tg is not None and head is not None and head.paused and not head.thawing:
             self._tg.start_soon(self._thaw_quietly, head)
 
     async def _thaw_quietly(self, sandbox: Sandbox) -> None:
@@ -530,7 +478,7 @@ class Pool:
                     if full and not self._busy and not self._queue:
                         self._run_first_until = anyio.current_time() + RUN_FIRST
                     sandbox = self._ready.popleft()
-                    sandbox.idle.cancel()
+                    sandbox.take()
                     self._busy.add(sandbox)
                     self._changed.notify_all()
         except TimeoutError as exc:
@@ -552,7 +500,7 @@ class Pool:
                 elif self._tg is not None:
                     self._close_soon(sandbox, self._tg)
                 else:
-                    await sandbox.close()
+                    await sandbox.aclose()
                 await self._notify()
 
     def _close_soon(self, sandbox: Sandbox, tg: anyio.abc.TaskGroup) -> None:
@@ -564,7 +512,7 @@ class Pool:
 
     async def _close(self, sandbox: Sandbox) -> None:
         try:
-            await sandbox.close()
+            await sandbox.aclose()
         finally:
             self._closing -= 1
             with anyio.CancelScope(shield=True):
@@ -572,10 +520,11 @@ class Pool:
 
     def _give_back(self, sandbox: Sandbox, tg: anyio.abc.TaskGroup) -> None:
         # At the head, where the next lease takes it: it is thawed already, as _warm_next leaves
-        # the head. Its old idle watch was cancelled by the lease (and has ended: the lease
-        # passed checkpoints since), so a new one gets a scope of its own.
+        # the head. Its old watch was ended by the lease (and has returned: the lease passed
+        # checkpoints since); it rests again before its new watch starts, so a lease before
+        # then ends that one too.
         self._ready.appendleft(sandbox)
-        sandbox.idle = anyio.CancelScope()
+        sandbox.rest()
         tg.start_soon(self._watch_idle, sandbox)
 
     def check_memory(self, limit_bytes: int) -> None:
@@ -591,7 +540,7 @@ class Pool:
         self._ready.clear()
         async with anyio.create_task_group() as tg:
             for sandbox in sandboxes:
-                tg.start_soon(sandbox.close)
+                tg.start_soon(sandbox.aclose)
         # Containers still being created when cancelled carry our label: sweep them too.
         for container_id, labels in await self._engine.list_labelled(LABEL_INSTANCE):
             if labels.get(LABEL_INSTANCE) == self.instance:

@@ -144,7 +144,8 @@ def decode(body: bytes) -> AgentMessage:
 
 
 class Channel:
-    """The server's end of one agent connection."""
+    """The server's end of one agent connection; a lost connection is a ProtocolError, whatever the
+    transport raised."""
 
     def __init__(self, stream: ByteStream, max_frame: int) -> None:
         self._stream = stream
@@ -152,8 +153,15 @@ class Channel:
         self._max_frame = max_frame
 
     async def send(self, message: Job) -> None:
-        """Send one frame."""
-        await self._stream.send(encode(message))
+        """Send one frame.
+
+        Raises:
+            ProtocolError: the agent's end went away.
+        """
+        try:
+            await self._stream.send(encode(message))
+        except (OSError, anyio.BrokenResourceError) as exc:
+            raise ProtocolError(f"agent connection lost: {exc!r}") from exc
 
     async def receive(self) -> AgentMessage:
         """Receive one frame, refusing anything over the maximum size.

@@ -33,7 +33,7 @@ held and the run reported a timeout."""
 # get this long to arrive, however late in the run: 16 MiB is well under a second here.
 FILES_GRACE = 10.0
 # What a sandbox that broke (rather than the program in it) raises; the run is reported ``error``.
-SANDBOX_FAILURES = (ProtocolError, EngineError, OSError, anyio.BrokenResourceError)
+SANDBOX_FAILURES = (ProtocolError, EngineError)
 
 
 class Leaser(Protocol):
@@ -244,8 +244,6 @@ class Runner:
             env=[*spec.env, *secrets],
         )
         started = time.perf_counter()
-        # Before anything is done to it: from here on it can serve no other run.
-        sandbox.used = True
         try:
             try:
                 if spec.memory_mb < server.memory_mb and not await sandbox.limit_memory(
@@ -257,11 +255,11 @@ class Runner:
                 # Checked at submission against the largest sandbox seen; this one is larger still.
                 return _error(run_id, str(exc), 0)
             started = time.perf_counter()
-            await sandbox.channel.send(job)
+            await sandbox.send(job)
             with anyio.move_on_after(wall + SERVER_GRACE) as scope:
                 try:
                     while True:
-                        message = await sandbox.channel.receive()
+                        message = await sandbox.receive()
                         if isinstance(message, FileChunk):
                             if not output.files.started:
                                 scope.deadline = max(scope.deadline, anyio.current_time() + FILES_GRACE)
@@ -270,7 +268,6 @@ class Runner:
                             if not output.add(message.stream, message.data):
                                 return _error(run_id, "the agent sent more output than the cap allows", 0)
                         else:
-                            sandbox.answered = True
                             return _from_agent(run_id, message, output, _elapsed_ms(started))
                 except ProtocolError as exc:
                     # The agent is PID 1: if the OOM killer took it, the container ended with it.

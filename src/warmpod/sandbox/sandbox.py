@@ -1,21 +1,31 @@
-"""One sandbox: the locked-down spec its container is made from, its agent connection, and what it does."""
+"""One sandbox: the locked-down spec its container is made from, its agent connection, and its life."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import anyio
+from anyio.abc import AsyncResource
 
 from warmpod.backoff import Backoff
-from warmpod.errors import InvalidRun, WarmpodError
+from warmpod.errors import EngineError, InvalidRun, ProtocolError, WarmpodError
 from warmpod.host.facts import USERNS_SIZE
-from warmpod.sandbox.protocol import Channel
+from warmpod.sandbox.protocol import (
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    AgentMessage,
+    Channel,
+    FileChunk,
+    Hello,
+    Job,
+    Output,
+)
 from warmpod.sandbox.unix_stream import UnixStream
 from warmpod.settings import LimitSettings
 
@@ -185,81 +195,249 @@ class Engine(Protocol):
     async def list_labelled(self, label: str) -> list[tuple[str, dict[str, str]]]: ...
 
 
-@dataclass(eq=False)
-class Sandbox:
-    """One pool container, the server's end of its agent connection, and the engine that runs it."""
+class Sandbox(AsyncResource):
+    """One pool container and the server's end of its agent connection, from start to removal.
 
-    container_id: str
-    name: str
-    directory: Path
-    channel: Channel
-    engine: Engine
-    paused: bool = False
-    memory: int = 0
-    """Bytes the container held before its run, as its agent reported."""
-    can_limit: bool = False
-    """Whether the engine applies cgroup limits to it (and so can lower its memory limit)."""
-    preload: tuple[str, ...] = ()
-    """The modules its interpreter imported before the run."""
-    used: bool = False
-    """Something was done to it for a run (a limit lowered, a job sent): it can serve no other."""
-    answered: bool = False
-    """Its agent sent a run's last frame, after which it exits by itself."""
-    lock: anyio.Lock = field(default_factory=anyio.Lock)
-    idle: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    """Scope of the task watching it while it waits in the pool; cancelled once it is leased."""
+    ``start`` makes one; the pool keeps it while it rests (``rest``, ``watch``), thaws it and hands
+    it to one run (``take``), whose job it exchanges (``limit_memory``, ``send``, ``receive``,
+    ``oom_killed``); ``aclose`` (or leaving ``async with``) hangs up and removes it. Its state
+    flags change only through these.
+    """
+
+    def __init__(
+        self,
+        container_id: str,
+        name: str,
+        directory: Path,
+        channel: Channel,
+        engine: Engine,
+        *,
+        memory: int = 0,
+        can_limit: bool = False,
+        preload: Sequence[str] = (),
+        landlock: int = 0,
+        preload_failed: Sequence[str] = (),
+    ) -> None:
+        self.container_id = container_id
+        self.name = name
+        self.directory = directory
+        self._channel = channel
+        self._engine = engine
+        self.memory = memory
+        """Bytes the container held before its run, as its agent reported."""
+        self.can_limit = can_limit
+        """Whether the engine applies cgroup limits to it (and so can lower its memory limit)."""
+        self.preload = tuple(preload)
+        """The modules its interpreter imported before the run."""
+        self.landlock = landlock
+        """The Landlock ABI its agent confines the program with (0: none)."""
+        self.preload_failed = list(preload_failed)
+        """Preload modules its interpreter could not import."""
+        self._paused = False
+        self._used = False
+        self._answered = False
+        self._lock = anyio.Lock()
+        # Scope of ``watch`` while it rests in the pool; ``take`` cancels it.
+        self._resting = anyio.CancelScope()
+
+    @classmethod
+    async def start(
+        cls,
+        engine: Engine,
+        *,
+        image: str,
+        seccomp_profile: Path,
+        name: str,
+        labels: dict[str, str],
+        directory: Path,
+        limits: LimitSettings,
+        can_limit: bool,
+        userns: bool = False,
+        preload: Sequence[str] = (),
+        timeout: float,
+    ) -> Sandbox:
+        """Create and start a container (``container_spec``), connect to its agent and take its greeting.
+
+        ``directory``, made empty for the agent's socket, is the sandbox's from here: it goes
+        with the container, on a failure here (before the error is raised) as on ``aclose``.
+
+        Raises:
+            ProtocolError: the agent did not greet within ``timeout`` seconds, or greeted wrongly.
+            EngineError: the engine could not create or start the container.
+        """
+        spec = container_spec(
+            image=image,
+            seccomp_profile=seccomp_profile,
+            name=name,
+            labels=labels,
+            agent_dir=directory,
+            limits=limits,
+            cgroup_limits=can_limit,
+            userns=userns,
+            preload=preload,
+        )
+        container_id = ""
+        try:
+            container_id = await engine.create(spec)
+            await engine.start(container_id)
+            with anyio.fail_after(timeout):
+                channel = await connect(directory / SOCKET_NAME, MAX_FRAME)
+            try:
+                with anyio.fail_after(timeout):
+                    hello = await channel.receive()
+                if not isinstance(hello, Hello) or hello.version != PROTOCOL_VERSION:
+                    raise ProtocolError(f"agent greeted with {hello!r}")
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await channel.aclose()
+                raise
+        except TimeoutError as exc:
+            await remove(engine, container_id, directory)
+            raise ProtocolError(f"agent of {name} did not answer in time") from exc
+        except BaseException:
+            await remove(engine, container_id, directory)
+            raise
+        return cls(
+            container_id,
+            name,
+            directory,
+            channel,
+            engine,
+            memory=hello.memory,
+            can_limit=can_limit,
+            preload=preload,
+            landlock=hello.landlock,
+            preload_failed=hello.preload_failed,
+        )
 
     @property
     def warm(self) -> bool:
         """Whether its interpreter preloaded modules (``pool.preload``)."""
         return bool(self.preload)
 
+    @property
+    def paused(self) -> bool:
+        """Whether its processes are frozen (``pause``) and not yet thawed."""
+        return self._paused
+
+    @property
+    def thawing(self) -> bool:
+        """Whether a ``thaw`` is under way."""
+        return self._lock.locked()
+
+    @property
+    def used(self) -> bool:
+        """Something was done to it for a run (a limit lowered, a job sent): it can serve no other."""
+        return self._used
+
+    @property
+    def answered(self) -> bool:
+        """Its agent sent a run's last frame, after which it exits by itself."""
+        return self._answered
+
+    @property
+    def memory_floor(self) -> int:
+        """The lowest memory limit it takes, in bytes: what it holds at rest and ``MEMORY_HEADROOM``
+        (0, any, where cgroups limit nothing here)."""
+        return self.memory + MEMORY_HEADROOM if self.can_limit else 0
+
+    async def pause(self) -> None:
+        """Freeze it while it waits; one the engine cannot freeze keeps running (and serves as well)."""
+        try:
+            await self._engine.pause(self.container_id)
+        except EngineError as exc:
+            # runc thaws what it could not freeze (cgroup v1's freezer gives up on a busy host:
+            # seen with 16 containers starting at once): a running container serves as well,
+            # only idling costs a little CPU.
+            log.warning("could not pause %s, keeping it running: %s", self.name, exc)
+            with contextlib.suppress(EngineError):
+                await self._engine.unpause(self.container_id)  # in case it stayed half frozen
+        else:
+            self._paused = True
+
     async def thaw(self) -> None:
         """Unpause, once, however many tasks ask."""
-        async with self.lock:
-            if self.paused:
-                await self.engine.unpause(self.container_id)
-                self.paused = False
+        async with self._lock:
+            if self._paused:
+                await self._engine.unpause(self.container_id)
+                self._paused = False
+
+    def rest(self) -> None:
+        """It waits in the pool (again): ``watch`` watches it from now until ``take``."""
+        self._resting = anyio.CancelScope()
+
+    def take(self) -> None:
+        """Leased for a run: it rests no more, and ``watch`` returns."""
+        self._resting.cancel()
+
+    async def watch(self) -> bool:
+        """Wait while it rests: True once its agent hangs up (its container died or broke; an idle
+        agent says nothing until it has a job), False once ``take`` ends the rest."""
+        with self._resting:
+            await self._channel.wait_hangup()
+            return True
+        return False
 
     async def limit_memory(self, limit_bytes: int) -> bool:
         """Lower the memory cgroup limit (swap included); False where cgroups limit nothing here.
+
+        Asked, it serves no other run, even if it refuses.
 
         Raises:
             InvalidRun: the limit is below what the sandbox holds before the program starts
                 (preloaded modules), which the kernel would refuse or answer with an OOM kill.
         """
+        self._used = True
         if not self.can_limit:
             return False
-        check_memory_floor(limit_bytes, self.memory + MEMORY_HEADROOM, self.preload)
-        # A lowered limit stays with the container: it must not go back to the pool for another run.
-        self.used = True
-        await self.engine.update_memory(self.container_id, limit_bytes)
+        check_memory_floor(limit_bytes, self.memory_floor, self.preload)
+        await self._engine.update_memory(self.container_id, limit_bytes)
         return True
+
+    async def send(self, job: Job) -> None:
+        """Hand its agent the one job it will ever run.
+
+        Raises:
+            ProtocolError: the agent's connection is lost.
+        """
+        self._used = True
+        await self._channel.send(job)
+
+    async def receive(self) -> AgentMessage:
+        """The agent's next message about the job: output and files, then its last frame.
+
+        Raises:
+            ProtocolError: the agent hung up, or sent an oversized or invalid frame.
+        """
+        message = await self._channel.receive()
+        if not isinstance(message, (Output, FileChunk)):
+            self._answered = True
+        return message
 
     async def oom_killed(self) -> bool:
         """Whether the OOM killer ended the container (its agent, PID 1); False if that is unknown."""
         try:
-            return await self.engine.oom_killed(self.container_id)
+            return await self._engine.oom_killed(self.container_id)
         except WarmpodError as exc:
             log.warning("could not inspect %s: %s", self.name, exc)
             return False
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Hang up on the agent, then remove the container and its directory (shielded, bounded).
 
         An agent that has answered is given ``AGENT_EXIT_WAIT`` to exit first: Podman removes a
         stopped container with two runtime processes fewer than a running one (no kill, no state
         query) and without waiting for it to die."""
         with anyio.CancelScope(shield=True):
-            if self.answered:
+            if self._answered:
                 with anyio.move_on_after(AGENT_EXIT_WAIT):
-                    await self.channel.wait_hangup()
-            await self.channel.aclose()
-        await remove(self.engine, self.container_id, self.directory)
+                    await self._channel.wait_hangup()
+            await self._channel.aclose()
+        await remove(self._engine, self.container_id, self.directory)
 
 
 def check_memory_floor(limit_bytes: int, floor: int, preload: Sequence[str]) -> None:
-    """Refuse a memory limit below ``floor``, what a sandbox holds at rest plus ``MEMORY_HEADROOM``.
+    """Refuse a memory limit below ``floor``, a sandbox's ``memory_floor`` (0 takes any).
 
     Raises:
         InvalidRun: the limit is below the floor; the message names the minimum.
