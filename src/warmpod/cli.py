@@ -41,7 +41,7 @@ def serve(settings: Settings) -> int:
     from warmpod.host import image
     from warmpod.http.app import begin_drain, create_app, key_file
 
-    log_config = logs.configure(settings.server.log_format)
+    log_config = logs.configure(settings.server.log_format, settings.server.log_level)
     # In JSON, every line on stderr is an object: progress too goes through the log.
     progress = _progress if settings.server.log_format == "text" else logging.getLogger("warmpod.serve").info
 
@@ -80,7 +80,7 @@ def serve(settings: Settings) -> int:
         app,
         host=settings.server.host,
         port=settings.server.port,
-        log_level="info",
+        log_level=settings.server.log_level,
         log_config=log_config,
         timeout_graceful_shutdown=math.ceil(grace),
         limit_concurrency=settings.server.max_connections,

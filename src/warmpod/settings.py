@@ -80,6 +80,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     key's unread answers hold in this process is at most this many answers: a result or status
     (``files.inline_total_bytes`` of files), or a file download, which is read from the store and
     held a 256 KiB piece at a time (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """The least severe log records the server writes (``WARMPOD_SERVER__LOG_LEVEL``)."""
     log_format: Literal["text", "json"] = "text"
     """How the server logs, on stderr: ``text`` for a terminal, ``json`` one object a line (``time``,
     ``level``, ``logger``, ``event`` and the record's fields) for a log collector; uvicorn's lines
