@@ -2,7 +2,8 @@
 
 from warmpod.client.asynchronous import AsyncClient
 from warmpod.client.blocking import Client
-from warmpod.client.wire import FileArg, ProblemError
+from warmpod.client.project import ProjectError, project_files
+from warmpod.client.wire import FileArg, ProblemError, RunOptions
 from warmpod.models import FileEvent, OutputEvent, RunResult, StatusEvent, StreamEvent
 
 __all__ = [
@@ -12,7 +13,10 @@ __all__ = [
     "FileEvent",
     "OutputEvent",
     "ProblemError",
+    "ProjectError",
+    "RunOptions",
     "RunResult",
     "StatusEvent",
     "StreamEvent",
+    "project_files",
 ]

@@ -6,9 +6,9 @@ import contextlib
 import inspect
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import anyio
 import httpx
@@ -17,9 +17,9 @@ from httpx_sse import aconnect_sse
 from warmpod.client.wire import (
     REQUEST_TIMEOUT,
     RETRY_FOR,
-    FileArg,
     Follow,
     ProblemError,
+    RunOptions,
     callback_for,
     check_stream,
     connection,
@@ -74,19 +74,19 @@ class AsyncClient:
                 return response
             await anyio.sleep(wait)
 
-    async def submit(
-        self,
-        code: str,
-        *,
-        stdin: str | bytes | None = None,
-        files: Sequence[FileArg] | None = None,
-        timeout: float | None = None,
-        cpu_time: int | None = None,
-        memory_mb: int | None = None,
-        max_output_bytes: int | None = None,
-    ) -> Accepted:
-        """Queue a run and answer at once with its id and URLs."""
-        body = request_body(code, stdin, files, timeout, cpu_time, memory_mb, max_output_bytes)
+    async def submit(self, code: str | None = None, **options: Unpack[RunOptions]) -> Accepted:
+        """Queue a run and answer at once with its id and URLs.
+
+        Args:
+            code: the program's source, written as the entrypoint; None when the entrypoint is one
+                of ``files`` (``main.py`` unless ``entrypoint`` names another).
+            **options: what else the run says (``RunOptions``): stdin, files, entrypoint, args, env,
+                secrets and limits.
+
+        Raises:
+            ProblemError: the server refused the run (a 422 names the rule, a 403 the secret).
+        """
+        body = request_body(code, **options)
         response = await self._send("POST", "/run-json/", content=body, headers=submit_headers())
         return decoded(response, Accepted)
 
@@ -142,28 +142,19 @@ class AsyncClient:
 
     async def run(
         self,
-        code: str,
+        code: str | None = None,
         *,
-        stdin: str | bytes | None = None,
-        files: Sequence[FileArg] | None = None,
-        timeout: float | None = None,
-        cpu_time: int | None = None,
-        memory_mb: int | None = None,
-        max_output_bytes: int | None = None,
         on_stdout: Callable[[str], object | Awaitable[object]] | None = None,
         on_stderr: Callable[[str], object | Awaitable[object]] | None = None,
         on_file: Callable[[FileEvent], object | Awaitable[object]] | None = None,
+        **options: Unpack[RunOptions],
     ) -> RunResult:
-        """Run ``code`` and return how it ended; the callbacks see output and files as they come."""
-        accepted = await self.submit(
-            code,
-            stdin=stdin,
-            files=files,
-            timeout=timeout,
-            cpu_time=cpu_time,
-            memory_mb=memory_mb,
-            max_output_bytes=max_output_bytes,
-        )
+        """Run a program and return how it ended; the callbacks see output and files as they come.
+
+        ``code`` and ``options`` are ``submit``'s: ``run(files=project_files("report"),
+        entrypoint="report/run.py", args=["2026-11"])`` runs a project.
+        """
+        accepted = await self.submit(code, **options)
         async with contextlib.aclosing(self.stream(accepted.id)) as events:
             async for event in events:
                 if isinstance(event, RunResult):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import httpx
 from httpx_sse import connect_sse
@@ -16,9 +16,9 @@ from httpx_sse import connect_sse
 from warmpod.client.wire import (
     REQUEST_TIMEOUT,
     RETRY_FOR,
-    FileArg,
     Follow,
     ProblemError,
+    RunOptions,
     callback_for,
     check_stream,
     connection,
@@ -77,19 +77,19 @@ class Client:
                 return response
             time.sleep(wait)
 
-    def submit(
-        self,
-        code: str,
-        *,
-        stdin: str | bytes | None = None,
-        files: Sequence[FileArg] | None = None,
-        timeout: float | None = None,
-        cpu_time: int | None = None,
-        memory_mb: int | None = None,
-        max_output_bytes: int | None = None,
-    ) -> Accepted:
-        """Queue a run and answer at once with its id and URLs."""
-        body = request_body(code, stdin, files, timeout, cpu_time, memory_mb, max_output_bytes)
+    def submit(self, code: str | None = None, **options: Unpack[RunOptions]) -> Accepted:
+        """Queue a run and answer at once with its id and URLs.
+
+        Args:
+            code: the program's source, written as the entrypoint; None when the entrypoint is one
+                of ``files`` (``main.py`` unless ``entrypoint`` names another).
+            **options: what else the run says (``RunOptions``): stdin, files, entrypoint, args, env,
+                secrets and limits.
+
+        Raises:
+            ProblemError: the server refused the run (a 422 names the rule, a 403 the secret).
+        """
+        body = request_body(code, **options)
         response = self._send("POST", "/run-json/", content=body, headers=submit_headers())
         return decoded(response, Accepted)
 
@@ -145,28 +145,19 @@ class Client:
 
     def run(
         self,
-        code: str,
+        code: str | None = None,
         *,
-        stdin: str | bytes | None = None,
-        files: Sequence[FileArg] | None = None,
-        timeout: float | None = None,
-        cpu_time: int | None = None,
-        memory_mb: int | None = None,
-        max_output_bytes: int | None = None,
         on_stdout: Callable[[str], object] | None = None,
         on_stderr: Callable[[str], object] | None = None,
         on_file: Callable[[FileEvent], object] | None = None,
+        **options: Unpack[RunOptions],
     ) -> RunResult:
-        """Run ``code`` and return how it ended; the callbacks see output and files as they come."""
-        accepted = self.submit(
-            code,
-            stdin=stdin,
-            files=files,
-            timeout=timeout,
-            cpu_time=cpu_time,
-            memory_mb=memory_mb,
-            max_output_bytes=max_output_bytes,
-        )
+        """Run a program and return how it ended; the callbacks see output and files as they come.
+
+        ``code`` and ``options`` are ``submit``'s: ``run(files=project_files("report"),
+        entrypoint="report/run.py", args=["2026-11"])`` runs a project.
+        """
+        accepted = self.submit(code, **options)
         # Closed on the way out, a callback's exception included: its connection goes back at once.
         with contextlib.closing(self.stream(accepted.id)) as events:
             for event in events:

@@ -6,9 +6,9 @@ import base64
 import os
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
 
 import httpx
@@ -35,6 +35,9 @@ RETRY_FOR = 120.0
 RESUME_FOR = 60.0
 """How long a dropped stream is resumed (``Last-Event-ID``) before the connection error is raised."""
 _MAX_RETRY_AFTER = 30.0
+
+DEFAULT_ENTRYPOINT = "main.py"
+"""What a run without code runs, when it names no entrypoint (the server's default too)."""
 
 FileArg = str | os.PathLike[str] | tuple[str, bytes]
 """An input file: a local path, sent under its file name, or ``(path in the sandbox, bytes)``."""
@@ -64,32 +67,75 @@ def connection(url: str | None, api_key: str | None) -> tuple[str, dict[str, str
     return base, headers
 
 
-def request_body(
-    code: str,
-    stdin: str | bytes | None,
-    files: Sequence[FileArg] | None,
-    timeout: float | None,
-    cpu_time: int | None,
-    memory_mb: int | None,
-    max_output_bytes: int | None,
-) -> bytes:
-    """The JSON body of a submit (``wait`` false: the client follows the run's stream)."""
+class RunOptions(TypedDict, total=False):
+    """What a run may say beside its code, as ``submit`` and ``run`` take it (all optional)."""
+
+    stdin: str | bytes | None
+    """What the program reads on standard input (UTF-8 text)."""
+    files: Sequence[FileArg] | None
+    """Input files: local paths, sent under their names, or ``(path, bytes)`` (``project_files``)."""
+    entrypoint: str | None
+    """The path the program runs as; one of ``files`` when there is no code (``main.py`` unless named)."""
+    args: Sequence[str] | None
+    """``sys.argv[1:]``."""
+    env: Mapping[str, str] | None
+    """Environment variables for the run."""
+    secrets: Sequence[str] | None
+    """Names of the operator's secrets, handed to the program as variables (the key must be granted them)."""
+    timeout: float | None
+    """Wall-time limit in seconds."""
+    cpu_time: int | None
+    """CPU-time limit in seconds."""
+    memory_mb: int | None
+    """Memory limit in MiB."""
+    max_output_bytes: int | None
+    """Output kept per stream."""
+
+
+def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
+    """The JSON body of a submit (``wait`` false: the client follows the run's stream).
+
+    Without ``code`` the program is ``entrypoint``, one of the files (``main.py`` unless named).
+
+    Raises:
+        ValueError: ``stdin`` is bytes that are not UTF-8.
+        TypeError: an option ``RunOptions`` does not have, or ``args`` or ``secrets`` given as a
+            single string instead of a list of them.
+    """
+    unknown = sorted(set(options) - RunOptions.__optional_keys__)
+    if unknown:
+        raise TypeError(
+            f"unknown run options {unknown}: the options are {sorted(RunOptions.__optional_keys__)}"
+        )
+    stdin = options.get("stdin")
     if isinstance(stdin, bytes):
         try:
             stdin = stdin.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError("stdin must be UTF-8 text: the run's JSON carries it as a string") from None
+    entrypoint = options.get("entrypoint")
     request = RunRequest(
-        code=code,
+        code=msgspec.UNSET if code is None else code,
+        entrypoint=DEFAULT_ENTRYPOINT if code is None and entrypoint is None else entrypoint,
         stdin=stdin or "",
-        files=[input_file(item) for item in files or ()],
-        timeout=timeout,
-        cpu_time=cpu_time,
-        memory_mb=memory_mb,
-        max_output_bytes=max_output_bytes,
+        files=[input_file(item) for item in options.get("files") or ()],
+        args=_strings(options.get("args"), "args"),
+        env=dict(options.get("env") or {}),
+        secrets=_strings(options.get("secrets"), "secrets"),
+        timeout=options.get("timeout"),
+        cpu_time=options.get("cpu_time"),
+        memory_mb=options.get("memory_mb"),
+        max_output_bytes=options.get("max_output_bytes"),
         wait=False,
     )
     return msgspec.json.encode(request)
+
+
+def _strings(values: Sequence[str] | None, name: str) -> list[str]:
+    # A str is a sequence of str too: "2026-11" would go as seven arguments.
+    if isinstance(values, str):
+        raise TypeError(f"{name} is a list of strings, not a string: {name}=[{values!r}]")
+    return list(values or ())
 
 
 def input_file(item: FileArg) -> InputFile:
