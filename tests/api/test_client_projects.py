@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.apitest import PROBLEMS
+from support.apitest import PROBLEMS, write_secrets
 from support.fakes import RecordingRunner
 
 from warmpod.client import AsyncClient, Client, ProblemError, ProjectError, project_files
@@ -34,11 +33,7 @@ def project(tmp_path: Path) -> Path:
 @pytest.fixture
 def granted(service: Service, tmp_path: Path) -> str:
     """The server's secrets file holds WAREHOUSE_DSN (no keys file: every secret may be asked for)."""
-    path = tmp_path / "secrets"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as file:
-        file.write(f"WAREHOUSE_DSN={DSN}\n")
-    service.secrets = Secrets(path)
+    service.secrets = Secrets(write_secrets(tmp_path / "secrets", {"WAREHOUSE_DSN": DSN}))
     return "WAREHOUSE_DSN"
 
 

@@ -1,7 +1,10 @@
-"""The API suites' settings (small numbers an operator could set) and their check of a problem answer."""
+"""The API suites' settings (small numbers an operator could set), their check of a problem answer, and
+a secrets file."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -35,3 +38,11 @@ def assert_problem(response: httpx.Response, status: int, *words: str) -> dict[s
     for word in words:
         assert word.lower() in body["detail"].lower(), body["detail"]
     return body
+
+
+def write_secrets(path: Path, values: dict[str, str]) -> Path:
+    """Write an operator's secrets file at ``path`` (``NAME=value`` lines, mode 0600) and return it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.writelines(f"{name}={value}\n" for name, value in values.items())
+    return path
