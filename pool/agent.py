@@ -634,6 +634,24 @@ LIMIT_STOPS = ("wall_time", "cpu_time", "output")
 DRAIN_GRACE = 0.5
 
 
+def job_pieces(
+    cpu: int,
+    address_space: int,
+    entrypoint: bytes,
+    code: bytes,
+    args: list[bytes],
+    env: list[bytes],
+    files: list[tuple[bytes, bytes]],
+) -> list[bytes]:
+    """The job as the bootstrap reads it: a header line of numbers (the CPU seconds, the address
+    space, then the counts of args and env parts, then the length of every piece), then the pieces:
+    the entrypoint's path, its code (empty when it is among the files), each arg, each env name and
+    value, each file's path and content."""
+    pieces = [entrypoint, code, *args, *env, *(part for file in files for part in file)]
+    numbers = [cpu, address_space, len(args), len(env), *(len(piece) for piece in pieces)]
+    return [" ".join(map(str, numbers)).encode() + b"\n", *pieces]
+
+
 class Run:
     """One job's program at run time: feeds its stdin, streams its output, watches its limits and
     stops it through one path, ``stop(reason)``, which starts the drain grace."""
@@ -655,12 +673,13 @@ class Run:
         # Only where no memory cgroup applies, a coarse fallback: the bootstrap sets it once preloaded.
         address_space = int(job.get("address_space") or 0) or env_int("WARMPOD_AS_BYTES") or 0
         code = binascii.a2b_base64(job.pop("code"))
+        entrypoint = str(job.get("entrypoint") or "main.py").encode()
+        args = [str(arg).encode() for arg in job.get("args") or []]
+        env = [str(part).encode() for pair in job.pop("env", None) or [] for part in pair]
         files = [(path.encode(), binascii.a2b_base64(content)) for path, content in job.pop("files", [])]
-        lengths = "".join(f" {len(path)} {len(content)}" for path, content in files)
-        header = f"{self.cpu_limit or 0} {address_space} {len(code)}{lengths}\n".encode()
-        self.pieces = [header, code, *(part for file in files for part in file)]
+        self.pieces = job_pieces(self.cpu_limit or 0, address_space, entrypoint, code, args, env, files)
         """What the bootstrap reads on its job pipe, in order."""
-        del code, files
+        del code, args, env, files
         self.oom_before, self.pids_before = oom_kills(), pids_max_hits()
         cpu_before = program_cpu_seconds()
         self.cpu_before = cpu_before or 0.0

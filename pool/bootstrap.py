@@ -2,12 +2,13 @@
 
 It first imports the preload modules named in ``sys.argv[1:]`` (the program's own process pays for
 them, before the container is paused), reports readiness and any module that failed on fd 4, then
-waits for the job on fd 3, writes main.py into its working directory and runs it as __main__ the
-way ``python3 -I main.py`` would: a fresh module, __file__ set, sys.argv == ["main.py"], tracebacks
-without this bootstrap's frame. It ends the way Py_Finalize does up to module teardown: threads
-joined, atexit handlers run, the program's globals released, stdout and stderr flushed, then
-``os._exit``: it must never return into the agent's code it was forked from. Tearing pandas down
-would cost about 50 ms more, and nothing of the process outlives it.
+waits for the job on fd 3, writes its files and entrypoint (main.py unless named) into its working
+directory and runs it as __main__ the way ``python3 ENTRYPOINT ARGS`` would from there: a fresh
+module, __file__ set, sys.argv the entrypoint and the args, sys.path the entrypoint's directory and
+then the project's root, tracebacks without this bootstrap's frame. It ends the way Py_Finalize
+does up to module teardown: threads joined, atexit handlers run, the program's globals released,
+stdout and stderr flushed, then ``os._exit``: it must never return into the agent's code it was
+forked from. Tearing pandas down would cost about 50 ms more, and nothing of the process outlives it.
 
 Runs as the program's user, after the agent dropped its privileges; stdlib only. The image build
 compiles it to bootstrap.pyc (the root is read-only: no interpreter could cache its bytecode).
@@ -67,32 +68,20 @@ def boot() -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's
             break
         job += chunk
     os.close(3)
-    # "cpu address_space len(source) then len(path) len(content) per file", a newline, the bytes.
+    # "cpu address_space nargs nenv" and the length of each piece, a newline, then the pieces:
+    # the entrypoint, its code, the args, the env's names and values, the files' paths and contents.
     newline = job.index(b"\n")
-    cpu_seconds, address_space, size, *lengths = (int(v) for v in job[:newline].split())
+    cpu_seconds, address_space, nargs, nenv, *lengths = (int(v) for v in job[:newline].split())
     view = memoryview(job)[newline + 1 :]
-    source = bytes(view[:size])
-    view = view[size:]
-    # The input files, written as this (the program's) user, before its CPU budget starts. The
-    # server checked every path; /work is a fresh tmpfs, so nothing in it can redirect a write.
-    os.mkdir(OUT_DIR, 0o755)
-    content = view
-    for name_size, content_size in zip(lengths[::2], lengths[1::2], strict=True):
-        name = bytes(view[:name_size]).decode()
-        content = view[name_size : name_size + content_size]
-        view = view[name_size + content_size :]
-        try:
-            parent = os.path.dirname(name)
-            if parent:
-                os.makedirs(parent, exist_ok=True)
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            while content:
-                content = content[os.write(fd, content) :]
-            os.close(fd)
-        except OSError as exc:
-            print(f"warmpod: could not write the input file {name!r}: {exc}", file=sys.stderr)
-            end(1)
-    del view, content, job
+    pieces = []
+    for size in lengths:
+        pieces.append(view[:size])
+        view = view[size:]
+    entrypoint = bytes(pieces[0]).decode()
+    source = bytes(pieces[1])
+    args = [bytes(arg).decode() for arg in pieces[2 : 2 + nargs]]
+    install(pieces[2 + nargs : 2 + nargs + nenv], pieces[2 + nargs + nenv :])
+    del view, pieces, job
     if cpu_seconds or address_space:
         import resource
 
@@ -109,12 +98,22 @@ def boot() -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's
                 mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
             resource.setrlimit(resource.RLIMIT_AS, (mapped + address_space, mapped + address_space))
         del sys.modules["resource"], resource
-    path = os.path.join(os.getcwd(), "main.py")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    view = memoryview(source)
-    while view:
-        view = view[os.write(fd, view) :]
-    os.close(fd)
+    work = os.getcwd()
+    path = os.path.join(work, entrypoint)
+    # A project's entrypoint came with its files; code sent as ``code`` is written there first.
+    if os.path.lexists(entrypoint):
+        with open(entrypoint, "rb") as f:
+            source = f.read()
+    else:
+        try:
+            write_new(entrypoint, source)
+        except OSError as exc:
+            print(f"warmpod: could not write {entrypoint!r}: {exc}", file=sys.stderr)
+            end(1)
+    # As ``python3 ENTRYPOINT`` from /work: its own directory first, then the project's root, as
+    # if the project were installed, so ``from report.helpers import x`` works from any entrypoint.
+    here = os.path.dirname(path)
+    sys.path[0:0] = [here] if here == work else [here, work]
     module = type(sys)("__main__")
     module.__dict__.update(
         __file__=path,
@@ -126,8 +125,9 @@ def boot() -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's
         __package__=None,
     )
     sys.modules["__main__"] = module
-    sys.argv[:] = ["main.py"]
-    sys.orig_argv[:] = [sys.executable, "-I", "main.py"]
+    sys.argv[:] = [entrypoint, *args]
+    sys.orig_argv[:] = [sys.executable, "-I", entrypoint, *args]
+    del args, here, work
     try:
         code = compile(source, path, "exec", dont_inherit=True)
     except SyntaxError as exc:
@@ -145,6 +145,33 @@ def boot() -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's
         sys.excepthook(type(exc), exc, exc.__traceback__)
         status = 130 if isinstance(exc, KeyboardInterrupt) else 1
     end(status, module.__dict__)
+
+
+def install(env: list[memoryview], files: list[memoryview]) -> None:
+    """Add the job's environment variables (name, value, name, ...) and write its input files
+    (path, content, ...) as this, the program's, user, before its CPU budget starts. The server
+    checked every name and path; /work is a fresh tmpfs, so nothing in it can redirect a write."""
+    for name, value in zip(env[::2], env[1::2], strict=True):
+        os.environ[bytes(name).decode()] = bytes(value).decode()
+    os.mkdir(OUT_DIR, 0o755)
+    for path, content in zip(files[::2], files[1::2], strict=True):
+        try:
+            write_new(bytes(path).decode(), content)
+        except OSError as exc:
+            print(f"warmpod: could not write the input file {bytes(path).decode()!r}: {exc}", file=sys.stderr)
+            end(1)
+
+
+def write_new(name: str, content: "bytes | memoryview") -> None:
+    """Create the file ``name`` under the working directory, its directories too, with ``content``."""
+    parent = os.path.dirname(name)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    view = memoryview(content)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.close(fd)
 
 
 def exit_status(code: object) -> int:

@@ -41,7 +41,7 @@ def serve(settings: Settings) -> int:
     from warmpod.host import image
     from warmpod.http.app import begin_drain, create_app, key_file
 
-    log_config = logs.configure(settings.server.log_format)
+    log_config = logs.configure(settings.server.log_format, settings.server.log_level)
     # In JSON, every line on stderr is an object: progress too goes through the log.
     progress = _progress if settings.server.log_format == "text" else logging.getLogger("warmpod.serve").info
 
@@ -80,7 +80,7 @@ def serve(settings: Settings) -> int:
         app,
         host=settings.server.host,
         port=settings.server.port,
-        log_level="info",
+        log_level=settings.server.log_level,
         log_config=log_config,
         timeout_graceful_shutdown=math.ceil(grace),
         limit_concurrency=settings.server.max_connections,
@@ -106,7 +106,8 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
         if args.max_active is not None and args.max_active < 1:
             print("warmpod: --max-active must be at least 1", file=sys.stderr)
             return 2
-        print(keys.add(path, args.name, args.max_active))
+        granted = keys.secret_names(args.secrets or "", "--secrets")
+        print(keys.add(path, args.name, args.max_active, granted))
         _progress(f"key {args.name!r} added to {path}; it is shown this once")
     elif args.keys_command == "remove":
         keys.remove(path, args.name)
@@ -114,7 +115,7 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
     else:
         for key in keys.KeyFile(path).current() if path.exists() else []:
             quota = "no limit" if key.max_active is None else f"max_active={key.max_active}"
-            print(f"{key.name}\t{quota}")
+            print(f"{key.name}\t{quota}\tsecrets={','.join(sorted(key.secrets)) or '-'}")
     return 0
 
 
@@ -142,7 +143,10 @@ def _parser() -> argparse.ArgumentParser:
     add_cmd.add_argument(
         "--max-active", type=int, metavar="N", help="runs of this key queued or running at once"
     )
-    keys_cmds.add_parser("list", help="list the keys' names and quotas (never their hashes)")
+    add_cmd.add_argument(
+        "--secrets", metavar="A,B", help="the secrets (WARMPOD_SERVER__SECRETS_FILE) its runs may ask for"
+    )
+    keys_cmds.add_parser("list", help="list the keys' names, quotas and secrets (never their hashes)")
     remove_cmd = keys_cmds.add_parser("remove", help="remove a key: requests with it get 401 at once")
     remove_cmd.add_argument("name")
     for command in (add_cmd, keys_cmds.choices["list"], remove_cmd):

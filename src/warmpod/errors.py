@@ -7,7 +7,9 @@ WarmpodError
 ├── PoolUnavailable    no container became free within the acquire timeout (the run stays queued)
 ├── ProtocolError      a frame from a container broke the agent protocol
 ├── InvalidRun         a run request is well formed but asks for something not allowed (422)
-│   └── InvalidFile    an input file's path, content or size is not allowed (422)
+│   ├── InvalidFile    an input file's path, content or size is not allowed (422)
+│   └── InvalidProgram the entrypoint, an argument or an environment variable is not allowed (422)
+├── SecretDenied       a run asks for a secret that does not exist or its key may not use (403)
 ├── QueueFull          the queue holds as many runs as it may (429)
 │   └── KeyBusy        the run's API key has as many runs queued or running as it may (429)
 ├── Throttled          a client sends faster than its rate, or has as many requests in flight as it may (429)
@@ -54,6 +56,16 @@ class InvalidRun(WarmpodError):
 
 class InvalidFile(InvalidRun):
     """Raised when an input file breaks a path rule, is not base64, or goes past a cap."""
+
+
+class InvalidProgram(InvalidRun):
+    """Raised when a run's entrypoint, an argument or an environment variable breaks a rule;
+    the message names the rule and the name."""
+
+
+class SecretDenied(WarmpodError):
+    """Raised when a run asks for a secret that is not in the secrets file or that its key may not
+    use; the message names the secret, never its value."""
 
 
 class QueueFull(WarmpodError):

@@ -1,4 +1,4 @@
-"""API keys: the keys file, one ``NAME:SHA256_HEX[:max_active=N]`` per line, re-read when it changes."""
+"""API keys: the keys file, one ``NAME:SHA256_HEX[:OPTION=VALUE...]`` per line, re-read when it changes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from warmpod.environ import name_problem
 from warmpod.errors import SettingsError
+from warmpod.watched import WatchedFile
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HASH = re.compile(r"[0-9a-f]{64}")
@@ -26,11 +29,14 @@ class Key:
     digest: str
     max_active: int | None = None
     """Runs of this key queued or running at once; None for no limit of its own."""
+    secrets: frozenset[str] = frozenset()
+    """The operator's secrets its runs may ask for (``secrets=A,B``)."""
 
     def line(self) -> str:
         """Its line in the keys file."""
         quota = "" if self.max_active is None else f":max_active={self.max_active}"
-        return f"{self.name}:{self.digest}{quota}\n"
+        granted = f":secrets={','.join(sorted(self.secrets))}" if self.secrets else ""
+        return f"{self.name}:{self.digest}{quota}{granted}\n"
 
 
 def digest(key: str) -> str:
@@ -51,21 +57,49 @@ def parse(text: str, source: str) -> list[Key]:
             continue
         name, _, rest = line.partition(":")
         hashed, _, options = rest.partition(":")
-        max_active = None
-        if options:
-            option, _, value = options.partition("=")
-            if option != "max_active" or not value.isdigit() or int(value) < 1:
-                raise SettingsError(f"{source} line {number}: the option must be max_active=N with N >= 1")
-            max_active = int(value)
         if not _NAME.fullmatch(name) or not _HASH.fullmatch(hashed):
             raise SettingsError(
-                f"{source} line {number}: expected NAME:SHA256_HEX[:max_active=N] "
+                f"{source} line {number}: expected NAME:SHA256_HEX[:max_active=N][:secrets=A,B] "
                 "(NAME letters, digits, '.', '_' or '-'; the hash 64 lowercase hex digits)"
             )
         if any(key.name == name for key in keys):
             raise SettingsError(f"{source} line {number}: the name {name!r} is given twice")
-        keys.append(Key(name, hashed, max_active))
+        keys.append(Key(name, hashed, **_options(options, f"{source} line {number}")))
     return keys
+
+
+def _options(text: str, where: str) -> dict[str, Any]:
+    """A key line's options after its hash: ``max_active=N`` and ``secrets=A,B``, each at most once."""
+    found: dict[str, Any] = {}
+    for option in filter(None, text.split(":")):
+        name, _, value = option.partition("=")
+        if name in found:
+            raise SettingsError(f"{where}: the option {name!r} is given twice")
+        if name == "max_active":
+            if not value.isdigit() or int(value) < 1:
+                raise SettingsError(f"{where}: the option must be max_active=N with N >= 1")
+            found[name] = int(value)
+        elif name == "secrets":
+            found[name] = secret_names(value, where)
+        else:
+            raise SettingsError(
+                f"{where}: unknown option {name!r}: the options are max_active=N and secrets=A,B"
+            )
+    return found
+
+
+def secret_names(value: str, where: str) -> frozenset[str]:
+    """The names of a ``secrets=A,B`` list.
+
+    Raises:
+        SettingsError: one is not a plain variable name.
+    """
+    names = frozenset(part.strip() for part in value.split(",") if part.strip())
+    for name in names:
+        problem = name_problem(name)
+        if problem is not None:
+            raise SettingsError(f"{where}: the secret name {name[:64]!r} {problem}")
+    return names
 
 
 class KeyFile:
@@ -73,9 +107,7 @@ class KeyFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int, int, int] | None = None
-        self._keys: list[Key] = []
-        self.reload()
+        self._file = WatchedFile(path, parse, "keys file")
 
     def reload(self) -> None:
         """Read the file now.
@@ -83,13 +115,7 @@ class KeyFile:
         Raises:
             SettingsError: it cannot be read or is malformed (the keys read before stay in force).
         """
-        try:
-            info = self.path.stat()
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise SettingsError(f"cannot read the keys file {self.path}: {exc}") from exc
-        self._keys = parse(text, str(self.path))
-        self._stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        self._file.reload()
 
     def current(self) -> list[Key]:
         """The keys in force: the file is read again first if it changed (a rotation needs no restart).
@@ -97,27 +123,20 @@ class KeyFile:
         A file that became unreadable or malformed keeps the keys it last held, so a half-written
         edit never opens the service nor locks everyone out; the error is raised for the log.
         """
-        try:
-            info = self.path.stat()
-            stamp = (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-        except OSError:
-            stamp = None
-        if stamp != self._stamp:
-            self.reload()
-        return self._keys
+        return self._file.current()
 
     def find(self, presented: str) -> Key | None:
         """The key whose hash matches ``presented`` among those read last; every entry is
         compared, each in constant time."""
         hashed = digest(presented)
         found = None
-        for key in self._keys:
+        for key in self._file.last():
             if hmac.compare_digest(key.digest, hashed):
                 found = key
         return found
 
 
-def add(path: Path, name: str, max_active: int | None = None) -> str:
+def add(path: Path, name: str, max_active: int | None = None, granted: frozenset[str] = frozenset()) -> str:
     """Create a key named ``name``, append its hash to the keys file (made 0600), and return the key.
 
     Raises:
@@ -129,7 +148,7 @@ def add(path: Path, name: str, max_active: int | None = None) -> str:
     if any(key.name == name for key in existing):
         raise SettingsError(f"{path} already has a key named {name!r}: remove it first to replace it")
     key = secrets.token_urlsafe(KEY_BYTES)
-    line = Key(name, digest(key), max_active).line()
+    line = Key(name, digest(key), max_active, granted).line()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -63,9 +63,9 @@ class TextFormatter(logging.Formatter):
         return f"{head} {pairs}{newline}{rest}"
 
 
-def configure(log_format: LogFormat) -> dict[str, Any]:
-    """Send every log record to one handler on stderr in ``log_format``; return the ``log_config``
-    that makes uvicorn's loggers (``uvicorn.error``, ``uvicorn.access``) use it too."""
+def configure(log_format: LogFormat, level: str = "info") -> dict[str, Any]:
+    """Send every log record at ``level`` or above to one handler on stderr in ``log_format``; return
+    the ``log_config`` that makes uvicorn's loggers (``uvicorn.error``, ``uvicorn.access``) use it too."""
     formatter = JsonFormatter if log_format == "json" else TextFormatter
     config: dict[str, Any] = {
         "version": 1,
@@ -74,11 +74,11 @@ def configure(log_format: LogFormat) -> dict[str, Any]:
         "handlers": {
             "stderr": {"class": "logging.StreamHandler", "formatter": "warmpod", "stream": "ext://sys.stderr"}
         },
-        "root": {"level": "INFO", "handlers": ["stderr"]},
+        "root": {"level": level.upper(), "handlers": ["stderr"]},
         # Their own handlers removed, uvicorn's and Litestar's records reach the root's. Litestar's
         # app puts a handler of its own on both when it is made: uvicorn applies this again after.
         "loggers": {
-            name: {"level": "INFO", "handlers": [], "propagate": True}
+            name: {"level": level.upper(), "handlers": [], "propagate": True}
             for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar")
         },
     }

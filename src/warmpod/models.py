@@ -43,12 +43,25 @@ class OutputFile(msgspec.Struct, kw_only=True):
 class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A program to run, posted as JSON to ``/run-json/``."""
 
-    code: str
-    """The Python source, run as ``main.py`` (``__main__``) in a fresh interpreter."""
+    code: str | msgspec.UnsetType = msgspec.UNSET
+    """The Python source, written as the entrypoint (``main.py`` unless named) and run as
+    ``__main__`` in a fresh interpreter; absent when the entrypoint is one of ``files``."""
     stdin: str = ""
     """What the program reads from standard input."""
     files: list[InputFile] = []
-    """Data files written under the working directory before the program starts."""
+    """The project's files (modules, packages, data), written under the working directory
+    ``/work`` before the program starts."""
+    entrypoint: str | None = None
+    """The path the program runs as, ``python3 ENTRYPOINT ARGS`` from ``/work`` would: its
+    directory first on ``sys.path``, then ``/work``. One of ``files`` when ``code`` is absent;
+    ``main.py`` by default."""
+    args: list[str] = []
+    """``sys.argv[1:]``."""
+    env: dict[str, str] = {}
+    """Environment variables added for this run: plain names, not one warmpod sets itself."""
+    secrets: list[str] = []
+    """Names of the operator's secrets to hand the program as environment variables; their
+    values are masked (``***``) in its output and never stored."""
     timeout: Annotated[float, Meta(gt=0)] | None = None
     """Wall-time limit in seconds; the server's default when absent, at most its maximum."""
     cpu_time: Annotated[int, Meta(gt=0)] | None = None
@@ -84,6 +97,12 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     max_output_bytes: int
     files: tuple[tuple[str, bytes], ...] = ()
     """``(path, content)`` of each input file, paths checked."""
+    entrypoint: str = "main.py"
+    """The path the program runs as; ``code`` is written there unless it is one of the files."""
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    secrets: tuple[str, ...] = ()
+    """The names of the secrets it asked for: the node that runs it resolves their values."""
     warm: bool = False
     """It imports libraries: a sandbox whose interpreter preloaded them serves it best."""
 

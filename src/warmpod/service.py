@@ -7,7 +7,7 @@ import logging
 import shutil
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +25,7 @@ from warmpod.queue.store.sqlite import SqliteStore, default_path
 from warmpod.sandbox.pool import Pool
 from warmpod.sandbox.runner import Runner
 from warmpod.sandbox.selftest import self_test
+from warmpod.secrets import Secrets
 from warmpod.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Service:
     queue: QueueNode
     environment: Environment | None = None
     """What the runner image installed, as the start-up probe read it (``GET /environment``)."""
+    secrets: Secrets = field(default_factory=lambda: Secrets(None))
+    """The operator's secrets file: who may ask for what (the runner reads the values)."""
 
     def health(self) -> Health:
         """The service's state for ``GET /health``."""
@@ -101,9 +104,11 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
     """Start everything the service needs, yield it, and remove all of it on exit.
 
     Raises:
+        SettingsError: the secrets file cannot be read, is malformed or may be read by others.
         EngineError: Podman cannot be reached.
         ImageError: the runner image has not been built.
     """
+    secrets = Secrets(Path(settings.server.secrets_file) if settings.server.secrets_file else None)
     state = podman_service.state_dir(settings.engine)
     try:
         async with podman_service.running(settings.engine, state) as podman:
@@ -136,7 +141,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(podman.keep_alive)
                         await tg.start(pool.serve)
-                        runner = Runner(pool, settings.limits, settings.files)
+                        runner = Runner(pool, settings.limits, settings.files, secrets)
                         # /health stays 503 until a real sandbox has shown every layer on.
                         environment = await self_test(
                             pool, runner, settings, cgroups=info.can_limit, userns=userns or info.rootless
@@ -147,7 +152,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                             store, pool, runner, settings.queue, workers, settings.files, settings.node
                         )
                         await tg.start(queue.serve)
-                        yield Service(settings, ref, info, pool, runner, queue, environment)
+                        yield Service(settings, ref, info, pool, runner, queue, environment, secrets)
                         await queue.workers.drain(settings.server.shutdown_grace)
                         tg.cancel_scope.cancel()
                 finally:

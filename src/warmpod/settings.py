@@ -43,6 +43,11 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     """The keys file (``warmpod keys add``): when set, every request but ``/health`` and the
     playground's page needs ``Authorization: Bearer KEY`` of one of its keys; re-read when it
     changes (``WARMPOD_SERVER__API_KEYS_FILE``)."""
+    secrets_file: str = ""
+    """The secrets file: one ``NAME=value`` per line, mode 0600, re-read when it changes. A run
+    asks for secrets by name (``secrets``) and gets them as environment variables, masked in its
+    output and never stored; with a keys file, a key uses only the secrets its ``secrets=`` grants
+    (``WARMPOD_SERVER__SECRETS_FILE``)."""
     allow_anonymous: bool = False
     """Serve without keys on an address that is not loopback: only for a trusted network, behind a
     proxy that authenticates (``WARMPOD_SERVER__ALLOW_ANONYMOUS``)."""
@@ -75,6 +80,8 @@ class ServerSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     key's unread answers hold in this process is at most this many answers: a result or status
     (``files.inline_total_bytes`` of files), or a file download, which is read from the store and
     held a 256 KiB piece at a time (``WARMPOD_SERVER__KEY_IN_FLIGHT``)."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """The least severe log records the server writes (``WARMPOD_SERVER__LOG_LEVEL``)."""
     log_format: Literal["text", "json"] = "text"
     """How the server logs, on stderr: ``text`` for a terminal, ``json`` one object a line (``time``,
     ``level``, ``logger``, ``event`` and the record's fields) for a log collector; uvicorn's lines

@@ -15,7 +15,9 @@ from typing import Any, TextIO
 import httpx
 import msgspec
 
-from warmpod.client import Client, FileArg, ProblemError
+from warmpod.client import Client, FileArg, ProblemError, project_files
+from warmpod.client.ignore import IGNORE_FILE
+from warmpod.client.wire import DEFAULT_ENTRYPOINT, DEFAULT_URL
 from warmpod.models import OutputEvent, RunResult, StatusEvent
 from warmpod.sandbox.files import OUT_DIR, path_problem
 
@@ -43,16 +45,52 @@ _VISIBLE = str.maketrans({c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for
 def add_commands(commands: Any) -> None:
     """Add this module's commands to the ``warmpod`` parser's subcommands."""
     server = argparse.ArgumentParser(add_help=False)
-    server.add_argument("--server", metavar="URL", help="the warmpod server (WARMPOD_URL, else %(default)s)")
+    server.add_argument(
+        "--server", metavar="URL", help=f"the warmpod server (WARMPOD_URL, else {DEFAULT_URL})"
+    )
     server.add_argument("--api-key", metavar="KEY", help="sent as a bearer token (WARMPOD_API_KEY)")
     run = commands.add_parser(
         "run",
         parents=[server],
-        help="run a Python file on a warmpod server, its output live on this terminal",
+        help="run a Python file or project on a warmpod server, its output live on this terminal",
         description="Exit status: the program's own; 124 for a wall or CPU timeout, 137 for a memory "
         "kill, 128+N for signal N, 125 when warmpod could not run it.",
     )
-    run.add_argument("script", help="the Python file to run (- reads it from standard input)")
+    run.add_argument(
+        "script",
+        help="the Python file to run (- reads it from standard input), or a project directory: its "
+        "files are sent (not symlinks, nor what its .warmpodignore leaves out) and --entrypoint runs",
+    )
+    run.add_argument(
+        "--entrypoint",
+        metavar="PATH",
+        help="the path the program runs as in the sandbox's working directory, where a project "
+        f"directory's files keep their paths under it (default: {DEFAULT_ENTRYPOINT})",
+    )
+    run.add_argument(
+        "--arg",
+        action="append",
+        default=[],
+        dest="args",
+        metavar="VALUE",
+        help="an argument for the program, in order (repeatable; --arg=-x for one starting with -)",
+    )
+    run.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        type=_env_pair,
+        metavar="NAME=VALUE",
+        help="an environment variable for the program (repeatable)",
+    )
+    run.add_argument(
+        "--secret",
+        action="append",
+        default=[],
+        dest="secrets",
+        metavar="NAME",
+        help="one of the server's secrets, given to the program as a variable of its name (repeatable)",
+    )
     run.add_argument("--stdin", metavar="FILE", help="what the program reads on standard input (- for ours)")
     run.add_argument("--timeout", type=float, metavar="S", help="wall-time limit in seconds")
     run.add_argument("--cpu-time", type=int, metavar="S", help="CPU-time limit in seconds")
@@ -108,14 +146,18 @@ def exit_status(result: RunResult) -> int:
 def _run(client: Client, args: argparse.Namespace) -> int:
     if args.script == "-" and args.stdin == "-":
         raise ValueError("the script and --stdin cannot both be read from standard input")
-    code = sys.stdin.read() if args.script == "-" else Path(args.script).read_text(encoding="utf-8")
+    code, files = _program(args.script, args.entrypoint)
     stdin = None
     if args.stdin is not None:
         stdin = sys.stdin.buffer.read() if args.stdin == "-" else Path(args.stdin).read_bytes()
     accepted = client.submit(
         code,
         stdin=stdin,
-        files=[_file_arg(spec) for spec in args.file],
+        files=[*files, *(_file_arg(spec) for spec in args.file)],
+        entrypoint=args.entrypoint,
+        args=args.args,
+        env=_env(args.env),
+        secrets=args.secrets,
         timeout=args.timeout,
         cpu_time=args.cpu_time,
         memory_mb=args.memory_mb,
@@ -208,6 +250,38 @@ def _spinner(enabled: bool, run_id: str) -> Iterator[Any]:
     finally:
         done.set()
         thread.join()
+
+
+def _program(script: str, entrypoint: str | None) -> tuple[str | None, list[tuple[str, bytes]]]:
+    """The code and files of ``warmpod run SCRIPT``: a file's text, or a project directory's files."""
+    if script == "-":
+        return sys.stdin.read(), []
+    if not Path(script).is_dir():
+        return Path(script).read_text(encoding="utf-8"), []
+    files = project_files(script)
+    runs = entrypoint or DEFAULT_ENTRYPOINT
+    if runs not in {path for path, _ in files}:
+        raise ValueError(
+            f"{runs} is not among the files of {script} (missing, or left out by its {IGNORE_FILE}): "
+            "name the program with --entrypoint PATH, relative to the directory"
+        )
+    return None, files
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, equals, value = text.partition("=")
+    if not equals or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
+def _env(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for name, value in pairs:
+        if name in env:
+            raise ValueError(f"--env gives {name} twice")
+        env[name] = value
+    return env
 
 
 def _file_arg(spec: str) -> FileArg:

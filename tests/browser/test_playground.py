@@ -122,6 +122,15 @@ def test_a_runs_html_and_svg_are_downloads_never_pages(
     assert browser.title != "owned"
 
 
+def test_arguments_go_one_per_line(server: WarmpodServer, browser: webdriver.Chrome) -> None:
+    """Each line of the arguments field is one of sys.argv[1:], its spaces kept, blank lines none."""
+    browser.get(server.url + "/")
+    browser.find_element(By.ID, "args").send_keys("2026-11\n\nnorth region\n")
+    type_script(browser, "import sys\nprint(sys.argv[1:])\n")
+    wait_for(browser, lambda: "status succeeded" in text(browser, "summary"), "no result shown")
+    assert text(browser, "stdout") == "['2026-11', 'north region']\n"
+
+
 def test_cancel_stops_a_running_script(server: WarmpodServer, browser: webdriver.Chrome) -> None:
     browser.get(server.url + "/")
     type_script(browser, 'import time\nprint("started", flush=True)\ntime.sleep(40)\n')

@@ -126,3 +126,51 @@ def test_no_wait_then_logs_follow(server: WarmpodServer, tmp_path: Path) -> None
         check=False,
     )
     assert (logs.returncode, logs.stdout) == (0, b"later\n"), logs.stderr
+
+
+def test_a_project_directory_runs_and_its_out_files_come_back(server: WarmpodServer, tmp_path: Path) -> None:
+    """``warmpod run DIR/`` with its entrypoint in a package, an --arg and an --env: the package's two
+    modules import, the data file is read, the ignored file never arrives, and out/ is saved."""
+    root = tmp_path / "report"
+    files = {
+        "report/__init__.py": "",
+        "report/run.py": dedent(
+            """
+            import os, sys
+            from report.sums import total
+            from report.render import line
+
+            month, = sys.argv[1:]
+            numbers = [int(n) for n in open("data/sales.csv")]
+            os.makedirs("out/tables")
+            with open("out/tables/summary.txt", "w") as out:
+                out.write(line(os.environ["REPORT_TITLE"], month, total(numbers)))
+            print("ignored file sent:", os.path.exists("notes.tmp"))
+            """
+        ),
+        "report/sums.py": "def total(numbers):\n    return sum(numbers)\n",
+        "report/render.py": "def line(title, month, value):\n    return f'{title} {month}: {value}\\n'\n",
+        "data/sales.csv": "3\n4\n5\n",
+        "notes.tmp": "scratch\n",
+        ".warmpodignore": "# scratch files stay here\n*.tmp\n",
+    }
+    for path, text in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
+    saved = tmp_path / "results"
+    proc = warmpod_run(
+        server,
+        f"{root}/",
+        "--entrypoint",
+        "report/run.py",
+        "--arg",
+        "2026-11",
+        "--env",
+        "REPORT_TITLE=Sales",
+        "--out",
+        str(saved),
+    )
+    out, err = proc.communicate(timeout=ANSWER)
+    assert (proc.returncode, out) == (0, b"ignored file sent: False\n"), err
+    assert (saved / "tables" / "summary.txt").read_text() == "Sales 2026-11: 12\n"
+    assert b"1 file(s) saved" in err

@@ -1,11 +1,13 @@
 """The API suites' settings (small numbers an operator could set), their key header, their check of a
-problem answer, their look at a run's status and their app served by uvicorn."""
+problem answer, their look at a run's status, their app served by uvicorn, and a secrets file."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -78,3 +80,11 @@ def served(app: Litestar, **options: Any) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def write_secrets(path: Path, values: dict[str, str]) -> Path:
+    """Write an operator's secrets file at ``path`` (``NAME=value`` lines, mode 0600) and return it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.writelines(f"{name}={value}\n" for name, value in values.items())
+    return path

@@ -435,6 +435,8 @@ class RecordingRunner(Runner):
         self.calls: list[tuple[bytes, bytes, float]] = []
         self.files: list[tuple[tuple[str, bytes], ...]] = []
         """The input files of each run."""
+        self.specs: list[RunSpec] = []
+        """Each run as it was accepted: its entrypoint, args, env and secrets' names among the rest."""
         self.left: list[FileChunk] = []
         """File chunks the agent sends, as it would after the program ended; the result lists them."""
         self.run_limits: list[RunLimits] = []
@@ -451,6 +453,7 @@ class RecordingRunner(Runner):
         and answer with the canned result."""
         self.calls.append((spec.code, spec.stdin, spec.timeout))
         self.files.append(spec.files)
+        self.specs.append(spec)
         self.run_limits.append(
             RunLimits(
                 cpu_time=spec.cpu_time, memory_mb=spec.memory_mb, max_output_bytes=spec.max_output_bytes

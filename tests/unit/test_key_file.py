@@ -24,11 +24,13 @@ def test_add_prints_a_fresh_key_once_and_keeps_only_its_hash(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert path.read_text() == f"reports:{keys.digest(key)}:max_active=3\n"
     assert key not in path.read_text()
-    assert main(["keys", "add", "other", "--file", str(path)]) == 0
-    assert capsys.readouterr().out.strip() != key
+    assert main(["keys", "add", "other", "--file", str(path), "--secrets", "B_DSN,A_TOKEN"]) == 0
+    other = capsys.readouterr().out.strip()
+    assert other != key
+    assert path.read_text().splitlines()[1] == f"other:{keys.digest(other)}:secrets=A_TOKEN,B_DSN"
     assert main(["keys", "list", "--file", str(path)]) == 0
     listed = capsys.readouterr().out
-    assert listed == "reports\tmax_active=3\nother\tno limit\n"
+    assert listed == "reports\tmax_active=3\tsecrets=-\nother\tno limit\tsecrets=A_TOKEN,B_DSN\n"
     assert keys.digest(key) not in listed
 
 

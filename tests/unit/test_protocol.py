@@ -102,6 +102,9 @@ def test_job_frame_decodes_as_the_agent_reads_it() -> None:
         "files": [["data/a.csv", base64.b64encode(b"x,y\n\xff").decode()]],
         "out_count": 3,
         "out_bytes": 1000,
+        "entrypoint": "main.py",
+        "args": [],
+        "env": [],
     }
     assert base64.b64decode(message["code"]) == code
     assert base64.b64decode(message["stdin"]) == job.stdin

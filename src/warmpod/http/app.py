@@ -30,6 +30,7 @@ from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_IN
 from warmpod import __version__
 from warmpod.errors import (
     InvalidFile,
+    InvalidProgram,
     InvalidRun,
     KeyBusy,
     KeyReused,
@@ -37,6 +38,7 @@ from warmpod.errors import (
     QueueFull,
     RunFinished,
     RunNotFound,
+    SecretDenied,
     SettingsError,
     ShuttingDown,
     StoreError,
@@ -176,6 +178,8 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             HTTPException: functools.partial(_http_problem, settings.server.max_body_bytes),
             InvalidRun: _problem(422, "Limit out of range", "limit"),
             InvalidFile: _problem(422, "File not allowed", "file"),
+            InvalidProgram: _problem(422, "Program not allowed", "program"),
+            SecretDenied: _problem(403, "Secret not allowed", "secret-denied"),
             KeyBusy: _problem(429, "Key quota reached", "key-busy"),
             QueueFull: _problem(429, "Queue full", "queue-full"),
             Throttled: _problem(429, "Too many requests", "throttled"),

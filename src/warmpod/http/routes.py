@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -35,12 +35,18 @@ from warmpod.models import (
 from warmpod.queue.results import Results
 from warmpod.sandbox.files import decode_inputs
 from warmpod.sandbox.limits import RunLimits
+from warmpod.sandbox.program import Program
 from warmpod.service import Service
 
 log = logging.getLogger(__name__)
 
 _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
-_FORM_FIELDS = frozenset({"file", "files", "stdin", "timeout", "wait", *_LIMIT_FIELDS})
+# Fields that may be given several times: each ``args`` part one argument, each ``env`` part one
+# NAME=VALUE, each ``secrets`` part one name (or several, comma-separated).
+_LIST_FIELDS = ("args", "env", "secrets")
+_FORM_FIELDS = frozenset(
+    {"file", "files", "stdin", "timeout", "wait", "entrypoint", *_LIST_FIELDS, *_LIMIT_FIELDS}
+)
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _RASTER_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
 KEYED: list[dict[str, list[str]]] = [{"apiKey": []}]
@@ -101,7 +107,12 @@ _RUN_REQUEST_SCHEMA = msgspec.json.schema_components([RunRequest])[1]["RunReques
 # The form's fields are text (the script a file); each means what the JSON field of its name does.
 _RUN_FORM_SCHEMA = {
     "properties": {
-        "file": {"type": "string", "format": "binary", "description": "The script, run as `main.py`"},
+        "file": {
+            "type": "string",
+            "format": "binary",
+            "description": "The script, run as the entrypoint (`main.py` unless named); absent when the "
+            "entrypoint is one of `files`",
+        },
         "files": {
             "type": "array",
             "items": {"type": "string", "format": "binary"},
@@ -109,10 +120,21 @@ _RUN_FORM_SCHEMA = {
         },
         **{
             name: {"type": "string", "description": f"As `{name}` in /run-json/"}
-            for name in sorted(_FORM_FIELDS - {"file", "files"})
+            for name in sorted(_FORM_FIELDS - {"file", "files", *_LIST_FIELDS})
+        },
+        **{
+            name: {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": f"As `{name}` in /run-json/{how}",
+            }
+            for name, how in (
+                ("args", ", one part each"),
+                ("env", ", one `NAME=VALUE` part each"),
+                ("secrets", ", one part each or comma-separated"),
+            )
         },
     },
-    "required": ["file"],
     "additionalProperties": False,
 }
 
@@ -145,7 +167,11 @@ async def check_json_body(request: Request[Any, Any, Any]) -> None:
     check_query(request)
     body = await request.body()
     try:
-        msgspec.json.decode(body, type=RunRequest)
+        request_body = msgspec.json.decode(body, type=RunRequest)
+        if request_body.code is msgspec.UNSET and request_body.entrypoint is None:
+            raise msgspec.ValidationError(
+                "Object missing required field `code` (or `entrypoint`, one of `files`)"
+            )
     except msgspec.DecodeError as exc:
         raise ValidationException(
             f'the body must be a JSON object like {{"code": "print(1)", "stdin": "", "timeout": 5}}: {exc}'
@@ -187,13 +213,15 @@ class RunController(Controller):
         ] = None,
     ) -> Response[RunResult | Accepted]:
         """Run ``code`` once in a fresh sandbox; with ``wait`` (default) answer how it ended, else 202."""
-        code = data.code.encode("utf-8", "surrogatepass")
+        code = None if data.code is msgspec.UNSET else data.code.encode("utf-8", "surrogatepass")
         stdin = data.stdin.encode("utf-8", "surrogatepass")
         limits = RunLimits(
             cpu_time=data.cpu_time, memory_mb=data.memory_mb, max_output_bytes=data.max_output_bytes
         )
         files = decode_inputs(data.files)
-        spec = service.runner.prepare(code, stdin, data.timeout, limits, files)
+        program = Program(entrypoint=data.entrypoint, args=data.args, env=data.env, secrets=data.secrets)
+        spec = service.runner.prepare(code, stdin, data.timeout, limits, files, program)
+        _check_secrets(request, service, spec.secrets)
         return await _submit(request, service, spec, _both_waits(wait, data.wait), idempotency_key)
 
     @post(
@@ -229,15 +257,31 @@ class RunController(Controller):
         if unknown:
             raise ValidationException(f"unknown form fields {unknown}: allowed are {sorted(_FORM_FIELDS)}")
         upload = data.get("file")
-        if not isinstance(upload, UploadFile):
+        entrypoint = (await _text_field(data.get("entrypoint"), "entrypoint")).decode(
+            "utf-8", "replace"
+        ) or None
+        if upload is None and entrypoint is None:
+            raise ValidationException(
+                "the script must be sent as a file in the form field 'file', "
+                "or an 'entrypoint' named among 'files'"
+            )
+        if upload is not None and not isinstance(upload, UploadFile):
             raise ValidationException("the script must be sent as a file in the form field 'file'")
-        code = await upload.read()
+        code = None if upload is None else await upload.read()
         stdin = await _text_field(data.get("stdin"), "stdin")
         timeout = _timeout_field(await _text_field(data.get("timeout"), "timeout"))
         values = {name: _int_field(await _text_field(data.get(name), name), name) for name in _LIMIT_FIELDS}
         form_wait = _bool_field(await _text_field(data.get("wait"), "wait"), "wait")
         files = await _file_parts(data.get("files"))
-        spec = service.runner.prepare(code, stdin, timeout, RunLimits(**values), files)
+        args, env, secrets = [await _text_list(data.get(name), name) for name in _LIST_FIELDS]
+        program = Program(
+            entrypoint=entrypoint,
+            args=args,
+            env=_env_parts(env),
+            secrets=[name.strip() for part in secrets for name in part.split(",") if name.strip()],
+        )
+        spec = service.runner.prepare(code, stdin, timeout, RunLimits(**values), files, program)
+        _check_secrets(request, service, spec.secrets)
         return await _submit(request, service, spec, _both_waits(wait, form_wait), idempotency_key)
 
 
@@ -422,6 +466,30 @@ async def _text_field(value: object, name: str) -> bytes:
     if isinstance(value, str):
         return value.encode("utf-8", "surrogatepass")
     raise ValidationException(f"form field {name!r} must be given once")
+
+
+def _check_secrets(request: Request[Any, Any, Any], service: Service, names: Sequence[str]) -> None:
+    """Refuse (403) a run that asks for a secret that does not exist or that its key may not use."""
+    if names:
+        keyed = request.app.state.get("key_file") is not None
+        service.secrets.check(names, key_of(request), keyed=keyed)
+
+
+async def _text_list(value: object, name: str) -> list[str]:
+    parts = [] if value is None else value if isinstance(value, list) else [value]
+    return [(await _text_field(part, name)).decode("utf-8", "surrogatepass") for part in parts]
+
+
+def _env_parts(parts: list[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for part in parts:
+        name, equals, value = part.partition("=")
+        if not equals:
+            raise ValidationException(f"form field 'env' must be NAME=VALUE, not {part[:64]!r}")
+        if name in env:
+            raise ValidationException(f"form field 'env' gives {name[:64]!r} twice")
+        env[name] = value
+    return env
 
 
 async def _file_parts(value: object) -> list[tuple[str, bytes]]:

@@ -19,7 +19,6 @@ OUT_DIR = "out"
 """The directory under the working directory whose files come back with the result."""
 NAME_MAX = 255
 """Longest name of one file or directory, in bytes (Linux's)."""
-_RESERVED = frozenset({"main.py", OUT_DIR})
 # From the name alone, and the same on every host: the system's mime.types is not read.
 _TYPES = mimetypes.MimeTypes(filenames=())
 
@@ -66,10 +65,8 @@ def check_inputs(files: Sequence[tuple[str, bytes]], limits: FileSettings) -> tu
         problem = path_problem(path)
         if problem is not None:
             raise InvalidFile(f"file path {shown} {problem}")
-        if path in _RESERVED or path.split("/", 1)[0] == OUT_DIR:
-            raise InvalidFile(
-                f"file path {shown} is reserved: main.py is the program and out/ is where it leaves its files"
-            )
+        if path.split("/", 1)[0] == OUT_DIR:
+            raise InvalidFile(f"file path {shown} is reserved: out/ is where the program leaves its files")
         if path in seen:
             raise InvalidFile(f"file path {shown} is given twice")
         seen.add(path)

@@ -73,6 +73,11 @@ class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):
     """Files to collect from ``out/`` at most, once the program ended."""
     out_bytes: int = 0
     """Bytes to collect from ``out/`` at most."""
+    entrypoint: str = "main.py"
+    """The path the program runs as; ``code`` is written there unless ``files`` has it."""
+    args: list[str] = []
+    env: list[tuple[str, str]] = []
+    """Variables added to the program's environment, its secrets' values among them."""
 
 
 class Output(msgspec.Struct, tag="output", forbid_unknown_fields=True):

@@ -10,13 +10,16 @@ from typing import Protocol
 
 import anyio
 
-from warmpod.errors import EngineError, InvalidRun, ProtocolError
+from warmpod.errors import EngineError, InvalidRun, ProtocolError, SecretDenied
 from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec, RunStatus, Stream
 from warmpod.sandbox import protocol
 from warmpod.sandbox.files import OutputFiles, check_inputs
 from warmpod.sandbox.limits import RunLimits, resolve_limits, resolve_timeout
+from warmpod.sandbox.masking import Masker
+from warmpod.sandbox.program import Program, check_args, check_entrypoint, check_env, check_sizes
 from warmpod.sandbox.protocol import AgentError, FileChunk, Job, Output, Result
 from warmpod.sandbox.sandbox import Sandbox
+from warmpod.secrets import Secrets
 from warmpod.settings import FileSettings, LimitSettings
 
 AGENT_DRAIN_GRACE = 0.5
@@ -52,7 +55,10 @@ class RunOutput:
 
     def __init__(self, cap: int, files: FileSettings | None = None) -> None:
         self._cap = cap
+        self._raw = {"stdout": 0, "stderr": 0}
+        """Bytes the agent sent per stream, before masking: what its cap counts."""
         self._streams = {"stdout": bytearray(), "stderr": bytearray()}
+        self._masker: Masker | None = None
         self._pending: list[Chunk] = []
         # The newest chunk, still open to merging: its seq, stream and bytes.
         self._open: tuple[int, Stream, bytearray] | None = None
@@ -60,25 +66,44 @@ class RunOutput:
         self.files = OutputFiles(files or FileSettings())
         """The files the program left in ``out/``, as the agent sends them."""
 
+    def mask(self, values: Sequence[str]) -> None:
+        """Mask these secrets' values in all output added from now on."""
+        self._masker = Masker(values) if values else None
+
     def add(self, stream: Stream, data: bytes) -> bool:
         """Keep a chunk; False, keeping nothing, if it takes its stream past the cap (the agent lied)."""
-        buffer = self._streams[stream]
-        if len(buffer) + len(data) > self._cap:
+        if self._raw[stream] + len(data) > self._cap:
             return False
-        buffer += data
+        self._raw[stream] += len(data)
+        if self._masker is not None:
+            data = self._masker.feed(stream, data)
+        self._keep(stream, data)
+        return True
+
+    def end(self) -> bool:
+        """Release what masking held back, now that the program has ended; True if there was any."""
+        if self._masker is None:
+            return False
+        streams: tuple[Stream, Stream] = ("stdout", "stderr")
+        tails = [(stream, self._masker.flush(stream)) for stream in streams]
+        for stream, tail in tails:
+            self._keep(stream, tail)
+        return any(tail for _, tail in tails)
+
+    def _keep(self, stream: Stream, data: bytes) -> None:
+        self._streams[stream] += data
         if not data:
-            return True
+            return
         if (
             self._open is not None
             and self._open[1] == stream
             and len(self._open[2]) + len(data) <= CHUNK_BYTES
         ):
             self._open[2].extend(data)
-            return True
+            return
         self._close()
         self._open = (self._seq, stream, bytearray(data))
         self._seq += 1
-        return True
 
     def _close(self) -> None:
         """Make the open chunk a pending one: nothing more is merged into it."""
@@ -111,38 +136,59 @@ class RunOutput:
 class Runner:
     """Runs programs in single-use sandboxes."""
 
-    def __init__(self, leaser: Leaser, limits: LimitSettings, files: FileSettings | None = None) -> None:
+    def __init__(
+        self,
+        leaser: Leaser,
+        limits: LimitSettings,
+        files: FileSettings | None = None,
+        secrets: Secrets | None = None,
+    ) -> None:
         self._leaser = leaser
         self._limits = limits
         self._files = files or FileSettings()
+        self._secrets = secrets or Secrets(None)
 
     def prepare(
         self,
-        code: bytes,
+        code: bytes | None,
         stdin: bytes,
         timeout: float | None,
         limits: RunLimits | None = None,
         files: Sequence[tuple[str, bytes]] = (),
+        program: Program | None = None,
     ) -> RunSpec:
         """The run as it will execute, every limit resolved against the server's.
 
         Raises:
             InvalidRun: the limits asked for are out of range.
             InvalidFile: an input file's path or size is not allowed.
+            InvalidProgram: the entrypoint, an argument or a variable is not allowed.
         """
         checked = check_inputs(files, self._files)
+        program = program or Program()
+        entrypoint = check_entrypoint(program.entrypoint, code is not None, [path for path, _ in checked])
+        args = check_args(program.args)
+        env = check_env(program.env, program.secrets)
+        check_sizes(args, env)
         resolved = resolve_limits(limits or RunLimits(), self._limits)
         if resolved.memory_mb and resolved.memory_mb < self._limits.memory_mb:
             self._leaser.check_memory(resolved.memory_mb * 1024 * 1024)
+        # What decides the sandbox is what the program imports: its code, or its project's modules.
+        sources = [code] if code is not None else []
+        sources += [content for path, content in checked if path.endswith(".py")]
         return RunSpec(
-            code=code,
+            code=code or b"",
             stdin=stdin,
             timeout=resolve_timeout(timeout, self._limits),
             cpu_time=resolved.cpu_time or self._limits.cpu_time,
             memory_mb=resolved.memory_mb or self._limits.memory_mb,
             max_output_bytes=resolved.max_output_bytes or self._limits.max_output_bytes,
             files=checked,
-            warm=self._leaser.wants_preload(code),
+            entrypoint=entrypoint,
+            args=args,
+            env=env,
+            secrets=tuple(program.secrets),
+            warm=any(self._leaser.wants_preload(source) for source in sources),
         )
 
     def output(self, spec: RunSpec) -> RunOutput:
@@ -168,6 +214,20 @@ class Runner:
 
     async def execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
         """Run ``spec`` in a leased ``sandbox``, adding its output to ``output`` as it comes."""
+        # Read now, on the node that runs it: a queued run holds the names only.
+        try:
+            secrets = self._secrets.resolve(spec.secrets)
+        except SecretDenied as exc:
+            return _error(run_id, str(exc), 0)
+        output.mask([value for _, value in secrets])
+        result = await self._exchange(run_id, spec, sandbox, output, secrets)
+        if output.end() and result.status != "error":
+            result.stdout, result.stderr = output.stdout, output.stderr
+        return result
+
+    async def _exchange(
+        self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput, secrets: list[tuple[str, str]]
+    ) -> RunResult:
         server = self._limits
         wall = spec.timeout
         job = Job(
@@ -179,6 +239,9 @@ class Runner:
             files=list(spec.files),
             out_count=self._files.out_count,
             out_bytes=self._files.out_bytes,
+            entrypoint=spec.entrypoint,
+            args=list(spec.args),
+            env=[*spec.env, *secrets],
         )
         started = time.perf_counter()
         try:

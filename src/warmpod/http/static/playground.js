@@ -46,6 +46,9 @@ function line(parent, text, className) {
 async function request() {
   const body = {code: $("code").value, stdin: $("stdin").value, wait: false, files: []};
   for (const file of $("files").files) body.files.push({path: file.name, content: await base64Of(file)});
+  // One argument a line, so that one may hold spaces; blank lines (a trailing newline) are none.
+  const args = $("args").value.split("\n").filter((arg) => arg !== "");
+  if (args.length) body.args = args;
   for (const name of ["timeout", "cpu_time", "memory_mb"]) {
     const value = $(name).value.trim();
     if (value) body[name] = name === "timeout" ? parseFloat(value) : parseInt(value, 10);

@@ -1,0 +1,22 @@
+"""The Python client: ``Client`` and ``AsyncClient`` on httpx and httpx-sse, typed by the server's models."""
+
+from warmpod.client.asynchronous import AsyncClient
+from warmpod.client.blocking import Client
+from warmpod.client.project import ProjectError, project_files
+from warmpod.client.wire import FileArg, ProblemError, RunOptions
+from warmpod.models import FileEvent, OutputEvent, RunResult, StatusEvent, StreamEvent
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "FileArg",
+    "FileEvent",
+    "OutputEvent",
+    "ProblemError",
+    "ProjectError",
+    "RunOptions",
+    "RunResult",
+    "StatusEvent",
+    "StreamEvent",
+    "project_files",
+]

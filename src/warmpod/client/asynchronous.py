@@ -1,0 +1,172 @@
+"""``AsyncClient``: the client for asyncio and trio (anyio)."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from types import TracebackType
+from typing import Any, Unpack
+
+import anyio
+import httpx
+from httpx_sse import aconnect_sse
+
+from warmpod.client.wire import (
+    REQUEST_TIMEOUT,
+    RETRY_FOR,
+    Follow,
+    ProblemError,
+    RunOptions,
+    callback_for,
+    check_stream,
+    connection,
+    content_of,
+    decoded,
+    file_path,
+    health_of,
+    request_body,
+    retry_wait,
+    run_path,
+    submit_headers,
+)
+from warmpod.models import Accepted, Environment, FileEvent, Health, RunResult, StreamEvent
+
+
+class AsyncClient:
+    """``Client`` for asyncio and trio (anyio); its callbacks may be plain or async."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+        retry_for: float = RETRY_FOR,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        base, headers = connection(url, api_key)
+        self.url = base
+        self._retry_for = retry_for
+        self._timeout = timeout
+        self._http = httpx.AsyncClient(base_url=base, headers=headers, timeout=timeout, transport=transport)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self._http.aclose()
+
+    async def _send(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
+        deadline = time.monotonic() + self._retry_for
+        while True:
+            response = await self._http.request(method, path, **kwargs)
+            wait = retry_wait(response, deadline) if retry else None
+            if wait is None:
+                return response
+            await anyio.sleep(wait)
+
+    async def submit(self, code: str | None = None, **options: Unpack[RunOptions]) -> Accepted:
+        """Queue a run and answer at once with its id and URLs.
+
+        Args:
+            code: the program's source, written as the entrypoint; None when the entrypoint is one
+                of ``files`` (``main.py`` unless ``entrypoint`` names another).
+            **options: what else the run says (``RunOptions``): stdin, files, entrypoint, args, env,
+                secrets and limits.
+
+        Raises:
+            ProblemError: the server refused the run (a 422 names the rule, a 403 the secret).
+        """
+        body = request_body(code, **options)
+        response = await self._send("POST", "/run-json/", content=body, headers=submit_headers())
+        return decoded(response, Accepted)
+
+    async def status(self, run_id: str) -> RunResult:
+        """The run's state: ``queued`` or ``running`` with the output so far, or how it ended."""
+        return decoded(await self._send("GET", run_path(run_id)), RunResult)
+
+    async def cancel(self, run_id: str) -> RunResult:
+        """Stop a queued or running run; it ends ``cancelled``."""
+        return decoded(await self._send("DELETE", run_path(run_id)), RunResult)
+
+    async def file(self, run_id: str, path: str) -> bytes:
+        """The bytes of a file the run left (``out/...``), inline in its result or not."""
+        return content_of(await self._send("GET", file_path(run_id, path)))
+
+    async def health(self) -> Health:
+        """The service's state; a server that cannot take runs answers it too (``status`` says so)."""
+        return health_of(await self._send("GET", "/health", retry=False))
+
+    async def environment(self) -> Environment:
+        """The runner's Python version and installed distributions."""
+        return decoded(await self._send("GET", "/environment"), Environment)
+
+    async def stream(self, run_id: str, *, after: int | None = None) -> AsyncGenerator[StreamEvent, None]:
+        """The run's events as they happen (a finished run's replayed), ending with its RunResult;
+        a dropped connection is resumed after the last output seen."""
+        follow = Follow(after)
+        deadline = time.monotonic() + self._retry_for
+        timeout = httpx.Timeout(self._timeout, read=None)
+        while True:
+            try:
+                async with aconnect_sse(
+                    self._http, "GET", run_path(run_id, "/stream"), headers=follow.headers(), timeout=timeout
+                ) as source:
+                    response = source.response
+                    if not response.is_success:
+                        body = await response.aread()
+                        wait = retry_wait(response, deadline)
+                        if wait is None:
+                            check_stream(response, body)
+                        await anyio.sleep(wait or 0)
+                        continue
+                    async for sse in source.aiter_sse():
+                        event = follow.event(sse)
+                        if event is not None:
+                            yield event
+                            if isinstance(event, RunResult):
+                                return
+            except httpx.TransportError as exc:
+                await anyio.sleep(follow.backoff(exc))
+            else:  # the server closed the stream before the result: resume
+                await anyio.sleep(follow.backoff(ProblemError(502, "Stream ended", "no result event")))
+
+    async def run(
+        self,
+        code: str | None = None,
+        *,
+        on_stdout: Callable[[str], object | Awaitable[object]] | None = None,
+        on_stderr: Callable[[str], object | Awaitable[object]] | None = None,
+        on_file: Callable[[FileEvent], object | Awaitable[object]] | None = None,
+        **options: Unpack[RunOptions],
+    ) -> RunResult:
+        """Run a program and return how it ended; the callbacks see output and files as they come.
+
+        ``code`` and ``options`` are ``submit``'s: ``run(files=project_files("report"),
+        entrypoint="report/run.py", args=["2026-11"])`` runs a project.
+        """
+        accepted = await self.submit(code, **options)
+        async with contextlib.aclosing(self.stream(accepted.id)) as events:
+            async for event in events:
+                if isinstance(event, RunResult):
+                    return event
+                call = callback_for(event, on_stdout, on_stderr, on_file)
+                if call is not None:
+                    returned = call[0](call[1])
+                    if inspect.isawaitable(returned):
+                        await returned
+        raise AssertionError("unreachable: a stream ends with its result")
+
+    async def run_file(self, path: str | os.PathLike[str], **options: Any) -> RunResult:
+        """``run`` the UTF-8 script at ``path``; ``options`` are ``run``'s."""
+        code = await anyio.Path(path).read_text(encoding="utf-8")
+        return await self.run(code, **options)

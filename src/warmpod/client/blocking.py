@@ -1,0 +1,173 @@
+"""``Client``: the blocking client of one warmpod server."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Generator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Unpack
+
+import httpx
+from httpx_sse import connect_sse
+
+from warmpod.client.wire import (
+    REQUEST_TIMEOUT,
+    RETRY_FOR,
+    Follow,
+    ProblemError,
+    RunOptions,
+    callback_for,
+    check_stream,
+    connection,
+    content_of,
+    decoded,
+    file_path,
+    health_of,
+    request_body,
+    retry_wait,
+    run_path,
+    submit_headers,
+)
+from warmpod.models import Accepted, Environment, FileEvent, Health, RunResult, StreamEvent
+
+
+class Client:
+    """A blocking client of one warmpod server.
+
+    ``url`` and ``api_key`` default to ``WARMPOD_URL`` (else http://127.0.0.1:8000) and
+    ``WARMPOD_API_KEY``; ``transport`` is httpx's, for tests or a proxy.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        api_key: str | None = None,
+        timeout: float = REQUEST_TIMEOUT,
+        retry_for: float = RETRY_FOR,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        base, headers = connection(url, api_key)
+        self.url = base
+        self._retry_for = retry_for
+        self._timeout = timeout
+        self._http = httpx.Client(base_url=base, headers=headers, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connections."""
+        self._http.close()
+
+    def _send(self, method: str, path: str, *, retry: bool = True, **kwargs: Any) -> httpx.Response:
+        deadline = time.monotonic() + self._retry_for
+        while True:
+            response = self._http.request(method, path, **kwargs)
+            wait = retry_wait(response, deadline) if retry else None
+            if wait is None:
+                return response
+            time.sleep(wait)
+
+    def submit(self, code: str | None = None, **options: Unpack[RunOptions]) -> Accepted:
+        """Queue a run and answer at once with its id and URLs.
+
+        Args:
+            code: the program's source, written as the entrypoint; None when the entrypoint is one
+                of ``files`` (``main.py`` unless ``entrypoint`` names another).
+            **options: what else the run says (``RunOptions``): stdin, files, entrypoint, args, env,
+                secrets and limits.
+
+        Raises:
+            ProblemError: the server refused the run (a 422 names the rule, a 403 the secret).
+        """
+        body = request_body(code, **options)
+        response = self._send("POST", "/run-json/", content=body, headers=submit_headers())
+        return decoded(response, Accepted)
+
+    def status(self, run_id: str) -> RunResult:
+        """The run's state: ``queued`` or ``running`` with the output so far, or how it ended."""
+        return decoded(self._send("GET", run_path(run_id)), RunResult)
+
+    def cancel(self, run_id: str) -> RunResult:
+        """Stop a queued or running run; it ends ``cancelled``."""
+        return decoded(self._send("DELETE", run_path(run_id)), RunResult)
+
+    def file(self, run_id: str, path: str) -> bytes:
+        """The bytes of a file the run left (``out/...``), inline in its result or not."""
+        return content_of(self._send("GET", file_path(run_id, path)))
+
+    def health(self) -> Health:
+        """The service's state; a server that cannot take runs answers it too (``status`` says so)."""
+        return health_of(self._send("GET", "/health", retry=False))
+
+    def environment(self) -> Environment:
+        """The runner's Python version and installed distributions."""
+        return decoded(self._send("GET", "/environment"), Environment)
+
+    def stream(self, run_id: str, *, after: int | None = None) -> Generator[StreamEvent, None, None]:
+        """The run's events as they happen (a finished run's replayed), ending with its RunResult;
+        a dropped connection is resumed after the last output seen."""
+        follow = Follow(after)
+        deadline = time.monotonic() + self._retry_for
+        timeout = httpx.Timeout(self._timeout, read=None)
+        while True:
+            try:
+                with connect_sse(
+                    self._http, "GET", run_path(run_id, "/stream"), headers=follow.headers(), timeout=timeout
+                ) as source:
+                    response = source.response
+                    if not response.is_success:
+                        body = response.read()
+                        wait = retry_wait(response, deadline)
+                        if wait is None:
+                            check_stream(response, body)
+                        time.sleep(wait or 0)
+                        continue
+                    for sse in source.iter_sse():
+                        event = follow.event(sse)
+                        if event is not None:
+                            yield event
+                            if isinstance(event, RunResult):
+                                return
+            except httpx.TransportError as exc:
+                time.sleep(follow.backoff(exc))
+            else:  # the server closed the stream before the result: resume
+                time.sleep(follow.backoff(ProblemError(502, "Stream ended", "no result event")))
+
+    def run(
+        self,
+        code: str | None = None,
+        *,
+        on_stdout: Callable[[str], object] | None = None,
+        on_stderr: Callable[[str], object] | None = None,
+        on_file: Callable[[FileEvent], object] | None = None,
+        **options: Unpack[RunOptions],
+    ) -> RunResult:
+        """Run a program and return how it ended; the callbacks see output and files as they come.
+
+        ``code`` and ``options`` are ``submit``'s: ``run(files=project_files("report"),
+        entrypoint="report/run.py", args=["2026-11"])`` runs a project.
+        """
+        accepted = self.submit(code, **options)
+        # Closed on the way out, a callback's exception included: its connection goes back at once.
+        with contextlib.closing(self.stream(accepted.id)) as events:
+            for event in events:
+                if isinstance(event, RunResult):
+                    return event
+                call = callback_for(event, on_stdout, on_stderr, on_file)
+                if call is not None:
+                    call[0](call[1])
+        raise AssertionError("unreachable: a stream ends with its result")
+
+    def run_file(self, path: str | os.PathLike[str], **options: Any) -> RunResult:
+        """``run`` the UTF-8 script at ``path``; ``options`` are ``run``'s."""
+        return self.run(Path(path).read_text(encoding="utf-8"), **options)
