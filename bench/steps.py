@@ -25,7 +25,7 @@ import anyio
 from warmpod.host import image, podman_service
 from warmpod.host.facts import own_user_namespaces
 from warmpod.host.image import context_dir
-from warmpod.host.podman_api import Runtime
+from warmpod.host.podman_api import PodmanApi
 from warmpod.sandbox import protocol
 from warmpod.sandbox.sandbox import AGENT_EXIT_WAIT, SOCKET_NAME, connect, container_spec
 from warmpod.settings import from_env
@@ -52,7 +52,7 @@ async def measure(
     probed = 0.0
     try:
         async with podman_service.running(settings.engine, state) as podman:
-            runtime = Runtime(podman.url, settings.engine.api_concurrency)
+            podman_api = PodmanApi(podman.url, settings.engine.api_concurrency)
             seccomp = (context_dir(settings) / "seccomp.json").resolve()
             try:
                 probed = -probe(state) if probe else 0.0
@@ -78,17 +78,17 @@ async def measure(
                         times[step].append(now - started)
                         started = now
 
-                    container_id = await runtime.create(spec)
+                    container_id = await podman_api.create(spec)
                     lap("create")
-                    await runtime.start(container_id)
+                    await podman_api.start(container_id)
                     lap("start")
                     channel = await connect(directory / SOCKET_NAME, 1 << 20)
                     await channel.receive()
                     lap("ready")
                     if pause:
-                        await runtime.pause(container_id)
+                        await podman_api.pause(container_id)
                         lap("pause")
-                        await runtime.unpause(container_id)
+                        await podman_api.unpause(container_id)
                         lap("unpause")
                     job = protocol.Job(code=b"print(1)", stdin=b"", timeout=5, max_output_bytes=1024)
                     await channel.send(job)
@@ -100,11 +100,11 @@ async def measure(
                         await channel.wait_hangup()
                     await channel.aclose()
                     started = time.perf_counter()
-                    await runtime.destroy(container_id)
+                    await podman_api.destroy(container_id)
                     lap("remove")
                 probed += probe(state) if probe else 0.0
             finally:
-                runtime.close()
+                podman_api.close()
     finally:
         shutil.rmtree(state, ignore_errors=True)
     return times, probed

@@ -18,7 +18,7 @@ POOL_STATES = ("ready", "busy", "starting", "closing", "paused")
 PodmanCall = Literal[
     "info", "image_exists", "create", "start", "pause", "unpause", "update", "inspect", "remove", "list"
 ]
-"""``runtime.Runtime``'s calls, each timed under its name: never an id or a path."""
+"""``host.podman_api.PodmanApi``'s calls, each timed under its name: never an id or a path."""
 PODMAN_CALLS: tuple[str, ...] = get_args(PodmanCall)
 # Seconds: a queue wait can last as long as the blocking wait timeout; a run at most its max timeout.
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -16,7 +16,7 @@ import anyio
 from warmpod.errors import ImageError
 from warmpod.host import facts, image, podman_service
 from warmpod.host.enforcement import check, enforcement
-from warmpod.host.podman_api import EngineInfo, Runtime
+from warmpod.host.podman_api import EngineInfo, PodmanApi
 from warmpod.models import Environment, Health, NodeInfo, PoolCounts, QueueCounts
 from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Store
@@ -112,23 +112,23 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
     state = podman_service.state_dir(settings.engine)
     try:
         async with podman_service.running(settings.engine, state) as podman:
-            runtime = Runtime(podman.url, settings.engine.api_concurrency)
+            podman_api = PodmanApi(podman.url, settings.engine.api_concurrency)
             try:
-                info = await runtime.info()
+                info = await podman_api.info()
                 unenforced = check(
                     enforcement(cgroups=info.can_limit), allow_unenforced=settings.limits.allow_unenforced
                 )
                 if unenforced:
                     log.warning("starting with limits nothing enforces: %s", ", ".join(unenforced))
                 ref = image.image_ref(settings)
-                if not await runtime.image_exists(ref):
+                if not await podman_api.image_exists(ref):
                     raise ImageError(f"runner image {ref} is missing: run `warmpod image build`")
                 if not info.can_pause:
                     log.warning("idle containers stay running: rootless Podman on cgroup v1 cannot pause")
                 userns = facts.own_user_namespaces(settings, rootless=info.rootless)
                 pool = Pool(
                     settings,
-                    runtime,
+                    podman_api,
                     image=ref,
                     state_dir=state,
                     instance=uuid.uuid4().hex,
@@ -158,7 +158,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                 finally:
                     await store.aclose()
             finally:
-                runtime.close()
+                podman_api.close()
     finally:
         if not settings.engine.state_dir:
             shutil.rmtree(state, ignore_errors=True)

@@ -10,7 +10,7 @@ from anyio.abc import SocketStream, TaskStatus
 from prometheus_client import REGISTRY
 
 from warmpod.errors import EngineError
-from warmpod.host.podman_api import Runtime
+from warmpod.host.podman_api import PodmanApi
 from warmpod.metrics import PODMAN_CALLS
 
 CONTAINER = "c0ffee" * 10
@@ -43,7 +43,7 @@ async def test_each_podman_call_is_timed_under_its_name_even_when_it_fails(tmp_p
     container id), and still raises an EngineError naming it."""
     async with anyio.create_task_group() as tg:
         await tg.start(failing_engine, tmp_path / "podman.sock")
-        runtime = Runtime(f"unix://{tmp_path}/podman.sock", 1)
+        runtime = PodmanApi(f"unix://{tmp_path}/podman.sock", 1)
         before = {name: calls(name) for name in PODMAN_CALLS}
         try:
             with pytest.raises(EngineError, match="podman start failed"):

@@ -12,7 +12,7 @@ from warmpod.errors import WarmpodError
 from warmpod.host import image, podman_service
 from warmpod.host.enforcement import check, enforcement
 from warmpod.host.facts import USERNS_SIZE, HostFacts, own_user_namespaces
-from warmpod.host.podman_api import EngineInfo, Runtime
+from warmpod.host.podman_api import EngineInfo, PodmanApi
 from warmpod.settings import Settings
 
 CAP_SYS_RESOURCE = 24
@@ -41,11 +41,11 @@ async def engine_info(settings: Settings) -> EngineInfo:
     state = podman_service.state_dir(engine)
     try:
         async with podman_service.running(engine, state) as podman:
-            runtime = Runtime(podman.url, 1)
+            podman_api = PodmanApi(podman.url, 1)
             try:
-                return await runtime.info()
+                return await podman_api.info()
             finally:
-                runtime.close()
+                podman_api.close()
     finally:
         shutil.rmtree(state, ignore_errors=True)
 

@@ -62,7 +62,7 @@ class EngineInfo:
         return self.can_limit
 
 
-class Runtime:
+class PodmanApi:
     """Podman calls for the pool, each run in a worker thread under one capacity limiter."""
 
     def __init__(self, url: str, concurrency: int) -> None:

@@ -183,7 +183,7 @@ def container_spec(
 
 
 class Engine(Protocol):
-    """The container calls a sandbox and its pool need (``runtime.Runtime`` in production, fakes in tests)."""
+    """The container calls a sandbox and its pool need (``host.podman_api.PodmanApi``, or a fake in tests)."""
 
     async def create(self, spec: dict[str, object]) -> str: ...
     async def start(self, container_id: str) -> None: ...
