@@ -114,13 +114,18 @@ def pool_work(count: int, preload: tuple[str, ...], pause: bool) -> Callable[[],
 def baseline_work(count: int, tree: Path) -> Callable[[], float | None]:
     """bench/steps.py of an exported revision, in a process of its own (its modules, its image);
     the machine's CPU measured in there, around the loop alone (not that process's imports)."""
+    # Only that revision's modules are importable in there (its warmpod may be laid out otherwise
+    # than this one): the machine's CPU is read by a copy of machine_cpu, not an import of it.
     code = (
-        "import sys, time, anyio; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from steps import measure; "
-        "from lifecycle import machine_cpu, SETTLE; before = machine_cpu(); "
-        "anyio.run(measure, int(sys.argv[3]), ()); time.sleep(SETTLE); print(machine_cpu() - before)"
+        "import os, sys, time, anyio; sys.path[:0] = [sys.argv[1]]; from steps import measure\n"
+        "def cpu():\n"
+        "    f = [int(x) for x in open('/proc/stat').readline().split()[1:8]]\n"
+        "    return (f[0] + f[1] + f[2] + f[5] + f[6]) / os.sysconf('SC_CLK_TCK')\n"
+        "before = cpu(); anyio.run(measure, int(sys.argv[2]), ()); time.sleep(float(sys.argv[3]))\n"
+        "print(cpu() - before)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
-    argv = [sys.executable, "-c", code, str(tree / "bench"), str(ROOT / "bench"), str(count)]
+    argv = [sys.executable, "-c", code, str(tree / "bench"), str(count), str(SETTLE)]
 
     def work() -> float:
         done = subprocess.run(argv, env=env, check=True, capture_output=True, text=True, cwd=tree)
