@@ -1,8 +1,8 @@
 """Data sources: a program granted one reaches its relay and nothing else, and cannot abuse it.
 
-The test plays the server's part of the contract (docs: the agent side of "Data sources"): it
-makes each source's Unix socket in the sandbox's directory and serves the connections the agent
-relays, while a real agent in a real sandbox runs the hostile program. Nothing leaves this
+The test plays the server's part (``protocol.Job.sources``): it makes each source's Unix socket
+in the sandbox's directory and serves the connections the agent relays there, while a real agent
+in a real sandbox runs the hostile program. Nothing leaves this
 machine: the sources are the test's own Unix sockets, every TCP connection stays in the
 sandbox's loopback.
 """
