@@ -26,6 +26,7 @@ from typing import Any
 
 import anyio
 import pytest
+from support.fakes import pool_module
 from support.hostile import CPU_TIME, MEMORY_MB, PIDS
 from support.sources import Serve, SourceServer, echo
 
@@ -40,8 +41,8 @@ from warmpod.settings import Settings, from_env
 pytestmark = pytest.mark.security
 
 LABEL = "io.warmpod.test"
-# The agent's cap on connections relayed at once (pool/agent.py, MAX_RELAYS).
-MAX_RELAYS = 64
+MAX_RELAYS = pool_module("agent").MAX_RELAYS
+"""The agent's cap on connections relayed at once."""
 
 
 @dataclass(frozen=True)
