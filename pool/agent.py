@@ -163,6 +163,11 @@ _WRITE_FILE, _TRUNCATE = 1 << 1, 1 << 14
 # REMOVE_DIR, REMOVE_FILE and every MAKE_* right.
 _CHANGE_TREE = sum(1 << bit for bit in range(4, 13))
 _REFER = 1 << 13
+_RULE_PATH_BENEATH, _RULE_NET_PORT = 1, 2
+# ABI 4 and later: TCP binds and connects, by port.
+_NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
+# ABI 8 and later: restrict every thread of the process at once, not only the caller.
+_RESTRICT_SELF_TSYNC = 1 << 3
 
 
 def landlock_abi() -> int:
@@ -175,20 +180,44 @@ def landlock_abi() -> int:
     return max(int(version), 0)
 
 
+def enforce_ruleset(handled: bytes, rules: "list[tuple[int, bytes, str]]", flags: int = 0) -> None:
+    """Create a Landlock ruleset (``handled``: its struct landlock_ruleset_attr), add ``rules``
+    (rule type, rule attr, what to name in an error) and restrict the calling thread with it."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    attr = ctypes.create_string_buffer(handled, len(handled))
+    ruleset = libc.syscall(
+        _SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(handled)), ctypes.c_uint32(0)
+    )
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    try:
+        for rule_type, rule, what in rules:
+            if (
+                libc.syscall(
+                    _SYS_LANDLOCK_ADD_RULE,
+                    ctypes.c_int(ruleset),
+                    ctypes.c_int(rule_type),
+                    ctypes.create_string_buffer(rule, len(rule)),
+                    ctypes.c_uint32(0),
+                )
+                < 0
+            ):
+                raise OSError(ctypes.get_errno(), f"landlock_add_rule {what}")
+        if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(flags)) < 0:
+            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+
+
 def restrict_writes(abi: int) -> None:
     """Confine the calling process's writes with Landlock; a no-op where the ABI is 0."""
     if abi <= 0:
         return
-    import ctypes
-    import struct as st
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.syscall.restype = ctypes.c_long
     handled = _WRITE_FILE | _CHANGE_TREE | (_REFER if abi >= 2 else 0) | (_TRUNCATE if abi >= 3 else 0)
-    attr = ctypes.create_string_buffer(st.pack("=Q", handled))
-    ruleset = libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(8), ctypes.c_uint32(0))
-    if ruleset < 0:
-        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    opened = []
     try:
         for path, access in [(p, handled) for p in LANDLOCK_WRITABLE_DIRS] + [
             (p, handled & (_WRITE_FILE | _TRUNCATE)) for p in LANDLOCK_WRITABLE_FILES
@@ -197,25 +226,28 @@ def restrict_writes(abi: int) -> None:
                 fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
             except OSError:
                 continue
-            try:
-                rule = ctypes.create_string_buffer(st.pack("=Qi", access, fd))
-                if (
-                    libc.syscall(
-                        _SYS_LANDLOCK_ADD_RULE,
-                        ctypes.c_int(ruleset),
-                        ctypes.c_int(1),
-                        rule,
-                        ctypes.c_uint32(0),
-                    )
-                    < 0
-                ):
-                    raise OSError(ctypes.get_errno(), f"landlock_add_rule {path}")
-            finally:
-                os.close(fd)
-        if libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(ruleset), ctypes.c_uint32(0)) < 0:
-            raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+            opened.append((fd, access, path))
+        rules = [(_RULE_PATH_BENEATH, struct.pack("=Qi", access, fd), path) for fd, access, path in opened]
+        enforce_ruleset(struct.pack("=Q", handled), rules)
     finally:
-        os.close(ruleset)
+        for fd, _, _ in opened:
+            os.close(fd)
+
+
+def restrict_connects(ports: list[int]) -> None:
+    """Let the calling process connect by TCP to ``ports`` only, and bind no TCP port (Landlock
+    ABI 4 and later; a no-op below). The bootstrap calls it at job time, with the relays' ports.
+
+    Below ABI 8 it restricts the calling thread and those it starts, not the threads the preloaded
+    modules started already (OpenBLAS's, where numpy is preloaded with more than one thread): a
+    program that took one of those over (ctypes writes any memory of its process) could connect
+    from it to another port of the container's loopback, the only network the container has.
+    """
+    if LANDLOCK_ABI < 4:
+        return
+    rules = [(_RULE_NET_PORT, struct.pack("=QQ", _NET_CONNECT_TCP, port), f"port {port}") for port in ports]
+    flags = _RESTRICT_SELF_TSYNC if LANDLOCK_ABI >= 8 else 0
+    enforce_ruleset(struct.pack("=QQ", 0, _NET_BIND_TCP | _NET_CONNECT_TCP), rules, flags)
 
 
 # The seccomp profile keeps only the native architecture; a system call through another entry
@@ -457,7 +489,7 @@ def become_program(env: dict[str, str], preload: list[str]) -> "NoReturn":
     bootstrap: dict[str, Any] = {"__name__": "warmpod_bootstrap", "__builtins__": builtins}
     exec(code, bootstrap)
     try:
-        bootstrap["boot"]()  # ends the process itself
+        bootstrap["boot"](restrict_connects)  # ends the process itself
     except BaseException:
         sys.excepthook(*sys.exc_info())
     os._exit(1)
@@ -642,14 +674,221 @@ def job_pieces(
     args: list[bytes],
     env: list[bytes],
     files: list[tuple[bytes, bytes]],
+    ports: list[int],
 ) -> list[bytes]:
     """The job as the bootstrap reads it: a header line of numbers (the CPU seconds, the address
-    space, then the counts of args and env parts, then the length of every piece), then the pieces:
-    the entrypoint's path, its code (empty when it is among the files), each arg, each env name and
-    value, each file's path and content."""
+    space, the counts of args and env parts, the count of relay ports and the ports, then the length
+    of every piece), then the pieces: the entrypoint's path, its code (empty when it is among the
+    files), each arg, each env name and value, each file's path and content."""
     pieces = [entrypoint, code, *args, *env, *(part for file in files for part in file)]
-    numbers = [cpu, address_space, len(args), len(env), *(len(piece) for piece in pieces)]
+    numbers = [cpu, address_space, len(args), len(env), len(ports), *ports, *(len(piece) for piece in pieces)]
     return [" ".join(map(str, numbers)).encode() + b"\n", *pieces]
+
+
+# Data sources (a job's "sources"): the program reaches each through a TCP listener of the agent's
+# on the container's loopback, named in its environment; every connection it opens there is
+# carried byte for byte, unframed, over a Unix socket the server made for that source in AGENT_DIR
+# (which the program cannot enter), and the server carries it on to the declared upstream. In the
+# run's own poll loop, no thread: whatever the program does, the agent holds at most
+# MAX_RELAYS connections and RELAY_BUFFER bytes per connection and direction, and a side that does
+# not read stops the reads from the other.
+MAX_RELAYS = 64
+"""Connections relayed at once, all sources together; past it the program's next are closed at once."""
+RELAY_BUFFER = CHUNK
+"""Bytes held per connection and direction: 8 MiB at most for MAX_RELAYS connections both ways."""
+RELAY_ACCEPTS = 16
+"""Connections accepted per wake-up at most: a flood of them must not starve the output's pipes."""
+# Descriptors the agent keeps beside its relays' two each (its socket, the program's pipes, the
+# pidfd, the listeners, a file of out/ being sent): the relays never meet RLIMIT_NOFILE, whose
+# EMFILE would leave a listener forever readable and the loop spinning.
+AGENT_FDS = 32
+
+
+class Relay:
+    """One connection of the program's carried to its source's Unix socket.
+
+    ``ends`` are the program's TCP socket and the server's Unix socket; ``held[side]`` is what
+    ``ends[side]`` sent that the other end has not taken yet, at most RELAY_BUFFER bytes.
+    """
+
+    def __init__(self, program: _socket.socket, server: _socket.socket) -> None:
+        self.ends = (program, server)
+        self.held = (bytearray(), bytearray())
+        self.ended = [False, False]
+        """``ends[side]`` sent its end (its writing side shut, or it closed)."""
+        self.passed = [False, False]
+        """That end was passed on: the other end's writing side is shut."""
+        self.events = [0, 0]
+        """What the poller waits for on each end; 0 while it is not registered."""
+
+    def pump(self, side: int) -> None:
+        """Move what ``ends[side]`` sent on to the other end, as far as neither blocks.
+
+        Raises:
+            OSError: either end failed (reset, or closed while bytes were still owed to it).
+        """
+        source, target, held = self.ends[side], self.ends[1 - side], self.held[side]
+        if not self.ended[side] and len(held) < RELAY_BUFFER:
+            try:
+                data = source.recv(RELAY_BUFFER - len(held))
+            except BlockingIOError:
+                pass
+            else:
+                held += data
+                self.ended[side] = not data
+        if held:
+            try:
+                del held[: target.send(held)]
+            except BlockingIOError:
+                pass
+        if self.ended[side] and not held and not self.passed[side]:
+            target.shutdown(_socket.SHUT_WR)
+            self.passed[side] = True
+
+    def wanted(self, side: int) -> int:
+        """The poll events ``ends[side]`` waits for: bytes to read while there is room, room to write."""
+        events = 0
+        if not self.ended[side] and len(self.held[side]) < RELAY_BUFFER:
+            events |= select.POLLIN
+        if self.held[1 - side]:
+            events |= select.POLLOUT
+        return events
+
+    @property
+    def done(self) -> bool:
+        """Both directions ended and were passed on."""
+        return self.passed[0] and self.passed[1]
+
+
+class Relays:
+    """A run's listeners, one per data source, and the connections relayed through them, served
+    from the run's poll loop (``handle``)."""
+
+    def __init__(self, sources: "list[list[str]]", poller: "select.poll") -> None:
+        """Listen on the loopback for each ``(name, unix socket path)`` of ``sources``; ``poller``
+        waits for their connections from now on."""
+        self.poller = poller
+        self.listeners: dict[int, tuple[_socket.socket, str]] = {}
+        """By descriptor: a source's listener and the path of its Unix socket."""
+        self.relays: dict[int, tuple[Relay, int]] = {}
+        """By descriptor: the relay that socket is an end of, and which end."""
+        self.env: list[str] = []
+        """The program's variables naming the listeners: name, value, name, value..."""
+        self.ports: list[int] = []
+        open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        room = MAX_RELAYS if open_files < 0 else (open_files - AGENT_FDS - len(sources)) // 2
+        self.max_relays = max(0, min(MAX_RELAYS, room))
+        for name, path in sources:
+            listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(MAX_RELAYS)
+            listener.setblocking(False)
+            port = int(listener.getsockname()[1])
+            self.listeners[listener.fileno()] = (listener, path)
+            self.poller.register(listener.fileno(), select.POLLIN)
+            self.ports.append(port)
+            upper = name.upper()
+            self.env += [
+                f"WARMPOD_SOURCE_{upper}",
+                f"127.0.0.1:{port}",
+                f"WARMPOD_SOURCE_{upper}_HOST",
+                "127.0.0.1",
+                f"WARMPOD_SOURCE_{upper}_PORT",
+                str(port),
+            ]
+
+    def handle(self, fd: int) -> None:
+        """Serve what happened on ``fd``, a listener's or a relay's (nothing if it is neither now)."""
+        if fd in self.listeners:
+            self.accept(*self.listeners[fd])
+            return
+        found = self.relays.get(fd)
+        if found is None:
+            return  # an end of a relay dropped earlier in the same wake-up
+        relay = found[0]
+        try:
+            relay.pump(0)
+            relay.pump(1)
+        except OSError:
+            self.drop(relay)
+            return
+        if relay.done:
+            self.drop(relay)
+        else:
+            self.watch(relay)
+
+    def accept(self, listener: _socket.socket, path: str) -> None:
+        """Take the connections waiting on ``listener``: relay each to ``path``, or close it at once
+        past ``max_relays`` or where the server's socket cannot be reached."""
+        for _ in range(RELAY_ACCEPTS):
+            try:
+                fd, _address = listener._accept()  # type: ignore[attr-defined]  # socket.accept's C half
+            except BlockingIOError:
+                return
+            except OSError:  # the connection was reset before it was taken
+                continue
+            program = _socket.socket(fileno=fd)
+            if len(self.relays) // 2 >= self.max_relays:
+                program.close()
+                continue
+            server = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            try:
+                server.setblocking(False)
+                # A Unix socket connects at once, or fails at once (EAGAIN: the server's backlog is full).
+                server.connect(path)
+                program.setblocking(False)
+                # What the program sent goes on as it came: its own writes already chose the sizes.
+                program.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            except OSError:
+                server.close()
+                program.close()
+                continue
+            relay = Relay(program, server)
+            for side, end in enumerate(relay.ends):
+                self.relays[end.fileno()] = (relay, side)
+            self.watch(relay)
+
+    def watch(self, relay: Relay) -> None:
+        """Wait on each end of ``relay`` for what it can do now; an end that can do nothing is not
+        polled at all, so that a hang-up it reports cannot wake the loop again and again."""
+        for side, end in enumerate(relay.ends):
+            wanted = relay.wanted(side)
+            if wanted == relay.events[side]:
+                continue
+            if not wanted:
+                self.poller.unregister(end.fileno())
+            elif relay.events[side]:
+                self.poller.modify(end.fileno(), wanted)
+            else:
+                self.poller.register(end.fileno(), wanted)
+            relay.events[side] = wanted
+
+    def drop(self, relay: Relay) -> None:
+        """Close both ends of ``relay``."""
+        for side, end in enumerate(relay.ends):
+            if relay.events[side]:
+                self.poller.unregister(end.fileno())
+            self.relays.pop(end.fileno(), None)
+            end.close()
+
+    def shut(self) -> None:
+        """Take no more connections: close the listeners (the program's next connects are refused)."""
+        for fd, (listener, _path) in self.listeners.items():
+            self.poller.unregister(fd)
+            listener.close()
+        self.listeners.clear()
+
+    def close(self) -> None:
+        """Cut every connection, once what the program sent before it ended went on as far as the
+        server's socket takes it without waiting."""
+        self.shut()
+        for relay, side in list(self.relays.values()):
+            if side == 0:
+                try:
+                    relay.pump(0)
+                except OSError:
+                    pass
+                self.drop(relay)
 
 
 class Run:
@@ -677,7 +916,18 @@ class Run:
         args = [str(arg).encode() for arg in job.get("args") or []]
         env = [str(part).encode() for pair in job.pop("env", None) or [] for part in pair]
         files = [(path.encode(), binascii.a2b_base64(content)) for path, content in job.pop("files", [])]
-        self.pieces = job_pieces(self.cpu_limit or 0, address_space, entrypoint, code, args, env, files)
+        self.poller = select.poll()
+        sources = job.get("sources") or []
+        self.relays = Relays(sources, self.poller) if sources else None
+        """The data sources' listeners and connections; None for a job without sources."""
+        ports = []
+        if self.relays is not None:
+            # After the job's own: the names are the agent's (the server refuses WARMPOD_ ones).
+            env += [part.encode() for part in self.relays.env]
+            ports = self.relays.ports
+        self.pieces = job_pieces(
+            self.cpu_limit or 0, address_space, entrypoint, code, args, env, files, ports
+        )
         """What the bootstrap reads on its job pipe, in order."""
         del code, args, env, files
         self.oom_before, self.pids_before = oom_kills(), pids_max_hits()
@@ -702,7 +952,6 @@ class Run:
         self.truncated = {"stdout": False, "stderr": False}
         self.outputs = {proc.stdout, proc.stderr}
         """The program's output pipes still open."""
-        self.poller = select.poll()
         self.stdin_fd = -1
         self.pidfd = -1
 
@@ -734,6 +983,8 @@ class Run:
             self.limits_hit.append(reason)
         # Orphans (double forks, setsid) would hold the pipes open; an exited program's children end too.
         kill_everything()
+        if self.relays is not None:
+            self.relays.shut()
         drained = time.monotonic() + DRAIN_GRACE
         # The wall time stops the run at end_by itself: the grace starts there.
         self.end_by = drained if reason == "wall_time" else min(self.end_by, drained)
@@ -765,6 +1016,8 @@ class Run:
                     self.feed_stdin()
                 elif fd in self.outputs:
                     self.pump_output(fd)
+                elif self.relays is not None:
+                    self.relays.handle(fd)
             due = self.pending.due()
             if due is not None and time.monotonic() >= due:
                 self.pending.flush()
@@ -847,6 +1100,9 @@ class Run:
         # Nothing of the program may run while its files are read: none can swap one for a link.
         kill_everything()
         reap(self.proc)
+        if self.relays is not None:
+            # Every connection ends with the run, before the result: the server's counts are final then.
+            self.relays.close()
         files_truncated = send_files(conn, int(job.get("out_count") or 0), int(job.get("out_bytes") or 0))
         return {
             "type": "result",

@@ -22,6 +22,7 @@ import sys
 # Annotations name it for mypy only: importing typing would cost every run's start.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import NoReturn
 
 
@@ -31,8 +32,12 @@ OUT_DIR = "out"
 EXIT_NAME = "warmpod-exit"
 
 
-def boot() -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's own process, its names deleted before the program runs
-    """Preload, report ready, take the job, run the program as ``__main__``, end like Py_Finalize."""
+def boot(restrict_connects: "Callable[[list[int]], None]") -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's own process, its names deleted before the program runs
+    """Preload, report ready, take the job, run the program as ``__main__``, end like Py_Finalize.
+
+    ``restrict_connects(ports)`` is the agent's: it lets this process connect by TCP to ``ports``
+    only and bind none (pool/agent.py), called with the job's relay ports when it has any.
+    """
     failed = []
     if len(sys.argv) > 1:
         # What the imports print or warn would otherwise reach the run's output as the program's.
@@ -68,10 +73,12 @@ def boot() -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's
             break
         job += chunk
     os.close(3)
-    # "cpu address_space nargs nenv" and the length of each piece, a newline, then the pieces:
-    # the entrypoint, its code, the args, the env's names and values, the files' paths and contents.
+    # "cpu address_space nargs nenv nports", the ports and the length of each piece, a newline, then
+    # the pieces: the entrypoint, its code, the args, the env's names and values, the files' paths
+    # and contents.
     newline = job.index(b"\n")
-    cpu_seconds, address_space, nargs, nenv, *lengths = (int(v) for v in job[:newline].split())
+    cpu_seconds, address_space, nargs, nenv, nports, *numbers = (int(v) for v in job[:newline].split())
+    ports, lengths = numbers[:nports], numbers[nports:]
     view = memoryview(job)[newline + 1 :]
     pieces = []
     for size in lengths:
@@ -82,6 +89,14 @@ def boot() -> "NoReturn":  # noqa: C901  # one ordered sequence in the program's
     args = [bytes(arg).decode() for arg in pieces[2 : 2 + nargs]]
     install(pieces[2 + nargs : 2 + nargs + nenv], pieces[2 + nargs + nenv :])
     del view, pieces, job
+    if ports:
+        # Its data sources' relays are all the program may reach by TCP, and it may listen on none.
+        try:
+            restrict_connects(ports)
+        except OSError as exc:
+            print(f"warmpod: could not confine the program's network: {exc}", file=sys.stderr)
+            end(1)
+    del ports, numbers, restrict_connects
     if cpu_seconds or address_space:
         import resource
 

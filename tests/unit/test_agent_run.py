@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, get_args
 
 import pytest
 from support.fakes import POOL_DIR, pool_module
+from support.sources import SourceServer
 
 from warmpod import models
 from warmpod.sandbox import files, protocol, runner, sandbox
@@ -281,3 +283,40 @@ def test_stdin_is_fed_and_the_output_streamed_until_the_program_exits(
     result = run.finish(conn, the_job)
     assert (result["exit_code"], result["limits_hit"]) == (3, [])
     assert sent == [("stdout", b"hello")]
+
+
+def test_a_runs_data_sources_are_relayed_while_it_runs_and_cut_when_it_ends(
+    agent: ModuleType, spawn: Callable[[list[str]], Child], conn: socket.socket, tmp_path: Path
+) -> None:
+    """A job's sources get listeners named in the program's environment and ports in the job's
+    header; connections carry bytes while the program runs, refused once it stopped, and all cut
+    by the end of the run."""
+    source = SourceServer(tmp_path / "source-0.sock")
+    child = spawn(["/bin/sleep", "30"])
+    the_job = job(timeout=10.0, cap=100)
+    the_job["sources"] = [["warehouse", str(source.path)]]
+    run = agent.Run(agent.PendingOutput(conn), child.proc, the_job)
+    port = run.relays.ports[0]
+    header = run.pieces[0].split()
+    assert header[4:6] == [b"1", str(port).encode()]
+    assert b"WARMPOD_SOURCE_WAREHOUSE" in run.pieces
+    assert f"127.0.0.1:{port}".encode() in run.pieces
+    run.start(child.job_w)
+    watching = threading.Thread(target=run.watch)
+    watching.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as program:
+            program.sendall(b"select 1")
+            assert program.recv(8) == b"select 1"
+            child.kill()
+            watching.join(5)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5)
+            result = run.finish(conn, the_job)
+            assert program.recv(1) == b""
+        assert source.ended[0].wait(5)
+        assert result["exit_code"] == -signal.SIGKILL
+        assert run.relays.relays == {}
+    finally:
+        watching.join(5)
+        source.close()
