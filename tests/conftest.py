@@ -56,6 +56,8 @@ ALLOWED_TO_BLOCK = [
     # Per request, and small: the keys file's stat (and a read when it changed) that lets a
     # rotation take effect without a restart; the playground's page, read from the package.
     ("warmpod/keys.py", {"current"}),
+    # The same for the sources file, per request and per run that asks for a source.
+    ("warmpod/sources.py", {"_current"}),
     ("warmpod/http/web.py", {"playground"}),
     # `warmpod keys add|remove`'s functions: a command's, which tests call to edit the keys file.
     ("warmpod/keys.py", {"add", "remove"}),
