@@ -92,6 +92,7 @@ def test_job_frame_decodes_as_the_agent_reads_it() -> None:
         files=[("data/a.csv", b"x,y\n\xff")],
         out_count=3,
         out_bytes=1000,
+        sources=[("warehouse", "/run/warmpod/source-0.sock")],
     )
     data = protocol.encode(job)
     (size,) = struct.unpack(">I", data[:4])
@@ -111,6 +112,7 @@ def test_job_frame_decodes_as_the_agent_reads_it() -> None:
         "entrypoint": "main.py",
         "args": [],
         "env": [],
+        "sources": [["warehouse", "/run/warmpod/source-0.sock"]],
     }
     assert base64.b64decode(message["code"]) == code
     assert base64.b64decode(message["stdin"]) == job.stdin

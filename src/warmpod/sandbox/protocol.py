@@ -78,6 +78,9 @@ class Job(msgspec.Struct, tag="job", forbid_unknown_fields=True):
     args: list[str] = []
     env: list[tuple[str, str]] = []
     """Variables added to the program's environment, its secrets' values among them."""
+    sources: list[tuple[str, str]] = []
+    """``(name, socket path inside the container)`` of each data source: the agent relays the
+    program's connections to ``WARMPOD_SOURCE_<NAME>`` to that socket, where the server listens."""
 
 
 class Output(msgspec.Struct, tag="output", forbid_unknown_fields=True):
