@@ -4,6 +4,7 @@ the relay's Unix sockets; bytes both ways, each limit cutting its case, and ever
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import stat
 import time
@@ -403,6 +404,27 @@ async def test_an_upstream_that_is_down_is_a_clean_close_counted_refused(tmp_pat
         await conn.aclose()
         assert relay.usage()["down"] == SourceUse(connections=0, refused=1, bytes_in=0, bytes_out=0)
     assert counted("down", "warmpod_source_refused_total") - refused == 1
+
+
+async def test_a_failure_a_program_repeats_is_logged_once_a_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upstream that is down is a warning naming it the first time, then debug lines: a program
+    connecting again and again cannot flood the server's log."""
+    caplog.set_level(logging.DEBUG, logger="warmpod.sandbox.relay")
+    port = closed_port()
+    async with relayed(tmp_path / "s", down=local(port)) as relay:
+        for _ in range(5):
+            conn = await agent(tmp_path / "s")
+            with anyio.fail_after(5):
+                assert await read_all(conn) == b""
+            await conn.aclose()
+        with anyio.fail_after(5):
+            while relay.usage()["down"].refused < 5:
+                await anyio.sleep(0.01)
+    told = [r for r in caplog.records if f"cannot connect to 127.0.0.1:{port}" in r.getMessage()]
+    assert [r.levelno for r in told] == [logging.WARNING] + [logging.DEBUG] * 4
+    assert told[0].getMessage().startswith("data source down: ")
 
 
 async def test_an_upstream_that_does_not_answer_is_given_up_after_the_connect_timeout(tmp_path: Path) -> None:

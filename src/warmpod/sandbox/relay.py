@@ -57,6 +57,14 @@ class _Lane:
         self._connections = metrics.SOURCE_CONNECTIONS.labels(source=name)
         self._refused = metrics.SOURCE_REFUSED.labels(source=name)
         self._bytes = {d: metrics.SOURCE_BYTES.labels(source=name, direction=d) for d in ("in", "out")}
+        self._told: set[str] = set()
+
+    def tell(self, level: int, kind: str, message: str, *args: object) -> None:
+        """Log ``message`` about this source at ``level`` the first time this run meets ``kind``,
+        at debug level after: a program can make it happen as often as it likes."""
+        first = kind not in self._told
+        self._told.add(kind)
+        log.log(level if first else logging.DEBUG, f"data source %s: {message}", self.name, *args)
 
     def admits(self) -> bool:
         """Whether one more connection may open: below ``max_connections``, bytes left both ways."""
@@ -187,7 +195,7 @@ async def _accept(lane: _Lane, listener: socket.socket, tg: TaskGroup) -> None:
             continue
         except OSError as exc:
             # Out of files (EMFILE, ENFILE): the connection waits in the backlog meanwhile.
-            log.warning("data source %s: cannot accept a connection: %s", lane.name, exc)
+            lane.tell(logging.WARNING, "accept", "cannot accept a connection: %s", exc)
             await anyio.sleep(REFUSE_PAUSE)
             continue
         if not lane.admits():
@@ -225,13 +233,8 @@ async def _open_upstream(lane: _Lane) -> ByteStream | None:
         with anyio.fail_after(source.connect_timeout):
             return await anyio.connect_tcp(source.host, source.port)
     except OSError as exc:  # TimeoutError among them
-        log.warning(
-            "data source %s: cannot connect to %s:%d: %s",
-            lane.name,
-            source.host,
-            source.port,
-            exc or "timeout",
-        )
+        reason = str(exc) or f"no answer in {source.connect_timeout:g} s"
+        lane.tell(logging.WARNING, "connect", "cannot connect to %s:%d: %s", source.host, source.port, reason)
         return None
 
 
@@ -244,7 +247,7 @@ async def _carry(lane: _Lane, agent: ByteStream, upstream: ByteStream) -> None:
             tg.start_soon(_pipe, lane, "out", agent, upstream, scope)
             tg.start_soon(_pipe, lane, "in", upstream, agent, scope)
     if scope.cancelled_caught and anyio.current_time() >= scope.deadline:
-        log.info("data source %s: a connection idle for %g s was cut", lane.name, idle)
+        lane.tell(logging.INFO, "idle", "a connection idle for %g s was cut", idle)
 
 
 async def _pipe(
@@ -274,6 +277,6 @@ async def _pipe(
             lane.moved(direction, allowed)
             scope.deadline = anyio.current_time() + lane.source.idle_timeout
         if allowed < len(data):
-            log.info("data source %s: a connection reached max_bytes_%s and was cut", lane.name, direction)
+            lane.tell(logging.INFO, direction, "a connection reached max_bytes_%s and was cut", direction)
             scope.cancel()
             return
