@@ -203,10 +203,11 @@ def test_a_run_without_sources_has_an_empty_map(served: Sources) -> None:
 
 # The sockets: the sandbox's root reaches them, the program does not ---------------------------
 
-# What the agent does with a source's socket, done by hand as the container's root (podman exec).
+# What the agent does with a source's socket, done by hand as the container's root (podman exec);
+# then it tells the program, which waits for it, that it may end.
 _AS_AGENT = (
     "import socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/warmpod/source-0.sock'); "
-    "s.sendall(b'hi'); s.shutdown(socket.SHUT_WR); print(repr(s.recv(10)))"
+    "s.sendall(b'hi'); s.shutdown(socket.SHUT_WR); open('/tmp/relayed', 'w').close()"
 )
 
 
@@ -220,18 +221,20 @@ def test_only_the_sandboxs_root_reaches_the_relay_socket(served: Sources) -> Non
             json={
                 "code": dedent(
                     """
-                    import socket, time
+                    import os, socket, time
                     try:
                         socket.socket(socket.AF_UNIX).connect("/run/warmpod/source-0.sock")
                         print("connected")
                     except OSError as exc:
                         print(type(exc).__name__)
-                    time.sleep(4)
+                    deadline = time.monotonic() + 40
+                    while not os.path.exists("/tmp/relayed") and time.monotonic() < deadline:
+                        time.sleep(0.05)
                     """
                 ),
                 "sources": ["hold"],
                 "wait": False,
-                "timeout": 20,
+                "timeout": MAX_TIMEOUT,
             },
         )
         assert submitted.status_code == 202, submitted.text
@@ -243,7 +246,7 @@ def test_only_the_sandboxs_root_reaches_the_relay_socket(served: Sources) -> Non
                     return True
             return False
 
-        assert wait_until(relayed_as_root, timeout=15)
+        assert wait_until(relayed_as_root, timeout=40)
         assert wait_until(lambda: served.holder.accepted > before, timeout=10)
         assert wait_until(
             lambda: client.get(submitted.headers["location"]).json()["status"] not in ("queued", "running"),
