@@ -372,8 +372,11 @@ def test_max_bytes_in_cuts_a_download_at_the_cap(served: Sources) -> None:
         sock = socket.create_connection(tuple(os.environ["WARMPOD_SOURCE_TINY"].rsplit(":", 1)), timeout=10)
         sock.sendall(b"GET /big HTTP/1.0\\r\\n\\r\\n")
         got = 0
-        while chunk := sock.recv(65536):
-            got += len(chunk)
+        try:
+            while chunk := sock.recv(65536):
+                got += len(chunk)
+        except ConnectionResetError:
+            pass  # a cut may come as a reset rather than an end of stream
         print(got)
         """,
         ["tiny"],
@@ -408,7 +411,7 @@ def test_an_upstream_that_is_down_is_a_closed_connection_counted_refused(served:
 def test_connections_past_the_limit_are_refused_and_all_end_with_the_run(served: Sources) -> None:
     """Of many connections held open at once only max_connections reach the upstream; the rest
     are refused; when the run ends the upstream sees every relayed one close."""
-    before = served.holder.accepted
+    before, closed = served.holder.accepted, len(served.holder.closed)
     result = run(
         served,
         """
@@ -433,7 +436,7 @@ def test_connections_past_the_limit_are_refused_and_all_end_with_the_run(served:
     assert use["refused"] >= 1
     assert served.holder.accepted - before == 2
     ended = time.monotonic()
-    assert wait_until(lambda: len(served.holder.closed) >= 2, timeout=10)
+    assert wait_until(lambda: len(served.holder.closed) >= closed + 2, timeout=10)
     assert max(served.holder.closed) - ended < 10
     assert served.live.health().status_code == 200
 
