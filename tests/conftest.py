@@ -78,6 +78,8 @@ ALLOWED_TO_BLOCK = [
     # secrets; the playground's page, read from the package.
     ("warmpod/keys.py", {"current"}),
     ("warmpod/secrets.py", {"_current"}),
+    # The same for the sources file, per request and per run that asks for a source.
+    ("warmpod/sources.py", {"_current"}),
     ("warmpod/http/web.py", {"playground"}),
     # `warmpod keys add|remove`'s functions: a command's, which tests call to edit the keys file.
     ("warmpod/keys.py", {"add", "remove"}),

@@ -107,7 +107,8 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
             print("warmpod: --max-active must be at least 1", file=sys.stderr)
             return 2
         granted = keys.secret_names(args.secrets or "", "--secrets")
-        print(keys.add(path, args.name, args.max_active, granted))
+        reached = keys.source_names(args.sources or "", "--sources")
+        print(keys.add(path, args.name, args.max_active, granted, reached))
         _progress(f"key {args.name!r} added to {path}; it is shown this once")
     elif args.keys_command == "remove":
         keys.remove(path, args.name)
@@ -115,7 +116,8 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
     else:
         for key in keys.KeyFile(path).current() if path.exists() else []:
             quota = "no limit" if key.max_active is None else f"max_active={key.max_active}"
-            print(f"{key.name}\t{quota}\tsecrets={','.join(sorted(key.secrets)) or '-'}")
+            secrets = f"secrets={','.join(sorted(key.secrets)) or '-'}"
+            print(f"{key.name}\t{quota}\t{secrets}\tsources={','.join(sorted(key.sources)) or '-'}")
     return 0
 
 
@@ -146,7 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     add_cmd.add_argument(
         "--secrets", metavar="A,B", help="the secrets (WARMPOD_SERVER__SECRETS_FILE) its runs may ask for"
     )
-    keys_cmds.add_parser("list", help="list the keys' names, quotas and secrets (never their hashes)")
+    add_cmd.add_argument(
+        "--sources", metavar="a,b", help="the data sources (WARMPOD_SOURCES__FILE) its runs may reach"
+    )
+    keys_cmds.add_parser(
+        "list", help="list the keys' names, quotas, secrets and sources (never their hashes)"
+    )
     remove_cmd = keys_cmds.add_parser("remove", help="remove a key: requests with it get 401 at once")
     remove_cmd.add_argument("name")
     for command in (add_cmd, keys_cmds.choices["list"], remove_cmd):

@@ -10,6 +10,7 @@ WarmpodError
 │   ├── InvalidFile    an input file's path, content or size is not allowed (422)
 │   └── InvalidProgram the entrypoint, an argument or an environment variable is not allowed (422)
 ├── SecretDenied       a run asks for a secret that does not exist or its key may not use (403)
+├── SourceDenied       a run asks for a data source that does not exist or its key may not use (403)
 ├── QueueFull          the queue holds as many runs as it may (429)
 │   └── KeyBusy        the run's API key has as many runs queued or running as it may (429)
 ├── Throttled          a client sends faster than its rate, or has as many requests in flight as it may (429)
@@ -66,6 +67,11 @@ class InvalidProgram(InvalidRun):
 class SecretDenied(WarmpodError):
     """Raised when a run asks for a secret that is not in the secrets file or that its key may not
     use; the message names the secret, never its value."""
+
+
+class SourceDenied(WarmpodError):
+    """Raised when a run asks for a data source that is not in the sources file or that its key may
+    not use; the message names the source."""
 
 
 class QueueFull(WarmpodError):

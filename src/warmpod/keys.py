@@ -17,6 +17,8 @@ from warmpod.watched import WatchedFile
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HASH = re.compile(r"[0-9a-f]{64}")
+SOURCE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+"""A data source's name (``sources.Source``): its program's variables are named after it."""
 KEY_BYTES = 32
 """Entropy of a generated key; it is written as URL-safe base64 (43 characters)."""
 
@@ -31,12 +33,15 @@ class Key:
     """Runs of this key queued or running at once; None for no limit of its own."""
     secrets: frozenset[str] = frozenset()
     """The operator's secrets its runs may ask for (``secrets=A,B``)."""
+    sources: frozenset[str] = frozenset()
+    """The operator's data sources its runs may ask for (``sources=a,b``)."""
 
     def line(self) -> str:
         """Its line in the keys file."""
         quota = "" if self.max_active is None else f":max_active={self.max_active}"
         granted = f":secrets={','.join(sorted(self.secrets))}" if self.secrets else ""
-        return f"{self.name}:{self.digest}{quota}{granted}\n"
+        reached = f":sources={','.join(sorted(self.sources))}" if self.sources else ""
+        return f"{self.name}:{self.digest}{quota}{granted}{reached}\n"
 
 
 def digest(key: str) -> str:
@@ -59,8 +64,9 @@ def parse(text: str, source: str) -> list[Key]:
         hashed, _, options = rest.partition(":")
         if not _NAME.fullmatch(name) or not _HASH.fullmatch(hashed):
             raise SettingsError(
-                f"{source} line {number}: expected NAME:SHA256_HEX[:max_active=N][:secrets=A,B] "
-                "(NAME letters, digits, '.', '_' or '-'; the hash 64 lowercase hex digits)"
+                f"{source} line {number}: expected "
+                "NAME:SHA256_HEX[:max_active=N][:secrets=A,B][:sources=a,b] (NAME letters, digits, "
+                "'.', '_' or '-'; the hash 64 lowercase hex digits)"
             )
         if any(key.name == name for key in keys):
             raise SettingsError(f"{source} line {number}: the name {name!r} is given twice")
@@ -69,7 +75,8 @@ def parse(text: str, source: str) -> list[Key]:
 
 
 def _options(text: str, where: str) -> dict[str, Any]:
-    """A key line's options after its hash: ``max_active=N`` and ``secrets=A,B``, each at most once."""
+    """A key line's options after its hash: ``max_active=N``, ``secrets=A,B`` and ``sources=a,b``,
+    each at most once."""
     found: dict[str, Any] = {}
     for option in filter(None, text.split(":")):
         name, _, value = option.partition("=")
@@ -81,9 +88,11 @@ def _options(text: str, where: str) -> dict[str, Any]:
             found[name] = int(value)
         elif name == "secrets":
             found[name] = secret_names(value, where)
+        elif name == "sources":
+            found[name] = source_names(value, where)
         else:
             raise SettingsError(
-                f"{where}: unknown option {name!r}: the options are max_active=N and secrets=A,B"
+                f"{where}: unknown option {name!r}: the options are max_active=N, secrets=A,B and sources=a,b"
             )
     return found
 
@@ -99,6 +108,22 @@ def secret_names(value: str, where: str) -> frozenset[str]:
         problem = name_problem(name)
         if problem is not None:
             raise SettingsError(f"{where}: the secret name {name[:64]!r} {problem}")
+    return names
+
+
+def source_names(value: str, where: str) -> frozenset[str]:
+    """The names of a ``sources=a,b`` list.
+
+    Raises:
+        SettingsError: one is not a source's name.
+    """
+    names = frozenset(part.strip() for part in value.split(",") if part.strip())
+    for name in names:
+        if not SOURCE_NAME.fullmatch(name):
+            raise SettingsError(
+                f"{where}: the source name {name[:64]!r} must be 1-32 lowercase letters, digits or '_', "
+                "starting with a letter"
+            )
     return names
 
 
@@ -136,8 +161,16 @@ class KeyFile:
         return found
 
 
-def add(path: Path, name: str, max_active: int | None = None, granted: frozenset[str] = frozenset()) -> str:
+def add(
+    path: Path,
+    name: str,
+    max_active: int | None = None,
+    granted: frozenset[str] = frozenset(),
+    sources: frozenset[str] = frozenset(),
+) -> str:
     """Create a key named ``name``, append its hash to the keys file (made 0600), and return the key.
+
+    ``granted`` names the secrets its runs may ask for, ``sources`` the data sources.
 
     Raises:
         SettingsError: the name is not allowed, is taken, or the file cannot be written.
@@ -148,7 +181,7 @@ def add(path: Path, name: str, max_active: int | None = None, granted: frozenset
     if any(key.name == name for key in existing):
         raise SettingsError(f"{path} already has a key named {name!r}: remove it first to replace it")
     key = secrets.token_urlsafe(KEY_BYTES)
-    line = Key(name, digest(key), max_active, granted).line()
+    line = Key(name, digest(key), max_active, granted, sources).line()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -47,6 +47,23 @@ REFILL_FAILURES = Counter("warmpod_refill_failures_total", "Pool containers that
 PODMAN_CALL = Histogram(
     "warmpod_podman_call_seconds", "Seconds of each Podman API call, by call", ["call"], buckets=_CALL_BUCKETS
 )
+SourceDirection = Literal["in", "out"]
+"""Bytes ``in`` from a data source's upstream to the program, ``out`` from the program to it."""
+SOURCE_CONNECTIONS = Counter(
+    "warmpod_source_connections_total",
+    "Connections relayed to a data source's upstream, by source",
+    ["source"],
+)
+SOURCE_REFUSED = Counter(
+    "warmpod_source_refused_total",
+    "Connections to a data source closed at once (past its limits, or its upstream unreachable), by source",
+    ["source"],
+)
+SOURCE_BYTES = Counter(
+    "warmpod_source_bytes_total",
+    "Bytes relayed between programs and a data source, by source and direction (in: to the program)",
+    ["source", "direction"],
+)
 for _status in FINAL_STATUSES:
     RUNS.labels(status=_status)
 for _limit in LIMITS:

@@ -62,6 +62,10 @@ class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     secrets: list[str] = []
     """Names of the operator's secrets to hand the program as environment variables; their
     values are masked (``***``) in its output and never stored."""
+    sources: list[str] = []
+    """Names of the operator's data sources the program may reach: each is relayed from
+    ``WARMPOD_SOURCE_<NAME>`` (``127.0.0.1:PORT``, with ``_HOST`` and ``_PORT``) inside the sandbox
+    to its upstream, within the source's limits, until the run ends."""
     timeout: Annotated[float, Meta(gt=0)] | None = None
     """Wall-time limit in seconds; the server's default when absent, at most its maximum."""
     cpu_time: Annotated[int, Meta(gt=0)] | None = None
@@ -103,8 +107,24 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     env: tuple[tuple[str, str], ...] = ()
     secrets: tuple[str, ...] = ()
     """The names of the secrets it asked for: the node that runs it resolves their values."""
+    sources: tuple[str, ...] = ()
+    """The names of the data sources it asked for: the node that runs it resolves their addresses."""
     warm: bool = False
     """It imports libraries: a sandbox whose interpreter preloaded them serves it best."""
+
+
+class SourceUse(msgspec.Struct, kw_only=True):
+    """What a run did with one of its data sources, as the server's relay counted it."""
+
+    connections: int = 0
+    """Connections relayed to the upstream."""
+    refused: int = 0
+    """Connections closed at once: past the source's ``max_connections`` or its byte caps, or the
+    upstream could not be reached."""
+    bytes_in: int = 0
+    """Bytes from the upstream to the program."""
+    bytes_out: int = 0
+    """Bytes from the program to the upstream."""
 
 
 class RunResult(msgspec.Struct, kw_only=True):
@@ -136,6 +156,8 @@ class RunResult(msgspec.Struct, kw_only=True):
     because their names are not UTF-8."""
     node: str | None = None
     """The node that ran it (``WARMPOD_NODE__NAME``); null while it is queued."""
+    sources: dict[str, SourceUse] = {}
+    """What the program did with each data source it asked for, by name (empty when it asked for none)."""
 
     @classmethod
     def from_server(

@@ -27,6 +27,7 @@ from warmpod.sandbox.runner import Runner
 from warmpod.sandbox.selftest import self_test
 from warmpod.secrets import Secrets
 from warmpod.settings import Settings
+from warmpod.sources import Sources
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ class Service:
     """What the runner image installed, as the start-up probe read it (``GET /environment``)."""
     secrets: Secrets = field(default_factory=lambda: Secrets(None))
     """The operator's secrets file: who may ask for what (the runner reads the values)."""
+    sources: Sources = field(default_factory=lambda: Sources(None))
+    """The operator's sources file: who may reach what (the runner relays them)."""
 
     def health(self) -> Health:
         """The service's state for ``GET /health``."""
@@ -104,11 +107,13 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
     """Start everything the service needs, yield it, and remove all of it on exit.
 
     Raises:
-        SettingsError: the secrets file cannot be read, is malformed or may be read by others.
+        SettingsError: the secrets file cannot be read, is malformed or may be read by others, or
+            the sources file cannot be read or is malformed.
         EngineError: Podman cannot be reached.
         ImageError: the runner image has not been built.
     """
     secrets = Secrets(Path(settings.server.secrets_file) if settings.server.secrets_file else None)
+    sources = Sources(Path(settings.sources.file) if settings.sources.file else None)
     state = podman_service.state_dir(settings.engine)
     try:
         async with podman_service.running(settings.engine, state) as podman:
@@ -141,7 +146,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(podman.keep_alive)
                         await tg.start(pool.serve)
-                        runner = Runner(pool, settings.limits, settings.files, secrets)
+                        runner = Runner(pool, settings.limits, settings.files, secrets, sources)
                         # /health stays 503 until a real sandbox has shown every layer on.
                         environment = await self_test(
                             pool, runner, settings, cgroups=info.can_limit, userns=userns or info.rootless
@@ -152,7 +157,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                             store, pool, runner, settings.queue, workers, settings.files, settings.node
                         )
                         await tg.start(queue.serve)
-                        yield Service(settings, ref, info, pool, runner, queue, environment, secrets)
+                        yield Service(settings, ref, info, pool, runner, queue, environment, secrets, sources)
                         await queue.workers.drain(settings.server.shutdown_grace)
                         tg.cancel_scope.cancel()
                 finally:

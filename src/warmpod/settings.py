@@ -264,6 +264,18 @@ class FileSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     about a run weighs however many files the run left (``WARMPOD_FILES__INLINE_TOTAL_BYTES``)."""
 
 
+class SourceSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Data sources: the upstreams a run may reach through the server's relay, and nothing else."""
+
+    file: str = ""
+    """The sources file (TOML), re-read when it changes: one table per source, ``[warehouse]`` with
+    ``host`` and ``port`` and, optionally, its limits per run: ``max_connections`` (at once, default
+    4), ``max_bytes_in`` and ``max_bytes_out`` (from the upstream to the program and back, default
+    256 MiB and 16 MiB), ``idle_timeout`` and ``connect_timeout`` (seconds, default 30 and 5). A run
+    asks for sources by name (``sources``); with a keys file, a key uses only the sources its
+    ``sources=`` grants; empty, no run may ask for one (``WARMPOD_SOURCES__FILE``)."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """All of warmpod's configuration."""
 
@@ -275,6 +287,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     node: NodeSettings = msgspec.field(default_factory=NodeSettings)
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     files: FileSettings = msgspec.field(default_factory=FileSettings)
+    sources: SourceSettings = msgspec.field(default_factory=SourceSettings)
 
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -70,6 +70,7 @@ async def test_run_json_returns_the_run_result(
         "files": [],
         "files_truncated": False,
         "node": NODE,
+        "sources": {},
     }
     assert runner.calls == [(b"print(1)", "é\n".encode(), 2.5)]
 
@@ -374,6 +375,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "args",
         "env",
         "secrets",
+        "sources",
     }
     assert components["RunRequest"]["properties"]["files"]["items"]["$ref"].endswith("/InputFile")
     assert set(components["InputFile"]["properties"]) == {"path", "content"}
@@ -392,7 +394,10 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "files",
         "files_truncated",
         "node",
+        "sources",
     }
+    assert set(components["SourceUse"]["properties"]) == {"connections", "refused", "bytes_in", "bytes_out"}
+    assert set(run_json["responses"]) == {"200", "202", "400", "401", "403", "413", "422", "429", "503"}
 
 
 # Upkeep -----------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from support.sources import Serve, SourceServer, echo
 from warmpod.host import image, podman_service
 from warmpod.host.facts import own_user_namespaces
 from warmpod.host.image import context_dir
-from warmpod.host.podman_api import Runtime
+from warmpod.host.podman_api import PodmanApi
 from warmpod.sandbox.protocol import Job, Output, Result
 from warmpod.sandbox.sandbox import AGENT_DIR, Sandbox
 from warmpod.settings import Settings, from_env
@@ -65,9 +65,11 @@ class Ran:
 class Sandboxes:
     """Makes real sandboxes as the pool does and runs one program in each, its sources served by the test."""
 
-    def __init__(self, settings: Settings, runtime: Runtime, state: Path, *, can_limit: bool, userns: bool):
+    def __init__(
+        self, settings: Settings, podman_api: PodmanApi, state: Path, *, can_limit: bool, userns: bool
+    ):
         self.settings = settings
-        self.runtime = runtime
+        self.podman_api = podman_api
         self.state = state
         self.can_limit = can_limit
         self.userns = userns
@@ -88,7 +90,7 @@ class Sandboxes:
         directory = self.state / f"sources-{next(self.serial)}"
         directory.mkdir(mode=0o700)
         sandbox = await Sandbox.start(
-            self.runtime,
+            self.podman_api,
             image=self.image,
             seccomp_profile=self.seccomp,
             name=f"warmpod-sources-{uuid.uuid4().hex[:8]}",
@@ -141,16 +143,16 @@ async def sandboxes() -> AsyncIterator[Sandboxes]:
     settings = from_env(limits={"memory_mb": MEMORY_MB, "pids": PIDS, "cpu_time": CPU_TIME})
     state = Path(tempfile.mkdtemp(prefix="wp-sources-", dir="/tmp"))
     async with podman_service.running(settings.engine, state) as podman:
-        runtime = Runtime(podman.url, settings.engine.api_concurrency)
+        podman_api = PodmanApi(podman.url, settings.engine.api_concurrency)
         try:
-            info = await runtime.info()
-            if not await runtime.image_exists(image.image_ref(settings)):
+            info = await podman_api.info()
+            if not await podman_api.image_exists(image.image_ref(settings)):
                 await anyio.to_thread.run_sync(image.build_image, settings, print)
             userns = own_user_namespaces(settings, rootless=info.rootless)
-            yield Sandboxes(settings, runtime, state, can_limit=info.can_limit, userns=userns)
-            assert await runtime.list_labelled(LABEL) == []
+            yield Sandboxes(settings, podman_api, state, can_limit=info.can_limit, userns=userns)
+            assert await podman_api.list_labelled(LABEL) == []
         finally:
-            runtime.close()
+            podman_api.close()
     shutil.rmtree(state, ignore_errors=True)
 
 

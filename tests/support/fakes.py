@@ -10,7 +10,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Literal
@@ -94,6 +94,12 @@ def sleep(seconds: float) -> dict[str, Any]:
     return {"type": "sleep", "seconds": seconds}
 
 
+def call(action: Callable[[dict[str, Any]], Awaitable[None]]) -> dict[str, Any]:
+    """Not a message: ``scripted_sandbox``'s agent awaits ``action(job)`` before its next one (to
+    use the job's data sources, say, as the real agent does for the program)."""
+    return {"type": "call", "action": action}
+
+
 def result(**changes: Any) -> dict[str, Any]:
     """A Result message as ``agent.run_job`` builds it (exit 0, no limit hit), with ``changes``."""
     message: dict[str, Any] = {
@@ -119,20 +125,23 @@ def answer(stdout: bytes, stderr: bytes) -> list[dict[str, Any]]:
 
 @contextlib.asynccontextmanager
 async def scripted_sandbox(
-    *messages: dict[str, Any], hang_up: bool = False, oom: bool = False
+    *messages: dict[str, Any], hang_up: bool = False, oom: bool = False, directory: Path | None = None
 ) -> AsyncIterator[Sandbox]:
-    """A leased sandbox whose agent answers the job with ``messages`` (``sleep(seconds)`` pauses it),
-    then waits to be hung up on (or, with ``hang_up``, goes away itself, as an agent killed with its
-    container does); its engine can lower its memory limit, and says it was OOM-killed if ``oom``."""
+    """A leased sandbox whose agent answers the job with ``messages`` (``sleep(seconds)`` pauses it,
+    ``call(action)`` awaits an action on the job), then waits to be hung up on (or, with ``hang_up``,
+    goes away itself, as an agent killed with its container does); its engine can lower its memory
+    limit, and says it was OOM-killed if ``oom``. ``directory`` is its host directory, if it needs one."""
     server_end, agent_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     async with UnixStream(server_end) as server, UnixStream(agent_end) as agent:
 
         async def play() -> None:
-            await receive_frame(agent)
+            job = await receive_frame(agent)
             for message in messages:
                 if message["type"] == "sleep":
                     # The delay is the script's: how late the agent answers is what a test sets.
                     await anyio.sleep(message["seconds"])
+                elif message["type"] == "call":
+                    await message["action"](job)
                 else:
                     await send_frame(agent, message)
             if hang_up:
@@ -145,7 +154,7 @@ async def scripted_sandbox(
             yield Sandbox(
                 "c001",
                 "warmpod-fake-1",
-                Path("/nonexistent"),
+                directory or Path("/nonexistent"),
                 Channel(server, MAX_FRAME),
                 engine,
                 can_limit=True,
@@ -437,6 +446,8 @@ class RecordingRunner(Runner):
         """The input files of each run."""
         self.specs: list[RunSpec] = []
         """Each run as it was accepted: its entrypoint, args, env and secrets' names among the rest."""
+        self.sources: list[tuple[str, ...]] = []
+        """The data sources each run asked for."""
         self.left: list[FileChunk] = []
         """File chunks the agent sends, as it would after the program ended; the result lists them."""
         self.run_limits: list[RunLimits] = []
@@ -454,6 +465,7 @@ class RecordingRunner(Runner):
         self.calls.append((spec.code, spec.stdin, spec.timeout))
         self.files.append(spec.files)
         self.specs.append(spec)
+        self.sources.append(spec.sources)
         self.run_limits.append(
             RunLimits(
                 cpu_time=spec.cpu_time, memory_mb=spec.memory_mb, max_output_bytes=spec.max_output_bytes

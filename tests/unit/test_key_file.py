@@ -30,8 +30,25 @@ def test_add_prints_a_fresh_key_once_and_keeps_only_its_hash(
     assert path.read_text().splitlines()[1] == f"other:{keys.digest(other)}:secrets=A_TOKEN,B_DSN"
     assert main(["keys", "list", "--file", str(path)]) == 0
     listed = capsys.readouterr().out
-    assert listed == "reports\tmax_active=3\tsecrets=-\nother\tno limit\tsecrets=A_TOKEN,B_DSN\n"
+    assert listed == (
+        "reports\tmax_active=3\tsecrets=-\tsources=-\nother\tno limit\tsecrets=A_TOKEN,B_DSN\tsources=-\n"
+    )
     assert keys.digest(key) not in listed
+
+
+def test_add_grants_sources_and_list_shows_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--sources a,b`` writes ``sources=`` on the key's line and ``list`` shows them; a name that
+    is not a source's is refused before anything is written."""
+    path = tmp_path / "keys"
+    argv = ["keys", "add", "reports", "--file", str(path), "--secrets", "DSN", "--sources", "warehouse, crm"]
+    assert main(argv) == 0
+    key = capsys.readouterr().out.strip()
+    assert path.read_text() == f"reports:{keys.digest(key)}:secrets=DSN:sources=crm,warehouse\n"
+    assert main(["keys", "list", "--file", str(path)]) == 0
+    assert capsys.readouterr().out == "reports\tno limit\tsecrets=DSN\tsources=crm,warehouse\n"
+    assert main(["keys", "add", "other", "--file", str(path), "--sources", "Warehouse"]) == 1
+    assert "--sources: the source name 'Warehouse'" in capsys.readouterr().err
+    assert [k.name for k in keys.KeyFile(path).current()] == ["reports"]
 
 
 def test_remove_and_the_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests of a run's program rules: the entrypoint, args, env and secret names."""
+"""Unit tests of a run's program rules: the entrypoint, args, env, secret and source names."""
 
 from __future__ import annotations
 
@@ -75,3 +75,21 @@ def test_a_secret_named_twice_or_also_in_env_is_refused() -> None:
         program.check_env({"DSN": "x"}, ["DSN"])
     with pytest.raises(InvalidProgram, match="twice"):
         program.check_env({}, ["DSN", "DSN"])
+
+
+@pytest.mark.parametrize("name", ["Warehouse", "1db", "db-1", "", "a" * 33, "crm api", "ünï"])
+def test_a_malformed_source_name_is_refused_naming_it(name: str) -> None:
+    """A source's name is 1-32 lowercase letters, digits or '_', starting with a letter."""
+    with pytest.raises(InvalidProgram, match="source name") as caught:
+        program.check_sources([name])
+    assert repr(name[:64]) in str(caught.value)
+
+
+def test_sources_are_kept_in_order_once_each_and_at_most_so_many() -> None:
+    """Well-formed names pass in order; one named twice or too many are refused."""
+    assert program.check_sources(["warehouse", "crm_2"]) == ("warehouse", "crm_2")
+    assert program.check_sources(["a" * 32]) == ("a" * 32,)
+    with pytest.raises(InvalidProgram, match="twice"):
+        program.check_sources(["warehouse", "warehouse"])
+    with pytest.raises(InvalidProgram, match=f"at most {program.MAX_SOURCES}"):
+        program.check_sources([f"s{i}" for i in range(program.MAX_SOURCES + 1)])

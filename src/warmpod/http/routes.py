@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 
 _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
 # Fields that may be given several times: each ``args`` part one argument, each ``env`` part one
-# NAME=VALUE, each ``secrets`` part one name (or several, comma-separated).
-_LIST_FIELDS = ("args", "env", "secrets")
+# NAME=VALUE, each ``secrets`` or ``sources`` part one name (or several, comma-separated).
+_LIST_FIELDS = ("args", "env", "secrets", "sources")
 _FORM_FIELDS = frozenset(
     {"file", "files", "stdin", "timeout", "wait", "entrypoint", *_LIST_FIELDS, *_LIMIT_FIELDS}
 )
@@ -70,6 +70,8 @@ _IDEMPOTENCY_DOC = (
 _PROBLEMS = {
     400: "The request is malformed; `detail` says what to fix",
     401: "No API key, or not a valid one (where the server has a keys file); `WWW-Authenticate: Bearer`",
+    403: "A secret or a data source the run asks for does not exist, or its key may not use it; "
+    "`detail` names it",
     404: "No run has this id (or it expired), or no file has this path",
     409: "The run has already ended",
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
@@ -99,7 +101,7 @@ _RUN_RESPONSES = {
     202: ResponseSpec(
         Accepted, description="Queued (`wait` false, or still not over after the wait timeout)"
     ),
-    **_problems(400, 401, 413, 422, 429, 503),
+    **_problems(400, 401, 403, 413, 422, 429, 503),
 }
 # Litestar drops the bounds of optional fields (`gt` inside `| None`) and the ban on unknown
 # fields from the schema; msgspec's own schema of the same type keeps both.
@@ -132,6 +134,7 @@ _RUN_FORM_SCHEMA = {
                 ("args", ", one part each"),
                 ("env", ", one `NAME=VALUE` part each"),
                 ("secrets", ", one part each or comma-separated"),
+                ("sources", ", one part each or comma-separated"),
             )
         },
     },
@@ -219,9 +222,15 @@ class RunController(Controller):
             cpu_time=data.cpu_time, memory_mb=data.memory_mb, max_output_bytes=data.max_output_bytes
         )
         files = decode_inputs(data.files)
-        program = Program(entrypoint=data.entrypoint, args=data.args, env=data.env, secrets=data.secrets)
+        program = Program(
+            entrypoint=data.entrypoint,
+            args=data.args,
+            env=data.env,
+            secrets=data.secrets,
+            sources=data.sources,
+        )
         spec = service.runner.prepare(code, stdin, data.timeout, limits, files, program)
-        _check_secrets(request, service, spec.secrets)
+        _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, data.wait), idempotency_key)
 
     @post(
@@ -273,15 +282,16 @@ class RunController(Controller):
         values = {name: _int_field(await _text_field(data.get(name), name), name) for name in _LIMIT_FIELDS}
         form_wait = _bool_field(await _text_field(data.get("wait"), "wait"), "wait")
         files = await _file_parts(data.get("files"))
-        args, env, secrets = [await _text_list(data.get(name), name) for name in _LIST_FIELDS]
+        args, env, secrets, sources = [await _text_list(data.get(name), name) for name in _LIST_FIELDS]
         program = Program(
             entrypoint=entrypoint,
             args=args,
             env=_env_parts(env),
-            secrets=[name.strip() for part in secrets for name in part.split(",") if name.strip()],
+            secrets=_names(secrets),
+            sources=_names(sources),
         )
         spec = service.runner.prepare(code, stdin, timeout, RunLimits(**values), files, program)
-        _check_secrets(request, service, spec.secrets)
+        _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, form_wait), idempotency_key)
 
 
@@ -468,11 +478,19 @@ async def _text_field(value: object, name: str) -> bytes:
     raise ValidationException(f"form field {name!r} must be given once")
 
 
-def _check_secrets(request: Request[Any, Any, Any], service: Service, names: Sequence[str]) -> None:
-    """Refuse (403) a run that asks for a secret that does not exist or that its key may not use."""
-    if names:
-        keyed = request.app.state.get("key_file") is not None
-        service.secrets.check(names, key_of(request), keyed=keyed)
+def _check_grants(request: Request[Any, Any, Any], service: Service, spec: RunSpec) -> None:
+    """Refuse (403) a run that asks for a secret or a data source that does not exist or that its
+    key may not use."""
+    keyed = request.app.state.get("key_file") is not None
+    if spec.secrets:
+        service.secrets.check(spec.secrets, key_of(request), keyed=keyed)
+    if spec.sources:
+        service.sources.check(spec.sources, key_of(request), keyed=keyed)
+
+
+def _names(parts: Sequence[str]) -> list[str]:
+    """The names of a form's list field, each part one name or several, comma-separated."""
+    return [name.strip() for part in parts for name in part.split(",") if name.strip()]
 
 
 async def _text_list(value: object, name: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""What a run executes beyond its code: the entrypoint among its files, its arguments, its environment."""
+"""What a run executes beyond its code: the entrypoint among its files, its arguments, its environment,
+the data sources it reaches."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass, field
 
 from warmpod.environ import MAX_ENV_NAME, name_problem
 from warmpod.errors import InvalidFile, InvalidProgram
+from warmpod.keys import SOURCE_NAME
 from warmpod.sandbox.files import OUT_DIR, path_problem
 from warmpod.sandbox.protocol import MAX_PATH
 
@@ -21,6 +23,7 @@ class Program:
     args: Sequence[str] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     secrets: Sequence[str] = ()
+    sources: Sequence[str] = ()
 
 
 MAX_ARGS = 256
@@ -33,6 +36,8 @@ MAX_ENV_VALUE = 32768
 """Bytes of one variable's value at most."""
 MAX_PROGRAM_BYTES = 262144
 """Bytes of all arguments and variables of one run together at most."""
+MAX_SOURCES = 16
+"""Data sources one run may ask for at most."""
 
 
 def check_entrypoint(entrypoint: str | None, has_code: bool, paths: Sequence[str]) -> str:
@@ -109,6 +114,25 @@ def check_env(env: Mapping[str, str], secrets: Sequence[str]) -> tuple[tuple[str
     if len(set(secrets)) != len(secrets):
         raise InvalidProgram("a secret is named twice")
     return tuple(env.items())
+
+
+def check_sources(names: Sequence[str]) -> tuple[str, ...]:
+    """The data sources' names as given, once each is a source's name, given once.
+
+    Raises:
+        InvalidProgram: too many, a name malformed or given twice (the name is named).
+    """
+    if len(names) > MAX_SOURCES:
+        raise InvalidProgram(f"{len(names)} sources asked for; at most {MAX_SOURCES}")
+    for name in names:
+        if not SOURCE_NAME.fullmatch(name):
+            raise InvalidProgram(
+                f"source name {name[:64]!r} is not a source's name: 1-32 lowercase letters, digits or "
+                "'_', starting with a letter"
+            )
+    if len(set(names)) != len(names):
+        raise InvalidProgram("a source is named twice")
+    return tuple(names)
 
 
 def check_sizes(args: Sequence[str], env: Sequence[tuple[str, str]]) -> None:

@@ -10,17 +10,26 @@ from typing import Protocol
 
 import anyio
 
-from warmpod.errors import EngineError, InvalidRun, ProtocolError, SecretDenied
+from warmpod.errors import EngineError, InvalidRun, ProtocolError, SecretDenied, SourceDenied
 from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec, RunStatus, Stream
 from warmpod.sandbox import protocol
 from warmpod.sandbox.files import OutputFiles, check_inputs
 from warmpod.sandbox.limits import RunLimits, resolve_limits, resolve_timeout
 from warmpod.sandbox.masking import Masker
-from warmpod.sandbox.program import Program, check_args, check_entrypoint, check_env, check_sizes
+from warmpod.sandbox.program import (
+    Program,
+    check_args,
+    check_entrypoint,
+    check_env,
+    check_sizes,
+    check_sources,
+)
 from warmpod.sandbox.protocol import AgentError, FileChunk, Job, Output, Result
+from warmpod.sandbox.relay import Relay
 from warmpod.sandbox.sandbox import Sandbox
 from warmpod.secrets import Secrets
 from warmpod.settings import FileSettings, LimitSettings
+from warmpod.sources import Source, Sources
 
 AGENT_DRAIN_GRACE = 0.5
 """How long the agent drains the pipes once it stopped the program, at the timeout at the latest
@@ -142,11 +151,13 @@ class Runner:
         limits: LimitSettings,
         files: FileSettings | None = None,
         secrets: Secrets | None = None,
+        sources: Sources | None = None,
     ) -> None:
         self._leaser = leaser
         self._limits = limits
         self._files = files or FileSettings()
         self._secrets = secrets or Secrets(None)
+        self._sources = sources or Sources(None)
 
     def prepare(
         self,
@@ -162,7 +173,7 @@ class Runner:
         Raises:
             InvalidRun: the limits asked for are out of range.
             InvalidFile: an input file's path or size is not allowed.
-            InvalidProgram: the entrypoint, an argument or a variable is not allowed.
+            InvalidProgram: the entrypoint, an argument, a variable or a source's name is not allowed.
         """
         checked = check_inputs(files, self._files)
         program = program or Program()
@@ -170,12 +181,13 @@ class Runner:
         args = check_args(program.args)
         env = check_env(program.env, program.secrets)
         check_sizes(args, env)
+        sources = check_sources(program.sources)
         resolved = resolve_limits(limits or RunLimits(), self._limits)
         if resolved.memory_mb and resolved.memory_mb < self._limits.memory_mb:
             self._leaser.check_memory(resolved.memory_mb * 1024 * 1024)
         # What decides the sandbox is what the program imports: its code, or its project's modules.
-        sources = [code] if code is not None else []
-        sources += [content for path, content in checked if path.endswith(".py")]
+        modules = [code] if code is not None else []
+        modules += [content for path, content in checked if path.endswith(".py")]
         return RunSpec(
             code=code or b"",
             stdin=stdin,
@@ -188,7 +200,8 @@ class Runner:
             args=args,
             env=env,
             secrets=tuple(program.secrets),
-            warm=any(self._leaser.wants_preload(source) for source in sources),
+            sources=sources,
+            warm=any(self._leaser.wants_preload(module) for module in modules),
         )
 
     def output(self, spec: RunSpec) -> RunOutput:
@@ -213,20 +226,53 @@ class Runner:
             return _error(run_id, f"the sandbox failed: {exc}", 0)
 
     async def execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
-        """Run ``spec`` in a leased ``sandbox``, adding its output to ``output`` as it comes."""
+        """Run ``spec`` in a leased ``sandbox``, adding its output to ``output`` as it comes; its data
+        sources are relayed while it runs, and cut when it ends."""
         # Read now, on the node that runs it: a queued run holds the names only.
         try:
             secrets = self._secrets.resolve(spec.secrets)
-        except SecretDenied as exc:
+            sources = self._sources.resolve(spec.sources)
+        except (SecretDenied, SourceDenied) as exc:
             return _error(run_id, str(exc), 0)
         output.mask([value for _, value in secrets])
-        result = await self._exchange(run_id, spec, sandbox, output, secrets)
+        result = await self._relayed(run_id, spec, sandbox, output, secrets, sources)
         if output.end() and result.status != "error":
             result.stdout, result.stderr = output.stdout, output.stderr
         return result
 
+    async def _relayed(
+        self,
+        run_id: str,
+        spec: RunSpec,
+        sandbox: Sandbox,
+        output: RunOutput,
+        secrets: list[tuple[str, str]],
+        sources: list[tuple[str, Source]],
+    ) -> RunResult:
+        """The exchange with the agent, its data sources relayed while it lasts."""
+        relay = Relay(sources)
+        try:
+            if sources:
+                try:
+                    await anyio.to_thread.run_sync(relay.listen, sandbox.directory)
+                except OSError as exc:
+                    return _error(run_id, f"the data sources could not be relayed: {exc}", 0)
+            async with relay.running():
+                result = await self._exchange(run_id, spec, sandbox, output, secrets, relay.job_sources)
+        finally:
+            relay.close()  # made in a thread: a cancel as it returned leaves them to close here
+        if sources:
+            result.sources = relay.usage()
+        return result
+
     async def _exchange(
-        self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput, secrets: list[tuple[str, str]]
+        self,
+        run_id: str,
+        spec: RunSpec,
+        sandbox: Sandbox,
+        output: RunOutput,
+        secrets: list[tuple[str, str]],
+        sources: list[tuple[str, str]],
     ) -> RunResult:
         server = self._limits
         wall = spec.timeout
@@ -242,6 +288,7 @@ class Runner:
             entrypoint=spec.entrypoint,
             args=list(spec.args),
             env=[*spec.env, *secrets],
+            sources=sources,
         )
         started = time.perf_counter()
         try:
