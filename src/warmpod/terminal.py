@@ -91,6 +91,14 @@ def add_commands(commands: Any) -> None:
         metavar="NAME",
         help="one of the server's secrets, given to the program as a variable of its name (repeatable)",
     )
+    run.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        dest="sources",
+        metavar="NAME",
+        help="one of the server's data sources the program may connect to, through its relay (repeatable)",
+    )
     run.add_argument("--stdin", metavar="FILE", help="what the program reads on standard input (- for ours)")
     run.add_argument("--timeout", type=float, metavar="S", help="wall-time limit in seconds")
     run.add_argument("--cpu-time", type=int, metavar="S", help="CPU-time limit in seconds")
@@ -158,6 +166,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         args=args.args,
         env=_env(args.env),
         secrets=args.secrets,
+        sources=args.sources,
         timeout=args.timeout,
         cpu_time=args.cpu_time,
         memory_mb=args.memory_mb,

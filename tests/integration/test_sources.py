@@ -7,6 +7,7 @@ nothing leaves the machine.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import socket
 import subprocess
@@ -18,7 +19,9 @@ from textwrap import dedent
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
+from support.apitest import write_secrets
 from support.fakes import POOL_DIR
 from support.live import (
     MAX_TIMEOUT,
@@ -134,12 +137,16 @@ def served(
     )
     key_file = directory / "keys"
     tokens = {
-        "finance": keys.add(key_file, "finance", sources=frozenset(declared)),
+        "finance": keys.add(
+            key_file, "finance", granted=frozenset({"WAREHOUSE_PASSWORD"}), sources=frozenset(declared)
+        ),
         "intern": keys.add(key_file, "intern"),
     }
+    secrets = write_secrets(directory / "secrets", {"WAREHOUSE_PASSWORD": WAREHOUSE_PASSWORD})
     settings = {
         "WARMPOD_POOL__SIZE": "2",
         "WARMPOD_SERVER__API_KEYS_FILE": str(key_file),
+        "WARMPOD_SERVER__SECRETS_FILE": str(secrets),
         "WARMPOD_SOURCES__FILE": str(sources),
     }
     with serving(directory, settings) as live:
@@ -250,7 +257,13 @@ def test_only_the_sandboxs_root_reaches_the_relay_socket(served: Sources) -> Non
                     return True
             return False
 
-        assert wait_until(relayed_as_root, timeout=40)
+        if not wait_until(relayed_as_root, timeout=40):
+            run_status = client.get(submitted.json()["status_url"]).text[:600]
+            states = [(c["Names"][0], c["State"]) for c in containers(f"{LABEL_PID}={served.live.pid}")]
+            raise AssertionError(
+                f"no running sandbox had the source socket in 40 s; the run: {run_status}\n"
+                f"containers: {states}\n{served.live.log_tail(3000)}"
+            )
         assert wait_until(lambda: served.holder.accepted > before, timeout=10)
         assert wait_until(
             lambda: client.get(submitted.headers["location"]).json()["status"] not in ("queued", "running"),
@@ -339,6 +352,55 @@ def test_a_run_reads_rows_from_postgresql_through_the_relay(served: Sources) -> 
     result = run(served, POSTGRES_ROWS, ["warehouse"])
     assert result["status"] == "succeeded", result
     assert result["stdout"] == "[['1', '1'], ['2', '4'], ['3', '9']]\n"
+    assert result["sources"]["warehouse"]["connections"] == 1
+
+
+WAREHOUSE_PASSWORD = "pg-Reporter-Password-5e8a"
+# The README's report: rows from PostgreSQL through the relay, with pg8000 (in the runner image)
+# and a password from a secret, summed with pandas and charted with matplotlib.
+README_REPORT = """
+import os
+import matplotlib.pyplot as plt
+import pandas as pd
+import pg8000.native
+
+db = pg8000.native.Connection(
+    user="postgres",
+    password=os.environ["WAREHOUSE_PASSWORD"],
+    database=os.environ["DATABASE"],
+    host=os.environ["WARMPOD_SOURCE_WAREHOUSE_HOST"],
+    port=int(os.environ["WARMPOD_SOURCE_WAREHOUSE_PORT"]),
+)
+sales = pd.DataFrame(db.run("SELECT region, amount::float8 FROM sales"), columns=["region", "amount"])
+summary = sales.groupby("region")["amount"].sum()
+summary.plot.bar(title="Sales by region").figure.savefig("out/sales.png")
+print(summary.to_string(), "password:", os.environ["WAREHOUSE_PASSWORD"])
+"""
+
+
+@needs_agent_relay
+def test_the_readme_report_charts_a_postgresql_table_with_a_secret(
+    served: Sources, postgres_server: PostgresServer
+) -> None:
+    """A report reads a table through its PostgreSQL source with a driver and a password from a
+    secret, and charts it: the chart comes back, the password is masked in what it printed."""
+    url = postgres_server.create_database("reports")
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("CREATE TABLE sales (region text, amount numeric)")
+        db.execute("INSERT INTO sales VALUES ('north', 12.5), ('south', 7.25), ('north', 3)")
+    database = url.rsplit("/", 1)[1]
+    result = run(
+        served,
+        README_REPORT,
+        ["warehouse"],
+        secrets=["WAREHOUSE_PASSWORD"],
+        env={"DATABASE": database},
+    )
+    assert result["status"] == "succeeded", result["stderr"]
+    assert result["stdout"].split() == ["region", "north", "15.50", "south", "7.25", "password:", "***"]
+    (chart,) = result["files"]
+    assert chart["path"] == "out/sales.png"
+    assert base64.b64decode(chart["content"]).startswith(b"\x89PNG")
     assert result["sources"]["warehouse"]["connections"] == 1
 
 

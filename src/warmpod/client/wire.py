@@ -82,6 +82,9 @@ class RunOptions(TypedDict, total=False):
     """Environment variables for the run."""
     secrets: Sequence[str] | None
     """Names of the operator's secrets, handed to the program as variables (the key must be granted them)."""
+    sources: Sequence[str] | None
+    """Names of the operator's data sources the program may connect to, through the server's relay
+    (its address is in ``WARMPOD_SOURCE_<NAME>``; the key must be granted them)."""
     timeout: float | None
     """Wall-time limit in seconds."""
     cpu_time: int | None
@@ -99,7 +102,7 @@ def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
 
     Raises:
         ValueError: ``stdin`` is bytes that are not UTF-8.
-        TypeError: an option ``RunOptions`` does not have, or ``args`` or ``secrets`` given as a
+        TypeError: an option ``RunOptions`` does not have, or ``args``, ``secrets`` or ``sources`` given as a
             single string instead of a list of them.
     """
     unknown = sorted(set(options) - RunOptions.__optional_keys__)
@@ -122,6 +125,7 @@ def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
         args=_strings(options.get("args"), "args"),
         env=dict(options.get("env") or {}),
         secrets=_strings(options.get("secrets"), "secrets"),
+        sources=_strings(options.get("sources"), "sources"),
         timeout=options.get("timeout"),
         cpu_time=options.get("cpu_time"),
         memory_mb=options.get("memory_mb"),

@@ -49,6 +49,8 @@ async function request() {
   // One argument a line, so that one may hold spaces; blank lines (a trailing newline) are none.
   const args = $("args").value.split("\n").filter((arg) => arg !== "");
   if (args.length) body.args = args;
+  const sources = $("sources").value.split(",").map((name) => name.trim()).filter((name) => name !== "");
+  if (sources.length) body.sources = sources;
   for (const name of ["timeout", "cpu_time", "memory_mb"]) {
     const value = $(name).value.trim();
     if (value) body[name] = name === "timeout" ? parseFloat(value) : parseInt(value, 10);
