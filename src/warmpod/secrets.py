@@ -7,7 +7,7 @@ that runs it reads their values here when it claims it, so no value is ever stor
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from warmpod.environ import name_problem
@@ -84,12 +84,14 @@ class Secrets:
             if keyed and (key is None or name not in key.secrets):
                 raise SecretDenied(f"this API key may not use the secret {name!r}")
 
-    def resolve(self, names: Iterable[str]) -> list[tuple[str, str]]:
+    def resolve(self, names: Sequence[str]) -> list[tuple[str, str]]:
         """The ``(name, value)`` of each secret named, read when the run starts.
 
         Raises:
             SecretDenied: one is no longer in the secrets file.
         """
+        if not names:
+            return []  # a run without secrets costs no look at the file
         known = self._current()
         pairs = []
         for name in names:

@@ -250,19 +250,19 @@ class Runner:
         sources: list[tuple[str, Source]],
     ) -> RunResult:
         """The exchange with the agent, its data sources relayed while it lasts."""
+        if not sources:  # the common run: no relay to make, enter or close
+            return await self._exchange(run_id, spec, sandbox, output, secrets, [])
         relay = Relay(sources)
         try:
-            if sources:
-                try:
-                    await anyio.to_thread.run_sync(relay.listen, sandbox.directory)
-                except OSError as exc:
-                    return _error(run_id, f"the data sources could not be relayed: {exc}", 0)
+            try:
+                await anyio.to_thread.run_sync(relay.listen, sandbox.directory)
+            except OSError as exc:
+                return _error(run_id, f"the data sources could not be relayed: {exc}", 0)
             async with relay.running():
                 result = await self._exchange(run_id, spec, sandbox, output, secrets, relay.job_sources)
         finally:
             relay.close()  # made in a thread: a cancel as it returned leaves them to close here
-        if sources:
-            result.sources = relay.usage()
+        result.sources = relay.usage()
         return result
 
     async def _exchange(
