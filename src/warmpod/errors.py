@@ -74,6 +74,14 @@ class SourceDenied(WarmpodError):
     not use; the message names the source."""
 
 
+class UnknownEnvironment(InvalidRun):
+    """Raised when a run names an environment the server does not declare; the message lists those it does."""
+
+
+class EnvironmentDenied(WarmpodError):
+    """Raised when a run names an environment its key may not use."""
+
+
 class QueueFull(WarmpodError):
     """Raised when a run is submitted while the queue holds as many runs as it may."""
 

@@ -66,6 +66,8 @@ class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Names of the operator's data sources the program may reach: each is relayed from
     ``WARMPOD_SOURCE_<NAME>`` (``127.0.0.1:PORT``, with ``_HOST`` and ``_PORT``) inside the sandbox
     to its upstream, within the source's limits, until the run ends."""
+    environment: str = "default"
+    """The library set the program runs with, one of those ``GET /environments`` lists."""
     timeout: Annotated[float, Meta(gt=0)] | None = None
     """Wall-time limit in seconds; the server's default when absent, at most its maximum."""
     cpu_time: Annotated[int, Meta(gt=0)] | None = None
@@ -111,6 +113,8 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The names of the data sources it asked for: the node that runs it resolves their addresses."""
     warm: bool = False
     """It imports libraries: a sandbox whose interpreter preloaded them serves it best."""
+    environment: str = "default"
+    """The environment whose sandboxes alone may run it."""
 
 
 class SourceUse(msgspec.Struct, kw_only=True):
@@ -158,6 +162,8 @@ class RunResult(msgspec.Struct, kw_only=True):
     """The node that ran it (``WARMPOD_NODE__NAME``); null while it is queued."""
     sources: dict[str, SourceUse] = {}
     """What the program did with each data source it asked for, by name (empty when it asked for none)."""
+    environment: str = "default"
+    """The environment it ran in (or was to run in)."""
 
     @classmethod
     def from_server(
@@ -198,6 +204,21 @@ class PoolCounts(msgspec.Struct, kw_only=True):
     closing: int = 0
     """Being removed after their run: still alive, so counted toward the pool's maximum."""
     target: int
+    environments: dict[str, EnvironmentPoolCounts] = {}
+    """The same counts for each environment's sandboxes."""
+
+
+class EnvironmentPoolCounts(msgspec.Struct, kw_only=True):
+    """How many of one environment's sandboxes are in each state, and how many it keeps ready."""
+
+    ready: int
+    busy: int
+    starting: int
+    target: int
+    """Ready ones it aims for now: its ``min_warm``, plus its share of the runs' demand."""
+    min_warm: int
+    waiting: int = 0
+    """Runs of it on this node waiting for one of its sandboxes."""
 
 
 class QueueCounts(msgspec.Struct, kw_only=True):
@@ -206,6 +227,8 @@ class QueueCounts(msgspec.Struct, kw_only=True):
     queued: int
     running: int
     max_queued: int
+    unserved: dict[str, int] = {}
+    """Queued runs by environment, of the environments no live node serves: they wait until one does."""
 
 
 class NodeInfo(msgspec.Struct, kw_only=True):
@@ -224,6 +247,8 @@ class NodeSeen(msgspec.Struct, kw_only=True):
     """Seconds since its last heartbeat, by the store's clock."""
     running: int
     """Runs it holds now."""
+    environments: list[str] = []
+    """The environments it holds ready sandboxes of, and so takes runs of."""
 
 
 class LimitEnforcement(msgspec.Struct, kw_only=True):
@@ -284,6 +309,22 @@ class Environment(msgspec.Struct, frozen=True, kw_only=True):
             return msgspec.convert(value, cls)
         except msgspec.ValidationError:
             return None
+
+
+class EnvironmentInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """One environment a run may name, from ``GET /environments``."""
+
+    name: str
+    python: str | None
+    """Its CPython version, as its image recorded it; null if the image holds no record."""
+    packages: dict[str, str]
+    """Every distribution its image installed, by normalised name, with its version."""
+    preload: list[str]
+    """Modules its warm interpreters import before their run."""
+    min_warm: int
+    """Sandboxes of it kept ready whatever the demand."""
+    image: str
+    """Its runner image: the tag hashes its lock, so the same libraries give the same tag."""
 
 
 class StatusEvent(msgspec.Struct, kw_only=True):

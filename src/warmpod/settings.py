@@ -276,6 +276,18 @@ class SourceSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
     ``sources=`` grants; empty, no run may ask for one (``WARMPOD_SOURCES__FILE``)."""
 
 
+class EnvironmentSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Environments: several locked library sets on one server, each with its own runner image."""
+
+    file: str = ""
+    """The environments file (TOML), read at start: one table per environment, ``[finance]`` with
+    ``requirements`` (a requirements.in path, relative to the file; its lock is made beside it)
+    and, optionally, ``preload`` (modules), ``min_warm`` (sandboxes kept ready, default 1) and
+    ``limits`` (a table of ``WARMPOD_LIMITS__*`` defaults for its runs). ``[default]`` may be
+    declared too, without ``requirements`` (it keeps ``WARMPOD_IMAGE__REQUIREMENTS``); it exists
+    in any case. Empty: the ``default`` environment alone (``WARMPOD_ENVIRONMENTS__FILE``)."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """All of warmpod's configuration."""
 
@@ -288,6 +300,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     limits: LimitSettings = msgspec.field(default_factory=LimitSettings)
     files: FileSettings = msgspec.field(default_factory=FileSettings)
     sources: SourceSettings = msgspec.field(default_factory=SourceSettings)
+    environments: EnvironmentSettings = msgspec.field(default_factory=EnvironmentSettings)
 
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
