@@ -178,6 +178,7 @@ class RunResult(msgspec.Struct, kw_only=True):
         duration_ms: float = 0.0,
         error: str | None = None,
         node: str | None = None,
+        environment: str = "default",
     ) -> RunResult:
         """A result the server states itself, with no result from the agent: nothing marked truncated."""
         return cls(
@@ -192,6 +193,7 @@ class RunResult(msgspec.Struct, kw_only=True):
             duration_ms=duration_ms,
             error=error,
             node=node,
+            environment=environment,
         )
 
 

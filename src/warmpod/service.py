@@ -13,11 +13,12 @@ from typing import Literal
 
 import anyio
 
+from warmpod.environments import DEFAULT, Environments, EnvironmentSpec
 from warmpod.errors import ImageError
 from warmpod.host import facts, image, podman_service
 from warmpod.host.enforcement import check, enforcement
 from warmpod.host.podman_api import EngineInfo, PodmanApi
-from warmpod.models import Environment, Health, NodeInfo, PoolCounts, QueueCounts
+from warmpod.models import Environment, EnvironmentInfo, Health, NodeInfo, PoolCounts, QueueCounts
 from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Store
 from warmpod.queue.store.postgres import PostgresStore
@@ -48,6 +49,10 @@ class Service:
     """The operator's secrets file: who may ask for what (the runner reads the values)."""
     sources: Sources = field(default_factory=lambda: Sources(None))
     """The operator's sources file: who may reach what (the runner relays them)."""
+    environments: Environments = field(default_factory=lambda: Environments.load(Settings()))
+    """The environments a run may name."""
+    catalogue: list[EnvironmentInfo] = field(default_factory=list)
+    """Each environment with what its image recorded (``GET /environments``)."""
 
     def health(self) -> Health:
         """The service's state for ``GET /health``."""
@@ -60,6 +65,11 @@ class Service:
             status = "unavailable"
         if self.queue.shutdown.begun:
             status = "stopping"
+        beat = self.queue.membership.beat
+        served = {name for node in self.queue.membership.nodes for name in node.environments}
+        unserved = {
+            name: count for name, count in beat.queued_by_environment.items() if count and name not in served
+        }
         return Health(
             status=status,
             image=self.image,
@@ -70,11 +80,13 @@ class Service:
                 starting=stats.starting,
                 closing=stats.closing,
                 target=stats.target,
+                environments=stats.environments,
             ),
             queue=QueueCounts(
                 queued=self.queue.admission.queued,
                 running=self.queue.workers.running,
                 max_queued=self.settings.queue.max_queued,
+                unserved=unserved,
             ),
             rootless=self.info.rootless,
             cgroup_version=self.info.cgroup_version,
@@ -82,13 +94,24 @@ class Service:
             landlock_abi=self.pool.landlock_abi,
             limits=enforcement(cgroups=self.info.can_limit),
             last_error=stats.last_error,
-            preload=list(self.settings.pool.preload),
+            preload=list(self.environments.default.preload),
             preload_failed=stats.preload_failed,
             node=NodeInfo(
                 name=self.queue.membership.owner.node, incarnation=self.queue.membership.owner.incarnation
             ),
             nodes=self.queue.membership.nodes,
         )
+
+
+def _info(spec: EnvironmentSpec, ref: str, recorded: Environment | None) -> EnvironmentInfo:
+    return EnvironmentInfo(
+        name=spec.name,
+        python=None if recorded is None else recorded.python,
+        packages={} if recorded is None else recorded.packages,
+        preload=list(spec.preload),
+        min_warm=spec.min_warm,
+        image=ref,
+    )
 
 
 async def open_store(settings: Settings) -> Store:
@@ -108,10 +131,11 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
 
     Raises:
         SettingsError: the secrets file cannot be read, is malformed or may be read by others, or
-            the sources file cannot be read or is malformed.
+            the sources or environments file cannot be read or is malformed.
         EngineError: Podman cannot be reached.
-        ImageError: the runner image has not been built.
+        ImageError: the runner image of an environment has not been built (it is named).
     """
+    environments = Environments.load(settings)
     secrets = Secrets(Path(settings.server.secrets_file) if settings.server.secrets_file else None)
     sources = Sources(Path(settings.sources.file) if settings.sources.file else None)
     state = podman_service.state_dir(settings.engine)
@@ -125,16 +149,22 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                 )
                 if unenforced:
                     log.warning("starting with limits nothing enforces: %s", ", ".join(unenforced))
-                ref = image.image_ref(settings)
-                if not await podman_api.image_exists(ref):
-                    raise ImageError(f"runner image {ref} is missing: run `warmpod image build`")
+                refs = []
+                for spec in environments:
+                    ref = image.image_ref(settings, spec)
+                    if not await podman_api.image_exists(ref):
+                        raise ImageError(
+                            f"the runner image {ref} of the environment {spec.name!r} is missing: "
+                            f"run `warmpod image build {spec.name}`"
+                        )
+                    refs.append((spec, ref))
                 if not info.can_pause:
                     log.warning("idle containers stay running: rootless Podman on cgroup v1 cannot pause")
                 userns = facts.own_user_namespaces(settings, rootless=info.rootless)
                 pool = Pool(
                     settings,
                     podman_api,
-                    image=ref,
+                    environments=refs,
                     state_dir=state,
                     instance=uuid.uuid4().hex,
                     can_pause=info.can_pause,
@@ -146,18 +176,43 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(podman.keep_alive)
                         await tg.start(pool.serve)
-                        runner = Runner(pool, settings.limits, settings.files, secrets, sources)
-                        # /health stays 503 until a real sandbox has shown every layer on.
-                        environment = await self_test(
-                            pool, runner, settings, cgroups=info.can_limit, userns=userns or info.rootless
+                        runner = Runner(pool, environments, settings.files, secrets, sources)
+                        # /health stays 503 until a real sandbox of each environment has shown
+                        # every layer on.
+                        recorded = {
+                            spec.name: await self_test(
+                                pool,
+                                runner,
+                                settings,
+                                spec,
+                                cgroups=info.can_limit,
+                                userns=userns or info.rootless,
+                            )
+                            for spec, _ in refs
+                        }
+                        catalogue = [_info(spec, ref, recorded[spec.name]) for spec, ref in refs]
+                        log.info(
+                            "self-test passed in %s: no network, read-only root, non-root, limits on",
+                            ", ".join(environments.names),
                         )
-                        log.info("self-test passed: no network, read-only root, non-root, limits on")
                         workers = settings.queue.workers or settings.pool.bounds[1]
                         queue = QueueNode(
                             store, pool, runner, settings.queue, workers, settings.files, settings.node
                         )
                         await tg.start(queue.serve)
-                        yield Service(settings, ref, info, pool, runner, queue, environment, secrets, sources)
+                        yield Service(
+                            settings,
+                            refs[0][1],
+                            info,
+                            pool,
+                            runner,
+                            queue,
+                            recorded[DEFAULT],
+                            secrets,
+                            sources,
+                            environments,
+                            catalogue,
+                        )
                         await queue.workers.drain(settings.server.shutdown_grace)
                         tg.cancel_scope.cancel()
                 finally:

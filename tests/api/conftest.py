@@ -24,8 +24,9 @@ from support.apitest import (
     POOL_SIZE,
     served,
 )
-from support.fakes import FakeLeaser, RecordingRunner
+from support.fakes import FakeLeaser, RecordingRunner, mark_serving
 
+from warmpod.environments import Environments
 from warmpod.http.app import create_app
 from warmpod.queue.node import QueueNode
 from warmpod.queue.store.sqlite import SqliteStore
@@ -65,13 +66,13 @@ def service(settings: Settings, tmp_path: Path, leaser: FakeLeaser) -> Service:
     pool = Pool(
         settings,
         NoEngine(),
-        image=IMAGE,
+        environments=[(Environments.load(settings).default, IMAGE)],
         state_dir=tmp_path,
         instance="api-tests",
         can_pause=True,
         can_limit=True,
     )
-    pool.serving = True
+    mark_serving(pool)
     runner = RecordingRunner(leaser, settings.limits, settings.files)
     # Replaced by a started one in the app's lifespan; unstarted, it is what /health sees before.
     queue = QueueNode(NoStore(), leaser, runner, settings.queue, workers=POOL_SIZE)

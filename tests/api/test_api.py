@@ -28,7 +28,7 @@ from support.apitest import (
     assert_problem,
     has_status,
 )
-from support.fakes import FakeLeaser, RecordingRunner
+from support.fakes import FakeLeaser, RecordingRunner, mark_serving
 from support.waiting import until
 
 from warmpod.errors import StoreError
@@ -312,14 +312,14 @@ async def test_health_reports_image_engine_and_pool(client: AsyncTestClient[Lite
     assert body["rootless"] is False
     assert body["cgroup_version"] == 1
     assert body["paused_idle"] is True
-    assert body["queue"] == {"queued": 0, "running": 0, "max_queued": MAX_QUEUED}
+    assert body["queue"] == {"queued": 0, "running": 0, "max_queued": MAX_QUEUED, "unserved": {}}
 
 
 async def test_health_is_503_until_the_pool_serves(
     client: AsyncTestClient[Litestar], service: Service
 ) -> None:
     """/health is 503 with Retry-After and status starting while the pool has not yet filled once."""
-    service.pool.serving = False
+    mark_serving(service.pool, False)
     response = await client.get("/health")
     assert response.status_code == 503
     assert response.headers["retry-after"] == "1"
@@ -543,7 +543,12 @@ async def test_a_full_queue_is_429_with_retry_after(
         assert body["type"] == PROBLEMS + "queue-full"
         assert response.headers["retry-after"] == "1"
     health = (await client.get("/health")).json()
-    assert health["queue"] == {"queued": MAX_QUEUED, "running": POOL_SIZE, "max_queued": MAX_QUEUED}
+    assert health["queue"] == {
+        "queued": MAX_QUEUED,
+        "running": POOL_SIZE,
+        "max_queued": MAX_QUEUED,
+        "unserved": {},
+    }
     runner.hold.set()
 
 

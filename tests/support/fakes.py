@@ -21,11 +21,13 @@ from anyio.abc import ByteStream, SocketAttribute, SocketListener, TaskGroup, Ta
 
 from support.absent import placeholder_sandbox
 from support.waiting import until
+from warmpod.environments import DEFAULT, Environments, EnvironmentSpec
 from warmpod.errors import EngineError, PoolUnavailable
 from warmpod.host.podman_api import EngineInfo
 from warmpod.models import RunResult, RunSpec
 from warmpod.sandbox import protocol
 from warmpod.sandbox.limits import RunLimits
+from warmpod.sandbox.pool import Pool
 from warmpod.sandbox.protocol import MAX_FRAME, Channel, FileChunk, Output
 from warmpod.sandbox.runner import Leaser, Runner, RunOutput
 from warmpod.sandbox.sandbox import AGENT_COMMAND, AGENT_DIR, SOCKET_NAME, Sandbox
@@ -394,7 +396,7 @@ class FakeLeaser:
         """``lease`` and ``release`` of each sandbox, in order (a test may add its own events)."""
 
     @contextlib.asynccontextmanager
-    async def lease(self) -> AsyncIterator[Sandbox]:
+    async def lease(self, environment: str = DEFAULT) -> AsyncIterator[Sandbox]:
         """A placeholder sandbox, or PoolUnavailable while ``failures`` remain."""
         if self.failures:
             self.failures -= 1
@@ -406,15 +408,30 @@ class FakeLeaser:
             # Where the pool starts removing the container.
             self.events.append("release")
 
-    def check_memory(self, limit_bytes: int) -> None:
+    def check_memory(self, environment: str, limit_bytes: int) -> None:
         """Any limit will do."""
 
-    def wants_preload(self, code: bytes) -> bool:
+    def wants_preload(self, environment: str, code: bytes) -> bool:
         """No run does."""
         return False
 
-    def note_demand(self, warm: bool) -> None:
+    def note_demand(self, environment: str, warm: bool) -> None:
         """Nothing to learn."""
+
+    def served(self) -> list[str]:
+        """The one environment."""
+        return [DEFAULT]
+
+
+def mark_serving(pool: Pool, serving: bool = True) -> None:
+    """Have ``pool`` (over an engine never called) report every environment serving, or none."""
+    for kind in pool._kinds.values():
+        kind.serving = serving
+
+
+def only_default(limits: LimitSettings, preload: tuple[str, ...] = ()) -> Environments:
+    """The environments of a server without an environments file, with these limits."""
+    return Environments([EnvironmentSpec(DEFAULT, None, preload, 1, limits)])
 
 
 CANNED = RunResult(
@@ -440,7 +457,7 @@ class RecordingRunner(Runner):
     """
 
     def __init__(self, leaser: Leaser, limits: LimitSettings, files: FileSettings | None = None) -> None:
-        super().__init__(leaser, limits, files)
+        super().__init__(leaser, only_default(limits), files)
         self.calls: list[tuple[bytes, bytes, float]] = []
         self.files: list[tuple[tuple[str, bytes], ...]] = []
         """The input files of each run."""

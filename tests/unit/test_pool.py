@@ -21,6 +21,7 @@ from anyio.abc import TaskGroup
 from prometheus_client import REGISTRY
 from support.fakes import FakeEngine, probe_report
 
+from warmpod.environments import DEFAULT, Environments
 from warmpod.errors import EngineError, InvalidRun, PoolUnavailable
 from warmpod.sandbox import protocol
 from warmpod.sandbox.owners import OwnerLock
@@ -64,7 +65,7 @@ def make_pool(engine: FakeEngine, state_dir: Path, *, can_pause: bool = False, *
     return Pool(
         settings(**pool),
         engine,
-        image="localhost/warmpod-runner:test",
+        environments=[(Environments.load(settings(**pool)).default, "localhost/warmpod-runner:test")],
         state_dir=state_dir,
         instance=INSTANCE,
         can_pause=can_pause,
@@ -81,7 +82,7 @@ async def eventually(predicate: Callable[[], bool], timeout: float = WAIT) -> No
 
 def waiting(pool: Pool, leases: int) -> Callable[[], bool]:
     """Whether ``leases`` leases wait in ``pool``'s queue."""
-    return lambda: len(pool._queue) == leases
+    return lambda: len(pool._kinds[DEFAULT].queue) == leases
 
 
 @pytest.fixture
@@ -217,7 +218,7 @@ async def test_a_sandbox_leased_but_given_no_job_goes_back_to_the_front(
         async with pool.lease() as sandbox:
             unused = sandbox.container_id
         assert pool.stats().busy == 0
-        assert pool._ready[0] is sandbox
+        assert pool._kinds[DEFAULT].ready[0] is sandbox
         assert not sandbox.paused  # still thawed, as the head of the queue is anyway
         await anyio.sleep(0.05)  # the sleep is the test: a destroy in the background would run now
         assert unused not in engine.destroyed
@@ -232,7 +233,7 @@ async def test_a_sandbox_leased_but_given_no_job_goes_back_to_the_front(
             pass
         await engine.crash(sandbox.container_id)
         await eventually(lambda: sandbox.container_id in engine.destroyed)
-        await eventually(lambda: pool.stats().ready == 2 and sandbox not in pool._ready)
+        await eventually(lambda: pool.stats().ready == 2 and sandbox not in pool._kinds[DEFAULT].ready)
         assert (pool.stats().last_error or "").endswith(" died while idle")
 
     await with_pool(pool, body)
@@ -269,7 +270,7 @@ async def test_a_lease_that_raised_or_outlived_the_pool_destroys_its_unused_sand
                 await fail()
             (raised,) = failed
             await eventually(lambda: raised in engine.destroyed)
-            assert all(s.container_id != raised for s in pool._ready)
+            assert all(s.container_id != raised for s in pool._kinds[DEFAULT].ready)
             outside.start_soon(hold)  # a lease the pool's cancellation does not reach
             await holding.wait()
             tg.cancel_scope.cancel()
@@ -335,7 +336,7 @@ async def test_runner_runs_a_program_through_the_pool(agents: TaskGroup, state_d
     run_results = []
 
     async def body() -> None:
-        run_results.append(await Runner(pool, settings().limits).run(b"print(2)", b"", 1.0))
+        run_results.append(await Runner(pool, Environments.load(settings())).run(b"print(2)", b"", 1.0))
         # Used by its run: destroyed, never given back for another.
         await eventually(lambda: engine.created[0] in engine.destroyed)
 
@@ -354,7 +355,7 @@ async def test_a_container_is_removed_once_its_agent_has_answered_and_exited(
     pool = make_pool(engine, state_dir, size=1)
 
     async def body() -> None:
-        run = await Runner(pool, settings().limits).run(b"print(2)", b"", 1.0)
+        run = await Runner(pool, Environments.load(settings())).run(b"print(2)", b"", 1.0)
         assert run.status == "succeeded"
         await eventually(lambda: engine.created[0] in engine.destroyed)
         assert engine.removed_stopped == [engine.created[0]]
@@ -384,7 +385,7 @@ async def test_replacement_is_made_while_the_lease_is_held(agents: TaskGroup, st
         async with pool.lease() as sandbox:
             await eventually(lambda: pool.stats().ready == 1)
             assert len(engine.created) == 2
-            assert pool._ready[0].container_id != sandbox.container_id
+            assert pool._kinds[DEFAULT].ready[0].container_id != sandbox.container_id
 
     await with_pool(pool, body)
 
@@ -402,7 +403,7 @@ async def test_a_lone_run_from_an_idle_pool_goes_before_the_pools_own_work(
         await eventually(lambda: pool.stats().ready == 2)
         async with pool.lease():
             leased = anyio.current_time()
-            head = pool._ready[0].container_id
+            head = pool._kinds[DEFAULT].ready[0].container_id
             await anyio.sleep(RUN_FIRST / 2)
             assert len(engine.created) == 2
             assert engine.count("unpause", head) == 0
@@ -492,7 +493,12 @@ async def test_self_test_waits_past_the_acquire_timeout_for_a_slow_first_sandbox
         async with anyio.create_task_group() as tg:
             tg.start_soon(open_the_gate)
             await self_test(
-                pool, Runner(pool, test_settings.limits), test_settings, cgroups=False, userns=False
+                pool,
+                Runner(pool, Environments.load(test_settings)),
+                test_settings,
+                Environments.load(test_settings).default,
+                cgroups=False,
+                userns=False,
             )
         assert anyio.current_time() - started >= 0.6
 
@@ -870,7 +876,7 @@ async def test_the_pool_holds_its_owner_lock_while_it_runs(agents: TaskGroup, st
     other = Pool(
         settings(),
         engine,
-        image="localhost/warmpod-runner:test",
+        environments=[(Environments.load(settings()).default, "localhost/warmpod-runner:test")],
         state_dir=state_dir,
         instance="another0start",
         can_pause=False,
@@ -1071,7 +1077,7 @@ async def test_under_load_containers_preload_as_the_runs_claimed_lately_want(
     async def body() -> None:
         await eventually(lambda: pool.stats().ready == 1)
         for _ in range(30):
-            pool.note_demand(demand)
+            pool.note_demand(DEFAULT, demand)
         engine.gate = anyio.Event()
         async with pool.lease() as sandbox, anyio.create_task_group() as tg:
             await use(sandbox)

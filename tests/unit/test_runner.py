@@ -48,7 +48,7 @@ async def execute(
 ) -> tuple[RunResult, RunOutput]:
     """What Runner.execute makes of an agent that answers the job with ``messages`` (in a container
     the OOM killer ended, if ``oom``), and the output it collected."""
-    run = runner.Runner(fakes.FakeLeaser(), LIMITS)
+    run = runner.Runner(fakes.FakeLeaser(), fakes.only_default(LIMITS))
     spec = run.prepare(b"pass", b"", timeout)
     output = RunOutput(spec.max_output_bytes)
     async with fakes.scripted_sandbox(*messages, hang_up=hang_up, oom=oom) as sandbox:
@@ -243,7 +243,7 @@ async def test_an_agent_that_hangs_up_otherwise_is_a_sandbox_failure() -> None:
 
 async def test_a_run_marks_its_sandbox_used() -> None:
     """Executing a run marks its sandbox used, so the pool destroys it instead of giving it back."""
-    run = runner.Runner(fakes.FakeLeaser(), LIMITS)
+    run = runner.Runner(fakes.FakeLeaser(), fakes.only_default(LIMITS))
     spec = run.prepare(b"pass", b"", None)
     async with fakes.scripted_sandbox(fakes.result()) as sandbox:
         assert not sandbox.used

@@ -61,7 +61,7 @@ async def execute(
 ) -> tuple[RunResult, Path]:
     """What Runner.execute makes of a run asking for ``asked`` whose agent answers with
     ``messages``, in a sandbox whose host directory exists; and that directory."""
-    run = Runner(fakes.FakeLeaser(), LIMITS, sources=sources)
+    run = Runner(fakes.FakeLeaser(), fakes.only_default(LIMITS), sources=sources)
     spec = run.prepare(b"pass", b"", None, program=Program(sources=asked))
     directory = tmp_path / "sandbox"
     directory.mkdir(mode=0o700)
@@ -159,7 +159,7 @@ async def test_a_run_without_sources_gets_none_and_opens_nothing(tmp_path: Path)
 
 async def test_sources_that_cannot_be_listened_for_are_an_error(tmp_path: Path) -> None:
     """A sandbox directory where no socket can be made ends the run ``error`` before its job is sent."""
-    run = Runner(fakes.FakeLeaser(), LIMITS, sources=await sources_file(tmp_path, 1))
+    run = Runner(fakes.FakeLeaser(), fakes.only_default(LIMITS), sources=await sources_file(tmp_path, 1))
     spec = run.prepare(b"pass", b"", None, program=Program(sources=["warehouse"]))
     async with fakes.scripted_sandbox(fakes.result(), directory=tmp_path / "missing") as sandbox:
         result = await run.execute("id", spec, sandbox, RunOutput(spec.max_output_bytes))

@@ -49,6 +49,27 @@ class _Scrape:
         for state in POOL_STATES:
             pool.add_metric([state], getattr(stats, state))
         yield pool
+        containers = GaugeMetricFamily(
+            "warmpod_pool_environment_containers",
+            "Pool containers of each environment by state",
+            labels=["environment", "state"],
+        )
+        target = GaugeMetricFamily(
+            "warmpod_pool_environment_target",
+            "Ready containers each environment aims for: its min_warm and its share of the demand",
+            labels=["environment"],
+        )
+        waiting = GaugeMetricFamily(
+            "warmpod_pool_environment_waiting",
+            "Runs on this node waiting for a sandbox of each environment",
+            labels=["environment"],
+        )
+        for name, counts in stats.environments.items():
+            for state in ("ready", "busy", "starting"):
+                containers.add_metric([name, state], getattr(counts, state))
+            target.add_metric([name], counts.target)
+            waiting.add_metric([name], counts.waiting)
+        yield from (containers, target, waiting)
         yield GaugeMetricFamily(
             "warmpod_queue_depth",
             "Runs queued, not yet executing",

@@ -39,6 +39,7 @@ class _LiveRun:
 
     fence: Fence
     output: RunOutput
+    environment: str
     started: float = field(default_factory=time.perf_counter)
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     lost: str | None = None
@@ -57,6 +58,7 @@ class _LiveRun:
             stderr=self.output.stderr,
             duration_ms=(time.perf_counter() - self.started) * 1000,
             error=error,
+            environment=self.environment,
         )
 
 
@@ -197,22 +199,27 @@ class Workers:
             seeking = True
             live: _LiveRun | None = None
             try:
+                environment = await self._next_environment()
+                if environment is None:
+                    continue  # its run was taken, or is of an environment this node does not serve
                 # The sandbox first: a node claims a run only when it can start it at once, so
                 # runs go to the nodes with a free sandbox. One left unused goes back to the pool.
-                async with self._leaser.lease() as sandbox:
+                async with self._leaser.lease(environment) as sandbox:
                     if self._shutdown.begun:
                         self._work.release()
                         return
-                    claimed = await self._store.claim(self._owner, self._lease, warm=sandbox.warm)
+                    claimed = await self._store.claim(
+                        self._owner, self._lease, environment=environment, warm=sandbox.warm
+                    )
                     self._seeking -= 1
                     seeking = False
                     if claimed is not None:
-                        self._leaser.note_demand(claimed.spec.warm)
+                        self._leaser.note_demand(environment, claimed.spec.warm)
                         # The run stays in ``_live`` until its result is written, so heartbeats
                         # renew its lease while a result waits for room in the store (or this
                         # node's own reaper would end it).
                         live = self._live[claimed.fence.run_id] = _LiveRun(
-                            claimed.fence, self._runner.output(claimed.spec)
+                            claimed.fence, self._runner.output(claimed.spec), environment
                         )
                         await self._execute(claimed, sandbox, live)
                 backoff.reset()
@@ -230,6 +237,16 @@ class Workers:
                 if live is not None:
                     with anyio.CancelScope(shield=True):
                         await self._conclude(live)
+
+    async def _next_environment(self) -> str | None:
+        """The environment of the run to claim next: the one this node serves, or of several,
+        the one of the run the store would hand out first."""
+        served = self._leaser.served()
+        if len(served) == 1:
+            return served[0]  # the common case costs no query
+        if not served:
+            return None
+        return await self._store.next_environment(served)
 
     async def _execute(self, claim: Claim, sandbox: Sandbox, live: _LiveRun) -> None:
         """Run the claimed run in ``sandbox``, leaving what to record of it in ``live.result``:
@@ -346,5 +363,6 @@ async def report(store: Store, run_id: str, result: RunResult | None, *, execute
             "limits_hit": list(result.limits_hit),
             "key": None if record is None else record.key,
             "node": result.node,
+            "environment": result.environment,
         },
     )

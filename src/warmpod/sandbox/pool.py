@@ -12,9 +12,9 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -22,9 +22,11 @@ from anyio.abc import TaskStatus
 
 from warmpod import metrics
 from warmpod.backoff import Backoff
+from warmpod.environments import DEFAULT, EnvironmentSpec
 from warmpod.errors import PoolUnavailable, WarmpodError
 from warmpod.host import facts
 from warmpod.host.image import context_dir
+from warmpod.models import EnvironmentPoolCounts
 from warmpod.sandbox.owners import Owner, OwnerLock
 from warmpod.sandbox.sandbox import DESTROY_TIMEOUT, Engine, Sandbox, check_memory_floor
 from warmpod.settings import Settings
@@ -62,6 +64,52 @@ def imports_libraries(code: bytes) -> bool:
 
 
 @dataclass
+class Kind:
+    """One environment's sandboxes in the pool: those ready, busy and starting, the runs waiting
+    for one, and how its runs ask (preloaded or not; its share of all the runs claimed)."""
+
+    spec: EnvironmentSpec
+    image: str
+    share: float
+    """Its share of the runs claimed, weighted toward the latest (``Pool.note_demand``)."""
+    retry: Backoff
+    """One delay for all its refill slots: failures in parallel slow them all down together."""
+    ready: deque[Sandbox] = field(default_factory=deque)
+    busy: set[Sandbox] = field(default_factory=set)
+    starting: int = 0
+    starting_warm: int = 0
+    queue: deque[object] = field(default_factory=deque)
+    """Leases waiting for one of its sandboxes, first come first served."""
+    demand: float = 0.0
+    """The share of its claimed runs that wanted a preloaded sandbox, weighted toward the latest."""
+    serving: bool = False
+    """One of its sandboxes was made."""
+    failing: int = 0
+    """Attempts to make one that failed in a row."""
+    preload_failed: list[str] = field(default_factory=list)
+    memory_floor: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def coming(self) -> int:
+        """Ready and starting: what a lease may soon get."""
+        return len(self.ready) + self.starting
+
+    def counts(self, target: int) -> EnvironmentPoolCounts:
+        return EnvironmentPoolCounts(
+            ready=len(self.ready),
+            busy=len(self.busy),
+            starting=self.starting,
+            target=target,
+            min_warm=self.spec.min_warm,
+            waiting=len(self.queue),
+        )
+
+
+@dataclass
 class PoolStats:
     """Counts for /health and /metrics."""
 
@@ -79,23 +127,29 @@ class PoolStats:
     """The latest attempt to make a container failed."""
     last_error: str | None
     preload_failed: list[str]
+    environments: dict[str, EnvironmentPoolCounts] = field(default_factory=dict)
 
 
 class Pool:
-    """Keeps containers ready, between the pool's min and max size; each serves one run, then goes.
+    """Keeps containers of each environment ready; each serves one run of its environment, then goes.
 
-    The ready target starts at ``min_size``. A run that finds no container ready doubles it (at
-    most ``max_size``); each ``shrink_after`` seconds without such a run halves it (at least
-    ``min_size``). Ready, starting, running and closing containers together never exceed ``max_size``.
-    Runs get containers in the order they asked. A container leased and given back with nothing
-    done to it (no job: another node claimed the run) has served no run: it goes back to the head
-    of the ready queue, and the next lease takes it instead of a new one.
+    The ready target starts at the pool's floor (``min_size``, or the environments' ``min_warm``
+    together if more). A run that finds no container of its environment ready doubles it (at most
+    ``max_size``); each ``shrink_after`` seconds without such a run halves it. Ready, starting,
+    running and closing containers together never exceed ``max_size``.
 
-    Preloading (``pool.preload``) costs a container some 300 ms of CPU, which only runs that
-    import libraries (``wants_preload``) gain from. While the pool keeps up, every container is
-    preloaded; once runs find it empty, the share of preloaded containers among those ready and
-    starting follows the share of such runs among those claimed (``note_demand``), and a sandbox
-    claims a run of its own kind first (``Store.claim``).
+    Each environment keeps its ``min_warm`` ready; the rest of the target goes to the environments
+    in step with their share of the runs claimed (``note_demand``). A run waits only for a sandbox
+    of its environment, in the order its environment's runs asked; when the pool is full and none
+    of its kind is ready or coming, an idle one of another environment above its ``min_warm``
+    makes room. A container leased and given back with nothing done to it (no job: another node
+    claimed the run) goes back to the head of its environment's ready queue.
+
+    Preloading (an environment's ``preload``) costs a container some 300 ms of CPU, which only runs
+    that import libraries (``wants_preload``) gain from. While the pool keeps up, every container
+    is preloaded; once runs find it empty, the share of preloaded containers of an environment
+    follows the share of such runs among those of it claimed, and a sandbox claims a run of its own
+    kind first (``Store.claim``).
     """
 
     def __init__(
@@ -103,7 +157,7 @@ class Pool:
         settings: Settings,
         engine: Engine,
         *,
-        image: str,
+        environments: Sequence[tuple[EnvironmentSpec, str]],
         state_dir: Path,
         instance: str,
         can_pause: bool,
@@ -112,7 +166,6 @@ class Pool:
     ) -> None:
         self._settings = settings
         self._engine = engine
-        self._image = image
         self._state_dir = state_dir
         self.instance = instance
         # The instance is the owner token: unique to this start, it labels every container.
@@ -125,57 +178,74 @@ class Pool:
         # is (the agents' directories are bind-mounted from it at the same path).
         self._seccomp_source = context_dir(settings) / "seccomp.json"
         self._seccomp_profile = state_dir / "seccomp.json"
-        self._ready: deque[Sandbox] = deque()
-        self._busy: set[Sandbox] = set()
-        self._starting = 0
-        self._starting_warm = 0
+        self._kinds = {
+            spec.name: Kind(
+                spec, image, share=1 / len(environments), retry=Backoff(0.5, settings.pool.backoff_max)
+            )
+            for spec, image in environments
+        }
         self._closing = 0
         # Preloading containers made at once: one import per CPU. More only take turns on the
         # same CPUs and each costs more (c8 numpy+pandas on 2 CPUs: 502 ms of CPU per run with
         # 4 at once, 469 with 2).
         self._import_slots = min(settings.pool.refill_concurrency, len(os.sched_getaffinity(0)))
-        # The share of claimed runs that wanted a preloaded sandbox, weighted toward the latest.
-        self._demand = 0.0
-        self._queue: deque[object] = deque()
-        self._floor, self._ceiling = settings.pool.bounds
+        floor, self._ceiling = settings.pool.bounds
+        self._min_warm = sum(kind.spec.min_warm for kind in self._kinds.values())
+        self._floor = min(max(floor, self._min_warm), self._ceiling)
         self._target = self._floor
         self._last_shortage = self._resized = -math.inf
         self._run_first_until = -math.inf
-        self.preload_failed: list[str] = []
         self._created = 0
         self._failures = 0
-        self._consecutive_failures = 0
         self._last_error: str | None = None
-        # One delay for every refill slot: failures in parallel slow them all down together.
-        self._retry = Backoff(0.5, settings.pool.backoff_max)
         self._serial = itertools.count(1)
         self._changed = anyio.Condition()
         self._tg: anyio.abc.TaskGroup | None = None
-        self.serving = False
         self.landlock_abi = 0
-        # The most memory a sandbox held at rest (plus headroom), where cgroups limit memory:
-        # requests below it are refused up front, the same way whichever sandbox they would get.
-        self.memory_floor = 0
 
     @property
     def target(self) -> int:
         """How many containers the pool keeps ready now."""
         return self._target
 
+    @property
+    def serving(self) -> bool:
+        """Every environment has made its first sandbox."""
+        return all(kind.serving for kind in self._kinds.values())
+
+    def served(self) -> list[str]:
+        """The environments whose runs this node takes: it made one of their sandboxes, and the
+        latest attempt to make one did not fail (or one is ready still)."""
+        return [
+            name for name, kind in self._kinds.items() if kind.serving and (kind.ready or not kind.failing)
+        ]
+
+    @property
+    def memory_floor(self) -> int:
+        """The most memory a sandbox of any environment held at rest, plus headroom."""
+        return max(kind.memory_floor for kind in self._kinds.values())
+
+    @property
+    def preload_failed(self) -> list[str]:
+        """The default environment's preloads that failed to import."""
+        return self._kinds[DEFAULT].preload_failed
+
     def stats(self) -> PoolStats:
         """The pool's counts now."""
+        kinds = self._kinds.values()
         return PoolStats(
-            ready=len(self._ready),
-            paused=sum(sandbox.paused for sandbox in self._ready),
-            busy=len(self._busy),
-            starting=self._starting,
+            ready=sum(len(kind.ready) for kind in kinds),
+            paused=sum(sandbox.paused for kind in kinds for sandbox in kind.ready),
+            busy=sum(len(kind.busy) for kind in kinds),
+            starting=sum(kind.starting for kind in kinds),
             closing=self._closing,
             target=self.target,
             created=self._created,
             failures=self._failures,
-            failing=self._consecutive_failures > 0,
+            failing=any(kind.failing for kind in kinds),
             last_error=self._last_error,
             preload_failed=self.preload_failed,
+            environments={kind.name: kind.counts(self._kind_target(kind)) for kind in kinds},
         )
 
     def labels(self) -> dict[str, str]:
@@ -261,6 +331,7 @@ class Pool:
     async def _maintain(self, tg: anyio.abc.TaskGroup) -> None:
         limit = self._settings.pool.refill_concurrency
         shrink_after = self._settings.pool.shrink_after
+        kinds = self._kinds.values()
         while True:
             async with self._changed:
                 # The one place the pool's own work starts: every lease, return and new container
@@ -268,18 +339,19 @@ class Pool:
                 held = self._holding_back()
                 if not held:
                     self._warm_next()
+                    self._make_room(tg)
                 while (
-                    not held
-                    and len(self._ready) + self._starting < self._target
-                    and len(self._ready) + self._starting + len(self._busy) + self._closing < self._ceiling
-                    and self._starting < limit
+                    not held and sum(kind.starting for kind in kinds) < limit and self._live() < self._ceiling
                 ):
-                    preload = self._preload_next()
-                    if preload and self._starting_warm >= self._import_slots:
+                    kind = self._neediest()
+                    if kind is None:
+                        break
+                    preload = self._preload_next(kind)
+                    if preload and sum(kind.starting_warm for kind in kinds) >= self._import_slots:
                         break  # the next one is made once an import ends (_fill_one notifies)
-                    self._starting += 1
-                    self._starting_warm += preload
-                    tg.start_soon(self._fill_one, preload)
+                    kind.starting += 1
+                    kind.starting_warm += preload
+                    tg.start_soon(self._fill_one, kind, preload)
                 wait = shrink_after if self._target > self._floor else math.inf
                 if held:
                     wait = min(wait, self._run_first_until - anyio.current_time())
@@ -288,20 +360,61 @@ class Pool:
             if anyio.current_time() - self._resized >= shrink_after and self._target > self._floor:
                 self._shrink(tg)
 
+    def _live(self) -> int:
+        """Containers that exist or are being made: what ``max_size`` bounds."""
+        return sum(kind.coming + len(kind.busy) for kind in self._kinds.values()) + self._closing
+
+    def _kind_target(self, kind: Kind) -> int:
+        """Ready containers ``kind`` aims for: its ``min_warm``, and its share of the rest."""
+        extra = max(0, self._target - self._min_warm)
+        return kind.spec.min_warm + math.floor(extra * kind.share + 0.5)
+
+    def _neediest(self) -> Kind | None:
+        """The environment the next container is made for: one a run waits for first, then the
+        one furthest below its target; None when each has what it aims for."""
+        best, best_gap = None, (False, 0)
+        for kind in self._kinds.values():
+            gap = (len(kind.queue) > kind.coming, max(self._kind_target(kind), len(kind.queue)) - kind.coming)
+            if gap[1] > 0 and gap > best_gap:
+                best, best_gap = kind, gap
+        return best
+
+    def _make_room(self, tg: anyio.abc.TaskGroup) -> None:
+        """With the pool full, close an idle container of another environment for one that needs
+        it: for a run that waits with none of its sandboxes coming, one above its ``min_warm``;
+        for an environment below its target, one above its own target."""
+        if self._closing or self._live() < self._ceiling:
+            return  # room is coming, or there already is some
+        needy = self._neediest()
+        if needy is None:
+            return
+        waits = len(needy.queue) > needy.coming
+        spare = [
+            other
+            for other in self._kinds.values()
+            if other is not needy
+            and len(other.ready) > (other.spec.min_warm if waits else self._kind_target(other))
+        ]
+        if spare:
+            other = max(spare, key=lambda other: len(other.ready) - self._kind_target(other))
+            self._close_soon(other.ready.pop(), tg)
+
     def _shrink(self, tg: anyio.abc.TaskGroup) -> None:
         self._target = max(self._target // 2, self._floor)
         self._resized = anyio.current_time()
-        while len(self._ready) > self._target:
-            # The newest first: the head may already be thawed for the next run.
-            self._close_soon(self._ready.pop(), tg)
+        for kind in self._kinds.values():
+            while len(kind.ready) > self._kind_target(kind):
+                # The newest first: the head may already be thawed for the next run.
+                self._close_soon(kind.ready.pop(), tg)
 
     def _holding_back(self) -> bool:
         """Whether the pool's own work waits for a lone run to go first (``RUN_FIRST``)."""
+        kinds = self._kinds.values()
         return (
             anyio.current_time() < self._run_first_until
-            and len(self._busy) <= 1
-            and bool(self._ready)
-            and not self._queue
+            and sum(len(kind.busy) for kind in kinds) <= 1
+            and any(kind.ready for kind in kinds)
+            and not any(kind.queue for kind in kinds)
         )
 
     def _grow(self) -> None:
@@ -312,70 +425,81 @@ class Pool:
         async with self._changed:
             self._changed.notify_all()
 
-    def _preload_next(self) -> bool:
-        """Whether the next container to be made should preload."""
+    def _preload_next(self, kind: Kind) -> bool:
+        """Whether the next container of ``kind`` should preload."""
         # After a failed start the next one is bare, so a preload that crashes or hangs the
         # interpreter cannot keep the pool empty.
-        if not self._settings.pool.preload or self._consecutive_failures:
+        if not kind.spec.preload or kind.failing:
             return False
         # While the pool keeps up, CPU is to spare and every run is served warm.
-        if anyio.current_time() - self._last_shortage > PRELOAD_CALM and not self._queue:
+        if anyio.current_time() - self._last_shortage > PRELOAD_CALM and not kind.queue:
             return True
         # Once CPU is the limit, preloading serves only the runs that import libraries: keep the
         # preloaded share of the containers coming in step with theirs.
-        warm = sum(sandbox.warm for sandbox in self._ready) + self._starting_warm
-        return warm < round(self._demand * (len(self._ready) + self._starting + 1))
+        warm = sum(sandbox.warm for sandbox in kind.ready) + kind.starting_warm
+        return warm < round(kind.demand * (kind.coming + 1))
 
-    def note_demand(self, warm: bool) -> None:
-        """A run was claimed: ``warm``, whether it wanted a preloaded sandbox (``wants_preload``)."""
-        self._demand += (float(warm) - self._demand) * DEMAND_WEIGHT
+    def note_demand(self, environment: str, warm: bool) -> None:
+        """A run of ``environment`` was claimed: ``warm``, whether it wanted a preloaded sandbox
+        (``wants_preload``)."""
+        claimed = self._kinds[environment]
+        claimed.demand += (float(warm) - claimed.demand) * DEMAND_WEIGHT
+        if len(self._kinds) > 1:
+            for kind in self._kinds.values():
+                kind.share += (float(kind is claimed) - kind.share) * DEMAND_WEIGHT
 
-    def wants_preload(self, code: bytes) -> bool:
-        """Whether a run of ``code`` gains from a preloaded sandbox: it imports libraries."""
-        return bool(self._settings.pool.preload) and imports_libraries(code)
+    def wants_preload(self, environment: str, code: bytes) -> bool:
+        """Whether a run of ``code`` in ``environment`` gains from a preloaded sandbox: it imports
+        libraries, and the environment preloads some."""
+        return bool(self._kinds[environment].spec.preload) and imports_libraries(code)
 
-    async def _fill_one(self, preload: bool) -> None:
+    async def _fill_one(self, kind: Kind, preload: bool) -> None:
         started = time.perf_counter()
         try:
-            sandbox = await self._make(preload)
+            sandbox = await self._make(kind, preload)
         except (WarmpodError, OSError) as exc:
             metrics.REFILL_FAILURES.inc()
             self._failures += 1
-            self._consecutive_failures += 1
-            self._last_error = str(exc)
-            log.error("could not make a pool container (retrying in %.1f s): %s", self._retry.delay, exc)
+            kind.failing += 1
+            self._last_error = f"environment {kind.name!r}: {exc}" if len(self._kinds) > 1 else str(exc)
+            log.error(
+                "could not make a pool container of %r (retrying in %.1f s): %s",
+                kind.name,
+                kind.retry.delay,
+                exc,
+            )
             # The slot stays taken while backing off, so failures never loop hot.
-            await self._retry.sleep()
-            self._starting -= 1
-            self._starting_warm -= preload
+            await kind.retry.sleep()
+            kind.starting -= 1
+            kind.starting_warm -= preload
             await self._notify()
             return
         metrics.CONTAINER_START.observe(time.perf_counter() - started)
-        self._consecutive_failures = 0
-        self._retry.reset()
+        kind.failing = 0
+        kind.retry.reset()
         self._created += 1
-        self._starting -= 1
-        self._starting_warm -= preload
-        self._ready.append(sandbox)
+        kind.starting -= 1
+        kind.starting_warm -= preload
+        kind.ready.append(sandbox)
         if self._tg is not None:
-            self._tg.start_soon(self._watch_idle, sandbox)
-        self.serving = True
+            self._tg.start_soon(self._watch_idle, kind, sandbox)
+        kind.serving = True
         await self._notify()
 
-    async def _watch_idle(self, sandbox: Sandbox) -> None:
+    async def _watch_idle(self, kind: Kind, sandbox: Sandbox) -> None:
         # A container that dies while it waits (killed, removed with its image, agent crashed)
         # must not be handed to a run, nor leave the pool a container short.
         if not await sandbox.watch():
             return  # leased
-        if sandbox not in self._ready:
+        if sandbox not in kind.ready:
             return  # retired or destroyed: its channel was closed on purpose
-        self._ready.remove(sandbox)
+        kind.ready.remove(sandbox)
         self._last_error = f"{sandbox.name} died while idle"
         log.warning("%s died while idle: replacing it", sandbox.name)
         self._closing += 1
         await self._close(sandbox)
 
-    async def _make(self, preload: bool) -> Sandbox:
+    async def _make(self, kind: Kind, preload: bool) -> Sandbox:
         name = f"warmpod-{self.instance[:8]}-{next(self._serial)}"
         directory = self._state_dir / name
         directory.mkdir(mode=0o700)
@@ -383,37 +507,40 @@ class Pool:
             shutil.copyfile(self._seccomp_source, self._seccomp_profile)
         sandbox = await Sandbox.start(
             self._engine,
-            image=self._image,
+            image=kind.image,
             seccomp_profile=self._seccomp_profile,
             name=name,
             labels=self.labels(),
             directory=directory,
-            limits=self._settings.limits,
+            limits=kind.spec.limits,
             can_limit=self._can_limit,
             userns=self._userns,
-            preload=self._settings.pool.preload if preload else (),
+            preload=kind.spec.preload if preload else (),
             timeout=self._settings.pool.start_timeout,
         )
         self.landlock_abi = sandbox.landlock
-        if sandbox.warm and sandbox.preload_failed != self.preload_failed:
-            log.warning("preload modules failed to import: %s", ", ".join(sandbox.preload_failed))
-            self.preload_failed = sandbox.preload_failed
+        if sandbox.warm and sandbox.preload_failed != kind.preload_failed:
+            log.warning(
+                "preload modules of %r failed to import: %s", kind.name, ", ".join(sandbox.preload_failed)
+            )
+            kind.preload_failed = sandbox.preload_failed
         try:
             # A run already waits for it: pausing would only add two engine calls to its path.
-            if self.can_pause and not self._queue:
+            if self.can_pause and not kind.queue:
                 await sandbox.pause()
         except BaseException:
             await sandbox.aclose()
             raise
-        self.memory_floor = max(self.memory_floor, sandbox.memory_floor)
+        kind.memory_floor = max(kind.memory_floor, sandbox.memory_floor)
         return sandbox
 
     def _warm_next(self) -> None:
-        # Thaw the container the next run will take, off that run's critical path.
-        head = self._ready[0] if self._ready else None
-        # Not twice: a thaw may be under way already.
-        if self._tg is not None and head is not None and head.paused and not head.thawing:
-            self._tg.start_soon(self._thaw_quietly, head)
+        # Thaw the container the next run of each environment will take, off that run's critical path.
+        for kind in self._kinds.values():
+            head = kind.ready[0] if kind.ready else None
+            # Not twice: a thaw may be under way already.
+            if self._tg is not None and head is not None and head.paused and not head.thawing:
+                self._tg.start_soon(self._thaw_quietly, head)
 
     async def _thaw_quietly(self, sandbox: Sandbox) -> None:
         try:
@@ -422,10 +549,12 @@ class Pool:
             log.warning("could not unpause %s ahead of demand: %s", sandbox.name, exc)
 
     async def wait_serving(self, timeout: float, progress_every: float = 10.0) -> None:
-        """Wait until the pool has made its first sandbox, logging progress while it takes long.
+        """Wait until the pool has made the first sandbox of every environment, logging progress
+        while it takes long.
 
         Raises:
-            PoolUnavailable: none was made within ``timeout`` seconds; the message has the last error.
+            PoolUnavailable: that did not happen within ``timeout`` seconds; the message names the
+                environments without one and has the last error.
         """
         started = anyio.current_time()
         with anyio.move_on_after(timeout):
@@ -436,21 +565,25 @@ class Pool:
                             await self._changed.wait()
                 if not self.serving:
                     log.info(
-                        "waiting for the first sandbox: %.0f s so far, %d starting, %d failed%s",
+                        "waiting for the first sandbox of %s: %.0f s so far, %d failed%s",
+                        ", ".join(self._unserved()),
                         anyio.current_time() - started,
-                        self._starting,
                         self._failures,
                         f" (last: {self._last_error})" if self._last_error else "",
                     )
         if not self.serving:
             raise PoolUnavailable(
-                f"no sandbox was made within {timeout:.0f} s of start-up (WARMPOD_SERVER__STARTUP_TIMEOUT)"
+                f"no sandbox of the environment(s) {', '.join(self._unserved())} was made within "
+                f"{timeout:.0f} s of start-up (WARMPOD_SERVER__STARTUP_TIMEOUT)"
                 + (f"; last error: {self._last_error}" if self._last_error else "")
             )
 
+    def _unserved(self) -> list[str]:
+        return [name for name, kind in self._kinds.items() if not kind.serving]
+
     @asynccontextmanager
-    async def lease(self) -> AsyncIterator[Sandbox]:
-        """Take a ready container for one run; it is destroyed when the block exits.
+    async def lease(self, environment: str = DEFAULT) -> AsyncIterator[Sandbox]:
+        """Take a ready container of ``environment`` for one run; it is destroyed when the block exits.
 
         Unless the block ended normally while the pool runs and left the sandbox unused (see
         ``Sandbox.used``): then it is given back, first in line for the next lease.
@@ -458,32 +591,35 @@ class Pool:
         Raises:
             PoolUnavailable: none became ready within the acquire timeout.
         """
+        kind = self._kinds[environment]
         try:
             with anyio.fail_after(self._settings.pool.acquire_timeout):
                 async with self._changed:
-                    if (self._queue or not self._ready) and self.serving:
+                    if (kind.queue or not kind.ready) and kind.serving:
                         self._grow()
                         self._changed.notify_all()
                     # First come, first served: otherwise an unlucky run can lose every race.
                     ticket = object()
-                    self._queue.append(ticket)
+                    kind.queue.append(ticket)
                     try:
-                        while not self._ready or self._queue[0] is not ticket:
+                        while not kind.ready or kind.queue[0] is not ticket:
                             await self._changed.wait()
                     finally:
-                        self._queue.remove(ticket)
+                        kind.queue.remove(ticket)
                         self._changed.notify_all()
                     # Only the lone run: under load, runs and refills share the CPUs.
-                    full = len(self._ready) + self._starting >= self._target
-                    if full and not self._busy and not self._queue:
+                    kinds = self._kinds.values()
+                    full = kind.coming >= self._kind_target(kind)
+                    if full and not any(k.busy for k in kinds) and not any(k.queue for k in kinds):
                         self._run_first_until = anyio.current_time() + RUN_FIRST
-                    sandbox = self._ready.popleft()
+                    sandbox = kind.ready.popleft()
                     sandbox.take()
-                    self._busy.add(sandbox)
+                    kind.busy.add(sandbox)
                     self._changed.notify_all()
         except TimeoutError as exc:
             raise PoolUnavailable(
-                f"no sandbox became free within {self._settings.pool.acquire_timeout:.0f} s"
+                f"no sandbox of the environment {environment!r} became free within "
+                f"{self._settings.pool.acquire_timeout:.0f} s"
             ) from exc
         unused = False
         try:
@@ -491,12 +627,12 @@ class Pool:
             yield sandbox
             unused = not sandbox.used
         finally:
-            self._busy.discard(sandbox)
+            kind.busy.discard(sandbox)
             with anyio.CancelScope(shield=True):
                 # A block that raised may have left the sandbox in any state; a stopping pool
                 # (no task group) destroys what it holds.
                 if unused and self._tg is not None:
-                    self._give_back(sandbox, self._tg)
+                    self._give_back(kind, sandbox, self._tg)
                 elif self._tg is not None:
                     self._close_soon(sandbox, self._tg)
                 else:
@@ -518,26 +654,29 @@ class Pool:
             with anyio.CancelScope(shield=True):
                 await self._notify()
 
-    def _give_back(self, sandbox: Sandbox, tg: anyio.abc.TaskGroup) -> None:
+    def _give_back(self, kind: Kind, sandbox: Sandbox, tg: anyio.abc.TaskGroup) -> None:
         # At the head, where the next lease takes it: it is thawed already, as _warm_next leaves
         # the head. Its old watch was ended by the lease (and has returned: the lease passed
         # checkpoints since); it rests again before its new watch starts, so a lease before
         # then ends that one too.
-        self._ready.appendleft(sandbox)
+        kind.ready.appendleft(sandbox)
         sandbox.rest()
-        tg.start_soon(self._watch_idle, sandbox)
+        tg.start_soon(self._watch_idle, kind, sandbox)
 
-    def check_memory(self, limit_bytes: int) -> None:
-        """Refuse a memory limit below what the largest sandbox seen holds at rest (plus headroom).
+    def check_memory(self, environment: str, limit_bytes: int) -> None:
+        """Refuse a memory limit below what the largest sandbox of ``environment`` seen holds at
+        rest (plus headroom).
 
         Raises:
             InvalidRun: the limit is below that floor; the message names the minimum.
         """
-        check_memory_floor(limit_bytes, self.memory_floor, self._settings.pool.preload)
+        kind = self._kinds[environment]
+        check_memory_floor(limit_bytes, kind.memory_floor, kind.spec.preload)
 
     async def _destroy_all(self) -> None:
-        sandboxes = [*self._ready, *self._busy]
-        self._ready.clear()
+        sandboxes = [sandbox for kind in self._kinds.values() for sandbox in (*kind.ready, *kind.busy)]
+        for kind in self._kinds.values():
+            kind.ready.clear()
         async with anyio.create_task_group() as tg:
             for sandbox in sandboxes:
                 tg.start_soon(sandbox.aclose)

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import anyio
 
+from warmpod.environments import DEFAULT, Environments
 from warmpod.errors import EngineError, InvalidRun, ProtocolError, SecretDenied, SourceDenied
 from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec, RunStatus, Stream
 from warmpod.sandbox import protocol
@@ -28,7 +29,7 @@ from warmpod.sandbox.protocol import AgentError, FileChunk, Job, Output, Result
 from warmpod.sandbox.relay import Relay
 from warmpod.sandbox.sandbox import Sandbox
 from warmpod.secrets import Secrets
-from warmpod.settings import FileSettings, LimitSettings
+from warmpod.settings import FileSettings
 from warmpod.sources import Source, Sources
 
 AGENT_DRAIN_GRACE = 0.5
@@ -46,13 +47,14 @@ SANDBOX_FAILURES = (ProtocolError, EngineError)
 
 
 class Leaser(Protocol):
-    """Where sandboxes come from (``pool.Pool``), the memory floor they set for a request, and
-    which runs its preloaded ones serve best."""
+    """Where sandboxes of each environment come from (``pool.Pool``), the memory floor they set for
+    a request, and which runs its preloaded ones serve best."""
 
-    def lease(self) -> AbstractAsyncContextManager[Sandbox]: ...
-    def check_memory(self, limit_bytes: int) -> None: ...
-    def wants_preload(self, code: bytes) -> bool: ...
-    def note_demand(self, warm: bool) -> None: ...
+    def lease(self, environment: str = DEFAULT) -> AbstractAsyncContextManager[Sandbox]: ...
+    def check_memory(self, environment: str, limit_bytes: int) -> None: ...
+    def wants_preload(self, environment: str, code: bytes) -> bool: ...
+    def note_demand(self, environment: str, warm: bool) -> None: ...
+    def served(self) -> list[str]: ...
 
 
 class RunOutput:
@@ -148,13 +150,13 @@ class Runner:
     def __init__(
         self,
         leaser: Leaser,
-        limits: LimitSettings,
+        environments: Environments,
         files: FileSettings | None = None,
         secrets: Secrets | None = None,
         sources: Sources | None = None,
     ) -> None:
         self._leaser = leaser
-        self._limits = limits
+        self._environments = environments
         self._files = files or FileSettings()
         self._secrets = secrets or Secrets(None)
         self._sources = sources or Sources(None)
@@ -167,8 +169,10 @@ class Runner:
         limits: RunLimits | None = None,
         files: Sequence[tuple[str, bytes]] = (),
         program: Program | None = None,
+        environment: str = DEFAULT,
     ) -> RunSpec:
-        """The run as it will execute, every limit resolved against the server's.
+        """The run as it will execute in ``environment`` (checked already), every limit resolved
+        against that environment's.
 
         Raises:
             InvalidRun: the limits asked for are out of range.
@@ -182,26 +186,28 @@ class Runner:
         env = check_env(program.env, program.secrets)
         check_sizes(args, env)
         sources = check_sources(program.sources)
-        resolved = resolve_limits(limits or RunLimits(), self._limits)
-        if resolved.memory_mb and resolved.memory_mb < self._limits.memory_mb:
-            self._leaser.check_memory(resolved.memory_mb * 1024 * 1024)
+        server = self._environments[environment].limits
+        resolved = resolve_limits(limits or RunLimits(), server)
+        if resolved.memory_mb and resolved.memory_mb < server.memory_mb:
+            self._leaser.check_memory(environment, resolved.memory_mb * 1024 * 1024)
         # What decides the sandbox is what the program imports: its code, or its project's modules.
         modules = [code] if code is not None else []
         modules += [content for path, content in checked if path.endswith(".py")]
         return RunSpec(
             code=code or b"",
             stdin=stdin,
-            timeout=resolve_timeout(timeout, self._limits),
-            cpu_time=resolved.cpu_time or self._limits.cpu_time,
-            memory_mb=resolved.memory_mb or self._limits.memory_mb,
-            max_output_bytes=resolved.max_output_bytes or self._limits.max_output_bytes,
+            timeout=resolve_timeout(timeout, server),
+            cpu_time=resolved.cpu_time or server.cpu_time,
+            memory_mb=resolved.memory_mb or server.memory_mb,
+            max_output_bytes=resolved.max_output_bytes or server.max_output_bytes,
             files=checked,
             entrypoint=entrypoint,
             args=args,
             env=env,
             secrets=tuple(program.secrets),
             sources=sources,
-            warm=any(self._leaser.wants_preload(module) for module in modules),
+            warm=any(self._leaser.wants_preload(environment, module) for module in modules),
+            environment=environment,
         )
 
     def output(self, spec: RunSpec) -> RunOutput:
@@ -209,18 +215,23 @@ class Runner:
         return RunOutput(spec.max_output_bytes, self._files)
 
     async def run(
-        self, code: bytes, stdin: bytes, timeout: float | None, limits: RunLimits | None = None
+        self,
+        code: bytes,
+        stdin: bytes,
+        timeout: float | None,
+        limits: RunLimits | None = None,
+        environment: str = DEFAULT,
     ) -> RunResult:
-        """Run ``code`` once in the next free sandbox and report how it ended.
+        """Run ``code`` once in the next free sandbox of ``environment`` and report how it ended.
 
         Raises:
             InvalidRun: the limits asked for are out of range.
             PoolUnavailable: no sandbox became free in time.
         """
-        spec = self.prepare(code, stdin, timeout, limits)
+        spec = self.prepare(code, stdin, timeout, limits, environment=environment)
         run_id = uuid.uuid4().hex
         try:
-            async with self._leaser.lease() as sandbox:
+            async with self._leaser.lease(environment) as sandbox:
                 return await self.execute(run_id, spec, sandbox, self.output(spec))
         except SANDBOX_FAILURES as exc:
             return _error(run_id, f"the sandbox failed: {exc}", 0)
@@ -228,6 +239,11 @@ class Runner:
     async def execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
         """Run ``spec`` in a leased ``sandbox``, adding its output to ``output`` as it comes; its data
         sources are relayed while it runs, and cut when it ends."""
+        result = await self._execute(run_id, spec, sandbox, output)
+        result.environment = spec.environment
+        return result
+
+    async def _execute(self, run_id: str, spec: RunSpec, sandbox: Sandbox, output: RunOutput) -> RunResult:
         # Read now, on the node that runs it: a queued run holds the names only.
         try:
             secrets = self._secrets.resolve(spec.secrets)
@@ -274,7 +290,7 @@ class Runner:
         secrets: list[tuple[str, str]],
         sources: list[tuple[str, str]],
     ) -> RunResult:
-        server = self._limits
+        server = self._environments[spec.environment].limits
         wall = spec.timeout
         job = Job(
             code=spec.code,

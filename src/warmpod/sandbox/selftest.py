@@ -10,6 +10,7 @@ import math
 import socket
 from typing import Any
 
+from warmpod.environments import EnvironmentSpec
 from warmpod.errors import WarmpodError
 from warmpod.host.image import guest_dir
 from warmpod.models import Environment
@@ -74,30 +75,43 @@ def failures(
 
 
 async def self_test(
-    pool: Pool, runner: Runner, settings: Settings, *, cgroups: bool, userns: bool
+    pool: Pool,
+    runner: Runner,
+    settings: Settings,
+    environment: EnvironmentSpec,
+    *,
+    cgroups: bool,
+    userns: bool,
 ) -> Environment | None:
-    """Wait for the pool's first sandbox, then run the probe in a sandbox from the pool.
+    """Wait for the pool's first sandbox of every environment, then run the probe in a sandbox of
+    ``environment``.
 
     Returns:
         What the image recorded as installed (``ENVIRONMENT_FILE``), or None if it holds no record.
 
     Raises:
         PoolUnavailable: no sandbox was made within the start-up timeout.
-        SelfTestFailed: the probe did not run, or found a layer missing.
+        SelfTestFailed: the probe did not run, or found a layer missing (the message names the
+            environment).
     """
-    limits = settings.limits
+    limits = environment.limits
     # The first sandbox may take far longer than a run's acquire timeout (a slow host, preloads).
     await pool.wait_serving(settings.server.startup_timeout)
-    result = await runner.run(PROBE.encode(), b"", timeout=min(30.0, limits.max_timeout))
+    result = await runner.run(
+        PROBE.encode(), b"", timeout=min(30.0, limits.max_timeout), environment=environment.name
+    )
+    where = f"environment {environment.name!r}"
     if result.status != "succeeded":
         raise SelfTestFailed(
-            f"the start-up probe did not run: {result.status} {result.error or result.stderr}"
+            f"the start-up probe did not run in the {where}: {result.status} {result.error or result.stderr}"
         )
     try:
         report = json.loads(result.stdout)
     except ValueError as exc:
-        raise SelfTestFailed(f"the start-up probe printed no report: {result.stdout[:200]!r}") from exc
+        raise SelfTestFailed(
+            f"the start-up probe printed no report in the {where}: {result.stdout[:200]!r}"
+        ) from exc
     missing = failures(report, limits, cgroups=cgroups, userns=userns)
     if missing:
-        raise SelfTestFailed("refusing to serve: " + "; ".join(missing))
+        raise SelfTestFailed(f"refusing to serve: in the {where}, " + "; ".join(missing))
     return Environment.from_report(report.get("environment"))
