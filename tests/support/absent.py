@@ -10,6 +10,7 @@ from typing import NoReturn
 import anyio
 from anyio.abc import ByteStream, TaskStatus
 
+from warmpod.environments import DEFAULT
 from warmpod.models import Chunk, RunResult, RunSpec
 from warmpod.queue.store.base import (
     OUTPUT_PAGE,
@@ -111,10 +112,17 @@ class NoStore:
     async def queued(self) -> list[str]:
         never("Store.queued")
 
-    async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
+    async def claim(
+        self, owner: Owner, lease: float, *, environment: str = DEFAULT, warm: bool = False
+    ) -> Claim | None:
         never("Store.claim")
 
-    async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
+    async def next_environment(self, environments: Sequence[str]) -> str | None:
+        never("Store.next_environment")
+
+    async def heartbeat(
+        self, owner: Owner, lease: float, fences: Sequence[Fence], environments: Sequence[str] = (DEFAULT,)
+    ) -> Beat:
         never("Store.heartbeat")
 
     async def reap(self, message: str) -> list[str]:

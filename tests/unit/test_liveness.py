@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ async def test_a_sqlite_node_keeps_its_run_through_a_store_outage_longer_than_it
     queue = QueueNode(store, leaser, runner, QueueSettings(), 1, node=NodeSettings(name="a", lease=LEASE))
     renew = store.heartbeat
 
-    async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+    async def unreachable(
+        owner: Owner, lease: float, fences: list[Fence], environments: Sequence[str] = ()
+    ) -> Beat:
         raise StoreError("database is locked")
 
     try:
@@ -106,10 +109,10 @@ async def test_a_slow_heartbeat_does_not_push_the_next_one_back(
     renew = store.heartbeat
     started: list[float] = []
 
-    async def slow(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+    async def slow(owner: Owner, lease: float, fences: list[Fence], environments: Sequence[str] = ()) -> Beat:
         started.append(time.monotonic())
         await anyio.sleep(LEASE / 4)  # the delay is the test: a beat that takes most of its time
-        return await renew(owner, lease, fences)
+        return await renew(owner, lease, fences, environments)
 
     monkeypatch.setattr(store, "heartbeat", slow)
     try:

@@ -4,7 +4,7 @@ what a node that loses its lease does (fake sandboxes, the real store and queue)
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -111,7 +111,9 @@ async def test_a_node_out_of_reach_of_the_store_stops_its_runs_and_another_repor
     b.runner.streamed = [Output(stream="stdout", data=b"partial\n")]
     b.runner.hold = anyio.Event()
 
-    async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+    async def unreachable(
+        owner: Owner, lease: float, fences: list[Fence], environments: Sequence[str] = ()
+    ) -> Beat:
         raise StoreError("connection refused")
 
     run_id = await a.queue.admission.submit(SPEC)
@@ -143,7 +145,9 @@ async def test_a_store_that_hangs_while_reaping_does_not_hold_back_the_lease_che
         await anyio.sleep_forever()
         raise AssertionError
 
-    async def unreachable(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+    async def unreachable(
+        owner: Owner, lease: float, fences: list[Fence], environments: Sequence[str] = ()
+    ) -> Beat:
         raise StoreError("connection timed out")
 
     run_id = await a.queue.admission.submit(SPEC)
@@ -167,7 +171,9 @@ async def test_a_zombie_node_finds_its_writes_refused_and_stops_the_run(
     b.runner.streamed = [Output(stream="stdout", data=f"{i}\n".encode()) for i in range(1000)]
     b.runner.pause = 0.05
 
-    async def frozen(owner: Owner, lease: float, fences: list[Fence]) -> Beat:
+    async def frozen(
+        owner: Owner, lease: float, fences: list[Fence], environments: Sequence[str] = ()
+    ) -> Beat:
         await anyio.sleep_forever()
         raise AssertionError
 

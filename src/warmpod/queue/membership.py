@@ -6,9 +6,11 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Callable, Sequence
 
 import anyio
 
+from warmpod.environments import DEFAULT
 from warmpod.errors import StoreError
 from warmpod.models import NodeSeen
 from warmpod.queue.store.base import Owner, Store
@@ -31,14 +33,30 @@ class Membership:
     """Keeps this node's place in the store: each node holds the runs it claimed by a lease it
     renews, and reports the runs of nodes that stopped renewing."""
 
-    def __init__(self, store: Store, owner: Owner, lease: float, workers: Workers) -> None:
+    def __init__(
+        self,
+        store: Store,
+        owner: Owner,
+        lease: float,
+        workers: Workers,
+        *,
+        environments: Callable[[], Sequence[str]] = lambda: (DEFAULT,),
+    ) -> None:
         self._store = store
         self.owner = owner
         """This node, and this start of it."""
         self._lease = lease
         self._workers = workers
+        # Asked at every beat: which environments the node serves may change while it runs.
+        self._environments = environments
         self.nodes: list[NodeSeen] = [
-            NodeSeen(name=owner.node, incarnation=owner.incarnation, seen_ago=0.0, running=0)
+            NodeSeen(
+                name=owner.node,
+                incarnation=owner.incarnation,
+                seen_ago=0.0,
+                running=0,
+                environments=list(environments()),
+            )
         ]
         """The nodes seen alive at the last heartbeat."""
 
@@ -71,7 +89,9 @@ class Membership:
             try:
                 # Bounded by the next beat's time: a store that hangs counts as one out of reach.
                 with anyio.fail_after(self._lease / 3):
-                    beat = await self._store.heartbeat(self.owner, self._lease, list(held.values()))
+                    beat = await self._store.heartbeat(
+                        self.owner, self._lease, list(held.values()), self._environments()
+                    )
             except (StoreError, TimeoutError) as exc:
                 log.warning("could not renew this node's leases: %s", exc or "no answer in time")
                 # Past the lease another node may report these runs; they must not go on unseen.

@@ -10,6 +10,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from warmpod.environments import DEFAULT
 from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec, RunStatus
 from warmpod.queue.store.codec import (
     decode_blob,
@@ -84,12 +85,14 @@ class Claim(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Beat(msgspec.Struct, frozen=True, kw_only=True):
-    """What a heartbeat learns: which of the node's runs it still holds, how many runs wait, and
-    the nodes seen alive."""
+    """What a heartbeat learns: which of the node's runs it still holds, how many runs wait (in
+    all and in each environment), and the nodes seen alive."""
 
     held: frozenset[str]
     queued: int
     nodes: list[NodeSeen]
+    queued_by_environment: dict[str, int] = {}
+    """Runs waiting, by the environment they name; only environments with a waiting run appear."""
 
 
 Notice = Literal["queued", "changed", "cancel", "reconnected"]
@@ -159,8 +162,12 @@ class Store(Protocol):
         """The ids of the runs that wait."""
         ...
 
-    async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
-        """Give the oldest queued run to ``owner`` for ``lease`` seconds; None when none waits.
+    async def claim(
+        self, owner: Owner, lease: float, *, environment: str = DEFAULT, warm: bool = False
+    ) -> Claim | None:
+        """Give the oldest queued run of ``environment`` to ``owner`` for ``lease`` seconds; None
+        when none of it waits. A run of another environment is never handed out: its sandbox could
+        not run it. Within the environment:
 
         The oldest of those whose ``warm`` is the sandbox's (``RunSpec.warm``) comes first, unless
         another has waited ``PREFERRED_WAIT`` seconds: every run is taken within that of a free
@@ -170,9 +177,21 @@ class Store(Protocol):
         wait behind all of them, and with a single key the order is submission order."""
         ...
 
-    async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
+    async def next_environment(self, environments: Sequence[str]) -> str | None:
+        """The environment, among ``environments``, of the queued run ``claim`` would hand out
+        first if a sandbox of each were free; None when no run of them waits. It claims nothing.
+
+        The order is ``claim``'s without the warm rule: the run of the key with the fewest runs
+        ``running`` first, the oldest of them on a tie, so a key flooding one environment does not
+        hold back another key's run of another. A worker asks it, leases a sandbox of the answer,
+        then claims with that ``environment`` (another node may have taken the run meanwhile)."""
+        ...
+
+    async def heartbeat(
+        self, owner: Owner, lease: float, fences: Sequence[Fence], environments: Sequence[str] = (DEFAULT,)
+    ) -> Beat:
         """Renew the leases of the runs ``owner`` holds by ``fences`` for ``lease`` seconds and
-        record that it is alive."""
+        record that it is alive, serving ``environments`` (``NodeSeen.environments``)."""
         ...
 
     async def reap(self, message: str) -> list[str]:

@@ -22,6 +22,7 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 
 from warmpod.backoff import Backoff
+from warmpod.environments import DEFAULT
 from warmpod.errors import StoreError
 from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec
 from warmpod.queue.store.base import (
@@ -127,6 +128,13 @@ _MIGRATIONS = (
     # By ``coalesce(key, '')``, as runs_by_idempotency_key (a key's name is never empty): IS NOT
     # DISTINCT FROM, the plain spelling of "the same key or both none", cannot use an index.
     "CREATE INDEX runs_running_by_key ON runs ((coalesce(key, ''))) WHERE status = 'running';",
+    # 6: the environment a run names (its runs so far are the default one's) and those each node
+    # serves; claims look a queued run up by its environment.
+    """
+    ALTER TABLE runs ADD COLUMN environment text NOT NULL DEFAULT 'default';
+    ALTER TABLE nodes ADD COLUMN environments text[] NOT NULL DEFAULT '{default}';
+    CREATE INDEX runs_queued_by_environment ON runs (environment, n) WHERE status = 'queued';
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -426,13 +434,14 @@ class PostgresStore:
             if await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'") >= max_queued:
                 return "queue-full"
             await db.execute(
-                "INSERT INTO runs (id, status, spec, created, key, warm, idempotency_key, request_hash) "
-                "VALUES (%s, 'queued', %s, warmpod_now(), %s, %s, %s, %s)",
+                "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
+                "request_hash) VALUES (%s, 'queued', %s, warmpod_now(), %s, %s, %s, %s, %s)",
                 (
                     run_id,
                     encode_blob(spec),
                     key,
                     spec.warm,
+                    spec.environment,
                     None if idempotency is None else idempotency.key,
                     None if idempotency is None else idempotency.request_hash,
                 ),
@@ -446,26 +455,26 @@ class PostgresStore:
             rows = await (await db.execute("SELECT id FROM runs WHERE status = 'queued'")).fetchall()
         return [run_id for (run_id,) in rows]
 
-    async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
-        """Give the oldest queued run to ``owner``, those of ``warm``'s kind first, then those of
-        the key running fewest (see ``Store.claim``); SKIP LOCKED lets other nodes take the next
-        one. A claim whose COMMIT's answer was lost (a timeout, a dropped connection) is read back:
-        it holds if it took effect."""
+    async def claim(
+        self, owner: Owner, lease: float, *, environment: str = DEFAULT, warm: bool = False
+    ) -> Claim | None:
+        """Give the oldest queued run of ``environment`` to ``owner``, those of ``warm``'s kind
+        first, then those of the key running fewest (see ``Store.claim``); SKIP LOCKED lets other
+        nodes take the next one. A claim whose COMMIT's answer was lost (a timeout, a dropped
+        connection) is read back: it holds if it took effect."""
         while True:
             row: tuple[Any, ...] | None = None
             try:
                 async with self._transaction() as db:
                     row = await (
                         await db.execute(
-                            "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "
+                            "UPDATE runs SET status = 'running', started = warmpod_now(), node = %s, "  # noqa: S608  (constants and placeholders only)
                             "incarnation = %s, attempt = attempt + 1, lease_until = warmpod_now() + %s "
-                            "WHERE n = (SELECT n FROM runs q WHERE status = 'queued' "
+                            "WHERE n = (SELECT n FROM runs q WHERE status = 'queued' AND environment = %s "
                             "ORDER BY (warm = %s OR created < warmpod_now() - %s) DESC, "
-                            "(SELECT count(*) FROM runs r WHERE r.status = 'running' "
-                            "AND coalesce(r.key, '') = coalesce(q.key, '')), n LIMIT 1 "
-                            "FOR UPDATE SKIP LOCKED) "
+                            f"{_KEY_RUNNING}, n LIMIT 1 FOR UPDATE SKIP LOCKED) "
                             "RETURNING id, spec, attempt",
-                            (owner.node, owner.incarnation, lease, warm, PREFERRED_WAIT),
+                            (owner.node, owner.incarnation, lease, environment, warm, PREFERRED_WAIT),
                         )
                     ).fetchone()
                     if row is None:
@@ -486,9 +495,28 @@ class PostgresStore:
             except msgspec.DecodeError as exc:
                 await unreadable(self, fence, exc)
 
-    async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
-        """Renew ``owner``'s leases by the database's clock and record it alive, in one transaction
-        on the node's own connection."""
+    async def next_environment(self, environments: Sequence[str]) -> str | None:
+        """The environment among ``environments`` of the queued run a claim would take first,
+        the warm rule aside (see ``Store.next_environment``); None when none of them has one.
+        Runs other nodes are claiming (locked) are not skipped: the answer is a hint, and the
+        claim that follows takes whatever is next."""
+        if not environments:
+            return None
+        async with self._transaction() as db:
+            row = await (
+                await db.execute(
+                    "SELECT environment FROM runs q WHERE status = 'queued' AND environment = ANY(%s) "  # noqa: S608  (constants and placeholders only)
+                    f"ORDER BY {_KEY_RUNNING}, n LIMIT 1",
+                    (list(environments),),
+                )
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    async def heartbeat(
+        self, owner: Owner, lease: float, fences: Sequence[Fence], environments: Sequence[str] = (DEFAULT,)
+    ) -> Beat:
+        """Renew ``owner``'s leases by the database's clock and record it alive, serving
+        ``environments``, in one transaction on the node's own connection."""
         async with self._vital_transaction() as db:
             held: set[str] = set()
             if fences:
@@ -507,25 +535,37 @@ class PostgresStore:
                 ).fetchall()
                 held = {row[0] for row in rows}
             await db.execute(
-                "INSERT INTO nodes (name, incarnation, seen, running) VALUES (%s, %s, warmpod_now(), %s) "
+                "INSERT INTO nodes (name, incarnation, seen, running, environments) "
+                "VALUES (%s, %s, warmpod_now(), %s, %s) "
                 # A start that a later one of the same name took over (it was frozen past its
                 # lease) does not take the row back.
-                "ON CONFLICT (name) DO UPDATE SET seen = excluded.seen, running = excluded.running "
-                "WHERE nodes.incarnation = excluded.incarnation",
-                (owner.node, owner.incarnation, len(held)),
+                "ON CONFLICT (name) DO UPDATE SET seen = excluded.seen, running = excluded.running, "
+                "environments = excluded.environments WHERE nodes.incarnation = excluded.incarnation",
+                (owner.node, owner.incarnation, len(held), list(environments)),
             )
             nodes = [
-                NodeSeen(name=name, incarnation=inc, seen_ago=max(0.0, ago), running=running)
-                for name, inc, ago, running in await (
+                NodeSeen(
+                    name=name, incarnation=inc, seen_ago=max(0.0, ago), running=running, environments=served
+                )
+                for name, inc, ago, running, served in await (
                     await db.execute(
-                        "SELECT name, incarnation, warmpod_now() - seen, running FROM nodes "
+                        "SELECT name, incarnation, warmpod_now() - seen, running, environments FROM nodes "
                         "WHERE seen > warmpod_now() - %s ORDER BY name",
                         (lease,),
                     )
                 ).fetchall()
             ]
-            queued = await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'")
-        return Beat(held=frozenset(held), queued=queued, nodes=nodes)
+            waiting: dict[str, int] = dict(
+                await (
+                    await db.execute(
+                        "SELECT environment, count(*)::int FROM runs WHERE status = 'queued' "
+                        "GROUP BY environment"
+                    )
+                ).fetchall()
+            )
+        return Beat(
+            held=frozenset(held), queued=sum(waiting.values()), nodes=nodes, queued_by_environment=waiting
+        )
 
     async def reap(self, message: str) -> list[str]:
         """End runs whose lease ran out; SKIP LOCKED: two reapers never end the same run twice."""
@@ -698,6 +738,13 @@ class PostgresStore:
         with anyio.CancelScope(shield=True):
             await self._drop_vital()
             await self._pool.close()
+
+
+# A queued run's key's runs running now (no key counts as one key): the fairness order of ``claim``
+# and ``next_environment``. By ``coalesce(key, '')`` so that runs_running_by_key serves it.
+_KEY_RUNNING = (
+    "(SELECT count(*) FROM runs r WHERE r.status = 'running' AND coalesce(r.key, '') = coalesce(q.key, ''))"
+)
 
 
 async def _one(db: Connection, query: str, params: tuple[Any, ...] = ()) -> int:

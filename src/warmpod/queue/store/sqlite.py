@@ -17,6 +17,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
+from warmpod.environments import DEFAULT
 from warmpod.errors import StoreError
 from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec
 from warmpod.queue.store.base import (
@@ -113,6 +114,13 @@ _MIGRATIONS = (
     "ALTER TABLE output ADD COLUMN last INTEGER;",
     # 7: a key's running runs, counted for each queued run at every claim (fairness across keys).
     "CREATE INDEX runs_by_status_key ON runs (status, key);",
+    # 8: the environment a run names (its runs so far are the default one's) and those each node
+    # serves, comma-joined (a name has no comma); claims look a run up by its environment.
+    """
+    ALTER TABLE runs ADD COLUMN environment TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE nodes ADD COLUMN environments TEXT NOT NULL DEFAULT 'default';
+    CREATE INDEX runs_by_status_environment ON runs (status, environment, n);
+    """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -268,10 +276,20 @@ class SqliteStore:
                 if active >= max_active:
                     return "key-busy"
             cursor = db.execute(
-                "INSERT INTO runs (id, status, spec, created, key, warm, idempotency_key, request_hash) "
-                "SELECT ?, 'queued', ?, ?, ?, ?, ?, ? "
+                "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
+                "request_hash) SELECT ?, 'queued', ?, ?, ?, ?, ?, ?, ? "
                 "WHERE (SELECT count(*) FROM runs WHERE status = 'queued') < ?",
-                (run_id, blob, time.time(), key, spec.warm, idempotency_key, request_hash, max_queued),
+                (
+                    run_id,
+                    blob,
+                    time.time(),
+                    key,
+                    spec.warm,
+                    spec.environment,
+                    idempotency_key,
+                    request_hash,
+                    max_queued,
+                ),
             )
             return "added" if cursor.rowcount == 1 else "queue-full"
 
@@ -288,20 +306,23 @@ class SqliteStore:
 
         return await self._call(queued)
 
-    async def claim(self, owner: Owner, lease: float, *, warm: bool = False) -> Claim | None:
-        """Give the oldest queued run to ``owner`` for ``lease`` seconds, those of ``warm``'s kind
-        first, then those of the key running fewest (see ``Store.claim``); None when none waits."""
+    async def claim(
+        self, owner: Owner, lease: float, *, environment: str = DEFAULT, warm: bool = False
+    ) -> Claim | None:
+        """Give the oldest queued run of ``environment`` to ``owner`` for ``lease`` seconds, those
+        of ``warm``'s kind first, then those of the key running fewest (see ``Store.claim``); None
+        when none of it waits."""
 
         def claim(db: sqlite3.Connection) -> tuple[str, bytes, int] | None:
             now = time.time()
             return db.execute(  # type: ignore[no-any-return]
-                "UPDATE runs SET status = 'running', started = ?, node = ?, incarnation = ?, "
+                "UPDATE runs SET status = 'running', started = ?, node = ?, incarnation = ?, "  # noqa: S608  (constants and placeholders only)
                 "attempt = attempt + 1, lease_until = ? WHERE n = "
-                "(SELECT n FROM runs q WHERE status = 'queued' "
+                "(SELECT n FROM runs q WHERE status = 'queued' AND environment = ? "
                 "ORDER BY (warm = ? OR created < ?) DESC, "
-                "(SELECT count(*) FROM runs r WHERE r.status = 'running' AND r.key IS q.key), n LIMIT 1) "
+                f"{_KEY_RUNNING}, n LIMIT 1) "
                 "RETURNING id, spec, attempt",
-                (now, owner.node, owner.incarnation, now + lease, warm, now - PREFERRED_WAIT),
+                (now, owner.node, owner.incarnation, now + lease, environment, warm, now - PREFERRED_WAIT),
             ).fetchone()
 
         while True:
@@ -316,8 +337,30 @@ class SqliteStore:
             except msgspec.DecodeError as exc:
                 await unreadable(self, fence, exc)
 
-    async def heartbeat(self, owner: Owner, lease: float, fences: Sequence[Fence]) -> Beat:
-        """Renew the leases of the runs ``owner`` holds by ``fences`` and record it alive."""
+    async def next_environment(self, environments: Sequence[str]) -> str | None:
+        """The environment among ``environments`` of the queued run a claim would take first,
+        the warm rule aside (see ``Store.next_environment``); None when none of them has one."""
+        if not environments:
+            return None
+        names = list(environments)
+
+        def pick(db: sqlite3.Connection) -> str | None:
+            row = db.execute(
+                "SELECT environment FROM runs q WHERE status = 'queued' "  # noqa: S608  (constants and placeholders only)
+                f"AND environment IN ({','.join('?' * len(names))}) "
+                f"ORDER BY {_KEY_RUNNING}, n LIMIT 1",
+                names,
+            ).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._call(pick)
+
+    async def heartbeat(
+        self, owner: Owner, lease: float, fences: Sequence[Fence], environments: Sequence[str] = (DEFAULT,)
+    ) -> Beat:
+        """Renew the leases of the runs ``owner`` holds by ``fences`` and record it alive, serving
+        ``environments``."""
+        served = ",".join(environments)
 
         def beat(db: sqlite3.Connection) -> Beat:
             now = time.time()
@@ -332,19 +375,37 @@ class SqliteStore:
                     if cursor.rowcount:
                         held.add(fence.run_id)
                 db.execute(
-                    "INSERT INTO nodes (name, incarnation, seen, running) VALUES (?, ?, ?, ?) "
+                    "INSERT INTO nodes (name, incarnation, seen, running, environments) "
+                    "VALUES (?, ?, ?, ?, ?) "
                     "ON CONFLICT (name) DO UPDATE SET incarnation = excluded.incarnation, "
-                    "seen = excluded.seen, running = excluded.running",
-                    (owner.node, owner.incarnation, now, len(held)),
+                    "seen = excluded.seen, running = excluded.running, environments = excluded.environments",
+                    (owner.node, owner.incarnation, now, len(held), served),
                 )
                 nodes = [
-                    NodeSeen(name=name, incarnation=inc, seen_ago=max(0.0, now - seen), running=running)
-                    for name, inc, seen, running in db.execute(
-                        "SELECT name, incarnation, seen, running FROM nodes WHERE seen > ? ORDER BY name",
+                    NodeSeen(
+                        name=name,
+                        incarnation=inc,
+                        seen_ago=max(0.0, now - seen),
+                        running=running,
+                        environments=_split(names),
+                    )
+                    for name, inc, seen, running, names in db.execute(
+                        "SELECT name, incarnation, seen, running, environments FROM nodes "
+                        "WHERE seen > ? ORDER BY name",
                         (now - lease,),
                     )
                 ]
-                return Beat(held=frozenset(held), queued=_count_queued(db), nodes=nodes)
+                waiting = dict(
+                    db.execute(
+                        "SELECT environment, count(*) FROM runs WHERE status = 'queued' GROUP BY environment"
+                    ).fetchall()
+                )
+                return Beat(
+                    held=frozenset(held),
+                    queued=sum(waiting.values()),
+                    nodes=nodes,
+                    queued_by_environment=waiting,
+                )
 
         return await self._call(beat)
 
@@ -578,9 +639,14 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
         db.execute("COMMIT")
 
 
-def _count_queued(db: sqlite3.Connection) -> int:
-    (count,) = db.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
-    return int(count)
+# A queued run's key's runs running now (NULL, keys off, counts as one key): the fairness order
+# of ``claim`` and ``next_environment``.
+_KEY_RUNNING = "(SELECT count(*) FROM runs r WHERE r.status = 'running' AND r.key IS q.key)"
+
+
+def _split(environments: str) -> list[str]:
+    """The environments a node serves, from their stored comma-joined names."""
+    return environments.split(",") if environments else []
 
 
 def _holds(db: sqlite3.Connection, fence: Fence) -> bool:
