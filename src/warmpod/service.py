@@ -13,6 +13,7 @@ from typing import Literal
 
 import anyio
 
+from warmpod.environments import Environments
 from warmpod.errors import ImageError
 from warmpod.host import facts, image, podman_service
 from warmpod.host.enforcement import check, enforcement
@@ -125,7 +126,7 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                 )
                 if unenforced:
                     log.warning("starting with limits nothing enforces: %s", ", ".join(unenforced))
-                ref = image.image_ref(settings)
+                ref = image.image_ref(settings, Environments.load(settings).default)
                 if not await podman_api.image_exists(ref):
                     raise ImageError(f"runner image {ref} is missing: run `warmpod image build`")
                 if not info.can_pause:

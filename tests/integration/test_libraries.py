@@ -20,6 +20,7 @@ import httpx
 import pytest
 from support.live import MAX_TIMEOUT, SLOWNESS, ServerFactory, podman, run_json
 
+from warmpod.environments import Environments
 from warmpod.host import image
 from warmpod.settings import from_env
 
@@ -206,9 +207,12 @@ def test_an_operator_s_own_set_is_built_offline_and_served(
     lock = requirements.with_suffix(".lock")
     assert image.lock_is_current(requirements, lock)
     assert set(pins(lock)) == {EXTRA}
-    expected = image.image_ref(from_env(settings))
+    expected = image.image_ref(from_env(settings), Environments.load(from_env(settings)).default)
     assert health["image"] == expected
-    assert expected.split(":")[1] != image.image_ref(from_env({})).split(":")[1]
+    assert (
+        expected.split(":")[1]
+        != image.image_ref(from_env({}), Environments.load(from_env({})).default).split(":")[1]
+    )
     with httpx.Client(base_url=live.url, timeout=60) as client:
         environment = client.get("/environment").json()
         assert environment["packages"][EXTRA] == pins(lock)[EXTRA]
