@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from warmpod.environments import Environments, EnvironmentSpec
+from warmpod.environments import Environments
 from warmpod.errors import ImageError
 from warmpod.host import image
 from warmpod.settings import Settings, from_env
