@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 from common import ROOT, Server, built_image, free_port, percentile
 
+from warmpod.environments import Environments
 from warmpod.host import facts as host
 from warmpod.host import image
 from warmpod.settings import from_env
@@ -166,7 +167,7 @@ def store_counts(path: Path) -> dict[str, int]:
 def naive_burst(runs: int, concurrency: int) -> dict[str, Any]:
     """The same programs through ``podman run --rm``, ``concurrency`` at a time."""
     settings = from_env()
-    ref = image.image_ref(settings)
+    ref = image.image_ref(settings, Environments.load(settings).default)
     ok = Counter[str]()
 
     def one(i: int) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from warmpod.environments import Environments
 from warmpod.host import facts as host
 from warmpod.host import image
 from warmpod.settings import Settings, from_env
@@ -85,7 +86,7 @@ def podman(settings: Settings, *args: str, timeout: float = 120) -> subprocess.C
 
 def built_image(settings: Settings) -> str | None:
     """The runner image's reference, or None (with a message) when it is not built yet."""
-    ref = image.image_ref(settings)
+    ref = image.image_ref(settings, Environments.load(settings).default)
     # warmpod serve builds a missing image, which downloads packages: a benchmark must not.
     if podman(settings, "image", "exists", ref).returncode != 0:
         print(f"runner image {ref} is missing: run `warmpod image build` first", file=sys.stderr)

@@ -30,6 +30,7 @@ import httpx
 from common import ROOT, Server, free_port, podman, section, wait_pool_full
 from run import memory
 
+from warmpod.environments import Environments
 from warmpod.host import image
 from warmpod.settings import Settings, from_env
 
@@ -70,9 +71,10 @@ def idle_memory(requirements: Path, preload: str, pool_size: int, log: Path) -> 
 def measure(label: str, requirements: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Lock, build and measure one library set."""
     settings = settings_for(requirements)
+    default = Environments.load(settings).default
     with section(f"[{label}] building the image of {requirements}"):
-        ref = image.build_image(settings, lambda line: print(f"  {line}", file=sys.stderr))
-    lock = image.lock_file(settings)
+        ref = image.build_image(settings, default, lambda line: print(f"  {line}", file=sys.stderr))
+    lock = image.lock_file(settings, default)
     facts: dict[str, Any] = {
         "requirements": str(requirements),
         "image": ref,

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import anyio
 
+from warmpod.environments import Environments
 from warmpod.host import image
 from warmpod.host.facts import HostFacts, pick_runtime, podman_command
 from warmpod.settings import from_env
@@ -137,7 +138,7 @@ def baseline_work(count: int, tree: Path) -> Callable[[], float | None]:
 def naive_work(count: int) -> Callable[[], float | None]:
     """``podman run --rm`` of the runner image ``count`` times."""
     settings = from_env()
-    ref = image.image_ref(settings)
+    ref = image.image_ref(settings, Environments.load(settings).default)
     command, env = podman_command(
         settings.engine, "run", "--rm", "--network=none", ref, "python3", "-c", "print(1)"
     )

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import anyio
 
+from warmpod.environments import Environments
 from warmpod.host import image, podman_service
 from warmpod.host.facts import own_user_namespaces
 from warmpod.host.image import context_dir
@@ -60,7 +61,7 @@ async def measure(
                     directory = state / str(index)
                     directory.mkdir()
                     spec = container_spec(
-                        image=image.image_ref(settings),
+                        image=image.image_ref(settings, Environments.load(settings).default),
                         seccomp_profile=seccomp,
                         name=f"warmpod-steps-{uuid.uuid4().hex[:8]}",
                         labels={"io.warmpod.bench": "steps"},

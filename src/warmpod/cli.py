@@ -34,10 +34,11 @@ def _progress(message: str) -> None:
 
 
 def serve(settings: Settings) -> int:
-    """Build the runner image if missing, then serve the API until SIGTERM or Ctrl-C."""
+    """Build every environment's runner image if missing, then serve the API until SIGTERM or Ctrl-C."""
     import uvicorn
 
     from warmpod import logs
+    from warmpod.environments import Environments
     from warmpod.host import image
     from warmpod.http.app import begin_drain, create_app, key_file
 
@@ -46,12 +47,13 @@ def serve(settings: Settings) -> int:
     progress = _progress if settings.server.log_format == "text" else logging.getLogger("warmpod.serve").info
 
     key_file(settings)  # before the image build: refuse an exposed server without keys at once
+    environments = Environments.load(settings)  # and a wrong environments file
 
     if settings.engine.url and shutil.which(settings.engine.podman) is None:
         # In the server's own container: the image must already be in the engine's storage.
-        progress("no podman CLI here: expecting the runner image to be built already")
+        progress("no podman CLI here: expecting the runner images to be built already")
     else:
-        image.build_image(settings, progress)
+        image.build_all(settings, environments, progress)
     progress(f"serving on http://{settings.server.host}:{settings.server.port}")
     # Engine and store calls run in worker threads; a 1 ms GIL switch interval (5 ms by default)
     # keeps the event loop, and so /health and /status, answering quickly while they are busy.
@@ -121,6 +123,30 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def manage_images(args: argparse.Namespace, settings: Settings) -> int:
+    """``warmpod image lock|build|ref [NAME]``: one environment's image, or every one's."""
+    from warmpod.environments import Environments
+    from warmpod.host import image
+
+    environments = Environments.load(settings)
+    chosen = list(environments) if args.environment is None else [environments.check(args.environment, None)]
+    if args.image_command == "build" and args.environment is None:
+        image.build_all(settings, environments, _progress)
+        return 0
+    for environment in chosen:
+        with image.naming(environment, environments):
+            if args.image_command == "ref":
+                ref = image.image_ref(settings, environment)
+                # One ref alone when one was asked for, or there is one: `$(warmpod image ref)` works.
+                print(ref if len(chosen) == 1 else f"{environment.name} {ref}")
+            elif args.image_command == "build":
+                image.build_image(settings, environment, _progress)
+            # Without a name, the environments that have a list to resolve; a bare lock is the image's own.
+            elif args.environment is not None or image.requirements_file(settings, environment) is not None:
+                image.lock_requirements(settings, environment, _progress, upgrade=True)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="warmpod", description=__doc__)
     parser.add_argument("--version", action="version", version=f"warmpod {__version__}")
@@ -130,13 +156,22 @@ def _parser() -> argparse.ArgumentParser:
     serve_cmd.add_argument("--port", type=int, help="port to listen on (WARMPOD_SERVER__PORT)")
     image_cmd = commands.add_parser("image", help="manage the runner image")
     image_cmds = image_cmd.add_subparsers(dest="image_command", required=True)
-    image_cmds.add_parser("build", help="build the runner image (skips when built)")
-    image_cmds.add_parser("ref", help="print the runner image reference")
+    image_cmds.add_parser("build", help="build the runner images (skips those built)")
+    image_cmds.add_parser(
+        "ref", help="print the runner image reference (with several environments, `name ref` lines)"
+    )
     image_cmds.add_parser(
         "lock",
-        help="resolve the image's requirements.in (WARMPOD_IMAGE__REQUIREMENTS) again into its hashed lock, "
-        "newest versions with wheels",
+        help="resolve the requirements.in of each environment (the default's: WARMPOD_IMAGE__REQUIREMENTS) "
+        "again into its hashed lock, newest versions with wheels",
     )
+    for command in image_cmds.choices.values():
+        command.add_argument(
+            "environment",
+            nargs="?",
+            metavar="NAME",
+            help="only this environment (WARMPOD_ENVIRONMENTS__FILE)",
+        )
     commands.add_parser("doctor", help="say what this host can enforce")
     keys_cmd = commands.add_parser("keys", help="manage the API keys file (WARMPOD_SERVER__API_KEYS_FILE)")
     keys_cmds = keys_cmd.add_subparsers(dest="keys_command", required=True)
@@ -170,17 +205,8 @@ def _server_command(args: argparse.Namespace, settings: Settings) -> int:
         return serve(settings)
     if args.command == "keys":
         return manage_keys(args, settings)
-    from warmpod.host import image
-
     if args.command == "image":
-        if args.image_command == "ref":
-            print(image.image_ref(settings))
-            return 0
-        if args.image_command == "lock":
-            image.lock_requirements(settings, _progress, upgrade=True)
-            return 0
-        image.build_image(settings, _progress)
-        return 0
+        return manage_images(args, settings)
     from warmpod.host import doctor
 
     return doctor.main(settings)

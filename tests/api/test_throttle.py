@@ -163,7 +163,7 @@ def test_serve_bounds_connections_and_backlog(monkeypatch: pytest.MonkeyPatch) -
     def run(self: uvicorn.Server, *args: Any) -> None:
         seen.append(self.config)
 
-    monkeypatch.setattr(image, "build_image", lambda *args: None)
+    monkeypatch.setattr(image, "build_all", lambda *args: {})
     monkeypatch.setattr(uvicorn.Server, "run", run)
     settings = from_env({}, server={"max_connections": 300, "backlog": 64})
     assert cli.serve(settings) == 0
@@ -185,7 +185,7 @@ async def test_serve_believes_forwarded_addresses_only_from_the_proxies_named(
     def run(self: uvicorn.Server, *args: Any) -> None:
         configs.append(self.config)
 
-    monkeypatch.setattr(image, "build_image", lambda *args: None)
+    monkeypatch.setattr(image, "build_all", lambda *args: {})
     monkeypatch.setattr(uvicorn.Server, "run", run)
     monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
     assert cli.serve(from_env({}, server={"forwarded_allow_ips": trusted})) == 0

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from warmpod.environments import Environments
 from warmpod.host import facts as host
 from warmpod.host import image
 from warmpod.settings import from_env
@@ -293,7 +294,7 @@ SPEED_RUNS = 3
 def speed(path: Path) -> int:
     """Time a preloading ``podman run --rm`` of the runner image (one warm-up, median of three)."""
     settings = from_env(dict(os.environ))
-    ref = image.image_ref(settings)
+    ref = image.image_ref(settings, Environments.load(settings).default)
     times: list[float] = []
     for _ in range(SPEED_RUNS + 1):
         argv, env = host.podman_command(settings.engine, *SPEED_PROBE, ref, "python3", "-I", "-c", SPEED_CODE)
@@ -318,7 +319,7 @@ def host_suites(share: Path, out: Path) -> int:
     into a tmpfs, the snapshot is mounted read-only, and each suite writes junit-<suite>-py3.13.xml.
     """
     settings = from_env(dict(os.environ))
-    ref = image.image_ref(settings)
+    ref = image.image_ref(settings, Environments.load(settings).default)
     out.mkdir(parents=True, exist_ok=True)
     script = (
         "set -eu; set -- /share/wheels/pip-*.whl; "

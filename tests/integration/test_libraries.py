@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tarfile
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from textwrap import dedent
 
 import httpx
 import pytest
+from support.environments import warmpod_cli
 from support.live import MAX_TIMEOUT, SLOWNESS, ServerFactory, podman, run_json
+from support.offline import add_pip_wheel, index_settings, write_sdist, write_wheel
 
+from warmpod.environments import Environments
 from warmpod.host import image
 from warmpod.settings import from_env
 
@@ -119,25 +114,6 @@ def test_matplotlib_uses_the_font_cache_built_into_the_image(client: httpx.Clien
     assert report["seconds"] < 5.0 * SLOWNESS
 
 
-def write_wheel(directory: Path, name: str, module: str, version: str, source: bytes) -> None:
-    """A pure-Python wheel of one module, written by hand (building one needs setuptools from PyPI)."""
-    info = f"{module}-{version}.dist-info"
-    files = {
-        f"{module}.py": source,
-        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
-        f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: warmpod-tests\nRoot-Is-Purelib: true\n"
-        b"Tag: py3-none-any\n",
-    }
-    record = [
-        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}"
-        for path, data in files.items()
-    ]
-    files[f"{info}/RECORD"] = "\n".join([*record, f"{info}/RECORD,,", ""]).encode()
-    with zipfile.ZipFile(directory / f"{module}-{version}-py3-none-any.whl", "w") as wheel:
-        for path, data in files.items():
-            wheel.writestr(path, data)
-
-
 @pytest.fixture
 def offline_index(tmp_path: Path) -> dict[str, str]:
     """Settings that make uv and pip resolve and download from a local directory only, holding the
@@ -145,12 +121,8 @@ def offline_index(tmp_path: Path) -> dict[str, str]:
     links = tmp_path / "links"
     links.mkdir()
     write_wheel(links, EXTRA, MODULE, "1.0", HELPER_SOURCE)
-    source = tmp_path / "nowheel-1.0"
-    source.mkdir()
-    (source / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: nowheel\nVersion: 1.0\n")
-    with tarfile.open(links / "nowheel-1.0.tar.gz", "w:gz") as sdist:
-        sdist.add(source, arcname=source.name)
-    return {"UV_OFFLINE": "1", "UV_FIND_LINKS": str(links), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links)}
+    write_sdist(links, "nowheel", "1.0")
+    return index_settings(links)
 
 
 @pytest.fixture
@@ -167,31 +139,13 @@ def test_image() -> Iterator[str]:
     remove()
 
 
-def warmpod_cli(*args: str, **settings: str) -> subprocess.CompletedProcess[str]:
-    """Run the ``warmpod`` command with extra settings; its output is returned, not checked."""
-    return subprocess.run(
-        [sys.executable, "-m", "warmpod", *args],
-        env={**os.environ, **settings},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
 def test_an_operator_s_own_set_is_built_offline_and_served(
     test_image: str, start_server: ServerFactory, tmp_path: Path, offline_index: dict[str, str]
 ) -> None:
     """A custom requirements.in is locked beside itself, built into an image of its own, imported by runs
     and listed by /environment; an unchanged set is not resolved or built again."""
-    # The build downloads pip's own wheel too: from warmpod's wheel cache, where building the
-    # default image put it (the guest of tests/cgv2 has none, and no network: it skips).
-    pip_version = image.PIP_REQUIREMENT.split()[0].split("==")[1]
-    cached = sorted((Path.home() / ".cache" / "warmpod").glob(f"wheels-*/pip-{pip_version}-py3-none-any.whl"))
-    if not cached:
-        pytest.skip(
-            "no pip wheel in warmpod's wheel cache to build offline with: run `warmpod image build` once"
-        )
-    shutil.copy(cached[0], offline_index["PIP_FIND_LINKS"])
+    # The build downloads pip's own wheel too (the guest of tests/cgv2 has none, and no network: it skips).
+    add_pip_wheel(Path(offline_index["PIP_FIND_LINKS"]))
     requirements = tmp_path / "libraries" / "requirements.in"
     requirements.parent.mkdir()
     requirements.write_text(f"# a report helper\n{EXTRA}\n")
@@ -206,9 +160,12 @@ def test_an_operator_s_own_set_is_built_offline_and_served(
     lock = requirements.with_suffix(".lock")
     assert image.lock_is_current(requirements, lock)
     assert set(pins(lock)) == {EXTRA}
-    expected = image.image_ref(from_env(settings))
+    expected = image.image_ref(from_env(settings), Environments.load(from_env(settings)).default)
     assert health["image"] == expected
-    assert expected.split(":")[1] != image.image_ref(from_env({})).split(":")[1]
+    assert (
+        expected.split(":")[1]
+        != image.image_ref(from_env({}), Environments.load(from_env({})).default).split(":")[1]
+    )
     with httpx.Client(base_url=live.url, timeout=60) as client:
         environment = client.get("/environment").json()
         assert environment["packages"][EXTRA] == pins(lock)[EXTRA]
@@ -218,7 +175,7 @@ def test_an_operator_s_own_set_is_built_offline_and_served(
     assert result["stdout"].splitlines()[0].split() == ["a", "b"]
     assert "No module named 'numpy'" in result["stderr"]
     stamp = lock.stat().st_mtime_ns
-    again = warmpod_cli("image", "build", **settings)
+    again = warmpod_cli("image", "build", settings=settings)
     assert again.returncode == 0, again.stderr
     assert f"runner image {expected} already built, skipping" in again.stderr
     assert "resolving" not in again.stderr
@@ -231,7 +188,9 @@ def test_a_requirement_without_a_wheel_is_refused_by_name(
     """Locking a set with a source-only package fails naming it, and writes no lock."""
     requirements = tmp_path / "requirements.in"
     requirements.write_text("nowheel\n")  # a source distribution only
-    result = warmpod_cli("image", "lock", WARMPOD_IMAGE__REQUIREMENTS=str(requirements), **offline_index)
+    result = warmpod_cli(
+        "image", "lock", settings={"WARMPOD_IMAGE__REQUIREMENTS": str(requirements), **offline_index}
+    )
     assert result.returncode == 1
     assert f"warmpod: nowheel in {requirements} has no wheel for CPython 3.13" in result.stderr
     assert not requirements.with_suffix(".lock").exists()

@@ -25,6 +25,7 @@ from support.live import (
     wait_until,
 )
 
+from warmpod.environments import Environments
 from warmpod.host import facts as host
 from warmpod.host import image
 from warmpod.sandbox.pool import LABEL_INSTANCE, LABEL_PID
@@ -260,7 +261,8 @@ def test_a_deleted_runner_image_is_reported_and_recovered_from(
     a copy of the real one under its own name (one layer: a label), so the real one stays."""
     # This checkout's image: older tags may still be in the store, and a copy of one of them
     # would not be the image the server looks for (it would build its own and ignore the copy).
-    real = image.image_ref(from_env())
+    settings = from_env()
+    real = image.image_ref(settings, Environments.load(settings).default)
     assert podman("image", "ls", "--quiet", "--filter", f"reference={real}").strip(), (
         f"no runner image {real}: run `warmpod image build`"
     )

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from support.live import GRACEFUL_EXIT, WarmpodServer, wait_until
 
+from warmpod.environments import Environments
 from warmpod.host.image import image_ref
 from warmpod.sandbox.pool import LABEL_PID
 from warmpod.settings import from_env
@@ -65,7 +66,8 @@ def tree(user: User) -> Iterator[Tree]:
 @pytest.fixture(scope="session")
 def image(user: User) -> str:
     """The runner image, built rootful if needed and loaded into the user's storage from a cached save."""
-    ref = image_ref(from_env())
+    settings = from_env()
+    ref = image_ref(settings, Environments.load(settings).default)
     if subprocess.run(["podman", "image", "exists", ref], check=False).returncode != 0:
         subprocess.run([sys.executable, "-m", "warmpod", "image", "build"], check=True, timeout=900)
     if user.run("podman", "image", "exists", ref, check=False).returncode != 0:

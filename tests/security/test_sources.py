@@ -30,6 +30,7 @@ from support.fakes import pool_module
 from support.hostile import CPU_TIME, MEMORY_MB, PIDS
 from support.sources import Serve, SourceServer, echo
 
+from warmpod.environments import Environments
 from warmpod.host import image, podman_service
 from warmpod.host.facts import own_user_namespaces
 from warmpod.host.image import context_dir
@@ -73,7 +74,7 @@ class Sandboxes:
         self.state = state
         self.can_limit = can_limit
         self.userns = userns
-        self.image = image.image_ref(settings)
+        self.image = image.image_ref(settings, Environments.load(settings).default)
         self.seccomp = (context_dir(settings) / "seccomp.json").resolve()
         self.serial = itertools.count()
 
@@ -146,8 +147,12 @@ async def sandboxes() -> AsyncIterator[Sandboxes]:
         podman_api = PodmanApi(podman.url, settings.engine.api_concurrency)
         try:
             info = await podman_api.info()
-            if not await podman_api.image_exists(image.image_ref(settings)):
-                await anyio.to_thread.run_sync(image.build_image, settings, print)
+            if not await podman_api.image_exists(
+                image.image_ref(settings, Environments.load(settings).default)
+            ):
+                await anyio.to_thread.run_sync(
+                    image.build_image, settings, Environments.load(settings).default, print
+                )
             userns = own_user_namespaces(settings, rootless=info.rootless)
             yield Sandboxes(settings, podman_api, state, can_limit=info.can_limit, userns=userns)
             assert await podman_api.list_labelled(LABEL) == []

@@ -10,9 +10,13 @@ from typing import Any
 
 import pytest
 
+from warmpod.environments import Environments
 from warmpod.errors import ImageError
 from warmpod.host import image
 from warmpod.settings import Settings, from_env
+
+DEFAULT = Environments.load(from_env({})).default
+"""The default environment: ``WARMPOD_IMAGE__REQUIREMENTS`` or the context's own lock."""
 
 
 @pytest.fixture
@@ -35,39 +39,39 @@ def settings_for(context: Path, **image_settings: Any) -> Settings:
 
 def test_ref_is_name_and_short_hash(context: Path) -> None:
     """The reference is the configured repository tagged with 12 hex digits."""
-    ref = image.image_ref(settings_for(context, name="localhost/runner"))
+    ref = image.image_ref(settings_for(context, name="localhost/runner"), DEFAULT)
     assert re.fullmatch(r"localhost/runner:[0-9a-f]{12}", ref)
 
 
 def test_ref_is_deterministic_across_copies(context: Path, tmp_path: Path) -> None:
     """Identical inputs in another directory give the same reference."""
     copy = shutil.copytree(context, tmp_path / "copy")
-    assert image.image_ref(settings_for(context)) == image.image_ref(settings_for(copy))
+    assert image.image_ref(settings_for(context), DEFAULT) == image.image_ref(settings_for(copy), DEFAULT)
 
 
 @pytest.mark.parametrize("name", image.CONTEXT_FILES)
 def test_ref_changes_with_each_input(context: Path, name: str) -> None:
     """Editing any build input, even by one byte, gives a new reference."""
-    before = image.image_ref(settings_for(context))
+    before = image.image_ref(settings_for(context), DEFAULT)
     with (context / name).open("a") as file:
         file.write("\n")
-    assert image.image_ref(settings_for(context)) != before
+    assert image.image_ref(settings_for(context), DEFAULT) != before
 
 
 def test_ref_ignores_other_files(context: Path) -> None:
     """Files the build does not read leave the reference alone."""
-    before = image.image_ref(settings_for(context))
+    before = image.image_ref(settings_for(context), DEFAULT)
     (context / "README").write_text("edited\n")
     (context / "seccomp.json").write_text("{}\n")
-    assert image.image_ref(settings_for(context)) == before
+    assert image.image_ref(settings_for(context), DEFAULT) == before
 
 
 def test_ref_changes_with_base(context: Path) -> None:
     """A configured base image, or another Debian suite for the local one, gives a new reference."""
     refs = {
-        image.image_ref(settings_for(context)),
-        image.image_ref(settings_for(context, suite="forky")),
-        image.image_ref(settings_for(context, base="registry.example/python:3.13")),
+        image.image_ref(settings_for(context), DEFAULT),
+        image.image_ref(settings_for(context, suite="forky"), DEFAULT),
+        image.image_ref(settings_for(context, base="registry.example/python:3.13"), DEFAULT),
     }
     assert len(refs) == 3
 
@@ -80,14 +84,14 @@ def test_ref_runs_no_tool(context: Path, monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(subprocess, "Popen", forbidden)
     monkeypatch.setattr(subprocess, "run", forbidden)
-    image.image_ref(settings_for(context))
+    image.image_ref(settings_for(context), DEFAULT)
 
 
 def test_missing_input_is_an_image_error(context: Path) -> None:
     """A context without agent.py fails with a message naming the file and the setting."""
     (context / "agent.py").unlink()
     with pytest.raises(ImageError, match=r"agent\.py.*WARMPOD_IMAGE__CONTEXT"):
-        image.image_ref(settings_for(context))
+        image.image_ref(settings_for(context), DEFAULT)
 
 
 def test_default_context_holds_the_inputs() -> None:
@@ -116,8 +120,8 @@ def test_build_skips_an_existing_image(context: Path, tmp_path: Path) -> None:
     podman = fake_podman(tmp_path, 'echo "$@" >> "$0.log"; exit 0')
     settings = from_env({}, image={"context": str(context)}, engine={"podman": podman})
     lines: list[str] = []
-    ref = image.build_image(settings, lines.append)
-    assert ref == image.image_ref(settings)
+    ref = image.build_image(settings, DEFAULT, lines.append)
+    assert ref == image.image_ref(settings, DEFAULT)
     assert lines == [f"runner image {ref} already built, skipping"]
     assert Path(podman + ".log").read_text().count("\n") == 1
 
@@ -127,7 +131,7 @@ def test_tool_failure_carries_its_output(context: Path, tmp_path: Path) -> None:
     podman = fake_podman(tmp_path, 'echo "storage is corrupt" >&2; exit 125')
     settings = from_env({}, image={"context": str(context)}, engine={"podman": podman})
     with pytest.raises(ImageError, match=r"(?s)podman image exists .*125.*storage is corrupt"):
-        image.build_image(settings, lambda line: None)
+        image.build_image(settings, DEFAULT, lambda line: None)
 
 
 POOL = Path(__file__).resolve().parents[2] / "pool"
@@ -173,28 +177,30 @@ def test_bundled_lock_is_resolved_from_the_bundled_requirements() -> None:
 
 def test_operator_lock_sits_beside_the_requirements(requirements: Path, context: Path) -> None:
     """The lock of ``x.in`` is ``x.lock`` in the same directory; any other name gets ``.lock`` added."""
-    assert image.lock_file(settings_for(context, requirements=str(requirements))) == (
+    assert image.lock_file(settings_for(context, requirements=str(requirements)), DEFAULT) == (
         requirements.with_name("requirements.lock")
     )
     other = requirements.with_name("libs.txt")
     other.write_text("numpy\n")
-    assert image.lock_file(settings_for(context, requirements=str(other))) == other.with_name("libs.txt.lock")
+    assert image.lock_file(settings_for(context, requirements=str(other)), DEFAULT) == other.with_name(
+        "libs.txt.lock"
+    )
 
 
 def test_missing_requirements_file_names_the_setting(context: Path, tmp_path: Path) -> None:
     """A requirements setting naming no file fails with the setting and the path."""
     with pytest.raises(ImageError, match=r"WARMPOD_IMAGE__REQUIREMENTS.*nothing\.in"):
-        image.image_ref(settings_for(context, requirements=str(tmp_path / "nothing.in")))
+        image.image_ref(settings_for(context, requirements=str(tmp_path / "nothing.in")), DEFAULT)
 
 
 def test_ref_refuses_requirements_not_resolved_yet(requirements: Path, context: Path) -> None:
     """Without a lock made from the requirements as they are, the reference is unknown, saying how to lock."""
     settings = settings_for(context, requirements=str(requirements))
     with pytest.raises(ImageError, match=r"not resolved from .*warmpod image lock"):
-        image.image_ref(settings)
+        image.image_ref(settings, DEFAULT)
     requirements.with_suffix(".lock").write_text("numpy==1.0 --hash=sha256:00\n")
     with pytest.raises(ImageError, match="warmpod image lock"):
-        image.image_ref(settings)
+        image.image_ref(settings, DEFAULT)
 
 
 def test_lock_resolves_for_the_runner_with_wheels_only(
@@ -204,7 +210,7 @@ def test_lock_resolves_for_the_runner_with_wheels_only(
     uv = fake_uv(tmp_path, monkeypatch, WRITE_LOCK)
     settings = settings_for(context, requirements=str(requirements), cache_dir=str(tmp_path / "cache"))
     lines: list[str] = []
-    lock = image.lock_requirements(settings, lines.append)
+    lock = image.lock_requirements(settings, DEFAULT, lines.append)
     assert lock == requirements.with_suffix(".lock")
     cwd, *argv = Path(str(uv) + ".log").read_text().splitlines()
     assert cwd == str(requirements.parent)
@@ -231,16 +237,16 @@ def test_a_changed_list_makes_a_new_image_and_an_unchanged_one_keeps_it(
     """The reference follows the lock: relocking the same list keeps it, a changed list changes it."""
     fake_uv(tmp_path, monkeypatch, WRITE_LOCK + 'sed "s/^/# via /" requirements.in >> "$2"')
     settings = settings_for(context, requirements=str(requirements), cache_dir=str(tmp_path / "cache"))
-    image.lock_requirements(settings, lambda line: None)
-    first = image.image_ref(settings)
-    assert image.image_ref(settings_for(context)) != first  # the context's own lock is not used
-    image.lock_requirements(settings, lambda line: None)
-    assert image.image_ref(settings) == first
+    image.lock_requirements(settings, DEFAULT, lambda line: None)
+    first = image.image_ref(settings, DEFAULT)
+    assert image.image_ref(settings_for(context), DEFAULT) != first  # the context's own lock is not used
+    image.lock_requirements(settings, DEFAULT, lambda line: None)
+    assert image.image_ref(settings, DEFAULT) == first
     requirements.write_text("numpy\ntabulate\nsix\n")
     with pytest.raises(ImageError, match="older than"):
-        image.image_ref(settings)
-    image.lock_requirements(settings, lambda line: None)
-    assert image.image_ref(settings) != first
+        image.image_ref(settings, DEFAULT)
+    image.lock_requirements(settings, DEFAULT, lambda line: None)
+    assert image.image_ref(settings, DEFAULT) != first
 
 
 def test_upgrade_resolves_afresh(
@@ -249,7 +255,7 @@ def test_upgrade_resolves_afresh(
     """``warmpod image lock`` asks uv for the newest versions instead of the pinned ones."""
     uv = fake_uv(tmp_path, monkeypatch, WRITE_LOCK)
     settings = settings_for(context, requirements=str(requirements), cache_dir=str(tmp_path / "cache"))
-    image.lock_requirements(settings, lambda line: None, upgrade=True)
+    image.lock_requirements(settings, DEFAULT, lambda line: None, upgrade=True)
     assert "--upgrade" in Path(str(uv) + ".log").read_text().splitlines()
 
 
@@ -260,7 +266,7 @@ def test_a_requirement_without_a_wheel_is_named(
     fake_uv(tmp_path, monkeypatch, f"cat >&2 <<'EOF'\n{NO_WHEEL}\nEOF\nexit 1")
     settings = settings_for(context, requirements=str(requirements), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ImageError) as raised:
-        image.lock_requirements(settings, lambda line: None)
+        image.lock_requirements(settings, DEFAULT, lambda line: None)
     message = str(raised.value)
     assert message.startswith(f"docopt in {requirements} has no wheel for CPython {image.PYTHON_VERSION}")
     assert "wheels only" in message
@@ -294,7 +300,7 @@ def test_other_resolution_failures_carry_uv_s_words(
     fake_uv(tmp_path, monkeypatch, 'echo "nonexistent-zz was not found in the package registry" >&2; exit 1')
     settings = settings_for(context, requirements=str(requirements), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ImageError, match=r"(?s)cannot resolve .*requirements\.in.*not found in the package"):
-        image.lock_requirements(settings, lambda line: None)
+        image.lock_requirements(settings, DEFAULT, lambda line: None)
 
 
 def test_build_resolves_a_stale_lock_before_anything_else(
@@ -309,12 +315,12 @@ def test_build_resolves_a_stale_lock_before_anything_else(
         engine={"podman": podman},
     )
     lines: list[str] = []
-    ref = image.build_image(settings, lines.append)
+    ref = image.build_image(settings, DEFAULT, lines.append)
     assert image.lock_is_current(requirements, requirements.with_suffix(".lock"))
-    assert ref == image.image_ref(settings)
+    assert ref == image.image_ref(settings, DEFAULT)
     assert lines[-1] == f"runner image {ref} already built, skipping"
     lines.clear()
-    image.build_image(settings, lines.append)
+    image.build_image(settings, DEFAULT, lines.append)
     assert lines == [f"runner image {ref} already built, skipping"]  # no second resolution
 
 
@@ -326,7 +332,7 @@ def test_build_is_offline_from_the_operator_lock(
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "tabulate-0.9.0-py3-none-any.whl").write_bytes(b"wheel")
-    monkeypatch.setattr(image, "_download_wheels", lambda settings, progress: wheels)
+    monkeypatch.setattr(image, "_download_wheels", lambda settings, environment, progress: wheels)
     # `image exists` says no; `build` logs its arguments and the lock and wheels it was given.
     podman = fake_podman(
         tmp_path,
@@ -344,7 +350,7 @@ def test_build_is_offline_from_the_operator_lock(
         },
         engine={"podman": podman},
     )
-    ref = image.build_image(settings, lambda line: None)
+    ref = image.build_image(settings, DEFAULT, lambda line: None)
     argv, *given = Path(podman + ".log").read_text().splitlines()
     assert "build --layers=false --network=none --build-arg BASE=localhost/some-base:1" in argv
     assert f"--tag {ref}" in argv

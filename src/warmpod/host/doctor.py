@@ -8,6 +8,7 @@ import shutil
 import anyio
 import msgspec
 
+from warmpod.environments import Environments
 from warmpod.errors import WarmpodError
 from warmpod.host import image, podman_service
 from warmpod.host.enforcement import check, enforcement
@@ -50,8 +51,7 @@ async def engine_info(settings: Settings) -> EngineInfo:
         shutil.rmtree(state, ignore_errors=True)
 
 
-# A flat list of checks, one branch per line of the report: split, it would scatter the report.
-def report(settings: Settings, info: EngineInfo) -> int:  # noqa: C901
+def report(settings: Settings, info: EngineInfo) -> int:
     """Print what ``info`` and this host offer; 1 if ``warmpod serve`` would fail or refuse to start."""
     facts = HostFacts.read()
     mode = "rootless" if info.rootless else "rootful"
@@ -72,10 +72,7 @@ def report(settings: Settings, info: EngineInfo) -> int:  # noqa: C901
                 f"{', '.join(absent)}: set Delegate=cpu memory pids for user@.service (systemd) and "
                 "loginctl enable-linger this user"
             )
-    try:
-        print(f"Runner image: {image.image_ref(settings)}")
-    except WarmpodError as exc:  # a requirements file not resolved yet: `warmpod serve` resolves it
-        print(f"Runner image: not known yet ({exc})")
+    _print_images(settings)
     print("Limits (limit: layer, mechanism):")
     rows = enforcement(cgroups=info.can_limit)
     for row in rows:
@@ -125,6 +122,20 @@ def report(settings: Settings, info: EngineInfo) -> int:  # noqa: C901
         print(f"warmpod serve would refuse to start: {exc}")
         return 1
     return 0
+
+
+def _print_images(settings: Settings) -> None:
+    try:
+        environments = Environments.load(settings)
+    except WarmpodError as exc:
+        print(f"Runner image: not known ({exc})")
+        return
+    for environment in environments:
+        label = "Runner image" if len(environments) == 1 else f"Runner image of {environment.name}"
+        try:
+            print(f"{label}: {image.image_ref(settings, environment)}")
+        except WarmpodError as exc:  # a requirements file not resolved yet: `warmpod serve` resolves it
+            print(f"{label}: not known yet ({exc})")
 
 
 def _has_cap_sys_resource() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import os
 import platform
@@ -14,11 +15,12 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from uv import find_uv_bin
 
+from warmpod.environments import DEFAULT, Environments, EnvironmentSpec
 from warmpod.errors import ImageError
 from warmpod.host.facts import podman_command
 from warmpod.settings import Settings
@@ -36,7 +38,7 @@ TIMEOUT = 20 * 60.0
 
 CONTEXT_FILES = ("Containerfile", "agent.py", "bootstrap.py", "finish_image.py", "requirements.lock")
 """The build inputs taken from the pool directory; the image tag is a hash over them. The lock is
-the one of ``WARMPOD_IMAGE__REQUIREMENTS`` instead when that is set."""
+the environment's own instead (``lock_file``) when it has a requirements file."""
 LOCK_COMMAND = "warmpod image lock"
 """Regenerates the lock; its header names it."""
 _LOCK_STAMP = "# warmpod: resolved from {name} sha256={digest}"
@@ -88,30 +90,38 @@ def guest_dir() -> Path:
     return bundled if bundled.is_dir() else package.parents[1] / "pool"
 
 
-def image_ref(settings: Settings) -> str:
-    """The runner image reference, tagged with a hash of everything the build reads.
+def image_ref(settings: Settings, environment: EnvironmentSpec) -> str:
+    """The runner image reference of ``environment``, tagged with a hash of everything the build reads.
 
     Cheap and deterministic: the same Containerfile, agent, lock and base name always give the same
-    reference, and changing any of them gives a new one.
+    reference, and changing any of them gives a new one. The environment's name is not part of it:
+    two environments locked alike share one image.
 
     Raises:
         ImageError: the context directory lacks one of the build inputs, or the lock is missing or
             older than its requirements (``warmpod image build`` or ``warmpod image lock`` makes it).
     """
     digest = hashlib.sha256()
-    for name, data in _inputs(settings):
+    for name, data in _inputs(settings, environment):
         digest.update(f"{name}\0{len(data)}\0".encode())
         digest.update(data)
     digest.update(f"base\0{_base_ref(settings)}".encode())
     return f"{settings.image.name}:{digest.hexdigest()[:12]}"
 
 
-def requirements_file(settings: Settings) -> Path | None:
+def requirements_file(settings: Settings, environment: EnvironmentSpec) -> Path | None:
     """The list of libraries the lock is resolved from, or None for a context holding only a lock.
 
+    An environment's own ``requirements``; for ``default``, ``WARMPOD_IMAGE__REQUIREMENTS`` or the
+    image context's ``requirements.in``.
+
     Raises:
-        ImageError: ``WARMPOD_IMAGE__REQUIREMENTS`` names a file that is not there.
+        ImageError: the file named is not there.
     """
+    if environment.requirements is not None:
+        if not environment.requirements.is_file():
+            raise ImageError(f"its requirements {environment.requirements} is not a file")
+        return environment.requirements
     if settings.image.requirements:
         path = Path(settings.image.requirements)
         if not path.is_file():
@@ -121,9 +131,9 @@ def requirements_file(settings: Settings) -> Path | None:
     return bundled if bundled.is_file() else None
 
 
-def lock_file(settings: Settings) -> Path:
-    """The hashed lock the image installs: beside its requirements file, or the context's own."""
-    requirements = requirements_file(settings)
+def lock_file(settings: Settings, environment: EnvironmentSpec) -> Path:
+    """The hashed lock ``environment``'s image installs: beside its requirements, or the context's own."""
+    requirements = requirements_file(settings, environment)
     if requirements is None:
         return context_dir(settings) / "requirements.lock"
     if requirements.suffix == ".in":
@@ -141,8 +151,10 @@ def lock_is_current(requirements: Path, lock: Path) -> bool:
     return first == _stamp(requirements)
 
 
-def lock_requirements(settings: Settings, progress: Progress, *, upgrade: bool = False) -> Path:
-    """Resolve the requirements file into its hashed lock for the runner's CPython, wheels only.
+def lock_requirements(
+    settings: Settings, environment: EnvironmentSpec, progress: Progress, *, upgrade: bool = False
+) -> Path:
+    """Resolve ``environment``'s requirements file into its hashed lock for the runner's CPython, wheels only.
 
     Versions already in the lock are kept where they still fit, unless ``upgrade``: then every
     requirement is resolved to the newest version that has a wheel.
@@ -151,12 +163,12 @@ def lock_requirements(settings: Settings, progress: Progress, *, upgrade: bool =
         ImageError: there is no requirements file, a requirement has no wheel for the runner
             (the message names it), or uv failed.
     """
-    requirements = requirements_file(settings)
+    requirements = requirements_file(settings, environment)
     if requirements is None:
         raise ImageError(
             f"no requirements.in in {context_dir(settings)} to resolve: set WARMPOD_IMAGE__REQUIREMENTS"
         )
-    lock = lock_file(settings)
+    lock = lock_file(settings, environment)
     arch = _arch()
     stamp = _stamp(requirements)  # before resolving: an edit meanwhile leaves the lock stale
     progress(f"resolving {requirements} for CPython {PYTHON_VERSION} on manylinux {arch}, wheels only...")
@@ -201,33 +213,34 @@ def lock_requirements(settings: Settings, progress: Progress, *, upgrade: bool =
     return lock
 
 
-def build_image(settings: Settings, progress: Progress) -> str:
-    """Build the runner image unless Podman already holds it, and return its reference.
+def build_image(settings: Settings, environment: EnvironmentSpec, progress: Progress) -> str:
+    """Build ``environment``'s runner image unless Podman already holds it, and return its reference.
 
     Makes the Debian base first when no base image is configured, then downloads the locked wheels
     (cached between builds), then runs ``podman build`` without network.
 
     Args:
-        settings: warmpod's configuration; ``settings.image`` says what to build.
+        settings: warmpod's configuration; ``settings.image`` says how to build.
+        environment: the library set to install; its lock is made first if missing or stale.
         progress: called with one human-readable line at a time, including the tools' output.
 
     Raises:
         ImageError: a build step failed or ran past its time limit; the message holds the last
             lines of the tool's output.
     """
-    requirements = requirements_file(settings)
-    if requirements is not None and not lock_is_current(requirements, lock_file(settings)):
-        lock_requirements(settings, progress)
-    ref = image_ref(settings)
+    requirements = requirements_file(settings, environment)
+    if requirements is not None and not lock_is_current(requirements, lock_file(settings, environment)):
+        lock_requirements(settings, environment, progress)
+    ref = image_ref(settings, environment)
     if _image_exists(settings, ref):
         progress(f"runner image {ref} already built, skipping")
         return ref
     started = time.monotonic()
     base = settings.image.base or _build_base(settings, progress)
-    wheels = _download_wheels(settings, progress)
+    wheels = _download_wheels(settings, environment, progress)
     cache = _cache_dir(settings)
     with tempfile.TemporaryDirectory(prefix="build-", dir=cache) as tmp:
-        context = _assemble_context(settings, wheels, Path(tmp))
+        context = _assemble_context(settings, environment, wheels, Path(tmp))
         progress(f"building runner image {ref} on {base} (about 10 s)...")
         # --layers=false: one layer on top of the base and no build cache, which buildah would
         # reuse even after the bind-mounted wheels or lock changed.
@@ -249,10 +262,45 @@ def build_image(settings: Settings, progress: Progress) -> str:
     return ref
 
 
-def _inputs(settings: Settings) -> list[tuple[str, bytes]]:
+def build_all(settings: Settings, environments: Environments, progress: Progress) -> dict[str, str]:
+    """Build every environment's runner image that Podman does not hold yet; return each one's reference.
+
+    With more than ``default``, each progress line and error names its environment.
+
+    Raises:
+        ImageError: an environment cannot be locked or built; the message names it and, when a
+            requirement has no wheel, the requirement.
+    """
+    refs = {}
+    for environment in environments:
+        with naming(environment, environments):
+            told = progress if len(environments) == 1 else _prefixed(environment.name, progress)
+            refs[environment.name] = build_image(settings, environment, told)
+    return refs
+
+
+@contextlib.contextmanager
+def naming(environment: EnvironmentSpec, environments: Environments) -> Iterator[None]:
+    """Put ``environment 'name': `` before the message of an ImageError raised inside.
+
+    Not when ``default`` is the only environment: the messages stay those of a one-image server.
+    """
+    try:
+        yield
+    except ImageError as exc:
+        if len(environments) == 1 and environment.name == DEFAULT:
+            raise
+        raise ImageError(f"environment {environment.name!r}: {exc}") from exc
+
+
+def _prefixed(name: str, progress: Progress) -> Progress:
+    return lambda line: progress(f"[{name}] {line}")
+
+
+def _inputs(settings: Settings, environment: EnvironmentSpec) -> list[tuple[str, bytes]]:
     context = context_dir(settings)
-    requirements = requirements_file(settings)
-    lock = lock_file(settings)
+    requirements = requirements_file(settings, environment)
+    lock = lock_file(settings, environment)
     if requirements is not None and not lock_is_current(requirements, lock):
         state = "is older than" if lock.is_file() else "is not resolved from"
         raise ImageError(
@@ -437,18 +485,20 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def _download_wheels(settings: Settings, progress: Progress) -> Path:
+def _download_wheels(settings: Settings, environment: EnvironmentSpec, progress: Progress) -> Path:
     """Fetch the locked wheels and pip's own into a cache directory named by their inputs."""
-    lock = lock_file(settings)
+    lock = lock_file(settings, environment)
     arch = _arch()
-    key = hashlib.sha256(dict(_inputs(settings))["requirements.lock"])
+    key = hashlib.sha256(dict(_inputs(settings, environment))["requirements.lock"])
     key.update(f"\0{PIP_REQUIREMENT}\0{arch}\0{PYTHON_VERSION}\0{GLIBC_MINOR}".encode())
     cache = _cache_dir(settings)
     target = cache / f"wheels-{key.hexdigest()[:12]}"
     if target.is_dir():
         progress(f"wheels already downloaded to {target}, skipping")
         return target
-    progress(f"downloading the locked wheels for CPython {PYTHON_VERSION}/{arch} (140 MB, about 10 s)...")
+    # The hint is the bundled report set's; an operator's set may be any size.
+    hint = " (140 MB, about 10 s)" if environment.requirements is None else ""
+    progress(f"downloading the locked wheels for CPython {PYTHON_VERSION}/{arch}{hint}...")
     with tempfile.TemporaryDirectory(prefix="wheels-", dir=cache) as tmp:
         pip_requirement = Path(tmp) / "pip.txt"
         pip_requirement.write_text(PIP_REQUIREMENT + "\n")
@@ -507,8 +557,8 @@ def _platform_tags(arch: str) -> list[str]:
     return tags
 
 
-def _assemble_context(settings: Settings, wheels: Path, context: Path) -> Path:
-    for name, data in _inputs(settings):
+def _assemble_context(settings: Settings, environment: EnvironmentSpec, wheels: Path, context: Path) -> Path:
+    for name, data in _inputs(settings, environment):
         (context / name).write_bytes(data)
     (context / "wheels").mkdir()
     for wheel in wheels.iterdir():
