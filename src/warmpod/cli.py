@@ -122,8 +122,8 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
             secrets = f"secrets={','.join(sorted(key.secrets)) or '-'}"
             sources = f"sources={','.join(sorted(key.sources)) or '-'}"
             # '*' for every environment: no environment's name can be it.
-            named = "*" if key.environments is None else ",".join(sorted(key.environments))
-            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={named}")
+            usable = "*" if key.environments is None else ",".join(sorted(key.environments))
+            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={usable}")
     return 0
 
 

@@ -13,11 +13,12 @@ from typing import Literal
 
 import anyio
 
+from warmpod.environments import Environments
 from warmpod.errors import ImageError
 from warmpod.host import facts, image, podman_service
 from warmpod.host.enforcement import check, enforcement
 from warmpod.host.podman_api import EngineInfo, PodmanApi
-from warmpod.models import Environment, Health, NodeInfo, PoolCounts, QueueCounts
+from warmpod.models import Environment, EnvironmentInfo, Health, NodeInfo, PoolCounts, QueueCounts
 from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Store
 from warmpod.queue.store.postgres import PostgresStore
@@ -48,6 +49,10 @@ class Service:
     """The operator's secrets file: who may ask for what (the runner reads the values)."""
     sources: Sources = field(default_factory=lambda: Sources(None))
     """The operator's sources file: who may reach what (the runner relays them)."""
+    environments: Environments = field(default_factory=lambda: Environments.load(Settings()))
+    """The environments a run may name (``RunRequest.environment``), checked before it is queued."""
+    catalogue: list[EnvironmentInfo] = field(default_factory=list)
+    """What ``GET /environments`` lists: each environment with what its image installed."""
 
     def health(self) -> Health:
         """The service's state for ``GET /health``."""

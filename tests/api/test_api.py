@@ -71,6 +71,7 @@ async def test_run_json_returns_the_run_result(
         "files_truncated": False,
         "node": NODE,
         "sources": {},
+        "environment": "default",
     }
     assert runner.calls == [(b"print(1)", "é\n".encode(), 2.5)]
 

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import anyio
 
+from warmpod.environments import DEFAULT
 from warmpod.errors import EngineError, InvalidRun, ProtocolError, SecretDenied, SourceDenied
 from warmpod.models import CHUNK_BYTES, Chunk, RunResult, RunSpec, RunStatus, Stream
 from warmpod.sandbox import protocol
@@ -167,8 +168,11 @@ class Runner:
         limits: RunLimits | None = None,
         files: Sequence[tuple[str, bytes]] = (),
         program: Program | None = None,
+        *,
+        environment: str = DEFAULT,
     ) -> RunSpec:
-        """The run as it will execute, every limit resolved against the server's.
+        """The run as it will execute in ``environment`` (already checked), every limit resolved
+        against the server's.
 
         Raises:
             InvalidRun: the limits asked for are out of range.
@@ -202,6 +206,7 @@ class Runner:
             secrets=tuple(program.secrets),
             sources=sources,
             warm=any(self._leaser.wants_preload(module) for module in modules),
+            environment=environment,
         )
 
     def output(self, spec: RunSpec) -> RunOutput:
