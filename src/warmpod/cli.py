@@ -1,4 +1,5 @@
-"""The ``warmpod`` command: serve, image, doctor; and run, status, cancel, logs (warmpod.terminal)."""
+"""The ``warmpod`` command: serve, image, doctor, keys; and run, status, cancel, logs, environments
+(warmpod.terminal)."""
 
 from __future__ import annotations
 
