@@ -309,11 +309,18 @@ async def test_health_reports_image_engine_and_pool(client: AsyncTestClient[Lite
     assert body["status"] == "ok"
     assert body["image"] == IMAGE
     assert body["podman_version"] == "4.3.1"
-    assert body["pool"] == {"ready": 0, "busy": 0, "starting": 0, "closing": 0, "target": POOL_SIZE}
+    assert body["pool"] == {
+        "ready": 0,
+        "busy": 0,
+        "starting": 0,
+        "closing": 0,
+        "target": POOL_SIZE,
+        "environments": {},
+    }
     assert body["rootless"] is False
     assert body["cgroup_version"] == 1
     assert body["paused_idle"] is True
-    assert body["queue"] == {"queued": 0, "running": 0, "max_queued": MAX_QUEUED}
+    assert body["queue"] == {"queued": 0, "running": 0, "max_queued": MAX_QUEUED, "unserved": {}}
 
 
 async def test_health_is_503_until_the_pool_serves(
@@ -377,6 +384,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "env",
         "secrets",
         "sources",
+        "environment",
     }
     assert components["RunRequest"]["properties"]["files"]["items"]["$ref"].endswith("/InputFile")
     assert set(components["InputFile"]["properties"]) == {"path", "content"}
@@ -396,6 +404,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "files_truncated",
         "node",
         "sources",
+        "environment",
     }
     assert set(components["SourceUse"]["properties"]) == {"connections", "refused", "bytes_in", "bytes_out"}
     assert set(run_json["responses"]) == {"200", "202", "400", "401", "403", "413", "422", "429", "503"}
@@ -544,7 +553,12 @@ async def test_a_full_queue_is_429_with_retry_after(
         assert body["type"] == PROBLEMS + "queue-full"
         assert response.headers["retry-after"] == "1"
     health = (await client.get("/health")).json()
-    assert health["queue"] == {"queued": MAX_QUEUED, "running": POOL_SIZE, "max_queued": MAX_QUEUED}
+    assert health["queue"] == {
+        "queued": MAX_QUEUED,
+        "running": POOL_SIZE,
+        "max_queued": MAX_QUEUED,
+        "unserved": {},
+    }
     runner.hold.set()
 
 
