@@ -100,7 +100,8 @@ def add_commands(commands: Any) -> None:
         help="one of the server's data sources the program may connect to, through its relay (repeatable)",
     )
     run.add_argument(
-        # Not --env's prefix: argparse takes an exact option over an abbreviation, so --env stays it.
+        # --env is its prefix, but argparse takes an exact option over an abbreviation: --env stays
+        # the variable's.
         "--environment",
         "--env-name",
         dest="environment",

@@ -508,7 +508,7 @@ def granted_environments(request: Request[Any, Any, Any]) -> frozenset[str] | No
 
 def _environment(request: Request[Any, Any, Any], service: Service, name: str) -> str:
     """The environment a run names, once it exists (else 422, listing those that do) and its key
-    may use it (else 403): checked before its limits, which are the environment's."""
+    may use it (else 403): checked first, since the run is prepared for it."""
     return service.environments.check(name, granted_environments(request)).name
 
 
