@@ -1,4 +1,5 @@
-"""The ``warmpod`` command: serve, image, doctor; and run, status, cancel, logs (warmpod.terminal)."""
+"""The ``warmpod`` command: serve, image, doctor, keys; and run, status, cancel, logs, environments
+(warmpod.terminal)."""
 
 from __future__ import annotations
 
@@ -110,7 +111,10 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
             return 2
         granted = keys.secret_names(args.secrets or "", "--secrets")
         reached = keys.source_names(args.sources or "", "--sources")
-        print(keys.add(path, args.name, args.max_active, granted, reached))
+        named = (
+            None if args.environments is None else keys.environment_names(args.environments, "--environments")
+        )
+        print(keys.add(path, args.name, args.max_active, granted, reached, named))
         _progress(f"key {args.name!r} added to {path}; it is shown this once")
     elif args.keys_command == "remove":
         keys.remove(path, args.name)
@@ -119,7 +123,10 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
         for key in keys.KeyFile(path).current() if path.exists() else []:
             quota = "no limit" if key.max_active is None else f"max_active={key.max_active}"
             secrets = f"secrets={','.join(sorted(key.secrets)) or '-'}"
-            print(f"{key.name}\t{quota}\t{secrets}\tsources={','.join(sorted(key.sources)) or '-'}")
+            sources = f"sources={','.join(sorted(key.sources)) or '-'}"
+            # '*' for every environment: no environment's name can be it.
+            usable = "*" if key.environments is None else ",".join(sorted(key.environments))
+            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={usable}")
     return 0
 
 
@@ -186,8 +193,13 @@ def _parser() -> argparse.ArgumentParser:
     add_cmd.add_argument(
         "--sources", metavar="a,b", help="the data sources (WARMPOD_SOURCES__FILE) its runs may reach"
     )
+    add_cmd.add_argument(
+        "--environments",
+        metavar="a,b",
+        help="the environments (WARMPOD_ENVIRONMENTS__FILE) its runs may name (default: every one)",
+    )
     keys_cmds.add_parser(
-        "list", help="list the keys' names, quotas, secrets and sources (never their hashes)"
+        "list", help="list the keys' names, quotas, secrets, sources and environments (never their hashes)"
     )
     remove_cmd = keys_cmds.add_parser("remove", help="remove a key: requests with it get 401 at once")
     remove_cmd.add_argument("name")

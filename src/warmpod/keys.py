@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from warmpod.environ import name_problem
+from warmpod.environments import NAME as ENVIRONMENT_NAME
 from warmpod.errors import SettingsError
 from warmpod.watched import WatchedFile
 
@@ -35,13 +36,16 @@ class Key:
     """The operator's secrets its runs may ask for (``secrets=A,B``)."""
     sources: frozenset[str] = frozenset()
     """The operator's data sources its runs may ask for (``sources=a,b``)."""
+    environments: frozenset[str] | None = None
+    """The environments its runs may name (``environments=a,b``); None, every one."""
 
     def line(self) -> str:
         """Its line in the keys file."""
         quota = "" if self.max_active is None else f":max_active={self.max_active}"
         granted = f":secrets={','.join(sorted(self.secrets))}" if self.secrets else ""
         reached = f":sources={','.join(sorted(self.sources))}" if self.sources else ""
-        return f"{self.name}:{self.digest}{quota}{granted}{reached}\n"
+        named = "" if self.environments is None else f":environments={','.join(sorted(self.environments))}"
+        return f"{self.name}:{self.digest}{quota}{granted}{reached}{named}\n"
 
 
 def digest(key: str) -> str:
@@ -65,8 +69,8 @@ def parse(text: str, source: str) -> list[Key]:
         if not _NAME.fullmatch(name) or not _HASH.fullmatch(hashed):
             raise SettingsError(
                 f"{source} line {number}: expected "
-                "NAME:SHA256_HEX[:max_active=N][:secrets=A,B][:sources=a,b] (NAME letters, digits, "
-                "'.', '_' or '-'; the hash 64 lowercase hex digits)"
+                "NAME:SHA256_HEX[:max_active=N][:secrets=A,B][:sources=a,b][:environments=a,b] "
+                "(NAME letters, digits, '.', '_' or '-'; the hash 64 lowercase hex digits)"
             )
         if any(key.name == name for key in keys):
             raise SettingsError(f"{source} line {number}: the name {name!r} is given twice")
@@ -75,8 +79,8 @@ def parse(text: str, source: str) -> list[Key]:
 
 
 def _options(text: str, where: str) -> dict[str, Any]:
-    """A key line's options after its hash: ``max_active=N``, ``secrets=A,B`` and ``sources=a,b``,
-    each at most once."""
+    """A key line's options after its hash: ``max_active=N``, ``secrets=A,B``, ``sources=a,b`` and
+    ``environments=a,b``, each at most once."""
     found: dict[str, Any] = {}
     for option in filter(None, text.split(":")):
         name, _, value = option.partition("=")
@@ -90,9 +94,12 @@ def _options(text: str, where: str) -> dict[str, Any]:
             found[name] = secret_names(value, where)
         elif name == "sources":
             found[name] = source_names(value, where)
+        elif name == "environments":
+            found[name] = environment_names(value, where)
         else:
             raise SettingsError(
-                f"{where}: unknown option {name!r}: the options are max_active=N, secrets=A,B and sources=a,b"
+                f"{where}: unknown option {name!r}: the options are max_active=N, secrets=A,B, sources=a,b "
+                "and environments=a,b"
             )
     return found
 
@@ -123,6 +130,27 @@ def source_names(value: str, where: str) -> frozenset[str]:
             raise SettingsError(
                 f"{where}: the source name {name[:64]!r} must be 1-32 lowercase letters, digits or '_', "
                 "starting with a letter"
+            )
+    return names
+
+
+def environment_names(value: str, where: str) -> frozenset[str]:
+    """The names of an ``environments=a,b`` list: at least one, since leaving the option out is
+    what grants every environment.
+
+    Raises:
+        SettingsError: the list is empty, or one is not an environment's name.
+    """
+    names = frozenset(part.strip() for part in value.split(",") if part.strip())
+    if not names:
+        raise SettingsError(
+            f"{where}: environments= names at least one environment; leave it out for every one"
+        )
+    for name in names:
+        if not ENVIRONMENT_NAME.fullmatch(name):
+            raise SettingsError(
+                f"{where}: the environment name {name[:64]!r} must be 1-32 lowercase letters, digits, "
+                "'_' or '-', starting with a letter"
             )
     return names
 
@@ -167,10 +195,12 @@ def add(
     max_active: int | None = None,
     granted: frozenset[str] = frozenset(),
     sources: frozenset[str] = frozenset(),
+    environments: frozenset[str] | None = None,
 ) -> str:
     """Create a key named ``name``, append its hash to the keys file (made 0600), and return the key.
 
-    ``granted`` names the secrets its runs may ask for, ``sources`` the data sources.
+    ``granted`` names the secrets its runs may ask for, ``sources`` the data sources,
+    ``environments`` the environments (None: every one).
 
     Raises:
         SettingsError: the name is not allowed, is taken, or the file cannot be written.
@@ -181,7 +211,7 @@ def add(
     if any(key.name == name for key in existing):
         raise SettingsError(f"{path} already has a key named {name!r}: remove it first to replace it")
     key = secrets.token_urlsafe(KEY_BYTES)
-    line = Key(name, digest(key), max_active, granted, sources).line()
+    line = Key(name, digest(key), max_active, granted, sources, environments).line()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -1,4 +1,4 @@
-"""``warmpod run``, ``status``, ``cancel`` and ``logs``: the client on a terminal."""
+"""``warmpod run``, ``status``, ``cancel``, ``logs`` and ``environments``: the client on a terminal."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import msgspec
 from warmpod.client import Client, FileArg, ProblemError, project_files
 from warmpod.client.ignore import IGNORE_FILE
 from warmpod.client.wire import DEFAULT_ENTRYPOINT, DEFAULT_URL
-from warmpod.models import OutputEvent, RunResult, StatusEvent
+from warmpod.models import EnvironmentInfo, OutputEvent, RunResult, StatusEvent
 from warmpod.sandbox.files import OUT_DIR, path_problem
 
 EXIT_TIMEOUT = 124
@@ -27,7 +27,7 @@ EXIT_WARMPOD = 125
 """warmpod could not run the program: unreachable, refused, an ``error`` or ``cancelled`` run."""
 EXIT_MEMORY = 137
 """The memory limit killed the program (128 + SIGKILL)."""
-COMMANDS = ("run", "status", "cancel", "logs")
+COMMANDS = ("run", "status", "cancel", "logs", "environments")
 # What a program's output may not send to the user's terminal as it is: C0 controls but newline
 # and tab (escape sequences start with ESC; a carriage return or backspace overwrites what came
 # before), DEL, the C1 controls (U+009B is a one-character CSI), and the bidirectional overrides
@@ -99,6 +99,15 @@ def add_commands(commands: Any) -> None:
         metavar="NAME",
         help="one of the server's data sources the program may connect to, through its relay (repeatable)",
     )
+    run.add_argument(
+        # --env is its prefix, but argparse takes an exact option over an abbreviation: --env stays
+        # the variable's.
+        "--environment",
+        "--env-name",
+        dest="environment",
+        metavar="NAME",
+        help="the library set to run with, one of `warmpod environments` (default: default)",
+    )
     run.add_argument("--stdin", metavar="FILE", help="what the program reads on standard input (- for ours)")
     run.add_argument("--timeout", type=float, metavar="S", help="wall-time limit in seconds")
     run.add_argument("--cpu-time", type=int, metavar="S", help="CPU-time limit in seconds")
@@ -122,6 +131,10 @@ def add_commands(commands: Any) -> None:
     logs = commands.add_parser("logs", parents=[server], help="print a run's output so far")
     logs.add_argument("id", help="the run's id")
     logs.add_argument("--follow", "-f", action="store_true", help="then follow it until the run ends")
+    listing = commands.add_parser(
+        "environments", parents=[server], help="list the environments a run may name (those the key may use)"
+    )
+    listing.add_argument("--json", action="store_true", help="print them as JSON, every package named")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -132,6 +145,8 @@ def main(args: argparse.Namespace) -> int:
                 return _run(client, args)
             if args.command == "logs":
                 return _logs(client, args.id, args.follow)
+            if args.command == "environments":
+                return _environments(client.environments(), as_json=args.json)
             result = client.status(args.id) if args.command == "status" else client.cancel(args.id)
             _print_json(result)
             return 0
@@ -167,6 +182,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         env=_env(args.env),
         secrets=args.secrets,
         sources=args.sources,
+        environment=args.environment,
         timeout=args.timeout,
         cpu_time=args.cpu_time,
         memory_mb=args.memory_mb,
@@ -198,6 +214,29 @@ def _logs(client: Client, run_id: str, follow: bool) -> int:
     result = client.status(run_id)
     _write(sys.stdout, result.stdout)
     _write(sys.stderr, result.stderr)
+    return 0
+
+
+def _environments(environments: list[EnvironmentInfo], *, as_json: bool) -> int:
+    """Print the environments as a table (name, Python, how many packages, preload, min_warm)."""
+    if as_json:
+        _print_json(environments)
+        return 0
+    rows = [("NAME", "PYTHON", "PACKAGES", "PRELOAD", "MIN_WARM")]
+    rows += [
+        (
+            info.name,
+            info.python or "-",
+            str(len(info.packages)),
+            ",".join(info.preload) or "-",
+            str(info.min_warm),
+        )
+        for info in environments
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        # What a server says is shown, not obeyed, as a program's output is.
+        print(visible("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()))
     return 0
 
 
@@ -356,5 +395,5 @@ def _write(stream: TextIO, text: str) -> None:
     stream.buffer.flush()
 
 
-def _print_json(value: msgspec.Struct) -> None:
+def _print_json(value: object) -> None:
     print(msgspec.json.format(msgspec.json.encode(value).decode(), indent=2))

@@ -71,6 +71,7 @@ async def test_run_json_returns_the_run_result(
         "files_truncated": False,
         "node": NODE,
         "sources": {},
+        "environment": "default",
     }
     assert runner.calls == [(b"print(1)", "é\n".encode(), 2.5)]
 
@@ -308,7 +309,14 @@ async def test_health_reports_image_engine_and_pool(client: AsyncTestClient[Lite
     assert body["status"] == "ok"
     assert body["image"] == IMAGE
     assert body["podman_version"] == "4.3.1"
-    assert body["pool"] == {"ready": 0, "busy": 0, "starting": 0, "closing": 0, "target": POOL_SIZE}
+    assert body["pool"] == {
+        "ready": 0,
+        "busy": 0,
+        "starting": 0,
+        "closing": 0,
+        "target": POOL_SIZE,
+        "environments": {},
+    }
     assert body["rootless"] is False
     assert body["cgroup_version"] == 1
     assert body["paused_idle"] is True
@@ -376,6 +384,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "env",
         "secrets",
         "sources",
+        "environment",
     }
     assert components["RunRequest"]["properties"]["files"]["items"]["$ref"].endswith("/InputFile")
     assert set(components["InputFile"]["properties"]) == {"path", "content"}
@@ -395,6 +404,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "files_truncated",
         "node",
         "sources",
+        "environment",
     }
     assert set(components["SourceUse"]["properties"]) == {"connections", "refused", "bytes_in", "bytes_out"}
     assert set(run_json["responses"]) == {"200", "202", "400", "401", "403", "413", "422", "429", "503"}

@@ -41,6 +41,7 @@ OPERATIONS = [
     "GET /status/{run_id}/files/{path}",
     "GET /health",
     "GET /environment",
+    "GET /environments",
 ]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 

@@ -222,7 +222,7 @@ def test_a_queued_run_can_be_cancelled_and_the_queue_is_bounded(start_server: Se
             assert "WARMPOD_QUEUE__MAX_QUEUED" in response.json()["detail"]
         health = client.get("/health")
         assert health.status_code == 200
-        assert health.json()["queue"] == {"queued": 2, "running": 1, "max_queued": 2}
+        assert health.json()["queue"] == {"queued": 2, "running": 1, "max_queued": 2, "unserved": {}}
         assert status(client, first["id"])["status"] == "queued"
         cancelled = client.delete(f"/status/{first['id']}")
         assert cancelled.status_code == 200, cancelled.text

@@ -31,7 +31,8 @@ def test_add_prints_a_fresh_key_once_and_keeps_only_its_hash(
     assert main(["keys", "list", "--file", str(path)]) == 0
     listed = capsys.readouterr().out
     assert listed == (
-        "reports\tmax_active=3\tsecrets=-\tsources=-\nother\tno limit\tsecrets=A_TOKEN,B_DSN\tsources=-\n"
+        "reports\tmax_active=3\tsecrets=-\tsources=-\tenvironments=*\n"
+        "other\tno limit\tsecrets=A_TOKEN,B_DSN\tsources=-\tenvironments=*\n"
     )
     assert keys.digest(key) not in listed
 
@@ -45,10 +46,44 @@ def test_add_grants_sources_and_list_shows_them(tmp_path: Path, capsys: pytest.C
     key = capsys.readouterr().out.strip()
     assert path.read_text() == f"reports:{keys.digest(key)}:secrets=DSN:sources=crm,warehouse\n"
     assert main(["keys", "list", "--file", str(path)]) == 0
-    assert capsys.readouterr().out == "reports\tno limit\tsecrets=DSN\tsources=crm,warehouse\n"
+    assert (
+        capsys.readouterr().out == "reports\tno limit\tsecrets=DSN\tsources=crm,warehouse\tenvironments=*\n"
+    )
     assert main(["keys", "add", "other", "--file", str(path), "--sources", "Warehouse"]) == 1
     assert "--sources: the source name 'Warehouse'" in capsys.readouterr().err
     assert [k.name for k in keys.KeyFile(path).current()] == ["reports"]
+
+
+def test_add_limits_environments_and_list_shows_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--environments a,b`` writes ``environments=`` on the key's line and ``list`` shows them; a
+    name that is not an environment's, or an empty list, is refused before anything is written."""
+    path = tmp_path / "keys"
+    argv = ["keys", "add", "quant", "--file", str(path), "--environments", "finance, default"]
+    assert main(argv) == 0
+    key = capsys.readouterr().out.strip()
+    assert path.read_text() == f"quant:{keys.digest(key)}:environments=default,finance\n"
+    (found,) = keys.KeyFile(path).current()
+    assert found.environments == frozenset({"default", "finance"})
+    assert main(["keys", "list", "--file", str(path)]) == 0
+    assert capsys.readouterr().out == "quant\tno limit\tsecrets=-\tsources=-\tenvironments=default,finance\n"
+    assert main(["keys", "add", "other", "--file", str(path), "--environments", "Finance"]) == 1
+    assert "--environments: the environment name 'Finance'" in capsys.readouterr().err
+    assert main(["keys", "add", "other", "--file", str(path), "--environments", " , "]) == 1
+    assert "leave it out for every one" in capsys.readouterr().err
+    assert [k.name for k in keys.KeyFile(path).current()] == ["quant"]
+
+
+def test_environments_option_of_a_key_line() -> None:
+    """``environments=a,b`` limits a key to those environments; a key without it may use every one."""
+    text = f"all:{'a' * 64}\nsome:{'b' * 64}:sources=crm:environments=ml-gpu,default:max_active=2\n"
+    every, some = keys.parse(text, "keys")
+    assert every.environments is None
+    assert some.environments == frozenset({"ml-gpu", "default"})
+    assert (some.sources, some.max_active) == (frozenset({"crm"}), 2)
+    assert keys.parse(some.line(), "keys") == [some]
+    assert keys.parse(every.line(), "keys") == [every]
 
 
 def test_remove_and_the_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -77,6 +112,10 @@ def test_remove_and_the_refusals(tmp_path: Path, capsys: pytest.CaptureFixture[s
         "na me:" + "a" * 64,
         "name:" + "a" * 64 + ":max_active=0",
         "name:" + "a" * 64 + ":quota=3",
+        "name:" + "a" * 64 + ":environments=",
+        "name:" + "a" * 64 + ":environments=Finance",
+        "name:" + "a" * 64 + ":environments=9lives",
+        "name:" + "a" * 64 + ":environments=a:environments=b",
     ],
 )
 def test_a_malformed_line_is_refused_by_number_without_its_hash(line: str) -> None:

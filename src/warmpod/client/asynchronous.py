@@ -32,7 +32,7 @@ from warmpod.client.wire import (
     run_path,
     submit_headers,
 )
-from warmpod.models import Accepted, Environment, FileEvent, Health, RunResult, StreamEvent
+from warmpod.models import Accepted, Environment, EnvironmentInfo, FileEvent, Health, RunResult, StreamEvent
 
 
 class AsyncClient:
@@ -81,10 +81,11 @@ class AsyncClient:
             code: the program's source, written as the entrypoint; None when the entrypoint is one
                 of ``files`` (``main.py`` unless ``entrypoint`` names another).
             **options: what else the run says (``RunOptions``): stdin, files, entrypoint, args, env,
-                secrets and limits.
+                secrets, sources, environment and limits.
 
         Raises:
-            ProblemError: the server refused the run (a 422 names the rule, a 403 the secret).
+            ProblemError: the server refused the run (a 422 names the rule or lists the
+                environments, a 403 the secret, source or environment its key may not use).
         """
         body = request_body(code, **options)
         response = await self._send("POST", "/run-json/", content=body, headers=submit_headers())
@@ -107,8 +108,12 @@ class AsyncClient:
         return health_of(await self._send("GET", "/health", retry=False))
 
     async def environment(self) -> Environment:
-        """The runner's Python version and installed distributions."""
+        """The runner's Python version and installed distributions (the ``default`` environment's)."""
         return decoded(await self._send("GET", "/environment"), Environment)
+
+    async def environments(self) -> list[EnvironmentInfo]:
+        """The environments a run may name (``environment=``), those this key may use, ``default`` first."""
+        return decoded(await self._send("GET", "/environments"), list[EnvironmentInfo])
 
     async def stream(self, run_id: str, *, after: int | None = None) -> AsyncGenerator[StreamEvent, None]:
         """The run's events as they happen (a finished run's replayed), ending with its RunResult;

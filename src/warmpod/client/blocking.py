@@ -31,7 +31,7 @@ from warmpod.client.wire import (
     run_path,
     submit_headers,
 )
-from warmpod.models import Accepted, Environment, FileEvent, Health, RunResult, StreamEvent
+from warmpod.models import Accepted, Environment, EnvironmentInfo, FileEvent, Health, RunResult, StreamEvent
 
 
 class Client:
@@ -84,10 +84,11 @@ class Client:
             code: the program's source, written as the entrypoint; None when the entrypoint is one
                 of ``files`` (``main.py`` unless ``entrypoint`` names another).
             **options: what else the run says (``RunOptions``): stdin, files, entrypoint, args, env,
-                secrets and limits.
+                secrets, sources, environment and limits.
 
         Raises:
-            ProblemError: the server refused the run (a 422 names the rule, a 403 the secret).
+            ProblemError: the server refused the run (a 422 names the rule or lists the
+                environments, a 403 the secret, source or environment its key may not use).
         """
         body = request_body(code, **options)
         response = self._send("POST", "/run-json/", content=body, headers=submit_headers())
@@ -110,8 +111,12 @@ class Client:
         return health_of(self._send("GET", "/health", retry=False))
 
     def environment(self) -> Environment:
-        """The runner's Python version and installed distributions."""
+        """The runner's Python version and installed distributions (the ``default`` environment's)."""
         return decoded(self._send("GET", "/environment"), Environment)
+
+    def environments(self) -> list[EnvironmentInfo]:
+        """The environments a run may name (``environment=``), those this key may use, ``default`` first."""
+        return decoded(self._send("GET", "/environments"), list[EnvironmentInfo])
 
     def stream(self, run_id: str, *, after: int | None = None) -> Generator[StreamEvent, None, None]:
         """The run's events as they happen (a finished run's replayed), ending with its RunResult;

@@ -38,6 +38,8 @@ _MAX_RETRY_AFTER = 30.0
 
 DEFAULT_ENTRYPOINT = "main.py"
 """What a run without code runs, when it names no entrypoint (the server's default too)."""
+DEFAULT_ENVIRONMENT = "default"
+"""The environment of a run that names none (the server's ``environments.DEFAULT``)."""
 
 FileArg = str | os.PathLike[str] | tuple[str, bytes]
 """An input file: a local path, sent under its file name, or ``(path in the sandbox, bytes)``."""
@@ -85,6 +87,8 @@ class RunOptions(TypedDict, total=False):
     sources: Sequence[str] | None
     """Names of the operator's data sources the program may connect to, through the server's relay
     (its address is in ``WARMPOD_SOURCE_<NAME>``; the key must be granted them)."""
+    environment: str | None
+    """The library set it runs with, one of ``Client.environments()`` (``default`` unless named)."""
     timeout: float | None
     """Wall-time limit in seconds."""
     cpu_time: int | None
@@ -130,6 +134,7 @@ def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
         cpu_time=options.get("cpu_time"),
         memory_mb=options.get("memory_mb"),
         max_output_bytes=options.get("max_output_bytes"),
+        environment=options.get("environment") or DEFAULT_ENVIRONMENT,
         wait=False,
     )
     return msgspec.json.encode(request)

@@ -29,6 +29,7 @@ from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_IN
 
 from warmpod import __version__
 from warmpod.errors import (
+    EnvironmentDenied,
     InvalidFile,
     InvalidProgram,
     InvalidRun,
@@ -44,10 +45,11 @@ from warmpod.errors import (
     SourceDenied,
     StoreError,
     Throttled,
+    UnknownEnvironment,
     WarmpodError,
 )
 from warmpod.http import auth, metrics, throttle, web
-from warmpod.http.environment import EnvironmentNotRecorded, environment
+from warmpod.http.environment import EnvironmentNotRecorded, environment, environments
 from warmpod.http.routes import RunController, StatusController, get_service, health, running_service
 from warmpod.keys import KeyFile
 from warmpod.service import Service, run_service
@@ -178,6 +180,9 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             ValidationException: _validation_problem,
             HTTPException: functools.partial(_http_problem, settings.server.max_body_bytes),
             InvalidRun: _problem(422, "Limit out of range", "limit"),
+            # An InvalidRun too: Litestar takes the handler of the nearest class in its MRO.
+            UnknownEnvironment: _problem(422, "Unknown environment", "environment"),
+            EnvironmentDenied: _problem(403, "Environment not allowed", "environment-denied"),
             InvalidFile: _problem(422, "File not allowed", "file"),
             InvalidProgram: _problem(422, "Program not allowed", "program"),
             SecretDenied: _problem(403, "Secret not allowed", "secret-denied"),
@@ -200,6 +205,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             StatusController,
             health,
             environment,
+            environments,
             metrics.MetricsController,
             web.playground,
             web.static_router(),

@@ -1,4 +1,5 @@
-"""``GET /environment``: the Python and the libraries a run gets, as the runner image recorded them."""
+"""``GET /environment`` and ``GET /environments``: the Python and the libraries a run gets, as the
+runner images recorded them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from litestar import Request, get
 from litestar.openapi.datastructures import ResponseSpec
 
 from warmpod.errors import WarmpodError
-from warmpod.http.routes import KEYED, get_service
-from warmpod.models import Environment, Problem
+from warmpod.http.routes import KEYED, get_service, granted_environments
+from warmpod.models import Environment, EnvironmentInfo, Problem
 
 ENVIRONMENT_FILE = "/opt/warmpod/environment.json"
 """Written by ``pool/finish_image.py`` when the image is built; read by the start-up probe."""
@@ -19,37 +20,30 @@ class EnvironmentNotRecorded(WarmpodError):
     """Raised by ``GET /environment`` when the runner image holds no record of what it installed."""
 
 
+def _problem(description: str) -> ResponseSpec:
+    return ResponseSpec(
+        Problem, description=description, media_type="application/problem+json", generate_examples=False
+    )
+
+
+_PROBLEMS = {
+    401: _problem("No API key, or not a valid one (where the server has a keys file)"),
+    429: _problem(
+        "The client sends faster than its rate or has as many requests in flight as it may "
+        "(WARMPOD_SERVER__KEY_*); retry after `Retry-After` seconds"
+    ),
+    503: _problem("Starting; retry after `Retry-After` seconds"),
+}
+
+
 @get(
     "/environment",
     security=KEYED,
     sync_to_thread=False,
     summary="Python and library versions",
     responses={
-        401: ResponseSpec(
-            Problem,
-            description="No API key, or not a valid one (where the server has a keys file)",
-            media_type="application/problem+json",
-            generate_examples=False,
-        ),
-        404: ResponseSpec(
-            Problem,
-            description="The runner image records no environment (built from another Containerfile)",
-            media_type="application/problem+json",
-            generate_examples=False,
-        ),
-        429: ResponseSpec(
-            Problem,
-            description="The client sends faster than its rate or has as many requests in flight as it "
-            "may (WARMPOD_SERVER__KEY_*); retry after `Retry-After` seconds",
-            media_type="application/problem+json",
-            generate_examples=False,
-        ),
-        503: ResponseSpec(
-            Problem,
-            description="Starting; retry after `Retry-After` seconds",
-            media_type="application/problem+json",
-            generate_examples=False,
-        ),
+        **_PROBLEMS,
+        404: _problem("The runner image records no environment (built from another Containerfile)"),
     },
 )
 def environment(request: Request[Any, Any, Any]) -> Environment:
@@ -61,3 +55,17 @@ def environment(request: Request[Any, Any, Any]) -> Environment:
             "Containerfile (pool/), whose finish_image.py records it"
         )
     return service.environment
+
+
+@get(
+    "/environments",
+    security=KEYED,
+    sync_to_thread=False,
+    summary="The environments a run may name",
+    responses=_PROBLEMS,
+)
+def environments(request: Request[Any, Any, Any]) -> list[EnvironmentInfo]:
+    """Each environment the request's key may use (``default`` first): its Python, its libraries,
+    what its sandboxes preload and keep ready, and its runner image."""
+    granted = granted_environments(request)
+    return [info for info in get_service(request).catalogue if granted is None or info.name in granted]

@@ -19,6 +19,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
+from warmpod.environments import DEFAULT
 from warmpod.errors import RunNotFound, ShuttingDown, StoreError
 from warmpod.http.auth import key_of
 from warmpod.models import (
@@ -45,7 +46,7 @@ _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
 # NAME=VALUE, each ``secrets`` or ``sources`` part one name (or several, comma-separated).
 _LIST_FIELDS = ("args", "env", "secrets", "sources")
 _FORM_FIELDS = frozenset(
-    {"file", "files", "stdin", "timeout", "wait", "entrypoint", *_LIST_FIELDS, *_LIMIT_FIELDS}
+    {"file", "files", "stdin", "timeout", "wait", "entrypoint", "environment", *_LIST_FIELDS, *_LIMIT_FIELDS}
 )
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _RASTER_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
@@ -70,13 +71,14 @@ _IDEMPOTENCY_DOC = (
 _PROBLEMS = {
     400: "The request is malformed; `detail` says what to fix",
     401: "No API key, or not a valid one (where the server has a keys file); `WWW-Authenticate: Bearer`",
-    403: "A secret or a data source the run asks for does not exist, or its key may not use it; "
-    "`detail` names it",
+    403: "A secret or a data source the run asks for does not exist, or its key may not use it, or "
+    "its key may not use the environment it names; `detail` names it",
     404: "No run has this id (or it expired), or no file has this path",
     409: "The run has already ended",
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
-    422: "A limit, the timeout or a file is not allowed, or the Idempotency-Key was sent with "
-    "another request; `detail` names the rule or the maximum",
+    422: "A limit, the timeout or a file is not allowed, the environment does not exist (`detail` "
+    "lists those that do), or the Idempotency-Key was sent with another request; `detail` names "
+    "the rule or the maximum",
     429: "The queue is full, the key has its `max_active` runs, or the client (its key, or its address "
     "where keys are off) sends faster than its rate or has as many requests in flight as it may "
     "(WARMPOD_SERVER__KEY_*); retry after `Retry-After` seconds",
@@ -229,7 +231,10 @@ class RunController(Controller):
             secrets=data.secrets,
             sources=data.sources,
         )
-        spec = service.runner.prepare(code, stdin, data.timeout, limits, files, program)
+        environment = _environment(request, service, data.environment)
+        spec = service.runner.prepare(
+            code, stdin, data.timeout, limits, files, program, environment=environment
+        )
         _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, data.wait), idempotency_key)
 
@@ -290,7 +295,11 @@ class RunController(Controller):
             secrets=_names(secrets),
             sources=_names(sources),
         )
-        spec = service.runner.prepare(code, stdin, timeout, RunLimits(**values), files, program)
+        named = (await _text_field(data.get("environment"), "environment")).decode("utf-8", "replace")
+        environment = _environment(request, service, named.strip() or DEFAULT)
+        spec = service.runner.prepare(
+            code, stdin, timeout, RunLimits(**values), files, program, environment=environment
+        )
         _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, form_wait), idempotency_key)
 
@@ -486,6 +495,21 @@ def _check_grants(request: Request[Any, Any, Any], service: Service, spec: RunSp
         service.secrets.check(spec.secrets, key_of(request), keyed=keyed)
     if spec.sources:
         service.sources.check(spec.sources, key_of(request), keyed=keyed)
+
+
+def granted_environments(request: Request[Any, Any, Any]) -> frozenset[str] | None:
+    """The environments the request's key may use; None, every one (a key without
+    ``environments=``, or a server without a keys file)."""
+    if request.app.state.get("key_file") is None:
+        return None
+    key = key_of(request)
+    return frozenset() if key is None else key.environments
+
+
+def _environment(request: Request[Any, Any, Any], service: Service, name: str) -> str:
+    """The environment a run names, once it exists (else 422, listing those that do) and its key
+    may use it (else 403): checked first, since the run is prepared for it."""
+    return service.environments.check(name, granted_environments(request)).name
 
 
 def _names(parts: Sequence[str]) -> list[str]:

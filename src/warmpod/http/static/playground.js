@@ -43,8 +43,25 @@ function line(parent, text, className) {
   return element;
 }
 
+// The environments the key may use, default selected; without an answer (a key still to type),
+// default alone, which every server has.
+async function loadEnvironments() {
+  const select = $("environment");
+  const chosen = select.value || "default";
+  let names = ["default"];
+  try {
+    const response = await fetch("/environments", {headers: headers({})});
+    if (response.ok) names = (await response.json()).map((environment) => environment.name);
+  } catch (_) {
+    // the server is unreachable: a run will say so
+  }
+  select.replaceChildren(...names.map((name) => new Option(name, name)));
+  select.value = names.includes(chosen) ? chosen : names.includes("default") ? "default" : names[0];
+}
+
 async function request() {
   const body = {code: $("code").value, stdin: $("stdin").value, wait: false, files: []};
+  if ($("environment").value) body.environment = $("environment").value;
   for (const file of $("files").files) body.files.push({path: file.name, content: await base64Of(file)});
   // One argument a line, so that one may hold spaces; blank lines (a trailing newline) are none.
   const args = $("args").value.split("\n").filter((arg) => arg !== "");
@@ -233,6 +250,8 @@ async function cancel() {
 document.addEventListener("DOMContentLoaded", () => {
   $("run").addEventListener("click", run);
   $("cancel").addEventListener("click", cancel);
+  $("key").addEventListener("change", loadEnvironments);
+  loadEnvironments();
   $("code").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && (event.ctrlKey || event.metaKey)) {
       event.preventDefault();
