@@ -49,10 +49,13 @@ class Service:
     """The operator's secrets file: who may ask for what (the runner reads the values)."""
     sources: Sources = field(default_factory=lambda: Sources(None))
     """The operator's sources file: who may reach what (the runner relays them)."""
-    environments: Environments = field(default_factory=lambda: Environments.load(Settings()))
-    """The environments a run may name."""
     catalogue: list[EnvironmentInfo] = field(default_factory=list)
     """Each environment with what its image recorded (``GET /environments``)."""
+
+    @property
+    def environments(self) -> Environments:
+        """The environments a run may name (the runner's, which resolves their limits)."""
+        return self.runner.environments
 
     def health(self) -> Health:
         """The service's state for ``GET /health``."""
@@ -65,10 +68,12 @@ class Service:
             status = "unavailable"
         if self.queue.shutdown.begun:
             status = "stopping"
-        beat = self.queue.membership.beat
-        served = {name for node in self.queue.membership.nodes for name in node.environments}
+        membership = self.queue.membership
+        served = {name for node in membership.nodes for name in node.environments}
         unserved = {
-            name: count for name, count in beat.queued_by_environment.items() if count and name not in served
+            name: count
+            for name, count in membership.queued_by_environment.items()
+            if count and name not in served
         }
         return Health(
             status=status,
@@ -210,7 +215,6 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                             recorded[DEFAULT],
                             secrets,
                             sources,
-                            environments,
                             catalogue,
                         )
                         await queue.workers.drain(settings.server.shutdown_grace)

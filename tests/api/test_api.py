@@ -315,7 +315,16 @@ async def test_health_reports_image_engine_and_pool(client: AsyncTestClient[Lite
         "starting": 0,
         "closing": 0,
         "target": POOL_SIZE,
-        "environments": {},
+        "environments": {
+            "default": {
+                "ready": 0,
+                "busy": 0,
+                "starting": 0,
+                "target": POOL_SIZE,
+                "min_warm": POOL_SIZE,
+                "waiting": 0,
+            }
+        },
     }
     assert body["rootless"] is False
     assert body["cgroup_version"] == 1

@@ -12,7 +12,7 @@ import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
 from support.apitest import IMAGE, MAX_BODY, MAX_QUEUED, POOL_SIZE, PROBLEMS, assert_problem, bearer
-from support.fakes import RecordingRunner
+from support.fakes import FakeLeaser, RecordingRunner
 
 from warmpod import keys
 from warmpod.cli import main
@@ -50,9 +50,10 @@ def settings(request: pytest.FixtureRequest, key_file: Path, tokens: dict[str, s
 
 
 @pytest.fixture(autouse=True)
-def declared(service: Service, settings: Settings) -> None:
-    """The service declares three environments and has read each one's image."""
-    service.environments = Environments(
+def declared(service: Service, settings: Settings, leaser: FakeLeaser) -> None:
+    """The service declares three environments, has read each one's image and serves them all."""
+    leaser.environments = list(NAMES)
+    service.runner.environments = Environments(
         [
             EnvironmentSpec(name=name, requirements=None, preload=(), min_warm=1, limits=settings.limits)
             for name in NAMES

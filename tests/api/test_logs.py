@@ -94,6 +94,7 @@ async def test_each_run_logs_one_finished_line_and_nothing_of_its_code(
             "limits_hit",
             "key",
             "node",
+            "environment",
         }
         # Every run but the one cancelled while it waited ran on this node.
         assert line["node"] == (None if line["status"] == "cancelled" else NODE)

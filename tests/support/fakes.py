@@ -392,6 +392,7 @@ class FakeLeaser:
 
     def __init__(self) -> None:
         self.failures = 0
+        self.environments = [DEFAULT]
         self.events: list[str] = []
         """``lease`` and ``release`` of each sandbox, in order (a test may add its own events)."""
 
@@ -419,8 +420,8 @@ class FakeLeaser:
         """Nothing to learn."""
 
     def served(self) -> list[str]:
-        """The one environment."""
-        return [DEFAULT]
+        """``environments``: sandboxes of any of them may be leased."""
+        return self.environments
 
 
 def mark_serving(pool: Pool, serving: bool = True) -> None:

@@ -59,6 +59,8 @@ class Membership:
             )
         ]
         """The nodes seen alive at the last heartbeat."""
+        self.queued_by_environment: dict[str, int] = {}
+        """The runs queued at the last heartbeat, by environment (every node's)."""
 
     async def join(self) -> None:
         """Register this start of the node, and report what its last start left running.
@@ -103,8 +105,12 @@ class Membership:
             else:
                 renewed = began
                 self.nodes = beat.nodes
+                self.queued_by_environment = beat.queued_by_environment
                 self._workers.renewed(held, beat.held)
-                self._workers.top_up(beat.queued)
+                # Only the runs this node could take: another environment's would send a worker
+                # to the store for nothing at every beat.
+                served = self._environments()
+                self._workers.top_up(sum(beat.queued_by_environment.get(name, 0) for name in served))
             # A third of a lease from this beat's start, not its end: a slow beat (a loaded store)
             # then a failed one still leave a third beat within the lease.
             await anyio.sleep(max(0.0, began + self._lease / 3 - time.monotonic()))

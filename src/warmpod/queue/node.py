@@ -41,7 +41,7 @@ class QueueNode:
         self.admission = Admission(store, settings, self.shutdown)
         self.results = Results(store, settings, files or FileSettings(), self.shutdown)
         self.workers = Workers(store, leaser, runner, self.results, self.shutdown, owner, node.lease, workers)
-        self.membership = Membership(store, owner, node.lease, self.workers)
+        self.membership = Membership(store, owner, node.lease, self.workers, environments=leaser.served)
         self._tg: TaskGroup | None = None
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

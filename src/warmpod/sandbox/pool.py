@@ -445,8 +445,12 @@ class Pool:
         claimed = self._kinds[environment]
         claimed.demand += (float(warm) - claimed.demand) * DEMAND_WEIGHT
         if len(self._kinds) > 1:
+            before = [self._kind_target(kind) for kind in self._kinds.values()]
             for kind in self._kinds.values():
                 kind.share += (float(kind is claimed) - kind.share) * DEMAND_WEIGHT
+            # A share that moved a target moves containers: the pool's loop must look again.
+            if self._tg is not None and before != [self._kind_target(kind) for kind in self._kinds.values()]:
+                self._tg.start_soon(self._notify)
 
     def wants_preload(self, environment: str, code: bytes) -> bool:
         """Whether a run of ``code`` in ``environment`` gains from a preloaded sandbox: it imports

@@ -156,7 +156,8 @@ class Runner:
         sources: Sources | None = None,
     ) -> None:
         self._leaser = leaser
-        self._environments = environments
+        self.environments = environments
+        """The environments its runs may name, with their limits."""
         self._files = files or FileSettings()
         self._secrets = secrets or Secrets(None)
         self._sources = sources or Sources(None)
@@ -186,7 +187,7 @@ class Runner:
         env = check_env(program.env, program.secrets)
         check_sizes(args, env)
         sources = check_sources(program.sources)
-        server = self._environments[environment].limits
+        server = self.environments[environment].limits
         resolved = resolve_limits(limits or RunLimits(), server)
         if resolved.memory_mb and resolved.memory_mb < server.memory_mb:
             self._leaser.check_memory(environment, resolved.memory_mb * 1024 * 1024)
@@ -290,7 +291,7 @@ class Runner:
         secrets: list[tuple[str, str]],
         sources: list[tuple[str, str]],
     ) -> RunResult:
-        server = self._environments[spec.environment].limits
+        server = self.environments[spec.environment].limits
         wall = spec.timeout
         job = Job(
             code=spec.code,
