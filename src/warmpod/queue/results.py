@@ -120,7 +120,9 @@ class Results:
             printed.add(chunk.stream, chunk.data)
         stdout, stderr = printed.text()
         status: RunStatus = "running" if record.status == "running" else "queued"
-        return RunResult.from_server(run_id, status, stdout=stdout, stderr=stderr, node=record.node)
+        return RunResult.from_server(
+            run_id, status, stdout=stdout, stderr=stderr, node=record.node, environment=record.environment
+        )
 
     async def follow(self, run_id: str, after: int = -1) -> AsyncIterator[Update]:
         """The run's status changes, its output chunks after ``after``, then its result; live.

@@ -59,6 +59,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     """Set once the run is final."""
     node: str | None = None
     """The node that claimed it; None while it waits."""
+    environment: str = DEFAULT
+    """The environment it runs in."""
 
 
 class Owner(msgspec.Struct, frozen=True, kw_only=True):
@@ -304,8 +306,13 @@ def record(
     finished: float | None,
     blob: bytes | None,
     node: str | None,
+    environment: str,
 ) -> Record:
-    """A run's record from its stored row."""
+    """A run's record from its stored row; its result names the run's environment, whoever wrote
+    it (a cancel while queued, a reaper)."""
+    result = None if blob is None else decode_blob(bytes(blob), RunResult)
+    if result is not None:
+        result.environment = environment
     return Record(
         id=run_id,
         status=status,
@@ -313,8 +320,9 @@ def record(
         created=created,
         started=started,
         finished=finished,
-        result=None if blob is None else decode_blob(bytes(blob), RunResult),
+        result=result,
         node=node,
+        environment=environment,
     )
 
 

@@ -673,7 +673,8 @@ class PostgresStore:
         async with self._transaction() as db:
             row = await (
                 await db.execute(
-                    "SELECT status, key, created, started, finished, result, node FROM runs WHERE id = %s",
+                    "SELECT status, key, created, started, finished, result, node, environment FROM runs "
+                    "WHERE id = %s",
                     (run_id,),
                 )
             ).fetchone()

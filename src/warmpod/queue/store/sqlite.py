@@ -529,7 +529,8 @@ class SqliteStore:
 
         def get(db: sqlite3.Connection) -> tuple[Any, ...] | None:
             return db.execute(  # type: ignore[no-any-return]
-                "SELECT status, key, created, started, finished, result, node FROM runs WHERE id = ?",
+                "SELECT status, key, created, started, finished, result, node, environment FROM runs "
+                "WHERE id = ?",
                 (run_id,),
             ).fetchone()
 
