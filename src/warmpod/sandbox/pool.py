@@ -11,7 +11,6 @@ import shutil
 import socket
 import sys
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,12 +20,12 @@ import anyio
 from anyio.abc import TaskStatus
 
 from warmpod import metrics
-from warmpod.backoff import Backoff
 from warmpod.environments import DEFAULT, EnvironmentSpec
 from warmpod.errors import PoolUnavailable, WarmpodError
 from warmpod.host import facts
 from warmpod.host.image import context_dir
 from warmpod.models import EnvironmentPoolCounts
+from warmpod.sandbox.capacity import Capacity, Kind
 from warmpod.sandbox.owners import Owner, OwnerLock
 from warmpod.sandbox.sandbox import DESTROY_TIMEOUT, Engine, Sandbox, check_memory_floor
 from warmpod.settings import Settings
@@ -36,15 +35,11 @@ log = logging.getLogger(__name__)
 LABEL_INSTANCE = "io.warmpod.instance"
 LABEL_HOST = "io.warmpod.host"
 LABEL_PID = "io.warmpod.pid"
-# Seconds since a run last found the pool empty before new containers are preloaded again.
-PRELOAD_CALM = 5.0
 # How long a run leased from a full pool, with no other run, holds back the pool's own work
 # (making its replacement, thawing the next container) while ready ones remain: on 2 CPUs that
 # work competes with the lone run it was leased for (idle p50 of print(1), 30 runs taking turns:
 # 33.1 and 18.3 ms with it, 13.5 and 16.7 without).
 RUN_FIRST = 0.2
-# How fast the pool's view of the runs' mix follows the runs claimed (the weight of the latest).
-DEMAND_WEIGHT = 1 / 8
 # Imports are looked for in this much of a program: where they are, and a bound on the event loop.
 IMPORTS_SCANNED = 64 * 1024
 _IMPORT = re.compile(rb"^[ \t]*(?:from[ \t]+([A-Za-z_]\w*)|import[ \t]+([^\n#;]+))", re.MULTILINE)
@@ -61,52 +56,6 @@ def imports_libraries(code: bytes) -> bool:
             if name.split(b".")[0].decode("ascii", "replace") not in sys.stdlib_module_names:
                 return True
     return False
-
-
-@dataclass
-class Kind:
-    """One environment's sandboxes in the pool: those ready, busy and starting, the runs waiting
-    for one, and how its runs ask (preloaded or not; its share of all the runs claimed)."""
-
-    spec: EnvironmentSpec
-    image: str
-    share: float
-    """Its share of the runs claimed, weighted toward the latest (``Pool.note_demand``)."""
-    retry: Backoff
-    """One delay for all its refill slots: failures in parallel slow them all down together."""
-    ready: deque[Sandbox] = field(default_factory=deque)
-    busy: set[Sandbox] = field(default_factory=set)
-    starting: int = 0
-    starting_warm: int = 0
-    queue: deque[object] = field(default_factory=deque)
-    """Leases waiting for one of its sandboxes, first come first served."""
-    demand: float = 0.0
-    """The share of its claimed runs that wanted a preloaded sandbox, weighted toward the latest."""
-    serving: bool = False
-    """One of its sandboxes was made."""
-    failing: int = 0
-    """Attempts to make one that failed in a row."""
-    preload_failed: list[str] = field(default_factory=list)
-    memory_floor: int = 0
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    @property
-    def coming(self) -> int:
-        """Ready and starting: what a lease may soon get."""
-        return len(self.ready) + self.starting
-
-    def counts(self, target: int) -> EnvironmentPoolCounts:
-        return EnvironmentPoolCounts(
-            ready=len(self.ready),
-            busy=len(self.busy),
-            starting=self.starting,
-            target=target,
-            min_warm=self.spec.min_warm,
-            waiting=len(self.queue),
-        )
 
 
 @dataclass
@@ -178,22 +127,12 @@ class Pool:
         # is (the agents' directories are bind-mounted from it at the same path).
         self._seccomp_source = context_dir(settings) / "seccomp.json"
         self._seccomp_profile = state_dir / "seccomp.json"
-        self._kinds = {
-            spec.name: Kind(
-                spec, image, share=1 / len(environments), retry=Backoff(0.5, settings.pool.backoff_max)
-            )
-            for spec, image in environments
-        }
-        self._closing = 0
+        self._capacity = Capacity(settings.pool, environments)
+        self._kinds = self._capacity.kinds
         # Preloading containers made at once: one import per CPU. More only take turns on the
         # same CPUs and each costs more (c8 numpy+pandas on 2 CPUs: 502 ms of CPU per run with
         # 4 at once, 469 with 2).
         self._import_slots = min(settings.pool.refill_concurrency, len(os.sched_getaffinity(0)))
-        floor, self._ceiling = settings.pool.bounds
-        self._min_warm = sum(kind.spec.min_warm for kind in self._kinds.values())
-        self._floor = min(max(floor, self._min_warm), self._ceiling)
-        self._target = self._floor
-        self._last_shortage = self._resized = -math.inf
         self._run_first_until = -math.inf
         self._created = 0
         self._failures = 0
@@ -206,7 +145,7 @@ class Pool:
     @property
     def target(self) -> int:
         """How many containers the pool keeps ready now."""
-        return self._target
+        return self._capacity.target
 
     @property
     def serving(self) -> bool:
@@ -238,14 +177,14 @@ class Pool:
             paused=sum(sandbox.paused for kind in kinds for sandbox in kind.ready),
             busy=sum(len(kind.busy) for kind in kinds),
             starting=sum(kind.starting for kind in kinds),
-            closing=self._closing,
+            closing=self._capacity.closing,
             target=self.target,
             created=self._created,
             failures=self._failures,
             failing=any(kind.failing for kind in kinds),
             last_error=self._last_error,
             preload_failed=self.preload_failed,
-            environments={kind.name: kind.counts(self._kind_target(kind)) for kind in kinds},
+            environments={kind.name: kind.counts(self._capacity.of(kind)) for kind in kinds},
         )
 
     def labels(self) -> dict[str, str]:
@@ -332,6 +271,7 @@ class Pool:
         limit = self._settings.pool.refill_concurrency
         shrink_after = self._settings.pool.shrink_after
         kinds = self._kinds.values()
+        capacity = self._capacity
         while True:
             async with self._changed:
                 # The one place the pool's own work starts: every lease, return and new container
@@ -339,73 +279,34 @@ class Pool:
                 held = self._holding_back()
                 if not held:
                     self._warm_next()
-                    self._make_room(tg)
+                    spare = capacity.spare()
+                    if spare is not None:
+                        self._close_soon(spare.ready.pop(), tg)
                 while (
-                    not held and sum(kind.starting for kind in kinds) < limit and self._live() < self._ceiling
+                    not held
+                    and sum(kind.starting for kind in kinds) < limit
+                    and capacity.live() < capacity.ceiling
                 ):
-                    kind = self._neediest()
+                    kind = capacity.neediest()
                     if kind is None:
                         break
-                    preload = self._preload_next(kind)
+                    preload = capacity.preload_next(kind)
                     if preload and sum(kind.starting_warm for kind in kinds) >= self._import_slots:
                         break  # the next one is made once an import ends (_fill_one notifies)
                     kind.starting += 1
                     kind.starting_warm += preload
                     tg.start_soon(self._fill_one, kind, preload)
-                wait = shrink_after if self._target > self._floor else math.inf
+                wait = shrink_after if capacity.target > capacity.floor else math.inf
                 if held:
                     wait = min(wait, self._run_first_until - anyio.current_time())
                 with anyio.move_on_after(wait):
                     await self._changed.wait()
-            if anyio.current_time() - self._resized >= shrink_after and self._target > self._floor:
-                self._shrink(tg)
-
-    def _live(self) -> int:
-        """Containers that exist or are being made: what ``max_size`` bounds."""
-        return sum(kind.coming + len(kind.busy) for kind in self._kinds.values()) + self._closing
-
-    def _kind_target(self, kind: Kind) -> int:
-        """Ready containers ``kind`` aims for: its ``min_warm``, and its share of the rest."""
-        extra = max(0, self._target - self._min_warm)
-        return kind.spec.min_warm + math.floor(extra * kind.share + 0.5)
-
-    def _neediest(self) -> Kind | None:
-        """The environment the next container is made for: one a run waits for first, then the
-        one furthest below its target; None when each has what it aims for."""
-        best, best_gap = None, (False, 0)
-        for kind in self._kinds.values():
-            gap = (len(kind.queue) > kind.coming, max(self._kind_target(kind), len(kind.queue)) - kind.coming)
-            if gap[1] > 0 and gap > best_gap:
-                best, best_gap = kind, gap
-        return best
-
-    def _make_room(self, tg: anyio.abc.TaskGroup) -> None:
-        """With the pool full, close an idle container of another environment for one that needs
-        it: for a run that waits with none of its sandboxes coming, one above its ``min_warm``;
-        for an environment below its target, one above its own target."""
-        if self._closing or self._live() < self._ceiling:
-            return  # room is coming, or there already is some
-        needy = self._neediest()
-        if needy is None:
-            return
-        waits = len(needy.queue) > needy.coming
-        spare = [
-            other
-            for other in self._kinds.values()
-            if other is not needy
-            and len(other.ready) > (other.spec.min_warm if waits else self._kind_target(other))
-        ]
-        if spare:
-            other = max(spare, key=lambda other: len(other.ready) - self._kind_target(other))
-            self._close_soon(other.ready.pop(), tg)
-
-    def _shrink(self, tg: anyio.abc.TaskGroup) -> None:
-        self._target = max(self._target // 2, self._floor)
-        self._resized = anyio.current_time()
-        for kind in self._kinds.values():
-            while len(kind.ready) > self._kind_target(kind):
-                # The newest first: the head may already be thawed for the next run.
-                self._close_soon(kind.ready.pop(), tg)
+            if anyio.current_time() - capacity.resized >= shrink_after and capacity.target > capacity.floor:
+                capacity.shrink()
+                for kind in kinds:
+                    while len(kind.ready) > capacity.of(kind):
+                        # The newest first: the head may already be thawed for the next run.
+                        self._close_soon(kind.ready.pop(), tg)
 
     def _holding_back(self) -> bool:
         """Whether the pool's own work waits for a lone run to go first (``RUN_FIRST``)."""
@@ -417,40 +318,16 @@ class Pool:
             and not any(kind.queue for kind in kinds)
         )
 
-    def _grow(self) -> None:
-        self._target = min(self._target * 2, self._ceiling)
-        self._last_shortage = self._resized = anyio.current_time()
-
     async def _notify(self) -> None:
         async with self._changed:
             self._changed.notify_all()
 
-    def _preload_next(self, kind: Kind) -> bool:
-        """Whether the next container of ``kind`` should preload."""
-        # After a failed start the next one is bare, so a preload that crashes or hangs the
-        # interpreter cannot keep the pool empty.
-        if not kind.spec.preload or kind.failing:
-            return False
-        # While the pool keeps up, CPU is to spare and every run is served warm.
-        if anyio.current_time() - self._last_shortage > PRELOAD_CALM and not kind.queue:
-            return True
-        # Once CPU is the limit, preloading serves only the runs that import libraries: keep the
-        # preloaded share of the containers coming in step with theirs.
-        warm = sum(sandbox.warm for sandbox in kind.ready) + kind.starting_warm
-        return warm < round(kind.demand * (kind.coming + 1))
-
     def note_demand(self, environment: str, warm: bool) -> None:
         """A run of ``environment`` was claimed: ``warm``, whether it wanted a preloaded sandbox
         (``wants_preload``)."""
-        claimed = self._kinds[environment]
-        claimed.demand += (float(warm) - claimed.demand) * DEMAND_WEIGHT
-        if len(self._kinds) > 1:
-            before = [self._kind_target(kind) for kind in self._kinds.values()]
-            for kind in self._kinds.values():
-                kind.share += (float(kind is claimed) - kind.share) * DEMAND_WEIGHT
-            # A share that moved a target moves containers: the pool's loop must look again.
-            if self._tg is not None and before != [self._kind_target(kind) for kind in self._kinds.values()]:
-                self._tg.start_soon(self._notify)
+        # A share that moved a target moves containers: the pool's loop must look again.
+        if self._capacity.note_demand(environment, warm) and self._tg is not None:
+            self._tg.start_soon(self._notify)
 
     def wants_preload(self, environment: str, code: bytes) -> bool:
         """Whether a run of ``code`` in ``environment`` gains from a preloaded sandbox: it imports
@@ -500,7 +377,7 @@ class Pool:
         kind.ready.remove(sandbox)
         self._last_error = f"{sandbox.name} died while idle"
         log.warning("%s died while idle: replacing it", sandbox.name)
-        self._closing += 1
+        self._capacity.closing += 1
         await self._close(sandbox)
 
     async def _make(self, kind: Kind, preload: bool) -> Sandbox:
@@ -600,7 +477,7 @@ class Pool:
             with anyio.fail_after(self._settings.pool.acquire_timeout):
                 async with self._changed:
                     if (kind.queue or not kind.ready) and kind.serving:
-                        self._grow()
+                        self._capacity.grow()
                         self._changed.notify_all()
                     # First come, first served: otherwise an unlucky run can lose every race.
                     ticket = object()
@@ -613,7 +490,7 @@ class Pool:
                         self._changed.notify_all()
                     # Only the lone run: under load, runs and refills share the CPUs.
                     kinds = self._kinds.values()
-                    full = kind.coming >= self._kind_target(kind)
+                    full = kind.coming >= self._capacity.of(kind)
                     if full and not any(k.busy for k in kinds) and not any(k.queue for k in kinds):
                         self._run_first_until = anyio.current_time() + RUN_FIRST
                     sandbox = kind.ready.popleft()
@@ -647,14 +524,14 @@ class Pool:
         # Counted from now, not from when the task starts: the container lives until removed (an
         # agent may still be exiting, or be killed by the removal), and the pool must
         # not make another in its place before then.
-        self._closing += 1
+        self._capacity.closing += 1
         tg.start_soon(self._close, sandbox)
 
     async def _close(self, sandbox: Sandbox) -> None:
         try:
             await sandbox.aclose()
         finally:
-            self._closing -= 1
+            self._capacity.closing -= 1
             with anyio.CancelScope(shield=True):
                 await self._notify()
 
