@@ -159,3 +159,17 @@ async def test_min_warm_is_kept_whatever_the_demand(agents: TaskGroup, state_dir
         await until(lambda: images(engine, pool, DEFAULT) == 2)
         assert images(engine, pool, "bare") == 2
         tg.cancel_scope.cancel()
+
+
+async def test_an_environment_without_min_warm_still_gets_its_first_sandbox(
+    agents: TaskGroup, state_dir: Path
+) -> None:
+    """With the floors filling the target, an environment of min_warm 0 still gets the one sandbox
+    the start-up self-test needs, and the pool serves."""
+    engine = FakeEngine(agents)
+    pool = make_pool(engine, state_dir, {DEFAULT: 2, "bare": 0}, min_size=2, max_size=3)
+    async with anyio.create_task_group() as tg:
+        await tg.start(pool.serve)
+        await pool.wait_serving(2.0)
+        assert pool.served() == [DEFAULT, "bare"]
+        tg.cancel_scope.cancel()

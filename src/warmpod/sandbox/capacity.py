@@ -106,7 +106,9 @@ class Capacity:
         one furthest below its target; None when each has what it aims for."""
         best, best_gap = None, (False, 0)
         for kind in self.kinds.values():
-            gap = (len(kind.queue) > kind.coming, max(self.of(kind), len(kind.queue)) - kind.coming)
+            # One of each is made at start whatever its target: the self-test probes every one.
+            want = max(self.of(kind), len(kind.queue), 0 if kind.serving else 1)
+            gap = (len(kind.queue) > kind.coming, want - kind.coming)
             if gap[1] > 0 and gap > best_gap:
                 best, best_gap = kind, gap
         return best
