@@ -319,7 +319,14 @@ def load(
             with section(f"mixed c{args.clients}, round {round_ + 1}, {server}: {per_round} runs per kind"):
                 records = mixed(kinds, per_round, args.clients)
             pool = clients[server].get("/health").json().get("pool")
-            for kind, record in records.items():
+            both = {
+                "series": Series("both", ""),
+                "finished_s": max(r["finished_s"] for r in records.values()),
+            }
+            for record in records.values():
+                both["series"].samples_ms.extend(record["series"].samples_ms)
+                both["series"].failures.extend(record["series"].failures)
+            for kind, record in {**records, "both": both}.items():
                 total = totals.setdefault(
                     f"{server} {kind}", {"series": Series(f"{server} {kind}", ""), "requested": 0}
                 )
@@ -327,7 +334,7 @@ def load(
                 total["series"].failures.extend(record["series"].failures)
                 total.setdefault("finished_s", []).append(round(record["finished_s"], 3))
                 total.setdefault("pool_after", []).append(pool)
-                total["requested"] += per_round
+                total["requested"] += per_round * (len(kinds) if kind == "both" else 1)
     return {
         name: {
             **asdict(t["series"]),
@@ -349,18 +356,24 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"{name:<16} {s['n']:>5} {len(row['failures']):>4} {figures}")
     lines += ["", f"mixed load, {args.clients} clients (half each kind), {args.rounds} rounds (ms)"]
     header = (
-        f"{'server kind':<16} {'asked':>5} {'ok':>5} {'err':>4} {'runs/s':>7} "
+        f"{'server kind':<16} {'asked':>5} {'ok':>5} {'err':>4} {'done s':>7} {'runs/s':>7} "
         f"{'p50':>7} {'p95':>7} {'max':>8}  starved"
     )
     lines += [header, "-" * len(header)]
     for name, row in results.get("mixed", {}).items():
         s = row["summary"]
-        rate = s["n"] / sum(row["finished_s"]) if row["finished_s"] and sum(row["finished_s"]) else 0.0
+        done = sum(row["finished_s"])
+        rate = s["n"] / done if done else 0.0
         starved = s["n"] < row["requested"] or (s["max"] or 0) > STARVED_AFTER_MS
         lines.append(
-            f"{name:<16} {row['requested']:>5} {s['n']:>5} {len(row['failures']):>4} {rate:>7.2f} "
-            f"{fmt(s['p50']):>7} {fmt(s['p95']):>7} {fmt(s['max']):>8}  {'YES' if starved else 'no'}"
+            f"{name:<16} {row['requested']:>5} {s['n']:>5} {len(row['failures']):>4} {done:>7.1f} "
+            f"{rate:>7.2f} {fmt(s['p50']):>7} {fmt(s['p95']):>7} {fmt(s['max']):>8}  "
+            f"{'YES' if starved else 'no'}"
         )
+    lines.append(
+        "done s: when the kind's last run ended, rounds summed; runs/s: its runs over that; starved: "
+        f"fewer runs ended well than asked, or one took over {STARVED_AFTER_MS / 1000:.0f} s"
+    )
     lines += ["", "idle warm containers' memory cgroup, median usage / anonymous (MiB)"]
     for server, kinds in results.get("memory", {}).items():
         for environment, mem in kinds.items():
