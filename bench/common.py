@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -103,6 +104,43 @@ def setup(output: Path) -> tuple[Settings, str, dict[str, Any]] | None:
         return None
     output.parent.mkdir(parents=True, exist_ok=True)
     return settings, ref, host_facts(settings, ref)
+
+
+def cgroup_memory(container_id: str, settings: Settings) -> dict[str, int]:
+    """Memory charged to a container's cgroup (v1 or v2): what its limit counts, and the anonymous part."""
+    path = podman(settings, "inspect", "--format", "{{.State.CgroupPath}}", container_id).stdout.strip()
+    for base, usage_file, anon_key in (
+        (Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.usage_in_bytes", "total_rss"),
+        (Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.current", "anon"),
+    ):
+        try:
+            usage = int((base / usage_file).read_text())
+            stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        return {
+            "usage": usage,
+            "anon": int(stat.get(anon_key, 0)),
+            "file": int(stat.get("total_cache", stat.get("file", 0))),
+        }
+    return {}
+
+
+def index_settings(links: Path) -> dict[str, str]:
+    """Settings that make uv and pip resolve and download from ``links`` only (an offline image build)."""
+    return {"UV_OFFLINE": "1", "UV_FIND_LINKS": str(links), "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(links)}
+
+
+def add_pip_wheel(links: Path) -> bool:
+    """Copy the pip wheel an image build runs into ``links``, from warmpod's wheel cache where building
+    the default image put it; False (with a message) when it was never built here."""
+    version = image.PIP_REQUIREMENT.split()[0].split("==")[1]
+    cached = sorted((Path.home() / ".cache" / "warmpod").glob(f"wheels-*/pip-{version}-py3-none-any.whl"))
+    if not cached:
+        print("no pip wheel in warmpod's wheel cache: run `warmpod image build` once", file=sys.stderr)
+        return False
+    shutil.copy(cached[0], links)
+    return True
 
 
 class Server:

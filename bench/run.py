@@ -44,6 +44,7 @@ from common import (
     ROOT,
     Series,
     Server,
+    cgroup_memory,
     free_port,
     podman,
     repeat,
@@ -144,26 +145,6 @@ def ended(series: Series) -> Series:
     """Note the host's 1-minute load average as ``series`` ends: other work on the host shows there."""
     series.extra["load_average"] = round(os.getloadavg()[0], 2)
     return series
-
-
-def cgroup_memory(container_id: str, settings: Settings) -> dict[str, int]:
-    """Memory charged to a container's cgroup (v1 or v2): what its limit counts, and the anonymous part."""
-    path = podman(settings, "inspect", "--format", "{{.State.CgroupPath}}", container_id).stdout.strip()
-    for base, usage_file, anon_key in (
-        (Path("/sys/fs/cgroup/memory") / path.lstrip("/"), "memory.usage_in_bytes", "total_rss"),
-        (Path("/sys/fs/cgroup") / path.lstrip("/"), "memory.current", "anon"),
-    ):
-        try:
-            usage = int((base / usage_file).read_text())
-            stat = dict(line.split() for line in (base / "memory.stat").read_text().splitlines())
-        except (OSError, ValueError):
-            continue
-        return {
-            "usage": usage,
-            "anon": int(stat.get(anon_key, 0)),
-            "file": int(stat.get("total_cache", stat.get("file", 0))),
-        }
-    return {}
 
 
 def rss(pid: int) -> int:
