@@ -117,7 +117,7 @@ class NoStore:
     ) -> Claim | None:
         never("Store.claim")
 
-    async def next_environment(self, environments: Sequence[str]) -> str | None:
+    async def next_environment(self, environments: Sequence[str], ready: Sequence[str] = ()) -> str | None:
         never("Store.next_environment")
 
     async def heartbeat(

@@ -423,6 +423,10 @@ class FakeLeaser:
         """``environments``: sandboxes of any of them may be leased."""
         return self.environments
 
+    def ready(self) -> list[str]:
+        """Every one has a sandbox free."""
+        return self.environments
+
 
 def mark_serving(pool: Pool, serving: bool = True) -> None:
     """Have ``pool`` (over an engine never called) report every environment serving, or none."""

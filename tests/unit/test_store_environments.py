@@ -90,6 +90,18 @@ async def test_next_environment_follows_the_claims_fairness_across_environments(
     assert await store.next_environment(["sci", "default"]) == "sci"
 
 
+async def test_next_environment_puts_the_environments_with_a_free_sandbox_first(store: Store) -> None:
+    """A run whose environment has a sandbox free goes before older runs of an environment whose
+    sandboxes are all busy, until one of those has waited PREFERRED_WAIT: then it goes first."""
+    assert await store.add("d0", SPEC, max_queued=10) == "added"
+    assert await store.add("s0", SCI, max_queued=10) == "added"
+    assert await store.next_environment(["default", "sci"]) == "default"
+    assert await store.next_environment(["default", "sci"], ["sci"]) == "sci"
+    assert await store.next_environment(["default", "sci"], []) == "default"
+    await anyio.sleep(PREFERRED_WAIT + 0.2)  # the wait is the test: "d0" waits long on the store's clock
+    assert await store.next_environment(["default", "sci"], ["sci"]) == "default"
+
+
 async def test_next_environment_claims_nothing_and_is_none_when_none_of_them_waits(store: Store) -> None:
     """Asked of environments without a queued run (or of none), the answer is None; asking never
     takes a run off the queue."""

@@ -246,7 +246,7 @@ class Workers:
             return served[0]  # the common case costs no query
         if not served:
             return None
-        return await self._store.next_environment(served)
+        return await self._store.next_environment(served, self._leaser.ready())
 
     async def _execute(self, claim: Claim, sandbox: Sandbox, live: _LiveRun) -> None:
         """Run the claimed run in ``sandbox``, leaving what to record of it in ``live.result``:

@@ -159,6 +159,10 @@ class Pool:
             name for name, kind in self._kinds.items() if kind.serving and (kind.ready or not kind.failing)
         ]
 
+    def ready(self) -> list[str]:
+        """The environments with a ready sandbox no waiting run is promised."""
+        return [name for name, kind in self._kinds.items() if len(kind.ready) > len(kind.queue)]
+
     @property
     def memory_floor(self) -> int:
         """The most memory a sandbox of any environment held at rest, plus headroom."""

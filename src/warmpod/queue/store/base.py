@@ -179,11 +179,14 @@ class Store(Protocol):
         wait behind all of them, and with a single key the order is submission order."""
         ...
 
-    async def next_environment(self, environments: Sequence[str]) -> str | None:
-        """The environment, among ``environments``, of the queued run ``claim`` would hand out
-        first if a sandbox of each were free; None when no run of them waits. It claims nothing.
+    async def next_environment(self, environments: Sequence[str], ready: Sequence[str] = ()) -> str | None:
+        """The environment, among ``environments``, of the queued run to claim next; None when no
+        run of them waits. It claims nothing.
 
-        The order is ``claim``'s without the warm rule: the run of the key with the fewest runs
+        A run of the ``ready`` environments (a sandbox of it is free now) comes first, unless
+        another has waited ``PREFERRED_WAIT`` seconds: a cheap run is not held behind the runs of
+        an environment whose sandboxes are all busy, and every run is taken within that wait. Then
+        ``claim``'s order without the warm rule: the run of the key with the fewest runs
         ``running`` first, the oldest of them on a tie, so a key flooding one environment does not
         hold back another key's run of another. A worker asks it, leases a sandbox of the answer,
         then claims with that ``environment`` (another node may have taken the run meanwhile)."""

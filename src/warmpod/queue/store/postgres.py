@@ -495,9 +495,9 @@ class PostgresStore:
             except msgspec.DecodeError as exc:
                 await unreadable(self, fence, exc)
 
-    async def next_environment(self, environments: Sequence[str]) -> str | None:
-        """The environment among ``environments`` of the queued run a claim would take first,
-        the warm rule aside (see ``Store.next_environment``); None when none of them has one.
+    async def next_environment(self, environments: Sequence[str], ready: Sequence[str] = ()) -> str | None:
+        """The environment among ``environments`` of the queued run to claim next, those of
+        ``ready`` first (see ``Store.next_environment``); None when none of them has one.
         Runs other nodes are claiming (locked) are not skipped: the answer is a hint, and the
         claim that follows takes whatever is next."""
         if not environments:
@@ -506,8 +506,9 @@ class PostgresStore:
             row = await (
                 await db.execute(
                     "SELECT environment FROM runs q WHERE status = 'queued' AND environment = ANY(%s) "  # noqa: S608  (constants and placeholders only)
-                    f"ORDER BY {_KEY_RUNNING}, n LIMIT 1",
-                    (list(environments),),
+                    "ORDER BY (environment = ANY(%s) OR created < warmpod_now() - %s) DESC, "
+                    f"{_KEY_RUNNING}, n LIMIT 1",
+                    (list(environments), list(ready), PREFERRED_WAIT),
                 )
             ).fetchone()
         return None if row is None else str(row[0])

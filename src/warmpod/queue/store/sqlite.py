@@ -337,19 +337,20 @@ class SqliteStore:
             except msgspec.DecodeError as exc:
                 await unreadable(self, fence, exc)
 
-    async def next_environment(self, environments: Sequence[str]) -> str | None:
-        """The environment among ``environments`` of the queued run a claim would take first,
-        the warm rule aside (see ``Store.next_environment``); None when none of them has one."""
+    async def next_environment(self, environments: Sequence[str], ready: Sequence[str] = ()) -> str | None:
+        """The environment among ``environments`` of the queued run to claim next, those of
+        ``ready`` first (see ``Store.next_environment``); None when none of them has one."""
         if not environments:
             return None
-        names = list(environments)
+        names, free = list(environments), list(ready)
 
         def pick(db: sqlite3.Connection) -> str | None:
             row = db.execute(
                 "SELECT environment FROM runs q WHERE status = 'queued' "  # noqa: S608  (constants and placeholders only)
                 f"AND environment IN ({','.join('?' * len(names))}) "
-                f"ORDER BY {_KEY_RUNNING}, n LIMIT 1",
-                names,
+                f"ORDER BY (environment IN ({','.join('?' * len(free))}) OR created < ?) DESC, "
+                f"{_KEY_RUNNING}, n LIMIT 1",
+                [*names, *free, time.time() - PREFERRED_WAIT],
             ).fetchone()
             return None if row is None else str(row[0])
 
