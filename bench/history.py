@@ -51,10 +51,10 @@ def cases(runs: int, keys: int) -> dict[str, Callable[[int], tuple[RunFilter, Po
         "first page": lambda k: (RunFilter(), None),
         "deep page (cursor)": lambda k: (RunFilter(), position(k + keys * deep)),
         "status=failed": lambda k: (RunFilter(statuses=("failed",)), None),
-        "label team=t1": lambda k: (RunFilter(labels=(("team", "t1"),)), None),
-        "label deep (cursor)": lambda k: (RunFilter(labels=(("team", "t1"),)), position(k + keys * deep)),
+        "label night=n3": lambda k: (RunFilter(labels=(("night", "n3"),)), None),
+        "label deep (cursor)": lambda k: (RunFilter(labels=(("night", "n3"),)), position(k + keys * deep)),
         "2 labels + env": lambda k: (
-            RunFilter(labels=(("team", "t1"), ("night", "n3")), environment="default"),
+            RunFilter(labels=(("night", "n3"), ("rare", "yes")), environment="default"),
             None,
         ),
     }
