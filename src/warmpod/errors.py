@@ -8,7 +8,9 @@ WarmpodError
 ├── ProtocolError      a frame from a container broke the agent protocol
 ├── InvalidRun         a run request is well formed but asks for something not allowed (422)
 │   ├── InvalidFile    an input file's path, content or size is not allowed (422)
-│   └── InvalidProgram the entrypoint, an argument or an environment variable is not allowed (422)
+│   ├── InvalidProgram the entrypoint, an argument or an environment variable is not allowed (422)
+│   └── InvalidLabel   a run's label, or a label in a filter, breaks a rule (422)
+├── InvalidQuery       a run listing's parameter (cursor, status, time, limit) is not allowed (422)
 ├── SecretDenied       a run asks for a secret that does not exist or its key may not use (403)
 ├── SourceDenied       a run asks for a data source that does not exist or its key may not use (403)
 ├── QueueFull          the queue holds as many runs as it may (429)
@@ -62,6 +64,16 @@ class InvalidFile(InvalidRun):
 class InvalidProgram(InvalidRun):
     """Raised when a run's entrypoint, an argument or an environment variable breaks a rule;
     the message names the rule and the name."""
+
+
+class InvalidLabel(InvalidRun):
+    """Raised when a run's labels (or a ``/runs`` filter's) break a rule: their count, a name's
+    characters or length, a value's length or characters; the message names the rule."""
+
+
+class InvalidQuery(WarmpodError):
+    """Raised when a ``/runs`` query is not one the server answers: a bad cursor, status, time or
+    limit; the message names the parameter."""
 
 
 class SecretDenied(WarmpodError):

@@ -68,6 +68,10 @@ class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     to its upstream, within the source's limits, until the run ends."""
     environment: str = "default"
     """The library set the program runs with, one of those ``GET /environments`` lists."""
+    labels: dict[str, str] = {}
+    """Names and values kept with the run, returned with it and filterable in ``GET /runs``: at
+    most 16, names 1-63 characters of ``a-z 0-9 _ . -`` starting with a letter or digit, values
+    at most 256 printable characters."""
     timeout: Annotated[float, Meta(gt=0)] | None = None
     """Wall-time limit in seconds; the server's default when absent, at most its maximum."""
     cpu_time: Annotated[int, Meta(gt=0)] | None = None
@@ -115,6 +119,8 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     """It imports libraries: a sandbox whose interpreter preloaded them serves it best."""
     environment: str = "default"
     """The environment whose sandboxes alone may run it."""
+    labels: tuple[tuple[str, str], ...] = ()
+    """``(name, value)`` of its labels, sorted by name, checked (``labels.checked_labels``)."""
 
 
 class SourceUse(msgspec.Struct, kw_only=True):
@@ -164,6 +170,8 @@ class RunResult(msgspec.Struct, kw_only=True):
     """What the program did with each data source it asked for, by name (empty when it asked for none)."""
     environment: str = "default"
     """The environment it ran in (or was to run in)."""
+    labels: dict[str, str] = {}
+    """The labels it was submitted with."""
 
     @classmethod
     def from_server(
@@ -179,6 +187,7 @@ class RunResult(msgspec.Struct, kw_only=True):
         error: str | None = None,
         node: str | None = None,
         environment: str = "default",
+        labels: dict[str, str] | None = None,
     ) -> RunResult:
         """A result the server states itself, with no result from the agent: nothing marked truncated."""
         return cls(
@@ -194,7 +203,37 @@ class RunResult(msgspec.Struct, kw_only=True):
             error=error,
             node=node,
             environment=environment,
+            labels=labels or {},
         )
+
+
+class RunSummary(msgspec.Struct, kw_only=True):
+    """One run as ``GET /runs`` lists it: its state and labels, never its output or files."""
+
+    id: str
+    status: RunStatus
+    created: float
+    """When it was submitted, in seconds since the epoch (the store's clock)."""
+    started: float | None
+    """When a node took it; null while it waits (or if it never ran)."""
+    finished: float | None
+    """When it ended; null until then."""
+    environment: str
+    labels: dict[str, str]
+    exit_code: int | None = None
+    """The program's exit status, once it ran to an end."""
+    duration_ms: float | None = None
+    """Wall time of the program itself, once it ended."""
+    node: str | None = None
+    """The node that took it."""
+
+
+class RunPage(msgspec.Struct, kw_only=True):
+    """A page of ``GET /runs``: the caller's runs, newest first, and where the next page starts."""
+
+    runs: list[RunSummary]
+    next: str | None
+    """Send it as ``cursor`` for the next page; null on the last page."""
 
 
 class PoolCounts(msgspec.Struct, kw_only=True):

@@ -1,14 +1,16 @@
-"""``warmpod run``, ``status``, ``cancel``, ``logs`` and ``environments``: the client on a terminal."""
+"""`warmpod run`, `status`, `cancel`, `logs`, `runs`, `environments`: the client on a terminal."""
 
 from __future__ import annotations
 
 import argparse
 import base64
 import contextlib
+import itertools
 import os
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,7 +29,7 @@ EXIT_WARMPOD = 125
 """warmpod could not run the program: unreachable, refused, an ``error`` or ``cancelled`` run."""
 EXIT_MEMORY = 137
 """The memory limit killed the program (128 + SIGKILL)."""
-COMMANDS = ("run", "status", "cancel", "logs", "environments")
+COMMANDS = ("run", "status", "cancel", "logs", "runs", "environments")
 # What a program's output may not send to the user's terminal as it is: C0 controls but newline
 # and tab (escape sequences start with ESC; a carriage return or backspace overwrites what came
 # before), DEL, the C1 controls (U+009B is a one-character CSI), and the bidirectional overrides
@@ -108,6 +110,15 @@ def add_commands(commands: Any) -> None:
         metavar="NAME",
         help="the library set to run with, one of `warmpod environments` (default: default)",
     )
+    run.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        dest="labels",
+        type=_env_pair,
+        metavar="NAME=VALUE",
+        help="a label kept with the run, to find it by in `warmpod runs` (repeatable)",
+    )
     run.add_argument("--stdin", metavar="FILE", help="what the program reads on standard input (- for ours)")
     run.add_argument("--timeout", type=float, metavar="S", help="wall-time limit in seconds")
     run.add_argument("--cpu-time", type=int, metavar="S", help="CPU-time limit in seconds")
@@ -131,6 +142,35 @@ def add_commands(commands: Any) -> None:
     logs = commands.add_parser("logs", parents=[server], help="print a run's output so far")
     logs.add_argument("id", help="the run's id")
     logs.add_argument("--follow", "-f", action="store_true", help="then follow it until the run ends")
+    history = commands.add_parser(
+        "runs",
+        parents=[server],
+        help="list this key's runs, newest first (id, status, environment, created, labels)",
+    )
+    history.add_argument(
+        "--status",
+        action="append",
+        default=[],
+        metavar="STATUS",
+        help="only runs in this status (repeatable)",
+    )
+    history.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        dest="labels",
+        metavar="NAME=VALUE",
+        help="only runs with this label (repeatable: all of them)",
+    )
+    history.add_argument("--environment", metavar="NAME", help="only runs of this environment")
+    history.add_argument("--since", metavar="TIME", help="only runs created since (unix seconds or RFC 3339)")
+    history.add_argument(
+        "--until", metavar="TIME", help="only runs created before (unix seconds or RFC 3339)"
+    )
+    history.add_argument(
+        "--limit", type=int, default=50, metavar="N", help="print at most N runs (default 50)"
+    )
+    history.add_argument("--json", action="store_true", help="print them as JSON, one list")
     listing = commands.add_parser(
         "environments", parents=[server], help="list the environments a run may name (those the key may use)"
     )
@@ -145,6 +185,8 @@ def main(args: argparse.Namespace) -> int:
                 return _run(client, args)
             if args.command == "logs":
                 return _logs(client, args.id, args.follow)
+            if args.command == "runs":
+                return _runs(client, args)
             if args.command == "environments":
                 return _environments(client.environments(), as_json=args.json)
             result = client.status(args.id) if args.command == "status" else client.cancel(args.id)
@@ -186,6 +228,7 @@ def _run(client: Client, args: argparse.Namespace) -> int:
         timeout=args.timeout,
         cpu_time=args.cpu_time,
         memory_mb=args.memory_mb,
+        labels=_labels(args.labels),
     )
     if args.no_wait:
         if args.json:
@@ -217,26 +260,72 @@ def _logs(client: Client, run_id: str, follow: bool) -> int:
     return 0
 
 
+def _labels(pairs: list[tuple[str, str]]) -> dict[str, str]:
+    labels = dict(pairs)
+    if len(labels) < len(pairs):
+        raise ValueError("--label gives a name twice")
+    return labels
+
+
+def _runs(client: Client, args: argparse.Namespace) -> int:
+    """Print the key's runs as a table (id, status, environment, created, labels), or as JSON."""
+    if args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    found = client.runs(
+        status=args.status,
+        label=args.labels,
+        environment=args.environment,
+        since=args.since,
+        until=args.until,
+        page_size=min(args.limit, 500),
+    )
+    listed = list(itertools.islice(found, args.limit))
+    if args.json:
+        _print_json(listed)
+        return 0
+    _table(
+        [("ID", "STATUS", "ENVIRONMENT", "CREATED", "LABELS")]
+        + [
+            (
+                run.id,
+                run.status,
+                run.environment,
+                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run.created)),
+                ",".join(f"{name}={value}" for name, value in sorted(run.labels.items())) or "-",
+            )
+            for run in listed
+        ]
+    )
+    return 0
+
+
+def _table(rows: Iterable[tuple[str, ...]]) -> None:
+    """Print ``rows`` in aligned columns, every cell's control characters shown, not obeyed."""
+    rows = list(rows)
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        # What a server says is shown, not obeyed, as a program's output is.
+        print(visible("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()))
+
+
 def _environments(environments: list[EnvironmentInfo], *, as_json: bool) -> int:
     """Print the environments as a table (name, Python, how many packages, preload, min_warm)."""
     if as_json:
         _print_json(environments)
         return 0
-    rows = [("NAME", "PYTHON", "PACKAGES", "PRELOAD", "MIN_WARM")]
-    rows += [
-        (
-            info.name,
-            info.python or "-",
-            str(len(info.packages)),
-            ",".join(info.preload) or "-",
-            str(info.min_warm),
-        )
-        for info in environments
-    ]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        # What a server says is shown, not obeyed, as a program's output is.
-        print(visible("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()))
+    _table(
+        [("NAME", "PYTHON", "PACKAGES", "PRELOAD", "MIN_WARM")]
+        + [
+            (
+                info.name,
+                info.python or "-",
+                str(len(info.packages)),
+                ",".join(info.preload) or "-",
+                str(info.min_warm),
+            )
+            for info in environments
+        ]
+    )
     return 0
 
 

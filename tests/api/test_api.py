@@ -72,6 +72,7 @@ async def test_run_json_returns_the_run_result(
         "node": NODE,
         "sources": {},
         "environment": "default",
+        "labels": {},
     }
     assert runner.calls == [(b"print(1)", "é\n".encode(), 2.5)]
 
@@ -394,6 +395,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "secrets",
         "sources",
         "environment",
+        "labels",
     }
     assert components["RunRequest"]["properties"]["files"]["items"]["$ref"].endswith("/InputFile")
     assert set(components["InputFile"]["properties"]) == {"path", "content"}
@@ -414,6 +416,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "node",
         "sources",
         "environment",
+        "labels",
     }
     assert set(components["SourceUse"]["properties"]) == {"connections", "refused", "bytes_in", "bytes_out"}
     assert set(run_json["responses"]) == {"200", "202", "400", "401", "403", "413", "422", "429", "503"}

@@ -20,10 +20,13 @@ from warmpod.queue.store.base import (
     Claim,
     Fence,
     Idempotency,
+    Listed,
     Notice,
     Owner,
+    Position,
     Record,
     Replay,
+    RunFilter,
 )
 from warmpod.sandbox.protocol import MAX_FRAME, Channel
 from warmpod.sandbox.sandbox import Sandbox
@@ -153,6 +156,11 @@ class NoStore:
 
     async def get(self, run_id: str) -> Record | None:
         never("Store.get")
+
+    async def list_runs(
+        self, key: str | None, where: RunFilter, after: Position | None, limit: int
+    ) -> list[Listed]:
+        never("Store.list_runs")
 
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         never("Store.output")

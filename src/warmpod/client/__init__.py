@@ -4,7 +4,7 @@ from warmpod.client.asynchronous import AsyncClient
 from warmpod.client.blocking import Client
 from warmpod.client.project import ProjectError, project_files
 from warmpod.client.wire import FileArg, ProblemError, RunOptions
-from warmpod.models import FileEvent, OutputEvent, RunResult, StatusEvent, StreamEvent
+from warmpod.models import FileEvent, OutputEvent, RunResult, RunSummary, StatusEvent, StreamEvent
 
 __all__ = [
     "AsyncClient",
@@ -16,6 +16,7 @@ __all__ = [
     "ProjectError",
     "RunOptions",
     "RunResult",
+    "RunSummary",
     "StatusEvent",
     "StreamEvent",
     "project_files",

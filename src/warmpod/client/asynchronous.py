@@ -6,7 +6,7 @@ import contextlib
 import inspect
 import os
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Unpack
 
@@ -20,6 +20,7 @@ from warmpod.client.wire import (
     Follow,
     ProblemError,
     RunOptions,
+    Since,
     callback_for,
     check_stream,
     connection,
@@ -30,9 +31,20 @@ from warmpod.client.wire import (
     request_body,
     retry_wait,
     run_path,
+    runs_query,
     submit_headers,
 )
-from warmpod.models import Accepted, Environment, EnvironmentInfo, FileEvent, Health, RunResult, StreamEvent
+from warmpod.models import (
+    Accepted,
+    Environment,
+    EnvironmentInfo,
+    FileEvent,
+    Health,
+    RunPage,
+    RunResult,
+    RunSummary,
+    StreamEvent,
+)
 
 
 class AsyncClient:
@@ -90,6 +102,41 @@ class AsyncClient:
         body = request_body(code, **options)
         response = await self._send("POST", "/run-json/", content=body, headers=submit_headers())
         return decoded(response, Accepted)
+
+    async def runs(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        label: Mapping[str, str] | Sequence[str] | None = None,
+        environment: str | None = None,
+        since: Since | None = None,
+        until: Since | None = None,
+        page_size: int = 100,
+    ) -> AsyncGenerator[RunSummary, None]:
+        """The caller's runs, newest first, a page of ``page_size`` fetched at a time as the
+        iteration goes (another key's runs are never answered).
+
+        Args:
+            status: only runs in this status, or in any of these.
+            label: only runs with every one of these labels (``{name: value}`` or ``"name=value"`` texts).
+            environment: only runs of this environment.
+            since: only runs created at or after it (unix seconds, an aware datetime, RFC 3339).
+            until: only runs created before it.
+            page_size: runs per request, 1-500.
+
+        Raises:
+            ProblemError: the server refused a filter (a 422 names it).
+        """
+        params = runs_query(status, label, environment, since, until, page_size)
+        cursor: str | None = None
+        while True:
+            query = params if cursor is None else [*params, ("cursor", cursor)]
+            page = decoded(await self._send("GET", "/runs", params=query), RunPage)
+            for summary in page.runs:
+                yield summary
+            if page.next is None:
+                return
+            cursor = page.next
 
     async def status(self, run_id: str) -> RunResult:
         """The run's state: ``queued`` or ``running`` with the output so far, or how it ended."""

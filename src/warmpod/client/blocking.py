@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Unpack
@@ -19,6 +19,7 @@ from warmpod.client.wire import (
     Follow,
     ProblemError,
     RunOptions,
+    Since,
     callback_for,
     check_stream,
     connection,
@@ -29,9 +30,20 @@ from warmpod.client.wire import (
     request_body,
     retry_wait,
     run_path,
+    runs_query,
     submit_headers,
 )
-from warmpod.models import Accepted, Environment, EnvironmentInfo, FileEvent, Health, RunResult, StreamEvent
+from warmpod.models import (
+    Accepted,
+    Environment,
+    EnvironmentInfo,
+    FileEvent,
+    Health,
+    RunPage,
+    RunResult,
+    RunSummary,
+    StreamEvent,
+)
 
 
 class Client:
@@ -117,6 +129,40 @@ class Client:
     def environments(self) -> list[EnvironmentInfo]:
         """The environments a run may name (``environment=``), those this key may use, ``default`` first."""
         return decoded(self._send("GET", "/environments"), list[EnvironmentInfo])
+
+    def runs(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        label: Mapping[str, str] | Sequence[str] | None = None,
+        environment: str | None = None,
+        since: Since | None = None,
+        until: Since | None = None,
+        page_size: int = 100,
+    ) -> Generator[RunSummary, None, None]:
+        """The caller's runs, newest first, a page of ``page_size`` fetched at a time as the
+        iteration goes (another key's runs are never answered).
+
+        Args:
+            status: only runs in this status, or in any of these.
+            label: only runs with every one of these labels (``{name: value}`` or ``"name=value"`` texts).
+            environment: only runs of this environment.
+            since: only runs created at or after it (unix seconds, an aware datetime, RFC 3339).
+            until: only runs created before it.
+            page_size: runs per request, 1-500.
+
+        Raises:
+            ProblemError: the server refused a filter (a 422 names it).
+        """
+        params = runs_query(status, label, environment, since, until, page_size)
+        cursor: str | None = None
+        while True:
+            query = params if cursor is None else [*params, ("cursor", cursor)]
+            page = decoded(self._send("GET", "/runs", params=query), RunPage)
+            yield from page.runs
+            if page.next is None:
+                return
+            cursor = page.next
 
     def stream(self, run_id: str, *, after: int | None = None) -> Generator[StreamEvent, None, None]:
         """The run's events as they happen (a finished run's replayed), ending with its RunResult;

@@ -7,6 +7,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
@@ -97,6 +98,8 @@ class RunOptions(TypedDict, total=False):
     """Memory limit in MiB."""
     max_output_bytes: int | None
     """Output kept per stream."""
+    labels: Mapping[str, str] | None
+    """Names and values kept with the run, returned with it and filterable in ``Client.runs``."""
 
 
 def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
@@ -135,6 +138,7 @@ def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
         memory_mb=options.get("memory_mb"),
         max_output_bytes=options.get("max_output_bytes"),
         environment=options.get("environment") or DEFAULT_ENVIRONMENT,
+        labels=dict(options.get("labels") or {}),
         wait=False,
     )
     return msgspec.json.encode(request)
@@ -155,6 +159,33 @@ def input_file(item: FileArg) -> InputFile:
         local = Path(item)
         path, data = local.name, local.read_bytes()
     return InputFile(path=path, content=base64.b64encode(data).decode("ascii"))
+
+
+Since = float | datetime | str
+"""A time for ``Client.runs``: unix seconds, an aware datetime, or RFC 3339 text."""
+
+
+def runs_query(
+    status: str | Sequence[str] | None,
+    label: Mapping[str, str] | Sequence[str] | None,
+    environment: str | None,
+    since: Since | None,
+    until: Since | None,
+    page_size: int,
+) -> list[tuple[str, str]]:
+    """The query of ``GET /runs`` for ``Client.runs``'s filters (without its cursor)."""
+    params = [("limit", str(page_size))]
+    params += [("status", value) for value in ([status] if isinstance(status, str) else status or ())]
+    if isinstance(label, Mapping):
+        params += [("label", f"{name}={value}") for name, value in label.items()]
+    else:
+        params += [("label", part) for part in _strings(label, "label")]
+    if environment is not None:
+        params.append(("environment", environment))
+    for name, moment in (("since", since), ("until", until)):
+        if moment is not None:
+            params.append((name, moment.isoformat() if isinstance(moment, datetime) else str(moment)))
+    return params
 
 
 def problem_of(response: httpx.Response) -> ProblemError:

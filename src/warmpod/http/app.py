@@ -31,7 +31,9 @@ from warmpod import __version__
 from warmpod.errors import (
     EnvironmentDenied,
     InvalidFile,
+    InvalidLabel,
     InvalidProgram,
+    InvalidQuery,
     InvalidRun,
     KeyBusy,
     KeyReused,
@@ -48,7 +50,7 @@ from warmpod.errors import (
     UnknownEnvironment,
     WarmpodError,
 )
-from warmpod.http import auth, metrics, throttle, web
+from warmpod.http import auth, history, metrics, throttle, web
 from warmpod.http.environment import EnvironmentNotRecorded, environment, environments
 from warmpod.http.routes import RunController, StatusController, get_service, health, running_service
 from warmpod.keys import KeyFile
@@ -185,6 +187,8 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             EnvironmentDenied: _problem(403, "Environment not allowed", "environment-denied"),
             InvalidFile: _problem(422, "File not allowed", "file"),
             InvalidProgram: _problem(422, "Program not allowed", "program"),
+            InvalidLabel: _problem(422, "Label not allowed", "label"),
+            InvalidQuery: _problem(422, "Query not allowed", "query"),
             SecretDenied: _problem(403, "Secret not allowed", "secret-denied"),
             SourceDenied: _problem(403, "Data source not allowed", "source-denied"),
             KeyBusy: _problem(429, "Key quota reached", "key-busy"),
@@ -206,6 +210,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             health,
             environment,
             environments,
+            history.runs,
             metrics.MetricsController,
             web.playground,
             web.static_router(),

@@ -22,6 +22,7 @@ from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 from warmpod.environments import DEFAULT
 from warmpod.errors import RunNotFound, ShuttingDown, StoreError
 from warmpod.http.auth import key_of
+from warmpod.labels import checked_labels, label_pairs
 from warmpod.models import (
     Accepted,
     FileEvent,
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
 # Fields that may be given several times: each ``args`` part one argument, each ``env`` part one
 # NAME=VALUE, each ``secrets`` or ``sources`` part one name (or several, comma-separated).
-_LIST_FIELDS = ("args", "env", "secrets", "sources")
+# Each ``label`` part is one label, name=value.
+_LIST_FIELDS = ("args", "env", "secrets", "sources", "label")
 _FORM_FIELDS = frozenset(
     {"file", "files", "stdin", "timeout", "wait", "entrypoint", "environment", *_LIST_FIELDS, *_LIMIT_FIELDS}
 )
@@ -76,7 +78,7 @@ _PROBLEMS = {
     404: "No run has this id (or it expired), or no file has this path",
     409: "The run has already ended",
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
-    422: "A limit, the timeout or a file is not allowed, the environment does not exist (`detail` "
+    422: "A limit, the timeout, a file or a label is not allowed, the environment does not exist (`detail` "
     "lists those that do), or the Idempotency-Key was sent with another request; `detail` names "
     "the rule or the maximum",
     429: "The queue is full, the key has its `max_active` runs, or the client (its key, or its address "
@@ -86,7 +88,7 @@ _PROBLEMS = {
 }
 
 
-def _problems(*statuses: int) -> dict[int, ResponseSpec]:
+def problems(*statuses: int) -> dict[int, ResponseSpec]:
     return {
         status: ResponseSpec(
             Problem,
@@ -103,7 +105,7 @@ _RUN_RESPONSES = {
     202: ResponseSpec(
         Accepted, description="Queued (`wait` false, or still not over after the wait timeout)"
     ),
-    **_problems(400, 401, 403, 413, 422, 429, 503),
+    **problems(400, 401, 403, 413, 422, 429, 503),
 }
 # Litestar drops the bounds of optional fields (`gt` inside `| None`) and the ban on unknown
 # fields from the schema; msgspec's own schema of the same type keeps both.
@@ -137,6 +139,7 @@ _RUN_FORM_SCHEMA = {
                 ("env", ", one `NAME=VALUE` part each"),
                 ("secrets", ", one part each or comma-separated"),
                 ("sources", ", one part each or comma-separated"),
+                ("label", " (`labels`), one `name=value` part each"),
             )
         },
     },
@@ -232,9 +235,11 @@ class RunController(Controller):
             sources=data.sources,
         )
         environment = _environment(request, service, data.environment)
+        labels = checked_labels(data.labels)
         spec = service.runner.prepare(
             code, stdin, data.timeout, limits, files, program, environment=environment
         )
+        spec = msgspec.structs.replace(spec, labels=labels)
         _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, data.wait), idempotency_key)
 
@@ -287,7 +292,8 @@ class RunController(Controller):
         values = {name: _int_field(await _text_field(data.get(name), name), name) for name in _LIMIT_FIELDS}
         form_wait = _bool_field(await _text_field(data.get("wait"), "wait"), "wait")
         files = await _file_parts(data.get("files"))
-        args, env, secrets, sources = [await _text_list(data.get(name), name) for name in _LIST_FIELDS]
+        args, env, secrets, sources, label = [await _text_list(data.get(name), name) for name in _LIST_FIELDS]
+        labels = checked_labels(label_pairs(label, "form field 'label'"))
         program = Program(
             entrypoint=entrypoint,
             args=args,
@@ -300,6 +306,7 @@ class RunController(Controller):
         spec = service.runner.prepare(
             code, stdin, timeout, RunLimits(**values), files, program, environment=environment
         )
+        spec = msgspec.structs.replace(spec, labels=labels)
         _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, form_wait), idempotency_key)
 
@@ -321,12 +328,12 @@ class StatusController(Controller):
     security = KEYED
     dependencies = {"run": Provide(owned_run)}  # noqa: RUF012  (as tags)
 
-    @get("/", summary="A run's state and result", responses=_problems(400, 401, 404, 429, 503))
+    @get("/", summary="A run's state and result", responses=problems(400, 401, 404, 429, 503))
     async def status(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """The RunResult: ``queued`` or ``running`` (with the output so far) until the run ends."""
         return await service.queue.results.status(run)
 
-    @delete("/", status_code=200, summary="Cancel a run", responses=_problems(400, 401, 404, 409, 429, 503))
+    @delete("/", status_code=200, summary="Cancel a run", responses=problems(400, 401, 404, 409, 429, 503))
     async def cancel(self, run: NamedDependency[str], service: NamedDependency[Service]) -> RunResult:
         """Stop a queued or running run (its container is killed); it ends ``cancelled``."""
         return await service.queue.workers.cancel(run)
@@ -347,7 +354,7 @@ class StatusController(Controller):
         media_type="application/octet-stream",
         responses={
             200: ResponseSpec(bytes, description="The file's bytes", media_type="application/octet-stream"),
-            **_problems(400, 401, 404, 429, 503),
+            **problems(400, 401, 404, 429, 503),
         },
     )
     async def file(
@@ -376,7 +383,7 @@ class StatusController(Controller):
         summary="A run's output as Server-Sent Events",
         responses={
             200: ResponseSpec(str, description="The run's events", media_type="text/event-stream"),
-            **_problems(400, 401, 404, 429, 503),
+            **problems(400, 401, 404, 429, 503),
         },
     )
     async def stream(

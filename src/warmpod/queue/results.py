@@ -121,7 +121,13 @@ class Results:
         stdout, stderr = printed.text()
         status: RunStatus = "running" if record.status == "running" else "queued"
         return RunResult.from_server(
-            run_id, status, stdout=stdout, stderr=stderr, node=record.node, environment=record.environment
+            run_id,
+            status,
+            stdout=stdout,
+            stderr=stderr,
+            node=record.node,
+            environment=record.environment,
+            labels=record.labels,
         )
 
     async def follow(self, run_id: str, after: int = -1) -> AsyncIterator[Update]:

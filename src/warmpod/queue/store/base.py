@@ -11,7 +11,7 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from warmpod.environments import DEFAULT
-from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec, RunStatus
+from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec, RunStatus, RunSummary
 from warmpod.queue.store.codec import (
     decode_blob,
 )
@@ -61,6 +61,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     """The node that claimed it; None while it waits."""
     environment: str = DEFAULT
     """The environment it runs in."""
+    labels: dict[str, str] = {}
+    """The labels it was submitted with."""
 
 
 class Owner(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +103,35 @@ Notice = Literal["queued", "changed", "cancel", "reconnected"]
 """What ``listen`` reports, with a run id: a run was queued; a run changed (claimed, output,
 final), which a queued run does only by leaving the queue; a running run was asked to stop; or,
 with no id, notices may have been missed."""
+
+
+class RunFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """Which of a key's runs ``Store.list_runs`` answers: all that match every field given."""
+
+    statuses: tuple[RunStatus, ...] = ()
+    """Any of these statuses; every status when empty."""
+    labels: tuple[tuple[str, str], ...] = ()
+    """``(name, value)`` pairs the run's labels must all hold."""
+    environment: str | None = None
+    since: float | None = None
+    """Created at or after it (seconds since the epoch)."""
+    until: float | None = None
+    """Created before it."""
+
+
+class Position(msgspec.Struct, frozen=True, array_like=True):
+    """Where a run stands in a key's history, newest first: its ``created``, then its row number
+    on a tie. ``list_runs`` goes on after one; the HTTP cursor carries it."""
+
+    created: float
+    n: int
+
+
+class Listed(msgspec.Struct, frozen=True, kw_only=True):
+    """One run ``list_runs`` found, and its position (to go on after it)."""
+
+    summary: RunSummary
+    position: Position
 
 
 class Store(Protocol):
@@ -243,6 +274,15 @@ class Store(Protocol):
         """The run's record, or None for an id never stored (or purged)."""
         ...
 
+    async def list_runs(
+        self, key: str | None, where: RunFilter, after: Position | None, limit: int
+    ) -> list[Listed]:
+        """At most ``limit`` of the runs of ``key`` (None: those submitted with keys off) that
+        ``where`` picks, newest first (by ``created``, then the row number), after ``after``.
+        Another key's runs are never answered, whatever ``after`` says. An index serves every
+        filter: a key's runs by time, by status and time, and by label and time."""
+        ...
+
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order:
         fewer than ``limit`` when those are all there are. A page may end inside a stored row; the
@@ -310,12 +350,15 @@ def record(
     blob: bytes | None,
     node: str | None,
     environment: str,
+    labels: str | None = None,
 ) -> Record:
-    """A run's record from its stored row; its result names the run's environment, whoever wrote
-    it (a cancel while queued, a reaper)."""
+    """A run's record from its stored row; its result names the run's environment and labels,
+    whoever wrote it (a cancel while queued, a reaper)."""
     result = None if blob is None else decode_blob(bytes(blob), RunResult)
+    kept = stored_labels(labels)
     if result is not None:
         result.environment = environment
+        result.labels = kept
     return Record(
         id=run_id,
         status=status,
@@ -326,6 +369,48 @@ def record(
         result=result,
         node=node,
         environment=environment,
+        labels=kept,
+    )
+
+
+def labels_column(spec: RunSpec) -> str | None:
+    """A run's labels as its row keeps them: a JSON object, or NULL for none."""
+    return msgspec.json.encode(dict(spec.labels)).decode() if spec.labels else None
+
+
+def stored_labels(column: str | None) -> dict[str, str]:
+    """The labels ``labels_column`` stored."""
+    return {} if not column else msgspec.json.decode(column, type=dict[str, str])
+
+
+def summary(
+    run_id: str,
+    status: RunStatus,
+    created: float,
+    started: float | None,
+    finished: float | None,
+    environment: str,
+    labels: str | None,
+    exit_code: int | None,
+    duration_ms: float | None,
+    node: str | None,
+    n: int,
+) -> Listed:
+    """A listed run from the columns ``history.COLUMNS`` names, in that order."""
+    return Listed(
+        summary=RunSummary(
+            id=run_id,
+            status=status,
+            created=created,
+            started=started,
+            finished=finished,
+            environment=environment,
+            labels=stored_labels(labels),
+            exit_code=exit_code,
+            duration_ms=duration_ms,
+            node=node,
+        ),
+        position=Position(created, n),
     )
 
 

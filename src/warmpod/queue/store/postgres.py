@@ -34,16 +34,22 @@ from warmpod.queue.store.base import (
     Claim,
     Fence,
     Idempotency,
+    Listed,
     Notice,
     Owner,
+    Position,
     Record,
     Replay,
+    RunFilter,
     inlined,
+    labels_column,
     lost_result,
     record,
+    summary,
     unreadable,
 )
 from warmpod.queue.store.codec import Printed, decode_blob, encode_blob, output_rows, page, segments
+from warmpod.queue.store.history import history_query
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +140,23 @@ _MIGRATIONS = (
     ALTER TABLE runs ADD COLUMN environment text NOT NULL DEFAULT 'default';
     ALTER TABLE nodes ADD COLUMN environments text[] NOT NULL DEFAULT '{default}';
     CREATE INDEX runs_queued_by_environment ON runs (environment, n) WHERE status = 'queued';
+    """,
+    # 7: run history (``history.py``): a run's labels (a JSON object), its exit code and duration
+    # for summaries without its result, a key's runs newest first, by status too, and each label
+    # in a table of its own that carries its run's key and time, so a label's runs come in order.
+    """
+    ALTER TABLE runs ADD COLUMN labels text, ADD COLUMN exit_code integer, ADD COLUMN duration_ms float8;
+    CREATE INDEX runs_history ON runs ((coalesce(key, '')), created, n);
+    CREATE INDEX runs_history_by_status ON runs ((coalesce(key, '')), status, created, n);
+    CREATE TABLE run_labels (
+        run_n bigint NOT NULL,
+        name text NOT NULL,
+        value text NOT NULL,
+        owner text NOT NULL,
+        created float8 NOT NULL,
+        PRIMARY KEY (run_n, name)
+    );
+    CREATE INDEX run_labels_by_value ON run_labels (owner, name, value, created, run_n);
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -433,18 +456,29 @@ class PostgresStore:
                     return "key-busy"
             if await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'") >= max_queued:
                 return "queue-full"
-            await db.execute(
-                "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
-                "request_hash) VALUES (%s, 'queued', %s, warmpod_now(), %s, %s, %s, %s, %s)",
-                (
-                    run_id,
-                    encode_blob(spec),
-                    key,
-                    spec.warm,
-                    spec.environment,
-                    None if idempotency is None else idempotency.key,
-                    None if idempotency is None else idempotency.request_hash,
-                ),
+            inserted = await (
+                await db.execute(
+                    "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
+                    "request_hash, labels) VALUES (%s, 'queued', %s, warmpod_now(), %s, %s, %s, %s, %s, %s) "
+                    "RETURNING n, created",
+                    (
+                        run_id,
+                        encode_blob(spec),
+                        key,
+                        spec.warm,
+                        spec.environment,
+                        None if idempotency is None else idempotency.key,
+                        None if idempotency is None else idempotency.request_hash,
+                        labels_column(spec),
+                    ),
+                )
+            ).fetchone()
+            assert inserted is not None
+            n, created = inserted
+            await _insert(
+                db,
+                "run_labels (run_n, name, value, owner, created)",
+                [(n, name, value, key or "", created) for name, value in spec.labels],
             )
             await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
         return "added"
@@ -609,8 +643,9 @@ class PostgresStore:
                     return fence is not None and await _finished_with(db, run_id, blob, fence)
                 cursor = await db.execute(
                     "UPDATE runs SET status = %s, result = %s, finished = warmpod_now(), spec = NULL, "
-                    "lease_until = NULL WHERE id = %s AND status IN ('queued', 'running')",
-                    (result.status, blob, run_id),
+                    "lease_until = NULL, exit_code = %s, duration_ms = %s "
+                    "WHERE id = %s AND status IN ('queued', 'running')",
+                    (result.status, blob, result.exit_code, result.duration_ms, run_id),
                 )
                 if cursor.rowcount != 1:
                     return fence is not None and await _finished_with(db, run_id, blob, fence)
@@ -674,12 +709,22 @@ class PostgresStore:
         async with self._transaction() as db:
             row = await (
                 await db.execute(
-                    "SELECT status, key, created, started, finished, result, node, environment FROM runs "
-                    "WHERE id = %s",
+                    "SELECT status, key, created, started, finished, result, node, environment, labels "
+                    "FROM runs WHERE id = %s",
                     (run_id,),
                 )
             ).fetchone()
         return None if row is None else record(run_id, *row)
+
+    async def list_runs(
+        self, key: str | None, where: RunFilter, after: Position | None, limit: int
+    ) -> list[Listed]:
+        """At most ``limit`` of ``key``'s runs that ``where`` picks, newest first, after ``after``
+        (see ``Store.list_runs``)."""
+        query, params = history_query(key, where, after, limit)
+        async with self._transaction() as db:
+            rows = await (await db.execute(query.replace("?", "%s").encode(), params)).fetchall()
+        return [summary(*row) for row in rows]
 
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order."""
@@ -728,8 +773,9 @@ class PostgresStore:
         async with self._transaction() as db:
             return await _one(
                 db,
-                "WITH gone AS (DELETE FROM runs WHERE finished < warmpod_now() - %s RETURNING id), "
+                "WITH gone AS (DELETE FROM runs WHERE finished < warmpod_now() - %s RETURNING id, n), "
                 "o AS (DELETE FROM output WHERE run_id IN (SELECT id FROM gone)), "
+                "l AS (DELETE FROM run_labels WHERE run_n IN (SELECT n FROM gone)), "
                 "f AS (DELETE FROM files WHERE run_id IN (SELECT id FROM gone)) "
                 "SELECT count(*) FROM gone",
                 (retention,),

@@ -29,13 +29,18 @@ from warmpod.queue.store.base import (
     Claim,
     Fence,
     Idempotency,
+    Listed,
     Notice,
     Owner,
+    Position,
     Record,
     Replay,
+    RunFilter,
     inlined,
+    labels_column,
     lost_result,
     record,
+    summary,
     unreadable,
 )
 from warmpod.queue.store.codec import (
@@ -46,6 +51,7 @@ from warmpod.queue.store.codec import (
     page,
     segments,
 )
+from warmpod.queue.store.history import history_query
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +126,25 @@ _MIGRATIONS = (
     ALTER TABLE runs ADD COLUMN environment TEXT NOT NULL DEFAULT 'default';
     ALTER TABLE nodes ADD COLUMN environments TEXT NOT NULL DEFAULT 'default';
     CREATE INDEX runs_by_status_environment ON runs (status, environment, n);
+    """,
+    # 9: run history (``history.py``): a run's labels (a JSON object), its exit code and duration
+    # for summaries without its result, a key's runs newest first, by status too, and each label
+    # in a table of its own that carries its run's key and time, so a label's runs come in order.
+    """
+    ALTER TABLE runs ADD COLUMN labels TEXT;
+    ALTER TABLE runs ADD COLUMN exit_code INTEGER;
+    ALTER TABLE runs ADD COLUMN duration_ms REAL;
+    CREATE INDEX runs_history ON runs (coalesce(key, ''), created, n);
+    CREATE INDEX runs_history_by_status ON runs (coalesce(key, ''), status, created, n);
+    CREATE TABLE run_labels (
+        run_n INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        created REAL NOT NULL,
+        PRIMARY KEY (run_n, name)
+    ) WITHOUT ROWID;
+    CREATE INDEX run_labels_by_value ON run_labels (owner, name, value, created, run_n);
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -275,23 +300,32 @@ class SqliteStore:
                 ).fetchone()
                 if active >= max_active:
                     return "key-busy"
-            cursor = db.execute(
-                "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
-                "request_hash) SELECT ?, 'queued', ?, ?, ?, ?, ?, ?, ? "
-                "WHERE (SELECT count(*) FROM runs WHERE status = 'queued') < ?",
-                (
-                    run_id,
-                    blob,
-                    time.time(),
-                    key,
-                    spec.warm,
-                    spec.environment,
-                    idempotency_key,
-                    request_hash,
-                    max_queued,
-                ),
-            )
-            return "added" if cursor.rowcount == 1 else "queue-full"
+            created = time.time()
+            with _transaction(db):
+                cursor = db.execute(
+                    "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
+                    "request_hash, labels) SELECT ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ? "
+                    "WHERE (SELECT count(*) FROM runs WHERE status = 'queued') < ?",
+                    (
+                        run_id,
+                        blob,
+                        created,
+                        key,
+                        spec.warm,
+                        spec.environment,
+                        idempotency_key,
+                        request_hash,
+                        labels_column(spec),
+                        max_queued,
+                    ),
+                )
+                if cursor.rowcount != 1:
+                    return "queue-full"
+                db.executemany(
+                    "INSERT INTO run_labels (run_n, name, value, owner, created) VALUES (?, ?, ?, ?, ?)",
+                    [(cursor.lastrowid, name, value, key or "", created) for name, value in spec.labels],
+                )
+            return "added"
 
         added = await self._call(add)
         if added == "added":
@@ -462,9 +496,9 @@ class SqliteStore:
                 if fence is not None and not _holds(db, fence):
                     return fence is not None and _finished_with(db, run_id, blob, fence)
                 cursor = db.execute(
-                    "UPDATE runs SET status = ?, result = ?, finished = ?, spec = NULL, lease_until = NULL "
-                    "WHERE id = ? AND status IN ('queued', 'running')",
-                    (result.status, blob, time.time(), run_id),
+                    "UPDATE runs SET status = ?, result = ?, finished = ?, spec = NULL, lease_until = NULL, "
+                    "exit_code = ?, duration_ms = ? WHERE id = ? AND status IN ('queued', 'running')",
+                    (result.status, blob, time.time(), result.exit_code, result.duration_ms, run_id),
                 )
                 if cursor.rowcount != 1:
                     return fence is not None and _finished_with(db, run_id, blob, fence)
@@ -530,13 +564,25 @@ class SqliteStore:
 
         def get(db: sqlite3.Connection) -> tuple[Any, ...] | None:
             return db.execute(  # type: ignore[no-any-return]
-                "SELECT status, key, created, started, finished, result, node, environment FROM runs "
-                "WHERE id = ?",
+                "SELECT status, key, created, started, finished, result, node, environment, labels "
+                "FROM runs WHERE id = ?",
                 (run_id,),
             ).fetchone()
 
         row = await self._call(get)
         return None if row is None else record(run_id, *row)
+
+    async def list_runs(
+        self, key: str | None, where: RunFilter, after: Position | None, limit: int
+    ) -> list[Listed]:
+        """At most ``limit`` of ``key``'s runs that ``where`` picks, newest first, after ``after``
+        (see ``Store.list_runs``)."""
+        query, params = history_query(key, where, after, limit)
+
+        def listed(db: sqlite3.Connection) -> list[Listed]:
+            return [summary(*row) for row in db.execute(query, params)]
+
+        return await self._call(listed)
 
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order."""
@@ -598,6 +644,9 @@ class SqliteStore:
         def purge(db: sqlite3.Connection) -> int:
             before = time.time() - retention
             with _transaction(db):
+                db.execute(
+                    "DELETE FROM run_labels WHERE run_n IN (SELECT n FROM runs WHERE finished < ?)", (before,)
+                )
                 for table in ("output", "files"):
                     # The table name is one of the two literals above, never input.
                     query = f"DELETE FROM {table} WHERE run_id IN (SELECT id FROM runs WHERE finished < ?)"  # noqa: S608
