@@ -235,11 +235,13 @@ def wait_pool_full(client: httpx.Client, timeout: float = 120.0) -> float:
     raise SystemExit(f"the pool did not refill within {timeout:.0f} s")
 
 
-def run_once(client: httpx.Client, series: Series) -> None:
-    """One POST /run-json/ of the program, timed and checked."""
+def run_once(
+    client: httpx.Client, series: Series, body: dict[str, Any] | None = None, expected: str = EXPECTED
+) -> None:
+    """One POST /run-json/ of ``body`` (the trivial program by default), timed and its stdout checked."""
     started = time.perf_counter()
     try:
-        response = client.post("/run-json/", json={"code": PROGRAM})
+        response = client.post("/run-json/", json=body or {"code": PROGRAM})
     except httpx.HTTPError as exc:
         series.failures.append(f"{type(exc).__name__}: {exc}")
         return
@@ -247,12 +249,12 @@ def run_once(client: httpx.Client, series: Series) -> None:
     if response.status_code != 200:
         series.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
         return
-    body = response.json()
-    if body.get("status") != "succeeded" or body.get("stdout") != EXPECTED:
-        series.failures.append(f"{body.get('status')}: {body.get('error') or body.get('stderr')}"[:300])
+    result = response.json()
+    if result.get("status") != "succeeded" or result.get("stdout") != expected:
+        series.failures.append(f"{result.get('status')}: {result.get('error') or result.get('stderr')}"[:300])
         return
     series.samples_ms.append(elapsed)
-    series.extra.setdefault("program_ms", []).append(body["duration_ms"])
+    series.extra.setdefault("program_ms", []).append(result["duration_ms"])
 
 
 def time_process(argv: list[str], env: dict[str, str] | None, series: Series, expected: str) -> None:

@@ -51,6 +51,7 @@ from common import (
     free_port,
     index_settings,
     podman,
+    run_once,
     section,
     setup,
 )
@@ -118,21 +119,7 @@ def post(target: Target, program: tuple[str, str], series: Series) -> None:
     body: dict[str, Any] = {"code": code}
     if target.environment is not None:
         body["environment"] = target.environment
-    started = time.perf_counter()
-    try:
-        response = target.client.post("/run-json/", json=body)
-    except httpx.HTTPError as exc:
-        series.failures.append(f"{type(exc).__name__}: {exc}")
-        return
-    elapsed = (time.perf_counter() - started) * 1000
-    if response.status_code != 200:
-        series.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
-        return
-    result = response.json()
-    if result.get("status") != "succeeded" or result.get("stdout") != expected:
-        series.failures.append(f"{result.get('status')}: {result.get('error') or result.get('stderr')}"[:300])
-        return
-    series.samples_ms.append(elapsed)
+    run_once(target.client, series, body, expected)
 
 
 def pool_full(client: httpx.Client) -> bool:
