@@ -148,15 +148,22 @@ async def test_an_idle_environment_makes_room_for_a_busy_one(agents: TaskGroup, 
 
 
 async def test_min_warm_is_kept_whatever_the_demand(agents: TaskGroup, state_dir: Path) -> None:
-    """An environment no run asks for keeps its min_warm ready while the other takes the rest."""
+    """An environment no run asks for gives up its containers above its min_warm to runs of the
+    busy one that wait, and keeps its min_warm ready."""
     engine = FakeEngine(agents)
     pool = make_pool(engine, state_dir, {DEFAULT: 0, "bare": 2}, min_size=4, max_size=4)
     async with anyio.create_task_group() as tg:
         await tg.start(pool.serve)
         await pool.wait_serving(2.0)
+        await until(lambda: images(engine, pool, "bare") == 3)
         for _ in range(60):
             pool.note_demand(DEFAULT, False)
-        await until(lambda: images(engine, pool, DEFAULT) == 2)
+        with anyio.fail_after(3.0):
+            async with pool.lease(DEFAULT) as first:
+                await use(first)
+                async with pool.lease(DEFAULT) as second:
+                    await use(second)
+                    assert images(engine, pool, "bare") == 2
         assert images(engine, pool, "bare") == 2
         tg.cancel_scope.cancel()
 

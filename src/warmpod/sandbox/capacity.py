@@ -114,19 +114,19 @@ class Capacity:
         return best
 
     def spare(self) -> Kind | None:
-        """With the pool full, the environment one of whose idle containers should make room for
-        another's: for a run that waits with none of its sandboxes coming, one above its
-        ``min_warm``; for an environment below its target, one above its own target."""
+        """With the pool full, the environment one of whose idle containers (above its
+        ``min_warm``) should make room for a run that waits with none of its own sandboxes coming.
+        Only for a waiting run: a container removed unused is a start wasted, so shares that
+        move do not move containers by themselves (shrinking and refills do)."""
         if self.closing or self.live() < self.ceiling:
             return None  # room is coming, or there already is some
         needy = self.neediest()
-        if needy is None:
+        if needy is None or len(needy.queue) <= needy.coming:
             return None
-        waits = len(needy.queue) > needy.coming
         spare = [
             other
             for other in self.kinds.values()
-            if other is not needy and len(other.ready) > (other.spec.min_warm if waits else self.of(other))
+            if other is not needy and len(other.ready) > other.spec.min_warm
         ]
         return max(spare, key=lambda other: len(other.ready) - self.of(other)) if spare else None
 
