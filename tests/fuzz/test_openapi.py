@@ -42,6 +42,7 @@ OPERATIONS = [
     "GET /health",
     "GET /environment",
     "GET /environments",
+    "GET /runs",
 ]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
