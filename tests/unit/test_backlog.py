@@ -60,3 +60,27 @@ async def test_a_reading_replaces_what_was_known_and_what_was_heard_meanwhile_go
     backlog.heard("changed", "b")
     backlog.heard("changed", "c")
     assert len(backlog) == 0
+
+
+def test_the_one_environment_of_the_waiting_runs_is_known_only_when_this_node_queued_them_all() -> None:
+    """Runs this node queued, all of one environment: that one; a run of another, or one heard of
+    from another node (its environment unknown), or an empty queue: None; a run that leaves or was
+    never added drops out."""
+    backlog = Backlog()
+    assert backlog.only_environment() is None
+    backlog.expect("a", "bare")
+    backlog.heard("queued", "a")
+    backlog.expect("b", "bare")
+    backlog.heard("queued", "b")
+    assert backlog.only_environment() == "bare"
+    backlog.expect("c", "default")
+    backlog.heard("queued", "c")
+    assert backlog.only_environment() is None
+    backlog.heard("changed", "c")
+    assert backlog.only_environment() == "bare"
+    backlog.heard("queued", "elsewhere")
+    assert backlog.only_environment() is None
+    backlog.heard("changed", "elsewhere")
+    backlog.expect("refused", "default")
+    backlog.forget("refused")
+    assert backlog.only_environment() == "bare"

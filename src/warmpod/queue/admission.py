@@ -54,6 +54,8 @@ class Backlog:
 
     def __init__(self) -> None:
         self._ids: set[str] = set()
+        # The environment of each run this node queued, until it is no longer queued.
+        self._environments: dict[str, str] = {}
         # While the store is read, what was heard meanwhile: it goes over the reading, which may
         # predate it (the notices of a PostgreSQL store come on a connection of their own).
         self._heard: list[_Heard] | None = None
@@ -69,6 +71,7 @@ class Backlog:
             self._ids.add(run_id)
         else:
             self._ids.discard(run_id)
+            self._environments.pop(run_id, None)
         if self._heard is not None:
             self._heard.append((notice, run_id))
 
@@ -88,7 +91,24 @@ class Backlog:
             self._ids = set(queued)
             for notice, run_id in heard:
                 self.heard(notice, run_id)
+            self._environments = {i: e for i, e in self._environments.items() if i in self._ids}
         return len(self._ids)
+
+    def expect(self, run_id: str, environment: str) -> None:
+        """This node is queueing ``run_id`` of ``environment`` (``forget`` it if it was not added)."""
+        self._environments[run_id] = environment
+
+    def forget(self, run_id: str) -> None:
+        """A run ``expect`` announced was not queued after all."""
+        self._environments.pop(run_id, None)
+
+    def only_environment(self) -> str | None:
+        """The environment of every waiting run, when this node queued them all and they share one;
+        else None (the store knows)."""
+        if not self._ids or len(self._environments) < len(self._ids):
+            return None
+        environments = {self._environments.get(run_id) for run_id in self._ids}
+        return next(iter(environments)) if len(environments) == 1 else None
 
 
 class Admission:
@@ -136,6 +156,8 @@ class Admission:
         elif self._shutdown.begun:
             raise _shutting_down()
         run_id = uuid.uuid4().hex
+        # Before the add: the store's notice of it may reach a worker before the add returns.
+        self.backlog.expect(run_id, spec.environment)
         try:
             added = await self._store.add(
                 run_id,
@@ -152,11 +174,15 @@ class Admission:
             try:
                 stored = await self._store.get(run_id)
             except StoreError:
+                self.backlog.forget(run_id)
                 raise exc from None
             if stored is None:
+                self.backlog.forget(run_id)
                 raise
             log.warning("run %s was stored though the store's answer was lost: %s", run_id, exc)
             added = "added"
+        if added != "added":
+            self.backlog.forget(run_id)
         if isinstance(added, Replay):
             if not added.same_request:
                 raise KeyReused(

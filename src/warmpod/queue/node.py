@@ -40,7 +40,17 @@ class QueueNode:
         """Whether the server is stopping: no new runs are taken or started."""
         self.admission = Admission(store, settings, self.shutdown)
         self.results = Results(store, settings, files or FileSettings(), self.shutdown)
-        self.workers = Workers(store, leaser, runner, self.results, self.shutdown, owner, node.lease, workers)
+        self.workers = Workers(
+            store,
+            leaser,
+            runner,
+            self.results,
+            self.shutdown,
+            owner,
+            node.lease,
+            workers,
+            self.admission.backlog,
+        )
         self.membership = Membership(store, owner, node.lease, self.workers, environments=leaser.served)
         self._tg: TaskGroup | None = None
 

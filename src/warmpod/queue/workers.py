@@ -16,7 +16,7 @@ from warmpod import metrics
 from warmpod.backoff import Backoff
 from warmpod.errors import PoolUnavailable, RunFinished, RunNotFound, StoreError
 from warmpod.models import RunResult
-from warmpod.queue.admission import Shutdown
+from warmpod.queue.admission import Backlog, Shutdown
 from warmpod.queue.results import Results
 from warmpod.queue.store.base import Claim, Fence, Owner, Store
 from warmpod.sandbox.runner import SANDBOX_FAILURES, Leaser, Runner, RunOutput
@@ -76,8 +76,10 @@ class Workers:
         owner: Owner,
         lease: float,
         count: int,
+        backlog: Backlog | None = None,
     ) -> None:
         self._store = store
+        self._backlog = backlog or Backlog()
         self._leaser = leaser
         self._runner = runner
         self._results = results
@@ -246,7 +248,13 @@ class Workers:
             return served[0]  # the common case costs no query
         if not served:
             return None
-        return await self._store.next_environment(served, self._leaser.ready())
+        ready = self._leaser.ready()
+        # Every waiting run is of one environment with a sandbox free (an idle node's case): the
+        # store could only answer that one.
+        only = self._backlog.only_environment()
+        if only is not None and only in ready:
+            return only
+        return await self._store.next_environment(served, ready)
 
     async def _execute(self, claim: Claim, sandbox: Sandbox, live: _LiveRun) -> None:
         """Run the claimed run in ``sandbox``, leaving what to record of it in ``live.result``:
