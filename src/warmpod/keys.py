@@ -204,8 +204,13 @@ class KeyFile:
         return self._file.current()
 
     def named(self, name: str) -> Key | None:
-        """The key called ``name`` among those read last, if any still is."""
-        return next((key for key in self._file.last() if key.name == name), None)
+        """The key called ``name`` in the file, read again if it changed; if it became malformed,
+        among the keys it last held."""
+        try:
+            keys = self._file.current()
+        except SettingsError:
+            keys = self._file.last()
+        return next((key for key in keys if key.name == name), None)
 
     def find(self, presented: str) -> Key | None:
         """The key whose hash matches ``presented`` among those read last; every entry is

@@ -10,16 +10,12 @@ from urllib.parse import SplitResult, urlsplit
 
 import anyio
 
-from warmpod.errors import SettingsError
+from warmpod.errors import InvalidCallback, SettingsError
 
 MAX_URL = 2048
 """Longest ``callback_url`` taken, in characters."""
 _PORTS = {"http": 80, "https": 443}
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-class Refused(ValueError):
-    """A webhook URL the allow-list does not let through; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ class Destinations:
         for entry in allow:
             try:
                 url = _parse(entry)
-            except Refused as exc:
+            except InvalidCallback as exc:
                 raise SettingsError(f"WARMPOD_WEBHOOKS__ALLOW entry {entry[:100]!r}: {exc}") from None
             host = _host(url)
             self._prefixes.append(Prefix(url.scheme, host, _port(url), url.path or "/", _address(host)))
@@ -78,10 +74,10 @@ class Destinations:
         """``url`` if the allow-list lets it through (as far as can be told before its name is resolved).
 
         Raises:
-            Refused: webhooks are off, or the URL is malformed or outside every prefix.
+            InvalidCallback: webhooks are off, or the URL is malformed or outside every prefix.
         """
         if not self._prefixes:
-            raise Refused("this server sends no webhooks: WARMPOD_WEBHOOKS__ALLOW is empty")
+            raise InvalidCallback("this server sends no webhooks: WARMPOD_WEBHOOKS__ALLOW is empty")
         self._prefix(_parse(url))
         return url
 
@@ -91,7 +87,7 @@ class Destinations:
         to the address checked, not to whatever a second resolution answers.
 
         Raises:
-            Refused: the URL is no longer allowed, its name does not resolve, or it resolves to an
+            InvalidCallback: the URL is no longer allowed, its name does not resolve, or it resolves to an
                 address the allow-list does not name.
         """
         parts = _parse(url)
@@ -104,48 +100,50 @@ class Destinations:
             try:
                 found = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             except OSError as exc:
-                raise Refused(f"the name {host!r} does not resolve: {exc}") from None
+                raise InvalidCallback(f"the name {host!r} does not resolve: {exc}") from None
             addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in found))
         for address in addresses:
             if not address.is_global and address != prefix.address:
-                raise Refused(
+                raise InvalidCallback(
                     f"{host!r} resolves to {address}, an address that is not public and that "
                     "WARMPOD_WEBHOOKS__ALLOW does not name"
                 )
         if not addresses:
-            raise Refused(f"the name {host!r} has no address")
+            raise InvalidCallback(f"the name {host!r} has no address")
         return Target(url=url, address=addresses[0], host=host, port=port)
 
     def _prefix(self, url: SplitResult) -> Prefix:
         for prefix in self._prefixes:
             if prefix.covers(url):
                 return prefix
-        raise Refused("the URL is outside WARMPOD_WEBHOOKS__ALLOW, the server's allowed webhook destinations")
+        raise InvalidCallback(
+            "the URL is outside WARMPOD_WEBHOOKS__ALLOW, the server's allowed webhook destinations"
+        )
 
 
 def _parse(url: str) -> SplitResult:
     """``url`` split, once it is a plain absolute ``http``/``https`` URL.
 
     Raises:
-        Refused: it is not.
+        InvalidCallback: it is not.
     """
     if len(url) > MAX_URL:
-        raise Refused(f"the URL is longer than {MAX_URL} characters")
+        raise InvalidCallback(f"the URL is longer than {MAX_URL} characters")
     if not url.isascii() or not url.isprintable() or " " in url:
-        raise Refused("the URL must be printable ASCII without spaces (percent-encode the rest)")
+        raise InvalidCallback("the URL must be printable ASCII without spaces (percent-encode the rest)")
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises on a port out of range)
     except ValueError as exc:
-        raise Refused(f"the URL is malformed: {exc}") from None
+        raise InvalidCallback(f"the URL is malformed: {exc}") from None
     if parts.scheme not in _PORTS:
-        raise Refused("the URL must be http:// or https://")
+        raise InvalidCallback("the URL must be http:// or https://")
     if not parts.hostname:
-        raise Refused("the URL has no host")
+        raise InvalidCallback("the URL has no host")
     if parts.username is not None or parts.password is not None:
-        raise Refused("the URL must not carry a user or password")
+        raise InvalidCallback("the URL must not carry a user or password")
     if parts.fragment:
-        raise Refused("the URL must not have a #fragment")
+        raise InvalidCallback("the URL must not have a #fragment")
     return parts
 
 

@@ -15,8 +15,8 @@ import httpx
 import msgspec
 from standardwebhooks.webhooks import Webhook
 
-from warmpod.errors import SettingsError
-from warmpod.webhooks.destinations import Destinations, Refused
+from warmpod.errors import InvalidCallback, SettingsError
+from warmpod.webhooks.destinations import Destinations
 
 Outcome = Literal["delivered", "rejected", "unreachable", "refused"]
 """How a try went: a 2xx answer; another answer; no answer (connection, TLS or time-out); or not
@@ -87,7 +87,7 @@ async def send(
     address ``destinations`` checks now."""
     try:
         target = await destinations.target(url)
-    except Refused as exc:
+    except InvalidCallback as exc:
         return Sent("refused", error=str(exc))
     pinned = httpx.URL(url).copy_with(host=str(target.address))
     default_port = {"http": 80, "https": 443}[pinned.scheme]
