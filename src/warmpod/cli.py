@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from warmpod import __version__, terminal
 from warmpod.errors import WarmpodError
@@ -207,8 +210,55 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--file", metavar="PATH", help="the keys file (default WARMPOD_SERVER__API_KEYS_FILE)"
         )
+    webhook_cmd = commands.add_parser("webhook", help="make a webhook signing secret, or check a webhook")
+    webhook_cmds = webhook_cmd.add_subparsers(dest="webhook_command", required=True)
+    webhook_cmds.add_parser(
+        "secret", help="print a new whsec_ secret (for WARMPOD_WEBHOOKS__SECRETS or a key's webhook_secret=)"
+    )
+    verify_cmd = webhook_cmds.add_parser(
+        "verify", help="check a received webhook's signature and time, and print the run it carries"
+    )
+    verify_cmd.add_argument(
+        "body", metavar="FILE", help="the request's body as received ('-': standard input)"
+    )
+    verify_cmd.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header; give webhook-id, webhook-timestamp and webhook-signature",
+    )
+    verify_cmd.add_argument(
+        "--secret-env",
+        default="WARMPOD_WEBHOOK_SECRET",
+        metavar="NAME",
+        help="the variable holding the whsec_ secret, or several comma-separated (WARMPOD_WEBHOOK_SECRET)",
+    )
     terminal.add_commands(commands)
     return parser
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    """``warmpod webhook secret`` and ``warmpod webhook verify``: a receiver's tools, no server needed."""
+    from warmpod.client import webhooks
+
+    if args.webhook_command == "secret":
+        print(webhooks.new_secret())
+        return 0
+    secret = os.environ.get(args.secret_env, "")
+    if not secret:
+        print(f"warmpod: set {args.secret_env} to the webhook secret (whsec_...)", file=sys.stderr)
+        return 2
+    headers = dict(line.partition(":")[::2] for line in args.header)
+    body = sys.stdin.buffer.read() if args.body == "-" else Path(args.body).read_bytes()
+    try:
+        event = webhooks.verify(secret.split(","), body, {k.strip(): v.strip() for k, v in headers.items()})
+    except (webhooks.WebhookVerificationError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+        print(f"warmpod: the webhook is not genuine: {exc}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(event.data).decode())
+    return 0
 
 
 def _server_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -227,6 +277,8 @@ def _server_command(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``warmpod`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "webhook":
+        return _webhook(args)
     if args.command in terminal.COMMANDS:
         try:
             return terminal.main(args)

@@ -238,6 +238,17 @@ class RunResult(msgspec.Struct, kw_only=True):
         )
 
 
+class WebhookEvent(msgspec.Struct, kw_only=True):
+    """What a webhook posts: the run's result once it is final, files as metadata only."""
+
+    type: Literal["run.finished"]
+    timestamp: str
+    """When this try was sent (RFC 3339, UTC)."""
+    data: RunResult
+    """The run as ``GET /status/{id}`` answers it, with each file's ``content`` null (its ``url``
+    downloads it) and ``webhook`` null."""
+
+
 class RunSummary(msgspec.Struct, kw_only=True):
     """One run as ``GET /runs`` lists it: its state and labels, never its output or files."""
 

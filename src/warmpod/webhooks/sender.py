@@ -16,13 +16,12 @@ import msgspec
 from standardwebhooks.webhooks import Webhook
 
 from warmpod.errors import InvalidCallback, SettingsError
+from warmpod.models import RunResult, WebhookEvent
 from warmpod.webhooks.destinations import Destinations
 
 Outcome = Literal["delivered", "rejected", "unreachable", "refused"]
 """How a try went: a 2xx answer; another answer; no answer (connection, TLS or time-out); or not
 tried, the destination not allowed."""
-EVENT = "run.finished"
-"""The ``type`` of every webhook warmpod sends."""
 
 
 @dataclass(frozen=True)
@@ -56,10 +55,10 @@ def signers(secrets: tuple[str, ...], where: str) -> tuple[Webhook, ...]:
     return tuple(found)
 
 
-def body(data: object) -> bytes:
-    """The JSON a webhook carries: its ``type``, the time it is sent and the run's result."""
+def body(result: RunResult) -> bytes:
+    """The JSON a webhook carries: the event of ``result``, stamped now."""
     sent = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    return msgspec.json.encode({"type": EVENT, "timestamp": sent, "data": data})
+    return msgspec.json.encode(WebhookEvent(type="run.finished", timestamp=sent, data=result))
 
 
 def headers(message_id: str, payload: bytes, signing: tuple[Webhook, ...]) -> dict[str, str]:
