@@ -3,6 +3,7 @@ again at each delivery, after the name is resolved, so a webhook cannot reach in
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ import anyio
 
 from warmpod.errors import InvalidCallback, SettingsError
 
+RESOLVERS = 4
+"""Name resolutions of deliveries at once."""
 MAX_URL = 2048
 """Longest ``callback_url`` taken, in characters."""
 _PORTS = {"http": 80, "https": 443}
@@ -57,6 +60,7 @@ class Destinations:
         SettingsError: an entry is not an ``http`` or ``https`` URL without user or query.
         """
         self._prefixes: list[Prefix] = []
+        self._resolvers = anyio.CapacityLimiter(RESOLVERS)
         for entry in allow:
             try:
                 url = _parse(entry)
@@ -98,7 +102,13 @@ class Destinations:
             addresses = [literal]
         else:
             try:
-                found = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                # Threads of their own: a resolver that hangs holds these, never the ones the
+                # pool and the runs use, and the try's time-out gives up waiting on it.
+                found = await anyio.to_thread.run_sync(
+                    functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM),
+                    abandon_on_cancel=True,
+                    limiter=self._resolvers,
+                )
             except OSError as exc:
                 raise InvalidCallback(f"the name {host!r} does not resolve: {exc}") from None
             addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in found))

@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook
 
 from warmpod.errors import InvalidCallback, SettingsError
 from warmpod.models import RunResult, WebhookEvent
-from warmpod.webhooks.destinations import Destinations
+from warmpod.webhooks.destinations import Destinations, Target
 
 Outcome = Literal["delivered", "rejected", "unreachable", "refused"]
 """How a try went: a 2xx answer; another answer; no answer (connection, TLS or time-out); or not
@@ -82,16 +82,35 @@ async def send(
     payload: bytes,
     timeout: float,
 ) -> Sent:
-    """Post ``payload`` to ``url`` once, within ``timeout`` seconds in all, connecting to the
-    address ``destinations`` checks now."""
-    try:
-        target = await destinations.target(url)
-    except InvalidCallback as exc:
-        return Sent("refused", error=str(exc))
-    pinned = httpx.URL(url).copy_with(host=str(target.address))
+    """Post ``payload`` to ``url`` once, within ``timeout`` seconds in all (resolving the name
+    included), connecting to the address ``destinations`` checks now."""
+    # httpx's timeout bounds each read, not the try: a receiver trickling its headers is cut here.
+    with anyio.move_on_after(timeout):
+        try:
+            target = await destinations.target(url)
+        except InvalidCallback as exc:
+            return Sent("refused", error=str(exc))
+        try:
+            response = await client.send(_request(client, target, sent_headers, payload), stream=True)
+        except httpx.HTTPError as exc:
+            return Sent("unreachable", error=f"{type(exc).__name__}: {exc}"[:500])
+        # The body is never read: a receiver's answer is its status alone, whatever it sends.
+        await response.aclose()
+        status = response.status_code
+        if 200 <= status < 300:
+            return Sent("delivered", status=status)
+        return Sent("rejected", status=status, error=f"the receiver answered {status}")
+    return Sent("unreachable", error=f"no answer within {timeout:g} s (WARMPOD_WEBHOOKS__TIMEOUT)")
+
+
+def _request(
+    client: httpx.AsyncClient, target: Target, sent_headers: dict[str, str], payload: bytes
+) -> httpx.Request:
+    """The request of a try, to the checked address, with the URL's own host and TLS name."""
+    pinned = httpx.URL(target.url).copy_with(host=str(target.address))
     default_port = {"http": 80, "https": 443}[pinned.scheme]
     netloc = target.host if target.port == default_port else f"{target.host}:{target.port}"
-    request = client.build_request(
+    return client.build_request(
         "POST",
         pinned,
         content=payload,
@@ -99,20 +118,6 @@ async def send(
         # The TLS name (and the certificate checked against it) is the URL's, not the address's.
         extensions={"sni_hostname": target.host},
     )
-    # httpx's timeout bounds each read, not the try: a receiver trickling its headers is cut here.
-    with anyio.move_on_after(timeout):
-        try:
-            response = await client.send(request, stream=True, follow_redirects=False)
-        except httpx.HTTPError as exc:
-            return Sent("unreachable", error=f"{type(exc).__name__}: {exc}"[:500])
-        # The body is never read: a receiver's answer is its status alone, whatever it sends.
-        await response.aclose()
-        if 200 <= response.status_code < 300:
-            return Sent("delivered", status=response.status_code)
-        return Sent(
-            "rejected", status=response.status_code, error=f"the receiver answered {response.status_code}"
-        )
-    return Sent("unreachable", error=f"no answer within {timeout:g} s (WARMPOD_WEBHOOKS__TIMEOUT)")
 
 
 def client(timeout: float) -> httpx.AsyncClient:
