@@ -102,6 +102,7 @@ def serve(settings: Settings) -> int:
 def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
     """``warmpod keys add|list|remove``: the keys file, which the server re-reads when it changes."""
     from warmpod import keys
+    from warmpod.client.webhooks import new_secret
 
     path_text = args.file or settings.server.api_keys_file
     if not path_text:
@@ -117,8 +118,25 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
         named = (
             None if args.environments is None else keys.environment_names(args.environments, "--environments")
         )
-        print(keys.add(path, args.name, args.max_active, granted, reached, named))
-        _progress(f"key {args.name!r} added to {path}; it is shown this once")
+        signing = (new_secret(),) if args.webhook_secret else ()
+        print(
+            keys.add(
+                path,
+                args.name,
+                args.max_active,
+                granted,
+                reached,
+                named,
+                webhook=args.webhook,
+                webhook_secrets=signing,
+            )
+        )
+        if signing:
+            print(signing[0])
+        _progress(
+            f"key {args.name!r} added to {path}; it is shown this once"
+            + (", then its webhook secret" if signing else "")
+        )
     elif args.keys_command == "remove":
         keys.remove(path, args.name)
         _progress(f"key {args.name!r} removed from {path}")
@@ -129,7 +147,8 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
             sources = f"sources={','.join(sorted(key.sources)) or '-'}"
             # '*' for every environment: no environment's name can be it.
             usable = "*" if key.environments is None else ",".join(sorted(key.environments))
-            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={usable}")
+            hook = f"webhook={key.webhook or '-'}" + (" (own secret)" if key.webhook_secrets else "")
+            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={usable}\t{hook}")
     return 0
 
 
@@ -200,6 +219,14 @@ def _parser() -> argparse.ArgumentParser:
         "--environments",
         metavar="a,b",
         help="the environments (WARMPOD_ENVIRONMENTS__FILE) its runs may name (default: every one)",
+    )
+    add_cmd.add_argument(
+        "--webhook", metavar="URL", help="its runs' webhook endpoint when they name no callback_url"
+    )
+    add_cmd.add_argument(
+        "--webhook-secret",
+        action="store_true",
+        help="make it a webhook signing secret of its own, printed once after the key",
     )
     keys_cmds.add_parser(
         "list", help="list the keys' names, quotas, secrets, sources and environments (never their hashes)"

@@ -230,11 +230,15 @@ def add(
     granted: frozenset[str] = frozenset(),
     sources: frozenset[str] = frozenset(),
     environments: frozenset[str] | None = None,
+    *,
+    webhook: str | None = None,
+    webhook_secrets: tuple[str, ...] = (),
 ) -> str:
     """Create a key named ``name``, append its hash to the keys file (made 0600), and return the key.
 
     ``granted`` names the secrets its runs may ask for, ``sources`` the data sources,
-    ``environments`` the environments (None: every one).
+    ``environments`` the environments (None: every one); ``webhook`` is its webhook endpoint and
+    ``webhook_secrets`` sign its webhooks.
 
     Raises:
         SettingsError: the name is not allowed, is taken, or the file cannot be written.
@@ -245,7 +249,9 @@ def add(
     if any(key.name == name for key in existing):
         raise SettingsError(f"{path} already has a key named {name!r}: remove it first to replace it")
     key = secrets.token_urlsafe(KEY_BYTES)
-    line = Key(name, digest(key), max_active, granted, sources, environments).line()
+    if webhook is not None:
+        _webhook(webhook, "--webhook")
+    line = Key(name, digest(key), max_active, granted, sources, environments, webhook, webhook_secrets).line()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
