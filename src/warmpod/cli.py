@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import signal
 import sys
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from warmpod import __version__, terminal
 from warmpod.errors import WarmpodError
@@ -99,6 +102,7 @@ def serve(settings: Settings) -> int:
 def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
     """``warmpod keys add|list|remove``: the keys file, which the server re-reads when it changes."""
     from warmpod import keys
+    from warmpod.client.webhooks import new_secret
 
     path_text = args.file or settings.server.api_keys_file
     if not path_text:
@@ -114,8 +118,25 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
         named = (
             None if args.environments is None else keys.environment_names(args.environments, "--environments")
         )
-        print(keys.add(path, args.name, args.max_active, granted, reached, named))
-        _progress(f"key {args.name!r} added to {path}; it is shown this once")
+        signing = (new_secret(),) if args.webhook_secret else ()
+        print(
+            keys.add(
+                path,
+                args.name,
+                args.max_active,
+                granted,
+                reached,
+                named,
+                webhook=args.webhook,
+                webhook_secrets=signing,
+            )
+        )
+        if signing:
+            print(signing[0])
+        _progress(
+            f"key {args.name!r} added to {path}; it is shown this once"
+            + (", then its webhook secret" if signing else "")
+        )
     elif args.keys_command == "remove":
         keys.remove(path, args.name)
         _progress(f"key {args.name!r} removed from {path}")
@@ -126,7 +147,8 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
             sources = f"sources={','.join(sorted(key.sources)) or '-'}"
             # '*' for every environment: no environment's name can be it.
             usable = "*" if key.environments is None else ",".join(sorted(key.environments))
-            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={usable}")
+            hook = f"webhook={key.webhook or '-'}" + (" (own secret)" if key.webhook_secrets else "")
+            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={usable}\t{hook}")
     return 0
 
 
@@ -198,6 +220,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="a,b",
         help="the environments (WARMPOD_ENVIRONMENTS__FILE) its runs may name (default: every one)",
     )
+    add_cmd.add_argument(
+        "--webhook", metavar="URL", help="its runs' webhook endpoint when they name no callback_url"
+    )
+    add_cmd.add_argument(
+        "--webhook-secret",
+        action="store_true",
+        help="make it a webhook signing secret of its own, printed once after the key",
+    )
     keys_cmds.add_parser(
         "list", help="list the keys' names, quotas, secrets, sources and environments (never their hashes)"
     )
@@ -207,8 +237,55 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--file", metavar="PATH", help="the keys file (default WARMPOD_SERVER__API_KEYS_FILE)"
         )
+    webhook_cmd = commands.add_parser("webhook", help="make a webhook signing secret, or check a webhook")
+    webhook_cmds = webhook_cmd.add_subparsers(dest="webhook_command", required=True)
+    webhook_cmds.add_parser(
+        "secret", help="print a new whsec_ secret (for WARMPOD_WEBHOOKS__SECRETS or a key's webhook_secret=)"
+    )
+    verify_cmd = webhook_cmds.add_parser(
+        "verify", help="check a received webhook's signature and time, and print the run it carries"
+    )
+    verify_cmd.add_argument(
+        "body", metavar="FILE", help="the request's body as received ('-': standard input)"
+    )
+    verify_cmd.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="a request header; give webhook-id, webhook-timestamp and webhook-signature",
+    )
+    verify_cmd.add_argument(
+        "--secret-env",
+        default="WARMPOD_WEBHOOK_SECRET",
+        metavar="NAME",
+        help="the variable holding the whsec_ secret, or several comma-separated (WARMPOD_WEBHOOK_SECRET)",
+    )
     terminal.add_commands(commands)
     return parser
+
+
+def _webhook(args: argparse.Namespace) -> int:
+    """``warmpod webhook secret`` and ``warmpod webhook verify``: a receiver's tools, no server needed."""
+    from warmpod.client import webhooks
+
+    if args.webhook_command == "secret":
+        print(webhooks.new_secret())
+        return 0
+    secret = os.environ.get(args.secret_env, "")
+    if not secret:
+        print(f"warmpod: set {args.secret_env} to the webhook secret (whsec_...)", file=sys.stderr)
+        return 2
+    headers = dict(line.partition(":")[::2] for line in args.header)
+    body = sys.stdin.buffer.read() if args.body == "-" else Path(args.body).read_bytes()
+    try:
+        event = webhooks.verify(secret.split(","), body, {k.strip(): v.strip() for k, v in headers.items()})
+    except (webhooks.WebhookVerificationError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+        print(f"warmpod: the webhook is not genuine: {exc}", file=sys.stderr)
+        return 1
+    print(msgspec.json.encode(event.data).decode())
+    return 0
 
 
 def _server_command(args: argparse.Namespace, settings: Settings) -> int:
@@ -227,6 +304,8 @@ def _server_command(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``warmpod`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "webhook":
+        return _webhook(args)
     if args.command in terminal.COMMANDS:
         try:
             return terminal.main(args)

@@ -9,7 +9,8 @@ WarmpodError
 ├── InvalidRun         a run request is well formed but asks for something not allowed (422)
 │   ├── InvalidFile    an input file's path, content or size is not allowed (422)
 │   ├── InvalidProgram the entrypoint, an argument or an environment variable is not allowed (422)
-│   └── InvalidLabel   a run's label, or a label in a filter, breaks a rule (422)
+│   ├── InvalidLabel   a run's label, or a label in a filter, breaks a rule (422)
+│   └── InvalidCallback a run's callback_url is malformed or outside the webhook allow-list (422)
 ├── InvalidQuery       a run listing's parameter (cursor, status, time, limit) is not allowed (422)
 ├── SecretDenied       a run asks for a secret that does not exist or its key may not use (403)
 ├── SourceDenied       a run asks for a data source that does not exist or its key may not use (403)
@@ -69,6 +70,11 @@ class InvalidProgram(InvalidRun):
 class InvalidLabel(InvalidRun):
     """Raised when a run's labels (or a ``/runs`` filter's) break a rule: their count, a name's
     characters or length, a value's length or characters; the message names the rule."""
+
+
+class InvalidCallback(InvalidRun):
+    """Raised when a webhook's URL may not be used: malformed, outside ``WARMPOD_WEBHOOKS__ALLOW``
+    (or webhooks are off), or, at delivery, resolving to an address the allow-list does not name."""
 
 
 class InvalidQuery(WarmpodError):

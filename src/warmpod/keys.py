@@ -15,9 +15,12 @@ from warmpod.environ import name_problem
 from warmpod.environments import NAME as ENVIRONMENT_NAME
 from warmpod.errors import SettingsError
 from warmpod.watched import WatchedFile
+from warmpod.webhooks.destinations import MAX_URL
+from warmpod.webhooks.sender import signers
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HASH = re.compile(r"[0-9a-f]{64}")
+_OPTION = re.compile(r":(?=[a-z_]+=)")
 SOURCE_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 """A data source's name (``sources.Source``): its program's variables are named after it."""
 KEY_BYTES = 32
@@ -38,6 +41,11 @@ class Key:
     """The operator's data sources its runs may ask for (``sources=a,b``)."""
     environments: frozenset[str] | None = None
     """The environments its runs may name (``environments=a,b``); None, every one."""
+    webhook: str | None = None
+    """Where its runs' webhooks go when a run names no ``callback_url`` (``webhook=URL``)."""
+    webhook_secrets: tuple[str, ...] = ()
+    """``whsec_`` secrets signing its webhooks instead of the server's, each one signing
+    (``webhook_secret=whsec_A,whsec_B``): another key's receiver never trusts this key's signature."""
 
     def line(self) -> str:
         """Its line in the keys file."""
@@ -45,7 +53,9 @@ class Key:
         granted = f":secrets={','.join(sorted(self.secrets))}" if self.secrets else ""
         reached = f":sources={','.join(sorted(self.sources))}" if self.sources else ""
         named = "" if self.environments is None else f":environments={','.join(sorted(self.environments))}"
-        return f"{self.name}:{self.digest}{quota}{granted}{reached}{named}\n"
+        hook = "" if self.webhook is None else f":webhook={self.webhook}"
+        signed = f":webhook_secret={','.join(self.webhook_secrets)}" if self.webhook_secrets else ""
+        return f"{self.name}:{self.digest}{quota}{granted}{reached}{named}{hook}{signed}\n"
 
 
 def digest(key: str) -> str:
@@ -69,7 +79,8 @@ def parse(text: str, source: str) -> list[Key]:
         if not _NAME.fullmatch(name) or not _HASH.fullmatch(hashed):
             raise SettingsError(
                 f"{source} line {number}: expected "
-                "NAME:SHA256_HEX[:max_active=N][:secrets=A,B][:sources=a,b][:environments=a,b] "
+                "NAME:SHA256_HEX[:max_active=N][:secrets=A,B][:sources=a,b][:environments=a,b]"
+                "[:webhook=URL][:webhook_secret=whsec_A,whsec_B] "
                 "(NAME letters, digits, '.', '_' or '-'; the hash 64 lowercase hex digits)"
             )
         if any(key.name == name for key in keys):
@@ -82,7 +93,8 @@ def _options(text: str, where: str) -> dict[str, Any]:
     """A key line's options after its hash: ``max_active=N``, ``secrets=A,B``, ``sources=a,b`` and
     ``environments=a,b``, each at most once."""
     found: dict[str, Any] = {}
-    for option in filter(None, text.split(":")):
+    # An option starts at a ':' followed by its name and '=': a URL's own colons stay in its value.
+    for option in filter(None, _OPTION.split(text)):
         name, _, value = option.partition("=")
         if name in found:
             raise SettingsError(f"{where}: the option {name!r} is given twice")
@@ -96,12 +108,25 @@ def _options(text: str, where: str) -> dict[str, Any]:
             found[name] = source_names(value, where)
         elif name == "environments":
             found[name] = environment_names(value, where)
+        elif name == "webhook":
+            found[name] = _webhook(value, where)
+        elif name == "webhook_secret":
+            signers(tuple(part.strip() for part in value.split(",")), where)
+            found["webhook_secrets"] = tuple(part.strip() for part in value.split(","))
         else:
             raise SettingsError(
-                f"{where}: unknown option {name!r}: the options are max_active=N, secrets=A,B, sources=a,b "
-                "and environments=a,b"
+                f"{where}: unknown option {name!r}: the options are max_active=N, secrets=A,B, sources=a,b, "
+                "environments=a,b, webhook=URL and webhook_secret=whsec_A,whsec_B"
             )
     return found
+
+
+def _webhook(value: str, where: str) -> str:
+    if not value.startswith(("http://", "https://")) or len(value) > MAX_URL:
+        raise SettingsError(
+            f"{where}: the option must be webhook=URL, an http(s) URL of {MAX_URL} characters at most"
+        )
+    return value
 
 
 def secret_names(value: str, where: str) -> frozenset[str]:
@@ -178,6 +203,15 @@ class KeyFile:
         """
         return self._file.current()
 
+    def named(self, name: str) -> Key | None:
+        """The key called ``name`` in the file, read again if it changed; if it became malformed,
+        among the keys it last held."""
+        try:
+            keys = self._file.current()
+        except SettingsError:
+            keys = self._file.last()
+        return next((key for key in keys if key.name == name), None)
+
     def find(self, presented: str) -> Key | None:
         """The key whose hash matches ``presented`` among those read last; every entry is
         compared, each in constant time."""
@@ -196,11 +230,15 @@ def add(
     granted: frozenset[str] = frozenset(),
     sources: frozenset[str] = frozenset(),
     environments: frozenset[str] | None = None,
+    *,
+    webhook: str | None = None,
+    webhook_secrets: tuple[str, ...] = (),
 ) -> str:
     """Create a key named ``name``, append its hash to the keys file (made 0600), and return the key.
 
     ``granted`` names the secrets its runs may ask for, ``sources`` the data sources,
-    ``environments`` the environments (None: every one).
+    ``environments`` the environments (None: every one); ``webhook`` is its webhook endpoint and
+    ``webhook_secrets`` sign its webhooks.
 
     Raises:
         SettingsError: the name is not allowed, is taken, or the file cannot be written.
@@ -211,7 +249,9 @@ def add(
     if any(key.name == name for key in existing):
         raise SettingsError(f"{path} already has a key named {name!r}: remove it first to replace it")
     key = secrets.token_urlsafe(KEY_BYTES)
-    line = Key(name, digest(key), max_active, granted, sources, environments).line()
+    if webhook is not None:
+        _webhook(webhook, "--webhook")
+    line = Key(name, digest(key), max_active, granted, sources, environments, webhook, webhook_secrets).line()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

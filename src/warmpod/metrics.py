@@ -64,6 +64,21 @@ SOURCE_BYTES = Counter(
     "Bytes relayed between programs and a data source, by source and direction (in: to the program)",
     ["source", "direction"],
 )
+WEBHOOK_OUTCOMES = ("delivered", "rejected", "unreachable", "refused")
+WEBHOOK_ATTEMPTS = Counter(
+    "warmpod_webhook_attempts_total",
+    "Webhook tries made by this node, by outcome (delivered: a 2xx answer; rejected: another answer; "
+    "unreachable: no answer; refused: the destination not allowed, never contacted)",
+    ["outcome"],
+)
+WEBHOOKS_FAILED = Counter("warmpod_webhooks_failed_total", "Webhooks given up after their last try")
+WEBHOOK_SECONDS = Histogram(
+    "warmpod_webhook_attempt_seconds",
+    "Seconds of one webhook try, resolution included",
+    buckets=_CALL_BUCKETS,
+)
+for _outcome in WEBHOOK_OUTCOMES:
+    WEBHOOK_ATTEMPTS.labels(outcome=_outcome)
 for _status in FINAL_STATUSES:
     RUNS.labels(status=_status)
 for _limit in LIMITS:

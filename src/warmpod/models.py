@@ -72,6 +72,10 @@ class RunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Names and values kept with the run, returned with it and filterable in ``GET /runs``: at
     most 16, names 1-63 characters of ``a-z 0-9 _ . -`` starting with a letter or digit, values
     at most 256 printable characters."""
+    callback_url: str | msgspec.UnsetType | None = msgspec.UNSET
+    """Where the run's result is posted, signed (Standard Webhooks), once it is final: an
+    ``http(s)`` URL under one of the server's ``WARMPOD_WEBHOOKS__ALLOW`` prefixes. Absent: the
+    key's own endpoint, if it has one; null: no webhook."""
     timeout: Annotated[float, Meta(gt=0)] | None = None
     """Wall-time limit in seconds; the server's default when absent, at most its maximum."""
     cpu_time: Annotated[int, Meta(gt=0)] | None = None
@@ -121,6 +125,9 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The environment whose sandboxes alone may run it."""
     labels: tuple[tuple[str, str], ...] = ()
     """``(name, value)`` of its labels, sorted by name, checked (``labels.checked_labels``)."""
+    callback_url: str | None = None
+    """Where its webhook goes (its own ``callback_url`` or its key's endpoint), checked against the
+    allow-list; None for none."""
 
 
 class SourceUse(msgspec.Struct, kw_only=True):
@@ -135,6 +142,28 @@ class SourceUse(msgspec.Struct, kw_only=True):
     """Bytes from the upstream to the program."""
     bytes_out: int = 0
     """Bytes from the program to the upstream."""
+
+
+WebhookStatus = Literal["waiting", "pending", "delivered", "failed"]
+
+
+class WebhookState(msgspec.Struct, kw_only=True):
+    """Where a run's webhook stands: every try's outcome is kept on the run."""
+
+    url: str
+    state: WebhookStatus
+    """``waiting`` for the run to end; ``pending``, due or being retried; ``delivered`` (a 2xx
+    answer); ``failed``, given up after ``WARMPOD_WEBHOOKS__ATTEMPTS`` tries."""
+    attempts: int
+    """Tries so far."""
+    last_status: int | None
+    """The HTTP status of the latest try's answer; null when it got none."""
+    last_error: str | None
+    """Why the latest try did not deliver: the answer's status, no answer, or a refused address."""
+    delivered_at: float | None
+    """When a try was answered 2xx, in seconds since the epoch (the store's clock)."""
+    next_attempt_at: float | None
+    """When it is tried next, while ``pending``."""
 
 
 class RunResult(msgspec.Struct, kw_only=True):
@@ -172,6 +201,8 @@ class RunResult(msgspec.Struct, kw_only=True):
     """The environment it ran in (or was to run in)."""
     labels: dict[str, str] = {}
     """The labels it was submitted with."""
+    webhook: WebhookState | None = None
+    """Its webhook's deliveries; null when it has none."""
 
     @classmethod
     def from_server(
@@ -205,6 +236,17 @@ class RunResult(msgspec.Struct, kw_only=True):
             environment=environment,
             labels=labels or {},
         )
+
+
+class WebhookEvent(msgspec.Struct, kw_only=True):
+    """What a webhook posts: the run's result once it is final, files as metadata only."""
+
+    type: Literal["run.finished"]
+    timestamp: str
+    """When this try was sent (RFC 3339, UTC)."""
+    data: RunResult
+    """The run as ``GET /status/{id}`` answers it, with each file's ``content`` null (its ``url``
+    downloads it) and ``webhook`` null."""
 
 
 class RunSummary(msgspec.Struct, kw_only=True):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import shutil
 import uuid
@@ -14,11 +15,13 @@ from typing import Literal
 import anyio
 
 from warmpod.environments import DEFAULT, Environments, EnvironmentSpec
-from warmpod.errors import ImageError
+from warmpod.errors import ImageError, SettingsError
 from warmpod.host import facts, image, podman_service
 from warmpod.host.enforcement import check, enforcement
 from warmpod.host.podman_api import EngineInfo, PodmanApi
+from warmpod.keys import KeyFile
 from warmpod.models import Environment, EnvironmentInfo, Health, NodeInfo, PoolCounts, QueueCounts
+from warmpod.queue.deliveries import Deliveries
 from warmpod.queue.node import QueueNode
 from warmpod.queue.store.base import Store
 from warmpod.queue.store.postgres import PostgresStore
@@ -29,6 +32,7 @@ from warmpod.sandbox.selftest import self_test
 from warmpod.secrets import Secrets
 from warmpod.settings import Settings
 from warmpod.sources import Sources
+from warmpod.webhooks.destinations import Destinations
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,11 @@ class Service:
     """The operator's sources file: who may reach what (the runner relays them)."""
     catalogue: list[EnvironmentInfo] = field(default_factory=list)
     """Each environment with what its image recorded (``GET /environments``)."""
+
+    @functools.cached_property
+    def webhooks(self) -> Destinations:
+        """Where a run's webhook may go (``WARMPOD_WEBHOOKS__ALLOW``), checked as runs are submitted."""
+        return Destinations(self.settings.webhooks.allow)
 
     @property
     def environments(self) -> Environments:
@@ -106,6 +115,20 @@ class Service:
             ),
             nodes=self.queue.membership.nodes,
         )
+
+
+def _deliveries(settings: Settings, store: Store) -> Deliveries | None:
+    """What delivers this node's share of webhooks; None when the allow-list is empty."""
+    destinations = Destinations(settings.webhooks.allow)
+    if not destinations.enabled:
+        return None
+    if not settings.webhooks.secrets:
+        raise SettingsError(
+            "WARMPOD_WEBHOOKS__ALLOW is set but WARMPOD_WEBHOOKS__SECRETS is empty: webhooks must be "
+            "signed; give one or more whsec_ secrets (`warmpod webhook secret` makes one)"
+        )
+    keys = KeyFile(Path(settings.server.api_keys_file)) if settings.server.api_keys_file else None
+    return Deliveries(store, settings.webhooks, destinations, None if keys is None else keys.named)
 
 
 def _info(spec: EnvironmentSpec, ref: str, recorded: Environment | None) -> EnvironmentInfo:
@@ -202,7 +225,14 @@ async def run_service(settings: Settings) -> AsyncIterator[Service]:
                         )
                         workers = settings.queue.workers or settings.pool.bounds[1]
                         queue = QueueNode(
-                            store, pool, runner, settings.queue, workers, settings.files, settings.node
+                            store,
+                            pool,
+                            runner,
+                            settings.queue,
+                            workers,
+                            settings.files,
+                            settings.node,
+                            _deliveries(settings, store),
                         )
                         await tg.start(queue.serve)
                         yield Service(

@@ -288,6 +288,35 @@ class EnvironmentSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unkn
     in any case. Empty: the ``default`` environment alone (``WARMPOD_ENVIRONMENTS__FILE``)."""
 
 
+class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Completion webhooks: where they may go, how they are signed, and how long they are retried."""
+
+    allow: tuple[str, ...] = ()
+    """URL prefixes a run's ``callback_url`` (or a key's ``webhook=``) must start with: same
+    scheme, host and port, and a path under the prefix's. A name is resolved at each delivery, and
+    an address that is not public (loopback, private, link-local...) is refused unless an entry
+    names that very address as its host. Empty: no webhooks, and a ``callback_url`` is refused
+    (``WARMPOD_WEBHOOKS__ALLOW``, comma-separated)."""
+    secrets: tuple[str, ...] = ()
+    """``whsec_`` secrets (base64, Standard Webhooks) signing every delivery of a key without a
+    ``webhook_secret=`` of its own; each one signs, so a receiver can move from an old secret to
+    a new one while both are listed (``WARMPOD_WEBHOOKS__SECRETS``, comma-separated)."""
+    attempts: Annotated[int, Meta(ge=1, le=30)] = 8
+    """Tries of one delivery in all before it is given up (``WARMPOD_WEBHOOKS__ATTEMPTS``)."""
+    first_retry: Annotated[float, Meta(gt=0, le=3600)] = 30.0
+    """Seconds before the second try; each later wait doubles, give or take a quarter at random,
+    so 8 tries span about an hour (``WARMPOD_WEBHOOKS__FIRST_RETRY``)."""
+    timeout: Annotated[float, Meta(gt=0, le=60)] = 10.0
+    """Seconds one try may take, connecting included (``WARMPOD_WEBHOOKS__TIMEOUT``)."""
+    concurrency: Annotated[int, Meta(ge=1, le=256)] = 16
+    """Deliveries this node makes at once; at most a quarter of them (at least one) to one key's
+    receivers, so a key's slow receiver does not hold back another key's webhooks
+    (``WARMPOD_WEBHOOKS__CONCURRENCY``)."""
+    poll: Annotated[float, Meta(gt=0, le=60)] = 1.0
+    """Seconds between looks for due deliveries when none was found; a run that ends on this node
+    is delivered at once (``WARMPOD_WEBHOOKS__POLL``)."""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """All of warmpod's configuration."""
 
@@ -301,6 +330,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     files: FileSettings = msgspec.field(default_factory=FileSettings)
     sources: SourceSettings = msgspec.field(default_factory=SourceSettings)
     environments: EnvironmentSettings = msgspec.field(default_factory=EnvironmentSettings)
+    webhooks: WebhookSettings = msgspec.field(default_factory=WebhookSettings)
 
 
 def from_env(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

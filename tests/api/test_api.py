@@ -73,6 +73,7 @@ async def test_run_json_returns_the_run_result(
         "sources": {},
         "environment": "default",
         "labels": {},
+        "webhook": None,
     }
     assert runner.calls == [(b"print(1)", "é\n".encode(), 2.5)]
 
@@ -396,6 +397,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "sources",
         "environment",
         "labels",
+        "callback_url",
     }
     assert components["RunRequest"]["properties"]["files"]["items"]["$ref"].endswith("/InputFile")
     assert set(components["InputFile"]["properties"]) == {"path", "content"}
@@ -417,6 +419,7 @@ async def test_openapi_documents_both_run_endpoints(client: AsyncTestClient[Lite
         "sources",
         "environment",
         "labels",
+        "webhook",
     }
     assert set(components["SourceUse"]["properties"]) == {"connections", "refused", "bytes_in", "bytes_out"}
     assert set(run_json["responses"]) == {"200", "202", "400", "401", "403", "413", "422", "429", "503"}

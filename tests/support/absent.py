@@ -28,6 +28,7 @@ from warmpod.queue.store.base import (
     Replay,
     RunFilter,
 )
+from warmpod.queue.store.outbox import Delivery, Tried
 from warmpod.sandbox.protocol import MAX_FRAME, Channel
 from warmpod.sandbox.sandbox import Sandbox
 
@@ -161,6 +162,12 @@ class NoStore:
         self, key: str | None, where: RunFilter, after: Position | None, limit: int
     ) -> list[Listed]:
         never("Store.list_runs")
+
+    async def claim_webhook(self, lease: float, skip: Sequence[str | None] = ()) -> Delivery | None:
+        never("Store.claim_webhook")
+
+    async def record_webhook(self, delivery: Delivery, tried: Tried) -> bool:
+        never("Store.record_webhook")
 
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         never("Store.output")

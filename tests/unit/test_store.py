@@ -670,7 +670,7 @@ async def test_a_store_made_before_versions_is_migrated_with_its_runs(tmp_path: 
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-    assert version == SCHEMA_VERSION == 9
+    assert version == SCHEMA_VERSION == 10
 
 
 async def test_a_store_of_a_newer_warmpod_is_refused(tmp_path: Path, postgres_db: str) -> None:

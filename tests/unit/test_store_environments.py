@@ -156,7 +156,7 @@ async def test_a_sqlite_store_of_before_environments_counts_its_runs_as_the_defa
         await store.aclose()
     with contextlib.closing(sqlite3.connect(path)) as db:
         (version,) = db.execute("PRAGMA user_version").fetchone()
-    assert version == sqlite.SCHEMA_VERSION == 9
+    assert version == sqlite.SCHEMA_VERSION == 10
 
 
 async def test_a_postgres_store_of_before_environments_counts_its_runs_as_the_default_ones(
@@ -184,7 +184,7 @@ async def test_a_postgres_store_of_before_environments_counts_its_runs_as_the_de
         await store.aclose()
     with psycopg.connect(postgres_db, autocommit=True) as conn:
         assert conn.execute("SELECT version FROM warmpod_schema").fetchall() == [(postgres.SCHEMA_VERSION,)]
-    assert postgres.SCHEMA_VERSION == 7
+    assert postgres.SCHEMA_VERSION == 8
 
 
 async def old_run_is_the_default_ones(store: Store) -> None:

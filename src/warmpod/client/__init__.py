@@ -3,8 +3,18 @@
 from warmpod.client.asynchronous import AsyncClient
 from warmpod.client.blocking import Client
 from warmpod.client.project import ProjectError, project_files
+from warmpod.client.webhooks import WebhookVerificationError, new_secret, verify
 from warmpod.client.wire import FileArg, ProblemError, RunOptions
-from warmpod.models import FileEvent, OutputEvent, RunResult, RunSummary, StatusEvent, StreamEvent
+from warmpod.models import (
+    FileEvent,
+    OutputEvent,
+    RunResult,
+    RunSummary,
+    StatusEvent,
+    StreamEvent,
+    WebhookEvent,
+    WebhookState,
+)
 
 __all__ = [
     "AsyncClient",
@@ -19,5 +29,10 @@ __all__ = [
     "RunSummary",
     "StatusEvent",
     "StreamEvent",
+    "WebhookEvent",
+    "WebhookState",
+    "WebhookVerificationError",
+    "new_secret",
     "project_files",
+    "verify",
 ]

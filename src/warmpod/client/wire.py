@@ -100,6 +100,9 @@ class RunOptions(TypedDict, total=False):
     """Output kept per stream."""
     labels: Mapping[str, str] | None
     """Names and values kept with the run, returned with it and filterable in ``Client.runs``."""
+    callback_url: str | None
+    """Where the server posts the run's result, signed, once it ends (within the server's allow-list);
+    None for no webhook even if the key has an endpoint; absent, the key's endpoint if any."""
 
 
 def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
@@ -139,6 +142,7 @@ def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
         max_output_bytes=options.get("max_output_bytes"),
         environment=options.get("environment") or DEFAULT_ENVIRONMENT,
         labels=dict(options.get("labels") or {}),
+        callback_url=options.get("callback_url", msgspec.UNSET),
         wait=False,
     )
     return msgspec.json.encode(request)

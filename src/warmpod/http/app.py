@@ -30,6 +30,7 @@ from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_IN
 from warmpod import __version__
 from warmpod.errors import (
     EnvironmentDenied,
+    InvalidCallback,
     InvalidFile,
     InvalidLabel,
     InvalidProgram,
@@ -188,6 +189,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             InvalidFile: _problem(422, "File not allowed", "file"),
             InvalidProgram: _problem(422, "Program not allowed", "program"),
             InvalidLabel: _problem(422, "Label not allowed", "label"),
+            InvalidCallback: _problem(422, "Callback URL not allowed", "callback-url"),
             InvalidQuery: _problem(422, "Query not allowed", "query"),
             SecretDenied: _problem(403, "Secret not allowed", "secret-denied"),
             SourceDenied: _problem(403, "Data source not allowed", "source-denied"),

@@ -48,7 +48,18 @@ _LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
 # Each ``label`` part is one label, name=value.
 _LIST_FIELDS = ("args", "env", "secrets", "sources", "label")
 _FORM_FIELDS = frozenset(
-    {"file", "files", "stdin", "timeout", "wait", "entrypoint", "environment", *_LIST_FIELDS, *_LIMIT_FIELDS}
+    {
+        "file",
+        "files",
+        "stdin",
+        "timeout",
+        "wait",
+        "entrypoint",
+        "environment",
+        "callback_url",
+        *_LIST_FIELDS,
+        *_LIMIT_FIELDS,
+    }
 )
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _RASTER_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
@@ -239,7 +250,8 @@ class RunController(Controller):
         spec = service.runner.prepare(
             code, stdin, data.timeout, limits, files, program, environment=environment
         )
-        spec = msgspec.structs.replace(spec, labels=labels)
+        callback = _callback(request, service, data.callback_url)
+        spec = msgspec.structs.replace(spec, labels=labels, callback_url=callback)
         _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, data.wait), idempotency_key)
 
@@ -306,7 +318,17 @@ class RunController(Controller):
         spec = service.runner.prepare(
             code, stdin, timeout, RunLimits(**values), files, program, environment=environment
         )
-        spec = msgspec.structs.replace(spec, labels=labels)
+        callback = (
+            msgspec.UNSET
+            if "callback_url" not in data
+            else await _text_field(data["callback_url"], "callback_url")
+        )
+        url = (
+            callback
+            if isinstance(callback, msgspec.UnsetType)
+            else callback.decode("utf-8", "replace").strip() or None
+        )
+        spec = msgspec.structs.replace(spec, labels=labels, callback_url=_callback(request, service, url))
         _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, form_wait), idempotency_key)
 
@@ -502,6 +524,19 @@ def _check_grants(request: Request[Any, Any, Any], service: Service, spec: RunSp
         service.secrets.check(spec.secrets, key_of(request), keyed=keyed)
     if spec.sources:
         service.sources.check(spec.sources, key_of(request), keyed=keyed)
+
+
+def _callback(
+    request: Request[Any, Any, Any], service: Service, given: str | msgspec.UnsetType | None
+) -> str | None:
+    """Where a run's webhook goes: the URL it gives, once the allow-list lets it through (else
+    422); none for null; when absent, its key's ``webhook=`` endpoint, checked at each delivery."""
+    if given is None:
+        return None
+    if isinstance(given, msgspec.UnsetType):
+        key = key_of(request)
+        return key.webhook if key is not None and service.webhooks.enabled else None
+    return service.webhooks.check(given)
 
 
 def granted_environments(request: Request[Any, Any, Any]) -> frozenset[str] | None:

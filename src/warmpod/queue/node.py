@@ -9,6 +9,7 @@ from anyio.abc import TaskGroup, TaskStatus
 
 from warmpod.errors import StoreError
 from warmpod.queue.admission import Admission, Shutdown
+from warmpod.queue.deliveries import Deliveries
 from warmpod.queue.membership import Membership, this_node
 from warmpod.queue.results import Results
 from warmpod.queue.store.base import Notice, Store
@@ -32,6 +33,7 @@ class QueueNode:
         workers: int,
         files: FileSettings | None = None,
         node: NodeSettings | None = None,
+        deliveries: Deliveries | None = None,
     ) -> None:
         node = node or NodeSettings()
         owner = this_node(node)
@@ -52,6 +54,8 @@ class QueueNode:
             self.admission.backlog,
         )
         self.membership = Membership(store, owner, node.lease, self.workers, environments=leaser.served)
+        self.deliveries = deliveries
+        """Webhooks this node delivers; None where the server sends none."""
         self._tg: TaskGroup | None = None
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
@@ -74,6 +78,8 @@ class QueueNode:
                 tg.start_soon(self.membership.heartbeat)
                 tg.start_soon(self.membership.reap)
                 tg.start_soon(self.results.purge_expired)
+                if self.deliveries is not None:
+                    tg.start_soon(self.deliveries.serve)
                 task_status.started()
         finally:
             self._tg = None
@@ -87,6 +93,8 @@ class QueueNode:
         elif notice == "changed":
             self.admission.backlog.heard("changed", run_id)
             self.results.notify(run_id)
+            if self.deliveries is not None:
+                self.deliveries.wake()
         elif notice == "cancel":
             self.workers.stop(run_id)
         elif self._tg is not None:  # reconnected: look for what was missed meanwhile

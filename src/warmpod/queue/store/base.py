@@ -11,10 +11,20 @@ import msgspec
 from anyio.abc import TaskStatus
 
 from warmpod.environments import DEFAULT
-from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec, RunStatus, RunSummary
+from warmpod.models import (
+    Chunk,
+    NodeSeen,
+    RunResult,
+    RunSpec,
+    RunStatus,
+    RunSummary,
+    WebhookState,
+)
+from warmpod.queue.store import outbox
 from warmpod.queue.store.codec import (
     decode_blob,
 )
+from warmpod.queue.store.outbox import Delivery, Tried
 
 log = logging.getLogger(__name__)
 CancelOutcome = Literal["cancelled", "requested", "finished", "unknown"]
@@ -63,6 +73,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     """The environment it runs in."""
     labels: dict[str, str] = {}
     """The labels it was submitted with."""
+    webhook: WebhookState | None = None
+    """Its webhook's deliveries, if it has one."""
 
 
 class Owner(msgspec.Struct, frozen=True, kw_only=True):
@@ -283,6 +295,17 @@ class Store(Protocol):
         filter: a key's runs by time, by status and time, and by label and time."""
         ...
 
+    async def claim_webhook(self, lease: float, skip: Sequence[str | None] = ()) -> Delivery | None:
+        """Take the webhook due the longest, not of the keys in ``skip``, for one try of at most
+        ``lease`` seconds: its row is not due again before then, so no other node tries it
+        meanwhile, and a node lost in the try leaves it to the next. None when none is due."""
+        ...
+
+    async def record_webhook(self, delivery: Delivery, tried: Tried) -> bool:
+        """Keep how ``delivery``'s try went; False, changing nothing, when the webhook was
+        claimed again since (the try outlived its lease)."""
+        ...
+
     async def output(self, run_id: str, after: int = -1, limit: int = OUTPUT_PAGE) -> list[Chunk]:
         """The first ``limit`` of the run's output chunks with ``seq`` above ``after``, in order:
         fewer than ``limit`` when those are all there are. A page may end inside a stored row; the
@@ -328,6 +351,12 @@ def lost_result(run_id: str, node: str | None, message: str, printed: tuple[str,
     )
 
 
+GET = (
+    "SELECT status, key, created, started, finished, result, node, environment, labels, "  # noqa: S608  (constants only)
+    f"{outbox.COLUMNS} FROM runs LEFT JOIN webhooks w ON w.run_id = runs.id WHERE runs.id = ?"
+)
+"""``Store.get``'s statement (``?`` placeholder): ``record``'s arguments after the run id."""
+
 PREFERRED_WAIT = 1.0
 """Seconds a queued run waits for a sandbox of its kind before any sandbox takes it (``claim``)."""
 
@@ -351,14 +380,18 @@ def record(
     node: str | None,
     environment: str,
     labels: str | None = None,
+    *webhook: object,
 ) -> Record:
-    """A run's record from its stored row; its result names the run's environment and labels,
-    whoever wrote it (a cancel while queued, a reaper)."""
+    """A run's record from its stored row, then its webhook's ``outbox.COLUMNS``; its result
+    names the run's environment, labels and webhook, whoever wrote it (a cancel while queued, a
+    reaper)."""
     result = None if blob is None else decode_blob(bytes(blob), RunResult)
     kept = stored_labels(labels)
+    state = outbox.state(webhook) if webhook else None
     if result is not None:
         result.environment = environment
         result.labels = kept
+        result.webhook = state
     return Record(
         id=run_id,
         status=status,
@@ -370,6 +403,7 @@ def record(
         node=node,
         environment=environment,
         labels=kept,
+        webhook=state,
     )
 
 

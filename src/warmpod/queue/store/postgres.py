@@ -25,7 +25,9 @@ from warmpod.backoff import Backoff
 from warmpod.environments import DEFAULT
 from warmpod.errors import StoreError
 from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec
+from warmpod.queue.store import outbox
 from warmpod.queue.store.base import (
+    GET,
     OUTPUT_PAGE,
     PREFERRED_WAIT,
     Added,
@@ -50,6 +52,7 @@ from warmpod.queue.store.base import (
 )
 from warmpod.queue.store.codec import Printed, decode_blob, encode_blob, output_rows, page, segments
 from warmpod.queue.store.history import history_query
+from warmpod.queue.store.outbox import Delivery, Tried
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +160,21 @@ _MIGRATIONS = (
         PRIMARY KEY (run_n, name)
     );
     CREATE INDEX run_labels_by_value ON run_labels (owner, name, value, created, run_n);
+    """,
+    # 8: the webhook outbox (``outbox.py``): a row per run with a webhook, due ones by time.
+    """
+    CREATE TABLE webhooks (
+        run_id text PRIMARY KEY,
+        owner text NOT NULL,
+        url text NOT NULL,
+        state text NOT NULL,
+        due float8,
+        attempts integer NOT NULL DEFAULT 0,
+        last_status integer,
+        last_error text,
+        delivered float8
+    );
+    CREATE INDEX webhooks_due ON webhooks (due) WHERE state = 'pending';
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -480,6 +498,8 @@ class PostgresStore:
                 "run_labels (run_n, name, value, owner, created)",
                 [(n, name, value, key or "", created) for name, value in spec.labels],
             )
+            if spec.callback_url is not None:
+                await db.execute(_pg(outbox.ADD), (run_id, key or "", spec.callback_url))
             await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
         return "added"
 
@@ -650,6 +670,7 @@ class PostgresStore:
                 if cursor.rowcount != 1:
                     return fence is not None and await _finished_with(db, run_id, blob, fence)
                 written = True
+                await db.execute(_DUE, (run_id,))
                 await _keep_output(db, run_id, chunks)
                 await _insert(
                     db, "files (run_id, path, data)", [(run_id, path, data) for path, data in files]
@@ -707,13 +728,7 @@ class PostgresStore:
     async def get(self, run_id: str) -> Record | None:
         """The run's record, or None for an id never stored (or purged)."""
         async with self._transaction() as db:
-            row = await (
-                await db.execute(
-                    "SELECT status, key, created, started, finished, result, node, environment, labels "
-                    "FROM runs WHERE id = %s",
-                    (run_id,),
-                )
-            ).fetchone()
+            row = await (await db.execute(_GET, (run_id,))).fetchone()
         return None if row is None else record(run_id, *row)
 
     async def list_runs(
@@ -754,6 +769,7 @@ class PostgresStore:
                     "spec = NULL WHERE id = %s",
                     (encode_blob(result), run_id),
                 )
+                await db.execute(_DUE, (run_id,))
                 await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
                 return "cancelled"
             if row[0] == "running":
@@ -776,10 +792,26 @@ class PostgresStore:
                 "WITH gone AS (DELETE FROM runs WHERE finished < warmpod_now() - %s RETURNING id, n), "
                 "o AS (DELETE FROM output WHERE run_id IN (SELECT id FROM gone)), "
                 "l AS (DELETE FROM run_labels WHERE run_n IN (SELECT n FROM gone)), "
+                "w AS (DELETE FROM webhooks WHERE run_id IN (SELECT id FROM gone)), "
                 "f AS (DELETE FROM files WHERE run_id IN (SELECT id FROM gone)) "
                 "SELECT count(*) FROM gone",
                 (retention,),
             )
+
+    async def claim_webhook(self, lease: float, skip: Sequence[str | None] = ()) -> Delivery | None:
+        """Take the webhook due the longest, not of the keys in ``skip``, for one try (``Store``):
+        a row another node is claiming is skipped, not waited for."""
+        owners = [key or "" for key in skip]
+        query = _pg(outbox.claim_query(len(owners), lock=" FOR UPDATE SKIP LOCKED"))
+        async with self._transaction() as db:
+            row = await (await db.execute(query, (lease, *owners))).fetchone()
+        return None if row is None else outbox.delivery(tuple(row))
+
+    async def record_webhook(self, delivery: Delivery, tried: Tried) -> bool:
+        """Keep how ``delivery``'s try went (``Store``)."""
+        async with self._transaction() as db:
+            cursor = await db.execute(_RECORD, tried.params(delivery))
+        return cursor.rowcount == 1
 
     async def aclose(self) -> None:
         """Close every connection (which frees the node's name)."""
@@ -787,6 +819,15 @@ class PostgresStore:
             await self._drop_vital()
             await self._pool.close()
 
+
+def _pg(query: str) -> bytes:
+    """A statement written for both stores (``?``, ``{now}``) in PostgreSQL's terms."""
+    return query.replace("{now}", "warmpod_now()").replace("?", "%s").encode()
+
+
+_GET = _pg(GET)
+_DUE = _pg(outbox.DUE)
+_RECORD = _pg(outbox.RECORD)
 
 # A queued run's key's runs running now (no key counts as one key): the fairness order of ``claim``
 # and ``next_environment``. By ``coalesce(key, '')`` so that runs_running_by_key serves it.
@@ -865,6 +906,7 @@ async def _end_lost(db: Connection, run_id: str, node: str | None, message: str)
         "lease_until = NULL WHERE id = %s",
         (encode_blob(result), run_id),
     )
+    await db.execute(_DUE, (run_id,))
     await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
     return run_id
 

@@ -20,7 +20,9 @@ from anyio.abc import TaskStatus
 from warmpod.environments import DEFAULT
 from warmpod.errors import StoreError
 from warmpod.models import Chunk, NodeSeen, RunResult, RunSpec
+from warmpod.queue.store import outbox
 from warmpod.queue.store.base import (
+    GET,
     OUTPUT_PAGE,
     PREFERRED_WAIT,
     Added,
@@ -52,6 +54,7 @@ from warmpod.queue.store.codec import (
     segments,
 )
 from warmpod.queue.store.history import history_query
+from warmpod.queue.store.outbox import Delivery, Tried
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +148,21 @@ _MIGRATIONS = (
         PRIMARY KEY (run_n, name)
     ) WITHOUT ROWID;
     CREATE INDEX run_labels_by_value ON run_labels (owner, name, value, created, run_n);
+    """,
+    # 10: the webhook outbox (``outbox.py``): a row per run with a webhook, due ones by time.
+    """
+    CREATE TABLE webhooks (
+        run_id TEXT PRIMARY KEY,
+        owner TEXT NOT NULL,
+        url TEXT NOT NULL,
+        state TEXT NOT NULL,
+        due REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        last_status INTEGER,
+        last_error TEXT,
+        delivered REAL
+    ) WITHOUT ROWID;
+    CREATE INDEX webhooks_due ON webhooks (due) WHERE state = 'pending';
     """,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -325,6 +343,8 @@ class SqliteStore:
                     "INSERT INTO run_labels (run_n, name, value, owner, created) VALUES (?, ?, ?, ?, ?)",
                     [(cursor.lastrowid, name, value, key or "", created) for name, value in spec.labels],
                 )
+                if spec.callback_url is not None:
+                    db.execute(outbox.ADD, (run_id, key or "", spec.callback_url))
             return "added"
 
         added = await self._call(add)
@@ -504,6 +524,7 @@ class SqliteStore:
                     return fence is not None and _finished_with(db, run_id, blob, fence)
                 _keep_output(db, run_id, chunks)
                 db.executemany("INSERT OR IGNORE INTO files VALUES (?, ?, ?)", file_rows)
+                db.execute(_DUE, (run_id,))
                 return True
 
         finished = await self._call(finish)
@@ -563,11 +584,7 @@ class SqliteStore:
         """The run's record, or None for an id never stored (or purged)."""
 
         def get(db: sqlite3.Connection) -> tuple[Any, ...] | None:
-            return db.execute(  # type: ignore[no-any-return]
-                "SELECT status, key, created, started, finished, result, node, environment, labels "
-                "FROM runs WHERE id = ?",
-                (run_id,),
-            ).fetchone()
+            return db.execute(GET, (run_id,)).fetchone()  # type: ignore[no-any-return]
 
         row = await self._call(get)
         return None if row is None else record(run_id, *row)
@@ -616,6 +633,7 @@ class SqliteStore:
                         "WHERE id = ?",
                         (blob, time.time(), run_id),
                     )
+                    db.execute(_DUE, (run_id,))
                     return "cancelled"
                 if row[0] == "running":
                     db.execute("UPDATE runs SET cancel = 1 WHERE id = ?", (run_id,))
@@ -647,6 +665,7 @@ class SqliteStore:
                 db.execute(
                     "DELETE FROM run_labels WHERE run_n IN (SELECT n FROM runs WHERE finished < ?)", (before,)
                 )
+                db.execute(outbox.PURGE, (before,))
                 for table in ("output", "files"):
                     # The table name is one of the two literals above, never input.
                     query = f"DELETE FROM {table} WHERE run_id IN (SELECT id FROM runs WHERE finished < ?)"  # noqa: S608
@@ -654,6 +673,28 @@ class SqliteStore:
                 return db.execute("DELETE FROM runs WHERE finished < ?", (before,)).rowcount
 
         return await self._call(purge)
+
+    async def claim_webhook(self, lease: float, skip: Sequence[str | None] = ()) -> Delivery | None:
+        """Take the webhook due the longest, not of the keys in ``skip``, for one try (``Store``)."""
+        owners = [key or "" for key in skip]
+        query = outbox.claim_query(len(owners)).replace("{now}", _NOW)
+
+        def claim(db: sqlite3.Connection) -> Delivery | None:
+            with _transaction(db):
+                row = db.execute(query, (lease, *owners)).fetchone()
+            return None if row is None else outbox.delivery(tuple(row))
+
+        return await self._call(claim)
+
+    async def record_webhook(self, delivery: Delivery, tried: Tried) -> bool:
+        """Keep how ``delivery``'s try went (``Store``)."""
+        params = tried.params(delivery)
+
+        def record(db: sqlite3.Connection) -> bool:
+            with _transaction(db):
+                return db.execute(_RECORD, params).rowcount == 1
+
+        return await self._call(record)
 
     async def aclose(self) -> None:
         """Close the file and let another server open it."""
@@ -689,6 +730,11 @@ def _migrate(db: sqlite3.Connection, path: Path) -> None:
             raise
         db.execute("COMMIT")
 
+
+# The clock of the outbox's statements, in seconds since the epoch as ``time.time()`` gives.
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_DUE = outbox.DUE.replace("{now}", _NOW)
+_RECORD = outbox.RECORD.replace("{now}", _NOW)
 
 # A queued run's key's runs running now (NULL, keys off, counts as one key): the fairness order
 # of ``claim`` and ``next_environment``.
@@ -740,6 +786,7 @@ def _end_lost(db: sqlite3.Connection, run_id: str, node: str | None, message: st
         "WHERE id = ?",
         (encode_blob(result), time.time(), run_id),
     )
+    db.execute(_DUE, (run_id,))
     return run_id
 
 
