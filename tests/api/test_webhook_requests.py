@@ -22,6 +22,7 @@ from warmpod.settings import Settings, from_env
 # Nothing listens there: should the app try a delivery, it is refused by this machine's kernel.
 PORT = free_port()
 PREFIX = f"http://127.0.0.1:{PORT}/hooks/"
+OTHER_PORT = PORT + 1 if PORT < 65535 else PORT - 1
 V6_PREFIX = f"http://[::1]:{PORT}/hooks/"
 DEFAULT = f"{PREFIX}default"
 MAX_URL = 2048
@@ -71,15 +72,17 @@ def long_url(length: int) -> str:
     return PREFIX + "a" * (length - len(PREFIX))
 
 
+# Outside every prefix: the problem names the setting that says where webhooks may go.
+OUTSIDE = ("WARMPOD_WEBHOOKS__ALLOW",)
 REFUSED = [
-    pytest.param(f"http://127.0.0.1:{PORT + 1}/hooks/a", (), id="other-port"),
-    pytest.param(f"https://127.0.0.1:{PORT}/hooks/a", (), id="other-scheme"),
-    pytest.param(f"http://127.0.0.2:{PORT}/hooks/a", (), id="other-host"),
-    pytest.param(f"http://localhost:{PORT}/hooks/a", (), id="a-name-for-the-address"),
-    pytest.param(f"http://127.0.0.1:{PORT}/other/a", (), id="path-outside"),
-    pytest.param(f"http://127.0.0.1:{PORT}/hooksx/a", (), id="path-prefix-of-a-segment"),
-    pytest.param(f"http://127.0.0.1:{PORT}/hooks", (), id="path-above-the-prefix"),
-    pytest.param(f"http://127.0.0.1:{PORT}/", (), id="root"),
+    pytest.param(f"http://127.0.0.1:{OTHER_PORT}/hooks/a", OUTSIDE, id="other-port"),
+    pytest.param(f"https://127.0.0.1:{PORT}/hooks/a", OUTSIDE, id="other-scheme"),
+    pytest.param(f"http://127.0.0.2:{PORT}/hooks/a", OUTSIDE, id="other-host"),
+    pytest.param(f"http://localhost:{PORT}/hooks/a", OUTSIDE, id="a-name-for-the-address"),
+    pytest.param(f"http://127.0.0.1:{PORT}/other/a", OUTSIDE, id="path-outside"),
+    pytest.param(f"http://127.0.0.1:{PORT}/hooksx/a", OUTSIDE, id="path-prefix-of-a-segment"),
+    pytest.param(f"http://127.0.0.1:{PORT}/hooks", OUTSIDE, id="path-above-the-prefix"),
+    pytest.param(f"http://127.0.0.1:{PORT}/", OUTSIDE, id="root"),
     pytest.param(f"http://user:pw@127.0.0.1:{PORT}/hooks/a", (), id="userinfo"),
     pytest.param(f"http://user@127.0.0.1:{PORT}/hooks/a", (), id="user-only"),
     pytest.param(f"ftp://127.0.0.1:{PORT}/hooks/a", (), id="ftp"),
@@ -97,12 +100,13 @@ async def test_a_callback_url_the_allow_list_does_not_cover_is_a_422(
     anonymous: AsyncTestClient[Litestar], runner: RecordingRunner, url: str, words: tuple[str, ...]
 ) -> None:
     """Another port, scheme or host than an entry's (a name for an entry's address too), a path not
-    under the entry's, userinfo, a scheme not http(s), no URL at all or one past 2048 characters:
-    a 422 problem naming callback_url, in JSON and in a form, and nothing runs."""
+    under the entry's (a 422 naming WARMPOD_WEBHOOKS__ALLOW); userinfo, a scheme not http(s), no
+    URL at all, or one past 2048 characters (naming the maximum): a 422 problem, in JSON and in a
+    form, and nothing runs."""
     response = await anonymous.post(
         "/run-json/", json={"code": "print(1)", "callback_url": url}, headers=bearer(TOKENS["plain"])
     )
-    assert_problem(response, 422, "callback_url", *words)
+    assert_problem(response, 422, *words)
     # An empty form field is what a form sends for a field left blank: not asserted either way.
     if url:
         form = await anonymous.post(
@@ -111,7 +115,7 @@ async def test_a_callback_url_the_allow_list_does_not_cover_is_a_422(
             data={"callback_url": url},
             headers=bearer(TOKENS["plain"]),
         )
-        assert_problem(form, 422, "callback_url", *words)
+        assert_problem(form, 422, *words)
     assert runner.calls == []
 
 

@@ -17,17 +17,17 @@ async def test_a_callback_url_is_a_422_without_an_allow_list(
     client: AsyncTestClient[Litestar], runner: RecordingRunner
 ) -> None:
     """With WARMPOD_WEBHOOKS__ALLOW empty any callback_url, even to loopback, is a 422 problem
-    naming callback_url, in JSON (blocking or not) and in a form; nothing runs."""
+    naming that setting, in JSON (blocking or not) and in a form; nothing runs."""
     url = f"http://127.0.0.1:{free_port()}/hook"
     for wait in (True, False):
         response = await client.post(
             "/run-json/", json={"code": "print(1)", "callback_url": url, "wait": wait}
         )
-        assert_problem(response, 422, "callback_url")
+        assert_problem(response, 422, "WARMPOD_WEBHOOKS__ALLOW")
     form = await client.post(
         "/run-file/", files={"file": ("main.py", b"print(1)")}, data={"callback_url": url}
     )
-    assert_problem(form, 422, "callback_url")
+    assert_problem(form, 422, "WARMPOD_WEBHOOKS__ALLOW")
     assert runner.calls == []
 
 

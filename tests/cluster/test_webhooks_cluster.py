@@ -14,6 +14,7 @@ from support.live import SLOWNESS, free_port
 from support.postgres import PostgresServer
 from support.receivers import Receiver
 from support.webhooks import (
+    RELEASED,
     assert_headers,
     assert_payload,
     assert_signed,
@@ -23,7 +24,7 @@ from support.webhooks import (
     webhook_settings,
 )
 
-from .nodes import LEASE, NAMES, REAP_MARGIN, Cluster, cancel, final, occupy, run, status, submit
+from .nodes import NAMES, REAP_MARGIN, Cluster, cancel, final, occupy, run, status, submit
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +125,7 @@ def test_a_pending_webhook_of_a_killed_node_is_delivered_by_the_other(hooked: Ho
         webhook = until_webhook(
             functools.partial(status, b, run_id),
             is_delivered,
-            LEASE + REAP_MARGIN + 30 * SLOWNESS,
+            RELEASED * SLOWNESS + REAP_MARGIN,
             "delivered",
         )
         time.sleep(QUIET)

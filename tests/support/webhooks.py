@@ -27,6 +27,11 @@ FAILED_SERIES = "warmpod_webhooks_failed_total"
 # Fast retries: 0.2 s before the second try, 0.4 before the third (each give or take a quarter).
 FIRST_RETRY = 0.2
 POLL = 0.2
+# One try's bound: the receivers here answer at once.
+TRY_TIMEOUT = 2.0
+RELEASED = TRY_TIMEOUT + 30.0 + 15.0
+"""How long a try that a killed server had claimed may hold its webhook before another server or
+node takes it: the claim's lease (the try's timeout and a margin of 30 s), and some slack."""
 # The result fields a payload's ``data`` carries as /status answers them (files apart).
 RESULT_FIELDS = (
     "id",
@@ -55,12 +60,14 @@ def webhook_settings(
     allow: Sequence[str], secrets: Sequence[str] = (), attempts: int = 3, **more: str
 ) -> dict[str, str]:
     """The ``WARMPOD_WEBHOOKS__*`` environment of a server that sends webhooks to ``allow`` only,
-    signed with ``secrets``, tried ``attempts`` times in all, with the fast retries above."""
+    signed with ``secrets``, tried ``attempts`` times in all, with the fast retries and short tries
+    above; ``more`` adds or overrides variables."""
     settings = {
         "WARMPOD_WEBHOOKS__ALLOW": ",".join(allow),
         "WARMPOD_WEBHOOKS__ATTEMPTS": str(attempts),
         "WARMPOD_WEBHOOKS__FIRST_RETRY": str(FIRST_RETRY),
         "WARMPOD_WEBHOOKS__POLL": str(POLL),
+        "WARMPOD_WEBHOOKS__TIMEOUT": str(TRY_TIMEOUT),
     }
     if secrets:
         settings["WARMPOD_WEBHOOKS__SECRETS"] = ",".join(secrets)
