@@ -70,9 +70,9 @@ class Hooks:
         """``path`` at the loopback port named ``port``."""
         return f"http://127.0.0.1:{self.ports[port]}{path}"
 
-    def status(self, run_id: str) -> dict[str, Any]:
-        """The run's ``GET /status/{id}``, which must answer 200."""
-        with self.client() as client:
+    def status(self, run_id: str, key: str = "plain") -> dict[str, Any]:
+        """The run's ``GET /status/{id}`` as ``key`` (whose run it must be) asks, answered 200."""
+        with self.client(key) as client:
             response = client.get(f"/status/{run_id}")
         assert response.status_code == 200, response.text
         body: dict[str, Any] = response.json()
@@ -190,13 +190,13 @@ def test_a_key_signs_with_its_own_secret_and_has_a_default_endpoint(hooks: Hooks
         named_run = run_json(client, "print('named')", callback_url=explicit.url("/named"))["id"]
         quiet_run = run_json(client, "print('quiet')", callback_url=None)["id"]
         for run_id in (default_run, named_run):
-            until_webhook(functools.partial(hooks.status, run_id), is_delivered, DELIVER, "delivered")
+            until_webhook(functools.partial(hooks.status, run_id, "own"), is_delivered, DELIVER, "delivered")
         time.sleep(QUIET)
         to_default, to_named = keyed.received, explicit.received
-    assert hooks.status(quiet_run)["webhook"] is None
+    assert hooks.status(quiet_run, "own")["webhook"] is None
     assert [(r.path, r.webhook_id, r.status) for r in to_default] == [("/default", default_run, 204)]
     assert [(r.path, r.webhook_id, r.status) for r in to_named] == [("/named", named_run, 204)]
-    assert hooks.status(default_run)["webhook"]["url"] == hooks.url("keyed", "/default")
+    assert hooks.status(default_run, "own")["webhook"]["url"] == hooks.url("keyed", "/default")
     for request, run_id, stdout in (
         (to_default[0], default_run, "default\n"),
         (to_named[0], named_run, "named\n"),
