@@ -31,6 +31,8 @@ NAMES = ("node-a", "node-b")
 LEASE = 3.0
 MAX_TIMEOUT = 120
 FINAL = {"succeeded", "failed", "timeout", "error", "cancelled"}
+# The limit of the long runs that occupy a node's sandbox: past every test's end.
+LONG = {"timeout": 110}
 # How long past the lease a dead node's run may stay "running" before the survivor reports it:
 # one reaper pass (a third of the lease) and a store round trip, on a machine perhaps 2x slower.
 REAP_MARGIN = 6.0 * SLOWNESS
@@ -117,6 +119,29 @@ def final(node: WarmpodServer, run_id: str, timeout: float = 60.0 * SLOWNESS) ->
     return until(node, run_id, lambda body: body["status"] in FINAL, timeout, "over")
 
 
+def occupy(cluster: Cluster, code: str, targets: set[str]) -> dict[str, str]:
+    """Start ``code`` executing on each node of ``targets`` (and on no other); return node -> run id.
+
+    Which node claims a run is up to the nodes, not to where it was submitted: runs are submitted
+    until each target holds one, and any that landed on another node are cancelled.
+    """
+    held: dict[str, str] = {}
+    while not targets <= held.keys():
+        wanted = sorted(targets - held.keys())[0]
+        run_id = submit(cluster[wanted], code, **LONG)
+        body = until_running(cluster[wanted], run_id)
+        node = body["node"]
+        assert node in NAMES, body
+        assert node not in held, f"{node} runs two runs with one sandbox: {held[node]} and {run_id}"
+        held[node] = run_id
+    for node, run_id in held.items():
+        if node not in targets:
+            assert cancel(cluster[node], run_id).status_code == 200
+            final(cluster[node], run_id)
+            cluster.wait_pool_full(node)
+    return {node: held[node] for node in targets}
+
+
 def log_lines(path: Path) -> list[dict[str, Any]]:
     """The JSON lines of a node's log (anything else it printed, such as an image build, skipped)."""
     lines = []
@@ -139,14 +164,21 @@ class Cluster:
     """Nodes ``node-a`` and ``node-b`` on one database, restarted as tests kill them."""
 
     def __init__(
-        self, directory: Path, store_url: str, lease: float = LEASE, via: Mapping[str, str] | None = None
+        self,
+        directory: Path,
+        store_url: str,
+        lease: float = LEASE,
+        via: Mapping[str, str] | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         """Nothing starts until :meth:`ensure` or :meth:`start`; ``via`` gives a node another URL
-        of the same database (through a :class:`Link`)."""
+        of the same database (through a :class:`Link`); ``settings`` are more ``WARMPOD_*`` of
+        every node."""
         self.directory = directory
         self.store_url = store_url
         self.lease = lease
         self.via = dict(via or {})
+        self.settings = dict(settings or {})
         self.nodes: dict[str, WarmpodServer] = {}
         # Every server ever started, killed ones included: their logs and their containers.
         self.started: list[WarmpodServer] = []
@@ -160,7 +192,8 @@ class Cluster:
     def launch(self, name: str) -> WarmpodServer:
         """Start node ``name`` (a new incarnation if it ran before), not waiting for it."""
         live = WarmpodServer(
-            self.directory, node_settings(self.via.get(name, self.store_url), name, self.lease)
+            self.directory,
+            {**node_settings(self.via.get(name, self.store_url), name, self.lease), **self.settings},
         )
         self.nodes[name] = live
         self.started.append(live)

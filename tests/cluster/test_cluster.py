@@ -30,11 +30,11 @@ from .nodes import (
     final,
     log_lines,
     node_names,
+    occupy,
     run,
     status,
     submit,
     until,
-    until_running,
 )
 
 pytestmark = pytest.mark.integration
@@ -48,30 +48,6 @@ SLEEPER = (
 )
 # A line every 0.2 s for about 100 s: output that would keep growing if anything still took it.
 TICKER = "import time\nfor i in range(500):\n    print(i, flush=True)\n    time.sleep(0.2)\n"
-LONG = {"timeout": 110}
-
-
-def occupy(cluster: Cluster, code: str, targets: set[str]) -> dict[str, str]:
-    """Start ``code`` executing on each node of ``targets`` (and on no other); return node -> run id.
-
-    Which node claims a run is up to the nodes, not to where it was submitted: runs are submitted
-    until each target holds one, and any that landed on another node are cancelled.
-    """
-    held: dict[str, str] = {}
-    while not targets <= held.keys():
-        wanted = sorted(targets - held.keys())[0]
-        run_id = submit(cluster[wanted], code, **LONG)
-        body = until_running(cluster[wanted], run_id)
-        node = body["node"]
-        assert node in NAMES, body
-        assert node not in held, f"{node} runs two runs with one sandbox: {held[node]} and {run_id}"
-        held[node] = run_id
-    for node, run_id in held.items():
-        if node not in targets:
-            assert cancel(cluster[node], run_id).status_code == 200
-            final(cluster[node], run_id)
-            cluster.wait_pool_full(node)
-    return {node: held[node] for node in targets}
 
 
 def finished_once(cluster: Cluster, run_id: str) -> dict[str, Any]:
