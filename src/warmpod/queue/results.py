@@ -120,7 +120,7 @@ class Results:
             printed.add(chunk.stream, chunk.data)
         stdout, stderr = printed.text()
         status: RunStatus = "running" if record.status == "running" else "queued"
-        return RunResult.from_server(
+        result = RunResult.from_server(
             run_id,
             status,
             stdout=stdout,
@@ -129,6 +129,8 @@ class Results:
             environment=record.environment,
             labels=record.labels,
         )
+        result.webhook = record.webhook
+        return result
 
     async def follow(self, run_id: str, after: int = -1) -> AsyncIterator[Update]:
         """The run's status changes, its output chunks after ``after``, then its result; live.
