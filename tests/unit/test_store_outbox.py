@@ -56,7 +56,12 @@ async def test_a_webhook_waits_for_its_run_then_is_claimed_once(store: Store) ->
     await finish(store, "r1")
     delivery = await store.claim_webhook(LEASE)
     assert delivery is not None
-    assert (delivery.run_id, delivery.key, delivery.url, delivery.attempt) == ("r1", "alice", HOOKED.callback_url, 1)
+    assert (delivery.run_id, delivery.key, delivery.url, delivery.attempt) == (
+        "r1",
+        "alice",
+        HOOKED.callback_url,
+        1,
+    )
     assert await store.claim_webhook(LEASE) is None
     record = await store.get("r1")
     assert record is not None
@@ -86,7 +91,12 @@ async def test_outcomes_are_kept_and_fenced(store: Store) -> None:
     assert record is not None
     assert record.webhook is not None
     state = record.webhook
-    assert (state.state, state.attempts, state.last_status, state.next_attempt_at) == ("delivered", 2, 204, None)
+    assert (state.state, state.attempts, state.last_status, state.next_attempt_at) == (
+        "delivered",
+        2,
+        204,
+        None,
+    )
     assert state.delivered_at is not None
     assert await store.claim_webhook(0.0) is None
 
