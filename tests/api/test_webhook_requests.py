@@ -14,9 +14,10 @@ from support.apitest import MAX_BODY, MAX_QUEUED, NODE, POOL_SIZE, assert_proble
 from support.fakes import RecordingRunner
 from support.live import free_port
 from support.waiting import until
-from support.webhooks import WEBHOOK_FIELDS, new_secret
+from support.webhooks import WEBHOOK_FIELDS
 
 from warmpod import keys
+from warmpod.client.webhooks import new_secret
 from warmpod.settings import Settings, from_env
 
 # Nothing listens there: should the app try a delivery, it is refused by this machine's kernel.

@@ -19,10 +19,11 @@ from support.webhooks import (
     assert_payload,
     assert_signed,
     is_delivered,
-    new_secret,
     until_webhook,
     webhook_settings,
 )
+
+from warmpod.client.webhooks import new_secret
 
 from .nodes import NAMES, REAP_MARGIN, Cluster, cancel, final, occupy, run, status, submit
 

@@ -26,7 +26,6 @@ from support.webhooks import (
     assert_signed,
     is_delivered,
     is_over,
-    new_secret,
     until_webhook,
     verified,
     webhook_counts,
@@ -34,6 +33,7 @@ from support.webhooks import (
 )
 
 from warmpod import keys
+from warmpod.client.webhooks import new_secret
 
 pytestmark = pytest.mark.integration
 

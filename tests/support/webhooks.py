@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import base64
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -49,11 +47,6 @@ RESULT_FIELDS = (
     "environment",
     "labels",
 )
-
-
-def new_secret() -> str:
-    """A fresh Standard Webhooks secret: ``whsec_`` and 24 random bytes in base64."""
-    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 
 def webhook_settings(

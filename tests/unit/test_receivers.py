@@ -10,7 +10,9 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from support.receivers import ConnectionCounter, Receiver
-from support.webhooks import assert_headers, assert_signed, new_secret, webhook_counts
+from support.webhooks import assert_headers, assert_signed, webhook_counts
+
+from warmpod.client.webhooks import new_secret
 
 
 def signed_post(url: str, secrets: list[str], body: bytes, msg_id: str = "run-1") -> httpx.Response:
