@@ -9,7 +9,8 @@ WarmpodError
 ├── InvalidRun         a run request is well formed but asks for something not allowed (422)
 │   ├── InvalidFile    an input file's path, content or size is not allowed (422)
 │   ├── InvalidProgram the entrypoint, an argument or an environment variable is not allowed (422)
-│   └── InvalidLabel   a run's label, or a label in a filter, breaks a rule (422)
+│   ├── InvalidLabel   a run's label, or a label in a filter, breaks a rule (422)
+│   └── InvalidBatch   a batch's size, or a run's ``wait`` in it, is not allowed (422)
 ├── InvalidQuery       a run listing's parameter (cursor, status, time, limit) is not allowed (422)
 ├── SecretDenied       a run asks for a secret that does not exist or its key may not use (403)
 ├── SourceDenied       a run asks for a data source that does not exist or its key may not use (403)
@@ -69,6 +70,11 @@ class InvalidProgram(InvalidRun):
 class InvalidLabel(InvalidRun):
     """Raised when a run's labels (or a ``/runs`` filter's) break a rule: their count, a name's
     characters or length, a value's length or characters; the message names the rule."""
+
+
+class InvalidBatch(InvalidRun):
+    """Raised when a batch of runs holds none, more than the server takes at once or than could
+    ever fit its queue or its key's quota, or a run in it asks to be waited for."""
 
 
 class InvalidQuery(WarmpodError):
