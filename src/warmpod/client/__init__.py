@@ -3,11 +3,12 @@
 from warmpod.client.asynchronous import AsyncClient
 from warmpod.client.blocking import Client
 from warmpod.client.project import ProjectError, project_files
-from warmpod.client.wire import FileArg, ProblemError, RunOptions
+from warmpod.client.wire import BatchRun, FileArg, ProblemError, RunOptions
 from warmpod.models import FileEvent, OutputEvent, RunResult, RunSummary, StatusEvent, StreamEvent
 
 __all__ = [
     "AsyncClient",
+    "BatchRun",
     "Client",
     "FileArg",
     "FileEvent",
