@@ -10,7 +10,8 @@ WarmpodError
 │   ├── InvalidFile    an input file's path, content or size is not allowed (422)
 │   ├── InvalidProgram the entrypoint, an argument or an environment variable is not allowed (422)
 │   ├── InvalidLabel   a run's label, or a label in a filter, breaks a rule (422)
-│   └── InvalidCallback a run's callback_url is malformed or outside the webhook allow-list (422)
+│   ├── InvalidCallback a run's callback_url is malformed or outside the webhook allow-list (422)
+│   └── InvalidBatch   a batch's size, or a run's ``wait`` in it, is not allowed (422)
 ├── InvalidQuery       a run listing's parameter (cursor, status, time, limit) is not allowed (422)
 ├── SecretDenied       a run asks for a secret that does not exist or its key may not use (403)
 ├── SourceDenied       a run asks for a data source that does not exist or its key may not use (403)
@@ -75,6 +76,11 @@ class InvalidLabel(InvalidRun):
 class InvalidCallback(InvalidRun):
     """Raised when a webhook's URL may not be used: malformed, outside ``WARMPOD_WEBHOOKS__ALLOW``
     (or webhooks are off), or, at delivery, resolving to an address the allow-list does not name."""
+
+
+class InvalidBatch(InvalidRun):
+    """Raised when a batch of runs holds none, more than the server takes at once or than could
+    ever fit its queue or its key's quota, or a run in it asks to be waited for."""
 
 
 class InvalidQuery(WarmpodError):

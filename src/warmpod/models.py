@@ -100,6 +100,20 @@ class Accepted(msgspec.Struct, kw_only=True):
     """Server-Sent Events of the run's output as it is printed, then its RunResult."""
 
 
+class BatchRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Runs to queue together, posted as JSON to ``/runs/batch``: all of them, or none."""
+
+    runs: list[RunRequest]
+    """Each as ``/run-json/`` takes it, ``wait`` absent or false (a batch is never waited for):
+    1 to the server's ``queue.max_batch`` of them."""
+
+
+class BatchAccepted(msgspec.Struct, kw_only=True):
+    """The runs of a batch, taken into the queue together (202), in the order they were sent."""
+
+    runs: list[Accepted]
+
+
 class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     """A run as accepted (internal): the program and its limits, every one resolved."""
 

@@ -190,6 +190,9 @@ class QueueSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     ``$XDG_STATE_HOME/warmpod/runs.sqlite3`` (``~/.local/state/...``) (``WARMPOD_QUEUE__STORE_PATH``)."""
     max_queued: PositiveInt = 1000
     """Runs waiting for a sandbox at most; past it submissions get 429 (``WARMPOD_QUEUE__MAX_QUEUED``)."""
+    max_batch: Annotated[int, Meta(ge=1, le=1000)] = 20
+    """Runs one ``POST /runs/batch`` may queue together, at most 1000; a larger batch is a 422
+    (``WARMPOD_QUEUE__MAX_BATCH``)."""
     retention: Seconds = 86400.0
     """Seconds a finished run's result is kept, then it expires (``WARMPOD_QUEUE__RETENTION``)."""
     workers: Annotated[int, Meta(ge=0, le=256)] = 0

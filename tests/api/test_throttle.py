@@ -89,6 +89,27 @@ async def test_a_key_past_its_rate_gets_429_and_another_key_does_not(
         assert (await anonymous.get("/metrics", headers=alice)).status_code == 200
 
 
+async def test_a_batch_counts_as_one_request_per_run(
+    anonymous: AsyncTestClient[Litestar], secrets: dict[str, str]
+) -> None:
+    """A batch of three spends three of the burst's requests; a batch larger than what is left is
+    still taken, and the key then owes the difference: its next request waits longer for it."""
+    alice, bob = bearer(secrets["alice"]), bearer(secrets["bob"])
+    batch = {"runs": [{"code": "pass"}] * 3}
+    assert (await anonymous.post("/runs/batch", json=batch, headers=alice)).status_code == 202
+    for _ in range(BURST - 3):
+        assert (await anonymous.get(NO_RUN, headers=alice)).status_code == 404
+    assert_throttled(await anonymous.get(NO_RUN, headers=alice), "alice", "WARMPOD_SERVER__KEY_RATE")
+    assert (await anonymous.get(NO_RUN, headers=bob)).status_code == 404
+    owing = {"runs": [{"code": "pass"}] * 20}
+    assert (await anonymous.post("/runs/batch", json=owing, headers=bob)).status_code == 202
+    refused = await anonymous.get(NO_RUN, headers=bob)
+    assert_throttled(refused, "bob")
+    # Four requests were left and twenty spent: sixteen owed and one to earn, at one a second
+    # (less what the seconds this test took have refilled).
+    assert 10 <= int(refused.headers["retry-after"]) <= 17
+
+
 async def test_the_rate_refills(anonymous: AsyncTestClient[Litestar], secrets: dict[str, str]) -> None:
     """A throttled key may send again once its Retry-After has passed."""
     alice = bearer(secrets["alice"])

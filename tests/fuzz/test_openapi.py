@@ -43,6 +43,7 @@ OPERATIONS = [
     "GET /environment",
     "GET /environments",
     "GET /runs",
+    "POST /runs/batch",
 ]
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -103,7 +104,10 @@ def test_the_schema_has_every_operation(api_schema: Any) -> None:
     [(label, GenerationMode.POSITIVE) for label in OPERATIONS]
     # Only these take input a schema can break (a path's string id cannot be): a body, a query, a
     # header. Not the form: its fields are text on the wire, so a "number" where text is due is text.
-    + [(label, GenerationMode.NEGATIVE) for label in ["POST /run-json", "GET /status/{run_id}/stream"]],
+    + [
+        (label, GenerationMode.NEGATIVE)
+        for label in ["POST /run-json", "POST /runs/batch", "GET /status/{run_id}/stream"]
+    ],
     ids=str,
 )
 def test_every_answer_is_as_documented(api_schema: Any, label: str, mode: GenerationMode) -> None:
@@ -142,7 +146,15 @@ def test_unknown_routes_are_problems(server: WarmpodServer, rest: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/run-json/", "/run-file/", f"/status/{'0' * 32}", f"/status/{'0' * 32}/stream", "/health"]
+    "path",
+    [
+        "/run-json/",
+        "/run-file/",
+        "/runs/batch",
+        f"/status/{'0' * 32}",
+        f"/status/{'0' * 32}/stream",
+        "/health",
+    ],
 )
 def test_wrong_methods_are_problems(server: WarmpodServer, path: str) -> None:
     """A method a route does not take is a 405 problem naming the ones it does (``Allow``)."""

@@ -15,6 +15,7 @@ from warmpod.models import Chunk, RunResult, RunSpec
 from warmpod.queue.store.base import (
     OUTPUT_PAGE,
     Added,
+    BatchReplay,
     Beat,
     CancelOutcome,
     Claim,
@@ -112,6 +113,17 @@ class NoStore:
         idempotency: Idempotency | None = None,
     ) -> Added | Replay:
         never("Store.add")
+
+    async def add_batch(
+        self,
+        items: Sequence[tuple[str, RunSpec]],
+        *,
+        max_queued: int,
+        key: str | None = None,
+        max_active: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Added | BatchReplay:
+        never("Store.add_batch")
 
     async def queued(self) -> list[str]:
         never("Store.queued")

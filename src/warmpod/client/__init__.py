@@ -4,7 +4,7 @@ from warmpod.client.asynchronous import AsyncClient
 from warmpod.client.blocking import Client
 from warmpod.client.project import ProjectError, project_files
 from warmpod.client.webhooks import WebhookVerificationError, new_secret, verify
-from warmpod.client.wire import FileArg, ProblemError, RunOptions
+from warmpod.client.wire import BatchRun, FileArg, ProblemError, RunOptions
 from warmpod.models import (
     FileEvent,
     OutputEvent,
@@ -18,6 +18,7 @@ from warmpod.models import (
 
 __all__ = [
     "AsyncClient",
+    "BatchRun",
     "Client",
     "FileArg",
     "FileEvent",

@@ -16,10 +16,12 @@ from httpx_sse import connect_sse
 from warmpod.client.wire import (
     REQUEST_TIMEOUT,
     RETRY_FOR,
+    BatchRun,
     Follow,
     ProblemError,
     RunOptions,
     Since,
+    batch_body,
     callback_for,
     check_stream,
     connection,
@@ -35,6 +37,7 @@ from warmpod.client.wire import (
 )
 from warmpod.models import (
     Accepted,
+    BatchAccepted,
     Environment,
     EnvironmentInfo,
     FileEvent,
@@ -105,6 +108,23 @@ class Client:
         body = request_body(code, **options)
         response = self._send("POST", "/run-json/", content=body, headers=submit_headers())
         return decoded(response, Accepted)
+
+    def submit_batch(self, runs: Sequence[str | BatchRun]) -> list[Accepted]:
+        """Queue several runs in one request, all of them or none, and answer at once with their
+        ids and URLs, in the order given; each run then lives on its own (``status``, ``stream``,
+        ``cancel``).
+
+        Args:
+            runs: each a program's source, or a ``BatchRun``: its ``code`` and any of ``submit``'s
+                options. At most the server's ``WARMPOD_QUEUE__MAX_BATCH`` (20 unless set).
+
+        Raises:
+            ProblemError: the server refused the batch, and queued none of it: a 422 or a 403 names
+                the run that broke a rule by its place (``runs[3]: ...``); a 429 still there after
+                the retries means the queue or the key's quota had no room for all of them.
+        """
+        response = self._send("POST", "/runs/batch", content=batch_body(runs), headers=submit_headers())
+        return decoded(response, BatchAccepted).runs
 
     def status(self, run_id: str) -> RunResult:
         """The run's state: ``queued`` or ``running`` with the output so far, or how it ended."""

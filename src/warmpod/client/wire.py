@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, TypedDict, TypeVar, Unpack, cast
 from urllib.parse import quote
 
 import httpx
@@ -17,6 +17,7 @@ import msgspec
 from httpx_sse import ServerSentEvent
 
 from warmpod.models import (
+    BatchRequest,
     FileEvent,
     Health,
     InputFile,
@@ -105,8 +106,44 @@ class RunOptions(TypedDict, total=False):
     None for no webhook even if the key has an endpoint; absent, the key's endpoint if any."""
 
 
+class BatchRun(RunOptions, total=False):
+    """One run of ``submit_batch``: its ``code`` and what else ``submit`` takes (all optional)."""
+
+    code: str | None
+    """The program's source; None (or absent) when the entrypoint is one of ``files``."""
+
+
 def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
     """The JSON body of a submit (``wait`` false: the client follows the run's stream).
+
+    Raises:
+        ValueError: as ``run_request``.
+        TypeError: as ``run_request``.
+    """
+    return msgspec.json.encode(run_request(code, **options))
+
+
+def batch_body(runs: Sequence[str | BatchRun]) -> bytes:
+    """The JSON body of a batch: each run its source alone, or a ``BatchRun``.
+
+    Raises:
+        ValueError: as ``run_request``.
+        TypeError: as ``run_request``, or a run that is neither.
+    """
+    requests = []
+    for run in runs:
+        if isinstance(run, str):
+            requests.append(run_request(run))
+        elif isinstance(run, Mapping):
+            options = cast(RunOptions, {name: value for name, value in run.items() if name != "code"})
+            requests.append(run_request(run.get("code"), **options))
+        else:
+            raise TypeError(f"each run of a batch is its code or a BatchRun dict, not {type(run).__name__}")
+    return msgspec.json.encode(BatchRequest(runs=requests))
+
+
+def run_request(code: str | None, **options: Unpack[RunOptions]) -> RunRequest:
+    """What a submit asks for (``wait`` false: the client follows the run's stream).
 
     Without ``code`` the program is ``entrypoint``, one of the files (``main.py`` unless named).
 
@@ -127,7 +164,7 @@ def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
         except UnicodeDecodeError:
             raise ValueError("stdin must be UTF-8 text: the run's JSON carries it as a string") from None
     entrypoint = options.get("entrypoint")
-    request = RunRequest(
+    return RunRequest(
         code=msgspec.UNSET if code is None else code,
         entrypoint=DEFAULT_ENTRYPOINT if code is None and entrypoint is None else entrypoint,
         stdin=stdin or "",
@@ -145,7 +182,6 @@ def request_body(code: str | None, **options: Unpack[RunOptions]) -> bytes:
         callback_url=options.get("callback_url", msgspec.UNSET),
         wait=False,
     )
-    return msgspec.json.encode(request)
 
 
 def _strings(values: Sequence[str] | None, name: str) -> list[str]:

@@ -30,6 +30,7 @@ from litestar.status_codes import HTTP_413_REQUEST_ENTITY_TOO_LARGE, HTTP_500_IN
 from warmpod import __version__
 from warmpod.errors import (
     EnvironmentDenied,
+    InvalidBatch,
     InvalidCallback,
     InvalidFile,
     InvalidLabel,
@@ -51,7 +52,7 @@ from warmpod.errors import (
     UnknownEnvironment,
     WarmpodError,
 )
-from warmpod.http import auth, history, metrics, throttle, web
+from warmpod.http import auth, batch, history, metrics, throttle, web
 from warmpod.http.environment import EnvironmentNotRecorded, environment, environments
 from warmpod.http.routes import RunController, StatusController, get_service, health, running_service
 from warmpod.keys import KeyFile
@@ -190,6 +191,7 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             InvalidProgram: _problem(422, "Program not allowed", "program"),
             InvalidLabel: _problem(422, "Label not allowed", "label"),
             InvalidCallback: _problem(422, "Callback URL not allowed", "callback-url"),
+            InvalidBatch: _problem(422, "Batch not allowed", "batch"),
             InvalidQuery: _problem(422, "Query not allowed", "query"),
             SecretDenied: _problem(403, "Secret not allowed", "secret-denied"),
             SourceDenied: _problem(403, "Data source not allowed", "source-denied"),
@@ -205,10 +207,13 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
             EnvironmentNotRecorded: _problem(404, "No environment recorded", "no-environment"),
         }
     )
+    # Its own instance in the state too: a batch charges its client one request per run.
+    limiter = throttle.Throttle(settings.server)
     return Litestar(
         route_handlers=[
             RunController,
             StatusController,
+            batch.run_batch,
             health,
             environment,
             environments,
@@ -241,8 +246,8 @@ def create_app(settings: Settings, service_factory: ServiceFactory = run_service
         middleware=[
             metrics.PROMETHEUS.middleware,
             *([] if keys is None else [auth.middleware(keys)]),
-            throttle.Throttle(settings.server),
+            limiter,
         ],
         after_request=web.page_headers,
-        state=State({"key_file": keys}),
+        state=State({"key_file": keys, "throttle": limiter}),
     )

@@ -32,6 +32,7 @@ from warmpod.models import (
     RunRequest,
     RunResult,
     RunSpec,
+    RunStatus,
     StatusEvent,
 )
 from warmpod.queue.results import Results
@@ -90,8 +91,8 @@ _PROBLEMS = {
     409: "The run has already ended",
     413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
     422: "A limit, the timeout, a file or a label is not allowed, the environment does not exist (`detail` "
-    "lists those that do), or the Idempotency-Key was sent with another request; `detail` names "
-    "the rule or the maximum",
+    "lists those that do), a batch's size is not (or one of its runs asks to wait), or the "
+    "Idempotency-Key was sent with another request; `detail` names the rule or the maximum",
     429: "The queue is full, the key has its `max_active` runs, or the client (its key, or its address "
     "where keys are off) sends faster than its rate or has as many requests in flight as it may "
     "(WARMPOD_SERVER__KEY_*); retry after `Retry-After` seconds",
@@ -232,27 +233,7 @@ class RunController(Controller):
         ] = None,
     ) -> Response[RunResult | Accepted]:
         """Run ``code`` once in a fresh sandbox; with ``wait`` (default) answer how it ended, else 202."""
-        code = None if data.code is msgspec.UNSET else data.code.encode("utf-8", "surrogatepass")
-        stdin = data.stdin.encode("utf-8", "surrogatepass")
-        limits = RunLimits(
-            cpu_time=data.cpu_time, memory_mb=data.memory_mb, max_output_bytes=data.max_output_bytes
-        )
-        files = decode_inputs(data.files)
-        program = Program(
-            entrypoint=data.entrypoint,
-            args=data.args,
-            env=data.env,
-            secrets=data.secrets,
-            sources=data.sources,
-        )
-        environment = _environment(request, service, data.environment)
-        labels = checked_labels(data.labels)
-        spec = service.runner.prepare(
-            code, stdin, data.timeout, limits, files, program, environment=environment
-        )
-        callback = _callback(request, service, data.callback_url)
-        spec = msgspec.structs.replace(spec, labels=labels, callback_url=callback)
-        _check_grants(request, service, spec)
+        spec = run_spec(request, service, data)
         return await _submit(request, service, spec, _both_waits(wait, data.wait), idempotency_key)
 
     @post(
@@ -331,6 +312,39 @@ class RunController(Controller):
         spec = msgspec.structs.replace(spec, labels=labels, callback_url=_callback(request, service, url))
         _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, form_wait), idempotency_key)
+
+
+def run_spec(request: Request[Any, Any, Any], service: Service, data: RunRequest) -> RunSpec:
+    """The run a JSON request asks for, checked and resolved for the request's key: what
+    ``/run-json/`` queues, and each run of ``/runs/batch``.
+
+    Raises:
+        InvalidRun: a limit, a file, the program or a label breaks a rule, or the environment
+            does not exist (422).
+        EnvironmentDenied: the key may not use the environment (403).
+        SecretDenied: a secret does not exist or the key may not use it (403).
+        SourceDenied: a data source does not exist or the key may not use it (403).
+    """
+    code = None if data.code is msgspec.UNSET else data.code.encode("utf-8", "surrogatepass")
+    stdin = data.stdin.encode("utf-8", "surrogatepass")
+    limits = RunLimits(
+        cpu_time=data.cpu_time, memory_mb=data.memory_mb, max_output_bytes=data.max_output_bytes
+    )
+    files = decode_inputs(data.files)
+    program = Program(
+        entrypoint=data.entrypoint,
+        args=data.args,
+        env=data.env,
+        secrets=data.secrets,
+        sources=data.sources,
+    )
+    environment = _environment(request, service, data.environment)
+    labels = checked_labels(data.labels)
+    spec = service.runner.prepare(code, stdin, data.timeout, limits, files, program, environment=environment)
+    callback = _callback(request, service, data.callback_url)
+    spec = msgspec.structs.replace(spec, labels=labels, callback_url=callback)
+    _check_grants(request, service, spec)
+    return spec
 
 
 async def owned_run(
@@ -461,7 +475,7 @@ async def _submit(
 ) -> Response[RunResult | Accepted]:
     queue = service.queue
     run_id, status = await queue.admission.take(
-        spec, key_of(request), _checked_idempotency_key(idempotency_key)
+        spec, key_of(request), checked_idempotency_key(idempotency_key)
     )
     if wait:
         # Once the run is stored the answer names it, whatever the wait meets: a bare 503 would
@@ -473,12 +487,22 @@ async def _submit(
             result = None
         if result is not None:
             return Response(result)
+    answer = accepted(request, run_id, status)
+    return Response(answer, status_code=202, headers={"Location": answer.status_url})
+
+
+def accepted(request: Request[Any, Any, Any], run_id: str, status: RunStatus) -> Accepted:
+    """The 202 answer's account of a run taken into the queue: its id, status and URLs."""
     status_url = f"{str(request.base_url).rstrip('/')}/status/{run_id}"
-    accepted = Accepted(id=run_id, status=status, status_url=status_url, stream_url=f"{status_url}/stream")
-    return Response(accepted, status_code=202, headers={"Location": status_url})
+    return Accepted(id=run_id, status=status, status_url=status_url, stream_url=f"{status_url}/stream")
 
 
-def _checked_idempotency_key(raw: str | None) -> str | None:
+def checked_idempotency_key(raw: str | None) -> str | None:
+    """The key an ``Idempotency-Key`` header holds (unquoted), or None without one.
+
+    Raises:
+        ValidationException: it is not 1-255 visible ASCII characters without a quote or backslash (400).
+    """
     if raw is None:
         return None
     match = _IDEMPOTENCY_KEY.fullmatch(raw)

@@ -4,7 +4,8 @@ key (per client address where keys are off), so that no client takes the whole s
 A request counts as in flight until the last byte of its answer is handed to the connection, and
 answers are handed over in pieces that wait for the client to read (uvicorn's flow control): a
 client that asks and never reads holds its own slots, and its answers wait in this process's
-memory only that many at a time. ``/health`` and ``/metrics`` are never limited.
+memory only that many at a time. A batch of runs counts as one request per run. ``/health`` and
+``/metrics`` are never limited.
 
 Litestar's ``RateLimitMiddleware`` is not used: it counts in fixed windows (twice the rate passes
 across a window's edge), rewrites a JSON list of every request's time on each request under one
@@ -66,6 +67,16 @@ class Throttle(ASGIMiddleware):
             await next_app(scope, receive, _paced(send))
         finally:
             client.in_flight -= 1
+
+    def charge(self, scope: Scope, requests: int) -> None:
+        """Count ``requests`` more against the client of the request in ``scope``, one being
+        served: a batch of runs costs what as many submits would. Its bucket may go below empty,
+        so that a batch is never refused for its size alone; the client's next requests then wait
+        until it has refilled, and its rate holds on average."""
+        client = self._clients.get(_client_of(scope))
+        # There while its request is in flight: only a client with nothing in flight is swept.
+        if client is not None:
+            client.tokens -= requests
 
     def _admit(self, name: str, now: float) -> _Client:
         client = self._clients.get(name)

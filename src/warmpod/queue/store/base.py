@@ -34,7 +34,7 @@ page at most ``OUTPUT_PAGE * CHUNK_BYTES`` (2 MiB) however many chunks the run p
 
 
 Added = Literal["added", "queue-full", "key-busy"]
-"""What ``Store.add`` did with a run."""
+"""What ``Store.add`` did with a run, or ``Store.add_batch`` with all of its runs."""
 
 
 class Idempotency(msgspec.Struct, frozen=True, kw_only=True):
@@ -52,6 +52,37 @@ class Replay(msgspec.Struct, frozen=True, kw_only=True):
     status: RunStatus
     same_request: bool
     """Whether that run was asked for with the same request hash (else the key was reused)."""
+
+
+class BatchReplay(msgspec.Struct, frozen=True, kw_only=True):
+    """What ``Store.add_batch`` answers when runs of the same API key already have the batch's
+    idempotency key (``batch_keys``)."""
+
+    runs: tuple[tuple[str, RunStatus], ...]
+    """``(id, status)`` of those runs, in the batch's order: fewer than the batch once some expired."""
+    same_request: bool
+    """Whether they were all asked for with the same request hash (else the key was reused)."""
+
+
+def batch_keys(idempotency_key: str, count: int) -> list[str]:
+    """The idempotency keys the runs of a batch keyed ``idempotency_key`` are stored under, in
+    order: the batch's key and the run's place, joined by a space. A client's key has no space, so
+    a batch's runs never take the key of a single run, nor a single run the key of a batch's."""
+    return [f"{idempotency_key} {index}" for index in range(count)]
+
+
+def replayed(
+    rows: Iterable[tuple[str, str, RunStatus, str | None]], keys: Sequence[str], request_hash: str | None
+) -> BatchReplay | None:
+    """The replay ``add_batch`` answers from the rows ``(idempotency_key, id, status,
+    request_hash)`` its look-up of ``keys`` found; None, when none, for the runs to be added."""
+    found = {key: (run_id, status, stored) for key, run_id, status, stored in rows}
+    if not found:
+        return None
+    return BatchReplay(
+        runs=tuple((found[key][0], found[key][1]) for key in keys if key in found),
+        same_request=all(stored == request_hash for _, _, stored in found.values()),
+    )
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -201,6 +232,23 @@ class Store(Protocol):
         """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
         ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running,
         nor when a run of ``key`` already has ``idempotency.key`` (that run is answered, before any bound)."""
+        ...
+
+    async def add_batch(
+        self,
+        items: Sequence[tuple[str, RunSpec]],
+        *,
+        max_queued: int,
+        key: str | None = None,
+        max_active: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Added | BatchReplay:
+        """Queue the runs ``items`` (``(run_id, spec)``) of ``key`` in one transaction, all or none:
+        all are ``added`` only if the queue then holds at most ``max_queued`` runs and the key at
+        most ``max_active`` queued or running, under the same guard as ``add`` (concurrent adds and
+        batches never pass a bound together). With ``idempotency``, each run is stored under its
+        ``batch_keys`` key with the batch's request hash, and runs of ``key`` already holding any of
+        those keys are answered instead, before any bound. Every added run is notified ``queued``."""
         ...
 
     async def queued(self) -> list[str]:

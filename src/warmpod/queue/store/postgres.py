@@ -31,6 +31,7 @@ from warmpod.queue.store.base import (
     OUTPUT_PAGE,
     PREFERRED_WAIT,
     Added,
+    BatchReplay,
     Beat,
     CancelOutcome,
     Claim,
@@ -43,10 +44,12 @@ from warmpod.queue.store.base import (
     Record,
     Replay,
     RunFilter,
+    batch_keys,
     inlined,
     labels_column,
     lost_result,
     record,
+    replayed,
     summary,
     unreadable,
 )
@@ -57,8 +60,8 @@ from warmpod.queue.store.outbox import Delivery, Tried
 log = logging.getLogger(__name__)
 
 Connection = psycopg.AsyncConnection[TupleRow]
-# Taken in every transaction that adds a run, so the counts of the queue bound and the key
-# quotas cannot interleave with another node's add (READ COMMITTED sees no uncommitted rows).
+# Taken in every transaction that adds runs (one, or a batch), so the counts of the queue bound and
+# the key quotas cannot interleave with another node's add (READ COMMITTED sees no uncommitted rows).
 ADD_LOCK: Final = 0x77617270  # "warp"
 # Taken while the schema is created or migrated, so two nodes starting together do it once.
 SCHEMA_LOCK: Final = 0x77617271
@@ -452,55 +455,64 @@ class PostgresStore:
     ) -> Added | Replay:
         """Queue a run of ``key``, within the queue bound and the key's quota over every node, unless
         a run of ``key`` already has ``idempotency.key`` (that run is answered)."""
+        keys = None if idempotency is None else [idempotency.key]
+        added = await self._add([(run_id, spec)], max_queued, key, max_active, keys, idempotency)
+        if isinstance(added, BatchReplay):
+            ((found, status),) = added.runs
+            return Replay(run_id=found, status=status, same_request=added.same_request)
+        return added
+
+    async def add_batch(
+        self,
+        items: Sequence[tuple[str, RunSpec]],
+        *,
+        max_queued: int,
+        key: str | None = None,
+        max_active: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Added | BatchReplay:
+        """Queue the runs ``items`` of ``key`` together or none of them, within the bounds over
+        every node (see ``Store.add_batch``)."""
+        keys = None if idempotency is None else batch_keys(idempotency.key, len(items))
+        return await self._add(items, max_queued, key, max_active, keys, idempotency)
+
+    async def _add(
+        self,
+        items: Sequence[tuple[str, RunSpec]],
+        max_queued: int,
+        key: str | None,
+        max_active: int | None,
+        idempotency_keys: Sequence[str] | None,
+        idempotency: Idempotency | None,
+    ) -> Added | BatchReplay:
+        """Store ``items`` under ``idempotency_keys`` (one each), all within the bounds, or none."""
+        request_hash = None if idempotency is None else idempotency.request_hash
+        stored_keys: Sequence[str | None] = idempotency_keys or [None] * len(items)
         async with self._transaction() as db:
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (ADD_LOCK,))
-            if idempotency is not None:
-                row = await (
+            if idempotency_keys:
+                rows = await (
                     await db.execute(
-                        "SELECT id, status, request_hash FROM runs "
-                        "WHERE coalesce(key, '') = %s AND idempotency_key = %s",
-                        (key or "", idempotency.key),
+                        "SELECT idempotency_key, id, status, request_hash FROM runs "
+                        "WHERE coalesce(key, '') = %s AND idempotency_key IS NOT NULL "
+                        "AND idempotency_key = ANY(%s)",
+                        (key or "", list(idempotency_keys)),
                     )
-                ).fetchone()
-                if row is not None:
-                    return Replay(
-                        run_id=row[0], status=row[1], same_request=row[2] == idempotency.request_hash
-                    )
+                ).fetchall()
+                replay = replayed(rows, idempotency_keys, request_hash)
+                if replay is not None:
+                    return replay
             if max_active is not None:
                 active = await _one(
                     db, "SELECT count(*) FROM runs WHERE key = %s AND status IN ('queued', 'running')", (key,)
                 )
-                if active >= max_active:
+                if active + len(items) > max_active:
                     return "key-busy"
-            if await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'") >= max_queued:
+            if await _one(db, "SELECT count(*) FROM runs WHERE status = 'queued'") + len(items) > max_queued:
                 return "queue-full"
-            inserted = await (
-                await db.execute(
-                    "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
-                    "request_hash, labels) VALUES (%s, 'queued', %s, warmpod_now(), %s, %s, %s, %s, %s, %s) "
-                    "RETURNING n, created",
-                    (
-                        run_id,
-                        encode_blob(spec),
-                        key,
-                        spec.warm,
-                        spec.environment,
-                        None if idempotency is None else idempotency.key,
-                        None if idempotency is None else idempotency.request_hash,
-                        labels_column(spec),
-                    ),
-                )
-            ).fetchone()
-            assert inserted is not None
-            n, created = inserted
-            await _insert(
-                db,
-                "run_labels (run_n, name, value, owner, created)",
-                [(n, name, value, key or "", created) for name, value in spec.labels],
-            )
-            if spec.callback_url is not None:
-                await db.execute(_pg(outbox.ADD), (run_id, key or "", spec.callback_url))
-            await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
+            for (run_id, spec), stored_key in zip(items, stored_keys, strict=True):
+                await _insert_run(db, run_id, spec, key, stored_key, request_hash)
+                await db.execute("SELECT pg_notify('warmpod_queued', %s)", (run_id,))
         return "added"
 
     async def queued(self) -> list[str]:
@@ -875,6 +887,43 @@ async def _keep_output(db: Connection, run_id: str, chunks: Sequence[Chunk]) -> 
     ).fetchone()
     rows = [(run_id, *stored) for stored in output_rows(chunks, -1 if row is None else row[0])]
     await _insert(db, "output (run_id, seq, last, stream, data)", rows)
+
+
+async def _insert_run(
+    db: Connection,
+    run_id: str,
+    spec: RunSpec,
+    key: str | None,
+    idempotency_key: str | None,
+    request_hash: str | None,
+) -> None:
+    """Store one queued run: its row, a row per label (``run_labels``), and its webhook's (``webhooks``)."""
+    inserted = await (
+        await db.execute(
+            "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
+            "request_hash, labels) VALUES (%s, 'queued', %s, warmpod_now(), %s, %s, %s, %s, %s, %s) "
+            "RETURNING n, created",
+            (
+                run_id,
+                encode_blob(spec),
+                key,
+                spec.warm,
+                spec.environment,
+                idempotency_key,
+                request_hash,
+                labels_column(spec),
+            ),
+        )
+    ).fetchone()
+    assert inserted is not None
+    n, created = inserted
+    await _insert(
+        db,
+        "run_labels (run_n, name, value, owner, created)",
+        [(n, name, value, key or "", created) for name, value in spec.labels],
+    )
+    if spec.callback_url is not None:
+        await db.execute(_pg(outbox.ADD), (run_id, key or "", spec.callback_url))
 
 
 async def _insert(db: Connection, into: LiteralString, rows: Sequence[tuple[Any, ...]]) -> None:

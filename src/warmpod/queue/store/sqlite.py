@@ -26,6 +26,7 @@ from warmpod.queue.store.base import (
     OUTPUT_PAGE,
     PREFERRED_WAIT,
     Added,
+    BatchReplay,
     Beat,
     CancelOutcome,
     Claim,
@@ -38,10 +39,12 @@ from warmpod.queue.store.base import (
     Record,
     Replay,
     RunFilter,
+    batch_keys,
     inlined,
     labels_column,
     lost_result,
     record,
+    replayed,
     summary,
     unreadable,
 )
@@ -295,61 +298,65 @@ class SqliteStore:
         """Queue a run of ``key`` (a key's name); nothing is stored unless it is ``added``: not when
         ``max_queued`` runs already wait, nor when ``max_active`` runs of the key are queued or running,
         nor when a run of ``key`` already has ``idempotency.key`` (that run is answered)."""
-        blob = encode_blob(spec)
-        idempotency_key = None if idempotency is None else idempotency.key
-        request_hash = None if idempotency is None else idempotency.request_hash
+        keys = None if idempotency is None else [idempotency.key]
+        added = await self._add([(run_id, spec)], max_queued, key, max_active, keys, idempotency)
+        if isinstance(added, BatchReplay):
+            ((found, status),) = added.runs
+            return Replay(run_id=found, status=status, same_request=added.same_request)
+        return added
 
-        def add(db: sqlite3.Connection) -> Added | Replay:
-            # One call at a time on the one connection: the look-up, the counts and the insert
+    async def add_batch(
+        self,
+        items: Sequence[tuple[str, RunSpec]],
+        *,
+        max_queued: int,
+        key: str | None = None,
+        max_active: int | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> Added | BatchReplay:
+        """Queue the runs ``items`` of ``key`` together or none of them (see ``Store.add_batch``)."""
+        keys = None if idempotency is None else batch_keys(idempotency.key, len(items))
+        return await self._add(items, max_queued, key, max_active, keys, idempotency)
+
+    async def _add(
+        self,
+        items: Sequence[tuple[str, RunSpec]],
+        max_queued: int,
+        key: str | None,
+        max_active: int | None,
+        idempotency_keys: Sequence[str] | None,
+        idempotency: Idempotency | None,
+    ) -> Added | BatchReplay:
+        """Store ``items`` under ``idempotency_keys`` (one each), all within the bounds, or none."""
+        request_hash = None if idempotency is None else idempotency.request_hash
+        stored_keys: Sequence[str | None] = idempotency_keys or [None] * len(items)
+
+        def add(db: sqlite3.Connection) -> Added | BatchReplay:
+            # One call at a time on the one connection: the look-up, the counts and the inserts
             # cannot interleave.
-            if idempotency is not None:
-                row = db.execute(
-                    "SELECT id, status, request_hash FROM runs "
-                    "WHERE coalesce(key, '') = ? AND idempotency_key = ?",
-                    (key or "", idempotency.key),
-                ).fetchone()
-                if row is not None:
-                    return Replay(
-                        run_id=row[0], status=row[1], same_request=row[2] == idempotency.request_hash
-                    )
-            if max_active is not None:
-                (active,) = db.execute(
-                    "SELECT count(*) FROM runs WHERE key = ? AND status IN ('queued', 'running')", (key,)
-                ).fetchone()
-                if active >= max_active:
-                    return "key-busy"
-            created = time.time()
+            if idempotency_keys:
+                replay = _replay(db, key, idempotency_keys, request_hash)
+                if replay is not None:
+                    return replay
             with _transaction(db):
-                cursor = db.execute(
-                    "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
-                    "request_hash, labels) SELECT ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ? "
-                    "WHERE (SELECT count(*) FROM runs WHERE status = 'queued') < ?",
-                    (
-                        run_id,
-                        blob,
-                        created,
-                        key,
-                        spec.warm,
-                        spec.environment,
-                        idempotency_key,
-                        request_hash,
-                        labels_column(spec),
-                        max_queued,
-                    ),
-                )
-                if cursor.rowcount != 1:
+                if max_active is not None:
+                    (active,) = db.execute(
+                        "SELECT count(*) FROM runs WHERE key = ? AND status IN ('queued', 'running')", (key,)
+                    ).fetchone()
+                    if active + len(items) > max_active:
+                        return "key-busy"
+                (queued,) = db.execute("SELECT count(*) FROM runs WHERE status = 'queued'").fetchone()
+                if queued + len(items) > max_queued:
                     return "queue-full"
-                db.executemany(
-                    "INSERT INTO run_labels (run_n, name, value, owner, created) VALUES (?, ?, ?, ?, ?)",
-                    [(cursor.lastrowid, name, value, key or "", created) for name, value in spec.labels],
-                )
-                if spec.callback_url is not None:
-                    db.execute(outbox.ADD, (run_id, key or "", spec.callback_url))
+                created = time.time()
+                for (run_id, spec), stored_key in zip(items, stored_keys, strict=True):
+                    _insert_run(db, run_id, spec, created, key, stored_key, request_hash)
             return "added"
 
         added = await self._call(add)
         if added == "added":
-            self._notify("queued", run_id)
+            for run_id, _ in items:
+                self._notify("queued", run_id)
         return added
 
     async def queued(self) -> list[str]:
@@ -744,6 +751,52 @@ _KEY_RUNNING = "(SELECT count(*) FROM runs r WHERE r.status = 'running' AND r.ke
 def _split(environments: str) -> list[str]:
     """The environments a node serves, from their stored comma-joined names."""
     return environments.split(",") if environments else []
+
+
+def _replay(
+    db: sqlite3.Connection, key: str | None, idempotency_keys: Sequence[str], request_hash: str | None
+) -> BatchReplay | None:
+    """The runs of ``key`` stored under any of ``idempotency_keys``, as ``replayed`` answers them."""
+    rows = db.execute(
+        "SELECT idempotency_key, id, status, request_hash FROM runs "  # noqa: S608  (placeholders only)
+        "WHERE coalesce(key, '') = ? AND idempotency_key IS NOT NULL "
+        f"AND idempotency_key IN ({','.join('?' * len(idempotency_keys))})",
+        (key or "", *idempotency_keys),
+    )
+    return replayed(rows, idempotency_keys, request_hash)
+
+
+def _insert_run(
+    db: sqlite3.Connection,
+    run_id: str,
+    spec: RunSpec,
+    created: float,
+    key: str | None,
+    idempotency_key: str | None,
+    request_hash: str | None,
+) -> None:
+    """Store one queued run: its row, a row per label (``run_labels``), and its webhook's (``webhooks``)."""
+    cursor = db.execute(
+        "INSERT INTO runs (id, status, spec, created, key, warm, environment, idempotency_key, "
+        "request_hash, labels) VALUES (?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            run_id,
+            encode_blob(spec),
+            created,
+            key,
+            spec.warm,
+            spec.environment,
+            idempotency_key,
+            request_hash,
+            labels_column(spec),
+        ),
+    )
+    db.executemany(
+        "INSERT INTO run_labels (run_n, name, value, owner, created) VALUES (?, ?, ?, ?, ?)",
+        [(cursor.lastrowid, name, value, key or "", created) for name, value in spec.labels],
+    )
+    if spec.callback_url is not None:
+        db.execute(outbox.ADD, (run_id, key or "", spec.callback_url))
 
 
 def _holds(db: sqlite3.Connection, fence: Fence) -> bool:
