@@ -11,7 +11,9 @@ from support.fakes import pool_module
 # The pool and its sandboxes do their local file work (leftovers' lock files, agents' directories,
 # the seccomp profile) on the event loop; until that moves to worker threads their tests run
 # without the guard.
-UNGUARDED = frozenset({"test_pool.py", "test_pool_environments.py", "test_sandbox_life.py"})
+UNGUARDED = frozenset(
+    {"test_pool.py", "test_pool_environments.py", "test_sandbox_life.py", "test_webhook_deliveries.py"}
+)
 
 
 @pytest.fixture(autouse=True)
