@@ -147,8 +147,10 @@ def manage_keys(args: argparse.Namespace, settings: Settings) -> int:
             sources = f"sources={','.join(sorted(key.sources)) or '-'}"
             # '*' for every environment: no environment's name can be it.
             usable = "*" if key.environments is None else ",".join(sorted(key.environments))
-            hook = f"webhook={key.webhook or '-'}" + (" (own secret)" if key.webhook_secrets else "")
-            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={usable}\t{hook}")
+            # Webhook columns only for a key that has them: the listing of other keys is unchanged.
+            hook = "" if key.webhook is None else f"\twebhook={key.webhook}"
+            hook += "\twebhook_secret=own" if key.webhook_secrets else ""
+            print(f"{key.name}\t{quota}\t{secrets}\t{sources}\tenvironments={usable}{hook}")
     return 0
 
 

@@ -70,7 +70,7 @@ def tarpit() -> Iterator[Tarpit]:
 
 async def final_runs(store: SqliteStore, url: str, key: str, count: int) -> list[str]:
     """``count`` runs of ``key`` with their webhook to ``url``, each ended succeeded."""
-    ids = []
+    ids: list[str] = []
     for _ in range(count):
         run_id = f"{key}-{len(ids)}-{time.monotonic_ns()}"
         spec = msgspec.structs.replace(SPEC, callback_url=url)
@@ -128,4 +128,4 @@ async def test_a_key_whose_receiver_never_answers_does_not_hold_back_another_key
         finally:
             await store.aclose()
     assert (state.state, state.attempts, state.last_status) == ("pending", 1, None)
-    assert "no answer within 3 s" in state.last_error
+    assert "no answer within 3 s" in (state.last_error or "")
