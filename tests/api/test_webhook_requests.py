@@ -198,3 +198,25 @@ async def test_a_key_s_default_endpoint_is_used_unless_the_run_names_one_or_null
     status, plain = await post_run(anonymous, "plain")
     assert status == 200, plain
     assert await webhook_of(anonymous, plain["id"]) is None
+
+
+async def test_each_run_of_a_batch_has_its_own_webhook(client: AsyncTestClient[Litestar]) -> None:
+    """A batch's runs name their own callback_url (or none, or the key's): each is kept with its
+    run, and one outside the allow-list refuses the whole batch."""
+    runs = [
+        {"code": "print(1)", "callback_url": f"{PREFIX}a"},
+        {"code": "print(2)", "callback_url": None},
+        {"code": "print(3)"},
+    ]
+    response = await client.post("/runs/batch", json={"runs": runs}, headers=bearer(TOKENS["hooked"]))
+    assert response.status_code == 202, response.text
+    ids = [run["id"] for run in response.json()["runs"]]
+    hooks = [await webhook_of(client, run_id, "hooked") for run_id in ids]
+    assert [None if hook is None else hook["url"] for hook in hooks] == [f"{PREFIX}a", None, DEFAULT]
+    refused = await client.post(
+        "/runs/batch",
+        json={"runs": [*runs, {"code": "print(4)", "callback_url": f"http://127.0.0.1:{OTHER_PORT}/"}]},
+        headers=bearer(TOKENS["hooked"]),
+    )
+    assert refused.status_code == 422, refused.text
+    assert "runs[3]" in refused.json()["detail"]
