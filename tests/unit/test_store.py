@@ -57,18 +57,6 @@ def result(run_id: str, status: RunStatus = "succeeded", stdout: str = "1\n") ->
     )
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """A fresh store of each kind: a temporary SQLite file, an empty PostgreSQL database."""
-    opened: Store
-    if request.param == "sqlite":
-        opened = await SqliteStore.open(tmp_path / "runs.sqlite3")
-    else:
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_db"))
-    yield opened
-    await opened.aclose()
-
-
 async def claim(store: Store, owner: Owner = NODE, lease: float = LEASE) -> Claim:
     """The next run, which the test knows is there."""
     claimed = await store.claim(owner, lease)

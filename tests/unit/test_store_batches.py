@@ -3,36 +3,20 @@ queue bound and the key's quota, against single adds racing it; their notices; t
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import anyio
 import msgspec
-import pytest
 from support.waiting import until
 
 from warmpod.models import RunResult, RunSpec
 from warmpod.queue.store.base import BatchReplay, Idempotency, Notice, Owner, Replay, RunFilter, Store
-from warmpod.queue.store.postgres import PostgresStore
-from warmpod.queue.store.sqlite import SqliteStore
 
 SPEC = RunSpec(code=b"print(1)", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=99)
 NODE = Owner(node="a", incarnation="a-1")
 LEASE = 15.0
 EDGE = 25
 """The queue bound of the edge tests: six runs queued leave room for 19, one fewer than a batch of 20."""
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """A fresh store of each kind, as test_store's: a temporary SQLite file, an empty database."""
-    opened: Store
-    if request.param == "sqlite":
-        opened = await SqliteStore.open(tmp_path / "runs.sqlite3")
-    else:
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_db"))
-    yield opened
-    await opened.aclose()
 
 
 def batch(prefix: str, count: int, spec: RunSpec = SPEC) -> list[tuple[str, RunSpec]]:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import msgspec
 import psycopg
-import pytest
 
 from warmpod.models import RunSpec
 from warmpod.queue.store import postgres, sqlite
@@ -25,18 +23,6 @@ SCI = msgspec.structs.replace(SPEC, environment="sci")
 NODE = Owner(node="a", incarnation="a-1")
 OTHER = Owner(node="b", incarnation="b-1")
 LEASE = 15.0
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """A fresh store of each kind, as test_store's: a temporary SQLite file, an empty database."""
-    opened: Store
-    if request.param == "sqlite":
-        opened = await SqliteStore.open(tmp_path / "runs.sqlite3")
-    else:
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_db"))
-    yield opened
-    await opened.aclose()
 
 
 async def claimed(store: Store, environment: str = "default", *, warm: bool = False) -> str | None:

@@ -3,35 +3,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import anyio
 import msgspec
-import pytest
 
 from warmpod.models import RunResult, RunSpec
 from warmpod.queue.store.base import Owner, Store
 from warmpod.queue.store.outbox import Tried
-from warmpod.queue.store.postgres import PostgresStore
-from warmpod.queue.store.sqlite import SqliteStore
 
 SPEC = RunSpec(code=b"print(1)", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=99)
 HOOKED = msgspec.structs.replace(SPEC, callback_url="http://127.0.0.1:9/hook")
 NODE = Owner(node="a", incarnation="a-1")
 LEASE = 15.0
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    """A fresh store of each kind: a temporary SQLite file, an empty database."""
-    opened: Store
-    if request.param == "sqlite":
-        opened = await SqliteStore.open(tmp_path / "runs.sqlite3")
-    else:
-        opened = await PostgresStore.open(request.getfixturevalue("postgres_db"))
-    yield opened
-    await opened.aclose()
 
 
 async def finish(store: Store, run_id: str) -> None:
