@@ -1,6 +1,6 @@
-"""A node's deliveries against a hostile receiver on loopback: one that never answers holds only its
-own key's share of the slots, each of its tries ends at the time-out, and another key's webhooks go
-meanwhile."""
+"""A node's deliveries against a receiver on loopback that never answers: it holds only its own
+key's share of the slots, each of its tries ends at the time-out, another key's webhooks go
+meanwhile, and a node that stops mid-try hands its webhook back at once."""
 
 from __future__ import annotations
 
@@ -129,3 +129,32 @@ async def test_a_key_whose_receiver_never_answers_does_not_hold_back_another_key
             await store.aclose()
     assert (state.state, state.attempts, state.last_status) == ("pending", 1, None)
     assert "no answer within 3 s" in (state.last_error or "")
+
+
+async def test_a_stopping_node_hands_back_the_webhooks_it_was_trying(tmp_path: Path, tarpit: Tarpit) -> None:
+    """Deliveries cancelled mid-try (the node stops) leave the webhook due at once, not only
+    when the claim's lease is over: the next claim takes it as its second try."""
+    store = await SqliteStore.open(tmp_path / "runs.sqlite3")
+    try:
+        settings = WebhookSettings(
+            allow=(f"http://127.0.0.1:{tarpit.port}/",), secrets=(new_secret(),), timeout=30.0, poll=0.1
+        )
+        (run_id,) = await final_runs(store, f"http://127.0.0.1:{tarpit.port}/hook", "mallory", 1)
+        deliveries = Deliveries(store, settings, Destinations(settings.allow))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(deliveries.serve)
+            with anyio.fail_after(5.0):
+                while tarpit.connections < 1:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        state = await webhook(store, run_id)
+        assert (state.state, state.attempts, state.last_error) == (
+            "pending",
+            1,
+            "the node stopped during the try",
+        )
+        again = await store.claim_webhook(30.0)
+        assert again is not None
+        assert (again.run_id, again.attempt) == (run_id, 2)
+    finally:
+        await store.aclose()

@@ -3,6 +3,7 @@ and keeps how it went, so every final run's webhook is delivered at least once b
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -32,6 +33,8 @@ failed together are not all tried again at the same instant."""
 # A claim's lease outlasts its try (bounded by the timeout) by this much: a try still going when
 # its row is due again could deliver twice.
 LEASE_MARGIN = 30.0
+# How long a stopping node tries to hand back the webhooks it was trying.
+RELEASE_TIMEOUT = 2.0
 # After an empty look that a notice woke, the next waits at least this long: notices of output come
 # many times a second, and each is not worth a query.
 MIN_GAP = 0.05
@@ -101,7 +104,16 @@ class Deliveries:
 
     async def _try(self, client: httpx.AsyncClient, delivery: Delivery, slots: anyio.Semaphore) -> None:
         try:
-            tried = await self._send(client, delivery)
+            try:
+                tried = await self._send(client, delivery)
+            except anyio.get_cancelled_exc_class():
+                # The node is stopping: the webhook is due again at once, for whichever node is
+                # still up (or this one's next start), not only when the claim's lease is over.
+                stopped = Tried(state="pending", error="the node stopped during the try", retry_in=0.0)
+                shielded = anyio.CancelScope(shield=True)
+                with shielded, anyio.move_on_after(RELEASE_TIMEOUT), contextlib.suppress(StoreError):
+                    await self._store.record_webhook(delivery, stopped)
+                raise
             try:
                 if not await self._store.record_webhook(delivery, tried):
                     log.warning(
