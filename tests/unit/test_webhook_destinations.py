@@ -42,6 +42,9 @@ def test_urls_under_a_prefix_pass(url: str) -> None:
         "http://127.0.0.1:99999/",
         "/relative",
         "http://127.0.0.1:8123/" + "a" * MAX_URL,
+        "https://hooks.example.com/warmpod/../admin",
+        "https://hooks.example.com/warmpod/%2e%2E/admin",
+        "https://hooks.example.com/warmpod/./x",
     ],
 )
 def test_urls_outside_or_malformed_are_refused(url: str) -> None:

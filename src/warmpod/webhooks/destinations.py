@@ -7,7 +7,7 @@ import functools
 import ipaddress
 import socket
 from dataclasses import dataclass
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import anyio
 
@@ -154,6 +154,9 @@ def _parse(url: str) -> SplitResult:
         raise InvalidCallback("the URL must not carry a user or password")
     if parts.fragment:
         raise InvalidCallback("the URL must not have a #fragment")
+    # A client normalises "..", so "/hooks/../admin" would leave the prefix's path after the check.
+    if any(unquote(segment) in (".", "..") for segment in parts.path.split("/")):
+        raise InvalidCallback("the URL's path must not have '.' or '..' segments")
     return parts
 
 
