@@ -45,6 +45,7 @@ def test_urls_under_a_prefix_pass(url: str) -> None:
         "https://hooks.example.com/warmpod/../admin",
         "https://hooks.example.com/warmpod/%2e%2E/admin",
         "https://hooks.example.com/warmpod/./x",
+        "http://127.0.0.1:8123\\@hooks.example.com/warmpod/",
     ],
 )
 def test_urls_outside_or_malformed_are_refused(url: str) -> None:

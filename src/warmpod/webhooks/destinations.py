@@ -139,8 +139,11 @@ def _parse(url: str) -> SplitResult:
     """
     if len(url) > MAX_URL:
         raise InvalidCallback(f"the URL is longer than {MAX_URL} characters")
-    if not url.isascii() or not url.isprintable() or " " in url:
-        raise InvalidCallback("the URL must be printable ASCII without spaces (percent-encode the rest)")
+    # Parsers disagree on a backslash (WHATWG reads it as '/'): the URL checked must be the URL sent.
+    if not url.isascii() or not url.isprintable() or " " in url or "\\" in url:
+        raise InvalidCallback(
+            "the URL must be printable ASCII without spaces or backslashes (percent-encode the rest)"
+        )
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (raises on a port out of range)
