@@ -10,25 +10,24 @@ from typing import Annotated, Any
 from urllib.parse import quote
 
 import msgspec
-from litestar import Controller, HttpMethod, Litestar, Request, Response, delete, get, post, route
+from litestar import Controller, HttpMethod, Request, Response, delete, get, post, route
 from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency, Provide
 from litestar.enums import RequestEncodingType
-from litestar.exceptions import ServiceUnavailableException, ValidationException
+from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, FromPath, HeaderParameter, QueryParameter
 from litestar.response import ServerSentEvent, ServerSentEventMessage, Stream
 
 from warmpod.environments import DEFAULT
 from warmpod.errors import RunNotFound, ShuttingDown, StoreError
-from warmpod.http.auth import key_of
+from warmpod.http.auth import granted_environments, key_of
+from warmpod.http.openapi import KEYED, problems
 from warmpod.labels import checked_labels, label_pairs
 from warmpod.models import (
     Accepted,
     FileEvent,
-    Health,
     OutputEvent,
-    Problem,
     RunRequest,
     RunResult,
     RunSpec,
@@ -64,8 +63,6 @@ _FORM_FIELDS = frozenset(
 )
 _RUN_ID = re.compile(r"[0-9a-f]{32}")
 _RASTER_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp"})
-KEYED: list[dict[str, list[str]]] = [{"apiKey": []}]
-"""The schema's word that an operation needs a key where the server has a keys file (all but /health)."""
 _WAIT_DOC = "false: answer 202 at once with the run's status URL (same as the body's `wait`)"
 # draft-ietf-httpapi-idempotency-key-header: a Structured Field String ("..."); the bare form is
 # taken too. Visible ASCII without the quote and backslash a String would have to escape.
@@ -80,38 +77,6 @@ _IDEMPOTENCY_DOC = (
     "else 202 with its status URL) and never runs it again; with another body it is a 422 "
     "problem. The key is kept as long as its run."
 )
-# Every error answer is a Problem; the schema says which ones each operation gives, so that a
-# client (or schemathesis, tests/fuzz) can hold the service to it.
-_PROBLEMS = {
-    400: "The request is malformed; `detail` says what to fix",
-    401: "No API key, or not a valid one (where the server has a keys file); `WWW-Authenticate: Bearer`",
-    403: "A secret or a data source the run asks for does not exist, or its key may not use it, or "
-    "its key may not use the environment it names; `detail` names it",
-    404: "No run has this id (or it expired), or no file has this path",
-    409: "The run has already ended",
-    413: "The body exceeds the server's limit (WARMPOD_SERVER__MAX_BODY_BYTES)",
-    422: "A limit, the timeout, a file or a label is not allowed, the environment does not exist (`detail` "
-    "lists those that do), a batch's size is not (or one of its runs asks to wait), or the "
-    "Idempotency-Key was sent with another request; `detail` names the rule or the maximum",
-    429: "The queue is full, the key has its `max_active` runs, or the client (its key, or its address "
-    "where keys are off) sends faster than its rate or has as many requests in flight as it may "
-    "(WARMPOD_SERVER__KEY_*); retry after `Retry-After` seconds",
-    503: "Starting, stopping, or the run store cannot be written; retry after `Retry-After` seconds",
-}
-
-
-def problems(*statuses: int) -> dict[int, ResponseSpec]:
-    return {
-        status: ResponseSpec(
-            Problem,
-            description=_PROBLEMS[status],
-            media_type="application/problem+json",
-            generate_examples=False,
-        )
-        for status in statuses
-    }
-
-
 _RUN_RESPONSES = {
     200: ResponseSpec(RunResult, description="The run ended (`wait` true, the default)"),
     202: ResponseSpec(
@@ -157,20 +122,6 @@ _RUN_FORM_SCHEMA = {
     },
     "additionalProperties": False,
 }
-
-
-def running_service(app: Litestar) -> Service | None:
-    """The service ``app`` serves, None while it starts (or once it stopped)."""
-    service: Service | None = app.state.get("service")
-    return service
-
-
-def get_service(request: Request[Any, Any, Any]) -> Service:
-    """The running service, or 503 while it starts."""
-    service = running_service(request.app)
-    if service is None:
-        raise ServiceUnavailableException("warmpod is starting", headers={"Retry-After": "1"})
-    return service
 
 
 def check_query(request: Request[Any, Any, Any]) -> None:
@@ -563,15 +514,6 @@ def _callback(
     return service.webhooks.check(given)
 
 
-def granted_environments(request: Request[Any, Any, Any]) -> frozenset[str] | None:
-    """The environments the request's key may use; None, every one (a key without
-    ``environments=``, or a server without a keys file)."""
-    if request.app.state.get("key_file") is None:
-        return None
-    key = key_of(request)
-    return frozenset() if key is None else key.environments
-
-
 def _environment(request: Request[Any, Any, Any], service: Service, name: str) -> str:
     """The environment a run names, once it exists (else 422, listing those that do) and its key
     may use it (else 403): checked first, since the run is prepared for it."""
@@ -650,19 +592,3 @@ def _timeout_field(raw: bytes) -> float | None:
     if not value > 0:
         raise ValidationException("form field 'timeout' must be greater than 0")
     return value
-
-
-@get(
-    "/health",
-    summary="Service health",
-    sync_to_thread=False,
-    responses={
-        503: ResponseSpec(Health, description="Runs cannot be taken now (starting, stopping, no engine)")
-    },
-)
-def health(request: Request[Any, Any, Any]) -> Response[Health]:
-    """200 with the pool's counts once runs can be taken; 503 before that."""
-    body = get_service(request).health()
-    if body.status == "ok":
-        return Response(body)
-    return Response(body, status_code=503, headers={"Retry-After": "1"})
