@@ -55,7 +55,7 @@ from warmpod.errors import (
 from warmpod.http import auth, batch, history, metrics, throttle, web
 from warmpod.http.environment import EnvironmentNotRecorded, environment, environments
 from warmpod.http.health import get_service, health, running_service
-from warmpod.http.routes import RunController
+from warmpod.http.runs import RunController
 from warmpod.http.status import StatusController
 from warmpod.keys import KeyFile
 from warmpod.service import Service, run_service

@@ -1,4 +1,4 @@
-"""HTTP handlers: thin translations between requests and the runner."""
+"""``POST /run-json/`` and ``/run-file/``: a run checked, resolved for its key and queued, its end awaited."""
 
 from __future__ import annotations
 
