@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, post
-from litestar.datastructures import UploadFile
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
 from litestar.exceptions import ValidationException
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import Body, HeaderParameter, QueryParameter
 
-from warmpod.environments import DEFAULT
 from warmpod.errors import ShuttingDown, StoreError
 from warmpod.http.auth import granted_environments, key_of
+from warmpod.http.form import FORM_SCHEMA, callback_field, read_form
 from warmpod.http.openapi import KEYED, problems
-from warmpod.labels import checked_labels, label_pairs
+from warmpod.labels import checked_labels
 from warmpod.models import (
     Accepted,
     RunRequest,
@@ -35,25 +33,6 @@ from warmpod.service import Service
 
 log = logging.getLogger(__name__)
 
-_LIMIT_FIELDS = ("cpu_time", "memory_mb", "max_output_bytes")
-# Fields that may be given several times: each ``args`` part one argument, each ``env`` part one
-# NAME=VALUE, each ``secrets`` or ``sources`` part one name (or several, comma-separated).
-# Each ``label`` part is one label, name=value.
-_LIST_FIELDS = ("args", "env", "secrets", "sources", "label")
-_FORM_FIELDS = frozenset(
-    {
-        "file",
-        "files",
-        "stdin",
-        "timeout",
-        "wait",
-        "entrypoint",
-        "environment",
-        "callback_url",
-        *_LIST_FIELDS,
-        *_LIMIT_FIELDS,
-    }
-)
 _WAIT_DOC = "false: answer 202 at once with the run's status URL (same as the body's `wait`)"
 # draft-ietf-httpapi-idempotency-key-header: a Structured Field String ("..."); the bare form is
 # taken too. Visible ASCII without the quote and backslash a String would have to escape.
@@ -78,41 +57,6 @@ _RUN_RESPONSES = {
 # Litestar drops the bounds of optional fields (`gt` inside `| None`) and the ban on unknown
 # fields from the schema; msgspec's own schema of the same type keeps both.
 _RUN_REQUEST_SCHEMA = msgspec.json.schema_components([RunRequest])[1]["RunRequest"]
-# The form's fields are text (the script a file); each means what the JSON field of its name does.
-_RUN_FORM_SCHEMA = {
-    "properties": {
-        "file": {
-            "type": "string",
-            "format": "binary",
-            "description": "The script, run as the entrypoint (`main.py` unless named); absent when the "
-            "entrypoint is one of `files`",
-        },
-        "files": {
-            "type": "array",
-            "items": {"type": "string", "format": "binary"},
-            "description": "Data files, one part each, its `filename` the path under the working directory",
-        },
-        **{
-            name: {"type": "string", "description": f"As `{name}` in /run-json/"}
-            for name in sorted(_FORM_FIELDS - {"file", "files", *_LIST_FIELDS})
-        },
-        **{
-            name: {
-                "type": "array",
-                "items": {"type": "string"},
-                "description": f"As `{name}` in /run-json/{how}",
-            }
-            for name, how in (
-                ("args", ", one part each"),
-                ("env", ", one `NAME=VALUE` part each"),
-                ("secrets", ", one part each or comma-separated"),
-                ("sources", ", one part each or comma-separated"),
-                ("label", " (`labels`), one `name=value` part each"),
-            )
-        },
-    },
-    "additionalProperties": False,
-}
 
 
 def check_query(request: Request[Any, Any, Any]) -> None:
@@ -196,7 +140,7 @@ class RunController(Controller):
                     "`file`: the script; `files`: data files, their filenames their paths; the other "
                     "fields as in /run-json/, `wait` true or false."
                 ),
-                schema_extra=_RUN_FORM_SCHEMA,
+                schema_extra=FORM_SCHEMA,
             ),
         ],
         service: NamedDependency[Service],
@@ -207,53 +151,21 @@ class RunController(Controller):
         ] = None,
     ) -> Response[RunResult | Accepted]:
         """Run the uploaded script once in a fresh sandbox; with ``wait`` (default) answer how it ended."""
-        unknown = sorted(set(data) - _FORM_FIELDS)
-        if unknown:
-            raise ValidationException(f"unknown form fields {unknown}: allowed are {sorted(_FORM_FIELDS)}")
-        upload = data.get("file")
-        entrypoint = (await _text_field(data.get("entrypoint"), "entrypoint")).decode(
-            "utf-8", "replace"
-        ) or None
-        if upload is None and entrypoint is None:
-            raise ValidationException(
-                "the script must be sent as a file in the form field 'file', "
-                "or an 'entrypoint' named among 'files'"
-            )
-        if upload is not None and not isinstance(upload, UploadFile):
-            raise ValidationException("the script must be sent as a file in the form field 'file'")
-        code = None if upload is None else await upload.read()
-        stdin = await _text_field(data.get("stdin"), "stdin")
-        timeout = _timeout_field(await _text_field(data.get("timeout"), "timeout"))
-        values = {name: _int_field(await _text_field(data.get(name), name), name) for name in _LIMIT_FIELDS}
-        form_wait = _bool_field(await _text_field(data.get("wait"), "wait"), "wait")
-        files = await _file_parts(data.get("files"))
-        args, env, secrets, sources, label = [await _text_list(data.get(name), name) for name in _LIST_FIELDS]
-        labels = checked_labels(label_pairs(label, "form field 'label'"))
-        program = Program(
-            entrypoint=entrypoint,
-            args=args,
-            env=_env_parts(env),
-            secrets=_names(secrets),
-            sources=_names(sources),
-        )
-        named = (await _text_field(data.get("environment"), "environment")).decode("utf-8", "replace")
-        environment = _environment(request, service, named.strip() or DEFAULT)
+        form = await read_form(data)
+        environment = _environment(request, service, form.environment)
         spec = service.runner.prepare(
-            code, stdin, timeout, RunLimits(**values), files, program, environment=environment
+            form.code,
+            form.stdin,
+            form.timeout,
+            form.limits,
+            form.files,
+            form.program,
+            environment=environment,
         )
-        callback = (
-            msgspec.UNSET
-            if "callback_url" not in data
-            else await _text_field(data["callback_url"], "callback_url")
-        )
-        url = (
-            callback
-            if isinstance(callback, msgspec.UnsetType)
-            else callback.decode("utf-8", "replace").strip() or None
-        )
-        spec = msgspec.structs.replace(spec, labels=labels, callback_url=_callback(request, service, url))
+        callback = _callback(request, service, await callback_field(data))
+        spec = msgspec.structs.replace(spec, labels=form.labels, callback_url=callback)
         _check_grants(request, service, spec)
-        return await _submit(request, service, spec, _both_waits(wait, form_wait), idempotency_key)
+        return await _submit(request, service, spec, _both_waits(wait, form.wait), idempotency_key)
 
 
 def run_spec(request: Request[Any, Any, Any], service: Service, data: RunRequest) -> RunSpec:
@@ -340,25 +252,6 @@ def _both_waits(query: bool | None, body: bool) -> bool:
     return body if query is None else query
 
 
-def _bool_field(raw: bytes, name: str) -> bool:
-    value = raw.strip().lower()
-    if value in (b"", b"true", b"1", b"yes"):
-        return True
-    if value in (b"false", b"0", b"no"):
-        return False
-    raise ValidationException(f"form field {name!r} must be true or false")
-
-
-async def _text_field(value: object, name: str) -> bytes:
-    if value is None:
-        return b""
-    if isinstance(value, UploadFile):
-        return await value.read()
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogatepass")
-    raise ValidationException(f"form field {name!r} must be given once")
-
-
 def _check_grants(request: Request[Any, Any, Any], service: Service, spec: RunSpec) -> None:
     """Refuse (403) a run that asks for a secret or a data source that does not exist or that its
     key may not use."""
@@ -386,64 +279,3 @@ def _environment(request: Request[Any, Any, Any], service: Service, name: str) -
     """The environment a run names, once it exists (else 422, listing those that do) and its key
     may use it (else 403): checked first, since the run is prepared for it."""
     return service.environments.check(name, granted_environments(request)).name
-
-
-def _names(parts: Sequence[str]) -> list[str]:
-    """The names of a form's list field, each part one name or several, comma-separated."""
-    return [name.strip() for part in parts for name in part.split(",") if name.strip()]
-
-
-async def _text_list(value: object, name: str) -> list[str]:
-    parts = [] if value is None else value if isinstance(value, list) else [value]
-    return [(await _text_field(part, name)).decode("utf-8", "surrogatepass") for part in parts]
-
-
-def _env_parts(parts: list[str]) -> dict[str, str]:
-    env: dict[str, str] = {}
-    for part in parts:
-        name, equals, value = part.partition("=")
-        if not equals:
-            raise ValidationException(f"form field 'env' must be NAME=VALUE, not {part[:64]!r}")
-        if name in env:
-            raise ValidationException(f"form field 'env' gives {name[:64]!r} twice")
-        env[name] = value
-    return env
-
-
-async def _file_parts(value: object) -> list[tuple[str, bytes]]:
-    if value is None:
-        return []
-    parts = value if isinstance(value, list) else [value]
-    files = []
-    for part in parts:
-        if not isinstance(part, UploadFile):
-            raise ValidationException(
-                "each form part named 'files' must be a file whose filename is its path, "
-                'as in Content-Disposition: form-data; name="files"; filename="data/sales.csv"'
-            )
-        files.append((part.filename, await part.read()))
-    return files
-
-
-def _int_field(raw: bytes, name: str) -> int | None:
-    if not raw.strip():
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValidationException(f"form field {name!r} must be a whole number") from None
-    if value <= 0:
-        raise ValidationException(f"form field {name!r} must be greater than 0")
-    return value
-
-
-def _timeout_field(raw: bytes) -> float | None:
-    if not raw.strip():
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValidationException("form field 'timeout' must be a number of seconds") from None
-    if not value > 0:
-        raise ValidationException("form field 'timeout' must be greater than 0")
-    return value
