@@ -32,8 +32,8 @@ from support.fakes import FakeLeaser, RecordingRunner, mark_serving
 from support.waiting import until
 
 from warmpod.errors import StoreError
-from warmpod.http import routes as api
 from warmpod.http.app import begin_drain, create_app
+from warmpod.http.status import _events
 from warmpod.models import Chunk, RunResult
 from warmpod.queue.results import FILE_PIECE, Update
 from warmpod.queue.store.base import OUTPUT_PAGE, Fence
@@ -796,7 +796,7 @@ async def test_a_keepalive_is_a_comment_without_data(
         yield Update("keepalive")
 
     monkeypatch.setattr(service.queue.results, "follow", quiet)
-    messages = [m async for m in api._events(service.queue.results, "0" * 32, -1)]
+    messages = [m async for m in _events(service.queue.results, "0" * 32, -1)]
     assert [m.encode() for m in messages] == [b": keepalive\r\n\r\n"]
 
 

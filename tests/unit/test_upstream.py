@@ -73,7 +73,7 @@ class Resource(Controller):
     strict=True,
     raises=AssertionError,
     reason=f"{LITESTAR_OPTIONS}: Litestar 2's own OPTIONS answer lists the methods of one handler "
-    "of a path; warmpod.http.routes.StatusController.allowed answers it itself",
+    "of a path; warmpod.http.status.StatusController.allowed answers it itself",
 )
 def test_litestar_answers_options_with_every_method_of_a_path() -> None:
     """Litestar's automatic OPTIONS answer of a path with a GET and a DELETE handler allows both."""

@@ -54,7 +54,9 @@ from warmpod.errors import (
 )
 from warmpod.http import auth, batch, history, metrics, throttle, web
 from warmpod.http.environment import EnvironmentNotRecorded, environment, environments
-from warmpod.http.routes import RunController, StatusController, get_service, health, running_service
+from warmpod.http.health import get_service, health, running_service
+from warmpod.http.runs import RunController
+from warmpod.http.status import StatusController
 from warmpod.keys import KeyFile
 from warmpod.service import Service, run_service
 from warmpod.settings import Settings

@@ -1,10 +1,12 @@
-"""Bearer-key authentication of every request but ``/health`` and the playground's page and assets."""
+"""Bearer-key authentication of every request but ``/health`` and the playground's page and assets,
+and what the key a request carries grants it."""
 
 from __future__ import annotations
 
 import logging
 from typing import Any
 
+from litestar import Request
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException
 from litestar.middleware import AbstractAuthenticationMiddleware, AuthenticationResult, DefineMiddleware
@@ -67,3 +69,12 @@ def key_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Key | None:
     """The key a request was authenticated with; None where keys are off."""
     user = connection.scope.get("user")
     return user if isinstance(user, Key) else None
+
+
+def granted_environments(request: Request[Any, Any, Any]) -> frozenset[str] | None:
+    """The environments the request's key may use; None, every one (a key without
+    ``environments=``, or a server without a keys file)."""
+    if request.app.state.get("key_file") is None:
+        return None
+    key = key_of(request)
+    return frozenset() if key is None else key.environments

@@ -13,7 +13,8 @@ from litestar.params import Body, HeaderParameter
 
 from warmpod.errors import EnvironmentDenied, InvalidBatch, InvalidRun, SecretDenied, SourceDenied
 from warmpod.http.auth import key_of
-from warmpod.http.routes import KEYED, accepted, checked_idempotency_key, problems, run_spec
+from warmpod.http.openapi import KEYED, problems
+from warmpod.http.runs import accepted, checked_idempotency_key, run_spec
 from warmpod.http.throttle import Throttle
 from warmpod.models import BatchAccepted, BatchRequest, RunRequest, RunSpec
 from warmpod.service import Service

@@ -9,7 +9,9 @@ from litestar import Request, get
 from litestar.openapi.datastructures import ResponseSpec
 
 from warmpod.errors import WarmpodError
-from warmpod.http.routes import KEYED, get_service, granted_environments
+from warmpod.http.auth import granted_environments
+from warmpod.http.health import get_service
+from warmpod.http.openapi import KEYED
 from warmpod.models import Environment, EnvironmentInfo, Problem
 
 ENVIRONMENT_FILE = "/opt/warmpod/environment.json"

@@ -15,7 +15,8 @@ from litestar.params import QueryParameter
 
 from warmpod.errors import InvalidQuery
 from warmpod.http.auth import key_of
-from warmpod.http.routes import KEYED, get_service, problems
+from warmpod.http.health import get_service
+from warmpod.http.openapi import KEYED, problems
 from warmpod.labels import MAX_LABELS, check_pair, label_pairs
 from warmpod.models import RunPage, RunStatus
 from warmpod.queue.store.base import Position, RunFilter

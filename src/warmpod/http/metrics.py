@@ -14,7 +14,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from warmpod.http.routes import running_service
+from warmpod.http.health import running_service
 from warmpod.metrics import POOL_STATES
 
 if TYPE_CHECKING:
