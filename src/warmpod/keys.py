@@ -249,6 +249,9 @@ def add(
     if any(key.name == name for key in existing):
         raise SettingsError(f"{path} already has a key named {name!r}: remove it first to replace it")
     key = secrets.token_urlsafe(KEY_BYTES)
+    # A key starting with '-' reads as an option: `warmpod run --api-key -Gx...` would refuse it.
+    while key.startswith("-"):
+        key = secrets.token_urlsafe(KEY_BYTES)
     if webhook is not None:
         _webhook(webhook, "--webhook")
     line = Key(name, digest(key), max_active, granted, sources, environments, webhook, webhook_secrets).line()
