@@ -149,5 +149,5 @@ def test_find_matches_the_hash_and_sees_changes(tmp_path: Path) -> None:
 def test_a_new_key_never_starts_with_a_dash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A key starting with '-' would read as an option (`--api-key -Gx...`): one is drawn again."""
     drawn = iter(["-Gstarts-with-a-dash", "Good-key"])
-    monkeypatch.setattr(keys.secrets, "token_urlsafe", lambda _: next(drawn))
+    monkeypatch.setattr("warmpod.keys.secrets.token_urlsafe", lambda _: next(drawn))
     assert keys.add(tmp_path / "keys", "alice") == "Good-key"
