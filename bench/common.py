@@ -237,24 +237,26 @@ def wait_pool_full(client: httpx.Client, timeout: float = 120.0) -> float:
 
 def run_once(
     client: httpx.Client, series: Series, body: dict[str, Any] | None = None, expected: str = EXPECTED
-) -> None:
-    """One POST /run-json/ of ``body`` (the trivial program by default), timed and its stdout checked."""
+) -> dict[str, Any] | None:
+    """One POST /run-json/ of ``body`` (the trivial program by default), timed and its stdout checked;
+    the RunResult when it succeeded as expected, else None (the failure counted in ``series``)."""
     started = time.perf_counter()
     try:
         response = client.post("/run-json/", json=body or {"code": PROGRAM})
     except httpx.HTTPError as exc:
         series.failures.append(f"{type(exc).__name__}: {exc}")
-        return
+        return None
     elapsed = (time.perf_counter() - started) * 1000
     if response.status_code != 200:
         series.failures.append(f"HTTP {response.status_code}: {response.text[:200]}")
-        return
-    result = response.json()
+        return None
+    result: dict[str, Any] = response.json()
     if result.get("status") != "succeeded" or result.get("stdout") != expected:
         series.failures.append(f"{result.get('status')}: {result.get('error') or result.get('stderr')}"[:300])
-        return
+        return None
     series.samples_ms.append(elapsed)
     series.extra.setdefault("program_ms", []).append(result["duration_ms"])
+    return result
 
 
 def time_process(argv: list[str], env: dict[str, str] | None, series: Series, expected: str) -> None:
@@ -268,8 +270,8 @@ def time_process(argv: list[str], env: dict[str, str] | None, series: Series, ex
     series.samples_ms.append(elapsed)
 
 
-def repeat(count: int, label: str, step: Callable[[], None]) -> None:
-    """Call ``step`` ``count`` times with a one-line progress report."""
+def repeat(count: int, label: str, step: Callable[[], object]) -> None:
+    """Call ``step`` ``count`` times with a one-line progress report (what it returns is dropped)."""
     for done in range(1, count + 1):
         step()
         if done == count or done % 10 == 0:
