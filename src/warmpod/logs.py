@@ -78,8 +78,13 @@ def configure(log_format: LogFormat, level: str = "info") -> dict[str, Any]:
         # Their own handlers removed, uvicorn's and Litestar's records reach the root's. Litestar's
         # app puts a handler of its own on both when it is made: uvicorn applies this again after.
         "loggers": {
-            name: {"level": level.upper(), "handlers": [], "propagate": True}
-            for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar")
+            **{
+                name: {"level": level.upper(), "handlers": [], "propagate": True}
+                for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "litestar")
+            },
+            # httpx logs every request it sends at INFO, a webhook's URL with it, and a tenant's
+            # callback URL may carry a token of its own: only its warnings reach the log.
+            "httpx": {"level": "WARNING", "handlers": [], "propagate": True},
         },
     }
     logging.config.dictConfig(config)

@@ -15,7 +15,7 @@ from warmpod import logs
 from warmpod.http.app import create_app
 from warmpod.settings import from_env
 
-_LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "litestar")
+_LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access", "litestar", "httpx")
 
 
 @pytest.fixture
@@ -127,3 +127,16 @@ def test_json_covers_warmpods_uvicorns_and_litestars_loggers(capsys: pytest.Capt
         (name, f"from {name}")
         for name in ("warmpod.queue.workers", "uvicorn.error", "uvicorn.access", "litestar")
     ]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_httpx_request_lines_stay_out_of_the_log(capsys: pytest.CaptureFixture[str]) -> None:
+    """httpx's INFO line per request (a webhook's URL, which may hold a tenant's token) is not
+    logged; its warnings are."""
+    logs.configure("json")
+    logging.getLogger("httpx").info('HTTP Request: POST http://127.0.0.1:9/hook?token=secret "HTTP/1.1 204"')
+    logging.getLogger("httpx").warning("a warning")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    _, err = capsys.readouterr()
+    assert [json.loads(line)["event"] for line in err.splitlines()] == ["a warning"]

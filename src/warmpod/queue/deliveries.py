@@ -97,10 +97,13 @@ class Deliveries:
             return None
 
     async def _idle(self) -> None:
+        # At most one look per MIN_GAP however many notices come, but a notice after a quiet
+        # while (a run just ended) is looked at at once.
+        looked = anyio.current_time()
         with anyio.move_on_after(self._settings.poll):
             await self._wake.wait()
         self._wake = anyio.Event()
-        await anyio.sleep(MIN_GAP)
+        await anyio.sleep(max(0.0, looked + MIN_GAP - anyio.current_time()))
 
     async def _try(self, client: httpx.AsyncClient, delivery: Delivery, slots: anyio.Semaphore) -> None:
         try:
