@@ -65,7 +65,9 @@ from receiving import Hook, SlowReceiver
 
 sys.path.insert(0, str(ROOT / "tests"))
 from support.receivers import Receiver
-from support.webhooks import new_secret, webhook_counts
+from support.webhooks import webhook_counts
+
+from warmpod.client.webhooks import new_secret
 
 DEFAULT_OUTPUT = ROOT / "bench" / "results" / "webhooks.json"
 IDLE_PAUSE = 0.1
