@@ -316,8 +316,9 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     receivers, so a key's slow receiver does not hold back another key's webhooks
     (``WARMPOD_WEBHOOKS__CONCURRENCY``)."""
     poll: Annotated[float, Meta(gt=0, le=60)] = 1.0
-    """Seconds between looks for due deliveries when none was found; a run that ends on this node
-    is delivered at once (``WARMPOD_WEBHOOKS__POLL``)."""
+    """Seconds between looks for due deliveries when none was found: the store's notice that a
+    run's webhook is due wakes every node at once, so this only bounds a missed notice's delay
+    and a retry's (``WARMPOD_WEBHOOKS__POLL``)."""
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

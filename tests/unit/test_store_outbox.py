@@ -6,8 +6,8 @@ from __future__ import annotations
 import anyio
 import msgspec
 
-from warmpod.models import RunResult, RunSpec
-from warmpod.queue.store.base import Owner, Store
+from warmpod.models import Chunk, RunResult, RunSpec
+from warmpod.queue.store.base import Notice, Owner, Store
 from warmpod.queue.store.outbox import Tried
 
 SPEC = RunSpec(code=b"print(1)", stdin=b"", timeout=5.0, cpu_time=3, memory_mb=64, max_output_bytes=99)
@@ -127,3 +127,23 @@ async def test_purge_takes_the_webhook_with_its_run(store: Store) -> None:
     await anyio.sleep(0.05)
     assert await store.purge(0.0) == 1
     assert await store.claim_webhook(LEASE) is None
+
+
+async def test_a_due_webhook_is_announced_to_every_listener(store: Store) -> None:
+    """Finishing or cancelling a run with a webhook gives a ``webhook`` notice, which wakes every
+    node's deliveries at once (no poll waited for); output notices do not."""
+    notices: list[tuple[Notice, str]] = []
+    async with anyio.create_task_group() as tg:
+        await tg.start(store.listen, lambda n, i: notices.append((n, i)))
+        await store.add("r1", HOOKED, max_queued=10)
+        await store.add("r2", HOOKED, max_queued=10)
+        claim = await store.claim(NODE, LEASE)
+        assert claim is not None
+        assert await store.add_output(claim.fence, [Chunk(seq=0, stream="stdout", data=b"x")])
+        assert await store.finish("r1", RunResult.from_server("r1", "succeeded"), fence=claim.fence)
+        assert await store.cancel("r2", RunResult.from_server("r2", "cancelled")) == "cancelled"
+        with anyio.fail_after(5):
+            while not {("webhook", "r1"), ("webhook", "r2")} <= set(notices):
+                await anyio.sleep(0.01)
+        tg.cancel_scope.cancel()
+    assert [n for n in notices if n[0] == "webhook"] == [("webhook", "r1"), ("webhook", "r2")]

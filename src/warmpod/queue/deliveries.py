@@ -35,9 +35,6 @@ failed together are not all tried again at the same instant."""
 LEASE_MARGIN = 30.0
 # How long a stopping node tries to hand back the webhooks it was trying.
 RELEASE_TIMEOUT = 2.0
-# After an empty look that a notice woke, the next waits at least this long: notices of output come
-# many times a second, and each is not worth a query.
-MIN_GAP = 0.05
 
 
 class Deliveries:
@@ -97,13 +94,9 @@ class Deliveries:
             return None
 
     async def _idle(self) -> None:
-        # At most one look per MIN_GAP however many notices come, but a notice after a quiet
-        # while (a run just ended) is looked at at once.
-        looked = anyio.current_time()
         with anyio.move_on_after(self._settings.poll):
             await self._wake.wait()
         self._wake = anyio.Event()
-        await anyio.sleep(max(0.0, looked + MIN_GAP - anyio.current_time()))
 
     async def _try(self, client: httpx.AsyncClient, delivery: Delivery, slots: anyio.Semaphore) -> None:
         try:

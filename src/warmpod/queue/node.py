@@ -93,16 +93,19 @@ class QueueNode:
         elif notice == "changed":
             self.admission.backlog.heard("changed", run_id)
             self.results.notify(run_id)
-            if self.deliveries is not None:
-                self.deliveries.wake()
         elif notice == "cancel":
             self.workers.stop(run_id)
+        elif notice == "webhook":
+            if self.deliveries is not None:
+                self.deliveries.wake()
         elif self._tg is not None:  # reconnected: look for what was missed meanwhile
             self._tg.start_soon(self._resync)
 
     async def _resync(self) -> None:
-        """After notices may have been missed: wake every waiter, look for cancels and work."""
+        """After notices may have been missed: wake every waiter, look for cancels, work and webhooks."""
         self.results.notify_all()
+        if self.deliveries is not None:
+            self.deliveries.wake()
         try:
             await self.workers.recheck_cancels()
             self.workers.top_up(await self.admission.backlog.read(self.store))

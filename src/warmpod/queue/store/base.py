@@ -142,10 +142,10 @@ class Beat(msgspec.Struct, frozen=True, kw_only=True):
     """Runs waiting, by the environment they name; only environments with a waiting run appear."""
 
 
-Notice = Literal["queued", "changed", "cancel", "reconnected"]
+Notice = Literal["queued", "changed", "cancel", "webhook", "reconnected"]
 """What ``listen`` reports, with a run id: a run was queued; a run changed (claimed, output,
-final), which a queued run does only by leaving the queue; a running run was asked to stop; or,
-with no id, notices may have been missed."""
+final), which a queued run does only by leaving the queue; a running run was asked to stop; a
+final run's webhook may be due; or, with no id, notices may have been missed."""
 
 
 class RunFilter(msgspec.Struct, frozen=True, kw_only=True):

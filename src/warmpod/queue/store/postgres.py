@@ -69,6 +69,7 @@ CHANNELS: Final[dict[str, Notice]] = {
     "warmpod_queued": "queued",
     "warmpod_changed": "changed",
     "warmpod_cancel": "cancel",
+    "warmpod_webhook": "webhook",
 }
 CONNECT_TIMEOUT = 5.0
 # A call that takes longer fails: a path to the database that drops packets silently would hold
@@ -682,7 +683,7 @@ class PostgresStore:
                 if cursor.rowcount != 1:
                     return fence is not None and await _finished_with(db, run_id, blob, fence)
                 written = True
-                await db.execute(_DUE, (run_id,))
+                await _due(db, run_id)
                 await _keep_output(db, run_id, chunks)
                 await _insert(
                     db, "files (run_id, path, data)", [(run_id, path, data) for path, data in files]
@@ -781,7 +782,7 @@ class PostgresStore:
                     "spec = NULL WHERE id = %s",
                     (encode_blob(result), run_id),
                 )
-                await db.execute(_DUE, (run_id,))
+                await _due(db, run_id)
                 await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
                 return "cancelled"
             if row[0] == "running":
@@ -830,6 +831,15 @@ class PostgresStore:
         with anyio.CancelScope(shield=True):
             await self._drop_vital()
             await self._pool.close()
+
+
+async def _due(db: Connection, run_id: str) -> None:
+    """Make the final run's webhook due, if it has one, and tell every node (at COMMIT)."""
+    await db.execute(_DUE, (run_id,))
+    await db.execute(
+        "SELECT pg_notify('warmpod_webhook', run_id) FROM webhooks WHERE run_id = %s AND state = 'pending'",
+        (run_id,),
+    )
 
 
 def _pg(query: str) -> bytes:
@@ -955,7 +965,7 @@ async def _end_lost(db: Connection, run_id: str, node: str | None, message: str)
         "lease_until = NULL WHERE id = %s",
         (encode_blob(result), run_id),
     )
-    await db.execute(_DUE, (run_id,))
+    await _due(db, run_id)
     await db.execute("SELECT pg_notify('warmpod_changed', %s)", (run_id,))
     return run_id
 

@@ -243,6 +243,11 @@ class SqliteStore:
 
         return await anyio.to_thread.run_sync(call, limiter=self._limiter)
 
+    def _ended(self, run_id: str) -> None:
+        """Tell listeners the run is final: it changed, and its webhook (if it has one) is due."""
+        self._notify("changed", run_id)
+        self._notify("webhook", run_id)
+
     def _notify(self, notice: Notice, run_id: str) -> None:
         for listener in self._listeners:
             listener(notice, run_id)
@@ -486,7 +491,7 @@ class SqliteStore:
 
         reaped = await self._call(reap)
         for run_id in reaped:
-            self._notify("changed", run_id)
+            self._ended(run_id)
         return reaped
 
     async def add_output(self, fence: Fence, chunks: Sequence[Chunk]) -> bool:
@@ -536,7 +541,7 @@ class SqliteStore:
 
         finished = await self._call(finish)
         if finished:
-            self._notify("changed", run_id)
+            self._ended(run_id)
         return finished
 
     async def file_size(self, run_id: str, path: str) -> int | None:
@@ -649,7 +654,7 @@ class SqliteStore:
 
         outcome = await self._call(cancel)
         if outcome == "cancelled":
-            self._notify("changed", run_id)
+            self._ended(run_id)
         elif outcome == "requested":
             self._notify("cancel", run_id)
         return outcome
