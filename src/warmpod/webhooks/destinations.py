@@ -112,12 +112,14 @@ class Destinations:
             except OSError as exc:
                 raise InvalidCallback(f"the name {host!r} does not resolve: {exc}") from None
             addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in found))
-        for address in addresses:
-            if not address.is_global and address != prefix.address:
-                raise InvalidCallback(
-                    f"{host!r} resolves to {address}, an address that is not public and that "
-                    "WARMPOD_WEBHOOKS__ALLOW does not name"
-                )
+        barred = [
+            str(address) for address in addresses if not address.is_global and address != prefix.address
+        ]
+        if barred:
+            raise InvalidCallback(
+                f"{host!r} resolves to {', '.join(barred)}: not public, and WARMPOD_WEBHOOKS__ALLOW "
+                "does not name the address"
+            )
         if not addresses:
             raise InvalidCallback(f"the name {host!r} has no address")
         return Target(url=url, address=addresses[0], host=host, port=port)
