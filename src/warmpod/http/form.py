@@ -86,12 +86,13 @@ class RunForm:
     labels: Labels
     program: Program
     environment: str
+    callback_url: str | msgspec.UnsetType | None
+    """UNSET when the form has no ``callback_url``, None when it is empty, else the URL (unchecked)."""
 
 
 async def read_form(data: dict[str, Any]) -> RunForm:
     """The run ``data``, a ``/run-file/`` form, asks for, read field by field in the order its
-    mistakes are reported; ``callback_url`` is read apart (``callback_field``), after the run is
-    prepared.
+    mistakes are reported.
 
     Raises:
         ValidationException: an unknown field, no script, or a field that is not what it must be (400).
@@ -135,15 +136,12 @@ async def read_form(data: dict[str, Any]) -> RunForm:
         labels=labels,
         program=program,
         environment=named.strip() or DEFAULT,
+        callback_url=await _callback_field(data),
     )
 
 
-async def callback_field(data: dict[str, Any]) -> str | msgspec.UnsetType | None:
-    """The form's ``callback_url``: UNSET when absent, None when empty, else the URL (unchecked).
-
-    Raises:
-        ValidationException: it is given more than once (400).
-    """
+async def _callback_field(data: dict[str, Any]) -> str | msgspec.UnsetType | None:
+    # The form has no null: an empty field asks for no webhook, as null does in JSON.
     if "callback_url" not in data:
         return msgspec.UNSET
     url = await _text_field(data["callback_url"], "callback_url")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 import msgspec
 from litestar import Controller, Request, Response, post
@@ -16,9 +16,9 @@ from litestar.params import Body, HeaderParameter, QueryParameter
 
 from warmpod.errors import ShuttingDown, StoreError
 from warmpod.http.auth import granted_environments, key_of
-from warmpod.http.form import FORM_SCHEMA, callback_field, read_form
+from warmpod.http.form import FORM_SCHEMA, read_form
 from warmpod.http.openapi import KEYED, problems
-from warmpod.labels import checked_labels
+from warmpod.labels import Labels, checked_labels
 from warmpod.models import (
     Accepted,
     RunRequest,
@@ -152,19 +152,14 @@ class RunController(Controller):
     ) -> Response[RunResult | Accepted]:
         """Run the uploaded script once in a fresh sandbox; with ``wait`` (default) answer how it ended."""
         form = await read_form(data)
-        environment = _environment(request, service, form.environment)
-        spec = service.runner.prepare(
-            form.code,
-            form.stdin,
-            form.timeout,
-            form.limits,
-            form.files,
-            form.program,
-            environment=environment,
+        spec = _prepared(
+            request,
+            service,
+            RunInput(form.code, form.stdin, form.timeout, form.limits, form.files, form.program),
+            form.environment,
+            form.labels,
+            form.callback_url,
         )
-        callback = _callback(request, service, await callback_field(data))
-        spec = msgspec.structs.replace(spec, labels=form.labels, callback_url=callback)
-        _check_grants(request, service, spec)
         return await _submit(request, service, spec, _both_waits(wait, form.wait), idempotency_key)
 
 
@@ -180,11 +175,9 @@ def run_spec(request: Request[Any, Any, Any], service: Service, data: RunRequest
         SourceDenied: a data source does not exist or the key may not use it (403).
     """
     code = None if data.code is msgspec.UNSET else data.code.encode("utf-8", "surrogatepass")
-    stdin = data.stdin.encode("utf-8", "surrogatepass")
     limits = RunLimits(
         cpu_time=data.cpu_time, memory_mb=data.memory_mb, max_output_bytes=data.max_output_bytes
     )
-    files = decode_inputs(data.files)
     program = Program(
         entrypoint=data.entrypoint,
         args=data.args,
@@ -192,11 +185,45 @@ def run_spec(request: Request[Any, Any, Any], service: Service, data: RunRequest
         secrets=data.secrets,
         sources=data.sources,
     )
-    environment = _environment(request, service, data.environment)
-    labels = checked_labels(data.labels)
-    spec = service.runner.prepare(code, stdin, data.timeout, limits, files, program, environment=environment)
-    callback = _callback(request, service, data.callback_url)
-    spec = msgspec.structs.replace(spec, labels=labels, callback_url=callback)
+    given = RunInput(
+        code,
+        data.stdin.encode("utf-8", "surrogatepass"),
+        data.timeout,
+        limits,
+        decode_inputs(data.files),
+        program,
+    )
+    return _prepared(
+        request, service, given, data.environment, checked_labels(data.labels), data.callback_url
+    )
+
+
+class RunInput(NamedTuple):
+    """What ``Runner.prepare`` takes of a request, read from its JSON or its form."""
+
+    code: bytes | None
+    stdin: bytes
+    timeout: float | None
+    limits: RunLimits
+    files: list[tuple[str, bytes]]
+    program: Program
+
+
+def _prepared(
+    request: Request[Any, Any, Any],
+    service: Service,
+    given: RunInput,
+    environment: str,
+    labels: Labels,
+    callback_url: str | msgspec.UnsetType | None,
+) -> RunSpec:
+    """The run a request gives, for the environment it names (checked first: the run is prepared
+    for it), with its labels and webhook, once its key may use what it asks for."""
+    named = _environment(request, service, environment)
+    spec = service.runner.prepare(*given, environment=named)
+    spec = msgspec.structs.replace(
+        spec, labels=labels, callback_url=_callback(request, service, callback_url)
+    )
     _check_grants(request, service, spec)
     return spec
 
