@@ -49,7 +49,7 @@ def signers(secrets: tuple[str, ...], where: str) -> tuple[Webhook, ...]:
             raw = b""
         if len(raw) < 16:
             raise SettingsError(
-                f"{where}: a webhook secret must be whsec_ and the base64 of 16 to 64 random bytes"
+                f"{where}: a webhook secret must be whsec_ and the base64 of 16 or more random bytes"
             )
         found.append(Webhook(raw))
     return tuple(found)

@@ -7,8 +7,8 @@ import msgspec
 
 from warmpod.models import WebhookState, WebhookStatus
 
-# Statements with ``?`` placeholders and ``{now}`` for the store's clock: each store fills them in
-# (SQLite: a parameter; PostgreSQL: warmpod_now()).
+# Statements with ``?`` placeholders and ``{now}`` for the store's clock, which each store fills in
+# (SQLite: julianday('now') in unix seconds; PostgreSQL: warmpod_now()).
 
 ADD = "INSERT INTO webhooks (run_id, owner, url, state) VALUES (?, ?, ?, 'waiting')"
 """Kept with the run at its submission: ``(run_id, owner, url)``; not due until the run is final."""

@@ -834,12 +834,9 @@ class PostgresStore:
 
 
 async def _due(db: Connection, run_id: str) -> None:
-    """Make the final run's webhook due, if it has one, and tell every node (at COMMIT)."""
+    """Make the final run's webhook due, if it has one, and tell every node (at COMMIT): one round
+    trip on every run's end, webhook or not."""
     await db.execute(_DUE, (run_id,))
-    await db.execute(
-        "SELECT pg_notify('warmpod_webhook', run_id) FROM webhooks WHERE run_id = %s AND state = 'pending'",
-        (run_id,),
-    )
 
 
 def _pg(query: str) -> bytes:
@@ -848,7 +845,10 @@ def _pg(query: str) -> bytes:
 
 
 _GET = _pg(GET)
-_DUE = _pg(outbox.DUE)
+_ADD = _pg(outbox.ADD)
+_DUE = _pg(
+    f"WITH due AS ({outbox.DUE} RETURNING run_id) SELECT pg_notify('warmpod_webhook', run_id) FROM due"  # noqa: S608  (constants only)
+)
 _RECORD = _pg(outbox.RECORD)
 
 # A queued run's key's runs running now (no key counts as one key): the fairness order of ``claim``
@@ -933,7 +933,7 @@ async def _insert_run(
         [(n, name, value, key or "", created) for name, value in spec.labels],
     )
     if spec.callback_url is not None:
-        await db.execute(_pg(outbox.ADD), (run_id, key or "", spec.callback_url))
+        await db.execute(_ADD, (run_id, key or "", spec.callback_url))
 
 
 async def _insert(db: Connection, into: LiteralString, rows: Sequence[tuple[Any, ...]]) -> None:
