@@ -69,5 +69,5 @@ async def test_the_webhook_series_are_exposed_before_any_webhook(client: AsyncTe
         for sample in family.samples
     }
     for outcome in OUTCOMES:
-        assert samples[(ATTEMPTS_SERIES, outcome)] >= 0.0, outcome
-    assert samples[(FAILED_SERIES, None)] >= 0.0
+        assert (ATTEMPTS_SERIES, outcome) in samples, outcome
+    assert (FAILED_SERIES, None) in samples
