@@ -13,9 +13,9 @@ from typing import Any
 
 from warmpod.environ import name_problem
 from warmpod.environments import NAME as ENVIRONMENT_NAME
-from warmpod.errors import SettingsError
+from warmpod.errors import InvalidCallback, SettingsError
 from warmpod.watched import WatchedFile
-from warmpod.webhooks.destinations import MAX_URL
+from warmpod.webhooks.destinations import parse_url
 from warmpod.webhooks.sender import signers
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -111,8 +111,8 @@ def _options(text: str, where: str) -> dict[str, Any]:
         elif name == "webhook":
             found[name] = _webhook(value, where)
         elif name == "webhook_secret":
-            signers(tuple(part.strip() for part in value.split(",")), where)
             found["webhook_secrets"] = tuple(part.strip() for part in value.split(","))
+            signers(found["webhook_secrets"], where)
         else:
             raise SettingsError(
                 f"{where}: unknown option {name!r}: the options are max_active=N, secrets=A,B, sources=a,b, "
@@ -122,10 +122,11 @@ def _options(text: str, where: str) -> dict[str, Any]:
 
 
 def _webhook(value: str, where: str) -> str:
-    if not value.startswith(("http://", "https://")) or len(value) > MAX_URL:
-        raise SettingsError(
-            f"{where}: the option must be webhook=URL, an http(s) URL of {MAX_URL} characters at most"
-        )
+    # The allow-list is the server's, checked at each delivery; the URL's form is checked here.
+    try:
+        parse_url(value)
+    except InvalidCallback as exc:
+        raise SettingsError(f"{where}: webhook={value[:100]!r}: {exc}") from None
     return value
 
 

@@ -33,7 +33,7 @@ class Prefix:
     """The entry's host when it is an address: then that address is named, even a private one."""
 
     def covers(self, url: SplitResult) -> bool:
-        """Whether ``url`` (checked by ``_parse``) starts with this prefix: same scheme, host and
+        """Whether ``url`` (checked by ``parse_url``) starts with this prefix: same scheme, host and
         port, and a path at or under the prefix's."""
         if (url.scheme, _host(url), _port(url)) != (self.scheme, self.host, self.port):
             return False
@@ -63,7 +63,7 @@ class Destinations:
         self._resolvers = anyio.CapacityLimiter(RESOLVERS)
         for entry in allow:
             try:
-                url = _parse(entry)
+                url = parse_url(entry)
             except InvalidCallback as exc:
                 raise SettingsError(f"WARMPOD_WEBHOOKS__ALLOW entry {entry[:100]!r}: {exc}") from None
             host = _host(url)
@@ -82,7 +82,7 @@ class Destinations:
         """
         if not self._prefixes:
             raise InvalidCallback("this server sends no webhooks: WARMPOD_WEBHOOKS__ALLOW is empty")
-        self._prefix(_parse(url))
+        self._prefix(parse_url(url))
         return url
 
     async def target(self, url: str) -> Target:
@@ -94,7 +94,7 @@ class Destinations:
             InvalidCallback: the URL is no longer allowed, its name does not resolve, or it resolves to an
                 address the allow-list does not name.
         """
-        parts = _parse(url)
+        parts = parse_url(url)
         prefix = self._prefix(parts)
         host, port = _host(parts), _port(parts)
         literal = _address(host)
@@ -133,7 +133,7 @@ class Destinations:
         )
 
 
-def _parse(url: str) -> SplitResult:
+def parse_url(url: str) -> SplitResult:
     """``url`` split, once it is a plain absolute ``http``/``https`` URL.
 
     Raises:
