@@ -247,6 +247,11 @@ def test_only_the_sandboxs_root_reaches_the_relay_socket(served: Sources) -> Non
         assert submitted.status_code == 202, submitted.text
 
         def relayed_as_root() -> bool:
+            # The exec may connect, be relayed and let the program end, then fail itself as its
+            # container is removed: the upstream's count says it got through (the program's own
+            # try is refused, as the result shows below).
+            if served.holder.accepted > before:
+                return True
             # Only running containers: an exec into a paused one (the pool's ready sandboxes)
             # waits until it is thawed, longer than this test does.
             for found in containers(f"{LABEL_PID}={served.live.pid}"):
